@@ -1,0 +1,484 @@
+"""EGRSD / CL-EGRSD: per-token weights for on-policy self-distillation, as pure tensor functions.
+
+Paper: "Respecting Self-Uncertainty in On-Policy Self-Distillation for Efficient LLM Reasoning"
+(Ke, Wen, Li, He, Zhang; arXiv 2605.13255). A student samples a rollout y_i; a frozen copy of the
+initial model that also sees the reference solution (the teacher) scores it token by token. Each
+completion token gets the token advantage (Eq. 7)
+
+    Â_{i,t} = A_i · w_{i,t} · ω_{i,t}
+
+- A_i      reward direction and scale: the running-normalised, length-shaped reward (App. B);
+- w_{i,t}  magnitude: clip(exp(sign(A_i) · (log p_T − log p_S)), 1 − ε, 1 + ε)               (Eq. 2);
+- ω_{i,t}  confidence: clip(1 − γ · H_T / max_batch H_T, floor, 1), the teacher-entropy gate (Eq. 4-6);
+           CL-EGRSD replaces H_T in the numerator by its minimum over [t, t + W]               (Eq. 8).
+
+and the loss is −Σ m · Â · log p_θ / Σ m. γ = 0 gives RLSD; γ = 0 and ε → 0 gives GRPO's A_i.
+
+Conventions: per-token tensors are (B, T), `mask` is a (B, T) bool tensor (True on completion tokens
+that count, EOS included), per-sequence tensors are (B,). Arithmetic is in float32 or wider whatever
+the input dtype. Every per-token output is exactly 0 where `mask` is False, and every weight or
+advantage is detached. Bad input raises ValueError naming the argument. This file depends on torch only;
+copy it into your trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import torch
+
+__all__ = [
+    "token_logprobs",
+    "token_entropy",
+    "opsd_loss",
+    "length_shaped_reward",
+    "RunningAdvantage",
+    "lookahead_min",
+    "entropy_gate",
+    "ratio_magnitude",
+    "token_advantages",
+    "policy_loss",
+]
+
+DEFAULT_CHUNK_SIZE = 1024  # rows of logits processed at once: extra memory is O(chunk_size × V)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: one small set of helpers, used at the top of every public function.
+
+
+def _fail(name: str, expected: str, got: str) -> None:
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _tensor(name: str, x, dims: int | None = None, floating: bool = True) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        _fail(name, "a torch.Tensor", type(x).__name__)
+    if dims is not None and x.dim() != dims:
+        _fail(name, f"a {dims}-D tensor", f"shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        _fail(name, "a floating-point tensor", f"dtype {x.dtype}")
+    return x
+
+
+def _finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Reject NaN and ±inf (entropies, log-probs, advantages, rewards)."""
+    if not bool(torch.isfinite(x).all()):
+        what = "NaN" if bool(torch.isnan(x).any()) else "±inf"
+        _fail(name, "finite values", f"{what} in it")
+    return x
+
+
+def _per_token(name: str, x, shape: torch.Size | None = None) -> torch.Tensor:
+    _finite(name, _tensor(name, x, dims=2))
+    if shape is not None and x.shape != shape:
+        _fail(name, f"shape {tuple(shape)} (B, T) like its partners", f"shape {tuple(x.shape)}")
+    return x
+
+
+def _per_seq(name: str, x, batch: int | None = None, floating: bool = True) -> torch.Tensor:
+    _tensor(name, x, dims=1, floating=floating)
+    if x.is_floating_point():
+        _finite(name, x)
+    if batch is not None and x.shape[0] != batch:
+        _fail(name, f"shape ({batch},) (B,) matching the per-token tensors", f"shape {tuple(x.shape)}")
+    return x
+
+
+def _mask(mask, shape: torch.Size) -> torch.Tensor:
+    _tensor("mask", mask, dims=2, floating=False)
+    if mask.dtype != torch.bool:
+        _fail("mask", "a bool tensor", f"dtype {mask.dtype}")
+    if mask.shape != shape:
+        _fail("mask", f"shape {tuple(shape)} like the per-token tensors", f"shape {tuple(mask.shape)}")
+    return mask
+
+
+def _number(name: str, x, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
+    ok = isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+    ok = ok and (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        _fail(name, f"a number in {interval}", repr(x))
+    return float(x)
+
+
+def _window(window) -> int:
+    if not isinstance(window, Integral) or isinstance(window, bool) or window < 0:
+        _fail("window", "a non-negative int", repr(window))
+    return int(window)
+
+
+def _denominator(denominator) -> str:
+    if denominator not in ("raw", "filtered"):
+        _fail("denominator", "'raw' (Eq. 8) or 'filtered' (Algorithm 1)", repr(denominator))
+    return denominator
+
+
+def _chunk_size(chunk_size) -> int:
+    if not isinstance(chunk_size, Integral) or isinstance(chunk_size, bool) or chunk_size < 1:
+        _fail("chunk_size", "a positive int", repr(chunk_size))
+    return int(chunk_size)
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 when the input already is."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _logits(name: str, logits) -> torch.Tensor:
+    _tensor(name, logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        _fail(name, "a tensor of shape (..., V) with V ≥ 1", f"shape {tuple(logits.shape)}")
+    return logits
+
+
+def _check_lse(name: str, lse: torch.Tensor) -> None:
+    """Validate logits through their log-sum-exp (O(rows), no (rows × V) temporaries):
+    NaN in a row makes it NaN, +inf makes it +inf, and a whole row of -inf makes it -inf."""
+    if not bool(torch.isfinite(lse).all()):
+        if bool(torch.isnan(lse).any()):
+            _fail(name, "no NaN", "NaN in it")
+        if bool((lse == math.inf).any()):
+            _fail(name, "no +inf", "+inf in it")
+        _fail(name, "at least one finite logit per row", "a row that is all -inf")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distribution functions over the full vocabulary, chunked over rows.
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(logits)[token], row chunk by row chunk. Backward recomputes softmax per chunk, so
+    only the input and a (rows,) log-sum-exp are kept: no (rows × V) float32 tensor ever exists."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, chunk_size):
+        flat, flat_tokens = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
+        out_dtype = _float_dtype(logits.dtype)
+        lse = torch.empty(flat.shape[0], dtype=out_dtype, device=logits.device)
+        picked = torch.empty_like(lse)
+        for start in range(0, flat.shape[0], chunk_size):
+            rows = flat[start : start + chunk_size].to(out_dtype)
+            lse[start : start + chunk_size] = torch.logsumexp(rows, dim=-1)
+            picked[start : start + chunk_size] = rows.gather(-1, flat_tokens[start : start + chunk_size]).squeeze(-1)
+        _check_lse("logits", lse)
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.chunk_size = chunk_size
+        return (picked - lse).reshape(tokens.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, tokens, lse = ctx.saved_tensors
+        flat, flat_tokens = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
+        grad_flat, grad = grad_out.reshape(-1, 1), torch.empty_like(flat)
+        for start in range(0, flat.shape[0], ctx.chunk_size):
+            sl = slice(start, start + ctx.chunk_size)
+            g = grad_flat[sl].to(lse.dtype)
+            # d/dz log softmax(z)[y] = onehot(y) − softmax(z)
+            chunk = -g * torch.exp(flat[sl].to(lse.dtype) - lse[sl, None])
+            chunk.scatter_add_(-1, flat_tokens[sl], g)
+            grad[sl] = chunk.to(grad.dtype)
+        return grad.reshape(logits.shape), None, None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """log p(tokens) = log_softmax(logits)[..., tokens], in float32 (float64 for float64 input).
+
+    logits (..., V), tokens (...) integer ids in [0, V). Differentiable w.r.t. `logits`. Computed in
+    chunks of `chunk_size` rows with a stable log-sum-exp; the backward recomputes each chunk, so no
+    second full (..., V) float32 tensor is ever held. Entries of −inf (masked vocabulary) are allowed,
+    a whole row of them is not.
+    """
+    _logits("logits", logits)
+    _tensor("tokens", tokens, floating=False)
+    if tokens.dtype == torch.bool or tokens.is_complex():
+        _fail("tokens", "an integer tensor", f"dtype {tokens.dtype}")
+    if tokens.shape != logits.shape[:-1]:
+        _fail("tokens", f"shape {tuple(logits.shape[:-1])} (the logits' leading dims)", f"shape {tuple(tokens.shape)}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= logits.shape[-1]):
+        _fail("tokens", f"ids in [0, {logits.shape[-1]})", f"ids in [{int(tokens.min())}, {int(tokens.max())}]")
+    return _TokenLogprobs.apply(logits, tokens.long(), _chunk_size(chunk_size))
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) over the last dim (Eq. 4): H = −Σ_v p_v log p_v.
+
+    logits (..., V) → (...) in float32 (float64 for float64 input), computed in chunks of
+    `chunk_size` rows (extra memory O(chunk_size × V)). No gradient: it scores the frozen teacher.
+    Vocabulary entries at −inf have p = 0 and contribute 0.
+    """
+    _logits("logits", logits)
+    chunk_size = _chunk_size(chunk_size)
+    flat, dtype = logits.reshape(-1, logits.shape[-1]), _float_dtype(logits.dtype)
+    out = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)
+    for start in range(0, flat.shape[0], chunk_size):
+        rows = flat[start : start + chunk_size].to(dtype)
+        lse = torch.logsumexp(rows, dim=-1, keepdim=True)
+        _check_lse("logits", lse)
+        p = torch.exp(rows - lse)
+        out[start : start + chunk_size] = -torch.special.xlogy(p, p).sum(-1)  # xlogy(0, 0) = 0
+    return out.reshape(logits.shape[:-1])
+
+
+class _OPSDLoss(torch.autograd.Function):
+    """Σ_rows weight_r · KL(p_T ‖ p_S)_r over the given rows, chunked; backward recomputes per chunk:
+    d KL / d z_S = softmax(z_S) − p_T. The teacher is a constant (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, rows, weight, chunk_size):
+        dtype = _float_dtype(student.dtype)
+        lse_s = torch.empty(rows.numel(), dtype=dtype, device=student.device)
+        lse_t, kl = torch.empty_like(lse_s), torch.empty_like(lse_s)
+        for start in range(0, rows.numel(), chunk_size):
+            sl, idx = slice(start, start + chunk_size), rows[start : start + chunk_size]
+            z_s, z_t = student[idx].to(dtype), teacher[idx].to(dtype)
+            lse_s[sl], lse_t[sl] = torch.logsumexp(z_s, -1), torch.logsumexp(z_t, -1)
+            logp_t = z_t - lse_t[sl, None]
+            p_t = logp_t.exp()
+            # where p_T = 0 the term is 0, whatever log p_S is (avoids 0 · (−inf) = NaN)
+            kl[sl] = torch.where(p_t > 0, p_t * (logp_t - (z_s - lse_s[sl, None])), 0.0).sum(-1)
+        _check_lse("student_logits", lse_s)
+        _check_lse("teacher_logits", lse_t)
+        ctx.save_for_backward(student, teacher, rows, weight, lse_s, lse_t)
+        ctx.chunk_size = chunk_size
+        return (weight * kl).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, teacher, rows, weight, lse_s, lse_t = ctx.saved_tensors
+        grad = torch.zeros_like(student)
+        for start in range(0, rows.numel(), ctx.chunk_size):
+            sl, idx = slice(start, start + ctx.chunk_size), rows[start : start + ctx.chunk_size]
+            p_s = torch.exp(student[idx].to(lse_s.dtype) - lse_s[sl, None])
+            p_t = torch.exp(teacher[idx].to(lse_t.dtype) - lse_t[sl, None])
+            grad[idx] = ((grad_out * weight[sl])[:, None] * (p_s - p_t)).to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def opsd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
+    """OPSD (Eq. 1): token mean over `mask` of KL(p_T ‖ p_θ) over the full vocabulary.
+
+    student_logits, teacher_logits (B, T, V); mask (B, T) bool. Returns a float32 scalar,
+    differentiable w.r.t. `student_logits` only (the teacher is frozen). Only masked rows are read,
+    `chunk_size` rows at a time; the backward recomputes each chunk. Exactly 0.0 (zero gradient) when
+    the mask is empty.
+    """
+    _logits("student_logits", student_logits)
+    _logits("teacher_logits", teacher_logits)
+    if student_logits.dim() != 3:
+        _fail("student_logits", "shape (B, T, V)", f"shape {tuple(student_logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        _fail("teacher_logits", f"shape {tuple(student_logits.shape)} like student_logits (same vocab)",
+              f"shape {tuple(teacher_logits.shape)}")
+    mask = _mask(mask, student_logits.shape[:2])
+    vocab = student_logits.shape[-1]
+    rows = mask.reshape(-1).nonzero().squeeze(-1)
+    dtype = _float_dtype(student_logits.dtype)
+    weight = torch.full((rows.numel(),), 1.0 / max(rows.numel(), 1), dtype=dtype, device=student_logits.device)
+    return _OPSDLoss.apply(
+        student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab), rows, weight, _chunk_size(chunk_size)
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reward and sequence-level advantage (App. B).
+
+
+def length_shaped_reward(correct: torch.Tensor, lengths: torch.Tensor, max_length: int, beta: float = 0.5) -> torch.Tensor:
+    """r_i = 1[correct_i] · (1 + β · (1 − lengths_i / max_length)), float32 (B,).
+
+    correct (B,) bool: verified correct (a truncated rollout must be passed as not correct);
+    lengths (B,) completion lengths in tokens, in [0, max_length]; max_length > 0 is the completion cap.
+    Wrong answers get 0; there are no negative rewards.
+    """
+    _tensor("correct", correct, dims=1, floating=False)
+    if correct.dtype != torch.bool:
+        _fail("correct", "a bool tensor", f"dtype {correct.dtype}")
+    _per_seq("lengths", lengths, batch=correct.shape[0], floating=False)
+    if not isinstance(max_length, Integral) or isinstance(max_length, bool) or max_length <= 0:
+        _fail("max_length", "a positive int", repr(max_length))
+    if lengths.numel() and (float(lengths.min()) < 0 or float(lengths.max()) > max_length):
+        _fail("lengths", f"values in [0, max_length={max_length}]", f"[{lengths.min().item()}, {lengths.max().item()}]")
+    beta = _number("beta", beta, -math.inf, math.inf)
+    shaped = 1.0 + beta * (1.0 - lengths.to(torch.float64) / max_length)
+    return torch.where(correct, shaped, 0.0).to(torch.float32)
+
+
+class RunningAdvantage:
+    """A_i = (r_i − r̄) / σ_r with r̄, σ_r the running mean and population std of all rewards of earlier
+    calls (App. B). During the first `warmup_steps` calls A_i = r_i − `warmup_baseline`; where σ_r = 0,
+    A_i = r_i − r̄. This call's rewards are folded in (Welford, float64) after they are used.
+
+        advantage = RunningAdvantage()
+        A = advantage(rewards)        # rewards (B,) → A (B,), float32 or wider, detached
+    """
+
+    def __init__(self, warmup_steps: int = 10, warmup_baseline: float = 0.5):
+        if not isinstance(warmup_steps, Integral) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+            _fail("warmup_steps", "a non-negative int", repr(warmup_steps))
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_baseline = _number("warmup_baseline", warmup_baseline, -math.inf, math.inf)
+        self.steps, self.count, self.mean, self.m2 = 0, 0, 0.0, 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count else 0.0
+
+    def __call__(self, rewards: torch.Tensor) -> torch.Tensor:
+        _per_seq("rewards", rewards)
+        r = rewards.detach().to(torch.float64)
+        if self.steps < self.warmup_steps:
+            adv = r - self.warmup_baseline
+        elif self.std > 0:
+            adv = (r - self.mean) / self.std
+        else:
+            adv = r - self.mean
+        for x in r.tolist():  # Welford: exact for constant rewards, so σ = 0 stays exactly 0
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+        self.steps += 1
+        return adv.to(_float_dtype(rewards.dtype))
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "count": self.count, "mean": self.mean, "m2": self.m2,
+                "warmup_steps": self.warmup_steps, "warmup_baseline": self.warmup_baseline}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"steps", "count", "mean", "m2", "warmup_steps", "warmup_baseline"} - set(state)
+        if missing:
+            _fail("state", "a RunningAdvantage.state_dict()", f"a dict without {sorted(missing)}")
+        self.steps, self.count = int(state["steps"]), int(state["count"])
+        self.mean, self.m2 = float(state["mean"]), float(state["m2"])
+        self.warmup_steps, self.warmup_baseline = int(state["warmup_steps"]), float(state["warmup_baseline"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The three per-token signals.
+
+
+def lookahead_min(entropy: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal lookahead (Eq. 8): for valid t, min of entropy[b, j] over valid j in [t, t + window].
+
+    entropy (B, T), mask (B, T) bool, window W ≥ 0 (W = 0 returns the entropy itself). Positions
+    outside the mask are skipped inside the window and are 0 in the output. Always ≤ entropy on
+    valid positions, so the CL gate is never below the plain gate.
+    """
+    _per_token("entropy", entropy)
+    mask = _mask(mask, entropy.shape)
+    window = _window(window)
+    h = entropy.detach().to(_float_dtype(entropy.dtype))
+    h = h.masked_fill(~mask, math.inf)  # invalid positions never win the min
+    padded = torch.nn.functional.pad(h, (0, window), value=math.inf)  # (B, T + W)
+    mins = h
+    for k in range(1, window + 1):  # W shifted minima: mins[:, t] = min_{0 ≤ k ≤ W} h[:, t + k]
+        mins = torch.minimum(mins, padded[:, k : k + h.shape[1]])
+    return mins.masked_fill(~mask, 0.0)
+
+
+def entropy_gate(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 0.3,
+    window: int = 0,
+    floor: float = 0.1,
+    min_denominator: float = 1.0,
+    denominator: str = "raw",
+) -> torch.Tensor:
+    """Confidence gate ω (Eq. 5, 6; Eq. 8 for window > 0): ω = clip(1 − γ · Ĥ, floor, 1), (B, T).
+
+    Ĥ_{i,t} = H'_{i,t} / max(max over valid (j, k) of the batch of D_{j,k}, min_denominator), where
+    H' = lookahead_min(entropy, mask, window) (H' = H for window = 0, i.e. EGRSD) and D is
+      - "raw":      the raw entropies H, as Eq. 8 of the paper is written (default);
+      - "filtered": the lookahead minima H', as the paper's Algorithm 1 computes it (it overwrites H
+                    with the windowed minimum before normalising). The two agree for window = 0.
+    One denominator for the whole batch (not per sequence, not log|V|), floored at `min_denominator`
+    nats so that a batch of confident tokens is not blown up. Every valid token keeps a weight
+    ≥ max(floor, 1 − γ) > 0 when Ĥ ≤ 1; ω = 1 where H' = 0 and everywhere when γ = 0; 0 off the mask.
+    """
+    _per_token("entropy", entropy)
+    mask = _mask(mask, entropy.shape)
+    gamma = _number("gamma", gamma, 0.0, math.inf)
+    floor = _number("floor", floor, 0.0, 1.0)
+    min_denominator = _number("min_denominator", min_denominator, 0.0, math.inf, low_open=True)
+    denominator = _denominator(denominator)
+    numerator = lookahead_min(entropy, mask, window)  # 0 off the mask
+    source = numerator if denominator == "filtered" else entropy.detach().to(numerator.dtype)
+    batch_max = source.masked_fill(~mask, -math.inf).amax() if mask.any() else numerator.new_tensor(-math.inf)
+    normaliser = torch.clamp(batch_max, min=min_denominator)
+    gate = torch.clamp(1.0 - gamma * numerator / normaliser, min=floor, max=1.0)
+    return gate.masked_fill(~mask, 0.0)
+
+
+def ratio_magnitude(
+    teacher_logp: torch.Tensor, student_logp: torch.Tensor, direction: torch.Tensor, mask: torch.Tensor, eps: float = 0.2
+) -> torch.Tensor:
+    """Magnitude w (Eq. 2): w = clip(exp(D_i · δ_{i,t}), 1 − ε, 1 + ε), δ = log p_T − log p_S, (B, T).
+
+    teacher_logp, student_logp (B, T) log-probs of the sampled tokens; direction (B,) = sign(A_i) in
+    {−1, 0, +1}. The teacher agreeing more than the student (δ > 0) raises the weight of a rewarded
+    rollout and lowers it for a penalised one. D = 0 or δ = 0 gives w = 1. 0 off the mask; detached.
+    """
+    _per_token("teacher_logp", teacher_logp)
+    _per_token("student_logp", student_logp, teacher_logp.shape)
+    _per_seq("direction", direction, batch=teacher_logp.shape[0])
+    if not bool(((direction == -1) | (direction == 0) | (direction == 1)).all()):
+        _fail("direction", "values in {-1, 0, +1} (the sign of the advantage)", f"{direction.tolist()}")
+    mask = _mask(mask, teacher_logp.shape)
+    eps = _number("eps", eps, 0.0, 1.0, low_open=True, high_open=True)
+    dtype = _float_dtype(torch.promote_types(teacher_logp.dtype, student_logp.dtype))
+    delta = teacher_logp.detach().to(dtype) - student_logp.detach().to(dtype)
+    w = torch.exp(direction.detach().to(dtype)[:, None] * delta).clamp(1.0 - eps, 1.0 + eps)
+    return w.masked_fill(~mask, 0.0)
+
+
+def token_advantages(
+    advantages: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    student_logp: torch.Tensor,
+    teacher_entropy: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 0.3,
+    window: int = 0,
+    eps: float = 0.2,
+    floor: float = 0.1,
+    min_denominator: float = 1.0,
+    denominator: str = "raw",
+) -> torch.Tensor:
+    """Token advantage (Eq. 7): Â_{i,t} = A_i · w_{i,t} · ω_{i,t}, (B, T), detached, 0 off the mask.
+
+    advantages (B,) sequence advantages A_i; teacher_logp, student_logp, teacher_entropy (B, T).
+    w from `ratio_magnitude` with direction sign(A_i), ω from `entropy_gate`. γ = 0 gives RLSD,
+    window > 0 gives CL-EGRSD. Â has the sign of A_i and |Â| ≤ |A_i| · (1 + ε).
+    """
+    _per_token("teacher_logp", teacher_logp)
+    _per_token("student_logp", student_logp, teacher_logp.shape)
+    _per_token("teacher_entropy", teacher_entropy, teacher_logp.shape)
+    _per_seq("advantages", advantages, batch=teacher_logp.shape[0])
+    adv = advantages.detach()
+    w = ratio_magnitude(teacher_logp, student_logp, torch.sign(adv), mask, eps)
+    omega = entropy_gate(teacher_entropy, mask, gamma, window, floor, min_denominator, denominator)
+    dtype = torch.promote_types(w.dtype, _float_dtype(adv.dtype))
+    return (adv.to(dtype)[:, None] * w.to(dtype) * omega.to(dtype)).masked_fill(~mask, 0.0)
+
+
+def policy_loss(student_logp: torch.Tensor, token_advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L = −(1 / Σ m) · Σ_{i,t} m_{i,t} · Â_{i,t} · log p_θ(y_{i,t}) (Eq. 7 with the token mean).
+
+    student_logp (B, T) with gradient; token_advantages (B, T) constants (detached here);
+    mask (B, T) bool. Gradient w.r.t. student_logp is exactly −m · Â / Σ m. An empty mask gives
+    exactly 0.0, still differentiable, with zero gradient.
+    """
+    _per_token("student_logp", student_logp)
+    _per_token("token_advantages", token_advantages, student_logp.shape)
+    mask = _mask(mask, student_logp.shape)
+    dtype = _float_dtype(torch.promote_types(student_logp.dtype, token_advantages.dtype))
+    weights = torch.where(mask, token_advantages.detach().to(dtype), 0.0)
+    count = mask.sum().clamp(min=1).to(dtype)
+    return (-weights * student_logp.to(dtype)).sum() / count
