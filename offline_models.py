@@ -1,0 +1,121 @@
+"""Models and tokenizers built in code, so tests and speed checks never touch the Hugging Face hub.
+
+- `build_tiny_tokenizer()`: a byte-level BPE (512 tokens) trained in code on generated problems, with
+  Qwen2.5's special tokens (`<|endoftext|>` pad, `<|im_end|>` end of turn) and a ChatML chat template.
+- `build_tiny_model(tokenizer)`: a random 2-layer Qwen2 that generates fast on CPU.
+- `build_random_qwen25_05b(tokenizer, dtype)`: Qwen2.5-0.5B's exact architecture with random weights,
+  for timing and memory runs only.
+- `load_model_and_tokenizer(name, device, dtype)`: "tiny", "random-0.5b", or a hub name / local folder.
+"""
+
+import warnings
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from tasks import make_arithmetic_problems, student_messages, teacher_messages
+
+PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+TINY_VOCAB_SIZE = 512
+
+# Qwen2.5's template without tools: a default system turn unless the chat opens with one.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+
+
+def _render_chatml(messages: list[dict]) -> str:
+    """A chat in the text form of CHATML_TEMPLATE (a training corpus for the tiny BPE)."""
+    turns = [{"role": "system", "content": "You are a helpful assistant."}] + messages
+    return "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in turns)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A deterministic byte-level BPE: every string round-trips, encode adds no BOS/EOS."""
+    corpus = []
+    for problem in make_arithmetic_problems(300, seed=0):
+        corpus += [_render_chatml(student_messages(problem)), _render_chatml(teacher_messages(problem)),
+                   problem.solution + "\nSo the answer is \\boxed{" + problem.answer + "}."]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, special_tokens=[PAD, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token=PAD,
+                                   additional_special_tokens=[IM_START], chat_template=CHATML_TEMPLATE,
+                                   clean_up_tokenization_spaces=False)
+
+
+def _special_token_ids(tokenizer) -> dict:
+    """Qwen2's config ids: EOS = end of turn, pad = BOS = `<|endoftext|>` (Qwen2 never inserts a BOS)."""
+    return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.pad_token_id}
+
+
+def build_tiny_model(tokenizer, seed: int = 0) -> Qwen2ForCausalLM:
+    """A random float32 Qwen2 (hidden 64, 2 layers), the same for the same seed; the global RNG is untouched."""
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048,
+                         tie_word_embeddings=True, **_special_token_ids(tokenizer))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.update(**_special_token_ids(tokenizer))
+    return model
+
+
+def qwen25_05b_config(tokenizer) -> Qwen2Config:
+    """Qwen2.5-0.5B's architecture (494M parameters), with the special-token ids of `tokenizer`."""
+    return Qwen2Config(vocab_size=151_936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, intermediate_size=4_864, max_position_embeddings=32_768,
+                       rope_theta=1_000_000.0, rms_norm_eps=1e-6, use_sliding_window=False,
+                       tie_word_embeddings=True, **_special_token_ids(tokenizer))
+
+
+def build_random_qwen25_05b(tokenizer, dtype: torch.dtype, device="cpu") -> Qwen2ForCausalLM:
+    """Qwen2.5-0.5B with random weights, built directly in `dtype` on `device`. FOR TIMING ONLY: its
+    vocabulary has 151,936 rows while the tiny tokenizer's ids are the first 512 of them."""
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(qwen25_05b_config(tokenizer), dtype=dtype)
+    model.generation_config.update(**_special_token_ids(tokenizer))
+    return model
+
+
+def _load_pretrained(name: str, dtype: torch.dtype):
+    """A hub model or local folder, with the pad and chat-template fallbacks it may need."""
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        # Fallback: pad with EOS. Padding is masked by the attention mask, so only the mask tells them apart.
+        warnings.warn(f"{name}: tokenizer has no pad token; using its EOS {tokenizer.eos_token!r} as pad")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        warnings.warn(f"{name}: tokenizer has no chat template; using a plain ChatML one")
+        tokenizer.chat_template = CHATML_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
+    # Generation stops at the tokenizer's EOS only (Qwen2.5-Instruct: <|im_end|>), the token the trainer
+    # looks for to tell a finished completion from a truncated one.
+    model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return model, tokenizer
+
+
+def load_model_and_tokenizer(name: str, device, dtype: torch.dtype):
+    """(model on `device` in `dtype`, tokenizer): "tiny", "random-0.5b" (tiny tokenizer), or a hub name."""
+    if name == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer)
+    elif name == "random-0.5b":
+        tokenizer = build_tiny_tokenizer()
+        model = build_random_qwen25_05b(tokenizer, dtype, device)
+    else:
+        model, tokenizer = _load_pretrained(name, dtype)
+    return model.to(device=device, dtype=dtype), tokenizer
