@@ -32,6 +32,9 @@ __all__ = [
     "token_logprobs",
     "token_entropy",
     "opsd_loss",
+    "linear_token_logprobs",
+    "linear_token_entropy",
+    "linear_opsd_loss",
     "length_shaped_reward",
     "RunningAdvantage",
     "lookahead_min",
@@ -147,40 +150,133 @@ def _check_lse(name: str, lse: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Distribution functions over the full vocabulary, chunked over rows.
+#
+# Each works on rows of logits given either as the logits themselves (`weight` None) or as hidden
+# states x and an LM-head weight W (logits = x @ Wᵀ, never materialised for more than one chunk).
+# Forward passes keep only a (rows,) log-sum-exp; backward passes recompute each chunk, so the extra
+# memory is O(chunk_size × V) whatever the number of rows.
+
+
+def _chunk_logits(x: torch.Tensor, weight: torch.Tensor | None, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `idx` of the logits, in `dtype`: x[idx] itself, or x[idx] @ weightᵀ."""
+    rows = x[idx] if weight is None else x[idx] @ weight.T
+    return rows.to(dtype)
+
+
+def _backprop_chunk(dz, x, weight, idx, grad_x, grad_w) -> None:
+    """Accumulate d(loss)/d(logits rows) = dz into the gradients of x and weight."""
+    dz = dz.to(x.dtype)
+    if grad_x is not None:
+        grad_x[idx] = dz if weight is None else dz @ weight
+    if grad_w is not None:
+        grad_w += (dz.T @ x[idx]).to(grad_w.dtype)
+
+
+def _chunks(rows: torch.Tensor, chunk_size: int):
+    return (rows[start : start + chunk_size] for start in range(0, rows.numel(), chunk_size))
+
+
+def _grad_buffers(ctx, x, weight, dtype):
+    grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if weight is not None and ctx.needs_input_grad[1] else None
+    return grad_x, grad_w
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """log softmax(logits)[token], row chunk by row chunk. Backward recomputes softmax per chunk, so
-    only the input and a (rows,) log-sum-exp are kept: no (rows × V) float32 tensor ever exists."""
+    """log softmax(logits)[token] per row; backward: d/dz = g · (onehot(token) − softmax(z))."""
 
     @staticmethod
-    def forward(ctx, logits, tokens, chunk_size):
-        flat, flat_tokens = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
-        out_dtype = _float_dtype(logits.dtype)
-        lse = torch.empty(flat.shape[0], dtype=out_dtype, device=logits.device)
+    def forward(ctx, x, weight, tokens, chunk_size, name):
+        dtype, rows = _float_dtype(x.dtype), torch.arange(x.shape[0], device=x.device)
+        lse = torch.empty(x.shape[0], dtype=dtype, device=x.device)
         picked = torch.empty_like(lse)
-        for start in range(0, flat.shape[0], chunk_size):
-            rows = flat[start : start + chunk_size].to(out_dtype)
-            lse[start : start + chunk_size] = torch.logsumexp(rows, dim=-1)
-            picked[start : start + chunk_size] = rows.gather(-1, flat_tokens[start : start + chunk_size]).squeeze(-1)
-        _check_lse("logits", lse)
-        ctx.save_for_backward(logits, tokens, lse)
+        for idx in _chunks(rows, chunk_size):
+            z = _chunk_logits(x, weight, idx, dtype)
+            lse[idx] = torch.logsumexp(z, dim=-1)
+            picked[idx] = z.gather(-1, tokens[idx, None]).squeeze(-1)
+        _check_lse(name, lse)
+        ctx.save_for_backward(x, weight, tokens, lse)
         ctx.chunk_size = chunk_size
-        return (picked - lse).reshape(tokens.shape)
+        return picked - lse
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, tokens, lse = ctx.saved_tensors
-        flat, flat_tokens = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
-        grad_flat, grad = grad_out.reshape(-1, 1), torch.empty_like(flat)
-        for start in range(0, flat.shape[0], ctx.chunk_size):
-            sl = slice(start, start + ctx.chunk_size)
-            g = grad_flat[sl].to(lse.dtype)
-            # d/dz log softmax(z)[y] = onehot(y) − softmax(z)
-            chunk = -g * torch.exp(flat[sl].to(lse.dtype) - lse[sl, None])
-            chunk.scatter_add_(-1, flat_tokens[sl], g)
-            grad[sl] = chunk.to(grad.dtype)
-        return grad.reshape(logits.shape), None, None
+        x, weight, tokens, lse = ctx.saved_tensors
+        grad_x, grad_w = _grad_buffers(ctx, x, weight, lse.dtype)
+        for idx in _chunks(torch.arange(x.shape[0], device=x.device), ctx.chunk_size):
+            g = grad_out[idx, None].to(lse.dtype)
+            dz = -g * torch.exp(_chunk_logits(x, weight, idx, lse.dtype) - lse[idx, None])
+            _backprop_chunk(dz.scatter_add_(-1, tokens[idx, None], g), x, weight, idx, grad_x, grad_w)
+        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+class _MeanKL(torch.autograd.Function):
+    """Mean over `rows` of KL(p_T ‖ p_S); backward: d KL / d z_S = softmax(z_S) − p_T. The teacher is a
+    constant (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x_s, w_s, x_t, w_t, rows, chunk_size):
+        dtype = _float_dtype(x_s.dtype)
+        lse_s = torch.empty(rows.numel(), dtype=dtype, device=x_s.device)
+        lse_t, kl = torch.empty_like(lse_s), torch.empty_like(lse_s)
+        for start, idx in zip(range(0, rows.numel(), chunk_size), _chunks(rows, chunk_size)):
+            sl = slice(start, start + idx.numel())
+            z_s, z_t = _chunk_logits(x_s, w_s, idx, dtype), _chunk_logits(x_t, w_t, idx, dtype)
+            lse_s[sl], lse_t[sl] = torch.logsumexp(z_s, -1), torch.logsumexp(z_t, -1)
+            logp_t = z_t - lse_t[sl, None]
+            p_t = logp_t.exp()
+            # where p_T = 0 the term is 0, whatever log p_S is (avoids 0 · (−inf) = NaN)
+            kl[sl] = torch.where(p_t > 0, p_t * (logp_t - (z_s - lse_s[sl, None])), 0.0).sum(-1)
+        _check_lse("student_logits" if w_s is None else "student_hidden", lse_s)
+        _check_lse("teacher_logits" if w_t is None else "teacher_hidden", lse_t)
+        ctx.save_for_backward(x_s, w_s, x_t, w_t, rows, lse_s, lse_t)
+        ctx.chunk_size = chunk_size
+        return kl.sum() / max(rows.numel(), 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_s, w_s, x_t, w_t, rows, lse_s, lse_t = ctx.saved_tensors
+        grad_x, grad_w = _grad_buffers(ctx, x_s, w_s, lse_s.dtype)
+        scale = grad_out.to(lse_s.dtype) / max(rows.numel(), 1)
+        for start, idx in zip(range(0, rows.numel(), ctx.chunk_size), _chunks(rows, ctx.chunk_size)):
+            sl = slice(start, start + idx.numel())
+            p_s = torch.exp(_chunk_logits(x_s, w_s, idx, lse_s.dtype) - lse_s[sl, None])
+            p_t = torch.exp(_chunk_logits(x_t, w_t, idx, lse_t.dtype) - lse_t[sl, None])
+            _backprop_chunk(scale * (p_s - p_t), x_s, w_s, idx, grad_x, grad_w)
+        return grad_x, None if grad_w is None else grad_w.to(w_s.dtype), None, None, None, None
+
+
+@torch.no_grad()
+def _entropy(x: torch.Tensor, weight: torch.Tensor | None, chunk_size: int, name: str) -> torch.Tensor:
+    dtype = _float_dtype(x.dtype)
+    out = torch.empty(x.shape[0], dtype=dtype, device=x.device)
+    for idx in _chunks(torch.arange(x.shape[0], device=x.device), chunk_size):
+        z = _chunk_logits(x, weight, idx, dtype)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        _check_lse(name, lse)
+        p = torch.exp(z - lse)
+        out[idx] = -torch.special.xlogy(p, p).sum(-1)  # xlogy(0, 0) = 0: masked vocabulary adds nothing
+    return out
+
+
+def _token_ids(tokens, vocab: int, shape: torch.Size) -> torch.Tensor:
+    _tensor("tokens", tokens, floating=False)
+    if tokens.dtype == torch.bool or tokens.is_complex():
+        _fail("tokens", "an integer tensor", f"dtype {tokens.dtype}")
+    if tokens.shape != shape:
+        _fail("tokens", f"shape {tuple(shape)} (the leading dims of its partner)", f"shape {tuple(tokens.shape)}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        _fail("tokens", f"ids in [0, {vocab})", f"ids in [{int(tokens.min())}, {int(tokens.max())}]")
+    return tokens.reshape(-1).long()
+
+
+def _hidden_and_weight(hidden_name: str, hidden, weight_name: str, weight) -> None:
+    _tensor(hidden_name, hidden)
+    _tensor(weight_name, weight, dims=2)
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1] or weight.shape[0] == 0:
+        _fail(hidden_name, f"shape (..., {weight.shape[1]}) to match {weight_name} (V, D)", f"shape {tuple(hidden.shape)}")
+    if hidden.dtype != weight.dtype:
+        _fail(weight_name, f"dtype {hidden.dtype} like {hidden_name}", f"dtype {weight.dtype}")
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
@@ -192,17 +288,11 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int =
     a whole row of them is not.
     """
     _logits("logits", logits)
-    _tensor("tokens", tokens, floating=False)
-    if tokens.dtype == torch.bool or tokens.is_complex():
-        _fail("tokens", "an integer tensor", f"dtype {tokens.dtype}")
-    if tokens.shape != logits.shape[:-1]:
-        _fail("tokens", f"shape {tuple(logits.shape[:-1])} (the logits' leading dims)", f"shape {tuple(tokens.shape)}")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= logits.shape[-1]):
-        _fail("tokens", f"ids in [0, {logits.shape[-1]})", f"ids in [{int(tokens.min())}, {int(tokens.max())}]")
-    return _TokenLogprobs.apply(logits, tokens.long(), _chunk_size(chunk_size))
+    ids = _token_ids(tokens, logits.shape[-1], logits.shape[:-1])
+    flat = logits.reshape(-1, logits.shape[-1])
+    return _TokenLogprobs.apply(flat, None, ids, _chunk_size(chunk_size), "logits").reshape(tokens.shape)
 
 
-@torch.no_grad()
 def token_entropy(logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Entropy in nats of softmax(logits) over the last dim (Eq. 4): H = −Σ_v p_v log p_v.
 
@@ -211,51 +301,8 @@ def token_entropy(logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
     Vocabulary entries at −inf have p = 0 and contribute 0.
     """
     _logits("logits", logits)
-    chunk_size = _chunk_size(chunk_size)
-    flat, dtype = logits.reshape(-1, logits.shape[-1]), _float_dtype(logits.dtype)
-    out = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)
-    for start in range(0, flat.shape[0], chunk_size):
-        rows = flat[start : start + chunk_size].to(dtype)
-        lse = torch.logsumexp(rows, dim=-1, keepdim=True)
-        _check_lse("logits", lse)
-        p = torch.exp(rows - lse)
-        out[start : start + chunk_size] = -torch.special.xlogy(p, p).sum(-1)  # xlogy(0, 0) = 0
-    return out.reshape(logits.shape[:-1])
-
-
-class _OPSDLoss(torch.autograd.Function):
-    """Σ_rows weight_r · KL(p_T ‖ p_S)_r over the given rows, chunked; backward recomputes per chunk:
-    d KL / d z_S = softmax(z_S) − p_T. The teacher is a constant (no gradient)."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, rows, weight, chunk_size):
-        dtype = _float_dtype(student.dtype)
-        lse_s = torch.empty(rows.numel(), dtype=dtype, device=student.device)
-        lse_t, kl = torch.empty_like(lse_s), torch.empty_like(lse_s)
-        for start in range(0, rows.numel(), chunk_size):
-            sl, idx = slice(start, start + chunk_size), rows[start : start + chunk_size]
-            z_s, z_t = student[idx].to(dtype), teacher[idx].to(dtype)
-            lse_s[sl], lse_t[sl] = torch.logsumexp(z_s, -1), torch.logsumexp(z_t, -1)
-            logp_t = z_t - lse_t[sl, None]
-            p_t = logp_t.exp()
-            # where p_T = 0 the term is 0, whatever log p_S is (avoids 0 · (−inf) = NaN)
-            kl[sl] = torch.where(p_t > 0, p_t * (logp_t - (z_s - lse_s[sl, None])), 0.0).sum(-1)
-        _check_lse("student_logits", lse_s)
-        _check_lse("teacher_logits", lse_t)
-        ctx.save_for_backward(student, teacher, rows, weight, lse_s, lse_t)
-        ctx.chunk_size = chunk_size
-        return (weight * kl).sum()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        student, teacher, rows, weight, lse_s, lse_t = ctx.saved_tensors
-        grad = torch.zeros_like(student)
-        for start in range(0, rows.numel(), ctx.chunk_size):
-            sl, idx = slice(start, start + ctx.chunk_size), rows[start : start + ctx.chunk_size]
-            p_s = torch.exp(student[idx].to(lse_s.dtype) - lse_s[sl, None])
-            p_t = torch.exp(teacher[idx].to(lse_t.dtype) - lse_t[sl, None])
-            grad[idx] = ((grad_out * weight[sl])[:, None] * (p_s - p_t)).to(grad.dtype)
-        return grad, None, None, None, None
+    flat = logits.reshape(-1, logits.shape[-1])
+    return _entropy(flat, None, _chunk_size(chunk_size), "logits").reshape(logits.shape[:-1])
 
 
 def opsd_loss(
@@ -275,14 +322,57 @@ def opsd_loss(
     if teacher_logits.shape != student_logits.shape:
         _fail("teacher_logits", f"shape {tuple(student_logits.shape)} like student_logits (same vocab)",
               f"shape {tuple(teacher_logits.shape)}")
-    mask = _mask(mask, student_logits.shape[:2])
+    rows = _mask(mask, student_logits.shape[:2]).reshape(-1).nonzero().squeeze(-1)
     vocab = student_logits.shape[-1]
-    rows = mask.reshape(-1).nonzero().squeeze(-1)
-    dtype = _float_dtype(student_logits.dtype)
-    weight = torch.full((rows.numel(),), 1.0 / max(rows.numel(), 1), dtype=dtype, device=student_logits.device)
-    return _OPSDLoss.apply(
-        student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab), rows, weight, _chunk_size(chunk_size)
-    )
+    return _MeanKL.apply(student_logits.reshape(-1, vocab), None, teacher_logits.detach().reshape(-1, vocab), None,
+                         rows, _chunk_size(chunk_size))
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
+    """`token_logprobs(hidden @ weight.T, tokens)` without ever holding the (..., V) logits.
+
+    hidden (..., D) final hidden states, weight (V, D) the LM-head weight (same dtype), tokens (...).
+    Differentiable w.r.t. both hidden and weight; each chunk of `chunk_size` rows is recomputed in
+    the backward, so peak extra memory is O(chunk_size × V) plus one float32 (V, D) gradient buffer.
+    """
+    _hidden_and_weight("hidden", hidden, "weight", weight)
+    ids = _token_ids(tokens, weight.shape[0], hidden.shape[:-1])
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return _TokenLogprobs.apply(flat, weight, ids, _chunk_size(chunk_size), "hidden").reshape(tokens.shape)
+
+
+def linear_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """`token_entropy(hidden @ weight.T)` without ever holding the (..., V) logits; no gradient."""
+    _hidden_and_weight("hidden", hidden, "weight", weight)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return _entropy(flat, weight, _chunk_size(chunk_size), "hidden").reshape(hidden.shape[:-1])
+
+
+def linear_opsd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """`opsd_loss` over rows given as hidden states: mean over the N rows of KL(p_T ‖ p_θ), Eq. 1.
+
+    student_hidden, teacher_hidden (N, D) (the completion positions only), student_weight,
+    teacher_weight (V, D). Differentiable w.r.t. the student's hidden states and weight; the logits
+    exist one chunk at a time. Exactly 0.0 when N = 0.
+    """
+    _hidden_and_weight("student_hidden", student_hidden, "student_weight", student_weight)
+    _hidden_and_weight("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
+    if student_hidden.dim() != 2:
+        _fail("student_hidden", "shape (N, D)", f"shape {tuple(student_hidden.shape)}")
+    if teacher_hidden.shape != student_hidden.shape or teacher_weight.shape != student_weight.shape:
+        _fail("teacher_hidden", f"shapes {tuple(student_hidden.shape)} and weight {tuple(student_weight.shape)} like the student's",
+              f"{tuple(teacher_hidden.shape)} and {tuple(teacher_weight.shape)}")
+    rows = torch.arange(student_hidden.shape[0], device=student_hidden.device)
+    return _MeanKL.apply(student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
+                         rows, _chunk_size(chunk_size))
 
 
 # ----------------------------------------------------------------------------------------------------
