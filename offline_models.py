@@ -11,13 +11,18 @@
 import warnings
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from tasks import make_arithmetic_problems, student_messages, teacher_messages
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 TINY_VOCAB_SIZE = 512
+# Qwen2's pre-tokenizer split. transformers 5 loads any folder whose config says "qwen2" with its
+# Qwen2Tokenizer, which rebuilds NFC + this split + ByteLevel around the saved vocab: the tiny tokenizer
+# uses the same pipeline so that it encodes the same after save_pretrained/from_pretrained.
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 # Qwen2.5's template without tools: a default system turn unless the chat opens with one.
 CHATML_TEMPLATE = (
@@ -40,13 +45,16 @@ def _render_chatml(messages: list[dict]) -> str:
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A deterministic byte-level BPE: every string round-trips, encode adds no BOS/EOS."""
+    """A deterministic byte-level BPE in Qwen2's pipeline: ASCII text round-trips, encode adds no BOS/EOS."""
     corpus = []
     for problem in make_arithmetic_problems(300, seed=0):
         corpus += [_render_chatml(student_messages(problem)), _render_chatml(teacher_messages(problem)),
                    problem.solution + "\nSo the answer is \\boxed{" + problem.answer + "}."]
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, special_tokens=[PAD, IM_START, IM_END],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -22,6 +22,7 @@ GSM8K_CALCULATOR = re.compile(r"<<[^>]*>>")
 
 @dataclass
 class Problem:
+    """One problem; `solution` is what the teacher sees and the student does not."""
     question: str
     solution: str  # worked, step-by-step reference solution: the teacher's privileged context
     answer: str  # final answer as a string, e.g. "42", "-3", "2.5"
@@ -118,9 +119,9 @@ def make_arithmetic_problems(n: int, seed: int) -> list[Problem]:
 
 
 def train_eval_problems(n_train: int, n_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Disjoint train and eval sets: no question text appears in both."""
-    problems = make_arithmetic_problems(n_train + n_eval, seed)
-    return problems[:n_train], problems[n_train:]
+    """Disjoint train and eval sets (no question text in both); the eval set does not depend on n_train."""
+    problems = make_arithmetic_problems(n_eval + n_train, seed)
+    return problems[n_eval:], problems[:n_eval]
 
 
 # ---------------------------------------------------------------- JSONL data files

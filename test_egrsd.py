@@ -1,0 +1,689 @@
+"""The correctness spec of `egrsd.py`: property-based tests (hypothesis) of SPEC §2-§4.
+
+Three kinds of test, in this order:
+1. reference: each function equals a float64 naive implementation written loop by loop from the paper's
+   equations, on generated batches with left and right padding, holes, all-padding rows, zero and large
+   entropies, zero advantages, γ up to 2 (so the 0.1 floor binds) and windows 0..8;
+2. invariants: every property of SPEC §4, one test each, named for the sentence it states;
+3. bad input: each kind of bad input of SPEC §3 raises a ValueError that names the argument.
+
+The hypothesis profile is fixed (derandomized, no example database), so a run is reproducible and CI never
+flakes. Run: pytest -q test_egrsd.py
+"""
+import copy
+import inspect
+import math
+import statistics
+from dataclasses import dataclass, fields
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+import egrsd
+
+settings.register_profile(
+    "egrsd", derandomize=True, database=None, deadline=None, max_examples=50,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("egrsd")
+
+WIDE_FLOATS = (torch.float32, torch.float64)  # "arithmetic in float32 or wider, whatever the input dtype"
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}  # rtol = atol, per precision
+ROUNDING = 1e-12  # slack for bounds that hold in exact arithmetic
+
+
+def assert_close(actual, expected, precision):
+    """`actual` equals the float64 `expected` to the precision of arithmetic in `precision`."""
+    tolerance = TOLERANCE[precision]
+    torch.testing.assert_close(actual.double(), torch.as_tensor(expected, dtype=torch.float64),
+                               rtol=tolerance, atol=tolerance)
+
+
+def call(function, arguments, **settings):
+    """Call `function` (library or naive) with those of `arguments` and `settings` that its parameters name."""
+    parameters = inspect.signature(function).parameters
+    return function(**{name: value for name, value in {**arguments, **settings}.items() if name in parameters})
+
+
+# --------------------------------------------------------------------------------------------------------
+# Generators
+# --------------------------------------------------------------------------------------------------------
+
+ENTROPIES = st.one_of(st.just(0.0), st.floats(0, 1), st.floats(0, 12))  # nats; log(150k vocabulary) ≈ 12
+LOG_PROBS = st.one_of(st.just(0.0), st.just(-1.0), st.floats(-30, 0))  # repeated values give δ = 0
+ADVANTAGES = st.one_of(st.just(0.0), st.floats(0.01, 3), st.floats(-3, -0.01))
+REWARDS = st.one_of(st.just(0.0), st.integers(0, 1024).map(lambda length: 1 + 0.5 * (1 - length / 1024)))
+PADDING_ENTROPIES = st.sampled_from([0.0, 50.0])  # below and above every real entropy
+PADDING_LOG_PROBS = st.sampled_from([0.0, -50.0])
+WINDOWS = st.integers(0, 8)
+EPS = st.one_of(st.just(0.2), st.floats(0.01, 0.99))
+CHUNKINGS = st.sampled_from([{}, {"chunk_size": 1}, {"chunk_size": 3}])  # default, and chunks < rows
+
+
+def tensors(elements, shape, dtype=torch.float64):
+    """A tensor of `shape` whose entries are drawn from `elements`."""
+    n = math.prod(shape)
+    return st.lists(elements, min_size=n, max_size=n).map(lambda xs: torch.tensor(xs, dtype=dtype).reshape(shape))
+
+
+@st.composite
+def masks(draw, rows, length):
+    """(rows, length) bool: each row a completion [start, end) between left and right padding, sometimes
+    with holes; start == end gives an all-padding row."""
+    mask = torch.zeros(rows, length, dtype=torch.bool)
+    for row in range(rows):
+        start = draw(st.integers(0, length))
+        mask[row, start:draw(st.integers(start, length))] = True
+        if draw(st.booleans()):
+            mask[row] &= draw(tensors(st.booleans(), (length,), torch.bool))
+    return mask
+
+
+@dataclass
+class Batch:
+    """What the trainer hands the weighting functions for B rollouts of T completion positions."""
+    entropy: torch.Tensor  # (B, T) teacher entropy H, nats
+    mask: torch.Tensor  # (B, T) bool, True on completion tokens
+    teacher_logp: torch.Tensor  # (B, T) log p_T(y_t)
+    student_logp: torch.Tensor  # (B, T) log p_S(y_t)
+    advantages: torch.Tensor  # (B,) A_i
+
+    @property
+    def direction(self):  # (B,) D_i = sign(A_i)
+        return self.advantages.sign()
+
+    @property
+    def arguments(self):
+        """The batch under the parameter names of SPEC §3."""
+        return dict(entropy=self.entropy, teacher_entropy=self.entropy, mask=self.mask,
+                    teacher_logp=self.teacher_logp, student_logp=self.student_logp,
+                    advantages=self.advantages, direction=self.direction)
+
+
+@st.composite
+def batches(draw, dtype=torch.float64):
+    """B in 1..5 rollouts of T in 1..12 positions."""
+    B, T = draw(st.integers(1, 5)), draw(st.integers(1, 12))
+    return Batch(entropy=draw(tensors(ENTROPIES, (B, T), dtype)), mask=draw(masks(B, T)),
+                 teacher_logp=draw(tensors(LOG_PROBS, (B, T), dtype)),
+                 student_logp=draw(tensors(LOG_PROBS, (B, T), dtype)),
+                 advantages=draw(tensors(ADVANTAGES, (B,), dtype)))
+
+
+@st.composite
+def gate_settings(draw, floors=st.one_of(st.just(0.1), st.floats(0, 1))):
+    """Keyword arguments of entropy_gate and token_advantages; γ up to 2, so the floor binds (γ > 0.9)."""
+    return dict(gamma=draw(st.one_of(st.just(0.0), st.just(0.3), st.floats(0, 2))), window=draw(WINDOWS),
+                floor=draw(floors), min_denominator=draw(st.sampled_from([1.0, 0.5, 4.0])),
+                denominator=draw(st.sampled_from(["raw", "filtered"])), eps=draw(EPS))
+
+
+@dataclass
+class LogitBatch:
+    """Teacher and student logits over the rollout; −inf marks banned vocabulary entries (both models)."""
+    student_logits: torch.Tensor  # (B, T, V)
+    teacher_logits: torch.Tensor  # (B, T, V)
+    tokens: torch.Tensor  # (B, T) the rollout's tokens, never banned
+    mask: torch.Tensor  # (B, T) bool, at least one True (the KL token-mean needs one)
+
+    @property
+    def arguments(self):
+        return dict(logits=self.student_logits, student_logits=self.student_logits,
+                    teacher_logits=self.teacher_logits, tokens=self.tokens, mask=self.mask)
+
+
+@st.composite
+def logit_batches(draw, dtype):
+    """Random normal logits of scale 0.1..20 (peaked softmax at 20), a fraction of them −inf."""
+    B, T, V = draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(2, 40))
+    scale, banned_fraction = draw(st.sampled_from([0.1, 1.0, 5.0, 20.0])), draw(st.sampled_from([0.0, 0.3, 0.9]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    tokens = torch.randint(V, (B, T), generator=generator)
+    banned = (torch.rand(B, T, V, generator=generator) < banned_fraction).scatter(-1, tokens[..., None], False)
+    student, teacher = ((scale * torch.randn(B, T, V, generator=generator, dtype=torch.float64))
+                        .masked_fill(banned, -math.inf).to(dtype) for _ in range(2))
+    mask = draw(masks(B, T))
+    if not mask.any():
+        mask[0, 0] = True
+    return LogitBatch(student, teacher, tokens, mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Naive float64 references, loop by loop from the equations of SPEC §2
+# --------------------------------------------------------------------------------------------------------
+
+def naive_lookahead_min(entropy, mask, window):
+    """Eq. 8: for valid t, min of H[b, j] over valid j in [t, t + W]; 0 off the mask."""
+    out = torch.zeros(entropy.shape, dtype=torch.float64)
+    for b, t in mask.nonzero().tolist():
+        out[b, t] = min(entropy[b, j].item() for j in range(t, min(t + window + 1, mask.shape[1])) if mask[b, j])
+    return out
+
+
+def naive_denominator(entropy, mask, window, min_denominator, denominator):
+    """Eq. 5: the max over valid tokens of the whole batch, floored at min_denominator; the max of the raw
+    entropies (Eq. 8) or of the window minima (Algorithm 1)."""
+    source = entropy.double() if denominator == "raw" else naive_lookahead_min(entropy, mask, window)
+    return max([source[b, t].item() for b, t in mask.nonzero().tolist()] + [min_denominator])
+
+
+def naive_entropy_gate(entropy, mask, gamma=0.3, window=0, floor=0.1, min_denominator=1.0, denominator="raw"):
+    """Eq. 6: ω = clip(1 − γ · Ĥ, floor, 1), Ĥ the window minimum over the batch denominator."""
+    numerator = naive_lookahead_min(entropy, mask, window)
+    scale = naive_denominator(entropy, mask, window, min_denominator, denominator)
+    out = torch.zeros(entropy.shape, dtype=torch.float64)
+    for b, t in mask.nonzero().tolist():
+        out[b, t] = min(max(1 - gamma * numerator[b, t].item() / scale, floor), 1.0)
+    return out
+
+
+def naive_ratio_magnitude(teacher_logp, student_logp, direction, mask, eps=0.2):
+    """Eq. 2: w = clip(exp(D · δ), 1 − ε, 1 + ε), δ = log p_T − log p_S."""
+    out = torch.zeros(teacher_logp.shape, dtype=torch.float64)
+    for b, t in mask.nonzero().tolist():
+        delta = teacher_logp[b, t].item() - student_logp[b, t].item()
+        out[b, t] = min(max(math.exp(direction[b].item() * delta), 1 - eps), 1 + eps)
+    return out
+
+
+def naive_token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, gamma=0.3, window=0,
+                           eps=0.2, floor=0.1, min_denominator=1.0, denominator="raw"):
+    """Eq. 7: Â = A · w · ω."""
+    w = naive_ratio_magnitude(teacher_logp, student_logp, advantages.sign(), mask, eps)
+    omega = naive_entropy_gate(teacher_entropy, mask, gamma, window, floor, min_denominator, denominator)
+    return advantages.double()[:, None] * w * omega
+
+
+def naive_policy_loss(student_logp, token_advantages, mask):
+    """−Σ m·Â·log p / Σ m; 0 on an empty mask."""
+    terms = [token_advantages[b, t].item() * student_logp[b, t].item() for b, t in mask.nonzero().tolist()]
+    return -sum(terms) / len(terms) if terms else 0.0
+
+
+def naive_length_shaped_reward(correct, lengths, max_length, beta=0.5):
+    """App. B: r = 1[correct] · (1 + β (1 − |y| / L_max))."""
+    return torch.tensor([float(c) * (1 + beta * (1 - n / max_length)) for c, n in zip(correct.tolist(), lengths.tolist())],
+                        dtype=torch.float64)
+
+
+class NaiveRunningAdvantage:
+    """App. B by the letter: A = (r − mean) / std over all rewards of earlier calls (population std, warm-up
+    rewards included); r − mean where that std is 0; r − baseline during the first `warmup_steps` calls."""
+
+    def __init__(self, warmup_steps=10, warmup_baseline=0.5):
+        self.warmup_steps, self.warmup_baseline, self.calls, self.earlier = warmup_steps, warmup_baseline, 0, []
+
+    def __call__(self, rewards):
+        if self.calls < self.warmup_steps:
+            advantages = [r - self.warmup_baseline for r in rewards.tolist()]
+        else:
+            mean, std = statistics.fmean(self.earlier), statistics.pstdev(self.earlier)
+            advantages = [(r - mean) / std if std > 0 else r - mean for r in rewards.tolist()]
+        self.calls, self.earlier = self.calls + 1, self.earlier + rewards.tolist()
+        return torch.tensor(advantages, dtype=torch.float64)
+
+
+def naive_log_softmax(logits):
+    """z − log Σ_v exp z_v in float64, by the definition (−inf entries stay −inf)."""
+    z = logits.double()
+    return z - z.exp().sum(-1, keepdim=True).log()
+
+
+def naive_token_logprobs(logits, tokens):
+    return naive_log_softmax(logits).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def naive_token_logprobs_gradient(logits, tokens, upstream):
+    """d(Σ g · log p[token]) / dz = g · (onehot(token) − softmax(z))."""
+    one_hot = torch.nn.functional.one_hot(tokens, logits.shape[-1]).double()
+    return upstream.double()[..., None] * (one_hot - naive_log_softmax(logits).exp())
+
+
+def naive_token_entropy(logits):
+    """Eq. 4: −Σ_v p log p, with 0 · log 0 = 0."""
+    log_p = naive_log_softmax(logits)
+    return -torch.where(log_p > -math.inf, log_p.exp() * log_p, 0.0).sum(-1)
+
+
+def naive_opsd_loss(student_logits, teacher_logits, mask):
+    """Eq. 1: token-mean over the mask of KL(p_T ‖ p_θ) = Σ_v p_T (log p_T − log p_θ)."""
+    log_teacher, log_student = naive_log_softmax(teacher_logits), naive_log_softmax(student_logits)
+    kl = torch.where(log_teacher > -math.inf, log_teacher.exp() * (log_teacher - log_student), 0.0).sum(-1)
+    return kl[mask].mean()
+
+
+def naive_opsd_loss_gradient(student_logits, teacher_logits, mask):
+    """dL / dz_θ = m · (p_θ − p_T) / Σ m."""
+    p_student, p_teacher = naive_log_softmax(student_logits).exp(), naive_log_softmax(teacher_logits).exp()
+    return mask[..., None] * (p_student - p_teacher) / mask.sum()
+
+
+# --------------------------------------------------------------------------------------------------------
+# 1. The library equals the naive references
+# --------------------------------------------------------------------------------------------------------
+
+WEIGHTING = {  # library function: its naive reference
+    egrsd.lookahead_min: naive_lookahead_min, egrsd.entropy_gate: naive_entropy_gate,
+    egrsd.ratio_magnitude: naive_ratio_magnitude, egrsd.token_advantages: naive_token_advantages,
+}
+
+
+@pytest.mark.parametrize("function", WEIGHTING, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@given(data=st.data())
+def test_weighting_matches_naive_reference(function, dtype, data):
+    batch, settings = data.draw(batches(dtype)), data.draw(gate_settings())
+    assert_close(call(function, batch.arguments, **settings), call(WEIGHTING[function], batch.arguments, **settings), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@given(data=st.data())
+def test_policy_loss_matches_naive_reference(dtype, data):
+    batch = data.draw(batches(dtype))
+    advantages = call(naive_token_advantages, batch.arguments).to(dtype)
+    loss = egrsd.policy_loss(batch.student_logp, advantages, batch.mask)
+    assert_close(loss, naive_policy_loss(batch.student_logp, advantages, batch.mask), dtype)
+
+
+@st.composite
+def graded_rollouts(draw):
+    """Arguments of length_shaped_reward: verdicts and lengths of B rollouts, some at the length cap."""
+    B, max_length = draw(st.integers(1, 8)), draw(st.integers(1, 2048))
+    lengths = st.one_of(st.just(max_length), st.integers(0, max_length))
+    return dict(correct=draw(tensors(st.booleans(), (B,), torch.bool)), lengths=draw(tensors(lengths, (B,), torch.int64)),
+                max_length=max_length, beta=draw(st.one_of(st.just(0.5), st.floats(0, 2))))
+
+
+@given(graded_rollouts())
+def test_length_shaped_reward_matches_naive_reference(rollouts):
+    reward = egrsd.length_shaped_reward(**rollouts)
+    assert reward.dtype in WIDE_FLOATS
+    assert_close(reward, naive_length_shaped_reward(**rollouts), reward.dtype)
+
+
+def as_float64(rewards):
+    return torch.tensor(rewards, dtype=torch.float64)
+
+
+REWARD_STEPS = st.lists(st.lists(REWARDS, min_size=1, max_size=4), min_size=1, max_size=14)
+WARMUPS = st.sampled_from([{}, {"warmup_steps": 1}, {"warmup_steps": 3, "warmup_baseline": 0.0}])
+
+
+@given(WARMUPS, REWARD_STEPS)
+def test_running_advantage_matches_naive_reference(warmup, steps):
+    running, naive = egrsd.RunningAdvantage(**warmup), NaiveRunningAdvantage(**warmup)
+    for rewards in map(as_float64, steps):
+        assert_close(running(rewards), naive(rewards), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@given(data=st.data())
+def test_token_logprobs_match_naive_reference_forward_and_backward(dtype, data):
+    batch, chunking = data.draw(logit_batches(dtype)), data.draw(CHUNKINGS)
+    logits = batch.student_logits.requires_grad_()
+    logp = egrsd.token_logprobs(logits, batch.tokens, **chunking)
+    upstream = torch.linspace(-1, 1, logp.numel()).reshape(logp.shape)
+    logp.backward(upstream.to(logp.dtype))
+    assert logp.dtype in WIDE_FLOATS
+    assert_close(logp, naive_token_logprobs(logits.detach(), batch.tokens), torch.float32)
+    assert_close(logits.grad, naive_token_logprobs_gradient(logits.detach(), batch.tokens, upstream), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@given(data=st.data())
+def test_token_entropy_matches_naive_reference(dtype, data):
+    batch, chunking = data.draw(logit_batches(dtype)), data.draw(CHUNKINGS)
+    entropy = egrsd.token_entropy(batch.teacher_logits, **chunking)
+    assert entropy.dtype in WIDE_FLOATS
+    assert_close(entropy, naive_token_entropy(batch.teacher_logits), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@given(data=st.data())
+def test_opsd_loss_matches_naive_reference_forward_and_backward(dtype, data):
+    batch, chunking = data.draw(logit_batches(dtype)), data.draw(CHUNKINGS)
+    student = batch.student_logits.requires_grad_()
+    loss = egrsd.opsd_loss(student, batch.teacher_logits, batch.mask, **chunking)
+    loss.backward()
+    assert loss.dtype in WIDE_FLOATS
+    assert_close(loss, naive_opsd_loss(student.detach(), batch.teacher_logits, batch.mask), torch.float32)
+    assert_close(student.grad, naive_opsd_loss_gradient(student.detach(), batch.teacher_logits, batch.mask), dtype)
+
+
+@pytest.mark.parametrize("function", [egrsd.token_logprobs, egrsd.token_entropy, egrsd.opsd_loss],
+                         ids=lambda f: f.__name__)
+@given(batch=logit_batches(torch.float32))
+def test_chunking_changes_nothing(function, batch):
+    assert_close(call(function, batch.arguments, chunk_size=1), call(function, batch.arguments), torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. Invariants of SPEC §4
+# --------------------------------------------------------------------------------------------------------
+
+PER_TOKEN = (egrsd.lookahead_min, egrsd.entropy_gate, egrsd.ratio_magnitude, egrsd.token_advantages)
+
+
+@given(batches(), gate_settings())
+def test_gate_lies_between_floor_or_one_minus_gamma_and_one(batch, settings):
+    omega = call(egrsd.entropy_gate, batch.arguments, **settings)[batch.mask]
+    lowest = max(settings["floor"], 1 - settings["gamma"])
+    assert (omega >= lowest - ROUNDING).all() and (omega <= 1).all()
+
+
+@given(batches(), gate_settings())
+def test_gate_is_one_where_entropy_is_zero(batch, settings):
+    omega = call(egrsd.entropy_gate, batch.arguments, **settings)
+    assert (omega[batch.mask & (batch.entropy == 0)] == 1).all()
+
+
+@given(batches(), gate_settings())
+def test_gate_is_one_everywhere_when_gamma_is_zero(batch, settings):
+    """... so that γ = 0 gives RLSD: Â = A · w."""
+    rlsd = {**settings, "gamma": 0.0}
+    assert (call(egrsd.entropy_gate, batch.arguments, **rlsd)[batch.mask] == 1).all()
+    w = call(egrsd.ratio_magnitude, batch.arguments, **rlsd)
+    assert torch.equal(call(egrsd.token_advantages, batch.arguments, **rlsd), batch.advantages[:, None] * w)
+
+
+@given(batches(), gate_settings(), st.data())
+def test_gate_is_non_increasing_in_entropy(batch, settings, data):
+    """Raise one entropy: no gate rises. The batch denominator is held fixed (the raised value stays at or
+    below it): lifting the batch max itself rescales every other token, which is Eq. 5, not a breach."""
+    assume(batch.mask.any())
+    b, t = data.draw(st.sampled_from(batch.mask.nonzero().tolist()))
+    ceiling = max(call(naive_denominator, batch.arguments, **settings), batch.entropy[b, t].item())
+    raised = batch.entropy.clone()
+    raised[b, t] = data.draw(st.floats(batch.entropy[b, t].item(), ceiling))
+    before = call(egrsd.entropy_gate, batch.arguments, **settings)
+    after = call(egrsd.entropy_gate, {**batch.arguments, "entropy": raised}, **settings)
+    assert (after <= before).all()
+
+
+@given(batches(), EPS)
+def test_magnitude_lies_within_one_minus_eps_and_one_plus_eps(batch, eps):
+    w = call(egrsd.ratio_magnitude, batch.arguments, eps=eps)[batch.mask]
+    assert ((1 - eps <= w) & (w <= 1 + eps)).all()
+
+
+@given(batches(), EPS)
+def test_magnitude_is_one_where_log_ratio_or_direction_is_zero(batch, eps):
+    w = call(egrsd.ratio_magnitude, batch.arguments, eps=eps)
+    neutral = batch.mask & ((batch.teacher_logp == batch.student_logp) | (batch.direction[:, None] == 0))
+    assert (w[neutral] == 1).all()
+
+
+@given(batches(), EPS)
+def test_magnitude_is_unchanged_by_flipping_both_direction_and_log_ratio(batch, eps):
+    flipped = {**batch.arguments, "teacher_logp": batch.student_logp, "student_logp": batch.teacher_logp,
+               "direction": -batch.direction}
+    assert torch.equal(call(egrsd.ratio_magnitude, flipped, eps=eps), call(egrsd.ratio_magnitude, batch.arguments, eps=eps))
+
+
+@given(batches(), gate_settings())
+def test_lookahead_is_conservative(batch, settings):
+    """lookahead_min ≤ H, so under the raw denominator of Eq. 8 the lookahead gate ω^CL ≥ ω of EGRSD. (Under
+    the filtered denominator the batch max can fall, and a gate with it.)"""
+    raw = {**settings, "denominator": "raw"}
+    assert (call(egrsd.lookahead_min, batch.arguments, **raw) <= batch.entropy)[batch.mask].all()
+    lookahead, plain = (call(egrsd.entropy_gate, batch.arguments, **{**raw, "window": w}) for w in (raw["window"], 0))
+    assert (lookahead >= plain).all()
+
+
+@given(batches(), gate_settings())
+def test_window_zero_is_plain_egrsd(batch, settings):
+    """W = 0: the window minimum is H itself, and the two denominators (raw, filtered) coincide."""
+    egrsd_settings = {**settings, "window": 0}
+    assert torch.equal(call(egrsd.lookahead_min, batch.arguments, window=0), batch.entropy.where(batch.mask, 0.0))
+    raw, filtered = (call(egrsd.entropy_gate, batch.arguments, **{**egrsd_settings, "denominator": d})
+                     for d in ("raw", "filtered"))
+    assert torch.equal(raw, filtered)
+
+
+@given(batches(), WINDOWS, st.data())
+def test_lookahead_is_causal(batch, window, data):
+    """Position t sees only [t, t + W] of its own row: changing H anywhere else leaves it unchanged, and so
+    does the gate once the batch denominator is pinned (min_denominator above every entropy)."""
+    B, T = batch.mask.shape
+    b, t = data.draw(st.integers(0, B - 1)), data.draw(st.integers(0, T - 1))
+    outside = torch.ones(B, T, dtype=torch.bool)
+    outside[b, t:t + window + 1] = False
+    elsewhere = batch.entropy.where(~outside, data.draw(tensors(ENTROPIES, (B, T))))
+    for function, pinned in ((egrsd.lookahead_min, {}), (egrsd.entropy_gate, {"min_denominator": 100.0})):
+        before = call(function, batch.arguments, window=window, **pinned)
+        after = call(function, {**batch.arguments, "entropy": elsewhere}, window=window, **pinned)
+        assert after[b, t] == before[b, t]
+
+
+@given(batches(), gate_settings(), st.data())
+def test_padding_never_changes_a_valid_output(batch, settings, data):
+    shape = batch.mask.shape
+    refilled = Batch(entropy=batch.entropy.where(batch.mask, data.draw(tensors(PADDING_ENTROPIES, shape))),
+                     mask=batch.mask,
+                     teacher_logp=batch.teacher_logp.where(batch.mask, data.draw(tensors(PADDING_LOG_PROBS, shape))),
+                     student_logp=batch.student_logp.where(batch.mask, data.draw(tensors(PADDING_LOG_PROBS, shape))),
+                     advantages=batch.advantages)
+    for function in PER_TOKEN:
+        assert torch.equal(call(function, refilled.arguments, **settings), call(function, batch.arguments, **settings))
+
+
+@given(batches(), gate_settings())
+def test_per_token_outputs_are_zero_off_the_mask(batch, settings):
+    for function in PER_TOKEN:
+        assert (call(function, batch.arguments, **settings)[~batch.mask] == 0).all()
+
+
+@given(batches(), gate_settings(floors=st.floats(0.01, 1)))
+def test_token_advantage_has_the_sign_of_the_sequence_advantage(batch, settings):
+    """With a positive floor every token keeps a nonzero weight, so Â_{i,t} has the sign of A_i."""
+    signs = call(egrsd.token_advantages, batch.arguments, **settings).sign()
+    assert torch.equal(signs[batch.mask], batch.direction[:, None].expand_as(signs)[batch.mask])
+
+
+@given(batches(), gate_settings())
+def test_token_advantage_is_at_most_advantage_times_one_plus_eps(batch, settings):
+    advantages = call(egrsd.token_advantages, batch.arguments, **settings)
+    bound = batch.advantages.abs()[:, None] * (1 + settings["eps"]) * (1 + ROUNDING)
+    assert (advantages.abs() <= bound).all()
+
+
+@given(batches(), gate_settings(), st.integers(1, 4), st.data())
+def test_padding_columns_change_nothing(batch, settings, extra, data):
+    B, T = batch.mask.shape
+
+    def widened(x, padding):
+        return torch.cat([x, data.draw(tensors(padding, (B, extra), x.dtype))], dim=1)
+
+    wider = Batch(entropy=widened(batch.entropy, PADDING_ENTROPIES), mask=widened(batch.mask, st.just(False)),
+                  teacher_logp=widened(batch.teacher_logp, PADDING_LOG_PROBS),
+                  student_logp=widened(batch.student_logp, PADDING_LOG_PROBS), advantages=batch.advantages)
+    advantages = call(egrsd.token_advantages, wider.arguments, **settings)
+    assert torch.equal(advantages[:, :T], call(egrsd.token_advantages, batch.arguments, **settings))
+    assert (advantages[:, T:] == 0).all()
+
+
+@given(batches(), gate_settings(), st.data())
+def test_row_permutation_permutes_output(batch, settings, data):
+    order = torch.tensor(data.draw(st.permutations(range(batch.mask.shape[0]))))
+    shuffled = Batch(*(getattr(batch, field.name)[order] for field in fields(Batch)))
+    advantages = call(egrsd.token_advantages, batch.arguments, **settings)
+    assert torch.equal(call(egrsd.token_advantages, shuffled.arguments, **settings), advantages[order])
+
+
+@given(batches())
+def test_policy_loss_gradient_is_minus_masked_advantage_over_count(batch):
+    assume(batch.mask.any())  # the empty mask has its own test
+    advantages = call(naive_token_advantages, batch.arguments)
+    logp = batch.student_logp.clone().requires_grad_()
+    egrsd.policy_loss(logp, advantages, batch.mask).backward()
+    m = batch.mask.double()
+    assert_close(logp.grad, -m * advantages / m.sum(), torch.float64)
+
+
+@given(batches())
+def test_policy_loss_is_zero_with_zero_gradient_on_empty_mask(batch):
+    logp = batch.student_logp.clone().requires_grad_()
+    loss = egrsd.policy_loss(logp, call(naive_token_advantages, batch.arguments), torch.zeros_like(batch.mask))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros_like(logp))
+
+
+@given(graded_rollouts())
+def test_reward_is_zero_when_wrong_and_one_when_correct_at_the_length_cap(rollouts):
+    reward, correct = egrsd.length_shaped_reward(**rollouts), rollouts["correct"]
+    assert (reward[~correct] == 0).all()
+    assert (reward[correct & (rollouts["lengths"] == rollouts["max_length"])] == 1).all()
+
+
+@given(WARMUPS, REWARD_STEPS, st.integers(0, 14))
+def test_running_advantage_resumes_from_its_state_dict(warmup, steps, saved_after):
+    running = egrsd.RunningAdvantage(**warmup)
+    for rewards in map(as_float64, steps[:saved_after]):
+        running(rewards)
+    resumed = egrsd.RunningAdvantage(**warmup)
+    resumed.load_state_dict(copy.deepcopy(running.state_dict()))  # as if saved to disk and loaded
+    for rewards in map(as_float64, steps[saved_after:]):
+        assert torch.equal(resumed(rewards), running(rewards))
+
+
+# --------------------------------------------------------------------------------------------------------
+# 3. Detachment and bad input (SPEC §3)
+# --------------------------------------------------------------------------------------------------------
+
+def valid_arguments():
+    """One small valid batch (B = 2, T = 3, V = 5) under every parameter name of SPEC §3."""
+    generator = torch.Generator().manual_seed(0)
+    batch = Batch(entropy=torch.tensor([[0.5, 1.0, 2.0], [0.0, 3.0, 1.0]]),
+                  mask=torch.tensor([[True, True, False], [False, True, True]]),
+                  teacher_logp=torch.tensor([[-0.1, -2.0, -0.5], [-1.0, -0.3, -4.0]]),
+                  student_logp=torch.tensor([[-0.3, -1.0, -0.5], [-2.0, -0.1, -3.0]]),
+                  advantages=torch.tensor([1.0, -0.5]))
+    logits = LogitBatch(student_logits=torch.randn(2, 3, 5, generator=generator),
+                        teacher_logits=torch.randn(2, 3, 5, generator=generator),
+                        tokens=torch.randint(5, (2, 3), generator=generator), mask=batch.mask)
+    return {**batch.arguments, **logits.arguments, "token_advantages": batch.advantages[:, None].repeat(1, 3),
+            "rewards": torch.tensor([0.0, 1.25]), "correct": torch.tensor([True, False]),
+            "lengths": torch.tensor([10, 32]), "max_length": 32, "window": 1}
+
+
+def run(function, **overrides):
+    """Call the egrsd function named `function` on the valid batch, with `overrides` replacing arguments."""
+    arguments = {**valid_arguments(), **overrides}
+    if function == "RunningAdvantage":
+        return egrsd.RunningAdvantage()(arguments["rewards"])
+    return call(getattr(egrsd, function), arguments)
+
+
+FUNCTIONS = ["token_logprobs", "token_entropy", "length_shaped_reward", "RunningAdvantage", "lookahead_min",
+             "entropy_gate", "ratio_magnitude", "token_advantages", "policy_loss", "opsd_loss"]
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_valid_arguments_are_accepted(function):
+    run(function)
+
+
+@pytest.mark.parametrize("function", ["entropy_gate", "ratio_magnitude", "token_advantages", "RunningAdvantage"])
+def test_weights_and_advantages_are_detached(function):
+    tracked = {name: x.requires_grad_() for name, x in valid_arguments().items()
+               if torch.is_tensor(x) and x.is_floating_point()}
+    assert not run(function, **tracked).requires_grad
+
+
+def first_entry(value):
+    def replaced(x):
+        x = x.clone()
+        x.view(-1)[0] = value
+        return x
+    return replaced
+
+
+def per_sequence(x):  # (B, T) → (B,)
+    return x[:, 0]
+
+
+def per_token(x):  # (B,) → (B, T)
+    return x[:, None].repeat(1, 3)
+
+
+def one_column_short(x):
+    return x[:, :-1]
+
+
+def one_row_short(x):
+    return x[:-1]
+
+
+def one_word_short(x):  # (B, T, V) → (B, T, V − 1)
+    return x[..., :-1]
+
+
+def first_row_all_minus_inf(x):
+    x = x.clone()
+    x[0, 0] = -math.inf
+    return x
+
+
+def case(function, argument, bad, why=None):
+    return pytest.param(function, argument, bad, id=f"{function}-{argument}-{why or bad}")
+
+
+MASKED = ["lookahead_min", "entropy_gate", "ratio_magnitude", "token_advantages", "policy_loss", "opsd_loss"]
+BAD_INPUTS = [
+    # shapes that are not (B, T) / (B,) / (..., V), or that do not match their partners
+    case("lookahead_min", "entropy", per_sequence, "(B,) for (B, T)"),
+    case("entropy_gate", "mask", one_column_short, "shorter than entropy"),
+    case("ratio_magnitude", "direction", per_token, "(B, T) for (B,)"),
+    case("ratio_magnitude", "student_logp", one_column_short, "shorter than teacher_logp"),
+    case("token_advantages", "advantages", per_token, "(B, T) for (B,)"),
+    case("token_advantages", "advantages", one_row_short, "B - 1 rows"),
+    case("token_advantages", "teacher_entropy", one_column_short, "shorter than teacher_logp"),
+    case("policy_loss", "token_advantages", per_sequence, "(B,) for (B, T)"),
+    case("policy_loss", "mask", one_column_short, "shorter than student_logp"),
+    case("token_logprobs", "tokens", one_column_short, "shorter than logits"),
+    case("opsd_loss", "teacher_logits", one_word_short, "two vocab sizes"),
+    case("opsd_loss", "mask", one_column_short, "shorter than logits"),
+    case("length_shaped_reward", "lengths", one_row_short, "B - 1 rows"),
+    case("length_shaped_reward", "correct", per_token, "(B, T) for (B,)"),
+    case("RunningAdvantage", "rewards", per_token, "(B, T) for (B,)"),
+    # a mask that is not bool
+    *[case(function, "mask", torch.Tensor.float, "float") for function in MASKED],
+    # NaN anywhere
+    *[case(function, argument, first_entry(math.nan), "NaN") for function, argument in [
+        ("lookahead_min", "entropy"), ("entropy_gate", "entropy"), ("ratio_magnitude", "teacher_logp"),
+        ("ratio_magnitude", "student_logp"), ("ratio_magnitude", "direction"), ("token_advantages", "advantages"),
+        ("token_advantages", "teacher_entropy"), ("policy_loss", "student_logp"), ("policy_loss", "token_advantages"),
+        ("token_logprobs", "logits"), ("token_entropy", "logits"), ("opsd_loss", "student_logits"),
+        ("opsd_loss", "teacher_logits"), ("RunningAdvantage", "rewards")]],
+    # ±inf in entropies, log-probs, advantages or rewards
+    *[case(function, argument, first_entry(value), value) for function, argument, value in [
+        ("lookahead_min", "entropy", math.inf), ("entropy_gate", "entropy", math.inf),
+        ("token_advantages", "teacher_entropy", math.inf), ("ratio_magnitude", "teacher_logp", -math.inf),
+        ("ratio_magnitude", "student_logp", -math.inf), ("token_advantages", "teacher_logp", -math.inf),
+        ("token_advantages", "advantages", math.inf), ("token_advantages", "advantages", -math.inf),
+        ("policy_loss", "student_logp", -math.inf), ("policy_loss", "token_advantages", math.inf),
+        ("RunningAdvantage", "rewards", math.inf)]],
+    # a whole row of −inf logits (−inf entries within a row are fine)
+    *[case(function, argument, first_row_all_minus_inf, "row of -inf") for function, argument in [
+        ("token_logprobs", "logits"), ("token_entropy", "logits"), ("opsd_loss", "student_logits"),
+        ("opsd_loss", "teacher_logits")]],
+    # settings out of range
+    *[case(function, "window", window) for function in ["lookahead_min", "entropy_gate", "token_advantages"]
+      for window in [-1, 1.5]],
+    *[case(function, "gamma", -0.1) for function in ["entropy_gate", "token_advantages"]],
+    *[case(function, "eps", eps) for function in ["ratio_magnitude", "token_advantages"] for eps in [0.0, 1.0, -0.1, 1.5]],
+    *[case(function, "floor", floor) for function in ["entropy_gate", "token_advantages"] for floor in [-0.1, 1.5]],
+    *[case(function, "min_denominator", d) for function in ["entropy_gate", "token_advantages"] for d in [0.0, -1.0]],
+    *[case(function, "denominator", "max") for function in ["entropy_gate", "token_advantages"]],
+    *[case("token_logprobs", "tokens", first_entry(token), token) for token in [-1, 5]],
+    *[case("length_shaped_reward", "max_length", max_length) for max_length in [0, -5]],
+    *[case("length_shaped_reward", "lengths", first_entry(length), length) for length in [-1, 33]],
+]
+
+
+@pytest.mark.parametrize("function, argument, bad", BAD_INPUTS)
+def test_bad_input_raises_value_error_naming_the_argument(function, argument, bad):
+    value = bad(valid_arguments()[argument]) if callable(bad) else bad
+    with pytest.raises(ValueError, match=rf"\b{argument}\b"):
+        run(function, **{argument: value})

@@ -1,0 +1,525 @@
+"""On-policy self-distillation with EGRSD / CL-EGRSD, minimal: one GPU, full fine-tuning.
+
+Every step: sample one rollout per problem from the student, verify it, score every completion token
+with a frozen copy of the initial model whose prompt also holds the reference solution (the privileged
+teacher), weight each token (egrsd.py) and take one AdamW step. Five methods share the same rollouts,
+reward, advantage and optimizer; only the per-token weight differs (see ../SPEC or egrsd.py):
+
+    grpo      Â = A_i                        rlsd      Â = A_i · w            (EGRSD with γ = 0)
+    opsd      loss = KL(p_T ‖ p_θ) per token egrsd     Â = A_i · w · ω        cl-egrsd  ω with lookahead W
+
+Run:
+    python train_min.py                                      # EGRSD, Qwen2.5-0.5B-Instruct, one CUDA GPU
+    python train_min.py --method cl-egrsd --window 3 --output-dir runs/cl
+    python train_min.py --model tiny --device cpu --steps 2 --output-dir runs/smoke   # CPU smoke run
+    python train_min.py --resume runs/cl                     # continue an interrupted run
+
+Simplified on purpose: HF `generate` for rollouts; one optimizer step per batch (fully on-policy, so
+no importance ratio or clipping of the policy); the teacher scores only the completion positions, and
+the full-vocabulary quantities are computed from hidden states in chunks (never a (tokens × V) tensor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from transformers import GenerationConfig
+
+import egrsd
+from offline_models import load_model_and_tokenizer
+from tasks import is_correct, load_problems, student_messages, teacher_messages, train_eval_problems
+
+METHODS = ("grpo", "opsd", "rlsd", "egrsd", "cl-egrsd")
+
+
+@dataclass
+class Config:
+    model: str = "Qwen/Qwen2.5-0.5B-Instruct"
+    """a hub name or local directory (safetensors), or `tiny` / `random-0.5b`: built in code, offline"""
+    method: str = "egrsd"
+    """one of grpo, opsd, rlsd, egrsd, cl-egrsd"""
+    data: str = ""
+    """a JSONL file of GSM8K rows or {problem, solution, answer} rows; empty: built-in arithmetic problems"""
+    output_dir: str = "runs/egrsd"
+    """where metrics.jsonl, config.json, checkpoint/ and final/ are written"""
+    resume: str = ""
+    """a run directory to continue from its checkpoint (its config.json is used; flags given here override)"""
+    device: str = "cuda"
+    """torch device"""
+    dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32"""
+    seed: int = 0
+    """seed for data order, sampling and the built-in problems"""
+    steps: int = 100
+    """optimizer steps (the paper: 100)"""
+    batch_size: int = 32
+    """problems per step, one rollout each (the paper: 32 prompts × 1 rollout)"""
+    micro_batch_size: int = 8
+    """rollouts per forward/backward pass (gradient accumulation; does not change the update)"""
+    max_new_tokens: int = 1024
+    """completion cap L_max; a rollout without EOS by then is truncated and earns 0"""
+    temperature: float = 1.1
+    """rollout sampling temperature"""
+    top_p: float = 0.95
+    """rollout nucleus sampling"""
+    top_k: int = 20
+    """rollout top-k sampling (0: off)"""
+    lr: float = 1e-6
+    """AdamW learning rate (the paper's 5e-6 is for LoRA; full fine-tuning of 0.5B wants less)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    grad_clip: float = 0.1
+    """gradient-norm clip (the paper: 0.1)"""
+    gamma: float = 0.3
+    """γ, strength of the entropy gate (egrsd, cl-egrsd)"""
+    window: int = 3
+    """W, the causal lookahead of cl-egrsd (egrsd is W = 0)"""
+    eps: float = 0.2
+    """ε, clip range of the likelihood-ratio magnitude (rlsd, egrsd, cl-egrsd)"""
+    floor: float = 0.1
+    """lower bound of the gate: every token keeps a nonzero weight"""
+    min_denominator: float = 1.0
+    """floor, in nats, of the batch-max entropy that normalises the gate"""
+    denominator: str = "raw"
+    """cl-egrsd normaliser: raw (Eq. 8) or filtered (Algorithm 1)"""
+    beta_length: float = 0.5
+    """β_L of the length-shaped reward r = 1 + β_L (1 − |y| / L_max) for a correct answer"""
+    advantage_warmup: int = 10
+    """steps that use A = r − 0.5 before the running mean and std take over"""
+    train_size: int = 2000
+    """built-in training problems"""
+    eval_size: int = 200
+    """held-out problems for evaluation (greedy decoding)"""
+    eval_every: int = 25
+    """evaluate every N steps (and before and after training); 0: only before and after"""
+    eval_batch_size: int = 64
+    """problems per evaluation batch"""
+    save_every: int = 25
+    """checkpoint every N steps (and on Ctrl-C and at the end); 0: only then"""
+    chunk_size: int = 1024
+    """rows of logits alive at once when scoring (memory O(chunk × vocab))"""
+    gradient_checkpointing: bool = True
+    """recompute activations in the backward to save memory"""
+    max_bad_steps: int = 3
+    """stop after this many non-finite steps in a row (each is skipped, not applied)"""
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The string under each dataclass field: the --help text and the documentation are one thing."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    docs = field_docs(Config)
+    for f in fields(Config):
+        kind = {"bool": dict(action=argparse.BooleanOptionalAction)}.get(f.type, dict(type=eval(f.type), metavar=f.type.upper()))
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f"{docs[f.name]} (default: {f.default})", **kind)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line
+    saved = {}
+    if given.get("resume"):
+        path = os.path.join(given["resume"], "config.json")
+        if not os.path.isfile(path):
+            sys.exit(f"--resume: expected a run directory holding config.json, got {given['resume']!r}")
+        saved = {**json.load(open(path)), "output_dir": given["resume"]}
+    return Config(**{**saved, **given})
+
+
+def check_config(cfg: Config) -> None:
+    """Stop on an impossible flag before any model is loaded, naming the flag and what is allowed."""
+    rules = [
+        ("method", cfg.method in METHODS, f"one of {', '.join(METHODS)}"),
+        ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
+        ("denominator", cfg.denominator in ("raw", "filtered"), "raw or filtered"),
+        ("data", not cfg.data or os.path.isfile(cfg.data), "an existing JSONL file"),
+        ("steps", cfg.steps >= 0, "≥ 0"), ("batch_size", cfg.batch_size > 0, "> 0"),
+        ("micro_batch_size", cfg.micro_batch_size > 0, "> 0"), ("max_new_tokens", cfg.max_new_tokens > 0, "> 0"),
+        ("temperature", cfg.temperature > 0, "> 0"), ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
+        ("top_k", cfg.top_k >= 0, "≥ 0"), ("lr", cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, "≥ 0"),
+        ("grad_clip", cfg.grad_clip > 0, "> 0"), ("gamma", cfg.gamma >= 0, "≥ 0"), ("window", cfg.window >= 0, "≥ 0"),
+        ("eps", 0 < cfg.eps < 1, "in (0, 1)"), ("floor", 0 <= cfg.floor <= 1, "in [0, 1]"),
+        ("min_denominator", cfg.min_denominator > 0, "> 0"), ("beta_length", cfg.beta_length >= 0, "≥ 0"),
+        ("advantage_warmup", cfg.advantage_warmup >= 0, "≥ 0"), ("train_size", cfg.train_size > 0, "> 0"),
+        ("eval_size", cfg.eval_size >= 0, "≥ 0"), ("eval_every", cfg.eval_every >= 0, "≥ 0"),
+        ("eval_batch_size", cfg.eval_batch_size > 0, "> 0"), ("save_every", cfg.save_every >= 0, "≥ 0"),
+        ("chunk_size", cfg.chunk_size > 0, "> 0"), ("max_bad_steps", cfg.max_bad_steps > 0, "> 0"),
+    ]
+    for name, ok, allowed in rules:
+        if not ok:
+            sys.exit(f"--{name.replace('_', '-')}: expected {allowed}, got {getattr(cfg, name)!r}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("CUDA is not available on this machine. For a CPU smoke run:\n"
+                 "    python train_min.py --model tiny --device cpu --steps 2 --output-dir runs/smoke")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: a fixed order of problems that a resumed run can find again from the step alone.
+
+
+def batch_problems(problems: list, step: int, batch_size: int, seed: int) -> list:
+    """Problems of `step`: consecutive slices of a seeded permutation per epoch."""
+    out, start = [], step * batch_size
+    for position in range(start, start + batch_size):
+        epoch, index = divmod(position, len(problems))
+        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(problems[order[index]])
+    return out
+
+
+def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-template the conversations and left-pad them: ids, attention mask (B, P)."""
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts and the verifier.
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False):
+    """Sample completions: ids (B, T), mask (B, T) bool up to and including the first EOS, finished (B,)."""
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature,
+                                                          top_p=cfg.top_p, top_k=cfg.top_k)
+    # a fresh GenerationConfig: the checkpoint's own defaults (e.g. repetition_penalty) must not leak in
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, **sampling)
+    model.eval()
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+    completion = out[:, prompt_ids.shape[1]:]  # (B, T)
+    is_eos = completion == tokenizer.eos_token_id
+    mask = (is_eos.cumsum(dim=1) - is_eos.long()) == 0  # True up to and including the first EOS
+    return completion, mask, is_eos.any(dim=1)
+
+
+def verify(tokenizer, completion, mask, finished, problems) -> torch.Tensor:
+    """correct (B,) bool: finished (EOS before the cap) and the answer matches the reference."""
+    texts = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion, mask)]
+    return torch.tensor([f and is_correct(t, p.answer) for t, f, p in zip(texts, finished.tolist(), problems)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring: hidden states at the completion positions, never the full logits.
+
+
+def completion_hidden(model, prompt_ids, prompt_mask, completion, mask) -> torch.Tensor:
+    """Final hidden states of the positions that predict each completion token: (B, T, D)."""
+    ids = torch.cat([prompt_ids, completion], dim=1)
+    attention = torch.cat([prompt_mask, mask.long()], dim=1)
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # left padding: positions as in generate
+    hidden = model.base_model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
+    return hidden[:, prompt_ids.shape[1] - 1 : -1]  # position P − 1 + t predicts completion token t
+
+
+def lm_head(model) -> torch.Tensor:
+    return model.get_output_embeddings().weight  # (V, D)
+
+
+def micro_batches(batch_size: int, size: int):
+    return [slice(start, start + size) for start in range(0, batch_size, size)]
+
+
+@torch.no_grad()
+def score(student, teacher, rollout: dict, cfg: Config) -> dict:
+    """Teacher log-probs and entropy (B, T), the teacher's hidden states of the valid tokens (N, D),
+    and the pre-update student's log-probs (B, T), all without gradient."""
+    completion, mask = rollout["completion"], rollout["mask"]
+    out = {k: torch.zeros(mask.shape, device=mask.device) for k in ("teacher_logp", "teacher_entropy", "student_logp")}
+    teacher_rows = []
+    student.eval()
+    for mb in micro_batches(len(completion), cfg.micro_batch_size):
+        m, tokens = mask[mb], completion[mb][mask[mb]]
+        h_t = completion_hidden(teacher, rollout["teacher_ids"][mb], rollout["teacher_mask"][mb], completion[mb], m)[m]
+        h_s = completion_hidden(student, rollout["student_ids"][mb], rollout["student_mask"][mb], completion[mb], m)[m]
+        out["teacher_logp"][mb] = out["teacher_logp"][mb].masked_scatter(m, egrsd.linear_token_logprobs(h_t, lm_head(teacher), tokens, cfg.chunk_size))
+        out["teacher_entropy"][mb] = out["teacher_entropy"][mb].masked_scatter(m, egrsd.linear_token_entropy(h_t, lm_head(teacher), cfg.chunk_size))
+        out["student_logp"][mb] = out["student_logp"][mb].masked_scatter(m, egrsd.linear_token_logprobs(h_s, lm_head(student), tokens, cfg.chunk_size))
+        teacher_rows.append(h_t)
+    out["teacher_hidden"] = teacher_rows  # one (N_mb, D) tensor per micro-batch, for OPSD's full KL
+    return out
+
+
+def method_settings(cfg: Config) -> tuple[float, int]:
+    """(γ, W) of the method: RLSD is γ = 0, EGRSD is W = 0."""
+    return {"rlsd": (0.0, 0), "egrsd": (cfg.gamma, 0), "cl-egrsd": (cfg.gamma, cfg.window)}.get(cfg.method, (cfg.gamma, 0))
+
+
+def weight_tokens(advantages, scores: dict, mask, cfg: Config) -> tuple[torch.Tensor, dict]:
+    """# ALGO LOGIC: the per-token advantage Â (B, T), the only thing that differs between methods."""
+    gamma, window = method_settings(cfg)
+    signals = (scores["teacher_logp"], scores["student_logp"], scores["teacher_entropy"], mask)
+    knobs = dict(gamma=gamma, window=window, eps=cfg.eps, floor=cfg.floor,
+                 min_denominator=cfg.min_denominator, denominator=cfg.denominator)
+    if cfg.method == "grpo":
+        token_adv = torch.where(mask, advantages[:, None], 0.0)  # Â = A_i on every completion token
+    else:  # (OPSD ignores Â: its loss is the KL)
+        token_adv = egrsd.token_advantages(advantages, *signals, **knobs)
+    # what the two factors were, for the metrics
+    gate = egrsd.entropy_gate(scores["teacher_entropy"], mask, gamma, window, cfg.floor, cfg.min_denominator, cfg.denominator)
+    magnitude = egrsd.ratio_magnitude(scores["teacher_logp"], scores["student_logp"], torch.sign(advantages), mask, cfg.eps)
+    n = mask.sum().clamp(min=1)
+    stats = {"gate_mean": (gate.sum() / n).item(), "gate_min": gate[mask].min().item() if mask.any() else 1.0,
+             "magnitude_mean": (magnitude.sum() / n).item(),
+             "teacher_entropy_mean": (scores["teacher_entropy"].sum() / n).item()}
+    return token_adv, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# The update.
+
+
+def update(student, teacher, optimizer, rollout: dict, scores: dict, token_adv, cfg: Config) -> tuple[float, float]:
+    """One AdamW step on the whole batch (gradient accumulation over micro-batches). Returns
+    (loss, grad norm); a non-finite one means the step was skipped and nothing was applied."""
+    student.train()
+    mask, completion, total = rollout["mask"], rollout["completion"], rollout["mask"].sum().clamp(min=1)
+    loss_sum = 0.0
+    for i, mb in enumerate(micro_batches(len(completion), cfg.micro_batch_size)):
+        m = mask[mb]
+        h = completion_hidden(student, rollout["student_ids"][mb], rollout["student_mask"][mb], completion[mb], m)[m]
+        if cfg.method == "opsd":  # Eq. 1: token mean of the full-vocabulary KL(p_T ‖ p_θ)
+            loss = egrsd.linear_opsd_loss(h, lm_head(student), scores["teacher_hidden"][i], lm_head(teacher), cfg.chunk_size)
+        else:  # Eq. 7: −Σ m · Â · log p_θ / Σ m
+            logp = torch.zeros(m.shape, device=m.device).masked_scatter(m, egrsd.linear_token_logprobs(h, lm_head(student), completion[mb][m], cfg.chunk_size))
+            loss = egrsd.policy_loss(logp, token_adv[mb], m)
+        loss = loss * (m.sum() / total)  # micro-batch mean → batch token mean
+        loss.backward()
+        loss_sum += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip).item()
+    if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation, checkpoints, metrics.
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, problems: list, cfg: Config) -> dict:
+    """Greedy accuracy and mean completion length on held-out problems: the paper's trade-off."""
+    correct, lengths = [], []
+    for start in range(0, len(problems), cfg.eval_batch_size):
+        batch = problems[start : start + cfg.eval_batch_size]
+        ids, attention = encode_prompts(tokenizer, [student_messages(p) for p in batch], cfg.device)
+        with autocast(cfg):
+            completion, mask, finished = generate(model, tokenizer, ids, attention, cfg, greedy=True)
+        correct += verify(tokenizer, completion, mask, finished, batch).tolist()
+        lengths += mask.sum(dim=1).tolist()
+    accuracy, length = sum(correct) / max(len(correct), 1), sum(lengths) / max(len(lengths), 1)
+    return {"eval_accuracy": accuracy, "eval_length": length,
+            "eval_acc_per_1k_tokens": accuracy / (length / 1000) if length else 0.0}
+
+
+def autocast(cfg: Config):
+    """bf16 compute with float32 master weights (full fine-tuning at lr ~1e-6 is lost in bf16 weights)."""
+    device_type = torch.device(cfg.device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=compute_dtype(cfg) == torch.bfloat16)
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.device(cfg.device).type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(cfg: Config, student, tokenizer, optimizer, advantage, step: int) -> None:
+    """Model, tokenizer, optimizer, advantage statistics, RNG states and step, written to a temporary
+    directory and renamed into place: a crash mid-write never leaves a broken checkpoint/."""
+    final = os.path.join(cfg.output_dir, "checkpoint")
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "advantage": advantage.state_dict(),
+                "rng": rng_states()}, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: str) -> str:
+    """checkpoint/, or checkpoint.old/ if a crash came between the two renames of save_checkpoint."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if os.path.isfile(os.path.join(run_dir, name, "trainer_state.pt")):
+            return os.path.join(run_dir, name)
+    sys.exit(f"--resume: no checkpoint in {run_dir!r} (expected {run_dir}/checkpoint/trainer_state.pt)")
+
+
+def log(metrics_file, row: dict) -> None:
+    """Append one JSON row and make it durable: rows already written are never rewritten."""
+    metrics_file.write(json.dumps(row) + "\n")
+    metrics_file.flush()
+    os.fsync(metrics_file.fileno())
+
+
+class StopOnSignal:
+    """The first Ctrl-C (or SIGTERM) asks the loop to checkpoint and stop after the current step;
+    a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (again to abort now)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    check_config(cfg)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.data:
+        problems = load_problems(cfg.data)
+        split = max(1, min(cfg.eval_size, len(problems) // 5)) if cfg.eval_size else 0
+        eval_problems, train_problems = problems[:split], problems[split:]
+        print(f"data: {len(train_problems)} training and {len(eval_problems)} held-out problems from {cfg.data}")
+    else:
+        train_problems, eval_problems = train_eval_problems(cfg.train_size, cfg.eval_size, cfg.seed)
+    if not train_problems:
+        sys.exit(f"--data: {cfg.data} leaves no training problem after the held-out split")
+
+    # Student: trainable, float32 master weights. Teacher: the initial weights, frozen (the paper's).
+    teacher, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, compute_dtype(cfg))
+    student = copy.deepcopy(teacher).float().requires_grad_(True)
+    teacher.eval().requires_grad_(False)
+    start_step = 0
+    advantage = egrsd.RunningAdvantage(warmup_steps=cfg.advantage_warmup)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.resume:
+        checkpoint = find_checkpoint(cfg.output_dir)
+        from transformers import AutoModelForCausalLM
+        student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True).to(cfg.device)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        advantage.load_state_dict(state["advantage"])
+        set_rng_states(state["rng"])
+        start_step = state["step"]
+        print(f"resumed {cfg.output_dir} at step {start_step}")
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    json.dump(asdict(cfg) | {"resume": ""}, open(os.path.join(cfg.output_dir, "config.json"), "w"), indent=1)
+    metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
+    stop, bad_steps, step = StopOnSignal(), 0, start_step
+
+    def run_eval(at_step: int) -> None:
+        row = {"kind": "eval", "step": at_step, "method": cfg.method, **evaluate(student, tokenizer, eval_problems, cfg)}
+        log(metrics, row)
+        print(f"eval step {at_step}: accuracy {row['eval_accuracy']:.3f}, length {row['eval_length']:.0f}, "
+              f"acc/(len/1000) {row['eval_acc_per_1k_tokens']:.3f}", flush=True)
+
+    if start_step == 0 and eval_problems:
+        run_eval(0)
+    for step in range(start_step, cfg.steps):
+        t0 = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        problems = batch_problems(train_problems, step, cfg.batch_size, cfg.seed)
+        rollout = {}
+        rollout["student_ids"], rollout["student_mask"] = encode_prompts(tokenizer, [student_messages(p) for p in problems], cfg.device)
+        rollout["teacher_ids"], rollout["teacher_mask"] = encode_prompts(tokenizer, [teacher_messages(p) for p in problems], cfg.device)
+
+        # 1. Rollouts from the current student, and the verifier.
+        with autocast(cfg):
+            completion, mask, finished = generate(student, tokenizer, rollout["student_ids"], rollout["student_mask"], cfg)
+        rollout["completion"], rollout["mask"] = completion, mask
+        lengths = mask.sum(dim=1)
+        correct = verify(tokenizer, completion, mask, finished, problems)
+        t1 = time.perf_counter()
+
+        # 2. ALGO LOGIC: reward (length-shaped, 0 unless correct and finished), running advantage,
+        #    teacher scoring and the per-token weights.
+        rewards = egrsd.length_shaped_reward(correct, lengths.cpu(), cfg.max_new_tokens, cfg.beta_length)
+        advantages = advantage(rewards).to(cfg.device)
+        with autocast(cfg):
+            scores = score(student, teacher, rollout, cfg)
+        token_adv, weight_stats = weight_tokens(advantages, scores, mask, cfg)
+        t2 = time.perf_counter()
+
+        # 3. One optimizer step on the batch; a non-finite step is skipped, not applied.
+        with autocast(cfg):
+            loss, grad_norm = update(student, teacher, optimizer, rollout, scores, token_adv, cfg)
+        t3 = time.perf_counter()
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        bad_steps = bad_steps + 1 if skipped else 0
+
+        new_tokens = int(lengths.sum())
+        row = {"kind": "train", "step": step + 1, "method": cfg.method, "reward": rewards.mean().item(),
+               "accuracy": correct.float().mean().item(), "length_mean": lengths.float().mean().item(),
+               "length_max": int(lengths.max()), "truncated": (~finished).float().mean().item(),
+               "loss": loss, "grad_norm": grad_norm, "skipped": skipped, **weight_stats,
+               "rollout_tokens_per_s": new_tokens / (t1 - t0), "generate_s": t1 - t0, "score_s": t2 - t1,
+               "update_s": t3 - t2, "step_s": t3 - t0,
+               "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
+        log(metrics, row)
+        print(f"step {step + 1}/{cfg.steps} | reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | "
+              f"len {row['length_mean']:.0f} | loss {loss:.4f} | gnorm {grad_norm:.3f} | "
+              f"{row['rollout_tokens_per_s']:.0f} tok/s | gen {t1 - t0:.1f}s score {t2 - t1:.1f}s "
+              f"update {t3 - t2:.1f}s{' | SKIPPED (non-finite)' if skipped else ''}", flush=True)
+
+        done = step + 1
+        if bad_steps >= cfg.max_bad_steps:
+            save_checkpoint(cfg, student, tokenizer, optimizer, advantage, done)
+            sys.exit(f"stopped: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {grad_norm}); "
+                     f"the last good state is in {cfg.output_dir}/checkpoint (lower --lr?)")
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and eval_problems:
+            run_eval(done)
+        if (cfg.save_every and done % cfg.save_every == 0) or stop.requested:
+            save_checkpoint(cfg, student, tokenizer, optimizer, advantage, done)
+        if stop.requested:
+            print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}")
+            return
+
+    if eval_problems and start_step < cfg.steps:
+        run_eval(cfg.steps)
+    save_checkpoint(cfg, student, tokenizer, optimizer, advantage, cfg.steps)
+    student.save_pretrained(os.path.join(cfg.output_dir, "final"))
+    tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
+    print(f"saved {cfg.output_dir}/final")
+
+
+if __name__ == "__main__":
+    main()
