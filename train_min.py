@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import functools
 import inspect
 import json
 import math
@@ -36,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 
 import torch
-from transformers import GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 import egrsd
 from offline_models import load_model_and_tokenizer
@@ -109,6 +110,8 @@ class Config:
     """problems per evaluation batch"""
     save_every: int = 25
     """checkpoint every N steps (and on Ctrl-C and at the end); 0: only then"""
+    cache: str = "auto"
+    """KV cache of the rollouts: static (compiled decode step on CUDA), dynamic, or auto (static on CUDA)"""
     chunk_size: int = 1024
     """rows of logits alive at once when scoring (memory O(chunk × vocab))"""
     gradient_checkpointing: bool = True
@@ -146,6 +149,7 @@ def check_config(cfg: Config) -> None:
     rules = [
         ("method", cfg.method in METHODS, f"one of {', '.join(METHODS)}"),
         ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
+        ("cache", cfg.cache in ("auto", "static", "dynamic"), "auto, static or dynamic"),
         ("denominator", cfg.denominator in ("raw", "filtered"), "raw or filtered"),
         ("data", not cfg.data or os.path.isfile(cfg.data), "an existing JSONL file"),
         ("steps", cfg.steps >= 0, "≥ 0"), ("batch_size", cfg.batch_size > 0, "> 0"),
@@ -172,20 +176,23 @@ def check_config(cfg: Config) -> None:
 # Data: a fixed order of problems that a resumed run can find again from the step alone.
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
 def batch_problems(problems: list, step: int, batch_size: int, seed: int) -> list:
-    """Problems of `step`: consecutive slices of a seeded permutation per epoch."""
-    out, start = [], step * batch_size
-    for position in range(start, start + batch_size):
-        epoch, index = divmod(position, len(problems))
-        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(problems[order[index]])
-    return out
+    """Problems of `step`: the next slice of a seeded permutation per epoch, found from the step alone."""
+    positions = (divmod(p, len(problems)) for p in range(step * batch_size, (step + 1) * batch_size))
+    return [problems[epoch_order(len(problems), seed, epoch)[i]] for epoch, i in positions]
 
 
 def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat-template the conversations and left-pad them: ids, attention mask (B, P)."""
+    """Chat-template the conversations and left-pad them: ids, attention mask (B, P). P is a multiple of
+    64, so that a static cache sees few shapes (each new one recompiles the decode step)."""
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
+                      pad_to_multiple_of=64)
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
@@ -199,8 +206,10 @@ def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: boo
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature,
                                                           top_p=cfg.top_p, top_k=cfg.top_k)
     # a fresh GenerationConfig: the checkpoint's own defaults (e.g. repetition_penalty) must not leak in
+    static = cfg.cache == "static" or (cfg.cache == "auto" and prompt_ids.is_cuda)
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, **sampling)
+                           pad_token_id=tokenizer.pad_token_id, cache_implementation="static" if static else None,
+                           **sampling)
     model.eval()
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
     completion = out[:, prompt_ids.shape[1]:]  # (B, T)
@@ -232,48 +241,51 @@ def lm_head(model) -> torch.Tensor:
     return model.get_output_embeddings().weight  # (V, D)
 
 
-def micro_batches(batch_size: int, size: int):
+def micro_batches(batch_size: int, size: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, batch_size, size)]
+
+
+def to_grid(mask, rows) -> torch.Tensor:
+    """Values of the valid tokens (N,), in row-major order, back into a zero-padded (B, T) grid."""
+    return torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device).masked_scatter(mask, rows)
+
+
+@torch.no_grad()
+def copy_weights(source, target) -> None:
+    if source is not target:
+        for t, s in zip(target.parameters(), source.parameters()):
+            t.copy_(s)
 
 
 @torch.no_grad()
 def score(student, teacher, rollout: dict, cfg: Config) -> dict:
-    """Teacher log-probs and entropy (B, T), the teacher's hidden states of the valid tokens (N, D),
-    and the pre-update student's log-probs (B, T), all without gradient."""
+    """Teacher log-probs and entropy (B, T) and the pre-update student's log-probs (B, T), no gradient.
+    Also the teacher's hidden states of the valid tokens, one (N_mb, D) per micro-batch, for OPSD."""
     completion, mask = rollout["completion"], rollout["mask"]
-    out = {k: torch.zeros(mask.shape, device=mask.device) for k in ("teacher_logp", "teacher_entropy", "student_logp")}
-    teacher_rows = []
-    student.eval()
+    rows = {"teacher_logp": [], "teacher_entropy": [], "student_logp": [], "teacher_hidden": []}
     for mb in micro_batches(len(completion), cfg.micro_batch_size):
         m, tokens = mask[mb], completion[mb][mask[mb]]
         h_t = completion_hidden(teacher, rollout["teacher_ids"][mb], rollout["teacher_mask"][mb], completion[mb], m)[m]
         h_s = completion_hidden(student, rollout["student_ids"][mb], rollout["student_mask"][mb], completion[mb], m)[m]
-        out["teacher_logp"][mb] = out["teacher_logp"][mb].masked_scatter(m, egrsd.linear_token_logprobs(h_t, lm_head(teacher), tokens, cfg.chunk_size))
-        out["teacher_entropy"][mb] = out["teacher_entropy"][mb].masked_scatter(m, egrsd.linear_token_entropy(h_t, lm_head(teacher), cfg.chunk_size))
-        out["student_logp"][mb] = out["student_logp"][mb].masked_scatter(m, egrsd.linear_token_logprobs(h_s, lm_head(student), tokens, cfg.chunk_size))
-        teacher_rows.append(h_t)
-    out["teacher_hidden"] = teacher_rows  # one (N_mb, D) tensor per micro-batch, for OPSD's full KL
-    return out
-
-
-def method_settings(cfg: Config) -> tuple[float, int]:
-    """(γ, W) of the method: RLSD is γ = 0, EGRSD is W = 0."""
-    return {"rlsd": (0.0, 0), "egrsd": (cfg.gamma, 0), "cl-egrsd": (cfg.gamma, cfg.window)}.get(cfg.method, (cfg.gamma, 0))
+        rows["teacher_hidden"].append(h_t)
+        rows["teacher_logp"].append(egrsd.linear_token_logprobs(h_t, lm_head(teacher), tokens, cfg.chunk_size))
+        rows["teacher_entropy"].append(egrsd.linear_token_entropy(h_t, lm_head(teacher), cfg.chunk_size))  # Eq. 4
+        rows["student_logp"].append(egrsd.linear_token_logprobs(h_s, lm_head(student), tokens, cfg.chunk_size))
+    return {k: v if k == "teacher_hidden" else to_grid(mask, torch.cat(v)) for k, v in rows.items()}
 
 
 def weight_tokens(advantages, scores: dict, mask, cfg: Config) -> tuple[torch.Tensor, dict]:
-    """# ALGO LOGIC: the per-token advantage Â (B, T), the only thing that differs between methods."""
-    gamma, window = method_settings(cfg)
-    signals = (scores["teacher_logp"], scores["student_logp"], scores["teacher_entropy"], mask)
-    knobs = dict(gamma=gamma, window=window, eps=cfg.eps, floor=cfg.floor,
-                 min_denominator=cfg.min_denominator, denominator=cfg.denominator)
-    if cfg.method == "grpo":
-        token_adv = torch.where(mask, advantages[:, None], 0.0)  # Â = A_i on every completion token
-    else:  # (OPSD ignores Â: its loss is the KL)
-        token_adv = egrsd.token_advantages(advantages, *signals, **knobs)
-    # what the two factors were, for the metrics
-    gate = egrsd.entropy_gate(scores["teacher_entropy"], mask, gamma, window, cfg.floor, cfg.min_denominator, cfg.denominator)
-    magnitude = egrsd.ratio_magnitude(scores["teacher_logp"], scores["student_logp"], torch.sign(advantages), mask, cfg.eps)
+    """# ALGO LOGIC: Eq. 7, Â = A_i · w · ω (B, T), the only thing that differs between the methods:
+    GRPO and OPSD use neither factor (OPSD's loss is the KL), RLSD w only, EGRSD both, CL-EGRSD both
+    with the lookahead gate (Eq. 8)."""
+    ones = mask.float()
+    magnitude, gate = ones, ones
+    if cfg.method in ("rlsd", "egrsd", "cl-egrsd"):  # Eq. 2
+        magnitude = egrsd.ratio_magnitude(scores["teacher_logp"], scores["student_logp"], torch.sign(advantages), mask, cfg.eps)
+    if cfg.method in ("egrsd", "cl-egrsd"):  # Eq. 5, 6 (8)
+        window = cfg.window if cfg.method == "cl-egrsd" else 0
+        gate = egrsd.entropy_gate(scores["teacher_entropy"], mask, cfg.gamma, window, cfg.floor, cfg.min_denominator, cfg.denominator)
+    token_adv = advantages[:, None] * magnitude * gate
     n = mask.sum().clamp(min=1)
     stats = {"gate_mean": (gate.sum() / n).item(), "gate_min": gate[mask].min().item() if mask.any() else 1.0,
              "magnitude_mean": (magnitude.sum() / n).item(),
@@ -297,7 +309,7 @@ def update(student, teacher, optimizer, rollout: dict, scores: dict, token_adv, 
         if cfg.method == "opsd":  # Eq. 1: token mean of the full-vocabulary KL(p_T ‖ p_θ)
             loss = egrsd.linear_opsd_loss(h, lm_head(student), scores["teacher_hidden"][i], lm_head(teacher), cfg.chunk_size)
         else:  # Eq. 7: −Σ m · Â · log p_θ / Σ m
-            logp = torch.zeros(m.shape, device=m.device).masked_scatter(m, egrsd.linear_token_logprobs(h, lm_head(student), completion[mb][m], cfg.chunk_size))
+            logp = to_grid(m, egrsd.linear_token_logprobs(h, lm_head(student), completion[mb][m], cfg.chunk_size))
             loss = egrsd.policy_loss(logp, token_adv[mb], m)
         loss = loss * (m.sum() / total)  # micro-batch mean → batch token mean
         loss.backward()
@@ -320,8 +332,7 @@ def evaluate(model, tokenizer, problems: list, cfg: Config) -> dict:
     for start in range(0, len(problems), cfg.eval_batch_size):
         batch = problems[start : start + cfg.eval_batch_size]
         ids, attention = encode_prompts(tokenizer, [student_messages(p) for p in batch], cfg.device)
-        with autocast(cfg):
-            completion, mask, finished = generate(model, tokenizer, ids, attention, cfg, greedy=True)
+        completion, mask, finished = generate(model, tokenizer, ids, attention, cfg, greedy=True)
         correct += verify(tokenizer, completion, mask, finished, batch).tolist()
         lengths += mask.sum(dim=1).tolist()
     accuracy, length = sum(correct) / max(len(correct), 1), sum(lengths) / max(len(lengths), 1)
@@ -330,7 +341,8 @@ def evaluate(model, tokenizer, problems: list, cfg: Config) -> dict:
 
 
 def autocast(cfg: Config):
-    """bf16 compute with float32 master weights (full fine-tuning at lr ~1e-6 is lost in bf16 weights)."""
+    """The student's update: bf16 compute with float32 master weights (updates of lr ~1e-6 would vanish
+    in bf16 weights)."""
     device_type = torch.device(cfg.device).type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=compute_dtype(cfg) == torch.bfloat16)
 
@@ -420,33 +432,38 @@ def main(argv=None) -> None:
     if not train_problems:
         sys.exit(f"--data: {cfg.data} leaves no training problem after the held-out split")
 
-    # Student: trainable, float32 master weights. Teacher: the initial weights, frozen (the paper's).
+    # Teacher: the initial weights, frozen (the paper's). Student: the trainable float32 master weights
+    # (the checkpoint's when resuming). Sampler: the student in the compute dtype, refreshed after each
+    # update, for rollouts and the pre-update log-probs (decoding float32 weights would halve its speed).
     teacher, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, compute_dtype(cfg))
-    student = copy.deepcopy(teacher).float().requires_grad_(True)
     teacher.eval().requires_grad_(False)
-    start_step = 0
-    advantage = egrsd.RunningAdvantage(warmup_steps=cfg.advantage_warmup)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.resume:
-        checkpoint = find_checkpoint(cfg.output_dir)
-        from transformers import AutoModelForCausalLM
+    checkpoint = find_checkpoint(cfg.output_dir) if cfg.resume else None
+    if checkpoint:
         student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True).to(cfg.device)
-        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        student = copy.deepcopy(teacher).float().requires_grad_(True)
+    sampler = student if compute_dtype(cfg) == torch.float32 else copy.deepcopy(teacher)
+    copy_weights(student, sampler)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    advantage = egrsd.RunningAdvantage(warmup_steps=cfg.advantage_warmup)
+    start_step = 0
+    if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         advantage.load_state_dict(state["advantage"])
         set_rng_states(state["rng"])
         start_step = state["step"]
         print(f"resumed {cfg.output_dir} at step {start_step}")
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # transformers ≥ 5.2x renamed it; 5.17 has the old name only
+        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     os.makedirs(cfg.output_dir, exist_ok=True)
     json.dump(asdict(cfg) | {"resume": ""}, open(os.path.join(cfg.output_dir, "config.json"), "w"), indent=1)
     metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
     stop, bad_steps, step = StopOnSignal(), 0, start_step
 
     def run_eval(at_step: int) -> None:
-        row = {"kind": "eval", "step": at_step, "method": cfg.method, **evaluate(student, tokenizer, eval_problems, cfg)}
+        row = {"kind": "eval", "step": at_step, "method": cfg.method, **evaluate(sampler, tokenizer, eval_problems, cfg)}
         log(metrics, row)
         print(f"eval step {at_step}: accuracy {row['eval_accuracy']:.3f}, length {row['eval_length']:.0f}, "
               f"acc/(len/1000) {row['eval_acc_per_1k_tokens']:.3f}", flush=True)
@@ -463,8 +480,7 @@ def main(argv=None) -> None:
         rollout["teacher_ids"], rollout["teacher_mask"] = encode_prompts(tokenizer, [teacher_messages(p) for p in problems], cfg.device)
 
         # 1. Rollouts from the current student, and the verifier.
-        with autocast(cfg):
-            completion, mask, finished = generate(student, tokenizer, rollout["student_ids"], rollout["student_mask"], cfg)
+        completion, mask, finished = generate(sampler, tokenizer, rollout["student_ids"], rollout["student_mask"], cfg)
         rollout["completion"], rollout["mask"] = completion, mask
         lengths = mask.sum(dim=1)
         correct = verify(tokenizer, completion, mask, finished, problems)
@@ -474,14 +490,14 @@ def main(argv=None) -> None:
         #    teacher scoring and the per-token weights.
         rewards = egrsd.length_shaped_reward(correct, lengths.cpu(), cfg.max_new_tokens, cfg.beta_length)
         advantages = advantage(rewards).to(cfg.device)
-        with autocast(cfg):
-            scores = score(student, teacher, rollout, cfg)
+        scores = score(sampler, teacher, rollout, cfg)
         token_adv, weight_stats = weight_tokens(advantages, scores, mask, cfg)
         t2 = time.perf_counter()
 
         # 3. One optimizer step on the batch; a non-finite step is skipped, not applied.
         with autocast(cfg):
             loss, grad_norm = update(student, teacher, optimizer, rollout, scores, token_adv, cfg)
+        copy_weights(student, sampler)
         t3 = time.perf_counter()
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         bad_steps = bad_steps + 1 if skipped else 0
@@ -516,7 +532,7 @@ def main(argv=None) -> None:
     if eval_problems and start_step < cfg.steps:
         run_eval(cfg.steps)
     save_checkpoint(cfg, student, tokenizer, optimizer, advantage, cfg.steps)
-    student.save_pretrained(os.path.join(cfg.output_dir, "final"))
+    sampler.save_pretrained(os.path.join(cfg.output_dir, "final"))  # in the compute dtype
     tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
     print(f"saved {cfg.output_dir}/final")
 
