@@ -42,6 +42,8 @@ __all__ = [
     "ratio_magnitude",
     "token_advantages",
     "policy_loss",
+    "REGIMES",
+    "token_regimes",
 ]
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of logits processed at once: extra memory is O(chunk_size × V)
@@ -572,3 +574,44 @@ def policy_loss(student_logp: torch.Tensor, token_advantages: torch.Tensor, mask
     weights = torch.where(mask, token_advantages.detach().to(dtype), 0.0)
     count = mask.sum().clamp(min=1).to(dtype)
     return (-weights * student_logp.to(dtype)).sum() / count
+
+
+# ----------------------------------------------------------------------------------------------------
+# Diagnostics: which kind of token the gate down-weights.
+
+REGIMES = ("lock", "mid", "pivot", "fork")  # token_regimes codes 1, 2, 3, 4; 0 is off the mask
+
+
+def token_regimes(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    window: int,
+    tau_low: float = 0.2,
+    tau_high: float = 0.5,
+    min_denominator: float = 1.0,
+) -> torch.Tensor:
+    """The paper's token regimes, (B, T) int64 codes into REGIMES (1-based), 0 off the mask.
+
+    With Ĥ = H / d and Ĥ^CL = lookahead_min(H, mask, window) / d, d the batch normaliser of Eq. 5/8
+    (max of the raw valid entropies, floored at `min_denominator`):
+      lock  (1)  Ĥ ≤ τ_low                        the teacher is sure: the gate barely touches it;
+      pivot (3)  Ĥ ≥ τ_high and Ĥ^CL ≤ τ_low      uncertainty that resolves within W tokens (CL restores it);
+      fork  (4)  Ĥ ≥ τ_high and Ĥ^CL ≥ τ_high     uncertainty that persists (stays down-weighted);
+      mid   (2)  every other valid token.
+    Needs 0 ≤ τ_low < τ_high; then every valid token is in exactly one regime, and window = 0 has no pivots.
+    """
+    _per_token("entropy", entropy)
+    mask = _mask(mask, entropy.shape)
+    tau_low = _number("tau_low", tau_low, 0.0, math.inf)
+    tau_high = _number("tau_high", tau_high, tau_low, math.inf, low_open=True)
+    min_denominator = _number("min_denominator", min_denominator, 0.0, math.inf, low_open=True)
+    h = entropy.detach().to(_float_dtype(entropy.dtype))
+    batch_max = h[mask].max() if mask.any() else h.new_tensor(0.0)
+    normaliser = torch.clamp(batch_max, min=min_denominator)
+    h_hat, h_cl = h / normaliser, lookahead_min(h, mask, window) / normaliser
+    codes = torch.full(h.shape, 2, dtype=torch.long, device=h.device)  # mid
+    high = h_hat >= tau_high
+    codes[h_hat <= tau_low] = 1
+    codes[high & (h_cl <= tau_low)] = 3
+    codes[high & (h_cl >= tau_high)] = 4
+    return codes.masked_fill(~mask, 0)

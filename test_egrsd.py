@@ -50,9 +50,7 @@ def call(function, arguments, **settings):
 # Generators
 # --------------------------------------------------------------------------------------------------------
 
-ENTROPIES = st.one_of(st.just(0.0), st.floats(0, 1), st.floats(0, 12))  # nats; log(150k vocabulary) ≈ 12
-LOG_PROBS = st.one_of(st.just(0.0), st.just(-1.0), st.floats(-30, 0))  # repeated values give δ = 0
-ADVANTAGES = st.one_of(st.just(0.0), st.floats(0.01, 3), st.floats(-3, -0.01))
+SHARES = st.sampled_from([0.0, 0.25, 0.5])  # of the edge case in a batch: exact zeros, ties, holes
 REWARDS = st.one_of(st.just(0.0), st.integers(0, 1024).map(lambda length: 1 + 0.5 * (1 - length / 1024)))
 PADDING_ENTROPIES = st.sampled_from([0.0, 50.0])  # below and above every real entropy
 PADDING_LOG_PROBS = st.sampled_from([0.0, -50.0])
@@ -68,16 +66,31 @@ def tensors(elements, shape, dtype=torch.float64):
 
 
 @st.composite
+def random_source(draw):
+    """A torch generator seeded by hypothesis: the values of a batch, reproducible from the example."""
+    return torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+
+
+def chance(share, shape, generator):
+    """A bool tensor, True with probability `share`."""
+    return torch.rand(shape, generator=generator) < share
+
+
+def uniform(low, high, shape, generator):
+    return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+
+
+@st.composite
 def masks(draw, rows, length):
-    """(rows, length) bool: each row a completion [start, end) between left and right padding, sometimes
-    with holes; start == end gives an all-padding row."""
+    """(rows, length) bool: each row a completion of 0..length tokens after some left padding, the rest
+    right padding, with holes in a drawn share of its positions; 0 tokens: a row of padding only."""
+    generator, holes = draw(random_source()), draw(st.sampled_from([0.0, 0.2]))
     mask = torch.zeros(rows, length, dtype=torch.bool)
     for row in range(rows):
-        start = draw(st.integers(0, length))
-        mask[row, start:draw(st.integers(start, length))] = True
-        if draw(st.booleans()):
-            mask[row] &= draw(tensors(st.booleans(), (length,), torch.bool))
-    return mask
+        tokens = torch.randint(length + 1, (), generator=generator)
+        left = torch.randint(length - tokens + 1, (), generator=generator)
+        mask[row, left:left + tokens] = True
+    return mask & ~chance(holes, (rows, length), generator)
 
 
 @dataclass
@@ -103,12 +116,16 @@ class Batch:
 
 @st.composite
 def batches(draw, dtype=torch.float64):
-    """B in 1..5 rollouts of T in 1..12 positions."""
+    """B in 1..5 rollouts of T in 1..12 positions, with drawn shares of the edge cases: entropies exactly 0,
+    all below the 1-nat floor or up to 12 nats (log of a 150k vocabulary), teacher and student log-probs
+    equal (δ = 0), advantages exactly 0."""
     B, T = draw(st.integers(1, 5)), draw(st.integers(1, 12))
-    return Batch(entropy=draw(tensors(ENTROPIES, (B, T), dtype)), mask=draw(masks(B, T)),
-                 teacher_logp=draw(tensors(LOG_PROBS, (B, T), dtype)),
-                 student_logp=draw(tensors(LOG_PROBS, (B, T), dtype)),
-                 advantages=draw(tensors(ADVANTAGES, (B,), dtype)))
+    generator, top_entropy = draw(random_source()), draw(st.sampled_from([1.0, 12.0]))
+    entropy = uniform(0, top_entropy, (B, T), generator).masked_fill(chance(draw(SHARES), (B, T), generator), 0.0)
+    teacher_logp = uniform(-30, 0, (B, T), generator)
+    student_logp = teacher_logp.where(chance(draw(SHARES), (B, T), generator), uniform(-30, 0, (B, T), generator))
+    advantages = uniform(-3, 3, (B,), generator).masked_fill(chance(draw(SHARES), (B,), generator), 0.0)
+    return Batch(entropy.to(dtype), draw(masks(B, T)), teacher_logp.to(dtype), student_logp.to(dtype), advantages.to(dtype))
 
 
 @st.composite
@@ -449,7 +466,7 @@ def test_lookahead_is_causal(batch, window, data):
     b, t = data.draw(st.integers(0, B - 1)), data.draw(st.integers(0, T - 1))
     outside = torch.ones(B, T, dtype=torch.bool)
     outside[b, t:t + window + 1] = False
-    elsewhere = batch.entropy.where(~outside, data.draw(tensors(ENTROPIES, (B, T))))
+    elsewhere = batch.entropy.where(~outside, uniform(0, 12, (B, T), data.draw(random_source())).to(batch.entropy.dtype))
     for function, pinned in ((egrsd.lookahead_min, {}), (egrsd.entropy_gate, {"min_denominator": 100.0})):
         before = call(function, batch.arguments, window=window, **pinned)
         after = call(function, {**batch.arguments, "entropy": elsewhere}, window=window, **pinned)

@@ -40,6 +40,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 import egrsd
+import views
 from offline_models import load_model_and_tokenizer
 from tasks import is_correct, load_problems, student_messages, teacher_messages, train_eval_problems
 
@@ -118,6 +119,12 @@ class Config:
     """recompute activations in the backward to save memory"""
     max_bad_steps: int = 3
     """stop after this many non-finite steps in a row (each is skipped, not applied)"""
+    regime_low: float = 0.2
+    """τ_low: a token with normalised teacher entropy ≤ τ_low is a "lock" (metrics and token view)"""
+    regime_high: float = 0.5
+    """τ_high: Ĥ ≥ τ_high is a "fork", or a "pivot" if its lookahead Ĥ_CL ≤ τ_low"""
+    dump_tokens: int = 0
+    """every N steps write tokens/step_N.html: a few rollouts, each token coloured by its weight; 0: never"""
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -163,6 +170,8 @@ def check_config(cfg: Config) -> None:
         ("eval_size", cfg.eval_size >= 0, "≥ 0"), ("eval_every", cfg.eval_every >= 0, "≥ 0"),
         ("eval_batch_size", cfg.eval_batch_size > 0, "> 0"), ("save_every", cfg.save_every >= 0, "≥ 0"),
         ("chunk_size", cfg.chunk_size > 0, "> 0"), ("max_bad_steps", cfg.max_bad_steps > 0, "> 0"),
+        ("regime_low", cfg.regime_low >= 0, "≥ 0"), ("regime_high", cfg.regime_high > cfg.regime_low, "> --regime-low"),
+        ("dump_tokens", cfg.dump_tokens >= 0, "≥ 0"),
     ]
     for name, ok, allowed in rules:
         if not ok:
@@ -213,9 +222,13 @@ def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: boo
     model.eval()
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
     completion = out[:, prompt_ids.shape[1]:]  # (B, T)
-    is_eos = completion == tokenizer.eos_token_id
-    mask = (is_eos.cumsum(dim=1) - is_eos.long()) == 0  # True up to and including the first EOS
-    return completion, mask, is_eos.any(dim=1)
+    return (completion, *completion_mask(completion, tokenizer.eos_token_id))
+
+
+def completion_mask(completion, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask (B, T) bool, True up to and including the first EOS; finished (B,): an EOS came at all."""
+    is_eos = completion == eos_id
+    return (is_eos.cumsum(dim=1) - is_eos.long()) == 0, is_eos.any(dim=1)
 
 
 def verify(tokenizer, completion, mask, finished, problems) -> torch.Tensor:
@@ -286,11 +299,44 @@ def weight_tokens(advantages, scores: dict, mask, cfg: Config) -> tuple[torch.Te
         window = cfg.window if cfg.method == "cl-egrsd" else 0
         gate = egrsd.entropy_gate(scores["teacher_entropy"], mask, cfg.gamma, window, cfg.floor, cfg.min_denominator, cfg.denominator)
     token_adv = advantages[:, None] * magnitude * gate
-    n = mask.sum().clamp(min=1)
-    stats = {"gate_mean": (gate.sum() / n).item(), "gate_min": gate[mask].min().item() if mask.any() else 1.0,
-             "magnitude_mean": (magnitude.sum() / n).item(),
-             "teacher_entropy_mean": (scores["teacher_entropy"].sum() / n).item()}
-    return token_adv, stats
+    return token_adv, {"magnitude": magnitude, "gate": gate, "advantage": token_adv}
+
+
+def regime_stats(scores: dict, signals: dict, mask, cfg: Config) -> dict:
+    """Per step: the means of the signals, and per regime (lock, mid, pivot, fork) its share of the
+    tokens, its mean gate, and the weight the lookahead restores, ω(W) − ω(0), at this γ and W."""
+    entropy, gate = scores["teacher_entropy"], signals["gate"]
+    mean = lambda x, chosen: x[chosen].mean().item() if chosen.any() else None  # noqa: E731
+    gate_at = lambda window: egrsd.entropy_gate(entropy, mask, cfg.gamma, window, cfg.floor, cfg.min_denominator, cfg.denominator)  # noqa: E731
+    restored = gate_at(cfg.window) - gate_at(0)
+    regimes = egrsd.token_regimes(entropy, mask, cfg.window, cfg.regime_low, cfg.regime_high, cfg.min_denominator)
+    stats = {"gate_mean": mean(gate, mask), "gate_min": gate[mask].min().item() if mask.any() else None,
+             "magnitude_mean": mean(signals["magnitude"], mask), "teacher_entropy_mean": mean(entropy, mask)}
+    for code, name in enumerate(egrsd.REGIMES, start=1):
+        chosen = regimes == code
+        stats |= {f"share_{name}": (chosen.sum() / mask.sum().clamp(min=1)).item(),
+                  f"gate_{name}": mean(gate, chosen), f"restored_{name}": mean(restored, chosen)}
+    return stats
+
+
+def dump_tokens(path: str, step: int, tokenizer, rollout: dict, scores: dict, signals: dict, rewards, correct, cfg: Config,
+                count: int = 4) -> None:
+    """The token view (views.py) of the first `count` rollouts of this step."""
+    entropy, mask = scores["teacher_entropy"], rollout["mask"]
+    normaliser = max(entropy[mask].max().item() if mask.any() else 0.0, cfg.min_denominator)
+    entropy_cl = egrsd.lookahead_min(entropy, mask, cfg.window) / normaliser
+    regimes = egrsd.token_regimes(entropy, mask, cfg.window, cfg.regime_low, cfg.regime_high, cfg.min_denominator)
+    shown = []
+    for b in range(min(count, len(mask))):
+        m = mask[b]
+        shown.append({"title": f"rollout {b}: reward {rewards[b]:.3f}, {'correct' if correct[b] else 'wrong'}, {int(m.sum())} tokens",
+                      "tokens": views.token_texts(tokenizer, rollout["completion"][b][m].tolist()),
+                      "entropy": entropy[b][m].tolist(), "entropy_cl": entropy_cl[b][m].tolist(),
+                      **{k: signals[k][b][m].tolist() for k in ("gate", "magnitude", "advantage")},
+                      "regime": [egrsd.REGIMES[c - 1] for c in regimes[b][m].tolist()]})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(views.token_html(step, shown))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,9 +463,8 @@ class StopOnSignal:
 # The loop.
 
 
-def main(argv=None) -> None:
-    cfg = parse_args(argv)
-    check_config(cfg)
+def train(cfg: Config):
+    """The whole run; returns the (student, teacher) models at the end."""
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.data:
@@ -491,7 +536,7 @@ def main(argv=None) -> None:
         rewards = egrsd.length_shaped_reward(correct, lengths.cpu(), cfg.max_new_tokens, cfg.beta_length)
         advantages = advantage(rewards).to(cfg.device)
         scores = score(sampler, teacher, rollout, cfg)
-        token_adv, weight_stats = weight_tokens(advantages, scores, mask, cfg)
+        token_adv, signals = weight_tokens(advantages, scores, mask, cfg)
         t2 = time.perf_counter()
 
         # 3. One optimizer step on the batch; a non-finite step is skipped, not applied.
@@ -506,7 +551,7 @@ def main(argv=None) -> None:
         row = {"kind": "train", "step": step + 1, "method": cfg.method, "reward": rewards.mean().item(),
                "accuracy": correct.float().mean().item(), "length_mean": lengths.float().mean().item(),
                "length_max": int(lengths.max()), "truncated": (~finished).float().mean().item(),
-               "loss": loss, "grad_norm": grad_norm, "skipped": skipped, **weight_stats,
+               "loss": loss, "grad_norm": grad_norm, "skipped": skipped, **regime_stats(scores, signals, mask, cfg),
                "rollout_tokens_per_s": new_tokens / (t1 - t0), "generate_s": t1 - t0, "score_s": t2 - t1,
                "update_s": t3 - t2, "step_s": t3 - t0,
                "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
@@ -517,6 +562,9 @@ def main(argv=None) -> None:
               f"update {t3 - t2:.1f}s{' | SKIPPED (non-finite)' if skipped else ''}", flush=True)
 
         done = step + 1
+        if cfg.dump_tokens and done % cfg.dump_tokens == 0:
+            dump_tokens(os.path.join(cfg.output_dir, "tokens", f"step_{done}.html"), done, tokenizer, rollout, scores,
+                        signals, rewards.tolist(), correct.tolist(), cfg)
         if bad_steps >= cfg.max_bad_steps:
             save_checkpoint(cfg, student, tokenizer, optimizer, advantage, done)
             sys.exit(f"stopped: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {grad_norm}); "
@@ -527,7 +575,7 @@ def main(argv=None) -> None:
             save_checkpoint(cfg, student, tokenizer, optimizer, advantage, done)
         if stop.requested:
             print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}")
-            return
+            return student, teacher
 
     if eval_problems and start_step < cfg.steps:
         run_eval(cfg.steps)
@@ -535,6 +583,16 @@ def main(argv=None) -> None:
     sampler.save_pretrained(os.path.join(cfg.output_dir, "final"))  # in the compute dtype
     tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
     print(f"saved {cfg.output_dir}/final")
+    return student, teacher
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--compare"]:  # python train_min.py --compare RUN_DIR [RUN_DIR ...]
+        return print(views.compare_table(argv[1:]))
+    cfg = parse_args(argv)
+    check_config(cfg)
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""Two read-only views of a run, kept out of train_min.py so that the script stays the algorithm.
+
+- `token_html(...)`: a self-contained HTML page (no scripts, no external styles) of a few rollouts, each
+  token coloured by its final weight Â (blue: pushed up, red: pushed down, paler: smaller |Â|), with the
+  teacher entropy H, the lookahead-normalised Ĥ^CL, the gate ω, the magnitude w, Â and the regime on hover.
+- `compare_table(run_dirs)`: the accuracy–length table of several runs from their metrics.jsonl alone
+  (`python train_min.py --compare runs/a runs/b`), without loading any model.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """The text each token adds, decoded by prefix so that the pieces join back into the whole text."""
+    pieces, previous = [], ""
+    for i in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:i])
+        pieces.append(text[len(previous):])
+        previous = text
+    return pieces
+
+
+def _colour(value: float, scale: float) -> str:
+    strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
+    hue = 215 if value >= 0 else 0
+    return f"hsl({hue}, 80%, {95 - 45 * strength:.0f}%)"
+
+
+def token_html(step: int, rollouts: list[dict]) -> str:
+    """One page. Each rollout dict: "title" (str), "tokens" (the text of each token), and per-token
+    lists "entropy", "entropy_cl", "gate", "magnitude", "advantage", "regime" (names)."""
+    scale = max((abs(a) for r in rollouts for a in r["advantage"]), default=1.0)
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>EGRSD tokens, step {step}</title>",
+             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+             "pre{white-space:pre-wrap;font-size:14px;line-height:1.6}"
+             "span.t{border-radius:2px}h3{font-size:15px;margin-top:2em}</style></head><body>",
+             f"<h2>Step {step}: token weights Â = A·w·ω</h2><p>Blue: Â &gt; 0 (reinforced), red: Â &lt; 0; "
+             f"the stronger the colour, the larger |Â| (full colour at {scale:.3g}). Hover a token for its "
+             f"signals.</p>"]
+    for rollout in rollouts:
+        parts.append(f"<h3>{html.escape(rollout['title'])}</h3><pre>")
+        for i, text in enumerate(rollout["tokens"]):
+            tip = (f"H={rollout['entropy'][i]:.3f} nats, Ĥ_CL={rollout['entropy_cl'][i]:.3f}, "
+                   f"ω={rollout['gate'][i]:.3f}, w={rollout['magnitude'][i]:.3f}, Â={rollout['advantage'][i]:+.4f}, "
+                   f"{rollout['regime'][i]}")
+            parts.append(f"<span class='t' style='background:{_colour(rollout['advantage'][i], scale)}' "
+                         f"title='{html.escape(tip, quote=True)}'>{html.escape(text)}</span>")
+        parts.append("</pre>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def compare_table(run_dirs: list[str]) -> str:
+    """Per run: method, steps, held-out accuracy and mean length before → after, Acc/(length/1000),
+    and the relative change of length (the paper's accuracy–length trade-off)."""
+    header = f"{'run':<28} {'method':<9} {'steps':>5} {'acc start':>9} {'acc end':>8} {'len start':>9} " \
+             f"{'len end':>8} {'Δlen':>7} {'acc/(len/1k)':>12}"
+    lines = [header, "-" * len(header)]
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--compare: expected a run directory holding metrics.jsonl, got {run_dir!r}")
+        rows = [json.loads(line) for line in open(path) if line.strip()]
+        evals = {r["step"]: r for r in rows if r.get("kind") == "eval"}  # a resumed step: its last row
+        if not evals:
+            lines.append(f"{run_dir:<28} (no evaluation rows yet)")
+            continue
+        first, last = evals[min(evals)], evals[max(evals)]
+        change = (last["eval_length"] / first["eval_length"] - 1) * 100 if first["eval_length"] else 0.0
+        lines.append(f"{os.path.basename(os.path.normpath(run_dir)):<28} {last['method']:<9} {max(evals):>5} "
+                     f"{first['eval_accuracy']:>9.3f} {last['eval_accuracy']:>8.3f} {first['eval_length']:>9.0f} "
+                     f"{last['eval_length']:>8.0f} {change:>+6.1f}% {last['eval_acc_per_1k_tokens']:>12.3f}")
+    return "\n".join(lines)
