@@ -168,8 +168,8 @@ def _chunk_logits(x: torch.Tensor, weight: torch.Tensor | None, idx: torch.Tenso
 def _backprop_chunk(dz, x, weight, idx, grad_x, grad_w) -> None:
     """Accumulate d(loss)/d(logits rows) = dz into the gradients of x and weight."""
     dz = dz.to(x.dtype)
-    if grad_x is not None:
-        grad_x[idx] = dz if weight is None else dz @ weight
+    if grad_x is not None:  # (the casts matter under autocast, which may run matmuls in lower precision)
+        grad_x[idx] = (dz if weight is None else dz @ weight).to(grad_x.dtype)
     if grad_w is not None:
         grad_w += (dz.T @ x[idx]).to(grad_w.dtype)
 

@@ -351,12 +351,13 @@ def update(student, teacher, optimizer, rollout: dict, scores: dict, token_adv, 
     loss_sum = 0.0
     for i, mb in enumerate(micro_batches(len(completion), cfg.micro_batch_size)):
         m = mask[mb]
-        h = completion_hidden(student, rollout["student_ids"][mb], rollout["student_mask"][mb], completion[mb], m)[m]
-        if cfg.method == "opsd":  # Eq. 1: token mean of the full-vocabulary KL(p_T ‖ p_θ)
-            loss = egrsd.linear_opsd_loss(h, lm_head(student), scores["teacher_hidden"][i], lm_head(teacher), cfg.chunk_size)
-        else:  # Eq. 7: −Σ m · Â · log p_θ / Σ m
-            logp = to_grid(m, egrsd.linear_token_logprobs(h, lm_head(student), completion[mb][m], cfg.chunk_size))
-            loss = egrsd.policy_loss(logp, token_adv[mb], m)
+        with autocast(cfg):
+            h = completion_hidden(student, rollout["student_ids"][mb], rollout["student_mask"][mb], completion[mb], m)[m]
+            if cfg.method == "opsd":  # Eq. 1: token mean of the full-vocabulary KL(p_T ‖ p_θ)
+                loss = egrsd.linear_opsd_loss(h, lm_head(student), scores["teacher_hidden"][i], lm_head(teacher), cfg.chunk_size)
+            else:  # Eq. 7: −Σ m · Â · log p_θ / Σ m
+                logp = to_grid(m, egrsd.linear_token_logprobs(h, lm_head(student), completion[mb][m], cfg.chunk_size))
+                loss = egrsd.policy_loss(logp, token_adv[mb], m)
         loss = loss * (m.sum() / total)  # micro-batch mean → batch token mean
         loss.backward()
         loss_sum += loss.item()
@@ -540,8 +541,7 @@ def train(cfg: Config):
         t2 = time.perf_counter()
 
         # 3. One optimizer step on the batch; a non-finite step is skipped, not applied.
-        with autocast(cfg):
-            loss, grad_norm = update(student, teacher, optimizer, rollout, scores, token_adv, cfg)
+        loss, grad_norm = update(student, teacher, optimizer, rollout, scores, token_adv, cfg)
         copy_weights(student, sampler)
         t3 = time.perf_counter()
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))

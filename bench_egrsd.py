@@ -1,0 +1,296 @@
+"""Speed and memory of EGRSD-min side by side with the plain baselines, all in one run.
+
+    python bench_egrsd.py                         # CPU, small sizes (about 2 minutes on 2 cores)
+    python bench_egrsd.py --device cuda           # one GPU, Qwen2.5-0.5B architecture, random weights
+    python bench_egrsd.py --json bench.json       # also write every number as JSON
+
+1. Student scoring step (forward, log-probs of the sampled tokens, backward): plain (full logits, float32
+   log-softmax) vs the project's (`egrsd.linear_token_logprobs` from hidden states in chunks): peak
+   memory, time, largest differences of log-probs and gradients. Teacher entropy likewise.
+2. Rollouts: HF `generate` with a dynamic cache vs the trainer's rollout path (`train_min.generate`: a
+   static cache, with its decode step compiled on CUDA): new tokens per second at batch 32 and 128.
+3. `lookahead_min`: a Python loop vs the vectorised version.
+4. One training step of train_min.py, split into generate / score / update.
+
+Peak memory is torch.cuda.max_memory_allocated on CUDA; on CPU each variant runs in its own process
+and reports its peak resident memory above what it held before the variant started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import tempfile
+import time
+
+import torch
+
+import egrsd
+
+
+def sizes(device: str) -> dict:
+    if device == "cuda":  # the issue's sizes: Qwen2.5-0.5B, 16 × 1024 tokens scored, 64 + 256 tokens rolled out
+        return dict(layers=24, score_batch=16, score_length=1024, chunk_size=1024, rollout_layers=24, prompt=64,
+                    new_tokens=256, batches=(32, 128), step_model="random-0.5b", step_flags=[])
+    # CPU: the real vocabulary and width with 2 layers for scoring (4 chunks instead of 16), and the tiny
+    # model for rollouts and the training step
+    return dict(layers=2, score_batch=4, score_length=256, chunk_size=256, rollout_layers=0, prompt=64,
+                new_tokens=32, batches=(32, 128), step_model="tiny", step_flags=["--batch-size", "8", "--max-new-tokens", "64"])
+
+
+def qwen05b(layers: int, device: str, dtype: torch.dtype):
+    """Qwen2.5-0.5B's architecture with random weights (fewer layers on CPU: same vocabulary and width)."""
+    from offline_models import build_tiny_tokenizer, qwen25_05b_config
+    from transformers import AutoModelForCausalLM
+
+    config = qwen25_05b_config(build_tiny_tokenizer())
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Scoring
+
+
+def scoring_step(variant: str, device: str, layers: int, batch: int, length: int, chunk_size: int) -> dict:
+    """One student scoring step; returns time, peak memory and a sample of the outputs."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = qwen05b(layers, device, dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length + 1), generator=generator).to(device)
+    advantages = torch.randn(batch, 1, generator=generator).to(device).expand(batch, length)
+    mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+    weight = model.get_output_embeddings().weight
+    sync(device)
+    before = torch.cuda.memory_allocated() if device == "cuda" else rss_bytes()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    hidden = model.base_model(input_ids=ids[:, :-1], use_cache=False).last_hidden_state
+    hidden.retain_grad()
+    if variant == "plain":
+        logits = (hidden @ weight.T).float()  # (B, T, V) float32: the tensor the project never builds
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    else:
+        logp = egrsd.linear_token_logprobs(hidden, weight, ids[:, 1:], chunk_size)
+    egrsd.policy_loss(logp, advantages, mask).backward()
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - before
+    return {"seconds": seconds, "peak_gib": peak / 2**30, "logp": logp.detach().float().cpu()[:, :256],
+            "grad_hidden": hidden.grad.float().cpu()[:, :256], "grad_weight": weight.grad.float().cpu()[:2048]}
+
+
+def entropy_pass(variant: str, device: str, layers: int, batch: int, length: int, chunk_size: int) -> dict:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = qwen05b(layers, device, dtype)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(2)).to(device)
+    weight = model.get_output_embeddings().weight
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        sync(device)
+        before = torch.cuda.memory_allocated() if device == "cuda" else rss_bytes()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        if variant == "plain":
+            logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+        else:
+            entropy = egrsd.linear_token_entropy(hidden, weight, chunk_size)
+        sync(device)
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - before
+    return {"seconds": seconds, "peak_gib": peak / 2**30, "entropy": entropy.float().cpu()}
+
+
+def isolated(function, *args) -> dict:
+    """On CPU, run in a fresh process so that its peak resident memory is its own."""
+    if args[1] == "cuda":
+        result = function(*args)
+        torch.cuda.empty_cache()
+        return result
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def bench_scoring(device: str, s: dict) -> dict:
+    args = (device, s["layers"], s["score_batch"], s["score_length"], s["chunk_size"])
+    plain, ours = isolated(scoring_step, "plain", *args), isolated(scoring_step, "chunked", *args)
+    plain_h, ours_h = isolated(entropy_pass, "plain", *args), isolated(entropy_pass, "chunked", *args)
+    err = lambda key, a, b: (a[key] - b[key]).abs().max().item()  # noqa: E731
+    return {
+        "tokens": s["score_batch"] * s["score_length"], "layers": s["layers"],
+        "plain_step": {"seconds": plain["seconds"], "peak_gib": plain["peak_gib"]},
+        "chunked_step": {"seconds": ours["seconds"], "peak_gib": ours["peak_gib"]},
+        "max_err_logp": err("logp", plain, ours), "max_err_grad_hidden": err("grad_hidden", plain, ours),
+        "max_err_grad_weight": err("grad_weight", plain, ours),
+        "plain_entropy": {"seconds": plain_h["seconds"], "peak_gib": plain_h["peak_gib"]},
+        "chunked_entropy": {"seconds": ours_h["seconds"], "peak_gib": ours_h["peak_gib"]},
+        "max_err_entropy": err("entropy", plain_h, ours_h),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Rollouts
+
+
+def bench_rollouts(device: str, s: dict) -> dict:
+    import train_min
+    from offline_models import build_tiny_model, build_tiny_tokenizer
+    from transformers import GenerationConfig
+
+    tokenizer = build_tiny_tokenizer()
+    if s["rollout_layers"]:
+        model = qwen05b(s["rollout_layers"], device, torch.bfloat16).eval()
+    else:
+        model = build_tiny_model(tokenizer).eval()
+    out = {}
+    for batch in s["batches"]:
+        prompts = torch.randint(3, len(tokenizer), (batch, s["prompt"]), generator=torch.Generator().manual_seed(batch)).to(device)
+        attention = torch.ones_like(prompts)
+        cfg = train_min.Config(device=device, max_new_tokens=s["new_tokens"], cache="static" if device == "cuda" else "auto")
+        # EOS is never produced on purpose: every row decodes the full length in both paths
+        plain_config = GenerationConfig(max_new_tokens=s["new_tokens"], do_sample=True, temperature=1.1, top_p=0.95,
+                                        top_k=20, eos_token_id=_NoEOS.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        runs = {"hf_dynamic": lambda: model.generate(input_ids=prompts, attention_mask=attention, generation_config=plain_config),
+                "project": lambda: train_min.generate(model, _NoEOS(tokenizer), prompts, attention, cfg)[0]}
+        for name, run in runs.items():
+            run()  # warm-up (and compilation, for the static cache on CUDA)
+            sync(device)
+            start = time.perf_counter()
+            new = run().shape[1] - (s["prompt"] if name == "hf_dynamic" else 0)
+            sync(device)
+            assert new == s["new_tokens"], f"{name} stopped after {new} of {s['new_tokens']} tokens"
+            out[f"{name}_batch{batch}_tokens_per_s"] = batch * new / (time.perf_counter() - start)
+    return out
+
+
+class _NoEOS:
+    """The tokenizer with an EOS id the random model can never sample (fixed-length rollouts)."""
+
+    eos_token_id = 10**9
+
+    def __init__(self, tokenizer):
+        self.pad_token_id = tokenizer.pad_token_id
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. lookahead_min, 4. a training step
+
+
+def loop_lookahead_min(entropy, mask, window):
+    h, m = entropy.tolist(), mask.tolist()
+    out = [[0.0] * len(row) for row in h]
+    for b, row in enumerate(h):
+        for t in range(len(row)):
+            if m[b][t]:
+                out[b][t] = min(row[j] for j in range(t, min(t + window + 1, len(row))) if m[b][j])
+    return torch.tensor(out)
+
+
+def bench_lookahead(batch: int = 32, length: int = 1024, window: int = 3) -> dict:
+    entropy, mask = torch.rand(batch, length) * 5, torch.rand(batch, length) > 0.1
+    timings = {}
+    for name, function in (("loop", loop_lookahead_min), ("vectorised", egrsd.lookahead_min)):
+        start = time.perf_counter()
+        result = function(entropy, mask, window)
+        timings[f"{name}_s"] = time.perf_counter() - start
+        timings.setdefault("results", []).append(result)
+    first, second = timings.pop("results")
+    return {**timings, "speedup": timings["loop_s"] / timings["vectorised_s"], "max_err": (first - second).abs().max().item(),
+            "shape": [batch, length], "window": window}
+
+
+def bench_step(device: str, s: dict) -> dict:
+    import train_min
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        train_min.main(["--model", s["step_model"], "--device", device, "--steps", "2", "--eval-size", "0",
+                        "--save-every", "0", "--output-dir", run_dir, *s["step_flags"]])
+        rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    last = rows[-1]  # the second step: compilation and warm-up are behind it
+    keys = ("generate_s", "score_s", "update_s", "step_s", "rollout_tokens_per_s", "length_mean", "peak_gpu_mem_gb")
+    return {"model": s["step_model"], **{k: last[k] for k in keys},
+            "score_plus_update_share": (last["score_s"] + last["update_s"]) / last["step_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to measure (default: cpu)")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser.add_argument("--only", default="scoring,rollouts,lookahead,step", help="comma-separated parts to run")
+    args = parser.parse_args()
+    s, parts = sizes(args.device), args.only.split(",")
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
+    results = {"device": machine, "torch": torch.__version__}
+    runners = {"scoring": lambda: bench_scoring(args.device, s), "rollouts": lambda: bench_rollouts(args.device, s),
+               "lookahead": bench_lookahead, "step": lambda: bench_step(args.device, s)}
+    for part in parts:
+        start = time.perf_counter()
+        results[part] = runners[part]()
+        print(f"[{part}: {time.perf_counter() - start:.0f} s]", flush=True)
+    print(report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def _cpu_name() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    return "CPU"
+
+
+def report(r: dict) -> str:
+    lines = [f"device: {r['device']}, torch {r['torch']}"]
+    if "scoring" in r:
+        sc = r["scoring"]
+        lines += [f"\n1. student scoring step, {sc['tokens']} tokens ({sc['layers']} layers)    peak GiB    seconds",
+                  f"   plain (full float32 logits)          {sc['plain_step']['peak_gib']:9.2f}  {sc['plain_step']['seconds']:9.2f}",
+                  f"   chunked (linear_token_logprobs)      {sc['chunked_step']['peak_gib']:9.2f}  {sc['chunked_step']['seconds']:9.2f}",
+                  f"   memory ratio {sc['chunked_step']['peak_gib'] / max(sc['plain_step']['peak_gib'], 1e-9):.3f}; max |Δ| log-prob "
+                  f"{sc['max_err_logp']:.2e}, grad hidden {sc['max_err_grad_hidden']:.2e}, grad W {sc['max_err_grad_weight']:.2e}",
+                  f"   teacher entropy, plain               {sc['plain_entropy']['peak_gib']:9.2f}  {sc['plain_entropy']['seconds']:9.2f}",
+                  f"   teacher entropy, chunked             {sc['chunked_entropy']['peak_gib']:9.2f}  {sc['chunked_entropy']['seconds']:9.2f}",
+                  f"   max |Δ| entropy {sc['max_err_entropy']:.2e}"]
+    if "rollouts" in r:
+        ro = r["rollouts"]
+        lines.append("\n2. rollouts, new tokens/s           HF dynamic     project    ratio")
+        for key in [k for k in ro if k.startswith("hf_dynamic")]:
+            batch = key.split("batch")[1].split("_")[0]
+            ours = ro[key.replace("hf_dynamic", "project")]
+            lines.append(f"   batch {batch:>4}                      {ro[key]:10.0f}  {ours:10.0f}  {ours / ro[key]:7.2f}")
+    if "lookahead" in r:
+        la = r["lookahead"]
+        lines.append(f"\n3. lookahead_min {la['shape']} W={la['window']}: loop {la['loop_s'] * 1000:.0f} ms, vectorised "
+                     f"{la['vectorised_s'] * 1000:.2f} ms ({la['speedup']:.0f}×), max |Δ| {la['max_err']:.1e}")
+    if "step" in r:
+        st = r["step"]
+        lines.append(f"\n4. training step ({st['model']}): generate {st['generate_s']:.2f} s, score {st['score_s']:.2f} s, "
+                     f"update {st['update_s']:.2f} s of {st['step_s']:.2f} s; score + update = "
+                     f"{100 * st['score_plus_update_share']:.0f}%; {st['rollout_tokens_per_s']:.0f} rollout tokens/s, "
+                     f"peak GPU {st['peak_gpu_mem_gb']:.1f} GiB")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
