@@ -5,7 +5,8 @@ Three kinds of test, in this order:
    equations, on generated batches with left and right padding, holes, all-padding rows, zero and large
    entropies, zero advantages, γ up to 2 (so the 0.1 floor binds) and windows 0..8;
 2. invariants: every property of SPEC §4, one test each, named for the sentence it states;
-3. bad input: each kind of bad input of SPEC §3 raises a ValueError that names the argument.
+3. contract (SPEC §3): weights and advantages come back detached, and each kind of bad input raises a
+   ValueError that names the argument.
 
 The hypothesis profile is fixed (derandomized, no example database), so a run is reproducible and CI never
 flakes. Run: pytest -q test_egrsd.py
@@ -29,15 +30,15 @@ settings.register_profile(
 settings.load_profile("egrsd")
 
 WIDE_FLOATS = (torch.float32, torch.float64)  # "arithmetic in float32 or wider, whatever the input dtype"
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}  # rtol = atol, per precision
+TOLERANCE = {  # (rtol, atol) of arithmetic in each precision; bfloat16 only for gradients stored in it
+    torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-5)}
 ROUNDING = 1e-12  # slack for bounds that hold in exact arithmetic
 
 
 def assert_close(actual, expected, precision):
     """`actual` equals the float64 `expected` to the precision of arithmetic in `precision`."""
-    tolerance = TOLERANCE[precision]
-    torch.testing.assert_close(actual.double(), torch.as_tensor(expected, dtype=torch.float64),
-                               rtol=tolerance, atol=tolerance)
+    rtol, atol = TOLERANCE[precision]
+    torch.testing.assert_close(actual.double(), torch.as_tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
 
 
 def call(function, arguments, **settings):
@@ -155,7 +156,7 @@ def logit_batches(draw, dtype):
     """Random normal logits of scale 0.1..20 (peaked softmax at 20), a fraction of them −inf."""
     B, T, V = draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(2, 40))
     scale, banned_fraction = draw(st.sampled_from([0.1, 1.0, 5.0, 20.0])), draw(st.sampled_from([0.0, 0.3, 0.9]))
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    generator = draw(random_source())
     tokens = torch.randint(V, (B, T), generator=generator)
     banned = (torch.rand(B, T, V, generator=generator) < banned_fraction).scatter(-1, tokens[..., None], False)
     student, teacher = ((scale * torch.randn(B, T, V, generator=generator, dtype=torch.float64))
@@ -535,7 +536,7 @@ def test_policy_loss_gradient_is_minus_masked_advantage_over_count(batch):
     logp = batch.student_logp.clone().requires_grad_()
     egrsd.policy_loss(logp, advantages, batch.mask).backward()
     m = batch.mask.double()
-    assert_close(logp.grad, -m * advantages / m.sum(), torch.float64)
+    assert_close(logp.grad, -m * advantages / m.sum(), torch.float64)  # exact up to float64 rounding
 
 
 @given(batches())
@@ -601,7 +602,8 @@ def test_valid_arguments_are_accepted(function):
     run(function)
 
 
-@pytest.mark.parametrize("function", ["entropy_gate", "ratio_magnitude", "token_advantages", "RunningAdvantage"])
+@pytest.mark.parametrize("function", [
+    "lookahead_min", "entropy_gate", "ratio_magnitude", "token_advantages", "RunningAdvantage"])
 def test_weights_and_advantages_are_detached(function):
     tracked = {name: x.requires_grad_() for name, x in valid_arguments().items()
                if torch.is_tensor(x) and x.is_floating_point()}
@@ -609,6 +611,7 @@ def test_weights_and_advantages_are_detached(function):
 
 
 def first_entry(value):
+    """The argument with its first entry replaced by `value`."""
     def replaced(x):
         x = x.clone()
         x.view(-1)[0] = value
@@ -616,54 +619,36 @@ def first_entry(value):
     return replaced
 
 
-def per_sequence(x):  # (B, T) → (B,)
-    return x[:, 0]
-
-
-def per_token(x):  # (B,) → (B, T)
-    return x[:, None].repeat(1, 3)
-
-
-def one_column_short(x):
-    return x[:, :-1]
-
-
-def one_row_short(x):
-    return x[:-1]
-
-
-def one_word_short(x):  # (B, T, V) → (B, T, V − 1)
-    return x[..., :-1]
-
-
 def first_row_all_minus_inf(x):
+    """Logits whose first row is −inf over the whole vocabulary."""
     x = x.clone()
     x[0, 0] = -math.inf
     return x
 
 
 def case(function, argument, bad, why=None):
+    """One bad call: `function` with `argument` replaced by `bad` (a value, or a function of the valid one)."""
     return pytest.param(function, argument, bad, id=f"{function}-{argument}-{why or bad}")
 
 
 MASKED = ["lookahead_min", "entropy_gate", "ratio_magnitude", "token_advantages", "policy_loss", "opsd_loss"]
 BAD_INPUTS = [
     # shapes that are not (B, T) / (B,) / (..., V), or that do not match their partners
-    case("lookahead_min", "entropy", per_sequence, "(B,) for (B, T)"),
-    case("entropy_gate", "mask", one_column_short, "shorter than entropy"),
-    case("ratio_magnitude", "direction", per_token, "(B, T) for (B,)"),
-    case("ratio_magnitude", "student_logp", one_column_short, "shorter than teacher_logp"),
-    case("token_advantages", "advantages", per_token, "(B, T) for (B,)"),
-    case("token_advantages", "advantages", one_row_short, "B - 1 rows"),
-    case("token_advantages", "teacher_entropy", one_column_short, "shorter than teacher_logp"),
-    case("policy_loss", "token_advantages", per_sequence, "(B,) for (B, T)"),
-    case("policy_loss", "mask", one_column_short, "shorter than student_logp"),
-    case("token_logprobs", "tokens", one_column_short, "shorter than logits"),
-    case("opsd_loss", "teacher_logits", one_word_short, "two vocab sizes"),
-    case("opsd_loss", "mask", one_column_short, "shorter than logits"),
-    case("length_shaped_reward", "lengths", one_row_short, "B - 1 rows"),
-    case("length_shaped_reward", "correct", per_token, "(B, T) for (B,)"),
-    case("RunningAdvantage", "rewards", per_token, "(B, T) for (B,)"),
+    case("lookahead_min", "entropy", lambda x: x[:, 0], "(B,) for (B, T)"),
+    case("entropy_gate", "mask", lambda x: x[:, :-1], "shorter than entropy"),
+    case("ratio_magnitude", "direction", lambda x: x[:, None].repeat(1, 3), "(B, T) for (B,)"),
+    case("ratio_magnitude", "student_logp", lambda x: x[:, :-1], "shorter than teacher_logp"),
+    case("token_advantages", "advantages", lambda x: x[:, None].repeat(1, 3), "(B, T) for (B,)"),
+    case("token_advantages", "advantages", lambda x: x[:-1], "B - 1 rows"),
+    case("token_advantages", "teacher_entropy", lambda x: x[:, :-1], "shorter than teacher_logp"),
+    case("policy_loss", "token_advantages", lambda x: x[:, 0], "(B,) for (B, T)"),
+    case("policy_loss", "mask", lambda x: x[:, :-1], "shorter than student_logp"),
+    case("token_logprobs", "tokens", lambda x: x[:, :-1], "shorter than logits"),
+    case("opsd_loss", "teacher_logits", lambda x: x[..., :-1], "two vocab sizes"),
+    case("opsd_loss", "mask", lambda x: x[:, :-1], "shorter than logits"),
+    case("length_shaped_reward", "lengths", lambda x: x[:-1], "B - 1 rows"),
+    case("length_shaped_reward", "correct", lambda x: x[:, None].repeat(1, 3), "(B, T) for (B,)"),
+    case("RunningAdvantage", "rewards", lambda x: x[:, None].repeat(1, 3), "(B, T) for (B,)"),
     # a mask that is not bool
     *[case(function, "mask", torch.Tensor.float, "float") for function in MASKED],
     # NaN anywhere
@@ -704,3 +689,442 @@ def test_bad_input_raises_value_error_naming_the_argument(function, argument, ba
     value = bad(valid_arguments()[argument]) if callable(bad) else bad
     with pytest.raises(ValueError, match=rf"\b{argument}\b"):
         run(function, **{argument: value})
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4. Beyond the contract: scoring from hidden states, and the token regimes
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class HiddenBatch:
+    """Final hidden states of N completion tokens and LM-head weights, for student and teacher."""
+    hidden: torch.Tensor  # (N, D) the student's
+    weight: torch.Tensor  # (V, D)
+    teacher_hidden: torch.Tensor  # (N, D)
+    teacher_weight: torch.Tensor  # (V, D)
+    tokens: torch.Tensor  # (N,)
+
+
+@st.composite
+def hidden_batches(draw, dtype):
+    N, D, V = draw(st.integers(0, 12)), draw(st.integers(1, 8)), draw(st.integers(2, 40))
+    scale, generator = draw(st.sampled_from([0.1, 1.0, 4.0])), draw(random_source())
+    h, w, h_t, w_t = (scale * torch.randn(shape, generator=generator, dtype=torch.float64)
+                      for shape in [(N, D), (V, D), (N, D), (V, D)])
+    return HiddenBatch(h.to(dtype), w.to(dtype), h_t.to(dtype), w_t.to(dtype), torch.randint(V, (N,), generator=generator))
+
+
+def assert_close_to_scale(actual, expected, precision):
+    """assert_close with the absolute tolerance scaled by the largest |expected|: sums over rows of
+    hidden states carry rounding in proportion to their terms. bfloat16: within 2 of its ulps (2^-7)."""
+    rtol, atol = (2**-7, 2**-7) if precision == torch.bfloat16 else TOLERANCE[precision]
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol * scale)
+
+
+def plain_logits(hidden, weight):
+    """The (N, V) logits the linear_* functions never hold; float64 for a float32 input (the naive
+    reference), the input's own dtype otherwise (the plain bf16 computation, rounded the same way)."""
+    return hidden.double() @ weight.double().T if hidden.dtype == torch.float32 else (hidden @ weight.T).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@given(data=st.data())
+def test_linear_token_logprobs_equal_the_plain_computation_forward_and_backward(dtype, data):
+    batch, chunking = data.draw(hidden_batches(dtype)), data.draw(CHUNKINGS)
+    ours = [batch.hidden.clone().requires_grad_(), batch.weight.clone().requires_grad_()]
+    plain = [batch.hidden.clone().requires_grad_(), batch.weight.clone().requires_grad_()]
+    upstream = torch.linspace(-1, 1, len(batch.tokens))
+    logp = egrsd.linear_token_logprobs(*ours, batch.tokens, **chunking)
+    (logp * upstream).sum().backward()
+    expected = torch.log_softmax(plain_logits(*plain), -1).gather(-1, batch.tokens[:, None]).squeeze(-1)
+    (expected * upstream.to(expected.dtype)).sum().backward()
+    precision = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    assert logp.dtype in WIDE_FLOATS
+    assert_close_to_scale(logp, expected.detach(), precision)
+    for got, want in zip(ours, plain):
+        assert_close_to_scale(got.grad, want.grad, precision)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@given(data=st.data())
+def test_linear_token_entropy_equals_the_plain_computation(dtype, data):
+    batch, chunking = data.draw(hidden_batches(dtype)), data.draw(CHUNKINGS)
+    entropy = egrsd.linear_token_entropy(batch.teacher_hidden, batch.teacher_weight, **chunking)
+    expected = naive_token_entropy(plain_logits(batch.teacher_hidden, batch.teacher_weight))
+    assert_close_to_scale(entropy, expected, torch.float32 if dtype == torch.float32 else torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@given(data=st.data())
+def test_linear_opsd_loss_equals_the_plain_computation_forward_and_backward(dtype, data):
+    batch, chunking = data.draw(hidden_batches(dtype)), data.draw(CHUNKINGS)
+    ours = [batch.hidden.clone().requires_grad_(), batch.weight.clone().requires_grad_()]
+    plain = [batch.hidden.clone().requires_grad_(), batch.weight.clone().requires_grad_()]
+    loss = egrsd.linear_opsd_loss(*ours, batch.teacher_hidden, batch.teacher_weight, **chunking)
+    loss.backward()
+    teacher = torch.log_softmax(plain_logits(batch.teacher_hidden, batch.teacher_weight), -1)
+    kl = (teacher.exp() * (teacher - torch.log_softmax(plain_logits(*plain), -1))).sum(-1)
+    expected = kl.mean() if len(kl) else kl.sum()
+    expected.backward()
+    precision = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    assert_close_to_scale(loss, expected.detach(), precision)
+    for got, want in zip(ours, plain):
+        assert_close_to_scale(got.grad, want.grad, precision)
+
+
+def test_opsd_loss_is_zero_with_zero_gradient_on_empty_mask():
+    student = torch.randn(2, 3, 5, requires_grad=True)
+    loss = egrsd.opsd_loss(student, torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(student.grad == 0)
+
+
+@pytest.mark.parametrize("function, arguments, argument", [
+    ("linear_token_logprobs", lambda h, w, t: (h[:, :-1], w, t), "hidden"),
+    ("linear_token_logprobs", lambda h, w, t: (h, w.double(), t), "weight"),
+    ("linear_token_logprobs", lambda h, w, t: (h, w, t + 100), "tokens"),
+    ("linear_token_entropy", lambda h, w, t: (h.int(), w), "hidden"),
+    ("linear_opsd_loss", lambda h, w, t: (h, w, h[:-1], w), "teacher_hidden"),
+    ("linear_opsd_loss", lambda h, w, t: (h[None], w, h[None], w), "student_hidden"),
+])
+def test_linear_functions_reject_bad_input_naming_the_argument(function, arguments, argument):
+    h, w, t = torch.randn(4, 3), torch.randn(7, 3), torch.randint(7, (4,))
+    with pytest.raises(ValueError, match=rf"\b{argument}\b"):
+        getattr(egrsd, function)(*arguments(h, w, t))
+
+
+def naive_token_regimes(entropy, mask, window, tau_low, tau_high):
+    """Each valid token's regime from the definitions, one at a time; 0 off the mask."""
+    valid = [entropy[b, t].item() for b in range(len(mask)) for t in range(len(mask[b])) if mask[b, t]]
+    normaliser = max(valid + [1.0])
+    lookahead = naive_lookahead_min(entropy, mask, window)
+    codes = torch.zeros(mask.shape, dtype=torch.long)
+    for b, t in zip(*torch.nonzero(mask, as_tuple=True)):
+        h, h_cl = entropy[b, t].item() / normaliser, lookahead[b, t].item() / normaliser
+        codes[b, t] = 1 if h <= tau_low else 3 if h >= tau_high and h_cl <= tau_low else \
+            4 if h >= tau_high and h_cl >= tau_high else 2
+    return codes
+
+
+THRESHOLDS = st.sampled_from([(0.2, 0.5), (0.1, 0.9), (0.45, 0.5)])
+
+
+@given(batches(), WINDOWS, THRESHOLDS)
+def test_token_regimes_match_naive_reference(batch, window, thresholds):
+    got = egrsd.token_regimes(batch.entropy, batch.mask, window, *thresholds)
+    assert torch.equal(got, naive_token_regimes(batch.entropy, batch.mask, window, *thresholds))
+
+
+@given(batches(), WINDOWS, THRESHOLDS)
+def test_every_valid_token_is_in_exactly_one_regime(batch, window, thresholds):
+    codes = egrsd.token_regimes(batch.entropy, batch.mask, window, *thresholds)
+    assert torch.all((codes >= 1) & (codes <= len(egrsd.REGIMES)) == batch.mask)
+
+
+@given(batches(), THRESHOLDS)
+def test_window_zero_has_no_pivots(batch, thresholds):
+    codes = egrsd.token_regimes(batch.entropy, batch.mask, 0, *thresholds)
+    assert not (codes == 1 + egrsd.REGIMES.index("pivot")).any()
+
+
+@given(batches(), WINDOWS, THRESHOLDS, st.floats(0, 1))
+def test_raising_a_later_entropy_never_turns_a_fork_into_a_pivot(batch, window, thresholds, fraction):
+    """With the batch normaliser fixed: raising an entropy past the batch max rescales every token."""
+    fork, pivot = 1 + egrsd.REGIMES.index("fork"), 1 + egrsd.REGIMES.index("pivot")
+    before = egrsd.token_regimes(batch.entropy, batch.mask, window, *thresholds)
+    normaliser = max([1.0] + batch.entropy[batch.mask].tolist())
+    for b, t in torch.nonzero(before == fork).tolist():
+        for later in range(t + 1, min(batch.entropy.shape[1], t + window + 2)):  # the window, and one past it
+            if batch.mask[b, later]:
+                raised = batch.entropy.clone()
+                raised[b, later] += fraction * (normaliser - raised[b, later])
+                assert egrsd.token_regimes(raised, batch.mask, window, *thresholds)[b, t] != pivot
+
+
+# ====================================================================================================
+# train_min.py end to end, on CPU with the tiny model built in code (tasks.py, offline_models.py).
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import train_min
+from offline_models import build_tiny_model, build_tiny_tokenizer
+from tasks import Problem, load_problems, student_messages, teacher_messages, train_eval_problems
+
+TINY = ["--model", "tiny", "--device", "cpu", "--batch-size", "4", "--micro-batch-size", "2",
+        "--max-new-tokens", "8", "--train-size", "16", "--eval-size", "4", "--eval-batch-size", "4"]
+TIMING_KEYS = {"rollout_tokens_per_s", "generate_s", "score_s", "update_s", "step_s", "peak_gpu_mem_gb"}
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+
+
+def same_parameters(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("method", train_min.METHODS)
+def test_each_method_runs_two_steps_end_to_end(method, tmp_path):
+    student, teacher = train_min.main(TINY + ["--method", method, "--steps", "2", "--output-dir", str(tmp_path)])
+    rows = read_metrics(tmp_path)
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    expected_keys = {"step", "method", "reward", "accuracy", "length_mean", "length_max", "truncated", "loss",
+                     "grad_norm", "gate_mean", "gate_min", "magnitude_mean", "teacher_entropy_mean"} | TIMING_KEYS
+    assert expected_keys <= set(train_rows[0])
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in train_rows)
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2]
+    initial = build_tiny_model(build_tiny_tokenizer())
+    assert same_parameters(teacher, initial), "the teacher must stay the initial weights"
+    assert not same_parameters(student, initial), "the student must have been updated"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert same_parameters(reloaded, student)
+    assert AutoTokenizer.from_pretrained(tmp_path / "final").eos_token == "<|im_end|>"
+
+
+def test_weighting_in_the_trainer_is_the_library_token_advantage():
+    torch.manual_seed(0)
+    mask = torch.rand(4, 9) > 0.2
+    scores = {"teacher_logp": -torch.rand(4, 9) * 3, "student_logp": -torch.rand(4, 9) * 3,
+              "teacher_entropy": torch.rand(4, 9) * 4}
+    advantages = torch.tensor([1.5, -0.5, 0.0, 0.7])
+    signals = (scores["teacher_logp"], scores["student_logp"], scores["teacher_entropy"], mask)
+    expected = {"grpo": advantages[:, None] * mask, "rlsd": egrsd.token_advantages(advantages, *signals, gamma=0.0),
+                "egrsd": egrsd.token_advantages(advantages, *signals, gamma=0.3),
+                "cl-egrsd": egrsd.token_advantages(advantages, *signals, gamma=0.3, window=3)}
+    for method, want in expected.items():
+        got, _ = train_min.weight_tokens(advantages, scores, mask, train_min.Config(method=method))
+        torch.testing.assert_close(got, want.float(), msg=method)
+
+
+def test_completion_mask_includes_the_first_eos_and_not_the_padding():
+    eos, pad = 7, 0
+    completion = torch.tensor([[3, 4, eos, pad, pad], [eos, pad, pad, pad, pad], [3, 3, 3, 3, 3], [3, eos, 3, eos, pad]])
+    mask, finished = train_min.completion_mask(completion, eos)
+    assert mask.tolist() == [[True, True, True, False, False], [True, False, False, False, False],
+                             [True] * 5, [True, True, False, False, False]]
+    assert finished.tolist() == [True, True, False, True]
+
+
+def test_teacher_and_student_score_the_same_completion_tokens_at_the_same_positions():
+    """Scoring from left-padded batches equals a plain forward of each unpadded [prompt ‖ completion]."""
+    tokenizer = build_tiny_tokenizer()
+    student, teacher = build_tiny_model(tokenizer, seed=1), build_tiny_model(tokenizer, seed=2)
+    cfg = train_min.Config(model="tiny", device="cpu", max_new_tokens=6, micro_batch_size=2, chunk_size=5)
+    problems = train_eval_problems(3, 1, seed=0)[0]
+    rollout = {}
+    rollout["student_ids"], rollout["student_mask"] = train_min.encode_prompts(tokenizer, [student_messages(p) for p in problems], "cpu")
+    rollout["teacher_ids"], rollout["teacher_mask"] = train_min.encode_prompts(tokenizer, [teacher_messages(p) for p in problems], "cpu")
+    torch.manual_seed(0)
+    completion, mask, _ = train_min.generate(student, tokenizer, rollout["student_ids"], rollout["student_mask"], cfg)
+    mask[1, 3:] = False  # a row that stops early, as if it had met its EOS
+    rollout["completion"], rollout["mask"] = completion, mask
+    scores = train_min.score(student, teacher, rollout, cfg)
+    for b in range(len(problems)):
+        tokens = completion[b][mask[b]]
+        for model, prefix, key in ((student, "student", "student_logp"), (teacher, "teacher", "teacher_logp")):
+            prompt = rollout[f"{prefix}_ids"][b][rollout[f"{prefix}_mask"][b].bool()]
+            logits = model(torch.cat([prompt, tokens])[None]).logits[0, len(prompt) - 1 : -1]
+            expected = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+            torch.testing.assert_close(scores[key][b][mask[b]].double(), expected, atol=1e-5, rtol=1e-5)
+            assert torch.all(scores[key][b][~mask[b]] == 0)
+        plain_entropy = egrsd.token_entropy(teacher(torch.cat([rollout["teacher_ids"][b][rollout["teacher_mask"][b].bool()], tokens])[None]).logits[0])
+        torch.testing.assert_close(scores["teacher_entropy"][b][mask[b]], plain_entropy[-len(tokens) - 1 : -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def format_trained_model(tmp_path_factory):
+    """A tiny model taught the answer format only: one random digit, then EOS. Correct 1 time in 10."""
+    folder = tmp_path_factory.mktemp("sft")
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, seed=0)
+    problems = [Problem(f"Give the secret number ({i}).", "The secret number is 7.", "7") for i in range(64)]
+    with open(folder / "data.jsonl", "w") as f:
+        for p in problems:
+            f.write(json.dumps({"problem": p.question, "solution": p.solution, "answer": p.answer}) + "\n")
+    prompts = [tokenizer.apply_chat_template(student_messages(p), tokenize=False, add_generation_prompt=True) for p in problems]
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(40):
+        digits = torch.randint(0, 10, (32,), generator=generator).tolist()
+        texts = [prompts[(32 * step + i) % 64] + f"{d}<|im_end|>" for i, d in enumerate(digits)]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        labels = batch["input_ids"].clone()
+        labels[:, :-2] = -100  # learn the digit and the EOS (left padding puts them last)
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return folder
+
+
+def test_on_policy_training_raises_the_reward_on_a_learnable_task(format_trained_model, tmp_path):
+    """Signs and masks are right: the reward of a task whose answer is always 7 climbs well above chance."""
+    folder = format_trained_model
+    train_min.main(["--model", str(folder / "model"), "--data", str(folder / "data.jsonl"), "--method", "egrsd",
+                    "--device", "cpu", "--steps", "25", "--batch-size", "32", "--micro-batch-size", "32",
+                    "--max-new-tokens", "4", "--lr", "2e-3", "--eval-size", "0", "--save-every", "0",
+                    "--advantage-warmup", "5", "--no-gradient-checkpointing", "--output-dir", str(tmp_path)])
+    rewards = [r["reward"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert first < 0.4 and last > first + 0.5, rewards
+
+
+def without_timings(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
+    flags = TINY + ["--method", "cl-egrsd", "--eval-size", "0", "--save-every", "0"]
+    train_min.main(flags + ["--steps", "3", "--output-dir", str(tmp_path / "straight")])
+    train_min.main(flags + ["--steps", "2", "--output-dir", str(tmp_path / "resumed")])
+    before = (tmp_path / "resumed" / "metrics.jsonl").read_text()
+    train_min.main(["--resume", str(tmp_path / "resumed"), "--steps", "3"])
+    after = (tmp_path / "resumed" / "metrics.jsonl").read_text()
+    assert after.startswith(before), "rows already written must stay as they were"
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [without_timings(r) for r in resumed] == [without_timings(r) for r in straight]
+
+
+def test_ctrl_c_checkpoints_after_the_current_step_and_the_run_resumes(tmp_path):
+    command = [sys.executable, "train_min.py", *TINY, "--steps", "50", "--eval-size", "0", "--save-every", "0",
+               "--output-dir", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=Path(__file__).parent)
+    for line in process.stdout:
+        if line.startswith("step 1/"):
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    assert "checkpoint saved at step" in output
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    written = [r["step"] for r in read_metrics(tmp_path)]
+    assert written == list(range(1, state["step"] + 1)), "every finished step is logged and checkpointed"
+    train_min.main(["--resume", str(tmp_path), "--steps", str(state["step"] + 1)])
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, state["step"] + 2))
+
+
+def test_non_finite_steps_are_skipped_and_then_stop_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(egrsd, "policy_loss", lambda logp, adv, mask: (logp * float("nan")).sum())
+    with pytest.raises(SystemExit, match="non-finite steps in a row"):
+        train_min.main(TINY + ["--steps", "5", "--max-bad-steps", "2", "--eval-size", "0", "--output-dir", str(tmp_path)])
+    rows = read_metrics(tmp_path)
+    assert [r["skipped"] for r in rows] == [True, True]
+    checkpoint = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
+    assert same_parameters(checkpoint, build_tiny_model(build_tiny_tokenizer())), "a skipped step changes nothing"
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--method", "ppo"), ("--window", "-1"), ("--gamma", "-0.5"), ("--eps", "1.5"), ("--eps", "0"),
+    ("--floor", "2"), ("--batch-size", "0"), ("--max-new-tokens", "0"), ("--denominator", "max"),
+    ("--data", "/no/such/file.jsonl"), ("--top-p", "0"), ("--lr", "-1"),
+])
+def test_a_bad_flag_stops_before_any_model_loads_naming_the_flag(flag, value, monkeypatch, tmp_path):
+    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        train_min.main(["--device", "cpu", flag, value, "--output-dir", str(tmp_path)])
+    assert str(stop.value.code).startswith(flag + ":")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "no problems"), ('{"question": "q"\n', ":1: "), ('[1, 2]\n', ":1: "),
+    ('{"problem": "p", "solution": "s"}\n', "answer"), ('{"question": "q", "answer": "no marker"}\n', "####"),
+    ('{"problem": "p", "solution": "s", "answer": "7"}\n{"problem": "p", "solution": "s", "answer": "seven"}\n', ":2: "),
+])
+def test_a_bad_data_file_names_the_file_line_and_field(content, message, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError) as error:
+        load_problems(path)
+    assert str(error.value).startswith(str(path)) and message in str(error.value)
+
+
+def test_static_cache_samples_exactly_what_the_dynamic_cache_samples():
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in train_eval_problems(3, 1, 0)[0]], "cpu")
+    outputs = []
+    for cache in ("dynamic", "static"):
+        torch.manual_seed(0)
+        outputs.append(train_min.generate(model, tokenizer, ids, attention, train_min.Config(max_new_tokens=12, cache=cache))[0])
+    assert torch.equal(*outputs)
+
+
+def test_bf16_runs_keep_float32_master_weights_and_a_synced_bf16_sampler(tmp_path):
+    student, teacher = train_min.main(TINY + ["--dtype", "bfloat16", "--steps", "1", "--eval-size", "0",
+                                              "--output-dir", str(tmp_path)])
+    assert student.dtype == torch.float32 and teacher.dtype == torch.bfloat16
+    sampler = AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # the rollout model, saved in bf16
+    assert sampler.dtype == torch.bfloat16
+    assert same_parameters(sampler, student.to(torch.bfloat16))
+
+
+def span_texts(page: str) -> list[list[tuple[int, str]]]:
+    """(token id, text) of each token span, per rollout, from the HTML of views.token_html."""
+    from html.parser import HTMLParser
+
+    class Spans(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rollouts, self.current = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "pre":
+                self.rollouts.append([])
+            if tag == "span":
+                self.current = [int(dict(attrs)["data-id"]), ""]
+
+        def handle_data(self, data):
+            if self.current is not None:
+                self.current[1] += data
+
+        def handle_endtag(self, tag):
+            if tag == "span":
+                self.rollouts[-1].append(tuple(self.current))
+                self.current = None
+
+    parser = Spans()
+    parser.feed(page)
+    return parser.rollouts
+
+
+def test_token_view_is_self_contained_and_its_tokens_decode_to_the_completion(tmp_path):
+    train_min.main(TINY + ["--method", "cl-egrsd", "--steps", "1", "--eval-size", "0", "--dump-tokens", "1",
+                           "--max-new-tokens", "16", "--output-dir", str(tmp_path)])
+    page = (tmp_path / "tokens" / "step_1.html").read_text()
+    assert "<script" not in page and "<link" not in page and "http" not in page
+    tokenizer = build_tiny_tokenizer()
+    rollouts = span_texts(page)
+    assert len(rollouts) == 4 and page.count("reward ") >= 4
+    for spans in rollouts:
+        ids, texts = zip(*spans)
+        assert "".join(texts) == tokenizer.decode(list(ids))
+    assert "Ĥ_CL=" in page and "ω=" in page
+
+
+def test_compare_prints_the_accuracy_length_table_from_metrics_alone(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    for name, method, end in (("a", "grpo", 0.40), ("b", "cl-egrsd", 0.55)):
+        (tmp_path / name).mkdir()
+        rows = [{"kind": "eval", "step": 0, "method": method, "eval_accuracy": 0.30, "eval_length": 400.0,
+                 "eval_acc_per_1k_tokens": 0.75},
+                {"kind": "eval", "step": 10, "method": method, "eval_accuracy": 0.0, "eval_length": 1.0,
+                 "eval_acc_per_1k_tokens": 0.0},  # then resumed: the last row of a step wins
+                {"kind": "eval", "step": 10, "method": method, "eval_accuracy": end, "eval_length": 500.0,
+                 "eval_acc_per_1k_tokens": end / 0.5}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_min.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].split() == ["a", "grpo", "10", "0.300", "0.400", "400", "500", "+25.0%", "0.800"]
+    assert table[3].split() == ["b", "cl-egrsd", "10", "0.300", "0.550", "400", "500", "+25.0%", "1.100"]

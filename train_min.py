@@ -328,9 +328,9 @@ def dump_tokens(path: str, step: int, tokenizer, rollout: dict, scores: dict, si
     regimes = egrsd.token_regimes(entropy, mask, cfg.window, cfg.regime_low, cfg.regime_high, cfg.min_denominator)
     shown = []
     for b in range(min(count, len(mask))):
-        m = mask[b]
+        m, ids = mask[b], rollout["completion"][b][mask[b]].tolist()
         shown.append({"title": f"rollout {b}: reward {rewards[b]:.3f}, {'correct' if correct[b] else 'wrong'}, {int(m.sum())} tokens",
-                      "tokens": views.token_texts(tokenizer, rollout["completion"][b][m].tolist()),
+                      "ids": ids, "tokens": views.token_texts(tokenizer, ids),
                       "entropy": entropy[b][m].tolist(), "entropy_cl": entropy_cl[b][m].tolist(),
                       **{k: signals[k][b][m].tolist() for k in ("gate", "magnitude", "advantage")},
                       "regime": [egrsd.REGIMES[c - 1] for c in regimes[b][m].tolist()]})

@@ -31,8 +31,8 @@ def _colour(value: float, scale: float) -> str:
 
 
 def token_html(step: int, rollouts: list[dict]) -> str:
-    """One page. Each rollout dict: "title" (str), "tokens" (the text of each token), and per-token
-    lists "entropy", "entropy_cl", "gate", "magnitude", "advantage", "regime" (names)."""
+    """One page. Each rollout dict: "title" (str), "ids" and "tokens" (each token's id and text), and
+    per-token lists "entropy", "entropy_cl", "gate", "magnitude", "advantage", "regime" (names)."""
     scale = max((abs(a) for r in rollouts for a in r["advantage"]), default=1.0)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>EGRSD tokens, step {step}</title>",
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
@@ -47,8 +47,9 @@ def token_html(step: int, rollouts: list[dict]) -> str:
             tip = (f"H={rollout['entropy'][i]:.3f} nats, Ĥ_CL={rollout['entropy_cl'][i]:.3f}, "
                    f"ω={rollout['gate'][i]:.3f}, w={rollout['magnitude'][i]:.3f}, Â={rollout['advantage'][i]:+.4f}, "
                    f"{rollout['regime'][i]}")
-            parts.append(f"<span class='t' style='background:{_colour(rollout['advantage'][i], scale)}' "
-                         f"title='{html.escape(tip, quote=True)}'>{html.escape(text)}</span>")
+            parts.append(f"<span class='t' data-id='{rollout['ids'][i]}' style='background:"
+                         f"{_colour(rollout['advantage'][i], scale)}' title='{html.escape(tip, quote=True)}'>"
+                         f"{html.escape(text)}</span>")
         parts.append("</pre>")
     parts.append("</body></html>")
     return "".join(parts)
