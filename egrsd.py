@@ -256,8 +256,11 @@ def _entropy(x: torch.Tensor, weight: torch.Tensor | None, chunk_size: int, name
         z = _chunk_logits(x, weight, idx, dtype)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         _check_lse(name, lse)
-        p = torch.exp(z - lse)
-        out[idx] = -torch.special.xlogy(p, p).sum(-1)  # xlogy(0, 0) = 0: masked vocabulary adds nothing
+        # H = −Σ p · log p, log p = z − lse, in place (two (chunk × V) tensors at most); −inf entries become
+        # the most negative finite number, so that they add p · log p = 0 · finite = 0, not 0 · (−inf) = NaN
+        z.sub_(lse).clamp_(min=torch.finfo(dtype).min)
+        p = torch.exp(z)
+        out[idx] = -(p.mul_(z)).sum(-1)
     return out
 
 

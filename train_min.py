@@ -30,8 +30,6 @@ import json
 import math
 import os
 import random
-import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -40,6 +38,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 import egrsd
+import run_io
 import views
 from offline_models import load_model_and_tokenizer
 from tasks import is_correct, load_problems, student_messages, teacher_messages, train_eval_problems
@@ -302,43 +301,6 @@ def weight_tokens(advantages, scores: dict, mask, cfg: Config) -> tuple[torch.Te
     return token_adv, {"magnitude": magnitude, "gate": gate, "advantage": token_adv}
 
 
-def regime_stats(scores: dict, signals: dict, mask, cfg: Config) -> dict:
-    """Per step: the means of the signals, and per regime (lock, mid, pivot, fork) its share of the
-    tokens, its mean gate, and the weight the lookahead restores, ω(W) − ω(0), at this γ and W."""
-    entropy, gate = scores["teacher_entropy"], signals["gate"]
-    mean = lambda x, chosen: x[chosen].mean().item() if chosen.any() else None  # noqa: E731
-    gate_at = lambda window: egrsd.entropy_gate(entropy, mask, cfg.gamma, window, cfg.floor, cfg.min_denominator, cfg.denominator)  # noqa: E731
-    restored = gate_at(cfg.window) - gate_at(0)
-    regimes = egrsd.token_regimes(entropy, mask, cfg.window, cfg.regime_low, cfg.regime_high, cfg.min_denominator)
-    stats = {"gate_mean": mean(gate, mask), "gate_min": gate[mask].min().item() if mask.any() else None,
-             "magnitude_mean": mean(signals["magnitude"], mask), "teacher_entropy_mean": mean(entropy, mask)}
-    for code, name in enumerate(egrsd.REGIMES, start=1):
-        chosen = regimes == code
-        stats |= {f"share_{name}": (chosen.sum() / mask.sum().clamp(min=1)).item(),
-                  f"gate_{name}": mean(gate, chosen), f"restored_{name}": mean(restored, chosen)}
-    return stats
-
-
-def dump_tokens(path: str, step: int, tokenizer, rollout: dict, scores: dict, signals: dict, rewards, correct, cfg: Config,
-                count: int = 4) -> None:
-    """The token view (views.py) of the first `count` rollouts of this step."""
-    entropy, mask = scores["teacher_entropy"], rollout["mask"]
-    normaliser = max(entropy[mask].max().item() if mask.any() else 0.0, cfg.min_denominator)
-    entropy_cl = egrsd.lookahead_min(entropy, mask, cfg.window) / normaliser
-    regimes = egrsd.token_regimes(entropy, mask, cfg.window, cfg.regime_low, cfg.regime_high, cfg.min_denominator)
-    shown = []
-    for b in range(min(count, len(mask))):
-        m, ids = mask[b], rollout["completion"][b][mask[b]].tolist()
-        shown.append({"title": f"rollout {b}: reward {rewards[b]:.3f}, {'correct' if correct[b] else 'wrong'}, {int(m.sum())} tokens",
-                      "ids": ids, "tokens": views.token_texts(tokenizer, ids),
-                      "entropy": entropy[b][m].tolist(), "entropy_cl": entropy_cl[b][m].tolist(),
-                      **{k: signals[k][b][m].tolist() for k in ("gate", "magnitude", "advantage")},
-                      "regime": [egrsd.REGIMES[c - 1] for c in regimes[b][m].tolist()]})
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(views.token_html(step, shown))
-
-
 # ----------------------------------------------------------------------------------------------------
 # The update.
 
@@ -369,7 +331,7 @@ def update(student, teacher, optimizer, rollout: dict, scores: dict, token_adv, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation, checkpoints, metrics.
+# Evaluation and precision.
 
 
 @torch.no_grad()
@@ -400,66 +362,6 @@ def compute_dtype(cfg: Config) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def rng_states() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(cfg: Config, student, tokenizer, optimizer, advantage, step: int) -> None:
-    """Model, tokenizer, optimizer, advantage statistics, RNG states and step, written to a temporary
-    directory and renamed into place: a crash mid-write never leaves a broken checkpoint/."""
-    final = os.path.join(cfg.output_dir, "checkpoint")
-    tmp, old = final + ".tmp", final + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "advantage": advantage.state_dict(),
-                "rng": rng_states()}, os.path.join(tmp, "trainer_state.pt"))
-    if os.path.isdir(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(run_dir: str) -> str:
-    """checkpoint/, or checkpoint.old/ if a crash came between the two renames of save_checkpoint."""
-    for name in ("checkpoint", "checkpoint.old"):
-        if os.path.isfile(os.path.join(run_dir, name, "trainer_state.pt")):
-            return os.path.join(run_dir, name)
-    sys.exit(f"--resume: no checkpoint in {run_dir!r} (expected {run_dir}/checkpoint/trainer_state.pt)")
-
-
-def log(metrics_file, row: dict) -> None:
-    """Append one JSON row and make it durable: rows already written are never rewritten."""
-    metrics_file.write(json.dumps(row) + "\n")
-    metrics_file.flush()
-    os.fsync(metrics_file.fileno())
-
-
-class StopOnSignal:
-    """The first Ctrl-C (or SIGTERM) asks the loop to checkpoint and stop after the current step;
-    a second one stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (again to abort now)", flush=True)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The loop.
 
@@ -483,7 +385,7 @@ def train(cfg: Config):
     # update, for rollouts and the pre-update log-probs (decoding float32 weights would halve its speed).
     teacher, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, compute_dtype(cfg))
     teacher.eval().requires_grad_(False)
-    checkpoint = find_checkpoint(cfg.output_dir) if cfg.resume else None
+    checkpoint = run_io.find_checkpoint(cfg.output_dir) if cfg.resume else None
     if checkpoint:
         student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True).to(cfg.device)
     else:
@@ -494,10 +396,9 @@ def train(cfg: Config):
     advantage = egrsd.RunningAdvantage(warmup_steps=cfg.advantage_warmup)
     start_step = 0
     if checkpoint:
-        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        state = run_io.load_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         advantage.load_state_dict(state["advantage"])
-        set_rng_states(state["rng"])
         start_step = state["step"]
         print(f"resumed {cfg.output_dir} at step {start_step}")
     if cfg.gradient_checkpointing:  # transformers ≥ 5.2x renamed it; 5.17 has the old name only
@@ -506,80 +407,85 @@ def train(cfg: Config):
     os.makedirs(cfg.output_dir, exist_ok=True)
     json.dump(asdict(cfg) | {"resume": ""}, open(os.path.join(cfg.output_dir, "config.json"), "w"), indent=1)
     metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
-    stop, bad_steps, step = StopOnSignal(), 0, start_step
+    bad_steps = 0
+
+    def save(step: int) -> None:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "advantage": advantage.state_dict()}
+        run_io.save_checkpoint(cfg.output_dir, student, tokenizer, state)
 
     def run_eval(at_step: int) -> None:
         row = {"kind": "eval", "step": at_step, "method": cfg.method, **evaluate(sampler, tokenizer, eval_problems, cfg)}
-        log(metrics, row)
+        run_io.append_row(metrics, row)
         print(f"eval step {at_step}: accuracy {row['eval_accuracy']:.3f}, length {row['eval_length']:.0f}, "
               f"acc/(len/1000) {row['eval_acc_per_1k_tokens']:.3f}", flush=True)
 
     if start_step == 0 and eval_problems:
         run_eval(0)
-    for step in range(start_step, cfg.steps):
-        t0 = time.perf_counter()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        problems = batch_problems(train_problems, step, cfg.batch_size, cfg.seed)
-        rollout = {}
-        rollout["student_ids"], rollout["student_mask"] = encode_prompts(tokenizer, [student_messages(p) for p in problems], cfg.device)
-        rollout["teacher_ids"], rollout["teacher_mask"] = encode_prompts(tokenizer, [teacher_messages(p) for p in problems], cfg.device)
+    with run_io.StopOnSignal() as stop:
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            problems = batch_problems(train_problems, step, cfg.batch_size, cfg.seed)
+            rollout = {}
+            rollout["student_ids"], rollout["student_mask"] = encode_prompts(tokenizer, [student_messages(p) for p in problems], cfg.device)
+            rollout["teacher_ids"], rollout["teacher_mask"] = encode_prompts(tokenizer, [teacher_messages(p) for p in problems], cfg.device)
 
-        # 1. Rollouts from the current student, and the verifier.
-        completion, mask, finished = generate(sampler, tokenizer, rollout["student_ids"], rollout["student_mask"], cfg)
-        rollout["completion"], rollout["mask"] = completion, mask
-        lengths = mask.sum(dim=1)
-        correct = verify(tokenizer, completion, mask, finished, problems)
-        t1 = time.perf_counter()
+            # 1. Rollouts from the current student, and the verifier.
+            completion, mask, finished = generate(sampler, tokenizer, rollout["student_ids"], rollout["student_mask"], cfg)
+            rollout["completion"], rollout["mask"] = completion, mask
+            lengths = mask.sum(dim=1)
+            correct = verify(tokenizer, completion, mask, finished, problems)
+            t1 = time.perf_counter()
 
-        # 2. ALGO LOGIC: reward (length-shaped, 0 unless correct and finished), running advantage,
-        #    teacher scoring and the per-token weights.
-        rewards = egrsd.length_shaped_reward(correct, lengths.cpu(), cfg.max_new_tokens, cfg.beta_length)
-        advantages = advantage(rewards).to(cfg.device)
-        scores = score(sampler, teacher, rollout, cfg)
-        token_adv, signals = weight_tokens(advantages, scores, mask, cfg)
-        t2 = time.perf_counter()
+            # 2. ALGO LOGIC: reward (length-shaped, 0 unless correct and finished), running advantage,
+            #    teacher scoring and the per-token weights.
+            rewards = egrsd.length_shaped_reward(correct, lengths.cpu(), cfg.max_new_tokens, cfg.beta_length)
+            advantages = advantage(rewards).to(cfg.device)
+            scores = score(sampler, teacher, rollout, cfg)
+            token_adv, signals = weight_tokens(advantages, scores, mask, cfg)
+            t2 = time.perf_counter()
 
-        # 3. One optimizer step on the batch; a non-finite step is skipped, not applied.
-        loss, grad_norm = update(student, teacher, optimizer, rollout, scores, token_adv, cfg)
-        copy_weights(student, sampler)
-        t3 = time.perf_counter()
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        bad_steps = bad_steps + 1 if skipped else 0
+            # 3. One optimizer step on the batch; a non-finite step is skipped, not applied.
+            loss, grad_norm = update(student, teacher, optimizer, rollout, scores, token_adv, cfg)
+            copy_weights(student, sampler)
+            t3 = time.perf_counter()
+            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            bad_steps = bad_steps + 1 if skipped else 0
 
-        new_tokens = int(lengths.sum())
-        row = {"kind": "train", "step": step + 1, "method": cfg.method, "reward": rewards.mean().item(),
-               "accuracy": correct.float().mean().item(), "length_mean": lengths.float().mean().item(),
-               "length_max": int(lengths.max()), "truncated": (~finished).float().mean().item(),
-               "loss": loss, "grad_norm": grad_norm, "skipped": skipped, **regime_stats(scores, signals, mask, cfg),
-               "rollout_tokens_per_s": new_tokens / (t1 - t0), "generate_s": t1 - t0, "score_s": t2 - t1,
-               "update_s": t3 - t2, "step_s": t3 - t0,
-               "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
-        log(metrics, row)
-        print(f"step {step + 1}/{cfg.steps} | reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | "
-              f"len {row['length_mean']:.0f} | loss {loss:.4f} | gnorm {grad_norm:.3f} | "
-              f"{row['rollout_tokens_per_s']:.0f} tok/s | gen {t1 - t0:.1f}s score {t2 - t1:.1f}s "
-              f"update {t3 - t2:.1f}s{' | SKIPPED (non-finite)' if skipped else ''}", flush=True)
+            new_tokens = int(lengths.sum())
+            row = {"kind": "train", "step": step + 1, "method": cfg.method, "reward": rewards.mean().item(),
+                   "accuracy": correct.float().mean().item(), "length_mean": lengths.float().mean().item(),
+                   "length_max": int(lengths.max()), "truncated": (~finished).float().mean().item(),
+                   "loss": loss, "grad_norm": grad_norm, "skipped": skipped, **views.regime_stats(scores, signals, mask, cfg),
+                   "rollout_tokens_per_s": new_tokens / (t1 - t0), "generate_s": t1 - t0, "score_s": t2 - t1,
+                   "update_s": t3 - t2, "step_s": t3 - t0,
+                   "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
+            run_io.append_row(metrics, row)
+            print(f"step {step + 1}/{cfg.steps} | reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | "
+                  f"len {row['length_mean']:.0f} | loss {loss:.4f} | gnorm {grad_norm:.3f} | "
+                  f"{row['rollout_tokens_per_s']:.0f} tok/s | gen {t1 - t0:.1f}s score {t2 - t1:.1f}s "
+                  f"update {t3 - t2:.1f}s{' | SKIPPED (non-finite)' if skipped else ''}", flush=True)
 
-        done = step + 1
-        if cfg.dump_tokens and done % cfg.dump_tokens == 0:
-            dump_tokens(os.path.join(cfg.output_dir, "tokens", f"step_{done}.html"), done, tokenizer, rollout, scores,
-                        signals, rewards.tolist(), correct.tolist(), cfg)
-        if bad_steps >= cfg.max_bad_steps:
-            save_checkpoint(cfg, student, tokenizer, optimizer, advantage, done)
-            sys.exit(f"stopped: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {grad_norm}); "
-                     f"the last good state is in {cfg.output_dir}/checkpoint (lower --lr?)")
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and eval_problems:
-            run_eval(done)
-        if (cfg.save_every and done % cfg.save_every == 0) or stop.requested:
-            save_checkpoint(cfg, student, tokenizer, optimizer, advantage, done)
-        if stop.requested:
-            print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}")
-            return student, teacher
+            done = step + 1
+            if cfg.dump_tokens and done % cfg.dump_tokens == 0:
+                views.dump_tokens(os.path.join(cfg.output_dir, "tokens", f"step_{done}.html"), done, tokenizer, rollout,
+                                  scores, signals, rewards.tolist(), correct.tolist(), cfg)
+            if bad_steps >= cfg.max_bad_steps:
+                save(done)
+                sys.exit(f"stopped: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {grad_norm}); "
+                         f"the last good state is in {cfg.output_dir}/checkpoint (lower --lr?)")
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and eval_problems:
+                run_eval(done)
+            if (cfg.save_every and done % cfg.save_every == 0) or stop.requested:
+                save(done)
+            if stop.requested:
+                print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}")
+                return student, teacher
 
     if eval_problems and start_step < cfg.steps:
         run_eval(cfg.steps)
-    save_checkpoint(cfg, student, tokenizer, optimizer, advantage, cfg.steps)
+    save(cfg.steps)
     sampler.save_pretrained(os.path.join(cfg.output_dir, "final"))  # in the compute dtype
     tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
     print(f"saved {cfg.output_dir}/final")

@@ -1,17 +1,22 @@
-"""Two read-only views of a run, kept out of train_min.py so that the script stays the algorithm.
+"""Read-only views of a run, kept out of train_min.py so that the script stays the algorithm.
 
 - `token_html(...)`: a self-contained HTML page (no scripts, no external styles) of a few rollouts, each
   token coloured by its final weight Â (blue: pushed up, red: pushed down, paler: smaller |Â|), with the
   teacher entropy H, the lookahead-normalised Ĥ^CL, the gate ω, the magnitude w, Â and the regime on hover.
+- `regime_stats(...)`: what the gate did this step, per token regime (the metrics of train_min.py);
+  `dump_tokens(...)` writes the token view of a step's first rollouts.
 - `compare_table(run_dirs)`: the accuracy–length table of several runs from their metrics.jsonl alone
   (`python train_min.py --compare runs/a runs/b`), without loading any model.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import os
+
+import egrsd
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
@@ -53,6 +58,47 @@ def token_html(step: int, rollouts: list[dict]) -> str:
         parts.append("</pre>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def _mean(x, chosen):
+    return x[chosen].mean().item() if chosen.any() else None
+
+
+def regime_stats(scores: dict, signals: dict, mask, cfg) -> dict:
+    """Per step: the means of the signals, and per regime (lock, mid, pivot, fork) its share of the
+    tokens, its mean gate, and the weight the lookahead restores, ω(W) − ω(0), at this γ and W."""
+    entropy, gate = scores["teacher_entropy"], signals["gate"]
+    gate_at = functools.partial(egrsd.entropy_gate, entropy, mask, cfg.gamma, floor=cfg.floor,
+                                min_denominator=cfg.min_denominator, denominator=cfg.denominator)
+    restored = gate_at(window=cfg.window) - gate_at(window=0)
+    regimes = egrsd.token_regimes(entropy, mask, cfg.window, cfg.regime_low, cfg.regime_high, cfg.min_denominator)
+    stats = {"gate_mean": _mean(gate, mask), "gate_min": gate[mask].min().item() if mask.any() else None,
+             "magnitude_mean": _mean(signals["magnitude"], mask), "teacher_entropy_mean": _mean(entropy, mask)}
+    for code, name in enumerate(egrsd.REGIMES, start=1):
+        chosen = regimes == code
+        stats |= {f"share_{name}": (chosen.sum() / mask.sum().clamp(min=1)).item(),
+                  f"gate_{name}": _mean(gate, chosen), f"restored_{name}": _mean(restored, chosen)}
+    return stats
+
+
+def dump_tokens(path: str, step: int, tokenizer, rollout: dict, scores: dict, signals: dict, rewards, correct, cfg,
+                count: int = 4) -> None:
+    """The token view (views.py) of the first `count` rollouts of this step."""
+    entropy, mask = scores["teacher_entropy"], rollout["mask"]
+    normaliser = max(entropy[mask].max().item() if mask.any() else 0.0, cfg.min_denominator)
+    entropy_cl = egrsd.lookahead_min(entropy, mask, cfg.window) / normaliser
+    regimes = egrsd.token_regimes(entropy, mask, cfg.window, cfg.regime_low, cfg.regime_high, cfg.min_denominator)
+    shown = []
+    for b in range(min(count, len(mask))):
+        m, ids = mask[b], rollout["completion"][b][mask[b]].tolist()
+        shown.append({"title": f"rollout {b}: reward {rewards[b]:.3f}, {'correct' if correct[b] else 'wrong'}, {int(m.sum())} tokens",
+                      "ids": ids, "tokens": token_texts(tokenizer, ids),
+                      "entropy": entropy[b][m].tolist(), "entropy_cl": entropy_cl[b][m].tolist(),
+                      **{k: signals[k][b][m].tolist() for k in ("gate", "magnitude", "advantage")},
+                      "regime": [egrsd.REGIMES[c - 1] for c in regimes[b][m].tolist()]})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(token_html(step, shown))
 
 
 def compare_table(run_dirs: list[str]) -> str:
