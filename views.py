@@ -1,8 +1,9 @@
 """Read-only views of a run, kept out of train_min.py so that the script stays the algorithm.
 
 - `token_html(...)`: a self-contained HTML page (no scripts, no external styles) of a few rollouts, each
-  token coloured by its final weight Â (blue: pushed up, red: pushed down, paler: smaller |Â|), with the
-  teacher entropy H, the lookahead-normalised Ĥ^CL, the gate ω, the magnitude w, Â and the regime on hover.
+  token coloured by its final weight Â (hue: the sign, blue pushed up, red pushed down; darkness: its own
+  factor w·ω), with the teacher entropy H, the lookahead-normalised Ĥ^CL, the gate ω, the magnitude w, Â
+  and the regime on hover.
 - `regime_stats(...)`: what the gate did this step, per token regime (the metrics of train_min.py);
   `dump_tokens(...)` writes the token view of a step's first rollouts.
 - `compare_table(run_dirs)`: the accuracy–length table of several runs from their metrics.jsonl alone
@@ -29,32 +30,34 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
     return pieces
 
 
-def _colour(value: float, scale: float) -> str:
-    strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
-    hue = 215 if value >= 0 else 0
-    return f"hsl({hue}, 80%, {95 - 45 * strength:.0f}%)"
+def _colour(advantage: float, factor: float, low: float, high: float) -> str:
+    """Hue: the sign of Â (blue +, red −, grey 0); darkness: the token's factor w·ω within [low, high]."""
+    strength = (factor - low) / (high - low) if high > low else 0.5
+    hue, saturation = (215, 80) if advantage > 0 else (0, 80) if advantage < 0 else (0, 0)
+    return f"hsl({hue}, {saturation}%, {92 - 50 * strength:.0f}%)"
 
 
 def token_html(step: int, rollouts: list[dict]) -> str:
     """One page. Each rollout dict: "title" (str), "ids" and "tokens" (each token's id and text), and
     per-token lists "entropy", "entropy_cl", "gate", "magnitude", "advantage", "regime" (names)."""
-    scale = max((abs(a) for r in rollouts for a in r["advantage"]), default=1.0)
+    factors = [w * g for r in rollouts for w, g in zip(r["magnitude"], r["gate"])]
+    low, high = min(factors, default=0.0), max(factors, default=1.0)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>EGRSD tokens, step {step}</title>",
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
              "pre{white-space:pre-wrap;font-size:14px;line-height:1.6}"
              "span.t{border-radius:2px}h3{font-size:15px;margin-top:2em}</style></head><body>",
-             f"<h2>Step {step}: token weights Â = A·w·ω</h2><p>Blue: Â &gt; 0 (reinforced), red: Â &lt; 0; "
-             f"the stronger the colour, the larger |Â| (full colour at {scale:.3g}). Hover a token for its "
-             f"signals.</p>"]
+             f"<h2>Step {step}: token weights Â = A·w·ω</h2><p>Blue: Â &gt; 0 (a rewarded rollout, reinforced), "
+             f"red: Â &lt; 0 (penalised), grey: A = 0. The darker the token, the larger its own factor w·ω "
+             f"(palest {low:.3f}, darkest {high:.3f} on this page). Hover a token for its signals.</p>"]
     for rollout in rollouts:
         parts.append(f"<h3>{html.escape(rollout['title'])}</h3><pre>")
         for i, text in enumerate(rollout["tokens"]):
             tip = (f"H={rollout['entropy'][i]:.3f} nats, Ĥ_CL={rollout['entropy_cl'][i]:.3f}, "
                    f"ω={rollout['gate'][i]:.3f}, w={rollout['magnitude'][i]:.3f}, Â={rollout['advantage'][i]:+.4f}, "
                    f"{rollout['regime'][i]}")
-            parts.append(f"<span class='t' data-id='{rollout['ids'][i]}' style='background:"
-                         f"{_colour(rollout['advantage'][i], scale)}' title='{html.escape(tip, quote=True)}'>"
-                         f"{html.escape(text)}</span>")
+            colour = _colour(rollout["advantage"][i], rollout["magnitude"][i] * rollout["gate"][i], low, high)
+            parts.append(f"<span class='t' data-id='{rollout['ids'][i]}' style='background:{colour}' "
+                         f"title='{html.escape(tip, quote=True)}'>{html.escape(text)}</span>")
         parts.append("</pre>")
     parts.append("</body></html>")
     return "".join(parts)
