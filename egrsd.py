@@ -178,6 +178,19 @@ def _chunks(rows: torch.Tensor, chunk_size: int):
     return (rows[start : start + chunk_size] for start in range(0, rows.numel(), chunk_size))
 
 
+def _save_autocast(ctx, x) -> None:
+    """Remember the autocast state of the forward: the backward recomputes each chunk of logits, and
+    must round it exactly as the forward did (bf16 logits under autocast), or the softmax it rebuilds
+    from the forward's log-sum-exp no longer sums to 1."""
+    ctx.device_type = x.device.type
+    ctx.autocast = torch.is_autocast_enabled(ctx.device_type)
+    ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type)
+
+
+def _autocast_as_forward(ctx):
+    return torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast)
+
+
 def _grad_buffers(ctx, x, weight, dtype):
     grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
     grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if weight is not None and ctx.needs_input_grad[1] else None
@@ -199,6 +212,7 @@ class _TokenLogprobs(torch.autograd.Function):
         _check_lse(name, lse)
         ctx.save_for_backward(x, weight, tokens, lse)
         ctx.chunk_size = chunk_size
+        _save_autocast(ctx, x)
         return picked - lse
 
     @staticmethod
@@ -207,8 +221,10 @@ class _TokenLogprobs(torch.autograd.Function):
         grad_x, grad_w = _grad_buffers(ctx, x, weight, lse.dtype)
         for idx in _chunks(torch.arange(x.shape[0], device=x.device), ctx.chunk_size):
             g = grad_out[idx, None].to(lse.dtype)
-            dz = -g * torch.exp(_chunk_logits(x, weight, idx, lse.dtype) - lse[idx, None])
-            _backprop_chunk(dz.scatter_add_(-1, tokens[idx, None], g), x, weight, idx, grad_x, grad_w)
+            with _autocast_as_forward(ctx):
+                z = _chunk_logits(x, weight, idx, lse.dtype)
+                dz = -g * torch.exp(z - lse[idx, None])
+                _backprop_chunk(dz.scatter_add_(-1, tokens[idx, None], g), x, weight, idx, grad_x, grad_w)
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
@@ -233,6 +249,7 @@ class _MeanKL(torch.autograd.Function):
         _check_lse("teacher_logits" if w_t is None else "teacher_hidden", lse_t)
         ctx.save_for_backward(x_s, w_s, x_t, w_t, rows, lse_s, lse_t)
         ctx.chunk_size = chunk_size
+        _save_autocast(ctx, x_s)
         return kl.sum() / max(rows.numel(), 1)
 
     @staticmethod
@@ -242,9 +259,10 @@ class _MeanKL(torch.autograd.Function):
         scale = grad_out.to(lse_s.dtype) / max(rows.numel(), 1)
         for start, idx in zip(range(0, rows.numel(), ctx.chunk_size), _chunks(rows, ctx.chunk_size)):
             sl = slice(start, start + idx.numel())
-            p_s = torch.exp(_chunk_logits(x_s, w_s, idx, lse_s.dtype) - lse_s[sl, None])
-            p_t = torch.exp(_chunk_logits(x_t, w_t, idx, lse_t.dtype) - lse_t[sl, None])
-            _backprop_chunk(scale * (p_s - p_t), x_s, w_s, idx, grad_x, grad_w)
+            with _autocast_as_forward(ctx):
+                p_s = torch.exp(_chunk_logits(x_s, w_s, idx, lse_s.dtype) - lse_s[sl, None])
+                p_t = torch.exp(_chunk_logits(x_t, w_t, idx, lse_t.dtype) - lse_t[sl, None])
+                _backprop_chunk(scale * (p_s - p_t), x_s, w_s, idx, grad_x, grad_w)
         return grad_x, None if grad_w is None else grad_w.to(w_s.dtype), None, None, None, None
 
 

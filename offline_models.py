@@ -12,8 +12,8 @@ import warnings
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from tasks import make_arithmetic_problems, student_messages, teacher_messages
 
@@ -70,14 +70,14 @@ def _special_token_ids(tokenizer) -> dict:
             "bos_token_id": tokenizer.pad_token_id}
 
 
-def build_tiny_model(tokenizer, seed: int = 0) -> Qwen2ForCausalLM:
-    """A random float32 Qwen2 (hidden 64, 2 layers), the same for the same seed; the global RNG is untouched."""
+def build_tiny_model(tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32) -> Qwen2ForCausalLM:
+    """A random Qwen2 (hidden 64, 2 layers), the same for the same seed and dtype; the global RNG is untouched."""
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048,
                          tie_word_embeddings=True, **_special_token_ids(tokenizer))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.update(**_special_token_ids(tokenizer))
     return model
 
@@ -110,9 +110,6 @@ def _load_pretrained(name: str, dtype: torch.dtype):
         warnings.warn(f"{name}: tokenizer has no chat template; using a plain ChatML one")
         tokenizer.chat_template = CHATML_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
-    # Generation stops at the tokenizer's EOS only (Qwen2.5-Instruct: <|im_end|>), the token the trainer
-    # looks for to tell a finished completion from a truncated one.
-    model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return model, tokenizer
 
 
@@ -120,10 +117,18 @@ def load_model_and_tokenizer(name: str, device, dtype: torch.dtype):
     """(model on `device` in `dtype`, tokenizer): "tiny", "random-0.5b" (tiny tokenizer), or a hub name."""
     if name == "tiny":
         tokenizer = build_tiny_tokenizer()
-        model = build_tiny_model(tokenizer)
+        model = build_tiny_model(tokenizer, dtype=dtype)
     elif name == "random-0.5b":
         tokenizer = build_tiny_tokenizer()
         model = build_random_qwen25_05b(tokenizer, dtype, device)
     else:
         model, tokenizer = _load_pretrained(name, dtype)
-    return model.to(device=device, dtype=dtype), tokenizer
+    # A clean generation config. A checkpoint's own sampling defaults (Qwen2.5-Instruct ships a
+    # repetition penalty, temperature, top-p and top-k) would fill every setting the trainer leaves unset,
+    # and rollouts would no longer come from the policy whose log-probs are trained. Generation stops at
+    # the tokenizer's EOS only (Qwen2.5-Instruct: <|im_end|>), the token that tells a finished completion
+    # from a truncated one.
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    # Built and loaded in `dtype` already: a later .to(dtype) would also round buffers that transformers
+    # keeps in float32, such as the rotary frequencies.
+    return model.to(device), tokenizer

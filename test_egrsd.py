@@ -774,6 +774,38 @@ def test_linear_opsd_loss_equals_the_plain_computation_forward_and_backward(dtyp
         assert_close_to_scale(got.grad, want.grad, precision)
 
 
+@pytest.mark.parametrize("function", ["linear_token_logprobs", "linear_opsd_loss"])
+def test_linear_gradients_under_bf16_autocast_are_as_accurate_as_the_plain_computation(function):
+    """The trainer's setting: float32 weights, bf16 autocast, confident tokens (p ≈ 0.999), where 1 − p
+    is tiny and a backward that rounded its logits unlike the forward would be off many times over."""
+    generator = torch.Generator().manual_seed(0)
+    weight = 0.5 * torch.randn(2000, 64, generator=generator)
+    tokens = torch.randint(2000, (256,), generator=generator)
+    hidden, teacher_hidden = (1.5 * weight[tokens] + 0.3 * torch.randn(256, 64, generator=generator) for _ in range(2))
+
+    def gradients(h, w, plain, autocast):
+        """d loss / d (hidden, weight), through the project's function or the plain full-logits formula."""
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        teacher, teacher_weight = teacher_hidden.to(h.dtype), weight.to(h.dtype)
+        log_softmax = lambda x, v: torch.log_softmax((x @ v.T).to(h.dtype), -1)  # noqa: E731
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if function == "linear_token_logprobs" and plain:
+                loss = -log_softmax(h, w).gather(-1, tokens[:, None]).mean()
+            elif function == "linear_token_logprobs":
+                loss = -egrsd.linear_token_logprobs(h, w, tokens, chunk_size=64).mean()
+            elif plain:
+                logp_t = log_softmax(teacher, teacher_weight)
+                loss = (logp_t.exp() * (logp_t - log_softmax(h, w))).sum(-1).mean()
+            else:
+                loss = egrsd.linear_opsd_loss(h, w, teacher, teacher_weight, chunk_size=64)
+        loss.backward()
+        return torch.cat([h.grad.double().flatten(), w.grad.double().flatten()])
+
+    exact = gradients(hidden.double(), weight.double(), plain=True, autocast=False)
+    error = {plain: ((gradients(hidden, weight, plain, True) - exact).norm() / exact.norm()).item() for plain in (True, False)}
+    assert error[False] <= 2 * error[True] + 1e-3, error
+
+
 def test_opsd_loss_is_zero_with_zero_gradient_on_empty_mask():
     student = torch.randn(2, 3, 5, requires_grad=True)
     loss = egrsd.opsd_loss(student, torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.bool))
@@ -870,6 +902,24 @@ def read_metrics(run_dir) -> list[dict]:
 
 def same_parameters(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_a_checkpoints_own_sampling_defaults_do_not_leak_into_rollouts(tmp_path):
+    """Rollouts must come from the policy whose log-probs are trained: no repetition penalty or other
+    sampling default saved with the model may apply."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    model.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=2, do_sample=True, temperature=0.3)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, _ = train_min.load_model_and_tokenizer(str(tmp_path), "cpu", torch.float32)
+    clean, _ = train_min.load_model_and_tokenizer("tiny", "cpu", torch.float32)
+    ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in train_eval_problems(3, 1, 0)[0]], "cpu")
+    outputs = []
+    for model in (loaded, clean):
+        torch.manual_seed(0)
+        outputs.append(train_min.generate(model, tokenizer, ids, attention, train_min.Config(max_new_tokens=24))[0])
+    assert torch.equal(*outputs)
 
 
 @pytest.mark.parametrize("method", train_min.METHODS)
@@ -984,8 +1034,9 @@ def without_timings(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in TIMING_KEYS}
 
 
-def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
-    flags = TINY + ["--method", "cl-egrsd", "--eval-size", "0", "--save-every", "0"]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: a separate sampler copy to restore
+def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(dtype, tmp_path):
+    flags = TINY + ["--method", "cl-egrsd", "--eval-every", "1", "--save-every", "0", "--dtype", dtype]
     train_min.main(flags + ["--steps", "3", "--output-dir", str(tmp_path / "straight")])
     train_min.main(flags + ["--steps", "2", "--output-dir", str(tmp_path / "resumed")])
     before = (tmp_path / "resumed" / "metrics.jsonl").read_text()
@@ -1015,8 +1066,17 @@ def test_ctrl_c_checkpoints_after_the_current_step_and_the_run_resumes(tmp_path)
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, state["step"] + 2))
 
 
-def test_non_finite_steps_are_skipped_and_then_stop_the_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(egrsd, "policy_loss", lambda logp, adv, mask: (logp * float("nan")).sum())
+def nan_forward(completion_hidden):
+    """completion_hidden whose output is NaN in training mode (the student's update), as after an overflow."""
+    return lambda model, *args: completion_hidden(model, *args) * (math.nan if model.training else 1.0)
+
+
+@pytest.mark.parametrize("where", ["loss", "forward"])
+def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, tmp_path, monkeypatch):
+    if where == "loss":
+        monkeypatch.setattr(egrsd, "policy_loss", lambda logp, adv, mask: (logp * float("nan")).sum())
+    else:
+        monkeypatch.setattr(train_min, "completion_hidden", nan_forward(train_min.completion_hidden))
     with pytest.raises(SystemExit, match="non-finite steps in a row"):
         train_min.main(TINY + ["--steps", "5", "--max-bad-steps", "2", "--eval-size", "0", "--output-dir", str(tmp_path)])
     rows = read_metrics(tmp_path)
@@ -1035,6 +1095,17 @@ def test_a_bad_flag_stops_before_any_model_loads_naming_the_flag(flag, value, mo
     with pytest.raises(SystemExit) as stop:
         train_min.main(["--device", "cpu", flag, value, "--output-dir", str(tmp_path)])
     assert str(stop.value.code).startswith(flag + ":")
+
+
+def test_resume_refuses_another_output_dir_before_any_model_loads(tmp_path, monkeypatch):
+    train_min.main(TINY + ["--steps", "1", "--eval-size", "0", "--output-dir", str(tmp_path / "run")])
+    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        train_min.main(["--resume", str(tmp_path / "run"), "--output-dir", str(tmp_path / "elsewhere")])
+    assert str(stop.value.code).startswith("--output-dir:")
+    with pytest.raises(SystemExit) as stop:
+        train_min.main(["--resume", str(tmp_path / "elsewhere")])
+    assert str(stop.value.code).startswith("--resume:")
 
 
 @pytest.mark.parametrize("content, message", [

@@ -175,6 +175,10 @@ def check_config(cfg: Config) -> None:
     for name, ok, allowed in rules:
         if not ok:
             sys.exit(f"--{name.replace('_', '-')}: expected {allowed}, got {getattr(cfg, name)!r}")
+    if cfg.resume:
+        if os.path.abspath(cfg.output_dir) != os.path.abspath(cfg.resume):
+            sys.exit(f"--output-dir: a resumed run writes to its own directory {cfg.resume!r}, got {cfg.output_dir!r}")
+        run_io.find_checkpoint(cfg.resume)  # stops now if there is none
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("CUDA is not available on this machine. For a CPU smoke run:\n"
                  "    python train_min.py --model tiny --device cpu --steps 2 --output-dir runs/smoke")
@@ -213,7 +217,7 @@ def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: boo
     """Sample completions: ids (B, T), mask (B, T) bool up to and including the first EOS, finished (B,)."""
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature,
                                                           top_p=cfg.top_p, top_k=cfg.top_k)
-    # a fresh GenerationConfig: the checkpoint's own defaults (e.g. repetition_penalty) must not leak in
+    # only what is set here and in the model's (clean, see offline_models.py) generation config applies
     static = cfg.cache == "static" or (cfg.cache == "auto" and prompt_ids.is_cuda)
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, cache_implementation="static" if static else None,
@@ -315,6 +319,9 @@ def update(student, teacher, optimizer, rollout: dict, scores: dict, token_adv, 
         m = mask[mb]
         with autocast(cfg):
             h = completion_hidden(student, rollout["student_ids"][mb], rollout["student_mask"][mb], completion[mb], m)[m]
+            if not bool(torch.isfinite(h).all()):  # a non-finite forward (bf16 overflow): skip the step
+                optimizer.zero_grad(set_to_none=True)
+                return math.nan, math.nan
             if cfg.method == "opsd":  # Eq. 1: token mean of the full-vocabulary KL(p_T ‖ p_θ)
                 loss = egrsd.linear_opsd_loss(h, lm_head(student), scores["teacher_hidden"][i], lm_head(teacher), cfg.chunk_size)
             else:  # Eq. 7: −Σ m · Â · log p_θ / Σ m
@@ -399,6 +406,9 @@ def train(cfg: Config):
         state = run_io.load_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         advantage.load_state_dict(state["advantage"])
+        for group in optimizer.param_groups:  # the flags of this call win over the saved settings
+            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        advantage.warmup_steps = cfg.advantage_warmup
         start_step = state["step"]
         print(f"resumed {cfg.output_dir} at step {start_step}")
     if cfg.gradient_checkpointing:  # transformers ≥ 5.2x renamed it; 5.17 has the old name only
@@ -475,7 +485,7 @@ def train(cfg: Config):
                 save(done)
                 sys.exit(f"stopped: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {grad_norm}); "
                          f"the last good state is in {cfg.output_dir}/checkpoint (lower --lr?)")
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and eval_problems:
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and eval_problems and not stop.requested:
                 run_eval(done)
             if (cfg.save_every and done % cfg.save_every == 0) or stop.requested:
                 save(done)
@@ -483,9 +493,9 @@ def train(cfg: Config):
                 print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}")
                 return student, teacher
 
+    save(cfg.steps)
     if eval_problems and start_step < cfg.steps:
         run_eval(cfg.steps)
-    save(cfg.steps)
     sampler.save_pretrained(os.path.join(cfg.output_dir, "final"))  # in the compute dtype
     tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
     print(f"saved {cfg.output_dir}/final")
