@@ -740,11 +740,10 @@ def test_linear_token_logprobs_equal_the_plain_computation_forward_and_backward(
     (logp * upstream).sum().backward()
     expected = torch.log_softmax(plain_logits(*plain), -1).gather(-1, batch.tokens[:, None]).squeeze(-1)
     (expected * upstream.to(expected.dtype)).sum().backward()
-    precision = torch.float32 if dtype == torch.float32 else torch.bfloat16
     assert logp.dtype in WIDE_FLOATS
-    assert_close_to_scale(logp, expected.detach(), precision)
+    assert_close_to_scale(logp, expected.detach(), dtype)
     for got, want in zip(ours, plain):
-        assert_close_to_scale(got.grad, want.grad, precision)
+        assert_close_to_scale(got.grad, want.grad, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -753,7 +752,7 @@ def test_linear_token_entropy_equals_the_plain_computation(dtype, data):
     batch, chunking = data.draw(hidden_batches(dtype)), data.draw(CHUNKINGS)
     entropy = egrsd.linear_token_entropy(batch.teacher_hidden, batch.teacher_weight, **chunking)
     expected = naive_token_entropy(plain_logits(batch.teacher_hidden, batch.teacher_weight))
-    assert_close_to_scale(entropy, expected, torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    assert_close_to_scale(entropy, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -768,10 +767,9 @@ def test_linear_opsd_loss_equals_the_plain_computation_forward_and_backward(dtyp
     kl = (teacher.exp() * (teacher - torch.log_softmax(plain_logits(*plain), -1))).sum(-1)
     expected = kl.mean() if len(kl) else kl.sum()
     expected.backward()
-    precision = torch.float32 if dtype == torch.float32 else torch.bfloat16
-    assert_close_to_scale(loss, expected.detach(), precision)
+    assert_close_to_scale(loss, expected.detach(), dtype)
     for got, want in zip(ours, plain):
-        assert_close_to_scale(got.grad, want.grad, precision)
+        assert_close_to_scale(got.grad, want.grad, dtype)
 
 
 @pytest.mark.parametrize("function", ["linear_token_logprobs", "linear_opsd_loss"])
