@@ -71,9 +71,11 @@ def rss_bytes() -> int:
 
 def scoring_step(variant: str, device: str, layers: int, batch: int, length: int, chunk_size: int) -> dict:
     """One student scoring step; returns time, peak memory and a sample of the outputs."""
+    from offline_models import enable_activation_checkpointing
+
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = qwen05b(layers, device, dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, length + 1), generator=generator).to(device)

@@ -9,7 +9,8 @@ completion token gets the token advantage (Eq. 7)
 
 - A_i      reward direction and scale: the running-normalised, length-shaped reward (App. B);
 - w_{i,t}  magnitude: clip(exp(sign(A_i) · (log p_T − log p_S)), 1 − ε, 1 + ε)               (Eq. 2);
-- ω_{i,t}  confidence: clip(1 − γ · H_T / max_batch H_T, floor, 1), the teacher-entropy gate (Eq. 4-6);
+- ω_{i,t}  confidence: clip(1 − γ · H_T / max(max_batch H_T, 1 nat), floor, 1), the teacher-entropy gate
+           (Eq. 4-6);
            CL-EGRSD replaces H_T in the numerator by its minimum over [t, t + W]               (Eq. 8).
 
 and the loss is −Σ m · Â · log p_θ / Σ m. γ = 0 gives RLSD; γ = 0 and ε → 0 gives GRPO's A_i.
@@ -38,6 +39,7 @@ __all__ = [
     "length_shaped_reward",
     "RunningAdvantage",
     "lookahead_min",
+    "normalised_entropy",
     "entropy_gate",
     "ratio_magnitude",
     "token_advantages",
@@ -284,13 +286,20 @@ def _entropy(x: torch.Tensor, weight: torch.Tensor | None, chunk_size: int, name
 
 def _token_ids(tokens, vocab: int, shape: torch.Size) -> torch.Tensor:
     _tensor("tokens", tokens, floating=False)
-    if tokens.dtype == torch.bool or tokens.is_complex():
+    if tokens.dtype == torch.bool or tokens.is_complex() or tokens.is_floating_point():
         _fail("tokens", "an integer tensor", f"dtype {tokens.dtype}")
     if tokens.shape != shape:
         _fail("tokens", f"shape {tuple(shape)} (the leading dims of its partner)", f"shape {tuple(tokens.shape)}")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
         _fail("tokens", f"ids in [0, {vocab})", f"ids in [{int(tokens.min())}, {int(tokens.max())}]")
     return tokens.reshape(-1).long()
+
+
+def _no_nan(name: str, x: torch.Tensor, chunk_size: int) -> None:
+    """NaN anywhere in x (..., V), also in rows that are not read, checked `chunk_size` rows at a time."""
+    for rows in x.reshape(-1, x.shape[-1]).split(chunk_size):
+        if bool(torch.isnan(rows).any()):
+            _fail(name, "no NaN", "NaN in it")
 
 
 def _hidden_and_weight(hidden_name: str, hidden, weight_name: str, weight) -> None:
@@ -346,9 +355,11 @@ def opsd_loss(
         _fail("teacher_logits", f"shape {tuple(student_logits.shape)} like student_logits (same vocab)",
               f"shape {tuple(teacher_logits.shape)}")
     rows = _mask(mask, student_logits.shape[:2]).reshape(-1).nonzero().squeeze(-1)
-    vocab = student_logits.shape[-1]
+    vocab, chunk_size = student_logits.shape[-1], _chunk_size(chunk_size)
+    _no_nan("student_logits", student_logits.detach(), chunk_size)
+    _no_nan("teacher_logits", teacher_logits.detach(), chunk_size)
     return _MeanKL.apply(student_logits.reshape(-1, vocab), None, teacher_logits.detach().reshape(-1, vocab), None,
-                         rows, _chunk_size(chunk_size))
+                         rows, chunk_size)
 
 
 def linear_token_logprobs(
@@ -495,6 +506,30 @@ def lookahead_min(entropy: torch.Tensor, mask: torch.Tensor, window: int) -> tor
     return mins.masked_fill(~mask, 0.0)
 
 
+def normalised_entropy(
+    entropy: torch.Tensor, mask: torch.Tensor, window: int = 0, min_denominator: float = 1.0, denominator: str = "raw"
+) -> torch.Tensor:
+    """Ĥ of Eq. 5 (window = 0) or Eq. 8 (window > 0), (B, T), 0 off the mask:
+
+        Ĥ_{i,t} = H'_{i,t} / max(max over valid (j, k) of the batch of D_{j,k}, min_denominator),
+
+    H' = lookahead_min(entropy, mask, window) (H' = H for window = 0), and D is
+      - "raw":      the raw entropies H, as Eq. 8 of the paper is written (default);
+      - "filtered": the lookahead minima H', as the paper's Algorithm 1 computes it (it overwrites H
+                    with the windowed minimum before normalising). The two agree for window = 0.
+    One denominator for the whole batch (not per sequence, not log|V|), floored at `min_denominator`
+    nats so that a batch of confident tokens is not blown up.
+    """
+    _per_token("entropy", entropy)
+    mask = _mask(mask, entropy.shape)
+    min_denominator = _number("min_denominator", min_denominator, 0.0, math.inf, low_open=True)
+    denominator = _denominator(denominator)
+    numerator = lookahead_min(entropy, mask, window)  # 0 off the mask
+    source = numerator if denominator == "filtered" else entropy.detach().to(numerator.dtype)
+    batch_max = source[mask].max() if mask.any() else numerator.new_tensor(0.0)
+    return numerator / torch.clamp(batch_max, min=min_denominator)
+
+
 def entropy_gate(
     entropy: torch.Tensor,
     mask: torch.Tensor,
@@ -506,27 +541,15 @@ def entropy_gate(
 ) -> torch.Tensor:
     """Confidence gate ω (Eq. 5, 6; Eq. 8 for window > 0): ω = clip(1 − γ · Ĥ, floor, 1), (B, T).
 
-    Ĥ_{i,t} = H'_{i,t} / max(max over valid (j, k) of the batch of D_{j,k}, min_denominator), where
-    H' = lookahead_min(entropy, mask, window) (H' = H for window = 0, i.e. EGRSD) and D is
-      - "raw":      the raw entropies H, as Eq. 8 of the paper is written (default);
-      - "filtered": the lookahead minima H', as the paper's Algorithm 1 computes it (it overwrites H
-                    with the windowed minimum before normalising). The two agree for window = 0.
-    One denominator for the whole batch (not per sequence, not log|V|), floored at `min_denominator`
-    nats so that a batch of confident tokens is not blown up. Every valid token keeps a weight
-    ≥ max(floor, 1 − γ) > 0 when Ĥ ≤ 1; ω = 1 where H' = 0 and everywhere when γ = 0; 0 off the mask.
+    Ĥ = normalised_entropy(entropy, mask, window, min_denominator, denominator): the teacher entropy
+    (its minimum over [t, t + W] for CL-EGRSD) over the batch's largest, floored at `min_denominator`
+    nats. Since Ĥ ≤ 1 (raw denominator), every valid token keeps a weight ≥ max(floor, 1 − γ), nonzero
+    unless floor = 0 and γ ≥ 1; ω = 1 where H' = 0 and everywhere when γ = 0; 0 off the mask.
     """
-    _per_token("entropy", entropy)
-    mask = _mask(mask, entropy.shape)
     gamma = _number("gamma", gamma, 0.0, math.inf)
     floor = _number("floor", floor, 0.0, 1.0)
-    min_denominator = _number("min_denominator", min_denominator, 0.0, math.inf, low_open=True)
-    denominator = _denominator(denominator)
-    numerator = lookahead_min(entropy, mask, window)  # 0 off the mask
-    source = numerator if denominator == "filtered" else entropy.detach().to(numerator.dtype)
-    batch_max = source.masked_fill(~mask, -math.inf).amax() if mask.any() else numerator.new_tensor(-math.inf)
-    normaliser = torch.clamp(batch_max, min=min_denominator)
-    gate = torch.clamp(1.0 - gamma * numerator / normaliser, min=floor, max=1.0)
-    return gate.masked_fill(~mask, 0.0)
+    h_hat = normalised_entropy(entropy, mask, window, min_denominator, denominator)
+    return torch.clamp(1.0 - gamma * h_hat, min=floor, max=1.0).masked_fill(~mask, 0.0)
 
 
 def ratio_magnitude(
@@ -613,24 +636,19 @@ def token_regimes(
 ) -> torch.Tensor:
     """The paper's token regimes, (B, T) int64 codes into REGIMES (1-based), 0 off the mask.
 
-    With Ĥ = H / d and Ĥ^CL = lookahead_min(H, mask, window) / d, d the batch normaliser of Eq. 5/8
-    (max of the raw valid entropies, floored at `min_denominator`):
+    With Ĥ = normalised_entropy(H, mask, 0) and Ĥ^CL = normalised_entropy(H, mask, window), both over the
+    batch's largest raw entropy floored at `min_denominator` (Eq. 5 and 8):
       lock  (1)  Ĥ ≤ τ_low                        the teacher is sure: the gate barely touches it;
       pivot (3)  Ĥ ≥ τ_high and Ĥ^CL ≤ τ_low      uncertainty that resolves within W tokens (CL restores it);
       fork  (4)  Ĥ ≥ τ_high and Ĥ^CL ≥ τ_high     uncertainty that persists (stays down-weighted);
       mid   (2)  every other valid token.
     Needs 0 ≤ τ_low < τ_high; then every valid token is in exactly one regime, and window = 0 has no pivots.
     """
-    _per_token("entropy", entropy)
-    mask = _mask(mask, entropy.shape)
     tau_low = _number("tau_low", tau_low, 0.0, math.inf)
     tau_high = _number("tau_high", tau_high, tau_low, math.inf, low_open=True)
-    min_denominator = _number("min_denominator", min_denominator, 0.0, math.inf, low_open=True)
-    h = entropy.detach().to(_float_dtype(entropy.dtype))
-    batch_max = h[mask].max() if mask.any() else h.new_tensor(0.0)
-    normaliser = torch.clamp(batch_max, min=min_denominator)
-    h_hat, h_cl = h / normaliser, lookahead_min(h, mask, window) / normaliser
-    codes = torch.full(h.shape, 2, dtype=torch.long, device=h.device)  # mid
+    h_hat = normalised_entropy(entropy, mask, 0, min_denominator)
+    h_cl = normalised_entropy(entropy, mask, window, min_denominator)
+    codes = torch.full(h_hat.shape, 2, dtype=torch.long, device=h_hat.device)  # mid
     high = h_hat >= tau_high
     codes[h_hat <= tau_low] = 1
     codes[high & (h_cl <= tau_low)] = 3

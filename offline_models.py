@@ -132,3 +132,10 @@ def load_model_and_tokenizer(name: str, device, dtype: torch.dtype):
     # Built and loaded in `dtype` already: a later .to(dtype) would also round buffers that transformers
     # keeps in float32, such as the rotary frequencies.
     return model.to(device), tokenizer
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in the backward. transformers 5.2x renamed gradient_checkpointing_enable;
+    5.17 has the old name only."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})

@@ -36,6 +36,8 @@ def save_checkpoint(run_dir: str, model, tokenizer, state: dict) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({**state, "rng": rng_states()}, os.path.join(tmp, STATE_FILE))
+    with open(os.path.join(tmp, "step.json"), "w") as f:  # readable without loading the optimizer state
+        json.dump({"step": state["step"]}, f)
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -46,9 +48,14 @@ def save_checkpoint(run_dir: str, model, tokenizer, state: dict) -> None:
 def find_checkpoint(run_dir: str) -> str:
     """checkpoint/, or checkpoint.old/ if a crash came between the two renames of save_checkpoint."""
     for name in ("checkpoint", "checkpoint.old"):
-        if os.path.isfile(os.path.join(run_dir, name, STATE_FILE)):
+        if os.path.isfile(os.path.join(run_dir, name, "step.json")):  # written last: the rest is complete
             return os.path.join(run_dir, name)
     sys.exit(f"--resume: no checkpoint in {run_dir!r} (expected {run_dir}/checkpoint/{STATE_FILE})")
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    with open(os.path.join(checkpoint, "step.json")) as f:
+        return json.load(f)["step"]
 
 
 def load_state(checkpoint: str) -> dict:

@@ -1,27 +1,40 @@
-"""The correctness spec of `egrsd.py`: property-based tests (hypothesis) of SPEC §2-§4.
+"""The correctness spec of EGRSD-min: property-based tests (hypothesis) of SPEC §2-§4, then the trainer.
 
-Three kinds of test, in this order:
+Five kinds of test, in this order:
 1. reference: each function equals a float64 naive implementation written loop by loop from the paper's
    equations, on generated batches with left and right padding, holes, all-padding rows, zero and large
    entropies, zero advantages, γ up to 2 (so the 0.1 floor binds) and windows 0..8;
 2. invariants: every property of SPEC §4, one test each, named for the sentence it states;
 3. contract (SPEC §3): weights and advantages come back detached, and each kind of bad input raises a
-   ValueError that names the argument.
+   ValueError that names the argument;
+4. beyond the contract: the hidden-state (`linear_*`) functions equal the plain computation, also under
+   bf16 autocast, and the token regimes hold their definitions;
+5. train_min.py end to end on CPU with the tiny model built in code: every method, token alignment, a
+   learning check, resume, Ctrl-C, non-finite steps, bad flags and files, bf16, the token view.
 
 The hypothesis profile is fixed (derandomized, no example database), so a run is reproducible and CI never
-flakes. Run: pytest -q test_egrsd.py
+flakes. Run: python -m pytest -q
 """
 import copy
 import inspect
+import json
 import math
+import signal
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import egrsd
+import train_min
+from offline_models import build_tiny_model, build_tiny_tokenizer
+from tasks import Problem, load_problems, student_messages, teacher_messages, train_eval_problems
 
 settings.register_profile(
     "egrsd", derandomize=True, database=None, deadline=None, max_examples=50,
@@ -594,7 +607,7 @@ def run(function, **overrides):
 
 
 FUNCTIONS = ["token_logprobs", "token_entropy", "length_shaped_reward", "RunningAdvantage", "lookahead_min",
-             "entropy_gate", "ratio_magnitude", "token_advantages", "policy_loss", "opsd_loss"]
+             "normalised_entropy", "entropy_gate", "ratio_magnitude", "token_advantages", "policy_loss", "opsd_loss"]
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
@@ -679,6 +692,13 @@ BAD_INPUTS = [
     *[case(function, "min_denominator", d) for function in ["entropy_gate", "token_advantages"] for d in [0.0, -1.0]],
     *[case(function, "denominator", "max") for function in ["entropy_gate", "token_advantages"]],
     *[case("token_logprobs", "tokens", first_entry(token), token) for token in [-1, 5]],
+    case("token_logprobs", "tokens", torch.Tensor.float, "float ids"),
+    case("opsd_loss", "student_logits", lambda x: x.index_put((torch.tensor(0), torch.tensor(2)), torch.tensor(math.nan)),
+         "NaN in a padded row"),
+    case("normalised_entropy", "mask", torch.Tensor.float, "float"),
+    case("normalised_entropy", "window", -1),
+    case("normalised_entropy", "denominator", "max"),
+    case("normalised_entropy", "min_denominator", 0.0),
     *[case("length_shaped_reward", "max_length", max_length) for max_length in [0, -5]],
     *[case("length_shaped_reward", "lengths", first_entry(length), length) for length in [-1, 33]],
 ]
@@ -873,21 +893,9 @@ def test_raising_a_later_entropy_never_turns_a_fork_into_a_pivot(batch, window, 
                 assert egrsd.token_regimes(raised, batch.mask, window, *thresholds)[b, t] != pivot
 
 
-# ====================================================================================================
-# train_min.py end to end, on CPU with the tiny model built in code (tasks.py, offline_models.py).
-
-import json
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import train_min
-from offline_models import build_tiny_model, build_tiny_tokenizer
-from tasks import Problem, load_problems, student_messages, teacher_messages, train_eval_problems
+# --------------------------------------------------------------------------------------------------------
+# 5. train_min.py end to end, on CPU with the tiny model built in code (tasks.py, offline_models.py)
+# --------------------------------------------------------------------------------------------------------
 
 TINY = ["--model", "tiny", "--device", "cpu", "--batch-size", "4", "--micro-batch-size", "2",
         "--max-new-tokens", "8", "--train-size", "16", "--eval-size", "4", "--eval-batch-size", "4"]
@@ -1104,6 +1112,9 @@ def test_resume_refuses_another_output_dir_before_any_model_loads(tmp_path, monk
     with pytest.raises(SystemExit) as stop:
         train_min.main(["--resume", str(tmp_path / "elsewhere")])
     assert str(stop.value.code).startswith("--resume:")
+    with pytest.raises(SystemExit) as stop:  # fewer steps than the checkpoint has done
+        train_min.main(["--resume", str(tmp_path / "run"), "--steps", "0"])
+    assert str(stop.value.code).startswith("--steps:")
 
 
 @pytest.mark.parametrize("content, message", [

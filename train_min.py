@@ -3,7 +3,7 @@
 Every step: sample one rollout per problem from the student, verify it, score every completion token
 with a frozen copy of the initial model whose prompt also holds the reference solution (the privileged
 teacher), weight each token (egrsd.py) and take one AdamW step. Five methods share the same rollouts,
-reward, advantage and optimizer; only the per-token weight differs (see ../SPEC or egrsd.py):
+reward, advantage and optimizer; only the per-token weight differs (../shared/SPEC.md, egrsd.py):
 
     grpo      Â = A_i                        rlsd      Â = A_i · w            (EGRSD with γ = 0)
     opsd      loss = KL(p_T ‖ p_θ) per token egrsd     Â = A_i · w · ω        cl-egrsd  ω with lookahead W
@@ -13,6 +13,7 @@ Run:
     python train_min.py --method cl-egrsd --window 3 --output-dir runs/cl
     python train_min.py --model tiny --device cpu --steps 2 --output-dir runs/smoke   # CPU smoke run
     python train_min.py --resume runs/cl                     # continue an interrupted run
+    python train_min.py --compare runs/egrsd runs/cl         # accuracy-length table of runs, no model
 
 Simplified on purpose: HF `generate` for rollouts; one optimizer step per batch (fully on-policy, so
 no importance ratio or clipping of the policy); the teacher scores only the completion positions, and
@@ -40,7 +41,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 import egrsd
 import run_io
 import views
-from offline_models import load_model_and_tokenizer
+from offline_models import enable_activation_checkpointing, load_model_and_tokenizer
 from tasks import is_correct, load_problems, student_messages, teacher_messages, train_eval_problems
 
 METHODS = ("grpo", "opsd", "rlsd", "egrsd", "cl-egrsd")
@@ -138,7 +139,8 @@ def parse_args(argv=None) -> Config:
                                      argument_default=argparse.SUPPRESS)
     docs = field_docs(Config)
     for f in fields(Config):
-        kind = {"bool": dict(action=argparse.BooleanOptionalAction)}.get(f.type, dict(type=eval(f.type), metavar=f.type.upper()))
+        types = {"int": int, "float": float, "str": str}
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=types[f.type], metavar=f.type.upper())
         parser.add_argument("--" + f.name.replace("_", "-"), help=f"{docs[f.name]} (default: {f.default})", **kind)
     given = vars(parser.parse_args(argv))  # only the flags on the command line
     saved = {}
@@ -178,7 +180,9 @@ def check_config(cfg: Config) -> None:
     if cfg.resume:
         if os.path.abspath(cfg.output_dir) != os.path.abspath(cfg.resume):
             sys.exit(f"--output-dir: a resumed run writes to its own directory {cfg.resume!r}, got {cfg.output_dir!r}")
-        run_io.find_checkpoint(cfg.resume)  # stops now if there is none
+        done = run_io.checkpoint_step(run_io.find_checkpoint(cfg.resume))  # stops now if there is none
+        if cfg.steps < done:
+            sys.exit(f"--steps: expected ≥ {done}, the step of the checkpoint in {cfg.resume!r}, got {cfg.steps}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("CUDA is not available on this machine. For a CPU smoke run:\n"
                  "    python train_min.py --model tiny --device cpu --steps 2 --output-dir runs/smoke")
@@ -411,9 +415,8 @@ def train(cfg: Config):
         advantage.warmup_steps = cfg.advantage_warmup
         start_step = state["step"]
         print(f"resumed {cfg.output_dir} at step {start_step}")
-    if cfg.gradient_checkpointing:  # transformers ≥ 5.2x renamed it; 5.17 has the old name only
-        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(student)
     os.makedirs(cfg.output_dir, exist_ok=True)
     json.dump(asdict(cfg) | {"resume": ""}, open(os.path.join(cfg.output_dir, "config.json"), "w"), indent=1)
     metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
@@ -485,17 +488,15 @@ def train(cfg: Config):
                 save(done)
                 sys.exit(f"stopped: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {grad_norm}); "
                          f"the last good state is in {cfg.output_dir}/checkpoint (lower --lr?)")
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and eval_problems and not stop.requested:
-                run_eval(done)
-            if (cfg.save_every and done % cfg.save_every == 0) or stop.requested:
+            # checkpoint first, then evaluate: a second Ctrl-C during a long evaluation loses no step
+            if (cfg.save_every and done % cfg.save_every == 0) or stop.requested or done == cfg.steps:
                 save(done)
-            if stop.requested:
+            if eval_problems and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+                run_eval(done)
+            if stop.requested and done < cfg.steps:
                 print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}")
                 return student, teacher
 
-    save(cfg.steps)
-    if eval_problems and start_step < cfg.steps:
-        run_eval(cfg.steps)
     sampler.save_pretrained(os.path.join(cfg.output_dir, "final"))  # in the compute dtype
     tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
     print(f"saved {cfg.output_dir}/final")

@@ -69,7 +69,9 @@ def _mean(x, chosen):
 
 def regime_stats(scores: dict, signals: dict, mask, cfg) -> dict:
     """Per step: the means of the signals, and per regime (lock, mid, pivot, fork) its share of the
-    tokens, its mean gate, and the weight the lookahead restores, ω(W) − ω(0), at this γ and W."""
+    tokens, its mean gate (the gate the method applied: 1 without one), and restored_*, the weight the
+    lookahead gives back, ω(W) − ω(0) at this γ and W: applied by cl-egrsd, what it would give back for
+    the other methods."""
     entropy, gate = scores["teacher_entropy"], signals["gate"]
     gate_at = functools.partial(egrsd.entropy_gate, entropy, mask, cfg.gamma, floor=cfg.floor,
                                 min_denominator=cfg.min_denominator, denominator=cfg.denominator)
@@ -88,8 +90,7 @@ def dump_tokens(path: str, step: int, tokenizer, rollout: dict, scores: dict, si
                 count: int = 4) -> None:
     """The token view (views.py) of the first `count` rollouts of this step."""
     entropy, mask = scores["teacher_entropy"], rollout["mask"]
-    normaliser = max(entropy[mask].max().item() if mask.any() else 0.0, cfg.min_denominator)
-    entropy_cl = egrsd.lookahead_min(entropy, mask, cfg.window) / normaliser
+    entropy_cl = egrsd.normalised_entropy(entropy, mask, cfg.window, cfg.min_denominator, cfg.denominator)
     regimes = egrsd.token_regimes(entropy, mask, cfg.window, cfg.regime_low, cfg.regime_high, cfg.min_denominator)
     shown = []
     for b in range(min(count, len(mask))):
