@@ -217,9 +217,12 @@ def bench_lookahead(batch: int = 32, length: int = 1024, window: int = 3) -> dic
     entropy, mask = torch.rand(batch, length) * 5, torch.rand(batch, length) > 0.1
     timings = {}
     for name, function in (("loop", loop_lookahead_min), ("vectorised", egrsd.lookahead_min)):
-        start = time.perf_counter()
-        result = function(entropy, mask, window)
-        timings[f"{name}_s"] = time.perf_counter() - start
+        best = math.inf
+        for _ in range(3):  # best of three
+            start = time.perf_counter()
+            result = function(entropy, mask, window)
+            best = min(best, time.perf_counter() - start)
+        timings[f"{name}_s"] = best
         timings.setdefault("results", []).append(result)
     first, second = timings.pop("results")
     return {**timings, "speedup": timings["loop_s"] / timings["vectorised_s"], "max_err": (first - second).abs().max().item(),

@@ -1,0 +1,33 @@
+"""How docs/token_view.png was made (CPU, a few minutes): teach the tiny model the built-in worked
+solutions with plain next-token training, then run one CL-EGRSD step that writes the token view.
+
+    python docs/make_token_view.py            # then open runs/token_view/tokens/step_1.html
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import train_min  # noqa: E402
+from offline_models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from tasks import student_messages, train_eval_problems  # noqa: E402
+
+tokenizer, (problems, _) = build_tiny_tokenizer(), train_eval_problems(2000, 10, seed=0)
+model = build_tiny_model(tokenizer, seed=0)
+optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+generator = torch.Generator().manual_seed(0)
+for step in range(600):
+    batch = [problems[i] for i in torch.randint(len(problems), (16,), generator=generator).tolist()]
+    texts = [tokenizer.apply_chat_template(student_messages(p), tokenize=False, add_generation_prompt=True)
+             + p.solution + "\nSo the answer is \\boxed{" + p.answer + "}.<|im_end|>" for p in batch]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    model(**encoded, labels=labels).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+model.save_pretrained("runs/token_view_model")
+tokenizer.save_pretrained("runs/token_view_model")
+train_min.main(["--model", "runs/token_view_model", "--device", "cpu", "--method", "cl-egrsd", "--steps", "1",
+                "--batch-size", "8", "--micro-batch-size", "8", "--max-new-tokens", "160", "--eval-size", "0",
+                "--dump-tokens", "1", "--output-dir", "runs/token_view"])
