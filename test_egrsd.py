@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import egrsd
 import train_min
 from offline_models import build_tiny_model, build_tiny_tokenizer
-from tasks import Problem, load_problems, student_messages, teacher_messages, train_eval_problems
+from tasks import Problem, is_correct, load_problems, student_messages, teacher_messages, train_eval_problems
 
 settings.register_profile(
     "egrsd", derandomize=True, database=None, deadline=None, max_examples=50,
@@ -1115,6 +1115,36 @@ def test_resume_refuses_another_output_dir_before_any_model_loads(tmp_path, monk
     with pytest.raises(SystemExit) as stop:  # fewer steps than the checkpoint has done
         train_min.main(["--resume", str(tmp_path / "run"), "--steps", "0"])
     assert str(stop.value.code).startswith("--steps:")
+
+
+@pytest.mark.parametrize("completion, answer, correct", [
+    ("So the answer is \\boxed{42}.", "42", True),
+    ("first \\boxed{3}, then \\boxed{4}", "4", True),  # the last box counts
+    ("\\boxed{\\frac{1}{2}}", "0.5", True),  # nested braces
+    ("\\boxed{1,000}", "1000", True), ("\\boxed{$18.00}", "18", True),
+    ("she has 5 apples, then 7\n#### 12", "12", True),  # GSM8K's marker before the last number
+    ("3 + 4 = 7", "7", True), ("3 + 4 = 7", "8", False),  # else the last number
+    ("\\boxed{-3}", "-3", True), ("\\boxed{-3}", "3", False),
+    ("no number at all", "7", False), ("\\boxed{seven}", "7", False),
+])
+def test_the_verifier_reads_the_last_box_then_the_marker_then_the_last_number(completion, answer, correct):
+    assert is_correct(completion, answer) is correct
+
+
+def test_data_files_of_both_formats_load_into_problems(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"question": "How many?", "answer": "4 * 3 = <<4*3=12>>12\n#### 1,200"}) + "\n\n"
+                    + json.dumps({"problem": "p", "solution": "s", "answer": " 7 "}) + "\n")
+    gsm8k, own = load_problems(path)
+    assert (gsm8k.question, gsm8k.solution, gsm8k.answer) == ("How many?", "4 * 3 = 12", "1200")
+    assert (own.question, own.solution, own.answer) == ("p", "s", "7")
+
+
+def test_built_in_problems_are_seeded_disjoint_and_solved_by_their_own_solutions():
+    train, held_out = train_eval_problems(300, 50, seed=3)
+    assert (train, held_out) == train_eval_problems(300, 50, seed=3)
+    assert not {p.question for p in train} & {p.question for p in held_out}
+    assert all(is_correct(p.solution, p.answer) for p in train + held_out)
 
 
 @pytest.mark.parametrize("content, message", [
