@@ -1103,6 +1103,14 @@ def test_a_bad_flag_stops_before_any_model_loads_naming_the_flag(flag, value, mo
     assert str(stop.value.code).startswith(flag + ":")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_the_default_command_without_cuda_shows_the_cpu_smoke_command(monkeypatch):
+    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        train_min.main([])
+    assert "--model tiny --device cpu" in str(stop.value.code)
+
+
 def test_resume_refuses_another_output_dir_before_any_model_loads(tmp_path, monkeypatch):
     train_min.main(TINY + ["--steps", "1", "--eval-size", "0", "--output-dir", str(tmp_path / "run")])
     monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
