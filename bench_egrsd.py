@@ -20,6 +20,7 @@ and reports its peak resident memory above what it held before the variant start
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -65,6 +66,21 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@contextlib.contextmanager
+def measured(device: str):
+    """Time and peak memory of the block, above what was held when it began: {"seconds", "peak_gib"}."""
+    sync(device)
+    before = torch.cuda.memory_allocated() if device == "cuda" else rss_bytes()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result, start = {}, time.perf_counter()
+    yield result
+    sync(device)
+    result["seconds"] = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_gib"] = (peak - before) / 2**30
+
+
 # ----------------------------------------------------------------------------------------------------
 # 1. Scoring
 
@@ -82,23 +98,16 @@ def scoring_step(variant: str, device: str, layers: int, batch: int, length: int
     advantages = torch.randn(batch, 1, generator=generator).to(device).expand(batch, length)
     mask = torch.ones(batch, length, dtype=torch.bool, device=device)
     weight = model.get_output_embeddings().weight
-    sync(device)
-    before = torch.cuda.memory_allocated() if device == "cuda" else rss_bytes()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    hidden = model.base_model(input_ids=ids[:, :-1], use_cache=False).last_hidden_state
-    hidden.retain_grad()
-    if variant == "plain":
-        logits = (hidden @ weight.T).float()  # (B, T, V) float32: the tensor the project never builds
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    else:
-        logp = egrsd.linear_token_logprobs(hidden, weight, ids[:, 1:], chunk_size)
-    egrsd.policy_loss(logp, advantages, mask).backward()
-    sync(device)
-    seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - before
-    return {"seconds": seconds, "peak_gib": peak / 2**30, "logp": logp.detach().float().cpu()[:, :256],
+    with measured(device) as result:
+        hidden = model.base_model(input_ids=ids[:, :-1], use_cache=False).last_hidden_state
+        hidden.retain_grad()
+        if variant == "plain":
+            logits = (hidden @ weight.T).float()  # (B, T, V) float32: the tensor the project never builds
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        else:
+            logp = egrsd.linear_token_logprobs(hidden, weight, ids[:, 1:], chunk_size)
+        egrsd.policy_loss(logp, advantages, mask).backward()
+    return {**result, "logp": logp.detach().float().cpu()[:, :256],
             "grad_hidden": hidden.grad.float().cpu()[:, :256], "grad_weight": weight.grad.float().cpu()[:2048]}
 
 
@@ -109,20 +118,13 @@ def entropy_pass(variant: str, device: str, layers: int, batch: int, length: int
     weight = model.get_output_embeddings().weight
     with torch.no_grad():
         hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-        sync(device)
-        before = torch.cuda.memory_allocated() if device == "cuda" else rss_bytes()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        if variant == "plain":
-            logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
-            entropy = -(logp.exp() * logp).sum(-1)
-        else:
-            entropy = egrsd.linear_token_entropy(hidden, weight, chunk_size)
-        sync(device)
-    seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - before
-    return {"seconds": seconds, "peak_gib": peak / 2**30, "entropy": entropy.float().cpu()}
+        with measured(device) as result:
+            if variant == "plain":
+                logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+                entropy = -(logp.exp() * logp).sum(-1)
+            else:
+                entropy = egrsd.linear_token_entropy(hidden, weight, chunk_size)
+    return {**result, "entropy": entropy.float().cpu()}
 
 
 def isolated(function, *args) -> dict:
