@@ -1,6 +1,6 @@
 """The correctness spec of EGRSD-min: property-based tests (hypothesis) of SPEC §2-§4, then the trainer.
 
-Five kinds of test, in this order:
+Six kinds of test, in this order:
 1. reference: each function equals a float64 naive implementation written loop by loop from the paper's
    equations, on generated batches with left and right padding, holes, all-padding rows, zero and large
    entropies, zero advantages, γ up to 2 (so the 0.1 floor binds) and windows 0..8;
@@ -10,7 +10,10 @@ Five kinds of test, in this order:
 4. beyond the contract: the hidden-state (`linear_*`) functions equal the plain computation, also under
    bf16 autocast, and the token regimes hold their definitions;
 5. train_min.py end to end on CPU with the tiny model built in code: every method, token alignment, a
-   learning check, resume, Ctrl-C, non-finite steps, bad flags and files, bf16, the token view.
+   learning check, resume, Ctrl-C, non-finite steps, bad flags and files, bf16, the token view;
+6. rollout.py: the same tokens as HF `generate` (greedy), the same sampling distribution as HF's
+   temperature → top-k → top-p warpers (float64 reference, and the frequencies of real draws), and a
+   decode step that has no host sync (the condition for replaying it as a CUDA graph).
 
 The hypothesis profile is fixed (derandomized, no example database), so a run is reproducible and CI never
 flakes. Run: python -m pytest -q
@@ -19,6 +22,7 @@ import copy
 import inspect
 import json
 import math
+import re
 import signal
 import statistics
 import subprocess
@@ -32,6 +36,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import egrsd
+import rollout
 import train_min
 from offline_models import build_tiny_model, build_tiny_tokenizer
 from tasks import Problem, is_correct, load_problems, student_messages, teacher_messages, train_eval_problems
@@ -1168,15 +1173,17 @@ def test_a_bad_data_file_names_the_file_line_and_field(content, message, tmp_pat
     assert str(error.value).startswith(str(path)) and message in str(error.value)
 
 
-def test_static_cache_samples_exactly_what_the_dynamic_cache_samples():
+def test_every_rollout_engine_samples_a_valid_batch_and_greedy_engines_agree():
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer)
     ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in train_eval_problems(3, 1, 0)[0]], "cpu")
-    outputs = []
-    for cache in ("dynamic", "static"):
-        torch.manual_seed(0)
-        outputs.append(train_min.generate(model, tokenizer, ids, attention, train_min.Config(max_new_tokens=12, cache=cache))[0])
-    assert torch.equal(*outputs)
+    greedy = {}
+    for engine in ("eager", "hf-static", "hf-dynamic"):
+        cfg = train_min.Config(max_new_tokens=12, rollout=engine)
+        completion, mask, finished = train_min.generate(model, tokenizer, ids, attention, cfg)
+        assert completion.shape == (3, 12) and mask.shape == (3, 12) and finished.shape == (3,)
+        greedy[engine] = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)[0]
+    assert torch.equal(greedy["eager"], greedy["hf-dynamic"]) and torch.equal(greedy["eager"], greedy["hf-static"])
 
 
 def test_bf16_runs_keep_float32_master_weights_and_a_synced_bf16_sampler(tmp_path):
@@ -1246,3 +1253,176 @@ def test_compare_prints_the_accuracy_length_table_from_metrics_alone(tmp_path, c
     table = capsys.readouterr().out.splitlines()
     assert table[2].split() == ["a", "grpo", "10", "0.300", "0.400", "400", "500", "+25.0%", "0.800"]
     assert table[3].split() == ["b", "cl-egrsd", "10", "0.300", "0.550", "400", "500", "+25.0%", "1.100"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# 6. rollout.py: HF generate's tokens and sampling distribution, faster
+# --------------------------------------------------------------------------------------------------------
+
+
+def hf_warped_probs(logits, temperature, top_k, top_p):
+    """The sampling distribution of HF generate: its own warpers, in its order, then a softmax."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(dim=-1)
+
+
+def candidate_probs(logits, temperature, top_k, top_p):
+    """rollout.candidates scattered back to the whole vocabulary (B, V)."""
+    probs, ids = rollout.candidates(logits, temperature, top_k, top_p)
+    return torch.zeros_like(logits).scatter(-1, ids, probs)
+
+
+@given(seed=st.integers(0, 2**31 - 1), vocab=st.integers(1, 60), temperature=st.floats(0.05, 4.0),
+       top_k=st.integers(0, 70), top_p=st.sampled_from([1.0, 0.999, 0.95, 0.7, 0.3, 1e-3]))
+def test_candidates_are_hfs_warped_distribution_in_float64(seed, vocab, temperature, top_k, top_p):
+    logits = 3 * torch.randn(4, vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ours = candidate_probs(logits, temperature, top_k, top_p)
+    assert_close(ours, hf_warped_probs(logits, temperature, top_k, top_p), torch.float64)
+    assert ours.dtype == torch.float64 and ((ours > 0).sum(-1) <= (top_k or vocab)).all()
+
+
+def test_sample_draws_each_candidate_at_its_probability():
+    probs = torch.tensor([[0.5, 0.25, 0.15, 0.1, 0.0]]).expand(200_000, 5)
+    ids = torch.tensor([[7, 3, 9, 1, 4]]).expand(200_000, 5)
+    torch.manual_seed(0)
+    drawn = rollout.sample(probs, ids)
+    counts = torch.stack([(drawn == i).sum() for i in (7, 3, 9, 1, 4)]).double()
+    expected = probs[0].double() * len(drawn)
+    assert counts[-1] == 0, "a candidate of probability 0 is never drawn"
+    assert ((counts - expected).abs() <= 5 * (expected * (1 - probs[0])).sqrt()).all(), counts  # 5 sigma
+
+
+def sharp_tiny_model(tokenizer, attention="sdpa"):
+    """The tiny model with large random weights: attention far from uniform and logits far apart, so that a
+    wrong position, a visible padding token or a stale cache entry changes the greedy tokens."""
+    model = build_tiny_model(tokenizer).eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        for name, parameter in model.named_parameters():
+            if "norm" not in name:
+                parameter.normal_(0.0, 0.3)
+    model.config._attn_implementation = attention
+    return model
+
+
+def left_padded_prompts(tokenizer, rows=5, length=20):
+    ids = torch.randint(3, len(tokenizer), (rows, length), generator=torch.Generator().manual_seed(rows))
+    attention = torch.ones_like(ids)
+    for row, padding in enumerate([0, 3, 7, 0, 12][:rows]):
+        ids[row, :padding], attention[row, :padding] = tokenizer.pad_token_id, 0
+    return ids, attention
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("max_new_tokens", [1, 6, 40])
+def test_greedy_rollouts_are_hf_generates_tokens(attention, max_new_tokens):
+    """Left padding of different lengths; EOS chosen so that some rows stop early and the output is trimmed."""
+    from transformers import GenerationConfig
+
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer, attention)
+    ids, mask = left_padded_prompts(tokenizer)
+    free = rollout.generate(model, ids, mask, max_new_tokens, eos_id=-1, pad_id=tokenizer.pad_token_id, greedy=True)
+    for eos in {-1, int(free[0, max_new_tokens // 2]), int(free[3, -1])}:  # never, mid-row, last column
+        hf = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                              pad_token_id=tokenizer.pad_token_id)
+        for rows in (slice(None), slice(0, 1)):  # with row 0 alone, every row stops before the last column
+            expected = model.generate(input_ids=ids[rows], attention_mask=mask[rows], generation_config=hf)
+            ours = rollout.generate(model, ids[rows], mask[rows], max_new_tokens, eos, tokenizer.pad_token_id,
+                                    greedy=True, check_every=4)
+            assert torch.equal(ours, expected[:, ids.shape[1]:]), (eos, ours, expected)
+
+
+def test_sampled_rollouts_follow_hfs_distribution_of_the_first_token():
+    """One prompt 4,000 times: the frequency of each first token is its probability under HF's warpers."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer).eval()
+    ids, mask = left_padded_prompts(tokenizer, rows=1)
+    with torch.no_grad():
+        expected = hf_warped_probs(model(input_ids=ids).logits[0, -1:].double(), 1.3, 8, 0.9)[0]
+    torch.manual_seed(0)
+    rows = 4000
+    first = rollout.generate(model, ids.expand(rows, -1), mask.expand(rows, -1), 1, -1, tokenizer.pad_token_id,
+                             temperature=1.3, top_k=8, top_p=0.9)[:, 0]
+    counts = torch.bincount(first, minlength=len(expected)).double()
+    assert counts[expected == 0].sum() == 0, "no token outside HF's top-k / top-p set"
+    assert ((counts - rows * expected).abs() <= 5 * (rows * expected * (1 - expected)).sqrt() + 1).all()
+
+
+def test_sampled_rollouts_are_reproducible_and_padded_after_eos():
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer).eval()
+    ids, mask = left_padded_prompts(tokenizer)
+    torch.manual_seed(3)
+    eos = int(rollout.generate(model, ids, mask, 30, -1, tokenizer.pad_token_id, temperature=1.5)[0, 10])
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)  # the same draws as above up to row 0's token 10, now an EOS
+        runs.append(rollout.generate(model, ids, mask, 30, eos, tokenizer.pad_token_id, temperature=1.5))
+    assert torch.equal(*runs)
+    completion, ended = runs[0], (runs[0] == eos).int().cumsum(-1)
+    assert ended[0, 10] > 0
+    after = (ended - (completion == eos).int()) > 0  # strictly after the first EOS
+    assert after.any() and (completion[after] == tokenizer.pad_token_id).all()
+
+
+def test_the_decode_step_has_no_host_sync():
+    """CUDA graphs replay GPU work only: a step that reads a value back to Python (.item(), a branch on a
+    tensor) would be captured wrongly. Dynamo with fullgraph=True fails on exactly such code; checked on CPU."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer).eval()
+    ids, mask = left_padded_prompts(tokenizer)
+    for greedy in (False, True):
+        decoder = rollout._Decoder(model, ids, mask, 6, eos_id=40, pad_id=tokenizer.pad_token_id,
+                                   pick=lambda logits: rollout.next_tokens(logits, greedy, 1.1, 20, 0.95))
+        with torch.no_grad():
+            decoder.prefill(ids, mask)
+            step = torch.compile(decoder.step, backend="eager", fullgraph=True)
+            step(), step()
+        assert (decoder.slot == ids.shape[1] + 2).all() and (decoder.out[:, 3:] == tokenizer.pad_token_id).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_rollouts_equal_eager_rollouts_on_cuda():
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer).cuda().eval()
+    ids, mask = (t.cuda() for t in left_padded_prompts(tokenizer))
+    eager, graph = (rollout.generate(model, ids, mask, 40, 40, tokenizer.pad_token_id, greedy=True, graph=g)
+                    for g in (False, True))
+    assert torch.equal(eager, graph)
+    torch.manual_seed(0)
+    first = rollout.generate(model, ids, mask, 40, 40, tokenizer.pad_token_id, temperature=1.5, graph=True)
+    torch.manual_seed(0)
+    assert torch.equal(first, rollout.generate(model, ids, mask, 40, 40, tokenizer.pad_token_id, temperature=1.5, graph=True))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(prompt_mask="right"), "prompt_mask: expected left padding"),
+    (dict(prompt_mask="short"), "prompt_ids, prompt_mask: expected two (B, P) tensors"),
+    (dict(max_new_tokens=0), "max_new_tokens: expected ≥ 1"),
+    (dict(temperature=0.0), "temperature: expected > 0"),
+    (dict(top_p=0.0), "top_p: expected in (0, 1]"),
+    (dict(top_k=-1), "top_k: expected ≥ 0"),
+    (dict(graph=True), "graph: CUDA graphs need"),
+    (dict(attention="flash_attention_2"), "model: rollout.generate supports sdpa or eager"),
+])
+def test_bad_rollout_input_names_the_argument(change, message):
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    ids, mask = left_padded_prompts(tokenizer)
+    change = dict(change)
+    if change.get("prompt_mask") == "right":
+        change["prompt_mask"] = mask.flip(-1)
+    elif change.get("prompt_mask") == "short":
+        change["prompt_mask"] = mask[:, 1:]
+    if "attention" in change:
+        model.config._attn_implementation = change.pop("attention")
+    arguments = {**dict(prompt_ids=ids, prompt_mask=mask, max_new_tokens=4, eos_id=1, pad_id=tokenizer.pad_token_id), **change}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        rollout.generate(model, **arguments)

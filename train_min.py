@@ -15,7 +15,8 @@ Run:
     python train_min.py --resume runs/cl                     # continue an interrupted run
     python train_min.py --compare runs/egrsd runs/cl         # accuracy-length table of runs, no model
 
-Simplified on purpose: HF `generate` for rollouts; one optimizer step per batch (fully on-policy, so
+Simplified on purpose: rollouts from rollout.py (a static KV cache and a CUDA graph per decode step, or
+HF `generate` with --rollout hf-dynamic); one optimizer step per batch (fully on-policy, so
 no importance ratio or clipping of the policy); the teacher scores only the completion positions, and
 the full-vocabulary quantities are computed from hidden states in chunks (never a (tokens × V) tensor).
 """
@@ -39,12 +40,14 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 import egrsd
+import rollout
 import run_io
 import views
 from offline_models import enable_activation_checkpointing, load_model_and_tokenizer
 from tasks import is_correct, load_problems, student_messages, teacher_messages, train_eval_problems
 
 METHODS = ("grpo", "opsd", "rlsd", "egrsd", "cl-egrsd")
+ROLLOUTS = ("auto", "graph", "eager", "hf-static", "hf-dynamic")
 
 
 @dataclass
@@ -111,8 +114,9 @@ class Config:
     """problems per evaluation batch"""
     save_every: int = 25
     """checkpoint every N steps (and on Ctrl-C and at the end); 0: only then"""
-    cache: str = "auto"
-    """KV cache of the rollouts: static (compiled decode step on CUDA), dynamic, or auto (static on CUDA)"""
+    rollout: str = "auto"
+    """rollout engine: graph (rollout.py, each decode step one CUDA graph), eager (rollout.py, no graph),
+    hf-static or hf-dynamic (HF generate with that KV cache), auto (graph on CUDA, else eager)"""
     chunk_size: int = 1024
     """rows of logits alive at once when scoring (memory O(chunk × vocab))"""
     gradient_checkpointing: bool = True
@@ -157,7 +161,8 @@ def check_config(cfg: Config) -> None:
     rules = [
         ("method", cfg.method in METHODS, f"one of {', '.join(METHODS)}"),
         ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
-        ("cache", cfg.cache in ("auto", "static", "dynamic"), "auto, static or dynamic"),
+        ("rollout", cfg.rollout in ROLLOUTS, ", ".join(ROLLOUTS)),
+        ("rollout", cfg.rollout != "graph" or cfg.device.startswith("cuda"), "not graph without a CUDA --device"),
         ("denominator", cfg.denominator in ("raw", "filtered"), "raw or filtered"),
         ("data", not cfg.data or os.path.isfile(cfg.data), "an existing JSONL file"),
         ("steps", cfg.steps >= 0, "≥ 0"), ("batch_size", cfg.batch_size > 0, "> 0"),
@@ -205,7 +210,7 @@ def batch_problems(problems: list, step: int, batch_size: int, seed: int) -> lis
 
 def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Chat-template the conversations and left-pad them: ids, attention mask (B, P). P is a multiple of
-    64, so that a static cache sees few shapes (each new one recompiles the decode step)."""
+    64, so that HF's compiled static cache (--rollout hf-static) sees few shapes (each new one recompiles)."""
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
                       pad_to_multiple_of=64)
@@ -219,16 +224,20 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False):
     """Sample completions: ids (B, T), mask (B, T) bool up to and including the first EOS, finished (B,)."""
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature,
-                                                          top_p=cfg.top_p, top_k=cfg.top_k)
-    # only what is set here and in the model's (clean, see offline_models.py) generation config applies
-    static = cfg.cache == "static" or (cfg.cache == "auto" and prompt_ids.is_cuda)
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, cache_implementation="static" if static else None,
-                           **sampling)
-    model.eval()
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
-    completion = out[:, prompt_ids.shape[1]:]  # (B, T)
+    engine = cfg.rollout if cfg.rollout != "auto" else "graph" if prompt_ids.is_cuda else "eager"
+    if engine in ("graph", "eager"):
+        completion = rollout.generate(model, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id,
+                                      tokenizer.pad_token_id, greedy, cfg.temperature, cfg.top_k, cfg.top_p,
+                                      graph=engine == "graph")
+    else:  # HF generate: only what is set here and in the model's (clean, see offline_models.py) config applies
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature,
+                                                              top_p=cfg.top_p, top_k=cfg.top_k)
+        gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id,
+                               cache_implementation="static" if engine == "hf-static" else None, **sampling)
+        model.eval()
+        completion = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+        completion = completion[:, prompt_ids.shape[1]:]  # (B, T)
     return (completion, *completion_mask(completion, tokenizer.eos_token_id))
 
 
@@ -282,6 +291,7 @@ def score(student, teacher, rollout: dict, cfg: Config) -> dict:
     """Teacher log-probs and entropy (B, T) and the pre-update student's log-probs (B, T), no gradient.
     Also the teacher's hidden states of the valid tokens, one (N_mb, D) per micro-batch, for OPSD."""
     completion, mask = rollout["completion"], rollout["mask"]
+    student.eval()  # the policy as it sampled (in float32 the sampler is the student, left in train mode)
     rows = {"teacher_logp": [], "teacher_entropy": [], "student_logp": [], "teacher_hidden": []}
     for mb in micro_batches(len(completion), cfg.micro_batch_size):
         m, tokens = mask[mb], completion[mb][mask[mb]]
