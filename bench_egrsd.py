@@ -7,9 +7,9 @@
 1. Student scoring step (forward, log-probs of the sampled tokens, backward): plain (full logits, float32
    log-softmax) vs the project's (`egrsd.linear_token_logprobs` from hidden states in chunks): peak
    memory, time, largest differences of log-probs and gradients. Teacher entropy likewise.
-2. Rollouts: HF `generate` with a dynamic cache vs the trainer's rollout path (`train_min.generate` with
-   a static cache; its decode step is compiled on CUDA only): new tokens per second at batch 32 and 128,
-   best of three after a warm-up.
+2. Rollouts: each engine of `train_min.generate`: HF `generate` with a dynamic cache (the baseline) and
+   a static cache (compiled on CUDA), rollout.py eager and, on CUDA, with one CUDA graph per decode step
+   (the trainer's default there): new tokens per second at batch 32 and 128, best of three after a warm-up.
 3. `lookahead_min`: a Python loop vs the vectorised version.
 4. One training step of train_min.py, split into generate / score / update.
 
@@ -159,37 +159,42 @@ def bench_scoring(device: str, s: dict) -> dict:
 
 
 def bench_rollouts(device: str, s: dict) -> dict:
+    """New tokens per second of each rollout engine of train_min.py on the same prompts, sampling settings
+    and model: HF generate with a dynamic / static cache (compiled on CUDA) and rollout.py without / with
+    CUDA graphs. Best of three after a warm-up, which also pays for any compilation or capture."""
     import train_min
     from offline_models import build_tiny_model, build_tiny_tokenizer
-    from transformers import GenerationConfig
 
     tokenizer = build_tiny_tokenizer()
     if s["rollout_layers"]:
         model = qwen05b(s["rollout_layers"], device, torch.bfloat16).eval()
     else:
         model = build_tiny_model(tokenizer).eval()
+    engines = ("hf-dynamic", "hf-static", "eager") + (("graph",) if device == "cuda" else ())
     out = {}
     for batch in s["batches"]:
         prompts = torch.randint(3, len(tokenizer), (batch, s["prompt"]), generator=torch.Generator().manual_seed(batch)).to(device)
         attention = torch.ones_like(prompts)
-        cfg = train_min.Config(device=device, max_new_tokens=s["new_tokens"], cache="static")  # compiled on CUDA only
-        # EOS is never produced on purpose: every row decodes the full length in both paths
-        plain_config = GenerationConfig(max_new_tokens=s["new_tokens"], do_sample=True, temperature=1.1, top_p=0.95,
-                                        top_k=20, eos_token_id=_NoEOS.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        runs = {"hf_dynamic": lambda: model.generate(input_ids=prompts, attention_mask=attention, generation_config=plain_config),
-                "project": lambda: train_min.generate(model, _NoEOS(tokenizer), prompts, attention, cfg)[0]}
-        for name, run in runs.items():
-            run()  # warm-up (and compilation, for the static cache on CUDA)
+        for engine in engines:
+            cfg = train_min.Config(device=device, max_new_tokens=s["new_tokens"], rollout=engine)
+            # EOS is never produced on purpose: every row decodes the full length with every engine
+            run = lambda: train_min.generate(model, _NoEOS(tokenizer), prompts, attention, cfg)[0]  # noqa: E731
+            run()  # warm-up
             best = math.inf
-            for _ in range(3):  # best of three
+            for _ in range(3):
                 sync(device)
                 start = time.perf_counter()
-                new = run().shape[1] - (s["prompt"] if name == "hf_dynamic" else 0)
+                new = run().shape[1]
                 sync(device)
                 best = min(best, time.perf_counter() - start)
-            assert new == s["new_tokens"], f"{name} stopped after {new} of {s['new_tokens']} tokens"
-            out[f"{name}_batch{batch}_tokens_per_s"] = batch * new / best
-    return out
+            assert new == s["new_tokens"], f"{engine} stopped after {new} of {s['new_tokens']} tokens"
+            out[f"{engine}_batch{batch}_tokens_per_s"] = batch * new / best
+        if batch == s["batches"][0]:  # the greedy tokens of each engine, row by row, against rollout.py eager
+            greedy = {e: train_min.generate(model, _NoEOS(tokenizer), prompts, attention, train_min.Config(
+                device=device, max_new_tokens=s["new_tokens"], rollout=e), greedy=True)[0] for e in engines}
+            out["greedy_rows_equal_to_eager"] = {e: (g == greedy["eager"]).all(-1).float().mean().item() for e, g in greedy.items()}
+        out[f"speedup_batch{batch}"] = out[f"{engines[-1]}_batch{batch}_tokens_per_s"] / out[f"hf-dynamic_batch{batch}_tokens_per_s"]
+    return {"engines": list(engines), "project_engine": engines[-1], **out}
 
 
 class _NoEOS:
@@ -286,11 +291,13 @@ def report(r: dict) -> str:
                   f"   max |Δ| entropy {sc['max_err_entropy']:.2e}"]
     if "rollouts" in r:
         ro = r["rollouts"]
-        lines.append("\n2. rollouts, new tokens/s           HF dynamic     project    ratio")
-        for key in [k for k in ro if k.startswith("hf_dynamic")]:
-            batch = key.split("batch")[1].split("_")[0]
-            ours = ro[key.replace("hf_dynamic", "project")]
-            lines.append(f"   batch {batch:>4}                      {ro[key]:10.0f}  {ours:10.0f}  {ours / ro[key]:7.2f}")
+        lines.append("\n2. rollouts, new tokens/s   " + "".join(f"{e:>12}" for e in ro["engines"])
+                     + f"   {ro['project_engine']} / hf-dynamic")
+        for batch in sorted({int(k.split("batch")[1]) for k in ro if k.startswith("speedup_batch")}):
+            lines.append(f"   batch {batch:>4}              " + "".join(f"{ro[f'{e}_batch{batch}_tokens_per_s']:12.0f}"
+                         for e in ro["engines"]) + f"   {ro[f'speedup_batch{batch}']:.2f}×")
+        same = ro["greedy_rows_equal_to_eager"]
+        lines.append("   greedy rows equal to eager " + "".join(f"{same[e]:12.2f}" for e in ro["engines"]))
     if "lookahead" in r:
         la = r["lookahead"]
         lines.append(f"\n3. lookahead_min {la['shape']} W={la['window']}: loop {la['loop_s'] * 1000:.0f} ms, vectorised "

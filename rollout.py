@@ -18,8 +18,11 @@ attention mask), so any HF decoder whose layers all use full attention works, ea
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
+
+_graph_failed = False  # set when a capture failed: the default (graph=None) stops trying
 
 
 def candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +135,7 @@ class _Decoder:
         self.positions += 1
         self.slot += 1
 
-    def capture(self, prompt_ids, prompt_mask):
+    def capture(self) -> torch.cuda.CUDAGraph:
         """Record `step` as a CUDA graph (after two warm-up steps on a side stream); `prefill` must follow."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -153,9 +156,12 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     """Complete left-padded prompts (B, P): returns the completions (B, T), T ≤ max_new_tokens, with `pad_id`
     after each row's EOS and T the longest row (up to its EOS), as HF `generate` returns after the prompt.
 
-    graph: replay each decode step as one CUDA graph (default: on CUDA). Sampling uses torch's default
-    generator of the device, so `torch.manual_seed` makes it reproducible.
+    graph: replay each decode step as one CUDA graph: True (raise if capture fails), False, or None (the
+    default: on CUDA, and if capture fails, warn once and decode without graphs from then on). Sampling
+    uses torch's default generator of the device, so `torch.manual_seed` makes it reproducible.
+    check_every: steps between two reads of "has every row finished?" (each read waits for the GPU).
     """
+    global _graph_failed
     if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids, prompt_mask: expected two (B, P) tensors, got {tuple(prompt_ids.shape)} "
                          f"and {tuple(prompt_mask.shape)}")
@@ -163,11 +169,13 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
         raise ValueError("prompt_mask: expected left padding (every row's last position a real token)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected ≥ 1, got {max_new_tokens}")
+    if check_every < 1:
+        raise ValueError(f"check_every: expected ≥ 1, got {check_every}")
     if any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or ["full_attention"]):
         raise ValueError("model: rollout.generate supports decoders whose layers all use full attention")
-    graph = prompt_ids.is_cuda if graph is None else graph
     if graph and not prompt_ids.is_cuda:
         raise ValueError("graph: CUDA graphs need the prompts and model on a CUDA device")
+    use_graph = graph if graph is not None else prompt_ids.is_cuda and not _graph_failed
     if not greedy:
         candidates(prompt_ids.new_zeros(1, 1, dtype=torch.float), temperature, top_k, top_p)  # check the settings once
 
@@ -178,10 +186,15 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     try:
         decoder.prefill(prompt_ids, prompt_mask)
         replay = decoder.step
-        if graph and max_new_tokens > 1:
-            cuda_graph = decoder.capture(prompt_ids, prompt_mask)
+        if use_graph and max_new_tokens > 1:
+            try:
+                replay = decoder.capture().replay
+            except RuntimeError as error:  # a model or torch build whose step cannot be captured
+                if graph:
+                    raise
+                _graph_failed = True
+                warnings.warn(f"rollout: CUDA graph capture failed, decoding without graphs from now on ({error})")
             decoder.prefill(prompt_ids, prompt_mask)  # the warm-up moved the state on: start again
-            replay = cuda_graph.replay
         for step in range(1, max_new_tokens):
             if step % check_every == 0 and bool(decoder.finished.all()):
                 break

@@ -1389,23 +1389,31 @@ def test_the_decode_step_has_no_host_sync():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graph_rollouts_equal_eager_rollouts_on_cuda():
+def test_graph_rollouts_equal_eager_rollouts_on_cuda(monkeypatch):
+    monkeypatch.setattr(rollout, "_graph_failed", False)  # (and back to False after the test)
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer).cuda().eval()
+    model = sharp_tiny_model(tokenizer).cuda()
     ids, mask = (t.cuda() for t in left_padded_prompts(tokenizer))
-    eager, graph = (rollout.generate(model, ids, mask, 40, 40, tokenizer.pad_token_id, greedy=True, graph=g)
-                    for g in (False, True))
-    assert torch.equal(eager, graph)
+    run = lambda **kw: rollout.generate(model, ids, mask, 40, 40, tokenizer.pad_token_id, **kw)  # noqa: E731
+    assert torch.equal(run(greedy=True, graph=False), run(greedy=True, graph=True))
     torch.manual_seed(0)
-    first = rollout.generate(model, ids, mask, 40, 40, tokenizer.pad_token_id, temperature=1.5, graph=True)
+    first = run(temperature=1.5, graph=True)
     torch.manual_seed(0)
-    assert torch.equal(first, rollout.generate(model, ids, mask, 40, 40, tokenizer.pad_token_id, temperature=1.5, graph=True))
+    assert torch.equal(first, run(temperature=1.5, graph=True))
+    # a step that cannot be captured: graph=True raises, the default warns once and decodes without graphs
+    monkeypatch.setattr(rollout._Decoder, "capture", lambda self: (_ for _ in ()).throw(RuntimeError("no capture")))
+    with pytest.raises(RuntimeError, match="no capture"):
+        run(greedy=True, graph=True)
+    with pytest.warns(UserWarning, match="capture failed"):
+        assert torch.equal(run(greedy=True), run(greedy=True, graph=False))
+    assert rollout._graph_failed
 
 
 @pytest.mark.parametrize("change, message", [
     (dict(prompt_mask="right"), "prompt_mask: expected left padding"),
     (dict(prompt_mask="short"), "prompt_ids, prompt_mask: expected two (B, P) tensors"),
     (dict(max_new_tokens=0), "max_new_tokens: expected ≥ 1"),
+    (dict(check_every=0), "check_every: expected ≥ 1"),
     (dict(temperature=0.0), "temperature: expected > 0"),
     (dict(top_p=0.0), "top_p: expected in (0, 1]"),
     (dict(top_k=-1), "top_k: expected ≥ 0"),

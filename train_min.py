@@ -116,7 +116,7 @@ class Config:
     """checkpoint every N steps (and on Ctrl-C and at the end); 0: only then"""
     rollout: str = "auto"
     """rollout engine: graph (rollout.py, each decode step one CUDA graph), eager (rollout.py, no graph),
-    hf-static or hf-dynamic (HF generate with that KV cache), auto (graph on CUDA, else eager)"""
+    hf-static or hf-dynamic (HF generate with that KV cache), auto (graph on CUDA if it captures, else eager)"""
     chunk_size: int = 1024
     """rows of logits alive at once when scoring (memory O(chunk × vocab))"""
     gradient_checkpointing: bool = True
@@ -224,17 +224,16 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False):
     """Sample completions: ids (B, T), mask (B, T) bool up to and including the first EOS, finished (B,)."""
-    engine = cfg.rollout if cfg.rollout != "auto" else "graph" if prompt_ids.is_cuda else "eager"
-    if engine in ("graph", "eager"):
+    if cfg.rollout in ("auto", "graph", "eager"):  # auto: graphs on CUDA, unless capture fails there
         completion = rollout.generate(model, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id,
                                       tokenizer.pad_token_id, greedy, cfg.temperature, cfg.top_k, cfg.top_p,
-                                      graph=engine == "graph")
+                                      graph={"auto": None, "graph": True, "eager": False}[cfg.rollout])
     else:  # HF generate: only what is set here and in the model's (clean, see offline_models.py) config applies
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature,
                                                               top_p=cfg.top_p, top_k=cfg.top_k)
         gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id,
-                               cache_implementation="static" if engine == "hf-static" else None, **sampling)
+                               cache_implementation="static" if cfg.rollout == "hf-static" else None, **sampling)
         model.eval()
         completion = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
         completion = completion[:, prompt_ids.shape[1]:]  # (B, T)
