@@ -252,7 +252,7 @@ def bench_step(device: str, s: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to measure (default: cpu)")
-    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file (after each part)")
     parser.add_argument("--only", default="scoring,rollouts,lookahead,step", help="comma-separated parts to run")
     args = parser.parse_args()
     s, parts = sizes(args.device), args.only.split(",")
@@ -260,14 +260,17 @@ def main() -> None:
     results = {"device": machine, "torch": torch.__version__}
     runners = {"scoring": lambda: bench_scoring(args.device, s), "rollouts": lambda: bench_rollouts(args.device, s),
                "lookahead": bench_lookahead, "step": lambda: bench_step(args.device, s)}
+    if unknown := [p for p in parts if p not in runners]:
+        parser.error(f"--only: expected parts among {', '.join(runners)}, got {', '.join(unknown)}")
     for part in parts:
         start = time.perf_counter()
         results[part] = runners[part]()
         print(f"[{part}: {time.perf_counter() - start:.0f} s]", flush=True)
+        if args.json:  # after every part, so that a run cut short keeps what it measured
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
     print(report(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
 
 
 def _cpu_name() -> str:

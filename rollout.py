@@ -7,32 +7,41 @@ and on CUDA the whole decode step (forward, sampling, bookkeeping) replayed as o
 Same result format and sampling distribution as HF `model.generate` (temperature, then top-k, then top-p);
 greedy decoding gives the same tokens (tested). What makes it faster than HF `generate`:
 - a static cache, so no per-step concatenation of the KV tensors;
-- top-p on the top-k candidates only (HF sorts the whole 151,936-token vocabulary every step);
+- top-p on the top-k candidates only (HF sorts the whole 151,936-token vocabulary every step), and no
+  float32 copy of the full logits;
 - sampling by the exponential race (argmax of p / E, E ~ Exp(1)), which needs no host sync;
 - the stop test (every row has produced EOS) reads the GPU only every `check_every` steps;
+- grouped-query attention of the one new token without copying the cache once per query-head group;
 - on CUDA one graph per decode step: the ~400 kernel launches of a 24-layer step become one replay.
-The model is driven through its own forward (HF `StaticCache`, explicit positions, a ready-made additive
-attention mask), so any HF decoder whose layers all use full attention works, eager or sdpa attention.
+The model is driven through its own forward (HF `StaticCache`, explicit positions, a ready-made attention
+mask: boolean for sdpa, additive for eager), so any HF decoder whose layers all use full attention works.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 import warnings
 
 import torch
+from transformers import AttentionInterface
 
 _graph_failed = False  # set when a capture failed: the default (graph=None) stops trying
 
 
-def candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampling distribution of HF's warpers (temperature → top-k → top-p) on at most k candidates.
+TIE_MARGIN = 32  # extra candidates taken so that logits tied with the k-th one are kept, as HF keeps them
 
-    logits (B, V) → probs (B, k) float32, summing to 1, largest first; ids (B, k) their token ids.
-    top_k = 0 means the whole vocabulary; top_p = 1 means no nucleus cut. A candidate is kept when the
-    probability of the candidates ranked above it is below top_p (HF drops a token when the ascending
-    cumulative probability up to and including it is ≤ 1 - top_p: the same set). Ties at the k-th value
-    keep exactly k here, where HF keeps every tied token.
+
+def candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling distribution of HF's warpers (temperature → top-k → top-p) on a few candidates.
+
+    logits (B, V) in any float dtype → probs (B, C) float32 or wider, summing to 1, largest first, and ids
+    (B, C) their token ids; C = k + TIE_MARGIN (or V). top_k = 0 means the whole vocabulary; top_p = 1 means
+    no nucleus cut. As in HF: every token tied with the k-th largest logit stays a candidate (common with
+    bf16 logits), and a candidate is kept when the probability of the candidates ranked above it is below
+    top_p (HF drops a token when the ascending cumulative probability up to and including it is ≤ 1 - top_p:
+    the same set). Only the C candidates are ever cast or divided, never the (B, V) logits.
     """
     if temperature <= 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
@@ -42,7 +51,10 @@ def candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
         raise ValueError(f"top_k: expected ≥ 0 (0 = the whole vocabulary), got {top_k}")
     vocab = logits.shape[-1]
     k = vocab if top_k == 0 else min(top_k, vocab)
-    values, ids = torch.topk(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, k, dim=-1)
+    values, ids = torch.topk(logits, min(k + TIE_MARGIN, vocab), dim=-1)  # sorted, largest first
+    values = values.to(torch.promote_types(values.dtype, torch.float32)) / temperature  # as HF: float32, then T
+    if k < values.shape[-1]:
+        values = values.masked_fill(values < values[:, k - 1 : k], -math.inf)  # below the k-th: out
     probs = values.softmax(dim=-1)
     if top_p < 1:  # (at top_p = 1 a float cumsum that reaches 1 early would wrongly cut the tail)
         above = probs.cumsum(dim=-1) - probs
@@ -58,14 +70,61 @@ def sample(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """(B, V) logits → (B,) token ids: argmax when greedy, else a sample of `candidates`."""
+    """(B, V) logits → (B,) token ids: argmax when greedy (the first of tied maxima, as HF), else a sample
+    of `candidates`."""
     if greedy:
         return logits.argmax(dim=-1)
     return sample(*candidates(logits, temperature, top_k, top_p))
 
 
+@contextlib.contextmanager
+def _evaluating(model):
+    """The model in eval mode inside the block, in its own mode again after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+DECODE_ATTENTION = "egrsd_decode_sdpa"
+
+
+def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """sdpa of ONE query token against a grouped-query cache, registered as an HF attention function.
+
+    query (B, H, 1, D), key and value (B, H_kv, L, D), attention_mask (B, 1, 1, L) boolean or None. The
+    H / H_kv query heads that share a key/value head become that many query rows, so the cache is read as
+    it is (transformers 5.17's sdpa path copies it H / H_kv times, per layer and step, with a mask).
+    Returns (B, 1, H, D) and no weights, as every HF attention function."""
+    batch, heads, length, dim = query.shape
+    if length != 1:
+        raise ValueError(f"query: expected one token (B, H, 1, D), got {tuple(query.shape)}")
+    grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, decode_sdpa)
+
+
+@contextlib.contextmanager
+def _attention(config, implementation: str | None):
+    """The model's attention implementation set to `implementation` inside the block (None: unchanged)."""
+    if implementation is None:
+        yield
+        return
+    before = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
 def _cache_kwarg(model) -> str:
-    """transformers ≤ 5.2x name the cache argument `past_key_values`, newer ones `cache`."""
+    """transformers up to 5.2x name the cache argument `past_key_values`, later ones `cache`."""
     return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
 
 
@@ -84,6 +143,7 @@ class _Decoder:
         if implementation not in ("sdpa", "eager"):
             raise ValueError(f"model: rollout.generate supports sdpa or eager attention, not {implementation!r}")
         self.additive = implementation == "eager"  # eager adds the mask to the scores; sdpa takes a boolean one
+        self.decode_attention = DECODE_ATTENTION if implementation == "sdpa" else None
         self.cache = StaticCache(config=model.config, max_cache_len=self.length)
         self.cache_kwarg = _cache_kwarg(model)
         self.slots = torch.arange(self.length, device=device)
@@ -98,12 +158,20 @@ class _Decoder:
     def _forward(self, ids, mask, positions):
         hidden = self.model.base_model(input_ids=ids, attention_mask={"full_attention": mask}, position_ids=positions,
                                        use_cache=True, **{self.cache_kwarg: self.cache}).last_hidden_state
-        return self.model.get_output_embeddings()(hidden[:, -1]).float()
+        return self.model.get_output_embeddings()(hidden[:, -1])  # (B, V) in the model's dtype
 
     def _mask(self, visible):
         if not self.additive:
             return visible
         return torch.zeros(visible.shape, dtype=self.dtype, device=visible.device).masked_fill(~visible, torch.finfo(self.dtype).min)
+
+    def prefill_visible(self) -> torch.Tensor:
+        """(B, P, length) bool: prompt query i sees the real prompt keys 0..i, and a padding query sees
+        itself (a fully masked row is NaN in some attention kernels, and NaN spreads through 0 · NaN)."""
+        p = self.prompt_len
+        causal = self.slots[:p, None] >= self.slots[None, :]
+        itself = self.slots[:p, None] == self.slots[None, :]
+        return causal & self.visible[:, None, :] | itself
 
     def prefill(self, prompt_ids, prompt_mask) -> None:
         """Reset every state tensor in place, run the prompts, and sample the first completion token."""
@@ -111,9 +179,7 @@ class _Decoder:
         p, prompt = self.prompt_len, prompt_mask.bool()
         self.visible.zero_()
         self.visible[:, :p] = prompt
-        causal = self.slots[:p, None] >= self.slots[None, :]  # query i sees keys 0..i,
-        itself = self.slots[:p, None] == self.slots[None, :]  # and a padding query itself (no row fully masked)
-        mask = self._mask(causal & self.visible[:, None, :] | itself)[:, None]  # (B, 1, P, length)
+        mask = self._mask(self.prefill_visible())[:, None]  # (B, 1, P, length)
         positions = (prompt.long().cumsum(-1) - 1).clamp_min(0)  # left padding: the first real token is 0
         first = self.pick(self._forward(prompt_ids, mask, positions))
         self.out.fill_(self.pad_id)
@@ -127,7 +193,8 @@ class _Decoder:
         """Feed `tokens` at `slot`, pick the next token, write it to `out`; no host sync (graph-safe)."""
         self.visible.index_fill_(1, self.slot, True)
         mask = self._mask(self.visible)[:, None, None, :]  # (B, 1, 1, length)
-        picked = self.pick(self._forward(self.tokens, mask, self.positions))
+        with _attention(self.model.config, self.decode_attention):
+            picked = self.pick(self._forward(self.tokens, mask, self.positions))
         picked = torch.where(self.finished, self.pad_id, picked)
         self.out.index_copy_(1, self.slot - self.prompt_len + 1, picked[:, None])
         self.finished |= picked == self.eos_id
@@ -136,16 +203,22 @@ class _Decoder:
         self.slot += 1
 
     def capture(self) -> torch.cuda.CUDAGraph:
-        """Record `step` as a CUDA graph (after two warm-up steps on a side stream); `prefill` must follow."""
-        stream = torch.cuda.Stream()
+        """Record `step` as a CUDA graph, after one warm-up step on the same side stream (so that lazy
+        allocations, such as a cuBLAS workspace, happen outside the capture). The warm-up moves the state
+        on: `prefill` must follow. capture_begin/end rather than torch.cuda.graph, which empties the
+        allocator's cache at every capture (here: every rollout batch)."""
+        stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
+        try:
+            with torch.cuda.stream(stream):
                 self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step()
+                graph.capture_begin()
+                try:
+                    self.step()
+                finally:
+                    graph.capture_end()
+        finally:
+            torch.cuda.current_stream().wait_stream(stream)
         return graph
 
 
@@ -181,9 +254,9 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
 
     decoder = _Decoder(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id,
                        pick=lambda logits: next_tokens(logits, greedy, temperature, top_k, top_p))
-    was_training = model.training
-    model.eval()
-    try:
+    # graphs use the default generator of the current device: make the prompts' device the current one
+    on_device = torch.cuda.device(prompt_ids.device) if prompt_ids.is_cuda else contextlib.nullcontext()
+    with on_device, _evaluating(model):
         decoder.prefill(prompt_ids, prompt_mask)
         replay = decoder.step
         if use_graph and max_new_tokens > 1:
@@ -199,8 +272,6 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
             if step % check_every == 0 and bool(decoder.finished.all()):
                 break
             replay()
-    finally:
-        model.train(was_training)
     out, finished = decoder.out, decoder.out == eos_id
     # trim to the longest row, as HF does: a finished row ends at its EOS, an unfinished one at the last column
     ends = torch.where(finished.any(-1), finished.int().argmax(-1) + 1, out.shape[1])

@@ -1275,16 +1275,30 @@ def hf_warped_probs(logits, temperature, top_k, top_p):
 def candidate_probs(logits, temperature, top_k, top_p):
     """rollout.candidates scattered back to the whole vocabulary (B, V)."""
     probs, ids = rollout.candidates(logits, temperature, top_k, top_p)
-    return torch.zeros_like(logits).scatter(-1, ids, probs)
+    return torch.zeros(logits.shape, dtype=probs.dtype).scatter(-1, ids, probs)
 
 
 @given(seed=st.integers(0, 2**31 - 1), vocab=st.integers(1, 60), temperature=st.floats(0.05, 4.0),
-       top_k=st.integers(0, 70), top_p=st.sampled_from([1.0, 0.999, 0.95, 0.7, 0.3, 1e-3]))
-def test_candidates_are_hfs_warped_distribution_in_float64(seed, vocab, temperature, top_k, top_p):
+       top_k=st.integers(0, 70), top_p=st.sampled_from([1.0, 0.999, 0.95, 0.7, 0.3, 1e-3]), ties=st.booleans())
+def test_candidates_are_hfs_warped_distribution_in_float64(seed, vocab, temperature, top_k, top_p, ties):
+    """With ties (logits on a grid of 0.5, as bf16 logits often are) every token tied with the k-th stays,
+    as in HF; which of several tied tokens a top-p cut drops is arbitrary in both, so with ties the kept
+    probabilities are compared as a sorted list per row."""
     logits = 3 * torch.randn(4, vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    ours = candidate_probs(logits, temperature, top_k, top_p)
-    assert_close(ours, hf_warped_probs(logits, temperature, top_k, top_p), torch.float64)
-    assert ours.dtype == torch.float64 and ((ours > 0).sum(-1) <= (top_k or vocab)).all()
+    if ties:
+        logits = torch.round(2 * logits) / 2
+    ours, expected = candidate_probs(logits, temperature, top_k, top_p), hf_warped_probs(logits, temperature, top_k, top_p)
+    if ties:
+        ours, expected = ours.sort(dim=-1).values, expected.sort(dim=-1).values
+    assert_close(ours, expected, torch.float64)
+    assert ours.dtype == torch.float64
+
+
+def test_candidates_keep_the_tokens_tied_with_the_kth_in_bf16():
+    logits = torch.tensor([[4.0, 3.0, 3.0, 3.0, 1.0, 3.0]], dtype=torch.bfloat16)
+    probs, ids = rollout.candidates(logits, 1.0, top_k=2, top_p=1.0)
+    assert sorted(ids[0][probs[0] > 0].tolist()) == [0, 1, 2, 3, 5]
+    assert_close(candidate_probs(logits, 1.0, 2, 1.0), hf_warped_probs(logits.float(), 1.0, 2, 1.0), torch.float32)
 
 
 def test_sample_draws_each_candidate_at_its_probability():
@@ -1372,20 +1386,80 @@ def test_sampled_rollouts_are_reproducible_and_padded_after_eos():
     assert after.any() and (completion[after] == tokenizer.pad_token_id).all()
 
 
+def test_decode_attention_equals_grouped_query_attention_in_float64():
+    """decode_sdpa against attention written out: each query head h uses key/value head h // (H / H_kv)."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 14, 1, 8, generator=generator, dtype=torch.float64)
+    key, value = (torch.randn(3, 2, 11, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    visible = torch.rand(3, 1, 1, 11, generator=generator) > 0.3
+    visible[..., 0] = True
+    out, weights = rollout.decode_sdpa(None, query, key, value, visible, scaling=0.3)
+    assert weights is None and out.shape == (3, 1, 14, 8)
+    for b in range(3):
+        for h in range(14):
+            scores = 0.3 * key[b, h // 7] @ query[b, h, 0]
+            probs = scores.masked_fill(~visible[b, 0, 0], -math.inf).softmax(-1)
+            assert_close(out[b, 0, h], probs @ value[b, h // 7], torch.float64)
+
+
+def test_prefill_leaves_no_query_without_keys_and_hides_padding():
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer).eval()
+    ids, mask = left_padded_prompts(tokenizer)
+    decoder = rollout._Decoder(model, ids, mask, 4, 40, tokenizer.pad_token_id, pick=lambda logits: logits.argmax(-1))
+    decoder.prefill(ids, mask)
+    visible, real = decoder.prefill_visible(), mask.bool()
+    assert visible.any(-1).all(), "every query sees at least one key"
+    p = ids.shape[1]
+    causal = torch.ones(p, p, dtype=torch.bool).tril()
+    assert torch.equal(visible[:, :, :p] & real[:, :, None], causal & real[:, None, :] & real[:, :, None])
+    assert not visible[:, :, p:].any(), "no prompt query sees a completion slot"
+
+
+@pytest.mark.parametrize("max_new_tokens", [2, 3, 40])
+def test_prefill_resets_every_state_a_step_moved_on(max_new_tokens):
+    """The CUDA-graph path runs a warm-up step and then prefills again: what follows must equal a fresh
+    rollout, also when it stops halfway (columns not yet written are padding). Two warm-up steps here, so
+    that a stale cache slot, visible key or output column would show."""
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer)
+    ids, mask = left_padded_prompts(tokenizer)
+    runs, seen = [], []  # seen: the logits of every pick, so that a small stale contribution shows too
+
+    def pick(logits):
+        seen.append(logits.clone())
+        return logits.argmax(-1)
+
+    for warm_up in (0, min(2, max_new_tokens - 1)):
+        decoder = rollout._Decoder(model, ids, mask, max_new_tokens, 40, tokenizer.pad_token_id, pick=pick)
+        with torch.no_grad():
+            decoder.prefill(ids, mask)
+            for _ in range(warm_up):
+                decoder.step()
+            seen.clear()
+            decoder.prefill(ids, mask)
+            for _ in range(max_new_tokens // 2):
+                decoder.step()
+        runs.append((decoder.out.clone(), torch.stack(seen)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
 def test_the_decode_step_has_no_host_sync():
     """CUDA graphs replay GPU work only: a step that reads a value back to Python (.item(), a branch on a
-    tensor) would be captured wrongly. Dynamo with fullgraph=True fails on exactly such code; checked on CPU."""
+    tensor) or keeps a Python counter would be captured wrongly. Dynamo with fullgraph=True fails on the
+    first, and with error_on_recompile on the second (its guard on the counter fails); checked on CPU."""
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer).eval()
     ids, mask = left_padded_prompts(tokenizer)
     for greedy in (False, True):
         decoder = rollout._Decoder(model, ids, mask, 6, eos_id=40, pad_id=tokenizer.pad_token_id,
                                    pick=lambda logits: rollout.next_tokens(logits, greedy, 1.1, 20, 0.95))
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
             decoder.prefill(ids, mask)
             step = torch.compile(decoder.step, backend="eager", fullgraph=True)
-            step(), step()
-        assert (decoder.slot == ids.shape[1] + 2).all() and (decoder.out[:, 3:] == tokenizer.pad_token_id).all()
+            step(), step(), step()  # a Python value that changed between steps would force a recompile
+        torch._dynamo.reset()
+        assert (decoder.slot == ids.shape[1] + 3).all() and (decoder.out[:, 4:] == tokenizer.pad_token_id).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
