@@ -27,10 +27,8 @@ import warnings
 import torch
 from transformers import AttentionInterface
 
-_graph_failed = False  # set when a capture failed: the default (graph=None) stops trying
-
-
 TIE_MARGIN = 32  # extra candidates taken so that logits tied with the k-th one are kept, as HF keeps them
+_graph_failed = False  # set when a capture failed: the default (graph=None) stops trying
 
 
 def candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
