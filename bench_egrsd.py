@@ -8,7 +8,7 @@
    log-softmax) vs the project's (`egrsd.linear_token_logprobs` from hidden states in chunks): peak
    memory, time, largest differences of log-probs and gradients. Teacher entropy likewise.
 2. Rollouts: each engine of `train_min.generate`: HF `generate` with a dynamic cache (the baseline) and
-   a static cache (compiled on CUDA), rollout.py eager and, on CUDA, with one CUDA graph per decode step
+   a static cache (compiled on CUDA), decoding.py eager and, on CUDA, with one CUDA graph per decode step
    (the trainer's default there): new tokens per second at batch 32 and 128, best of three after a warm-up.
 3. `lookahead_min`: a Python loop vs the vectorised version.
 4. One training step of train_min.py, split into generate / score / update.
@@ -30,6 +30,7 @@ import tempfile
 import time
 
 import torch
+import transformers
 
 import egrsd
 
@@ -160,8 +161,9 @@ def bench_scoring(device: str, s: dict) -> dict:
 
 def bench_rollouts(device: str, s: dict) -> dict:
     """New tokens per second of each rollout engine of train_min.py on the same prompts, sampling settings
-    and model: HF generate with a dynamic / static cache (compiled on CUDA) and rollout.py without / with
-    CUDA graphs. Best of three after a warm-up, which also pays for any compilation or capture."""
+    and model: HF generate with a dynamic / static cache (compiled on CUDA) and decoding.py without / with
+    CUDA graphs. Best of three after a warm-up, which pays for HF's compilation; decoding.py captures its
+    graph in every call, as in training, so each timed graph run includes its capture."""
     import train_min
     from offline_models import build_tiny_model, build_tiny_tokenizer
 
@@ -189,7 +191,7 @@ def bench_rollouts(device: str, s: dict) -> dict:
                 best = min(best, time.perf_counter() - start)
             assert new == s["new_tokens"], f"{engine} stopped after {new} of {s['new_tokens']} tokens"
             out[f"{engine}_batch{batch}_tokens_per_s"] = batch * new / best
-        if batch == s["batches"][0]:  # the greedy tokens of each engine, row by row, against rollout.py eager
+        if batch == s["batches"][0]:  # the greedy tokens of each engine, row by row, against decoding.py eager
             greedy = {e: train_min.generate(model, _NoEOS(tokenizer), prompts, attention, train_min.Config(
                 device=device, max_new_tokens=s["new_tokens"], rollout=e), greedy=True)[0] for e in engines}
             out["greedy_rows_equal_to_eager"] = {e: (g == greedy["eager"]).all(-1).float().mean().item() for e, g in greedy.items()}
@@ -257,7 +259,7 @@ def main() -> None:
     args = parser.parse_args()
     s, parts = sizes(args.device), args.only.split(",")
     machine = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
-    results = {"device": machine, "torch": torch.__version__}
+    results = {"device": machine, "torch": torch.__version__, "transformers": transformers.__version__}
     runners = {"scoring": lambda: bench_scoring(args.device, s), "rollouts": lambda: bench_rollouts(args.device, s),
                "lookahead": bench_lookahead, "step": lambda: bench_step(args.device, s)}
     if unknown := [p for p in parts if p not in runners]:
@@ -281,7 +283,7 @@ def _cpu_name() -> str:
 
 
 def report(r: dict) -> str:
-    lines = [f"device: {r['device']}, torch {r['torch']}"]
+    lines = [f"device: {r['device']}, torch {r['torch']}, transformers {r.get('transformers', '?')}"]
     if "scoring" in r:
         sc = r["scoring"]
         lines += [f"\n1. student scoring step, {sc['tokens']} tokens ({sc['layers']} layers)    peak GiB    seconds",

@@ -15,7 +15,7 @@ Run:
     python train_min.py --resume runs/cl                     # continue an interrupted run
     python train_min.py --compare runs/egrsd runs/cl         # accuracy-length table of runs, no model
 
-Simplified on purpose: rollouts from rollout.py (a static KV cache and a CUDA graph per decode step, or
+Simplified on purpose: rollouts from decoding.py (a static KV cache and a CUDA graph per decode step, or
 HF `generate` with --rollout hf-dynamic); one optimizer step per batch (fully on-policy, so
 no importance ratio or clipping of the policy); the teacher scores only the completion positions, and
 the full-vocabulary quantities are computed from hidden states in chunks (never a (tokens × V) tensor).
@@ -37,10 +37,11 @@ import time
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+import decoding
 import egrsd
-import rollout
 import run_io
 import views
 from offline_models import enable_activation_checkpointing, load_model_and_tokenizer
@@ -115,8 +116,8 @@ class Config:
     save_every: int = 25
     """checkpoint every N steps (and on Ctrl-C and at the end); 0: only then"""
     rollout: str = "auto"
-    """rollout engine: graph (rollout.py, each decode step one CUDA graph), eager (rollout.py, no graph),
-    hf-static or hf-dynamic (HF generate with that KV cache), auto (graph on CUDA if it captures, else eager)"""
+    """auto (decoding.py: a CUDA graph per decode step on CUDA; if capture fails, a warning and no graphs),
+    graph, eager (decoding.py without graphs), hf-static or hf-dynamic (HF generate with that cache)"""
     chunk_size: int = 1024
     """rows of logits alive at once when scoring (memory O(chunk × vocab))"""
     gradient_checkpointing: bool = True
@@ -162,7 +163,7 @@ def check_config(cfg: Config) -> None:
         ("method", cfg.method in METHODS, f"one of {', '.join(METHODS)}"),
         ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
         ("rollout", cfg.rollout in ROLLOUTS, ", ".join(ROLLOUTS)),
-        ("rollout", cfg.rollout != "graph" or cfg.device.startswith("cuda"), "not graph without a CUDA --device"),
+        ("rollout", cfg.rollout != "graph" or cfg.device.startswith("cuda"), "graph only with a CUDA --device"),
         ("denominator", cfg.denominator in ("raw", "filtered"), "raw or filtered"),
         ("data", not cfg.data or os.path.isfile(cfg.data), "an existing JSONL file"),
         ("steps", cfg.steps >= 0, "≥ 0"), ("batch_size", cfg.batch_size > 0, "> 0"),
@@ -209,11 +210,9 @@ def batch_problems(problems: list, step: int, batch_size: int, seed: int) -> lis
 
 
 def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat-template the conversations and left-pad them: ids, attention mask (B, P). P is a multiple of
-    64, so that HF's compiled static cache (--rollout hf-static) sees few shapes (each new one recompiles)."""
+    """Chat-template the conversations and left-pad them: ids, attention mask (B, P)."""
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
-                      pad_to_multiple_of=64)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
@@ -225,15 +224,20 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[
 def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False):
     """Sample completions: ids (B, T), mask (B, T) bool up to and including the first EOS, finished (B,)."""
     if cfg.rollout in ("auto", "graph", "eager"):  # auto: graphs on CUDA, unless capture fails there
-        completion = rollout.generate(model, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id,
-                                      tokenizer.pad_token_id, greedy, cfg.temperature, cfg.top_k, cfg.top_p,
-                                      graph={"auto": None, "graph": True, "eager": False}[cfg.rollout])
+        completion = decoding.generate(model, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id,
+                                       tokenizer.pad_token_id, greedy=greedy, temperature=cfg.temperature,
+                                       top_k=cfg.top_k, top_p=cfg.top_p,
+                                       graph={"auto": None, "graph": True, "eager": False}[cfg.rollout])
     else:  # HF generate: only what is set here and in the model's (clean, see offline_models.py) config applies
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature,
                                                               top_p=cfg.top_p, top_k=cfg.top_k)
         gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id,
                                cache_implementation="static" if cfg.rollout == "hf-static" else None, **sampling)
+        if cfg.rollout == "hf-static":  # compiled, it recompiles per shape: prompt lengths of multiples of 64
+            extra = -prompt_ids.shape[1] % 64
+            prompt_ids = F.pad(prompt_ids, (extra, 0), value=tokenizer.pad_token_id)
+            prompt_mask = F.pad(prompt_mask, (extra, 0))
         model.eval()
         completion = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
         completion = completion[:, prompt_ids.shape[1]:]  # (B, T)

@@ -1,11 +1,13 @@
 """Fast rollouts for train_min.py: a static KV cache, top-k before top-p sampling, no host sync per token,
 and on CUDA the whole decode step (forward, sampling, bookkeeping) replayed as one CUDA graph.
 
-    completion = rollout.generate(model, prompt_ids, prompt_mask, max_new_tokens=1024, eos_id=..., pad_id=...,
-                                  temperature=1.1, top_k=20, top_p=0.95)
+    completion = decoding.generate(model, prompt_ids, prompt_mask, max_new_tokens=1024, eos_id=..., pad_id=...,
+                                   temperature=1.1, top_k=20, top_p=0.95)
 
-Same result format and sampling distribution as HF `model.generate` (temperature, then top-k, then top-p);
-greedy decoding gives the same tokens (tested). What makes it faster than HF `generate`:
+Returns what HF `model.generate` returns after the prompt columns, sampled from the same distribution
+(temperature, then top-k, then top-p); greedy decoding gives HF's tokens (tested in float32 on CPU; in
+bf16 other attention kernels may break a near tie differently, which bench_egrsd.py counts). Faster than
+HF `generate` because of:
 - a static cache, so no per-step concatenation of the KV tensors;
 - top-p on the top-k candidates only (HF sorts the whole 151,936-token vocabulary every step), and no
   float32 copy of the full logits;
@@ -14,7 +16,9 @@ greedy decoding gives the same tokens (tested). What makes it faster than HF `ge
 - grouped-query attention of the one new token without copying the cache once per query-head group;
 - on CUDA one graph per decode step: the ~400 kernel launches of a 24-layer step become one replay.
 The model is driven through its own forward (HF `StaticCache`, explicit positions, a ready-made attention
-mask: boolean for sdpa, additive for eager), so any HF decoder whose layers all use full attention works.
+mask: boolean for sdpa, additive for eager, `logits_to_keep=1`), so an HF causal LM (or a PEFT wrapper of
+one) whose layers all use full attention works. Importing this module registers one attention function
+with HF (`decode_sdpa`); a decode step switches the model's attention implementation to it and back.
 """
 
 from __future__ import annotations
@@ -23,12 +27,22 @@ import contextlib
 import inspect
 import math
 import warnings
+import weakref
 
 import torch
 from transformers import AttentionInterface
 
 TIE_MARGIN = 32  # extra candidates taken so that logits tied with the k-th one are kept, as HF keeps them
-_graph_failed = False  # set when a capture failed: the default (graph=None) stops trying
+no_graphs: weakref.WeakSet = weakref.WeakSet()  # models whose capture failed: graph=None stops trying them
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k: expected ≥ 0 (0 = the whole vocabulary), got {top_k}")
 
 
 def candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,17 +50,13 @@ def candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
 
     logits (B, V) in any float dtype → probs (B, C) float32 or wider, summing to 1, largest first, and ids
     (B, C) their token ids; C = k + TIE_MARGIN (or V). top_k = 0 means the whole vocabulary; top_p = 1 means
-    no nucleus cut. As in HF: every token tied with the k-th largest logit stays a candidate (common with
-    bf16 logits), and a candidate is kept when the probability of the candidates ranked above it is below
-    top_p (HF drops a token when the ascending cumulative probability up to and including it is ≤ 1 - top_p:
-    the same set). Only the C candidates are ever cast or divided, never the (B, V) logits.
+    no nucleus cut (top_k = 0 sorts the whole vocabulary every step: slow, like HF's top-p). As in HF:
+    tokens tied with the k-th largest logit stay candidates (common with bf16 logits; up to TIE_MARGIN of
+    them, where HF keeps all), and a candidate is kept when the probability of the candidates ranked above
+    it is below top_p (HF drops a token when the ascending cumulative probability up to and including it is
+    ≤ 1 - top_p: the same set). Only the C candidates are ever cast or divided, never the (B, V) logits.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k: expected ≥ 0 (0 = the whole vocabulary), got {top_k}")
+    check_sampling(temperature, top_k, top_p)
     vocab = logits.shape[-1]
     k = vocab if top_k == 0 else min(top_k, vocab)
     values, ids = torch.topk(logits, min(k + TIE_MARGIN, vocab), dim=-1)  # sorted, largest first
@@ -122,24 +132,30 @@ def _attention(config, implementation: str | None):
 
 
 def _cache_kwarg(model) -> str:
-    """transformers up to 5.2x name the cache argument `past_key_values`, later ones `cache`."""
-    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+    """Older transformers 5.x name the cache argument `past_key_values` (5.17), newer ones `cache` (5.24)."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's model
+    parameters = inspect.signature(core.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise ValueError(f"model: expected a causal LM whose forward takes `cache` or `past_key_values`, got {type(core).__name__}")
 
 
 class _Decoder:
     """All the state of one generate call in fixed tensors, so that `step` can be captured as a CUDA graph."""
 
-    def __init__(self, model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, pick):
+    def __init__(self, model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, pick):
         from transformers import StaticCache
 
-        self.model, self.pick, self.eos_id, self.pad_id = model, pick, eos_id, pad_id
+        self.model, self.pick, self.pad_id = model, pick, pad_id
+        self.eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=prompt_ids.device)
         batch, self.prompt_len = prompt_ids.shape
         self.length = self.prompt_len + max_new_tokens
         device = prompt_ids.device
         self.dtype = next(model.parameters()).dtype
         implementation = getattr(model.config, "_attn_implementation", None) or "eager"
         if implementation not in ("sdpa", "eager"):
-            raise ValueError(f"model: rollout.generate supports sdpa or eager attention, not {implementation!r}")
+            raise ValueError(f"model: decoding.generate supports sdpa or eager attention, not {implementation!r}")
         self.additive = implementation == "eager"  # eager adds the mask to the scores; sdpa takes a boolean one
         self.decode_attention = DECODE_ATTENTION if implementation == "sdpa" else None
         self.cache = StaticCache(config=model.config, max_cache_len=self.length)
@@ -154,9 +170,11 @@ class _Decoder:
         self.out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
 
     def _forward(self, ids, mask, positions):
-        hidden = self.model.base_model(input_ids=ids, attention_mask={"full_attention": mask}, position_ids=positions,
-                                       use_cache=True, **{self.cache_kwarg: self.cache}).last_hidden_state
-        return self.model.get_output_embeddings()(hidden[:, -1])  # (B, V) in the model's dtype
+        return self.model(input_ids=ids, attention_mask={"full_attention": mask}, position_ids=positions, use_cache=True,
+                          logits_to_keep=1, **{self.cache_kwarg: self.cache}).logits[:, -1]  # (B, V), the model's dtype
+
+    def is_eos(self, tokens):
+        return (tokens[..., None] == self.eos_ids).any(-1)
 
     def _mask(self, visible):
         if not self.additive:
@@ -182,7 +200,7 @@ class _Decoder:
         first = self.pick(self._forward(prompt_ids, mask, positions))
         self.out.fill_(self.pad_id)
         self.out[:, 0] = first
-        self.finished.copy_(first == self.eos_id)
+        self.finished.copy_(self.is_eos(first))
         self.tokens.copy_(first[:, None])
         self.positions.copy_(positions[:, -1:] + 1)
         self.slot.fill_(p)
@@ -195,7 +213,7 @@ class _Decoder:
             picked = self.pick(self._forward(self.tokens, mask, self.positions))
         picked = torch.where(self.finished, self.pad_id, picked)
         self.out.index_copy_(1, self.slot - self.prompt_len + 1, picked[:, None])
-        self.finished |= picked == self.eos_id
+        self.finished |= self.is_eos(picked)
         self.tokens.copy_(picked[:, None])
         self.positions += 1
         self.slot += 1
@@ -213,26 +231,31 @@ class _Decoder:
                 graph.capture_begin()
                 try:
                     self.step()
-                finally:
-                    graph.capture_end()
+                except BaseException:
+                    with contextlib.suppress(RuntimeError):  # (an invalidated capture: the first error tells why)
+                        graph.capture_end()
+                    raise
+                graph.capture_end()
         finally:
             torch.cuda.current_stream().wait_stream(stream)
         return graph
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
-             greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+             eos_id: int | list[int], pad_id: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              graph: bool | None = None, check_every: int = 32) -> torch.Tensor:
     """Complete left-padded prompts (B, P): returns the completions (B, T), T ≤ max_new_tokens, with `pad_id`
     after each row's EOS and T the longest row (up to its EOS), as HF `generate` returns after the prompt.
 
+    eos_id: one token id or several; a row ends at the first of them.
     graph: replay each decode step as one CUDA graph: True (raise if capture fails), False, or None (the
-    default: on CUDA, and if capture fails, warn once and decode without graphs from then on). Sampling
-    uses torch's default generator of the device, so `torch.manual_seed` makes it reproducible.
+    default: on CUDA; if capture fails for this model, warn once and decode it without graphs from then
+    on, see `no_graphs`). Each call captures its own graph (milliseconds: one warm-up step, the capture
+    and the prompts run again). Sampling uses torch's default generator of the device, so
+    `torch.manual_seed` makes it reproducible.
     check_every: steps between two reads of "has every row finished?" (each read waits for the GPU).
     """
-    global _graph_failed
     if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids, prompt_mask: expected two (B, P) tensors, got {tuple(prompt_ids.shape)} "
                          f"and {tuple(prompt_mask.shape)}")
@@ -243,14 +266,17 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     if check_every < 1:
         raise ValueError(f"check_every: expected ≥ 1, got {check_every}")
     if any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or ["full_attention"]):
-        raise ValueError("model: rollout.generate supports decoders whose layers all use full attention")
+        raise ValueError("model: decoding.generate supports decoders whose layers all use full attention")
     if graph and not prompt_ids.is_cuda:
         raise ValueError("graph: CUDA graphs need the prompts and model on a CUDA device")
-    use_graph = graph if graph is not None else prompt_ids.is_cuda and not _graph_failed
+    eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    if not eos_ids or not all(isinstance(i, int) for i in eos_ids):
+        raise ValueError(f"eos_id: expected a token id or a non-empty list of them, got {eos_id!r}")
+    use_graph = graph if graph is not None else prompt_ids.is_cuda and model not in no_graphs
     if not greedy:
-        candidates(prompt_ids.new_zeros(1, 1, dtype=torch.float), temperature, top_k, top_p)  # check the settings once
+        check_sampling(temperature, top_k, top_p)
 
-    decoder = _Decoder(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id,
+    decoder = _Decoder(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id,
                        pick=lambda logits: next_tokens(logits, greedy, temperature, top_k, top_p))
     # graphs use the default generator of the current device: make the prompts' device the current one
     on_device = torch.cuda.device(prompt_ids.device) if prompt_ids.is_cuda else contextlib.nullcontext()
@@ -263,14 +289,14 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
             except RuntimeError as error:  # a model or torch build whose step cannot be captured
                 if graph:
                     raise
-                _graph_failed = True
-                warnings.warn(f"rollout: CUDA graph capture failed, decoding without graphs from now on ({error})")
+                no_graphs.add(model)
+                warnings.warn(f"decoding: CUDA graph capture failed, decoding this model without graphs from now on ({error})")
             decoder.prefill(prompt_ids, prompt_mask)  # the warm-up moved the state on: start again
         for step in range(1, max_new_tokens):
             if step % check_every == 0 and bool(decoder.finished.all()):
                 break
             replay()
-    out, finished = decoder.out, decoder.out == eos_id
+    out, finished = decoder.out, decoder.is_eos(decoder.out)
     # trim to the longest row, as HF does: a finished row ends at its EOS, an unfinished one at the last column
     ends = torch.where(finished.any(-1), finished.int().argmax(-1) + 1, out.shape[1])
     return out[:, : int(ends.max())].clone()
