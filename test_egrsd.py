@@ -1356,6 +1356,21 @@ def test_greedy_rollouts_are_hf_generates_tokens(attention, max_new_tokens):
             assert torch.equal(ours, expected[:, ids.shape[1]:]), (eos, ours, expected)
 
 
+def test_a_row_ends_at_the_first_of_several_eos_ids_as_in_hf():
+    from transformers import GenerationConfig
+
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer)
+    ids, mask = left_padded_prompts(tokenizer)
+    free = decoding.generate(model, ids, mask, 20, eos_id=-1, pad_id=tokenizer.pad_token_id, greedy=True)
+    eos = [int(free[0, 12]), int(free[2, 4])]
+    hf = GenerationConfig(max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf)[:, ids.shape[1]:]
+    ours = decoding.generate(model, ids, mask, 20, eos, tokenizer.pad_token_id, greedy=True, check_every=3)
+    assert torch.equal(ours, expected)
+    assert (ours[0, 13:] == tokenizer.pad_token_id).all() and (ours[2, 5:] == tokenizer.pad_token_id).all(), "both ids end rows"
+
+
 def test_sampled_rollouts_follow_hfs_distribution_of_the_first_token():
     """One prompt 4,000 times: the frequency of each first token is its probability under HF's warpers."""
     tokenizer = build_tiny_tokenizer()
