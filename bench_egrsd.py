@@ -9,7 +9,7 @@
    memory, time, largest differences of log-probs and gradients. Teacher entropy likewise.
 2. Rollouts: each engine of `train_min.generate`: HF `generate` with a dynamic cache (the baseline) and
    a static cache (compiled on CUDA), decoding.py eager and, on CUDA, with one CUDA graph per decode step
-   (the trainer's default there): new tokens per second at batch 32 and 128, best of three after a warm-up.
+   (the trainer's default there): new tokens per second at batch 32 and 128, best of five after a warm-up.
 3. `lookahead_min`: a Python loop vs the vectorised version.
 4. One training step of train_min.py, split into generate / score / update.
 
@@ -42,7 +42,7 @@ def sizes(device: str) -> dict:
     # CPU: the real vocabulary and width with 2 layers for scoring (4 chunks instead of 16), and the tiny
     # model for rollouts and the training step
     return dict(layers=2, score_batch=4, score_length=256, chunk_size=256, rollout_layers=0, prompt=64,
-                new_tokens=32, batches=(32, 128), step_model="tiny", step_flags=["--batch-size", "8", "--max-new-tokens", "64"])
+                new_tokens=64, batches=(32, 128), step_model="tiny", step_flags=["--batch-size", "8", "--max-new-tokens", "64"])
 
 
 def qwen05b(layers: int, device: str, dtype: torch.dtype):
@@ -162,7 +162,7 @@ def bench_scoring(device: str, s: dict) -> dict:
 def bench_rollouts(device: str, s: dict) -> dict:
     """New tokens per second of each rollout engine of train_min.py on the same prompts, sampling settings
     and model: HF generate with a dynamic / static cache (compiled on CUDA) and decoding.py without / with
-    CUDA graphs. Best of three after a warm-up, which pays for HF's compilation; decoding.py captures its
+    CUDA graphs. Best of five after a warm-up, which pays for HF's compilation; decoding.py captures its
     graph in every call, as in training, so each timed graph run includes its capture."""
     import train_min
     from offline_models import build_tiny_model, build_tiny_tokenizer
@@ -183,7 +183,7 @@ def bench_rollouts(device: str, s: dict) -> dict:
             run = lambda: train_min.generate(model, _NoEOS(tokenizer), prompts, attention, cfg)[0]  # noqa: E731
             run()  # warm-up
             best = math.inf
-            for _ in range(3):
+            for _ in range(5):
                 sync(device)
                 start = time.perf_counter()
                 new = run().shape[1]
