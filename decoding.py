@@ -155,7 +155,8 @@ class _Decoder:
         self.dtype = next(model.parameters()).dtype
         implementation = getattr(model.config, "_attn_implementation", None) or "eager"
         if implementation not in ("sdpa", "eager"):
-            raise ValueError(f"model: decoding.generate supports sdpa or eager attention, not {implementation!r}")
+            raise ValueError(f"model: decoding.generate supports sdpa or eager attention, not {implementation!r} "
+                             "(HF generate instead: train_min.py --rollout hf-dynamic)")
         self.additive = implementation == "eager"  # eager adds the mask to the scores; sdpa takes a boolean one
         self.decode_attention = DECODE_ATTENTION if implementation == "sdpa" else None
         self.cache = StaticCache(config=model.config, max_cache_len=self.length)
@@ -266,7 +267,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     if check_every < 1:
         raise ValueError(f"check_every: expected ≥ 1, got {check_every}")
     if any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or ["full_attention"]):
-        raise ValueError("model: decoding.generate supports decoders whose layers all use full attention")
+        raise ValueError("model: decoding.generate supports decoders whose layers all use full attention "
+                         "(HF generate instead: train_min.py --rollout hf-dynamic)")
     if graph and not prompt_ids.is_cuda:
         raise ValueError("graph: CUDA graphs need the prompts and model on a CUDA device")
     eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)

@@ -1517,6 +1517,7 @@ def test_graph_rollouts_equal_eager_rollouts_on_cuda(monkeypatch):
     (dict(top_k=-1), "top_k: expected ≥ 0"),
     (dict(graph=True), "graph: CUDA graphs need"),
     (dict(attention="flash_attention_2"), "model: decoding.generate supports sdpa or eager"),
+    (dict(layers="sliding_attention"), "model: decoding.generate supports decoders whose layers all use full"),
 ])
 def test_bad_rollout_input_names_the_argument(change, message):
     tokenizer = build_tiny_tokenizer()
@@ -1529,6 +1530,8 @@ def test_bad_rollout_input_names_the_argument(change, message):
         change["prompt_mask"] = mask[:, 1:]
     if "attention" in change:
         model.config._attn_implementation = change.pop("attention")
+    if "layers" in change:
+        model.config.layer_types = [change.pop("layers")] * model.config.num_hidden_layers
     arguments = {**dict(prompt_ids=ids, prompt_mask=mask, max_new_tokens=4, eos_id=1, pad_id=tokenizer.pad_token_id), **change}
     with pytest.raises(ValueError, match=re.escape(message)):
         decoding.generate(model, **arguments)
