@@ -3,6 +3,7 @@ and on CUDA the whole decode step (forward, sampling, bookkeeping) replayed as o
 
     completion = decoding.generate(model, prompt_ids, prompt_mask, max_new_tokens=1024, eos_id=..., pad_id=...,
                                    temperature=1.1, top_k=20, top_p=0.95)
+    baseline = decoding.hf_generate(...the same arguments..., static=False)   # HF `generate`, for comparison
 
 Returns what HF `model.generate` returns after the prompt columns, sampled from the same distribution
 (temperature, then top-k, then top-p); greedy decoding gives HF's tokens (tested in float32 on CPU; in
@@ -302,3 +303,24 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     # trim to the longest row, as HF does: a finished row ends at its EOS, an unfinished one at the last column
     ends = torch.where(finished.any(-1), finished.int().argmax(-1) + 1, out.shape[1])
     return out[:, : int(ends.max())].clone()
+
+
+@torch.no_grad()
+def hf_generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                eos_id: int | list[int], pad_id: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0, static: bool = False) -> torch.Tensor:
+    """The same call through HF `model.generate`, the baseline: a dynamic cache, or a static one (compiled
+    on CUDA; it recompiles per shape, so the prompts are left-padded to a multiple of 64 tokens). Only what
+    is set here and in the model's own generation config applies (train_min.py loads a clean one)."""
+    from transformers import GenerationConfig
+
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+                              cache_implementation="static" if static else None, **sampling)
+    if static:
+        extra = -prompt_ids.shape[1] % 64
+        prompt_ids = torch.nn.functional.pad(prompt_ids, (extra, 0), value=pad_id)
+        prompt_mask = torch.nn.functional.pad(prompt_mask, (extra, 0))
+    with _evaluating(model):
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    return out[:, prompt_ids.shape[1]:]

@@ -37,8 +37,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM
 
 import decoding
 import egrsd
@@ -220,27 +219,14 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[
 # Rollouts and the verifier.
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False):
     """Sample completions: ids (B, T), mask (B, T) bool up to and including the first EOS, finished (B,)."""
-    if cfg.rollout in ("auto", "graph", "eager"):  # auto: graphs on CUDA, unless capture fails there
-        completion = decoding.generate(model, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id,
-                                       tokenizer.pad_token_id, greedy=greedy, temperature=cfg.temperature,
-                                       top_k=cfg.top_k, top_p=cfg.top_p,
-                                       graph={"auto": None, "graph": True, "eager": False}[cfg.rollout])
-    else:  # HF generate: only what is set here and in the model's (clean, see offline_models.py) config applies
-        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature,
-                                                              top_p=cfg.top_p, top_k=cfg.top_k)
-        gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id,
-                               cache_implementation="static" if cfg.rollout == "hf-static" else None, **sampling)
-        if cfg.rollout == "hf-static":  # compiled, it recompiles per shape: prompt lengths of multiples of 64
-            extra = -prompt_ids.shape[1] % 64
-            prompt_ids = F.pad(prompt_ids, (extra, 0), value=tokenizer.pad_token_id)
-            prompt_mask = F.pad(prompt_mask, (extra, 0))
-        model.eval()
-        completion = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
-        completion = completion[:, prompt_ids.shape[1]:]  # (B, T)
+    args = (model, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    sampling = dict(greedy=greedy, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    if cfg.rollout in ("hf-static", "hf-dynamic"):
+        completion = decoding.hf_generate(*args, **sampling, static=cfg.rollout == "hf-static")
+    else:  # decoding.py; auto: CUDA graphs on CUDA unless a capture fails there
+        completion = decoding.generate(*args, **sampling, graph={"auto": None, "graph": True, "eager": False}[cfg.rollout])
     return (completion, *completion_mask(completion, tokenizer.eos_token_id))
 
 
