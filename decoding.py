@@ -245,8 +245,8 @@ class _Decoder:
 
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-             eos_id: int | list[int], pad_id: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             graph: bool | None = None, check_every: int = 32) -> torch.Tensor:
+             eos_id: int | list[int], pad_id: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, graph: bool | None = None, check_every: int = 32) -> torch.Tensor:
     """Complete left-padded prompts (B, P): returns the completions (B, T), T ≤ max_new_tokens, with `pad_id`
     after each row's EOS and T the longest row (up to its EOS), as HF `generate` returns after the prompt.
 
