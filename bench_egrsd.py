@@ -67,6 +67,18 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def best_of(repeats: int, run, device: str):
+    """(the shortest time of `repeats` calls of run(), what the last call returned)."""
+    best = math.inf
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        result = run()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
 @contextlib.contextmanager
 def measured(device: str):
     """Time and peak memory of the block, above what was held when it began: {"seconds", "peak_gib"}."""
@@ -173,27 +185,21 @@ def bench_rollouts(device: str, s: dict) -> dict:
     else:
         model = build_tiny_model(tokenizer).eval()
     engines = ("hf-dynamic", "hf-static", "eager") + (("graph",) if device == "cuda" else ())
+    configs = {e: train_min.Config(device=device, max_new_tokens=s["new_tokens"], rollout=e) for e in engines}
     out = {}
     for batch in s["batches"]:
         prompts = torch.randint(3, len(tokenizer), (batch, s["prompt"]), generator=torch.Generator().manual_seed(batch)).to(device)
         attention = torch.ones_like(prompts)
+        # EOS is never produced on purpose: every row decodes the full length with every engine
+        run = lambda engine, greedy=False: train_min.generate(  # noqa: E731
+            model, _NoEOS(tokenizer), prompts, attention, configs[engine], greedy=greedy)[0]
         for engine in engines:
-            cfg = train_min.Config(device=device, max_new_tokens=s["new_tokens"], rollout=engine)
-            # EOS is never produced on purpose: every row decodes the full length with every engine
-            run = lambda: train_min.generate(model, _NoEOS(tokenizer), prompts, attention, cfg)[0]  # noqa: E731
-            run()  # warm-up
-            best = math.inf
-            for _ in range(5):
-                sync(device)
-                start = time.perf_counter()
-                new = run().shape[1]
-                sync(device)
-                best = min(best, time.perf_counter() - start)
-            assert new == s["new_tokens"], f"{engine} stopped after {new} of {s['new_tokens']} tokens"
-            out[f"{engine}_batch{batch}_tokens_per_s"] = batch * new / best
+            run(engine)  # warm-up
+            seconds, completion = best_of(5, lambda: run(engine), device)
+            assert completion.shape[1] == s["new_tokens"], f"{engine} stopped after {completion.shape[1]} of {s['new_tokens']} tokens"
+            out[f"{engine}_batch{batch}_tokens_per_s"] = batch * s["new_tokens"] / seconds
         if batch == s["batches"][0]:  # the greedy tokens of each engine, row by row, against decoding.py eager
-            greedy = {e: train_min.generate(model, _NoEOS(tokenizer), prompts, attention, train_min.Config(
-                device=device, max_new_tokens=s["new_tokens"], rollout=e), greedy=True)[0] for e in engines}
+            greedy = {e: run(e, greedy=True) for e in engines}
             out["greedy_rows_equal_to_eager"] = {e: (g == greedy["eager"]).all(-1).float().mean().item() for e, g in greedy.items()}
         out[f"speedup_batch{batch}"] = out[f"{engines[-1]}_batch{batch}_tokens_per_s"] / out[f"hf-dynamic_batch{batch}_tokens_per_s"]
     return {"engines": list(engines), "project_engine": engines[-1], **out}
@@ -224,18 +230,10 @@ def loop_lookahead_min(entropy, mask, window):
 
 def bench_lookahead(batch: int = 32, length: int = 1024, window: int = 3) -> dict:
     entropy, mask = torch.rand(batch, length) * 5, torch.rand(batch, length) > 0.1
-    timings = {}
-    for name, function in (("loop", loop_lookahead_min), ("vectorised", egrsd.lookahead_min)):
-        best = math.inf
-        for _ in range(3):  # best of three
-            start = time.perf_counter()
-            result = function(entropy, mask, window)
-            best = min(best, time.perf_counter() - start)
-        timings[f"{name}_s"] = best
-        timings.setdefault("results", []).append(result)
-    first, second = timings.pop("results")
-    return {**timings, "speedup": timings["loop_s"] / timings["vectorised_s"], "max_err": (first - second).abs().max().item(),
-            "shape": [batch, length], "window": window}
+    (loop_s, first), (vectorised_s, second) = (best_of(3, lambda f=f: f(entropy, mask, window), "cpu")
+                                               for f in (loop_lookahead_min, egrsd.lookahead_min))
+    return {"loop_s": loop_s, "vectorised_s": vectorised_s, "speedup": loop_s / vectorised_s,
+            "max_err": (first - second).abs().max().item(), "shape": [batch, length], "window": window}
 
 
 def bench_step(device: str, s: dict) -> dict:
