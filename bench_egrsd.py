@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import resource
+import sys
 import tempfile
 import time
 
@@ -38,11 +39,11 @@ import egrsd
 def sizes(device: str) -> dict:
     if device == "cuda":  # the issue's sizes: Qwen2.5-0.5B, 16 × 1024 tokens scored, 64 + 256 tokens rolled out
         return dict(layers=24, score_batch=16, score_length=1024, chunk_size=1024, rollout_layers=24, prompt=64,
-                    new_tokens=256, batches=(32, 128), step_model="random-0.5b", step_flags=[])
+                    new_tokens=256, batches=(32, 128), repeats=3, step_model="random-0.5b", step_batch=32, step_flags=[])
     # CPU: the real vocabulary and width with 2 layers for scoring (4 chunks instead of 16), and the tiny
     # model for rollouts and the training step
     return dict(layers=2, score_batch=4, score_length=256, chunk_size=256, rollout_layers=0, prompt=64,
-                new_tokens=64, batches=(32, 128), step_model="tiny", step_flags=["--batch-size", "8", "--max-new-tokens", "64"])
+                new_tokens=64, batches=(32, 128), repeats=5, step_model="tiny", step_batch=8, step_flags=["--max-new-tokens", "64"])
 
 
 def qwen05b(layers: int, device: str, dtype: torch.dtype):
@@ -171,47 +172,54 @@ def bench_scoring(device: str, s: dict) -> dict:
 # 2. Rollouts
 
 
-def bench_rollouts(device: str, s: dict) -> dict:
+def bench_rollouts(device: str, s: dict, save=lambda partial: None) -> dict:
     """New tokens per second of each rollout engine of train_min.py on the same prompts, sampling settings
-    and model: HF generate with a dynamic / static cache (compiled on CUDA) and decoding.py without / with
-    CUDA graphs. Best of five after a warm-up, which pays for HF's compilation; decoding.py captures its
-    graph in every call, as in training, so each timed graph run includes its capture."""
+    and model: decoding.py without / with CUDA graphs, HF generate with a dynamic / static cache (compiled
+    on CUDA). Best of `repeats` after a warm-up, which pays for HF's compilation (its time is kept as
+    `warmup_s`); decoding.py captures its graph in every call, as in training, so each timed graph run
+    includes its capture. `save` gets the results so far after each engine (a run cut short keeps them)."""
     import train_min
     from offline_models import build_tiny_model, build_tiny_tokenizer
+    from transformers import GenerationConfig
 
     tokenizer = build_tiny_tokenizer()
     if s["rollout_layers"]:
         model = qwen05b(s["rollout_layers"], device, torch.bfloat16).eval()
     else:
         model = build_tiny_model(tokenizer).eval()
-    engines = ("hf-dynamic", "hf-static", "eager") + (("graph",) if device == "cuda" else ())
+    # an EOS id the random model can never sample: every row decodes the full length with every engine
+    model.generation_config = GenerationConfig(eos_token_id=[10**9], pad_token_id=tokenizer.pad_token_id)
+    ours = "graph" if device == "cuda" else "eager"
+    engines = ("eager", "graph", "hf-dynamic", "hf-static") if device == "cuda" else ("eager", "hf-dynamic", "hf-static")
     configs = {e: train_min.Config(device=device, max_new_tokens=s["new_tokens"], rollout=e) for e in engines}
-    out = {}
+    out = {"engines": list(engines), "project_engine": ours, "repeats": s["repeats"]}
     for batch in s["batches"]:
         prompts = torch.randint(3, len(tokenizer), (batch, s["prompt"]), generator=torch.Generator().manual_seed(batch)).to(device)
         attention = torch.ones_like(prompts)
-        # EOS is never produced on purpose: every row decodes the full length with every engine
         run = lambda engine, greedy=False: train_min.generate(  # noqa: E731
-            model, _NoEOS(tokenizer), prompts, attention, configs[engine], greedy=greedy)[0]
+            model, tokenizer, prompts, attention, configs[engine], greedy=greedy)[0]
+        greedy = {}
         for engine in engines:
-            run(engine)  # warm-up
-            seconds, completion = best_of(5, lambda: run(engine), device)
-            assert completion.shape[1] == s["new_tokens"], f"{engine} stopped after {completion.shape[1]} of {s['new_tokens']} tokens"
-            out[f"{engine}_batch{batch}_tokens_per_s"] = batch * s["new_tokens"] / seconds
-        if batch == s["batches"][0]:  # the greedy tokens of each engine, row by row, against decoding.py eager
-            greedy = {e: run(e, greedy=True) for e in engines}
-            out["greedy_rows_equal_to_eager"] = {e: (g == greedy["eager"]).all(-1).float().mean().item() for e, g in greedy.items()}
-        out[f"speedup_batch{batch}"] = out[f"{engines[-1]}_batch{batch}_tokens_per_s"] / out[f"hf-dynamic_batch{batch}_tokens_per_s"]
-    return {"engines": list(engines), "project_engine": engines[-1], **out}
-
-
-class _NoEOS:
-    """The tokenizer with an EOS id the random model can never sample (fixed-length rollouts)."""
-
-    eos_token_id = 10**9
-
-    def __init__(self, tokenizer):
-        self.pad_token_id = tokenizer.pad_token_id
+            try:  # an engine that fails (a compile error, say) is recorded, and the others still run
+                start = time.perf_counter()
+                run(engine)  # warm-up (and HF's compilation)
+                sync(device)
+                out[f"{engine}_batch{batch}_warmup_s"] = time.perf_counter() - start
+                seconds, completion = best_of(s["repeats"], lambda: run(engine), device)
+                assert completion.shape[1] == s["new_tokens"], f"{engine} stopped after {completion.shape[1]} of {s['new_tokens']} tokens"
+                out[f"{engine}_batch{batch}_tokens_per_s"] = batch * s["new_tokens"] / seconds
+                if batch == s["batches"][0]:  # the greedy tokens of each engine, row by row, against decoding.py eager
+                    greedy[engine] = run(engine, greedy=True)
+                    out["greedy_rows_equal_to_eager"] = {e: (g == greedy["eager"]).all(-1).float().mean().item() for e, g in greedy.items()}
+            except Exception as error:  # noqa: BLE001
+                out[f"{engine}_batch{batch}_error"] = f"{type(error).__name__}: {error}"[:2000]
+            save(out)
+        for baseline in ("hf-dynamic", "hf-static"):
+            if f"{baseline}_batch{batch}_tokens_per_s" in out and f"{ours}_batch{batch}_tokens_per_s" in out:
+                out[f"speedup_batch{batch}" + ("" if baseline == "hf-dynamic" else "_vs_static")] = (
+                    out[f"{ours}_batch{batch}_tokens_per_s"] / out[f"{baseline}_batch{batch}_tokens_per_s"])
+        save(out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,41 +244,75 @@ def bench_lookahead(batch: int = 32, length: int = 1024, window: int = 3) -> dic
             "max_err": (first - second).abs().max().item(), "shape": [batch, length], "window": window}
 
 
-def bench_step(device: str, s: dict) -> dict:
+def bench_step(device: str, s: dict, profile: str = "") -> dict:
+    """Two steps of train_min.py at its defaults (on CUDA: batch 32, up to 1,024 new tokens); the second is
+    reported: each phase's seconds, completion tokens per second and share of the step, peak memory. With
+    `profile`, a third step runs under torch.profiler and its busiest operators go to that text file."""
     import train_min
 
     with tempfile.TemporaryDirectory() as run_dir:
-        train_min.main(["--model", s["step_model"], "--device", device, "--steps", "2", "--eval-size", "0",
-                        "--save-every", "0", "--output-dir", run_dir, *s["step_flags"]])
+        flags = ["--model", s["step_model"], "--device", device, "--eval-size", "0", "--save-every", "0",
+                 "--batch-size", str(s["step_batch"]), "--output-dir", run_dir, *s["step_flags"]]
+        train_min.main(flags + ["--steps", "2"])
         rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        if profile:
+            _profile_one_more_step(flags, run_dir, device, profile)
     last = rows[-1]  # the second step: compilation and warm-up are behind it
-    keys = ("generate_s", "score_s", "update_s", "step_s", "rollout_tokens_per_s", "length_mean", "peak_gpu_mem_gb")
-    return {"model": s["step_model"], **{k: last[k] for k in keys},
+    tokens = last["length_mean"] * s["step_batch"]
+    keys = ("generate_s", "score_s", "update_s", "step_s", "length_mean", "length_max", "peak_gpu_mem_gb")
+    return {"model": s["step_model"], "batch": s["step_batch"], "flags": s["step_flags"] or "defaults", **{k: last[k] for k in keys},
+            "completion_tokens": tokens, **{f"{phase}_tokens_per_s": tokens / last[f"{phase}_s"] for phase in ("generate", "score", "update")},
             "score_plus_update_share": (last["score_s"] + last["update_s"]) / last["step_s"]}
+
+
+def _profile_one_more_step(flags: list, run_dir: str, device: str, path: str) -> None:
+    """Resume the two-step run for a third step under torch.profiler; write the operators by device time."""
+    import train_min
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        train_min.main(["--resume", run_dir, "--steps", "3", "--save-every", "0"])
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to measure (default: cpu)")
     parser.add_argument("--json", default="", help="also write the results to this JSON file (after each part)")
-    parser.add_argument("--only", default="scoring,rollouts,lookahead,step", help="comma-separated parts to run")
+    parser.add_argument("--only", default="scoring,lookahead,step,rollouts", help="comma-separated parts to run, in this order")
+    parser.add_argument("--profile", default="", help="also profile a third training step; write its operator table here")
     args = parser.parse_args()
     s, parts = sizes(args.device), args.only.split(",")
     machine = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     results = {"device": machine, "torch": torch.__version__, "transformers": transformers.__version__}
-    runners = {"scoring": lambda: bench_scoring(args.device, s), "rollouts": lambda: bench_rollouts(args.device, s),
-               "lookahead": bench_lookahead, "step": lambda: bench_step(args.device, s)}
-    if unknown := [p for p in parts if p not in runners]:
-        parser.error(f"--only: expected parts among {', '.join(runners)}, got {', '.join(unknown)}")
-    for part in parts:
-        start = time.perf_counter()
-        results[part] = runners[part]()
-        print(f"[{part}: {time.perf_counter() - start:.0f} s]", flush=True)
-        if args.json:  # after every part, so that a run cut short keeps what it measured
+
+    def save(part: str, value: dict) -> None:  # after every part (and engine), so that a run cut short keeps them
+        results[part] = value
+        if args.json:
             with open(args.json + ".tmp", "w") as f:
                 json.dump(results, f, indent=1)
             os.replace(args.json + ".tmp", args.json)
-    print(report(results))
+
+    runners = {"scoring": lambda: bench_scoring(args.device, s),
+               "rollouts": lambda: bench_rollouts(args.device, s, lambda partial: save("rollouts", partial)),
+               "lookahead": bench_lookahead, "step": lambda: bench_step(args.device, s, args.profile)}
+    if unknown := [p for p in parts if p not in runners]:
+        parser.error(f"--only: expected parts among {', '.join(runners)}, got {', '.join(unknown)}")
+    failed = []
+    for part in parts:
+        start = time.perf_counter()
+        try:
+            save(part, runners[part]())
+        except Exception as error:  # noqa: BLE001 (the other parts still run; the error is kept)
+            save(f"{part}_error", f"{type(error).__name__}: {error}"[:2000])
+            failed.append(part)
+        print(f"[{part}: {time.perf_counter() - start:.0f} s]", flush=True)
+    print(report({k: v for k, v in results.items() if k not in failed}))
+    if failed:
+        sys.exit("failed: " + ", ".join(f"{part} ({results[part + '_error']})" for part in failed))
 
 
 def _cpu_name() -> str:
@@ -295,22 +337,25 @@ def report(r: dict) -> str:
     if "rollouts" in r:
         ro = r["rollouts"]
         lines.append("\n2. rollouts, new tokens/s   " + "".join(f"{e:>12}" for e in ro["engines"])
-                     + f"   {ro['project_engine']} / hf-dynamic")
-        for batch in sorted({int(k.split("batch")[1]) for k in ro if k.startswith("speedup_batch")}):
-            lines.append(f"   batch {batch:>4}              " + "".join(f"{ro[f'{e}_batch{batch}_tokens_per_s']:12.0f}"
-                         for e in ro["engines"]) + f"   {ro[f'speedup_batch{batch}']:.2f}×")
-        same = ro["greedy_rows_equal_to_eager"]
-        lines.append("   greedy rows equal to eager " + "".join(f"{same[e]:12.2f}" for e in ro["engines"]))
+                     + f"   {ro['project_engine']} / hf-dynamic, / hf-static")
+        for batch in sorted({int(k.split("batch")[1].split("_")[0]) for k in ro if "_batch" in k}):
+            rate = lambda e: ro.get(f"{e}_batch{batch}_tokens_per_s", math.nan)  # noqa: E731 (nan: not measured)
+            lines.append(f"   batch {batch:>4}              " + "".join(f"{rate(e):12.0f}" for e in ro["engines"])
+                         + f"   {ro.get(f'speedup_batch{batch}', math.nan):.2f}×, {ro.get(f'speedup_batch{batch}_vs_static', math.nan):.2f}×")
+        same = ro.get("greedy_rows_equal_to_eager", {})
+        lines.append("   greedy rows equal to eager " + "".join(f"{same.get(e, math.nan):12.2f}" for e in ro["engines"]))
     if "lookahead" in r:
         la = r["lookahead"]
         lines.append(f"\n3. lookahead_min {la['shape']} W={la['window']}: loop {la['loop_s'] * 1000:.0f} ms, vectorised "
                      f"{la['vectorised_s'] * 1000:.2f} ms ({la['speedup']:.0f}×), max |Δ| {la['max_err']:.1e}")
     if "step" in r:
         st = r["step"]
-        lines.append(f"\n4. training step ({st['model']}): generate {st['generate_s']:.2f} s, score {st['score_s']:.2f} s, "
-                     f"update {st['update_s']:.2f} s of {st['step_s']:.2f} s; score + update = "
-                     f"{100 * st['score_plus_update_share']:.0f}%; {st['rollout_tokens_per_s']:.0f} rollout tokens/s, "
+        lines.append(f"\n4. training step ({st['model']}, batch {st['batch']}, {st['completion_tokens']:.0f} completion tokens): "
                      f"peak GPU {st['peak_gpu_mem_gb']:.1f} GiB")
+        for phase in ("generate", "score", "update"):
+            lines.append(f"   {phase:<9} {st[f'{phase}_s']:7.2f} s {100 * st[f'{phase}_s'] / st['step_s']:4.0f}%  "
+                         f"{st[f'{phase}_tokens_per_s']:9.0f} tokens/s")
+        lines.append(f"   step      {st['step_s']:7.2f} s; score + update = {100 * st['score_plus_update_share']:.0f}%")
     return "\n".join(lines)
 
 

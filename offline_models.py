@@ -125,10 +125,12 @@ def load_model_and_tokenizer(name: str, device, dtype: torch.dtype):
         model, tokenizer = _load_pretrained(name, dtype)
     # A clean generation config. A checkpoint's own sampling defaults (Qwen2.5-Instruct ships a
     # repetition penalty, temperature, top-p and top-k) would fill every setting the trainer leaves unset,
-    # and rollouts would no longer come from the policy whose log-probs are trained. Generation stops at
-    # the tokenizer's EOS only (Qwen2.5-Instruct: <|im_end|>), the token that tells a finished completion
-    # from a truncated one.
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    # and rollouts would no longer come from the policy whose log-probs are trained. It keeps every EOS
+    # id: the tokenizer's and the checkpoint's (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>); a row that
+    # ends on any of them is finished, and rewarded.
+    eos = model.generation_config.eos_token_id
+    eos_ids = [tokenizer.eos_token_id] + [i for i in ([eos] if isinstance(eos, int) else eos or []) if i != tokenizer.eos_token_id]
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
     # Built and loaded in `dtype` already: a later .to(dtype) would also round buffers that transformers
     # keeps in float32, such as the rotary frequencies.
     return model.to(device), tokenizer

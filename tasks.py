@@ -178,7 +178,7 @@ def load_problems(path) -> list[Problem]:
 
 def _last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` whose braces balance, e.g. `\\frac{1}{2}`; None if none."""
-    for start in reversed([m.end() for m in re.finditer(r"\\boxed\{", text)]):
+    for start in reversed([m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]):
         depth = 1
         for i in range(start, len(text)):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
@@ -199,28 +199,74 @@ def extract_answer(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
+# What models write around a number in a box, and what a careful grader ignores: LaTeX spacing, dollar
+# signs, degrees, percent, \text{} / \mathrm{} wrappers and a trailing unit word ("18 apples").
+_SPACING = re.compile(r"\\[,;:! ]|\\quad|\\qquad|~|\\left|\\right|[\u2009\u202f\u00a0]")
+_DECORATION = re.compile(r"\\\$|\$|\\%|%|\^\s*\{?\\circ\}?|\\circ|°|\\degree|\{,\}")
+_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_FRACTION = re.compile(r"\\[dt]?frac\s*(\{[^{}]*\}|\d)\s*(\{[^{}]*\}|\d)")
+_UNIT = re.compile(r"(?<=\d)\s*(?:[A-Za-z]+\.?\s*)+$")  # "12 dollars", "7 cm", "3 p.m."
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:([, ])\d{3})(?:\1\d{3})*(?:\.\d+)?")
+DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2012": "-", "\ufe63": "-", "\uff0d": "-"})
+
+
+def normalise_answer(text: str) -> str:
+    """`text` with what does not change its value removed: `\\$12.00` → `12.00`, `-3^\\circ` → `-3`,
+    `\\text{12 dollars}` → `12`, `10\\%` → `10`, `{{5}}` → `5`, `\\dfrac12` → `\\frac{1}{2}`,
+    `x = 5` → `5`, a Unicode minus → `-`."""
+    s = text.translate(DASHES)
+    s = _SPACING.sub(" ", s)
+    for _ in range(3):  # wrappers inside wrappers
+        s = _WRAPPER.sub(r"\1", s)
+    s = _DECORATION.sub("", s)
+    s = _FRACTION.sub(lambda m: "\\frac{%s}{%s}" % tuple(g.strip("{}").strip() for g in m.groups()), s)
+    s = s.rsplit("=", 1)[-1].strip()  # "x = 5"
+    while s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
+        s = s[1:-1].strip()
+    s = _UNIT.sub("", s).strip().rstrip(".").strip()
+    return " ".join(s.split())
+
+
+def _balanced(s: str) -> bool:
+    depth = 0
+    for c in s:
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 def _to_number(text: str) -> float | None:
-    """`text` as a float after dropping `$`, commas, spaces and a trailing `.`; `a/b`, `\\frac{a}{b}` too."""
-    s = text.replace("$", "").replace(",", "").replace(" ", "").rstrip(".")
-    fraction = re.fullmatch(r"\\d?frac\{(.+)\}\{(.+)\}|(.+)/(.+)", s)
-    parts = [g for g in fraction.groups() if g is not None] if fraction else [s]
-    if not all(DECIMAL.fullmatch(part) for part in parts):
-        return None
-    values = [float(part) for part in parts]
-    if len(values) == 1:
-        return values[0]
-    return values[0] / values[1] if values[1] != 0 else None
+    """The value of an answer string after `normalise_answer`: a decimal (`1,000` and `1 000` are
+    thousands, `1, 2` is a list and no number), `a/b`, `\\frac{a}{b}`, `-\\frac{a}{b}`; None otherwise."""
+    s = normalise_answer(text)
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "").replace(" ", "")
+    fraction = re.fullmatch(r"([-+]?)\s*\\frac\{(.+)\}\{(.+)\}|([-+]?[\d.]+)\s*/\s*([-+]?[\d.]+)", s)
+    if fraction:
+        sign, *parts = fraction.groups()
+        parts = [p for p in parts if p is not None]
+        values = [_decimal(p) for p in parts]
+        if None in values or values[1] == 0:
+            return None
+        return (-1 if sign == "-" else 1) * values[0] / values[1]
+    return _decimal(s)
+
+
+def _decimal(s: str) -> float | None:
+    s = s.strip()
+    return float(s) if DECIMAL.fullmatch(s) else None
 
 
 def is_correct(completion: str, answer: str) -> bool:
-    """Whether the completion's extracted answer equals `answer`: numerically, else as exact strings."""
+    """Whether the completion's extracted answer equals `answer`: numerically, else as normalised strings."""
     predicted = extract_answer(completion)
     if predicted is None:
         return False
     x, y = _to_number(predicted), _to_number(answer)
     if x is not None and y is not None:
         return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
-    return predicted.strip() == answer.strip()
+    return normalise_answer(predicted) == normalise_answer(answer)
 
 
 # ---------------------------------------------------------------- prompts

@@ -58,6 +58,9 @@ class Config:
     """one of grpo, opsd, rlsd, egrsd, cl-egrsd"""
     data: str = ""
     """a JSONL file of GSM8K rows or {problem, solution, answer} rows; empty: built-in arithmetic problems"""
+    eval_data: str = ""
+    """a JSONL file of held-out problems (same formats; its first --eval-size are used); empty: held out
+    from --data (its first fifth, at most --eval-size) or from the built-in problems"""
     output_dir: str = "runs/egrsd"
     """where metrics.jsonl, config.json, checkpoint/ and final/ are written"""
     resume: str = ""
@@ -165,6 +168,7 @@ def check_config(cfg: Config) -> None:
         ("rollout", cfg.rollout != "graph" or cfg.device.startswith("cuda"), "graph only with a CUDA --device"),
         ("denominator", cfg.denominator in ("raw", "filtered"), "raw or filtered"),
         ("data", not cfg.data or os.path.isfile(cfg.data), "an existing JSONL file"),
+        ("eval_data", not cfg.eval_data or os.path.isfile(cfg.eval_data), "an existing JSONL file"),
         ("steps", cfg.steps >= 0, "≥ 0"), ("batch_size", cfg.batch_size > 0, "> 0"),
         ("micro_batch_size", cfg.micro_batch_size > 0, "> 0"), ("max_new_tokens", cfg.max_new_tokens > 0, "> 0"),
         ("temperature", cfg.temperature > 0, "> 0"), ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
@@ -191,6 +195,23 @@ def check_config(cfg: Config) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("CUDA is not available on this machine. For a CPU smoke run:\n"
                  "    python train_min.py --model tiny --device cpu --steps 2 --output-dir runs/smoke")
+
+
+def load_data(cfg: Config) -> tuple[list, list]:
+    """(training problems, held-out problems) from --data / --eval-data, or the built-in problems."""
+    if cfg.data:
+        problems = load_problems(cfg.data)
+        split = 0 if cfg.eval_data or not cfg.eval_size else max(1, min(cfg.eval_size, len(problems) // 5))
+        eval_problems, train_problems = problems[:split], problems[split:]
+    else:
+        train_problems, eval_problems = train_eval_problems(cfg.train_size, 0 if cfg.eval_data else cfg.eval_size, cfg.seed)
+    if cfg.eval_data:
+        eval_problems = load_problems(cfg.eval_data)[: cfg.eval_size]
+    if not train_problems:
+        sys.exit(f"--data: {cfg.data} leaves no training problem after the held-out split")
+    print(f"data: {len(train_problems)} training problems ({cfg.data or 'built-in'}), {len(eval_problems)} held-out "
+          f"({cfg.eval_data or cfg.data or 'built-in'})")
+    return train_problems, eval_problems
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,19 +241,27 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[
 
 
 def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False):
-    """Sample completions: ids (B, T), mask (B, T) bool up to and including the first EOS, finished (B,)."""
-    args = (model, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    """Sample completions: ids (B, T), mask (B, T) bool up to and including the first EOS, finished (B,).
+    Every EOS id of the model's generation config ends a row (Qwen2.5-Instruct: <|im_end|>, <|endoftext|>)."""
+    eos_ids = stop_ids(model)
+    args = (model, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_ids, tokenizer.pad_token_id)
     sampling = dict(greedy=greedy, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     if cfg.rollout in ("hf-static", "hf-dynamic"):
         completion = decoding.hf_generate(*args, **sampling, static=cfg.rollout == "hf-static")
     else:  # decoding.py; auto: CUDA graphs on CUDA unless a capture fails there
         completion = decoding.generate(*args, **sampling, graph={"auto": None, "graph": True, "eager": False}[cfg.rollout])
-    return (completion, *completion_mask(completion, tokenizer.eos_token_id))
+    return (completion, *completion_mask(completion, eos_ids))
 
 
-def completion_mask(completion, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stop_ids(model) -> list[int]:
+    """The EOS ids of the model's generation config, as a list."""
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def completion_mask(completion, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """mask (B, T) bool, True up to and including the first EOS; finished (B,): an EOS came at all."""
-    is_eos = completion == eos_id
+    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))
     return (is_eos.cumsum(dim=1) - is_eos.long()) == 0, is_eos.any(dim=1)
 
 
@@ -347,16 +376,19 @@ def update(student, teacher, optimizer, rollout: dict, scores: dict, token_adv, 
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list, cfg: Config) -> dict:
     """Greedy accuracy and mean completion length on held-out problems: the paper's trade-off."""
-    correct, lengths = [], []
+    correct, lengths, finished = [], [], []
     for start in range(0, len(problems), cfg.eval_batch_size):
         batch = problems[start : start + cfg.eval_batch_size]
         ids, attention = encode_prompts(tokenizer, [student_messages(p) for p in batch], cfg.device)
-        completion, mask, finished = generate(model, tokenizer, ids, attention, cfg, greedy=True)
-        correct += verify(tokenizer, completion, mask, finished, batch).tolist()
+        completion, mask, done = generate(model, tokenizer, ids, attention, cfg, greedy=True)
+        correct += verify(tokenizer, completion, mask, done, batch).int().tolist()
         lengths += mask.sum(dim=1).tolist()
+        finished += done.tolist()
     accuracy, length = sum(correct) / max(len(correct), 1), sum(lengths) / max(len(lengths), 1)
     return {"eval_accuracy": accuracy, "eval_length": length,
-            "eval_acc_per_1k_tokens": accuracy / (length / 1000) if length else 0.0}
+            "eval_acc_per_1k_tokens": accuracy / (length / 1000) if length else 0.0,
+            "eval_truncated": 1 - sum(finished) / max(len(finished), 1),
+            "eval_correct": correct, "eval_lengths": lengths}  # per problem: paired comparisons of runs
 
 
 def autocast(cfg: Config):
@@ -380,15 +412,7 @@ def train(cfg: Config):
     """The whole run; returns the (student, teacher) models at the end."""
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if cfg.data:
-        problems = load_problems(cfg.data)
-        split = max(1, min(cfg.eval_size, len(problems) // 5)) if cfg.eval_size else 0
-        eval_problems, train_problems = problems[:split], problems[split:]
-        print(f"data: {len(train_problems)} training and {len(eval_problems)} held-out problems from {cfg.data}")
-    else:
-        train_problems, eval_problems = train_eval_problems(cfg.train_size, cfg.eval_size, cfg.seed)
-    if not train_problems:
-        sys.exit(f"--data: {cfg.data} leaves no training problem after the held-out split")
+    train_problems, eval_problems = load_data(cfg)
 
     # Teacher: the initial weights, frozen (the paper's). Student: the trainable float32 master weights
     # (the checkpoint's when resuming). Sampler: the student in the compute dtype, refreshed after each
