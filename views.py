@@ -105,24 +105,59 @@ def dump_tokens(path: str, step: int, tokenizer, rollout: dict, scores: dict, si
         f.write(token_html(step, shown))
 
 
+def read_rows(run_dir: str) -> list[dict]:
+    """The rows of a run's metrics.jsonl; a step that appears twice (run again after a resume) keeps its last row."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--compare: expected a run directory holding metrics.jsonl, got {run_dir!r}")
+    rows = {}
+    for line in open(path):
+        if line.strip():
+            row = json.loads(line)
+            rows[row.get("kind"), row["step"]] = row
+    return sorted(rows.values(), key=lambda r: (r["step"], r.get("kind") != "eval"))
+
+
+def paired_difference(a: list, b: list) -> tuple[float, float, float]:
+    """Mean of a − b over the same problems (0/1 each) and its 95% interval (normal approximation)."""
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    se = (sum((x - mean) ** 2 for x in d) / max(n - 1, 1) / n) ** 0.5
+    return mean, mean - 1.96 * se, mean + 1.96 * se
+
+
 def compare_table(run_dirs: list[str]) -> str:
-    """Per run: method, steps, held-out accuracy and mean length before → after, Acc/(length/1000),
-    and the relative change of length (the paper's accuracy–length trade-off)."""
-    header = f"{'run':<28} {'method':<9} {'steps':>5} {'acc start':>9} {'acc end':>8} {'len start':>9} " \
-             f"{'len end':>8} {'Δlen':>7} {'acc/(len/1k)':>12}"
-    lines = [header, "-" * len(header)]
+    """Per run: method, steps, held-out accuracy and mean length before → after, Acc/(length/1000), the
+    relative change of length (the paper's accuracy–length trade-off), the truncated share at the end,
+    seconds per step, peak GPU memory, and the paired accuracy difference to the first run on the same
+    held-out problems with its 95% interval."""
+    header = f"{'run':<16} {'method':<9} {'steps':>5} {'acc start':>9} {'acc end':>8} {'len start':>9} " \
+             f"{'len end':>8} {'Δlen':>7} {'acc/(len/1k)':>12} {'trunc':>6} {'s/step':>6} {'peak GiB':>8}  Δacc vs first run [95%]"
+    lines, first_correct = [header, "-" * len(header)], None
     for run_dir in run_dirs:
-        path = os.path.join(run_dir, "metrics.jsonl")
-        if not os.path.isfile(path):
-            raise SystemExit(f"--compare: expected a run directory holding metrics.jsonl, got {run_dir!r}")
-        rows = [json.loads(line) for line in open(path) if line.strip()]
-        evals = {r["step"]: r for r in rows if r.get("kind") == "eval"}  # a resumed step: its last row
+        rows = read_rows(run_dir)
+        evals = [r for r in rows if r.get("kind") == "eval"]
+        train = [r for r in rows if r.get("kind") == "train"]
+        name = os.path.basename(os.path.normpath(run_dir))
         if not evals:
-            lines.append(f"{run_dir:<28} (no evaluation rows yet)")
+            lines.append(f"{name:<16} (no evaluation rows yet)")
             continue
-        first, last = evals[min(evals)], evals[max(evals)]
+        first, last = evals[0], evals[-1]
         change = (last["eval_length"] / first["eval_length"] - 1) * 100 if first["eval_length"] else 0.0
-        lines.append(f"{os.path.basename(os.path.normpath(run_dir)):<28} {last['method']:<9} {max(evals):>5} "
+        timed = train[1:] or train  # the first step pays for warm-up and compilation
+        seconds = sum(r["step_s"] for r in timed) / len(timed) if timed else float("nan")
+        peak = max((r["peak_gpu_mem_gb"] for r in train), default=float("nan"))
+        paired = ""
+        correct = last.get("eval_correct")
+        if first_correct is None:
+            first_correct = correct
+        elif correct and len(correct) == len(first_correct):
+            mean, low, high = paired_difference(correct, first_correct)
+            verdict = " (no detectable difference)" if low <= 0 <= high else ""
+            paired = f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points{verdict}"
+        lines.append(f"{name:<16} {last['method']:<9} {last['step']:>5} "
                      f"{first['eval_accuracy']:>9.3f} {last['eval_accuracy']:>8.3f} {first['eval_length']:>9.0f} "
-                     f"{last['eval_length']:>8.0f} {change:>+6.1f}% {last['eval_acc_per_1k_tokens']:>12.3f}")
+                     f"{last['eval_length']:>8.0f} {change:>+6.1f}% {last['eval_acc_per_1k_tokens']:>12.3f} "
+                     f"{last.get('eval_truncated', float('nan')):>6.3f} {seconds:>6.2f} {peak:>8.1f}  {paired}")
     return "\n".join(lines)
