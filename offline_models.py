@@ -6,8 +6,10 @@
 - `build_random_qwen25_05b(tokenizer, dtype)`: Qwen2.5-0.5B's exact architecture with random weights,
   for timing and memory runs only.
 - `load_model_and_tokenizer(name, device, dtype)`: "tiny", "random-0.5b", or a hub name / local folder.
+- `make_arithmetic_problems(n, seed)`: the tiny tokenizer's corpus, short generated word problems.
 """
 
+import random
 import warnings
 
 import torch
@@ -15,7 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM)
 
-from tasks import make_arithmetic_problems, student_messages, teacher_messages
+from tasks import Problem, student_messages, teacher_messages
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 TINY_VOCAB_SIZE = 512
@@ -141,3 +143,100 @@ def enable_activation_checkpointing(model) -> None:
     5.17 has the old name only."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable({"use_reentrant": False})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tiny tokenizer's corpus: short arithmetic word problems with worked solutions, generated from five
+# hand-written templates (no download). The trainer's own problems are the shipped files of data/; these
+# only train the 512-token BPE and the tiny model of docs/make_token_view.py.
+
+NAMES = ["Ava", "Ben", "Carla", "Diego", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kira", "Liam"]
+ITEMS = ["apples", "pencils", "stickers", "cookies", "marbles", "books", "cards", "oranges", "balloons"]
+
+# Each template draws small integers from `rng` and returns (question, solution steps, answer).
+
+def _shopping(rng, name, item):
+    """3 steps: buy two kinds of items, pay with a bill, get change."""
+    a, p, b, q = rng.randint(2, 6), rng.randint(2, 9), rng.randint(2, 5), rng.randint(1, 6)
+    bill = 50 if a * p + b * q < 50 else 100
+    question = (f"{name} buys {a} {item} for ${p} each and {b} notebooks for ${q} each. "
+                f"{name} pays with a ${bill} bill. How much change does {name} get, in dollars?")
+    steps = [f"The {item} cost {a} * {p} = {a * p} dollars.",
+             f"The notebooks cost {b} * {q} = {b * q} dollars.",
+             f"Together that is {a * p} + {b * q} = {a * p + b * q} dollars.",
+             f"The change is {bill} - {a * p + b * q} = {bill - a * p - b * q} dollars."]
+    return question, steps, bill - a * p - b * q
+
+
+def _sharing(rng, name, item):
+    """2 steps: add more items, then share them equally."""
+    k, each = rng.randint(2, 6), rng.randint(2, 9)
+    b = rng.randint(1, k * each - 1)
+    a = k * each - b
+    question = (f"{name} has {a} {item} and gets {b} more. {name} shares all of them equally among "
+                f"{k} friends. How many {item} does each friend get?")
+    steps = [f"{name} has {a} + {b} = {a + b} {item}.",
+             f"Each friend gets {a + b} / {k} = {each} {item}."]
+    return question, steps, each
+
+
+def _boxes(rng, name, item):
+    """3 steps: buy boxes of items, give some away, use some."""
+    boxes, per_box = rng.randint(2, 6), rng.randint(3, 12)
+    total = boxes * per_box
+    given = rng.randint(1, total // 2)
+    used = rng.randint(1, total - given - 1)
+    question = (f"{name} buys {boxes} boxes with {per_box} {item} in each box. {name} gives {given} "
+                f"{item} to a neighbor and uses {used}. How many {item} are left?")
+    steps = [f"{name} buys {boxes} * {per_box} = {total} {item}.",
+             f"After giving some away, {total} - {given} = {total - given} are left.",
+             f"After using some, {total - given} - {used} = {total - given - used} are left."]
+    return question, steps, total - given - used
+
+
+def _wages(rng, name, item):
+    """4 steps: earn an hourly wage on two days, spend some, save half of the rest."""
+    rate, h1, h2 = rng.randint(5, 15), rng.randint(2, 6), rng.randint(1, 5)
+    earned = rate * (h1 + h2)
+    spent = rng.randrange(2 - earned % 2, earned - 3, 2)  # same parity as `earned`: the half is whole
+    question = (f"{name} earns ${rate} per hour. {name} works {h1} hours on Monday and {h2} hours on "
+                f"Tuesday, then spends ${spent} on {item}. {name} saves half of the money that is left. "
+                f"How many dollars does {name} save?")
+    steps = [f"{name} works {h1} + {h2} = {h1 + h2} hours.",
+             f"{name} earns {h1 + h2} * {rate} = {earned} dollars.",
+             f"After spending, {earned} - {spent} = {earned - spent} dollars are left.",
+             f"{name} saves {earned - spent} / 2 = {(earned - spent) // 2} dollars."]
+    return question, steps, (earned - spent) // 2
+
+
+def _temperature(rng, name, item):
+    """3 steps: a temperature falls, rises, then falls again (the answer may be negative)."""
+    start, drop, rise, drop2 = rng.randint(1, 10), rng.randint(5, 15), rng.randint(2, 8), rng.randint(3, 12)
+    end = start - drop + rise - drop2
+    question = (f"While {name} packs {item} for a trip, the temperature is {start} degrees. It falls by "
+                f"{drop} degrees, rises by {rise} degrees, then falls by {drop2} degrees. "
+                f"What is the temperature now, in degrees?")
+    steps = [f"After the first fall: {start} - {drop} = {start - drop} degrees.",
+             f"After the rise: {start - drop} + {rise} = {start - drop + rise} degrees.",
+             f"After the second fall: {start - drop + rise} - {drop2} = {end} degrees."]
+    return question, steps, end
+
+
+TEMPLATES = [_shopping, _sharing, _boxes, _wages, _temperature]
+
+
+def make_arithmetic_problems(n: int, seed: int) -> list[Problem]:
+    """`n` distinct (by question text) 2-4 step arithmetic word problems, the same for the same seed."""
+    rng = random.Random(seed)
+    problems, seen = [], set()
+    for _ in range(100 * n):
+        if len(problems) == n:
+            break
+        template = rng.choice(TEMPLATES)
+        question, steps, answer = template(rng, rng.choice(NAMES), rng.choice(ITEMS))
+        if question not in seen:
+            seen.add(question)
+            problems.append(Problem(question, "\n".join(steps + [f"The answer is {answer}."]), str(answer)))
+    if len(problems) < n:
+        raise ValueError(f"n: could only make {len(problems)} distinct problems, asked for {n}")
+    return problems

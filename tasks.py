@@ -1,20 +1,21 @@
 """Problems, data files, prompts and the verifier for on-policy self-distillation.
 
 A `Problem` is a question, a worked reference solution (the teacher's privileged context s*) and the
-final answer as a string ("42", "-3", "2.5"). Problems come from a seeded generator of GSM8K-easy
-arithmetic word problems (no download) or from a JSONL file (GSM8K rows or problem/solution/answer rows).
+final answer as a string ("42", "-3", "2.5"). Problems come from a JSONL file (GSM8K rows or
+problem/solution/answer rows); the built-in ones are the GSM8K-level files shipped in data/ (reasoning-gym's
+gsm_symbolic, whole templates held out for evaluation; data/make_gsm_symbolic.py regenerates them).
 The verifier reads the answer from the LAST `\\boxed{...}` of a completion and compares it numerically.
 """
 
 import json
 import math
-import random
+import os
 import re
 from dataclasses import dataclass
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-NAMES = ["Ava", "Ben", "Carla", "Diego", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kira", "Liam"]
-ITEMS = ["apples", "pencils", "stickers", "cookies", "marbles", "books", "cards", "oranges", "balloons"]
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+BUILT_IN = {"train": os.path.join(DATA_DIR, "gsm_symbolic_train.jsonl"), "eval": os.path.join(DATA_DIR, "gsm_symbolic_eval.jsonl")}
 NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
 DECIMAL = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
 GSM8K_CALCULATOR = re.compile(r"<<[^>]*>>")
@@ -26,102 +27,7 @@ class Problem:
     question: str
     solution: str  # worked, step-by-step reference solution: the teacher's privileged context
     answer: str  # final answer as a string, e.g. "42", "-3", "2.5"
-
-
-# ---------------------------------------------------------------- generated arithmetic problems
-# Each template draws small integers from `rng` and returns (question, solution steps, answer).
-
-def _shopping(rng, name, item):
-    """3 steps: buy two kinds of items, pay with a bill, get change."""
-    a, p, b, q = rng.randint(2, 6), rng.randint(2, 9), rng.randint(2, 5), rng.randint(1, 6)
-    bill = 50 if a * p + b * q < 50 else 100
-    question = (f"{name} buys {a} {item} for ${p} each and {b} notebooks for ${q} each. "
-                f"{name} pays with a ${bill} bill. How much change does {name} get, in dollars?")
-    steps = [f"The {item} cost {a} * {p} = {a * p} dollars.",
-             f"The notebooks cost {b} * {q} = {b * q} dollars.",
-             f"Together that is {a * p} + {b * q} = {a * p + b * q} dollars.",
-             f"The change is {bill} - {a * p + b * q} = {bill - a * p - b * q} dollars."]
-    return question, steps, bill - a * p - b * q
-
-
-def _sharing(rng, name, item):
-    """2 steps: add more items, then share them equally."""
-    k, each = rng.randint(2, 6), rng.randint(2, 9)
-    b = rng.randint(1, k * each - 1)
-    a = k * each - b
-    question = (f"{name} has {a} {item} and gets {b} more. {name} shares all of them equally among "
-                f"{k} friends. How many {item} does each friend get?")
-    steps = [f"{name} has {a} + {b} = {a + b} {item}.",
-             f"Each friend gets {a + b} / {k} = {each} {item}."]
-    return question, steps, each
-
-
-def _boxes(rng, name, item):
-    """3 steps: buy boxes of items, give some away, use some."""
-    boxes, per_box = rng.randint(2, 6), rng.randint(3, 12)
-    total = boxes * per_box
-    given = rng.randint(1, total // 2)
-    used = rng.randint(1, total - given - 1)
-    question = (f"{name} buys {boxes} boxes with {per_box} {item} in each box. {name} gives {given} "
-                f"{item} to a neighbor and uses {used}. How many {item} are left?")
-    steps = [f"{name} buys {boxes} * {per_box} = {total} {item}.",
-             f"After giving some away, {total} - {given} = {total - given} are left.",
-             f"After using some, {total - given} - {used} = {total - given - used} are left."]
-    return question, steps, total - given - used
-
-
-def _wages(rng, name, item):
-    """4 steps: earn an hourly wage on two days, spend some, save half of the rest."""
-    rate, h1, h2 = rng.randint(5, 15), rng.randint(2, 6), rng.randint(1, 5)
-    earned = rate * (h1 + h2)
-    spent = rng.randrange(2 - earned % 2, earned - 3, 2)  # same parity as `earned`: the half is whole
-    question = (f"{name} earns ${rate} per hour. {name} works {h1} hours on Monday and {h2} hours on "
-                f"Tuesday, then spends ${spent} on {item}. {name} saves half of the money that is left. "
-                f"How many dollars does {name} save?")
-    steps = [f"{name} works {h1} + {h2} = {h1 + h2} hours.",
-             f"{name} earns {h1 + h2} * {rate} = {earned} dollars.",
-             f"After spending, {earned} - {spent} = {earned - spent} dollars are left.",
-             f"{name} saves {earned - spent} / 2 = {(earned - spent) // 2} dollars."]
-    return question, steps, (earned - spent) // 2
-
-
-def _temperature(rng, name, item):
-    """3 steps: a temperature falls, rises, then falls again (the answer may be negative)."""
-    start, drop, rise, drop2 = rng.randint(1, 10), rng.randint(5, 15), rng.randint(2, 8), rng.randint(3, 12)
-    end = start - drop + rise - drop2
-    question = (f"While {name} packs {item} for a trip, the temperature is {start} degrees. It falls by "
-                f"{drop} degrees, rises by {rise} degrees, then falls by {drop2} degrees. "
-                f"What is the temperature now, in degrees?")
-    steps = [f"After the first fall: {start} - {drop} = {start - drop} degrees.",
-             f"After the rise: {start - drop} + {rise} = {start - drop + rise} degrees.",
-             f"After the second fall: {start - drop + rise} - {drop2} = {end} degrees."]
-    return question, steps, end
-
-
-TEMPLATES = [_shopping, _sharing, _boxes, _wages, _temperature]
-
-
-def make_arithmetic_problems(n: int, seed: int) -> list[Problem]:
-    """`n` distinct (by question text) 2-4 step arithmetic word problems, the same for the same seed."""
-    rng = random.Random(seed)
-    problems, seen = [], set()
-    for _ in range(100 * n):
-        if len(problems) == n:
-            break
-        template = rng.choice(TEMPLATES)
-        question, steps, answer = template(rng, rng.choice(NAMES), rng.choice(ITEMS))
-        if question not in seen:
-            seen.add(question)
-            problems.append(Problem(question, "\n".join(steps + [f"The answer is {answer}."]), str(answer)))
-    if len(problems) < n:
-        raise ValueError(f"n: could only make {len(problems)} distinct problems, asked for {n}")
-    return problems
-
-
-def train_eval_problems(n_train: int, n_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Disjoint train and eval sets (no question text in both); the eval set does not depend on n_train."""
-    problems = make_arithmetic_problems(n_eval + n_train, seed)
-    return problems[n_eval:], problems[:n_eval]
+    template: int | None = None  # the generator's template (built-in problems), else None
 
 
 # ---------------------------------------------------------------- JSONL data files
@@ -141,7 +47,7 @@ def _parse_row(row, where: str) -> Problem:
         raise ValueError(f"{where}expected a JSON object per line, got {type(row).__name__}")
     if "problem" in row:
         problem = Problem(_field(row, "problem", where), _field(row, "solution", where),
-                          _field(row, "answer", where).strip())
+                          _field(row, "answer", where).strip(), row.get("template"))
     elif "question" in row:
         question, text = _field(row, "question", where), _field(row, "answer", where)
         if "#### " not in text:
@@ -172,6 +78,12 @@ def load_problems(path) -> list[Problem]:
     if not problems:
         raise ValueError(f"{path}:{lineno}: no problems in file (expected one JSON object per line)")
     return problems
+
+
+def built_in_problems(n_train: int, n_eval: int) -> tuple[list[Problem], list[Problem]]:
+    """The first `n_train` training and `n_eval` held-out problems shipped in data/ (2,000 and 400 at most);
+    no held-out problem shares a template with a training one."""
+    return load_problems(BUILT_IN["train"])[:n_train], load_problems(BUILT_IN["eval"])[:n_eval]
 
 
 # ---------------------------------------------------------------- verifier
@@ -224,7 +136,7 @@ def normalise_answer(text: str) -> str:
     while s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
         s = s[1:-1].strip()
     s = _UNIT.sub("", s).strip().rstrip(".").strip()
-    return " ".join(s.split())
+    return re.sub(r"^([-+])\s+", r"\1", " ".join(s.split()))  # "- 3" → "-3"
 
 
 def _balanced(s: str) -> bool:
@@ -259,14 +171,15 @@ def _decimal(s: str) -> float | None:
 
 
 def is_correct(completion: str, answer: str) -> bool:
-    """Whether the completion's extracted answer equals `answer`: numerically, else as normalised strings."""
+    """Whether the completion's extracted answer equals `answer`: numerically where `answer` is a number,
+    else as normalised text."""
     predicted = extract_answer(completion)
     if predicted is None:
         return False
     x, y = _to_number(predicted), _to_number(answer)
-    if x is not None and y is not None:
-        return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
-    return normalise_answer(predicted) == normalise_answer(answer)
+    if y is not None:  # a numeric reference: the same number (a list such as "1, 2" is none)
+        return x is not None and math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+    return normalise_answer(predicted).replace(" ", "") == normalise_answer(answer).replace(" ", "")  # LaTeX ignores spaces
 
 
 # ---------------------------------------------------------------- prompts

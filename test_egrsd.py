@@ -19,6 +19,7 @@ The hypothesis profile is fixed (derandomized, no example database), so a run is
 flakes. Run: python -m pytest -q
 """
 import copy
+import functools
 import inspect
 import json
 import math
@@ -39,8 +40,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import decoding
 import egrsd
 import train_min
+import views
 from offline_models import build_tiny_model, build_tiny_tokenizer
-from tasks import Problem, is_correct, load_problems, student_messages, teacher_messages, train_eval_problems
+from tasks import Problem, built_in_problems, is_correct, load_problems, student_messages, teacher_messages
 
 settings.register_profile(
     "egrsd", derandomize=True, database=None, deadline=None, max_examples=50,
@@ -926,7 +928,7 @@ def test_a_checkpoints_own_sampling_defaults_do_not_leak_into_rollouts(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded, _ = train_min.load_model_and_tokenizer(str(tmp_path), "cpu", torch.float32)
     clean, _ = train_min.load_model_and_tokenizer("tiny", "cpu", torch.float32)
-    ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in train_eval_problems(3, 1, 0)[0]], "cpu")
+    ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in built_in_problems(3, 1)[0]], "cpu")
     outputs = []
     for model in (loaded, clean):
         torch.manual_seed(0)
@@ -971,7 +973,7 @@ def test_weighting_in_the_trainer_is_the_library_token_advantage():
 def test_completion_mask_includes_the_first_eos_and_not_the_padding():
     eos, pad = 7, 0
     completion = torch.tensor([[3, 4, eos, pad, pad], [eos, pad, pad, pad, pad], [3, 3, 3, 3, 3], [3, eos, 3, eos, pad]])
-    mask, finished = train_min.completion_mask(completion, eos)
+    mask, finished = train_min.completion_mask(completion, [eos])
     assert mask.tolist() == [[True, True, True, False, False], [True, False, False, False, False],
                              [True] * 5, [True, True, False, False, False]]
     assert finished.tolist() == [True, True, False, True]
@@ -982,7 +984,7 @@ def test_teacher_and_student_score_the_same_completion_tokens_at_the_same_positi
     tokenizer = build_tiny_tokenizer()
     student, teacher = build_tiny_model(tokenizer, seed=1), build_tiny_model(tokenizer, seed=2)
     cfg = train_min.Config(model="tiny", device="cpu", max_new_tokens=6, micro_batch_size=2, chunk_size=5)
-    problems = train_eval_problems(3, 1, seed=0)[0]
+    problems = built_in_problems(3, 1)[0]
     rollout = {}
     rollout["student_ids"], rollout["student_mask"] = train_min.encode_prompts(tokenizer, [student_messages(p) for p in problems], "cpu")
     rollout["teacher_ids"], rollout["teacher_mask"] = train_min.encode_prompts(tokenizer, [teacher_messages(p) for p in problems], "cpu")
@@ -1146,6 +1148,51 @@ def test_the_verifier_reads_the_last_box_then_the_marker_then_the_last_number(co
     assert is_correct(completion, answer) is correct
 
 
+# What real models write in the box, with the verdict a careful grader gives (answer, then the completion's end).
+GRADED = [
+    # currency, in and around the box
+    ("12", r"The total is \boxed{\$12}.", True), ("12", r"\boxed{\$12.00}", True), ("12", r"\boxed{\text{\$}12}", True),
+    ("1250.5", r"\boxed{\$1,250.50}", True), ("12", r"\boxed{12 \text{ dollars}}", True), ("12", r"\boxed{\$13}", False),
+    # units, degrees, percent
+    ("18", r"\boxed{18 apples}", True), ("18", r"\boxed{18\text{ apples}}", True), ("7", r"\boxed{7 \mathrm{cm}}", True),
+    ("-3", r"\boxed{-3^\circ}", True), ("25", r"\boxed{25^{\circ}\text{C}}", True), ("25", r"\boxed{25°}", True),
+    ("10", r"\boxed{10\%}", True), ("10", r"\boxed{10 \%}", True), ("10", r"\boxed{11\%}", False),
+    # minus signs and spacing
+    ("-3", "\\boxed{\u22123}", True), ("-3", "\\boxed{\u2212 3}", True), ("3", "\\boxed{\u22123}", False),
+    ("1234", r"\boxed{1\,234}", True), ("12000", "\\boxed{12\u202f000}", True), ("1234", r"\boxed{1{,}234}", True),
+    # fractions: \frac12, \dfrac, \tfrac, a sign before them, a/b
+    ("0.5", r"\boxed{\frac12}", True), ("0.5", r"\boxed{\dfrac12}", True), ("0.75", r"\boxed{\tfrac{3}{4}}", True),
+    ("-0.75", r"\boxed{-\frac{3}{4}}", True), ("0.75", r"\boxed{-\frac{3}{4}}", False), ("0.75", r"\boxed{3/4}", True),
+    ("0.5", r"\boxed{\frac{1}{0}}", False),
+    # nested braces and wrappers, "x = 5", a final period
+    ("5", r"\boxed{{5}}", True), ("5", r"\boxed{{{5}}}", True), ("42", r"\boxed{\textbf{42}}", True),
+    ("5", r"\boxed{x = 5}", True), ("42", r"\boxed{42.}", True), ("7", r"\boxed {7}", True), ("7", r"\fbox{7}", True),
+    # thousands separators against lists
+    ("1000", r"\boxed{1,000}", True), ("1234567", r"\boxed{1,234,567}", True), ("12", r"\boxed{1, 2}", False),
+    ("12", r"\boxed{1,2}", False), ("12", r"\boxed{1 2}", False), ("1000", r"\boxed{1,0000}", False),
+    # non-numeric references compare as normalised text
+    (r"2\sqrt{2}", r"\boxed{2\sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{2 \sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{\sqrt{8}}", False),
+]
+
+
+@pytest.mark.parametrize("answer, completion, correct", GRADED)
+def test_the_verifier_grades_what_models_write_as_a_careful_grader(answer, completion, correct):
+    assert is_correct("Let me think step by step. 3 + 4 = 7. " + completion, answer) is correct
+
+
+def test_eval_data_is_a_held_out_file_and_data_is_then_all_training(tmp_path, capsys):
+    rows = lambda n, tag: "".join(json.dumps({"problem": f"{tag} {i}", "solution": "s", "answer": "1"}) + "\n" for i in range(n))  # noqa: E731
+    (tmp_path / "train.jsonl").write_text(rows(10, "train"))
+    (tmp_path / "eval.jsonl").write_text(rows(3, "eval"))
+    cfg = train_min.Config(data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "eval.jsonl"), eval_size=2)
+    train, held_out = train_min.load_data(cfg)
+    assert [p.question for p in train] == [f"train {i}" for i in range(10)] and [p.question for p in held_out] == ["eval 0", "eval 1"]
+    train, held_out = train_min.load_data(train_min.Config(data=str(tmp_path / "train.jsonl"), eval_size=2))
+    assert len(train) == 8 and [p.question for p in held_out] == ["train 0", "train 1"]  # without it: split off --data
+    train, held_out = train_min.load_data(train_min.Config(train_size=5, eval_size=3))  # the built-in files
+    assert (train, held_out) == built_in_problems(5, 3)
+
+
 def test_data_files_of_both_formats_load_into_problems(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"question": "How many?", "answer": "4 * 3 = <<4*3=12>>12\n#### 1,200"}) + "\n\n"
@@ -1155,11 +1202,15 @@ def test_data_files_of_both_formats_load_into_problems(tmp_path):
     assert (own.question, own.solution, own.answer) == ("p", "s", "7")
 
 
-def test_built_in_problems_are_seeded_disjoint_and_solved_by_their_own_solutions():
-    train, held_out = train_eval_problems(300, 50, seed=3)
-    assert (train, held_out) == train_eval_problems(300, 50, seed=3)
+def test_built_in_problems_hold_out_whole_templates_and_are_solved_by_their_own_solutions():
+    train, held_out = built_in_problems(2000, 400)
+    assert (len(train), len(held_out)) == (2000, 400)
+    train_templates, held_out_templates = {p.template for p in train}, {p.template for p in held_out}
+    assert None not in train_templates | held_out_templates
+    assert len(held_out_templates) >= 15 and not train_templates & held_out_templates
     assert not {p.question for p in train} & {p.question for p in held_out}
-    assert all(is_correct(p.solution, p.answer) for p in train + held_out)
+    assert all(is_correct(p.solution, p.answer) for p in train + held_out)  # the worked solution ends "#### N"
+    assert built_in_problems(3, 2) == (train[:3], held_out[:2])
 
 
 @pytest.mark.parametrize("content, message", [
@@ -1178,7 +1229,7 @@ def test_a_bad_data_file_names_the_file_line_and_field(content, message, tmp_pat
 def test_every_rollout_engine_samples_a_valid_batch_and_greedy_engines_agree():
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer)
-    ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in train_eval_problems(3, 1, 0)[0]], "cpu")
+    ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in built_in_problems(3, 1)[0]], "cpu")
     greedy = {}
     for engine in ("auto", "eager", "hf-static", "hf-dynamic"):
         cfg = train_min.Config(max_new_tokens=12, rollout=engine)
@@ -1241,21 +1292,48 @@ def test_token_view_is_self_contained_and_its_tokens_decode_to_the_completion(tm
     assert "Ĥ_CL=" in page and "ω=" in page
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(3, 511), min_size=1, max_size=12))
+def test_token_pieces_join_into_the_decoded_text_also_when_a_character_spans_tokens(ids):
+    tokenizer = tiny_tokenizer()
+    assert "".join(views.token_texts(tokenizer, ids)) == tokenizer.decode(ids)
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
 def test_compare_prints_the_accuracy_length_table_from_metrics_alone(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
-    for name, method, end in (("a", "grpo", 0.40), ("b", "cl-egrsd", 0.55)):
+    start = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    for name, method, end in (("a", "grpo", [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]), ("b", "cl-egrsd", [1, 1, 1, 1, 1, 1, 0, 0, 0, 0])):
         (tmp_path / name).mkdir()
         rows = [{"kind": "eval", "step": 0, "method": method, "eval_accuracy": 0.30, "eval_length": 400.0,
-                 "eval_acc_per_1k_tokens": 0.75},
+                 "eval_acc_per_1k_tokens": 0.75, "eval_truncated": 0.1, "eval_correct": start},
+                {"kind": "train", "step": 1, "method": method, "step_s": 9.0, "peak_gpu_mem_gb": 3.0},  # warm-up: not timed
+                {"kind": "train", "step": 2, "method": method, "step_s": 2.0, "peak_gpu_mem_gb": 4.0},
+                {"kind": "train", "step": 3, "method": method, "step_s": 4.0, "peak_gpu_mem_gb": 3.5},
                 {"kind": "eval", "step": 10, "method": method, "eval_accuracy": 0.0, "eval_length": 1.0,
                  "eval_acc_per_1k_tokens": 0.0},  # then resumed: the last row of a step wins
-                {"kind": "eval", "step": 10, "method": method, "eval_accuracy": end, "eval_length": 500.0,
-                 "eval_acc_per_1k_tokens": end / 0.5}]
+                {"kind": "eval", "step": 10, "method": method, "eval_accuracy": sum(end) / 10, "eval_length": 500.0,
+                 "eval_acc_per_1k_tokens": sum(end) / 5, "eval_truncated": 0.0, "eval_correct": end}]
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     train_min.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
     table = capsys.readouterr().out.splitlines()
-    assert table[2].split() == ["a", "grpo", "10", "0.300", "0.400", "400", "500", "+25.0%", "0.800"]
-    assert table[3].split() == ["b", "cl-egrsd", "10", "0.300", "0.550", "400", "500", "+25.0%", "1.100"]
+    assert table[2].split() == ["a", "grpo", "10", "0.300", "0.400", "400", "500", "+25.0%", "0.800", "0.000", "3.00", "4.0"]
+    # b − a on the same ten problems: +2 of 10, differences (0 ×8, +1 ×2): sd 0.42, 95% interval ±1.96·0.42/√10
+    assert table[3].split()[:12] == ["b", "cl-egrsd", "10", "0.300", "0.600", "400", "500", "+25.0%", "1.200", "0.000", "3.00", "4.0"]
+    assert " ".join(table[3].split()[12:]) == "+20.0 [-6.1, +46.1] points (no detectable difference)"
+
+
+def test_the_real_runs_compare_table_is_the_readmes():
+    """docs/real_runs holds the GPU runs of the README; --compare reads them, no model needed."""
+    root = Path(__file__).resolve().parent
+    table = views.compare_table([str(root / "docs/real_runs/egrsd"), str(root / "docs/real_runs/grpo")])
+    readme = (root / "README.md").read_text()
+    for line in table.splitlines()[2:]:
+        assert line.strip() in readme, line
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1369,6 +1447,28 @@ def test_a_row_ends_at_the_first_of_several_eos_ids_as_in_hf():
     ours = decoding.generate(model, ids, mask, 20, eos, tokenizer.pad_token_id, greedy=True, check_every=3)
     assert torch.equal(ours, expected)
     assert (ours[0, 13:] == tokenizer.pad_token_id).all() and (ours[2, 5:] == tokenizer.pad_token_id).all(), "both ids end rows"
+
+
+@pytest.mark.parametrize("rollout", ["eager", "hf-dynamic"])
+def test_a_row_ending_on_the_second_eos_id_is_finished_masked_up_to_it_and_rewarded(rollout, monkeypatch):
+    """Qwen2.5-Instruct's generation config ends a turn on <|im_end|> or <|endoftext|>: a rollout that ends
+    on the second is finished (not truncated), its mask stops there, and it earns its reward."""
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer)
+    ids, attention = left_padded_prompts(tokenizer)
+    cfg = train_min.Config(device="cpu", max_new_tokens=20, rollout=rollout)
+    model.generation_config.eos_token_id = [10**9]  # unreachable: every row runs to the cap
+    free = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)[0]
+    second = int(free[0, 6])
+    end = int((free[0] == second).nonzero()[0])  # where row 0 meets it first
+    assert tokenizer.eos_token_id not in free[0, : end + 1].tolist()
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, second]
+    completion, mask, finished = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)
+    assert finished[0] and mask[0].tolist() == [True] * (end + 1) + [False] * (completion.shape[1] - end - 1)
+    monkeypatch.setattr(train_min, "is_correct", lambda text, answer: True)  # every finished row is right
+    correct = train_min.verify(tokenizer, completion, mask, finished, built_in_problems(5, 0)[0])
+    rewards = egrsd.length_shaped_reward(correct, mask.sum(dim=1), cfg.max_new_tokens)
+    assert correct[0] and rewards[0] == 1 + 0.5 * (1 - (end + 1) / 20)
 
 
 def test_sampled_rollouts_follow_hfs_distribution_of_the_first_token():

@@ -44,7 +44,7 @@ import egrsd
 import run_io
 import views
 from offline_models import enable_activation_checkpointing, load_model_and_tokenizer
-from tasks import is_correct, load_problems, student_messages, teacher_messages, train_eval_problems
+from tasks import built_in_problems, is_correct, load_problems, student_messages, teacher_messages
 
 METHODS = ("grpo", "opsd", "rlsd", "egrsd", "cl-egrsd")
 ROLLOUTS = ("auto", "graph", "eager", "hf-static", "hf-dynamic")
@@ -57,10 +57,11 @@ class Config:
     method: str = "egrsd"
     """one of grpo, opsd, rlsd, egrsd, cl-egrsd"""
     data: str = ""
-    """a JSONL file of GSM8K rows or {problem, solution, answer} rows; empty: built-in arithmetic problems"""
+    """a JSONL file of GSM8K rows or {problem, solution, answer} rows; empty: the built-in GSM8K-level
+    problems of data/ (reasoning-gym gsm_symbolic)"""
     eval_data: str = ""
-    """a JSONL file of held-out problems (same formats; its first --eval-size are used); empty: held out
-    from --data (its first fifth, at most --eval-size) or from the built-in problems"""
+    """a JSONL file of held-out problems (same formats; its first --eval-size are used); empty: the
+    built-in held-out templates, or with --data the first fifth of that file (at most --eval-size)"""
     output_dir: str = "runs/egrsd"
     """where metrics.jsonl, config.json, checkpoint/ and final/ are written"""
     resume: str = ""
@@ -70,7 +71,7 @@ class Config:
     dtype: str = "auto"
     """auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32"""
     seed: int = 0
-    """seed for data order, sampling and the built-in problems"""
+    """seed for data order and sampling"""
     steps: int = 100
     """optimizer steps (the paper: 100)"""
     batch_size: int = 32
@@ -108,7 +109,7 @@ class Config:
     advantage_warmup: int = 10
     """steps that use A = r − 0.5 before the running mean and std take over"""
     train_size: int = 2000
-    """built-in training problems"""
+    """built-in training problems (at most 2,000)"""
     eval_size: int = 200
     """held-out problems for evaluation (greedy decoding)"""
     eval_every: int = 25
@@ -204,7 +205,7 @@ def load_data(cfg: Config) -> tuple[list, list]:
         split = 0 if cfg.eval_data or not cfg.eval_size else max(1, min(cfg.eval_size, len(problems) // 5))
         eval_problems, train_problems = problems[:split], problems[split:]
     else:
-        train_problems, eval_problems = train_eval_problems(cfg.train_size, 0 if cfg.eval_data else cfg.eval_size, cfg.seed)
+        train_problems, eval_problems = built_in_problems(cfg.train_size, cfg.eval_size)
     if cfg.eval_data:
         eval_problems = load_problems(cfg.eval_data)[: cfg.eval_size]
     if not train_problems:

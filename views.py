@@ -21,12 +21,15 @@ import egrsd
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """The text each token adds, decoded by prefix so that the pieces join back into the whole text."""
-    pieces, previous = [], ""
+    """The text each token adds, decoded by prefix so that the pieces join back into the whole text. A
+    character whose UTF-8 bytes span several tokens goes to the token that completes it (an unfinished one
+    decodes as U+FFFD, which the next token may still change)."""
+    pieces, emitted = [], ""
     for i in range(1, len(ids) + 1):
         text = tokenizer.decode(ids[:i])
-        pieces.append(text[len(previous):])
-        previous = text
+        stable = text if i == len(ids) else text.rstrip("\ufffd")
+        pieces.append(stable[len(emitted):] if stable.startswith(emitted) else "")
+        emitted = stable if stable.startswith(emitted) else emitted
     return pieces
 
 

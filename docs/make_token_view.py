@@ -1,8 +1,10 @@
-"""How docs/token_view.png was made (CPU, a few minutes): teach the tiny model the built-in worked
-solutions with plain next-token training, then run one CL-EGRSD step that writes the token view.
+"""How docs/token_view.png was made (CPU, a few minutes): teach the tiny model the worked solutions of
+the tiny tokenizer's generated arithmetic problems with plain next-token training, then run one CL-EGRSD
+step on them that writes the token view.
 
     python docs/make_token_view.py            # then open runs/token_view/tokens/step_1.html
 """
+import json
 import os
 import sys
 
@@ -11,9 +13,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import train_min  # noqa: E402
 from offline_models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-from tasks import student_messages, train_eval_problems  # noqa: E402
+from offline_models import make_arithmetic_problems  # noqa: E402
+from tasks import student_messages  # noqa: E402
 
-tokenizer, (problems, _) = build_tiny_tokenizer(), train_eval_problems(2000, 10, seed=0)
+tokenizer, problems = build_tiny_tokenizer(), make_arithmetic_problems(2010, seed=0)[10:]
+os.makedirs("runs", exist_ok=True)
+with open("runs/token_view_data.jsonl", "w") as f:
+    f.writelines(json.dumps({"problem": p.question, "solution": p.solution, "answer": p.answer}) + "\n" for p in problems)
 model = build_tiny_model(tokenizer, seed=0)
 optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 generator = torch.Generator().manual_seed(0)
@@ -30,4 +36,4 @@ model.save_pretrained("runs/token_view_model")
 tokenizer.save_pretrained("runs/token_view_model")
 train_min.main(["--model", "runs/token_view_model", "--device", "cpu", "--method", "cl-egrsd", "--steps", "1",
                 "--batch-size", "8", "--micro-batch-size", "8", "--max-new-tokens", "160", "--eval-size", "0",
-                "--dump-tokens", "1", "--output-dir", "runs/token_view"])
+                "--data", "runs/token_view_data.jsonl", "--dump-tokens", "1", "--output-dir", "runs/token_view"])
