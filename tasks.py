@@ -41,7 +41,7 @@ def _field(row: dict, name: str, where: str) -> str:
     return row[name]
 
 
-def _parse_row(row, where: str) -> Problem:
+def _parse_row(row, where: str, numeric: bool) -> Problem:
     """One JSONL row: {"problem", "solution", "answer"}, or GSM8K {"question", "answer": "... #### N"}."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}expected a JSON object per line, got {type(row).__name__}")
@@ -57,13 +57,15 @@ def _parse_row(row, where: str) -> Problem:
         problem = Problem(question, GSM8K_CALCULATOR.sub("", solution).strip(), answer.strip().replace(",", ""))
     else:
         raise ValueError(f"{where}missing field 'question' (GSM8K row) or 'problem' (problem/solution row)")
-    if _to_number(problem.answer) is None:
-        raise ValueError(f"{where}field 'answer': final answer must be a number, got {problem.answer!r}")
+    if numeric and _to_number(problem.answer) is None:
+        raise ValueError(f"{where}field 'answer': final answer must be a number, got {problem.answer!r} "
+                         "(symbolic answers need --verifier math-verify)")
     return problem
 
 
-def load_problems(path) -> list[Problem]:
-    """Every problem of a JSONL file; blank lines are skipped, anything malformed raises ValueError."""
+def load_problems(path, numeric: bool = True) -> list[Problem]:
+    """Every problem of a JSONL file; blank lines are skipped, anything malformed raises ValueError.
+    numeric: every final answer must be a number (the built-in verifier compares numbers)."""
     problems, lineno = [], 0
     with open(path, "rb") as f:  # bytes: json.loads decodes each line, so bad UTF-8 gets a line number
         for lineno, line in enumerate(f, start=1):
@@ -74,7 +76,7 @@ def load_problems(path) -> list[Problem]:
                 row = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{where}invalid JSON ({e})") from None
-            problems.append(_parse_row(row, where))
+            problems.append(_parse_row(row, where, numeric))
     if not problems:
         raise ValueError(f"{path}:{lineno}: no problems in file (expected one JSON object per line)")
     return problems
@@ -180,6 +182,21 @@ def is_correct(completion: str, answer: str) -> bool:
     if y is not None:  # a numeric reference: the same number (a list such as "1, 2" is none)
         return x is not None and math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
     return normalise_answer(predicted).replace(" ", "") == normalise_answer(answer).replace(" ", "")  # LaTeX ignores spaces
+
+
+def is_correct_symbolic(completion: str, answer: str) -> bool:
+    """`is_correct`, else symbolic equality by the math-verify library (an optional extra: pip install
+    math-verify) of the normalised extracted answer and `answer`, both read as LaTeX: `\\sqrt{8}` equals
+    `2\\sqrt{2}`, `\\pi/2` equals `\\frac{\\pi}{2}`, `{2, 1}` equals `{1, 2}`."""
+    if is_correct(completion, answer):
+        return True
+    from math_verify import parse, verify
+
+    predicted = extract_answer(completion)
+    if predicted is None:
+        return False
+    gold, guess = parse(f"${answer}$"), parse(f"${normalise_answer(predicted)}$")
+    return bool(gold and guess and verify(gold, guess))
 
 
 # ---------------------------------------------------------------- prompts

@@ -42,7 +42,7 @@ import egrsd
 import train_min
 import views
 from offline_models import build_tiny_model, build_tiny_tokenizer
-from tasks import Problem, built_in_problems, is_correct, load_problems, student_messages, teacher_messages
+from tasks import Problem, built_in_problems, is_correct, is_correct_symbolic, load_problems, student_messages, teacher_messages
 
 settings.register_profile(
     "egrsd", derandomize=True, database=None, deadline=None, max_examples=50,
@@ -1104,6 +1104,7 @@ def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, tmp_path, mon
     ("--floor", "2"), ("--batch-size", "0"), ("--max-new-tokens", "0"), ("--denominator", "max"),
     ("--data", "/no/such/file.jsonl"), ("--top-p", "0"), ("--lr", "-1"), ("--rollout", "static"),
     ("--rollout", "graph"),  # on the CPU device
+    ("--eval-data", "/no/such/file.jsonl"), ("--verifier", "exact"),
 ])
 def test_a_bad_flag_stops_before_any_model_loads_naming_the_flag(flag, value, monkeypatch, tmp_path):
     monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
@@ -1149,6 +1150,7 @@ def test_the_verifier_reads_the_last_box_then_the_marker_then_the_last_number(co
 
 
 # What real models write in the box, with the verdict a careful grader gives (answer, then the completion's end).
+DECIMAL_ANSWER = re.compile(r"-?\d+(\.\d+)?")
 GRADED = [
     # currency, in and around the box
     ("12", r"The total is \boxed{\$12}.", True), ("12", r"\boxed{\$12.00}", True), ("12", r"\boxed{\text{\$}12}", True),
@@ -1170,14 +1172,35 @@ GRADED = [
     # thousands separators against lists
     ("1000", r"\boxed{1,000}", True), ("1234567", r"\boxed{1,234,567}", True), ("12", r"\boxed{1, 2}", False),
     ("12", r"\boxed{1,2}", False), ("12", r"\boxed{1 2}", False), ("1000", r"\boxed{1,0000}", False),
-    # non-numeric references compare as normalised text
-    (r"2\sqrt{2}", r"\boxed{2\sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{2 \sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{\sqrt{8}}", False),
+    # symbolic references (MATH-500 style): the built-in verifier refuses to load them, math-verify grades them
+    (r"2\sqrt{2}", r"\boxed{2\sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{2 \sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{\sqrt{8}}", True),
+    (r"2\sqrt{2}", r"\boxed{\sqrt{6}}", False), (r"\frac{\pi}{2}", r"\boxed{\pi/2}", True), (r"x^2+1", r"\boxed{1 + x^2}", True),
+    (r"\{1,2\}", r"\boxed{\{2, 1\}}", True), (r"(1, 2)", r"\boxed{(2, 1)}", False),
 ]
+NUMERIC = [row for row in GRADED if DECIMAL_ANSWER.fullmatch(row[0])]
+
+
+@pytest.mark.parametrize("answer, completion, correct", NUMERIC)
+def test_the_verifier_grades_what_models_write_as_a_careful_grader(answer, completion, correct):
+    assert is_correct("Let me think step by step. 3 + 4 = 7. " + completion, answer) is correct
 
 
 @pytest.mark.parametrize("answer, completion, correct", GRADED)
-def test_the_verifier_grades_what_models_write_as_a_careful_grader(answer, completion, correct):
-    assert is_correct("Let me think step by step. 3 + 4 = 7. " + completion, answer) is correct
+def test_the_math_verify_verifier_grades_numbers_and_symbols_as_a_careful_grader(answer, completion, correct):
+    pytest.importorskip("math_verify", reason="the optional extra math-verify is not installed")
+    assert is_correct_symbolic("Let me think step by step. 3 + 4 = 7. " + completion, answer) is correct
+
+
+def test_symbolic_answers_load_only_for_the_math_verify_verifier(tmp_path, monkeypatch):
+    path = tmp_path / "math.jsonl"
+    path.write_text(json.dumps({"problem": "p", "solution": "s", "answer": "2\\sqrt{2}"}) + "\n")
+    with pytest.raises(ValueError, match=":1: field 'answer'.*--verifier math-verify"):
+        load_problems(path)
+    assert load_problems(path, numeric=False)[0].answer == "2\\sqrt{2}"
+    monkeypatch.setattr(train_min.importlib.util, "find_spec", lambda name: None)  # the extra is missing
+    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match="--verifier: expected math-verify installed"):
+        train_min.main(TINY + ["--verifier", "math-verify", "--data", str(path), "--output-dir", str(tmp_path / "run")])
 
 
 def test_eval_data_is_a_held_out_file_and_data_is_then_all_training(tmp_path, capsys):
@@ -1327,6 +1350,14 @@ def test_compare_prints_the_accuracy_length_table_from_metrics_alone(tmp_path, c
     assert " ".join(table[3].split()[12:]) == "+20.0 [-6.1, +46.1] points (no detectable difference)"
 
 
+def test_the_curves_of_runs_are_drawn_from_their_metrics_alone(tmp_path):
+    pytest.importorskip("matplotlib", reason="the optional extra matplotlib is not installed")
+    root = Path(__file__).resolve().parent
+    subprocess.run([sys.executable, str(root / "docs/real_runs/plot.py"), str(tmp_path / "curves.png"),
+                    str(root / "docs/real_runs/egrsd"), str(root / "docs/real_runs/grpo")], check=True)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_the_real_runs_compare_table_is_the_readmes():
     """docs/real_runs holds the GPU runs of the README; --compare reads them, no model needed."""
     root = Path(__file__).resolve().parent
@@ -1466,7 +1497,7 @@ def test_a_row_ending_on_the_second_eos_id_is_finished_masked_up_to_it_and_rewar
     completion, mask, finished = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)
     assert finished[0] and mask[0].tolist() == [True] * (end + 1) + [False] * (completion.shape[1] - end - 1)
     monkeypatch.setattr(train_min, "is_correct", lambda text, answer: True)  # every finished row is right
-    correct = train_min.verify(tokenizer, completion, mask, finished, built_in_problems(5, 0)[0])
+    correct = train_min.verify(tokenizer, completion, mask, finished, built_in_problems(5, 0)[0], cfg)
     rewards = egrsd.length_shaped_reward(correct, mask.sum(dim=1), cfg.max_new_tokens)
     assert correct[0] and rewards[0] == 1 + 0.5 * (1 - (end + 1) / 20)
 

@@ -27,6 +27,7 @@ import argparse
 import ast
 import copy
 import functools
+import importlib.util
 import inspect
 import json
 import math
@@ -44,7 +45,7 @@ import egrsd
 import run_io
 import views
 from offline_models import enable_activation_checkpointing, load_model_and_tokenizer
-from tasks import built_in_problems, is_correct, load_problems, student_messages, teacher_messages
+from tasks import built_in_problems, is_correct, is_correct_symbolic, load_problems, student_messages, teacher_messages
 
 METHODS = ("grpo", "opsd", "rlsd", "egrsd", "cl-egrsd")
 ROLLOUTS = ("auto", "graph", "eager", "hf-static", "hf-dynamic")
@@ -104,6 +105,9 @@ class Config:
     """floor, in nats, of the batch-max entropy that normalises the gate"""
     denominator: str = "raw"
     """cl-egrsd normaliser: raw (Eq. 8) or filtered (Algorithm 1)"""
+    verifier: str = "builtin"
+    """builtin (numbers: the last \\boxed{}, else `#### N`, else the last number; units, $, %, \\frac
+    understood) or math-verify (also symbolic answers such as 2\\sqrt{2}; the optional math-verify package)"""
     beta_length: float = 0.5
     """β_L of the length-shaped reward r = 1 + β_L (1 − |y| / L_max) for a correct answer"""
     advantage_warmup: int = 10
@@ -168,6 +172,9 @@ def check_config(cfg: Config) -> None:
         ("rollout", cfg.rollout in ROLLOUTS, ", ".join(ROLLOUTS)),
         ("rollout", cfg.rollout != "graph" or cfg.device.startswith("cuda"), "graph only with a CUDA --device"),
         ("denominator", cfg.denominator in ("raw", "filtered"), "raw or filtered"),
+        ("verifier", cfg.verifier in ("builtin", "math-verify"), "builtin or math-verify"),
+        ("verifier", cfg.verifier != "math-verify" or importlib.util.find_spec("math_verify") is not None,
+         "math-verify installed (pip install -r requirements-extras.txt)"),
         ("data", not cfg.data or os.path.isfile(cfg.data), "an existing JSONL file"),
         ("eval_data", not cfg.eval_data or os.path.isfile(cfg.eval_data), "an existing JSONL file"),
         ("steps", cfg.steps >= 0, "≥ 0"), ("batch_size", cfg.batch_size > 0, "> 0"),
@@ -201,13 +208,13 @@ def check_config(cfg: Config) -> None:
 def load_data(cfg: Config) -> tuple[list, list]:
     """(training problems, held-out problems) from --data / --eval-data, or the built-in problems."""
     if cfg.data:
-        problems = load_problems(cfg.data)
+        problems = load_problems(cfg.data, numeric=cfg.verifier == "builtin")
         split = 0 if cfg.eval_data or not cfg.eval_size else max(1, min(cfg.eval_size, len(problems) // 5))
         eval_problems, train_problems = problems[:split], problems[split:]
     else:
         train_problems, eval_problems = built_in_problems(cfg.train_size, cfg.eval_size)
     if cfg.eval_data:
-        eval_problems = load_problems(cfg.eval_data)[: cfg.eval_size]
+        eval_problems = load_problems(cfg.eval_data, numeric=cfg.verifier == "builtin")[: cfg.eval_size]
     if not train_problems:
         sys.exit(f"--data: {cfg.data} leaves no training problem after the held-out split")
     print(f"data: {len(train_problems)} training problems ({cfg.data or 'built-in'}), {len(eval_problems)} held-out "
@@ -266,10 +273,11 @@ def completion_mask(completion, eos_ids: list[int]) -> tuple[torch.Tensor, torch
     return (is_eos.cumsum(dim=1) - is_eos.long()) == 0, is_eos.any(dim=1)
 
 
-def verify(tokenizer, completion, mask, finished, problems) -> torch.Tensor:
+def verify(tokenizer, completion, mask, finished, problems, cfg: Config) -> torch.Tensor:
     """correct (B,) bool: finished (EOS before the cap) and the answer matches the reference."""
+    judge = is_correct if cfg.verifier == "builtin" else is_correct_symbolic
     texts = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion, mask)]
-    return torch.tensor([f and is_correct(t, p.answer) for t, f, p in zip(texts, finished.tolist(), problems)])
+    return torch.tensor([f and judge(t, p.answer) for t, f, p in zip(texts, finished.tolist(), problems)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -382,7 +390,7 @@ def evaluate(model, tokenizer, problems: list, cfg: Config) -> dict:
         batch = problems[start : start + cfg.eval_batch_size]
         ids, attention = encode_prompts(tokenizer, [student_messages(p) for p in batch], cfg.device)
         completion, mask, done = generate(model, tokenizer, ids, attention, cfg, greedy=True)
-        correct += verify(tokenizer, completion, mask, done, batch).int().tolist()
+        correct += verify(tokenizer, completion, mask, done, batch, cfg).int().tolist()
         lengths += mask.sum(dim=1).tolist()
         finished += done.tolist()
     accuracy, length = sum(correct) / max(len(correct), 1), sum(lengths) / max(len(lengths), 1)
@@ -472,7 +480,7 @@ def train(cfg: Config):
             completion, mask, finished = generate(sampler, tokenizer, rollout["student_ids"], rollout["student_mask"], cfg)
             rollout["completion"], rollout["mask"] = completion, mask
             lengths = mask.sum(dim=1)
-            correct = verify(tokenizer, completion, mask, finished, problems)
+            correct = verify(tokenizer, completion, mask, finished, problems, cfg)
             t1 = time.perf_counter()
 
             # 2. ALGO LOGIC: reward (length-shaped, 0 unless correct and finished), running advantage,
