@@ -1,9 +1,9 @@
 """EGRSD / CL-EGRSD: per-token weights for on-policy self-distillation, as pure tensor functions.
 
 Paper: "Respecting Self-Uncertainty in On-Policy Self-Distillation for Efficient LLM Reasoning"
-(Ke, Wen, Li, He, Zhang; arXiv 2605.13255). A student samples a rollout y_i; a frozen copy of the
-initial model that also sees the reference solution (the teacher) scores it token by token. Each
-completion token gets the token advantage (Eq. 7)
+(Ke, Wen, Li, He, Zhang; arXiv 2605.13255); docs/METHOD.md restates it. A student samples a rollout y_i;
+a frozen copy of the initial model that also sees the reference solution (the teacher) scores it token
+by token. Each completion token gets the token advantage (Eq. 7)
 
     Â_{i,t} = A_i · w_{i,t} · ω_{i,t}
 
@@ -15,11 +15,17 @@ completion token gets the token advantage (Eq. 7)
 
 and the loss is −Σ m · Â · log p_θ / Σ m. γ = 0 gives RLSD; γ = 0 and ε → 0 gives GRPO's A_i.
 
+The file reads in the paper's order: reward and advantage, log-probs and the magnitude, the teacher's
+entropy, the gate and its lookahead, Â, the losses, the token regimes. Below them, under their own
+headers, are the chunked full-vocabulary kernels and the input checks: machinery a reader of the method
+can skip.
+
 Conventions: per-token tensors are (B, T), `mask` is a (B, T) bool tensor (True on completion tokens
-that count, EOS included), per-sequence tensors are (B,). Arithmetic is in float32 or wider whatever
-the input dtype. Every per-token output is exactly 0 where `mask` is False, and every weight or
-advantage is detached. Bad input raises ValueError naming the argument. This file depends on torch only;
-copy it into your trainer.
+that count, EOS included), per-sequence tensors are (B,). Tensors, the mask and `window` are positional;
+every other setting is keyword-only. Arithmetic is in float32 or wider whatever the input dtype. Every
+per-token output is exactly 0 where `mask` is False, and every weight or advantage is detached. Each
+public call checks its input once, then computes; bad input raises ValueError naming the argument. This
+file depends on torch only: copy it into your trainer.
 """
 
 from __future__ import annotations
@@ -30,20 +36,21 @@ from numbers import Integral, Real
 import torch
 
 __all__ = [
-    "token_logprobs",
-    "token_entropy",
-    "opsd_loss",
-    "linear_token_logprobs",
-    "linear_token_entropy",
-    "linear_opsd_loss",
     "length_shaped_reward",
     "RunningAdvantage",
+    "token_logprobs",
+    "linear_token_logprobs",
+    "ratio_magnitude",
+    "token_entropy",
+    "linear_token_entropy",
+    "linear_token_logprobs_and_entropy",
     "lookahead_min",
     "normalised_entropy",
     "entropy_gate",
-    "ratio_magnitude",
     "token_advantages",
     "policy_loss",
+    "opsd_loss",
+    "linear_opsd_loss",
     "REGIMES",
     "token_regimes",
 ]
@@ -52,108 +59,401 @@ DEFAULT_CHUNK_SIZE = 1024  # rows of logits processed at once: extra memory is O
 
 
 # ----------------------------------------------------------------------------------------------------
-# Validation: one small set of helpers, used at the top of every public function.
+# Reward and sequence-level advantage (App. B).
 
 
-def _fail(name: str, expected: str, got: str) -> None:
-    raise ValueError(f"{name}: expected {expected}, got {got}")
+def length_shaped_reward(correct: torch.Tensor, lengths: torch.Tensor, max_length: int, *, beta: float = 0.5) -> torch.Tensor:
+    """r_i = 1[correct_i] · (1 + β · (1 − lengths_i / max_length)), float32 (B,).
+
+    correct (B,) bool: verified correct (a truncated rollout must be passed as not correct);
+    lengths (B,) completion lengths in tokens, in [0, max_length]; max_length > 0 is the completion cap.
+    Wrong answers get 0; there are no negative rewards.
+    """
+    _tensor("correct", correct, dims=1, floating=False)
+    if correct.dtype != torch.bool:
+        _fail("correct", "a bool tensor", f"dtype {correct.dtype}")
+    _per_seq("lengths", lengths, batch=correct.shape[0], floating=False)
+    _all_finite(lengths=lengths)
+    if not isinstance(max_length, Integral) or isinstance(max_length, bool) or max_length <= 0:
+        _fail("max_length", "a positive int", repr(max_length))
+    if lengths.numel() and (float(lengths.min()) < 0 or float(lengths.max()) > max_length):
+        _fail("lengths", f"values in [0, max_length={max_length}]", f"[{lengths.min().item()}, {lengths.max().item()}]")
+    beta = _number("beta", beta, -math.inf, math.inf)
+    shaped = 1.0 + beta * (1.0 - lengths.to(torch.float64) / max_length)
+    return torch.where(correct, shaped, 0.0).to(torch.float32)
 
 
-def _tensor(name: str, x, dims: int | None = None, floating: bool = True) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        _fail(name, "a torch.Tensor", type(x).__name__)
-    if dims is not None and x.dim() != dims:
-        _fail(name, f"a {dims}-D tensor", f"shape {tuple(x.shape)}")
-    if floating and not x.is_floating_point():
-        _fail(name, "a floating-point tensor", f"dtype {x.dtype}")
-    return x
+class RunningAdvantage:
+    """A_i = (r_i − r̄) / σ_r with r̄, σ_r the running mean and population std of all rewards of earlier
+    calls (App. B). During the first `warmup_steps` calls A_i = r_i − `warmup_baseline`; where σ_r = 0,
+    A_i = r_i − r̄. This call's rewards are folded in (Welford, float64) after they are used.
 
+        advantage = RunningAdvantage()
+        A = advantage(rewards)        # rewards (B,) → A (B,), float32 or wider, detached
+    """
 
-def _finite(name: str, x: torch.Tensor) -> torch.Tensor:
-    """Reject NaN and ±inf (entropies, log-probs, advantages, rewards)."""
-    if not bool(torch.isfinite(x).all()):
-        what = "NaN" if bool(torch.isnan(x).any()) else "±inf"
-        _fail(name, "finite values", f"{what} in it")
-    return x
+    def __init__(self, warmup_steps: int = 10, warmup_baseline: float = 0.5):
+        if not isinstance(warmup_steps, Integral) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+            _fail("warmup_steps", "a non-negative int", repr(warmup_steps))
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_baseline = _number("warmup_baseline", warmup_baseline, -math.inf, math.inf)
+        self.steps, self.count, self.mean, self.m2 = 0, 0, 0.0, 0.0
 
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count else 0.0
 
-def _per_token(name: str, x, shape: torch.Size | None = None) -> torch.Tensor:
-    _finite(name, _tensor(name, x, dims=2))
-    if shape is not None and x.shape != shape:
-        _fail(name, f"shape {tuple(shape)} (B, T) like its partners", f"shape {tuple(x.shape)}")
-    return x
+    def __call__(self, rewards: torch.Tensor) -> torch.Tensor:
+        _all_finite(rewards=_per_seq("rewards", rewards))
+        r = rewards.detach().to(torch.float64)
+        if self.steps < self.warmup_steps:
+            adv = r - self.warmup_baseline
+        elif self.std > 0:
+            adv = (r - self.mean) / self.std
+        else:
+            adv = r - self.mean
+        for x in r.tolist():  # Welford: exact for constant rewards, so σ = 0 stays exactly 0
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+        self.steps += 1
+        return adv.to(_float_dtype(rewards.dtype))
 
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "count": self.count, "mean": self.mean, "m2": self.m2,
+                "warmup_steps": self.warmup_steps, "warmup_baseline": self.warmup_baseline}
 
-def _per_seq(name: str, x, batch: int | None = None, floating: bool = True) -> torch.Tensor:
-    _tensor(name, x, dims=1, floating=floating)
-    if x.is_floating_point():
-        _finite(name, x)
-    if batch is not None and x.shape[0] != batch:
-        _fail(name, f"shape ({batch},) (B,) matching the per-token tensors", f"shape {tuple(x.shape)}")
-    return x
-
-
-def _mask(mask, shape: torch.Size) -> torch.Tensor:
-    _tensor("mask", mask, dims=2, floating=False)
-    if mask.dtype != torch.bool:
-        _fail("mask", "a bool tensor", f"dtype {mask.dtype}")
-    if mask.shape != shape:
-        _fail("mask", f"shape {tuple(shape)} like the per-token tensors", f"shape {tuple(mask.shape)}")
-    return mask
-
-
-def _number(name: str, x, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
-    ok = isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
-    ok = ok and (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        _fail(name, f"a number in {interval}", repr(x))
-    return float(x)
-
-
-def _window(window) -> int:
-    if not isinstance(window, Integral) or isinstance(window, bool) or window < 0:
-        _fail("window", "a non-negative int", repr(window))
-    return int(window)
-
-
-def _denominator(denominator) -> str:
-    if denominator not in ("raw", "filtered"):
-        _fail("denominator", "'raw' (Eq. 8) or 'filtered' (Algorithm 1)", repr(denominator))
-    return denominator
-
-
-def _chunk_size(chunk_size) -> int:
-    if not isinstance(chunk_size, Integral) or isinstance(chunk_size, bool) or chunk_size < 1:
-        _fail("chunk_size", "a positive int", repr(chunk_size))
-    return int(chunk_size)
-
-
-def _float_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32, or float64 when the input already is."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _logits(name: str, logits) -> torch.Tensor:
-    _tensor(name, logits)
-    if logits.dim() < 1 or logits.shape[-1] == 0:
-        _fail(name, "a tensor of shape (..., V) with V ≥ 1", f"shape {tuple(logits.shape)}")
-    return logits
-
-
-def _check_lse(name: str, lse: torch.Tensor) -> None:
-    """Validate logits through their log-sum-exp (O(rows), no (rows × V) temporaries):
-    NaN in a row makes it NaN, +inf makes it +inf, and a whole row of -inf makes it -inf."""
-    if not bool(torch.isfinite(lse).all()):
-        if bool(torch.isnan(lse).any()):
-            _fail(name, "no NaN", "NaN in it")
-        if bool((lse == math.inf).any()):
-            _fail(name, "no +inf", "+inf in it")
-        _fail(name, "at least one finite logit per row", "a row that is all -inf")
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"steps", "count", "mean", "m2", "warmup_steps", "warmup_baseline"} - set(state)
+        if missing:
+            _fail("state", "a RunningAdvantage.state_dict()", f"a dict without {sorted(missing)}")
+        self.steps, self.count = int(state["steps"]), int(state["count"])
+        self.mean, self.m2 = float(state["mean"]), float(state["m2"])
+        self.warmup_steps, self.warmup_baseline = int(state["warmup_steps"]), float(state["warmup_baseline"])
 
 
 # ----------------------------------------------------------------------------------------------------
-# Distribution functions over the full vocabulary, chunked over rows.
+# Log-probs of the sampled tokens and the magnitude w (Eq. 2).
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """log p(tokens) = log_softmax(logits)[..., tokens], in float32 (float64 for float64 input).
+
+    logits (..., V), tokens (...) integer ids in [0, V). Differentiable w.r.t. `logits`. Computed in
+    chunks of `chunk_size` rows with a stable log-sum-exp; the backward recomputes each chunk, so no
+    second full (..., V) float32 tensor is ever held. Entries of −inf (masked vocabulary) are allowed,
+    a whole row of them is not.
+    """
+    _logits("logits", logits)
+    ids = _token_ids(tokens, logits.shape[-1], logits.shape[:-1])
+    flat = logits.reshape(-1, logits.shape[-1])
+    return _TokenLogprobs.apply(flat, None, ids, _chunk_size(chunk_size), "logits").reshape(tokens.shape)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
+    """`token_logprobs(hidden @ weight.T, tokens)` without ever holding the (..., V) logits.
+
+    hidden (..., D) final hidden states, weight (V, D) the LM-head weight (same dtype), tokens (...).
+    Differentiable w.r.t. both hidden and weight; each chunk of `chunk_size` rows is recomputed in
+    the backward, so peak extra memory is O(chunk_size × V) plus one float32 (V, D) gradient buffer.
+    """
+    _hidden_and_weight("hidden", hidden, "weight", weight)
+    ids = _token_ids(tokens, weight.shape[0], hidden.shape[:-1])
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return _TokenLogprobs.apply(flat, weight, ids, _chunk_size(chunk_size), "hidden").reshape(tokens.shape)
+
+
+def ratio_magnitude(
+    teacher_logp: torch.Tensor, student_logp: torch.Tensor, direction: torch.Tensor, mask: torch.Tensor, *, eps: float = 0.2
+) -> torch.Tensor:
+    """Magnitude w (Eq. 2): w = clip(exp(D_i · δ_{i,t}), 1 − ε, 1 + ε), δ = log p_T − log p_S, (B, T).
+
+    teacher_logp, student_logp (B, T) log-probs of the sampled tokens; direction (B,) = sign(A_i) in
+    {−1, 0, +1}. The teacher agreeing more than the student (δ > 0) raises the weight of a rewarded
+    rollout and lowers it for a penalised one. D = 0 or δ = 0 gives w = 1. 0 off the mask; detached.
+    """
+    _per_token("teacher_logp", teacher_logp)
+    _per_token("student_logp", student_logp, teacher_logp.shape)
+    _per_seq("direction", direction, batch=teacher_logp.shape[0])
+    _all_finite(teacher_logp=teacher_logp, student_logp=student_logp, direction=direction)
+    if not bool(((direction == -1) | (direction == 0) | (direction == 1)).all()):
+        _fail("direction", "values in {-1, 0, +1} (the sign of the advantage)", f"{direction.tolist()}")
+    mask = _mask(mask, teacher_logp.shape)
+    eps = _number("eps", eps, 0.0, 1.0, low_open=True, high_open=True)
+    return _magnitude(teacher_logp, student_logp, direction, mask, eps)
+
+
+def _magnitude(teacher_logp, student_logp, direction, mask, eps: float) -> torch.Tensor:
+    dtype = _float_dtype(torch.promote_types(teacher_logp.dtype, student_logp.dtype))
+    delta = teacher_logp.detach().to(dtype) - student_logp.detach().to(dtype)
+    w = torch.exp(direction.detach().to(dtype)[:, None] * delta).clamp(1.0 - eps, 1.0 + eps)
+    return w.masked_fill(~mask, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The teacher's entropy (Eq. 4).
+
+
+def token_entropy(logits: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) over the last dim (Eq. 4): H = −Σ_v p_v log p_v.
+
+    logits (..., V) → (...) in float32 (float64 for float64 input), computed in chunks of
+    `chunk_size` rows (extra memory O(chunk_size × V)). No gradient: it scores the frozen teacher.
+    Vocabulary entries at −inf have p = 0 and contribute 0.
+    """
+    _logits("logits", logits)
+    flat = logits.reshape(-1, logits.shape[-1])
+    return _entropy(flat, None, _chunk_size(chunk_size), "logits").reshape(logits.shape[:-1])
+
+
+def linear_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """`token_entropy(hidden @ weight.T)` without ever holding the (..., V) logits; no gradient."""
+    _hidden_and_weight("hidden", hidden, "weight", weight)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return _entropy(flat, weight, _chunk_size(chunk_size), "hidden").reshape(hidden.shape[:-1])
+
+
+def linear_token_logprobs_and_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`linear_token_logprobs`, `linear_token_entropy`) of the same rows in ONE pass over the logits,
+    each chunk computed once: what the frozen teacher needs (δ of Eq. 2, H of Eq. 4). No gradient."""
+    _hidden_and_weight("hidden", hidden, "weight", weight)
+    ids = _token_ids(tokens, weight.shape[0], hidden.shape[:-1])
+    logp, entropy = _logprobs_and_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, ids, _chunk_size(chunk_size), "hidden")
+    return logp.reshape(tokens.shape), entropy.reshape(tokens.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The confidence gate ω (Eq. 5, 6) and its causal lookahead (Eq. 8).
+
+
+def normalised_entropy(
+    entropy: torch.Tensor, mask: torch.Tensor, window: int = 0, *, min_denominator: float = 1.0, denominator: str = "raw"
+) -> torch.Tensor:
+    """Ĥ of Eq. 5 (window = 0) or Eq. 8 (window > 0), (B, T), 0 off the mask:
+
+        Ĥ_{i,t} = H'_{i,t} / max(max over valid (j, k) of the batch of D_{j,k}, min_denominator),
+
+    H' = lookahead_min(entropy, mask, window) (H' = H for window = 0), and D is
+      - "raw":      the raw entropies H, as Eq. 8 of the paper is written (default);
+      - "filtered": the lookahead minima H', as the paper's Algorithm 1 computes it (it overwrites H
+                    with the windowed minimum before normalising). The two agree for window = 0.
+    One denominator for the whole batch (not per sequence, not log|V|), floored at `min_denominator`
+    nats so that a batch of confident tokens is not blown up.
+    """
+    entropy, mask = _entropy_and_mask(entropy, mask)
+    return _normalised(entropy, mask, _window(window), _min_denominator(min_denominator), _denominator(denominator))
+
+
+def _normalised(entropy, mask, window: int, min_denominator: float, denominator: str) -> torch.Tensor:
+    numerator = _lookahead_min(entropy, mask, window)  # 0 off the mask
+    source = numerator if denominator == "filtered" else entropy.detach().to(numerator.dtype)
+    batch_max = source.masked_fill(~mask, -math.inf).max() if mask.numel() else numerator.new_tensor(-math.inf)
+    return numerator / torch.clamp(batch_max, min=min_denominator)  # (an empty mask: max −inf, floored)
+
+
+def entropy_gate(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    window: int = 0,
+    *,
+    gamma: float = 0.3,
+    floor: float = 0.1,
+    min_denominator: float = 1.0,
+    denominator: str = "raw",
+) -> torch.Tensor:
+    """Confidence gate ω (Eq. 5, 6; Eq. 8 for window > 0): ω = clip(1 − γ · Ĥ, floor, 1), (B, T).
+
+    Ĥ = normalised_entropy(entropy, mask, window, ...): the teacher entropy (its minimum over [t, t + W]
+    for CL-EGRSD) over the batch's largest, floored at `min_denominator` nats. Since Ĥ ≤ 1 (raw
+    denominator), every valid token keeps a weight ≥ max(floor, 1 − γ), nonzero unless floor = 0 and
+    γ ≥ 1; ω = 1 where H' = 0 and everywhere when γ = 0; 0 off the mask.
+    """
+    entropy, mask = _entropy_and_mask(entropy, mask)
+    return _gate(entropy, mask, _window(window), _gamma(gamma), _floor(floor), _min_denominator(min_denominator),
+                 _denominator(denominator))
+
+
+def _gate(entropy, mask, window: int, gamma: float, floor: float, min_denominator: float, denominator: str) -> torch.Tensor:
+    h_hat = _normalised(entropy, mask, window, min_denominator, denominator)
+    return torch.clamp(1.0 - gamma * h_hat, min=floor, max=1.0).masked_fill(~mask, 0.0)
+
+
+def lookahead_min(entropy: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal lookahead (Eq. 8): for valid t, min of entropy[b, j] over valid j in [t, t + window].
+
+    entropy (B, T), mask (B, T) bool, window W ≥ 0 (W = 0 returns the entropy itself). Positions
+    outside the mask are skipped inside the window and are 0 in the output. Always ≤ entropy on
+    valid positions, so the CL gate is never below the plain gate (with the raw denominator).
+    """
+    entropy, mask = _entropy_and_mask(entropy, mask)
+    return _lookahead_min(entropy, mask, _window(window))
+
+
+def _lookahead_min(entropy, mask, window: int) -> torch.Tensor:
+    h = entropy.detach().to(_float_dtype(entropy.dtype))
+    h = h.masked_fill(~mask, math.inf)  # invalid positions never win the min
+    padded = torch.nn.functional.pad(h, (0, window), value=math.inf)  # (B, T + W)
+    mins = h
+    for k in range(1, window + 1):  # W shifted minima: mins[:, t] = min_{0 ≤ k ≤ W} h[:, t + k]
+        mins = torch.minimum(mins, padded[:, k : k + h.shape[1]])
+    return mins.masked_fill(~mask, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The token advantage Â (Eq. 7) and the losses.
+
+
+def token_advantages(
+    advantages: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    student_logp: torch.Tensor,
+    teacher_entropy: torch.Tensor,
+    mask: torch.Tensor,
+    window: int = 0,
+    *,
+    gamma: float = 0.3,
+    eps: float = 0.2,
+    floor: float = 0.1,
+    min_denominator: float = 1.0,
+    denominator: str = "raw",
+) -> torch.Tensor:
+    """Token advantage (Eq. 7): Â_{i,t} = A_i · w_{i,t} · ω_{i,t}, (B, T), detached, 0 off the mask.
+
+    advantages (B,) sequence advantages A_i; teacher_logp, student_logp, teacher_entropy (B, T).
+    w is `ratio_magnitude` with direction sign(A_i), ω is `entropy_gate`. γ = 0 gives RLSD, window > 0
+    gives CL-EGRSD. Â has the sign of A_i and |Â| ≤ |A_i| · (1 + ε).
+    """
+    _per_token("teacher_logp", teacher_logp)
+    _per_token("student_logp", student_logp, teacher_logp.shape)
+    _per_token("teacher_entropy", teacher_entropy, teacher_logp.shape)
+    _per_seq("advantages", advantages, batch=teacher_logp.shape[0])
+    _all_finite(teacher_logp=teacher_logp, student_logp=student_logp, teacher_entropy=teacher_entropy, advantages=advantages)
+    mask = _mask(mask, teacher_logp.shape)
+    adv = advantages.detach()
+    w = _magnitude(teacher_logp, student_logp, torch.sign(adv), mask, _eps(eps))
+    omega = _gate(teacher_entropy, mask, _window(window), _gamma(gamma), _floor(floor), _min_denominator(min_denominator),
+                  _denominator(denominator))
+    dtype = torch.promote_types(w.dtype, _float_dtype(adv.dtype))
+    return (adv.to(dtype)[:, None] * w.to(dtype) * omega.to(dtype)).masked_fill(~mask, 0.0)
+
+
+def policy_loss(student_logp: torch.Tensor, token_advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L = −(1 / Σ m) · Σ_{i,t} m_{i,t} · Â_{i,t} · log p_θ(y_{i,t}) (Eq. 7 with the token mean).
+
+    student_logp (B, T) with gradient; token_advantages (B, T) constants (detached here);
+    mask (B, T) bool. Gradient w.r.t. student_logp is exactly −m · Â / Σ m. An empty mask gives
+    exactly 0.0, still differentiable, with zero gradient.
+    """
+    _per_token("student_logp", student_logp)
+    _per_token("token_advantages", token_advantages, student_logp.shape)
+    _all_finite(student_logp=student_logp.detach(), token_advantages=token_advantages)
+    mask = _mask(mask, student_logp.shape)
+    dtype = _float_dtype(torch.promote_types(student_logp.dtype, token_advantages.dtype))
+    weights = torch.where(mask, token_advantages.detach().to(dtype), 0.0)
+    count = mask.sum().clamp(min=1).to(dtype)
+    return (-weights * student_logp.to(dtype)).sum() / count
+
+
+def opsd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
+    """OPSD (Eq. 1): token mean over `mask` of KL(p_T ‖ p_θ) over the full vocabulary.
+
+    student_logits, teacher_logits (B, T, V); mask (B, T) bool. Returns a float32 scalar,
+    differentiable w.r.t. `student_logits` only (the teacher is frozen). Only masked rows are read,
+    `chunk_size` rows at a time; the backward recomputes each chunk. Exactly 0.0 (zero gradient) when
+    the mask is empty.
+    """
+    _logits("student_logits", student_logits)
+    _logits("teacher_logits", teacher_logits)
+    if student_logits.dim() != 3:
+        _fail("student_logits", "shape (B, T, V)", f"shape {tuple(student_logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        _fail("teacher_logits", f"shape {tuple(student_logits.shape)} like student_logits (same vocab)",
+              f"shape {tuple(teacher_logits.shape)}")
+    rows = _mask(mask, student_logits.shape[:2]).reshape(-1).nonzero().squeeze(-1)
+    vocab, chunk_size = student_logits.shape[-1], _chunk_size(chunk_size)
+    _no_nan("student_logits", student_logits.detach(), chunk_size)
+    _no_nan("teacher_logits", teacher_logits.detach(), chunk_size)
+    return _MeanKL.apply(student_logits.reshape(-1, vocab), None, teacher_logits.detach().reshape(-1, vocab), None,
+                         rows, chunk_size)
+
+
+def linear_opsd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """`opsd_loss` over rows given as hidden states: mean over the N rows of KL(p_T ‖ p_θ), Eq. 1.
+
+    student_hidden, teacher_hidden (N, D) (the completion positions only), student_weight,
+    teacher_weight (V, D). Differentiable w.r.t. the student's hidden states and weight; the logits
+    exist one chunk at a time. Exactly 0.0 when N = 0.
+    """
+    _hidden_and_weight("student_hidden", student_hidden, "student_weight", student_weight)
+    _hidden_and_weight("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
+    if student_hidden.dim() != 2:
+        _fail("student_hidden", "shape (N, D)", f"shape {tuple(student_hidden.shape)}")
+    if teacher_hidden.shape != student_hidden.shape or teacher_weight.shape != student_weight.shape:
+        _fail("teacher_hidden", f"shapes {tuple(student_hidden.shape)} and weight {tuple(student_weight.shape)} like the student's",
+              f"{tuple(teacher_hidden.shape)} and {tuple(teacher_weight.shape)}")
+    rows = torch.arange(student_hidden.shape[0], device=student_hidden.device)
+    return _MeanKL.apply(student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
+                         rows, _chunk_size(chunk_size))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The token regimes: which kind of token the gate down-weights (diagnostics, not part of the loss).
+
+REGIMES = ("lock", "mid", "pivot", "fork")  # token_regimes codes 1, 2, 3, 4; 0 is off the mask
+
+
+def token_regimes(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    window: int,
+    *,
+    tau_low: float = 0.2,
+    tau_high: float = 0.5,
+    min_denominator: float = 1.0,
+) -> torch.Tensor:
+    """The paper's token regimes, (B, T) int64 codes into REGIMES (1-based), 0 off the mask.
+
+    With Ĥ = normalised_entropy(H, mask, 0) and Ĥ^CL = normalised_entropy(H, mask, window), both over the
+    batch's largest raw entropy floored at `min_denominator` (Eq. 5 and 8):
+      lock  (1)  Ĥ ≤ τ_low                        the teacher is sure: the gate barely touches it;
+      pivot (3)  Ĥ ≥ τ_high and Ĥ^CL ≤ τ_low      uncertainty that resolves within W tokens (CL restores it);
+      fork  (4)  Ĥ ≥ τ_high and Ĥ^CL ≥ τ_high     uncertainty that persists (stays down-weighted);
+      mid   (2)  every other valid token.
+    Needs 0 ≤ τ_low < τ_high; then every valid token is in exactly one regime, and window = 0 has no pivots.
+    """
+    entropy, mask = _entropy_and_mask(entropy, mask)
+    window, min_denominator = _window(window), _min_denominator(min_denominator)
+    tau_low = _number("tau_low", tau_low, 0.0, math.inf)
+    tau_high = _number("tau_high", tau_high, tau_low, math.inf, low_open=True)
+    h_hat = _normalised(entropy, mask, 0, min_denominator, "raw")
+    h_cl = _normalised(entropy, mask, window, min_denominator, "raw")
+    codes = torch.full(h_hat.shape, 2, dtype=torch.long, device=h_hat.device)  # mid
+    high = h_hat >= tau_high
+    codes[h_hat <= tau_low] = 1
+    codes[high & (h_cl <= tau_low)] = 3
+    codes[high & (h_cl >= tau_high)] = 4
+    return codes.masked_fill(~mask, 0)
+
+
+# ====================================================================================================
+# Machinery below: a reader of the method can stop here.
+# ====================================================================================================
+# ----------------------------------------------------------------------------------------------------
+# Full-vocabulary kernels, chunked over rows.
 #
 # Each works on rows of logits given either as the logits themselves (`weight` None) or as hidden
 # states x and an LM-head weight W (logits = x @ Wᵀ, never materialised for more than one chunk).
@@ -284,6 +584,153 @@ def _entropy(x: torch.Tensor, weight: torch.Tensor | None, chunk_size: int, name
     return out
 
 
+@torch.no_grad()
+def _logprobs_and_entropy(x, weight, tokens, chunk_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(tokens) and H of each row from one pass over its chunk of logits."""
+    dtype = _float_dtype(x.dtype)
+    logp = torch.empty(x.shape[0], dtype=dtype, device=x.device)
+    entropy = torch.empty_like(logp)
+    for idx in _chunks(torch.arange(x.shape[0], device=x.device), chunk_size):
+        z = _chunk_logits(x, weight, idx, dtype)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        _check_lse(name, lse)
+        z.sub_(lse).clamp_(min=torch.finfo(dtype).min)  # log p, as in _entropy
+        logp[idx] = z.gather(-1, tokens[idx, None]).squeeze(-1)
+        entropy[idx] = -(torch.exp(z).mul_(z)).sum(-1)
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks: one small set of helpers, used once at the top of every public function.
+
+
+def _fail(name: str, expected: str, got: str) -> None:
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _tensor(name: str, x, dims: int | None = None, floating: bool = True) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        _fail(name, "a torch.Tensor", type(x).__name__)
+    if dims is not None and x.dim() != dims:
+        _fail(name, f"a {dims}-D tensor", f"shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        _fail(name, "a floating-point tensor", f"dtype {x.dtype}")
+    return x
+
+
+def _finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Reject NaN and ±inf (entropies, log-probs, advantages, rewards)."""
+    if not bool(torch.isfinite(x).all()):
+        what = "NaN" if bool(torch.isnan(x).any()) else "±inf"
+        _fail(name, "finite values", f"{what} in it")
+    return x
+
+
+def _all_finite(**named: torch.Tensor) -> None:
+    """Reject NaN and ±inf in several floating tensors with one read back to the host (a sync on GPU)."""
+    names = [n for n, x in named.items() if x.is_floating_point()]
+    if names and not all(torch.stack([torch.isfinite(named[n]).all() for n in names]).tolist()):
+        for n in names:
+            _finite(n, named[n])
+
+
+def _per_token(name: str, x, shape: torch.Size | None = None) -> torch.Tensor:
+    """A (B, T) floating tensor (of `shape`); the caller checks it is finite (`_all_finite`)."""
+    _tensor(name, x, dims=2)
+    if shape is not None and x.shape != shape:
+        _fail(name, f"shape {tuple(shape)} (B, T) like its partners", f"shape {tuple(x.shape)}")
+    return x
+
+
+def _per_seq(name: str, x, batch: int | None = None, floating: bool = True) -> torch.Tensor:
+    """A (B,) tensor (of length `batch`); the caller checks it is finite (`_all_finite`)."""
+    _tensor(name, x, dims=1, floating=floating)
+    if batch is not None and x.shape[0] != batch:
+        _fail(name, f"shape ({batch},) (B,) matching the per-token tensors", f"shape {tuple(x.shape)}")
+    return x
+
+
+def _mask(mask, shape: torch.Size) -> torch.Tensor:
+    _tensor("mask", mask, dims=2, floating=False)
+    if mask.dtype != torch.bool:
+        _fail("mask", "a bool tensor", f"dtype {mask.dtype}")
+    if mask.shape != shape:
+        _fail("mask", f"shape {tuple(shape)} like the per-token tensors", f"shape {tuple(mask.shape)}")
+    return mask
+
+
+def _number(name: str, x, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
+    ok = isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+    ok = ok and (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        _fail(name, f"a number in {interval}", repr(x))
+    return float(x)
+
+
+def _window(window) -> int:
+    if not isinstance(window, Integral) or isinstance(window, bool) or window < 0:
+        _fail("window", "a non-negative int", repr(window))
+    return int(window)
+
+
+def _entropy_and_mask(entropy, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    _per_token("entropy", entropy)
+    _all_finite(entropy=entropy)
+    return entropy, _mask(mask, entropy.shape)
+
+
+def _gamma(gamma) -> float:
+    return _number("gamma", gamma, 0.0, math.inf)
+
+
+def _floor(floor) -> float:
+    return _number("floor", floor, 0.0, 1.0)
+
+
+def _eps(eps) -> float:
+    return _number("eps", eps, 0.0, 1.0, low_open=True, high_open=True)
+
+
+def _min_denominator(min_denominator) -> float:
+    return _number("min_denominator", min_denominator, 0.0, math.inf, low_open=True)
+
+
+def _denominator(denominator) -> str:
+    if denominator not in ("raw", "filtered"):
+        _fail("denominator", "'raw' (Eq. 8) or 'filtered' (Algorithm 1)", repr(denominator))
+    return denominator
+
+
+def _chunk_size(chunk_size) -> int:
+    if not isinstance(chunk_size, Integral) or isinstance(chunk_size, bool) or chunk_size < 1:
+        _fail("chunk_size", "a positive int", repr(chunk_size))
+    return int(chunk_size)
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 when the input already is."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _logits(name: str, logits) -> torch.Tensor:
+    _tensor(name, logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        _fail(name, "a tensor of shape (..., V) with V ≥ 1", f"shape {tuple(logits.shape)}")
+    return logits
+
+
+def _check_lse(name: str, lse: torch.Tensor) -> None:
+    """Validate logits through their log-sum-exp (O(rows), no (rows × V) temporaries):
+    NaN in a row makes it NaN, +inf makes it +inf, and a whole row of -inf makes it -inf."""
+    if not bool(torch.isfinite(lse).all()):
+        if bool(torch.isnan(lse).any()):
+            _fail(name, "no NaN", "NaN in it")
+        if bool((lse == math.inf).any()):
+            _fail(name, "no +inf", "+inf in it")
+        _fail(name, "at least one finite logit per row", "a row that is all -inf")
+
+
 def _token_ids(tokens, vocab: int, shape: torch.Size) -> torch.Tensor:
     _tensor("tokens", tokens, floating=False)
     if tokens.dtype == torch.bool or tokens.is_complex() or tokens.is_floating_point():
@@ -309,348 +756,3 @@ def _hidden_and_weight(hidden_name: str, hidden, weight_name: str, weight) -> No
         _fail(hidden_name, f"shape (..., {weight.shape[1]}) to match {weight_name} (V, D)", f"shape {tuple(hidden.shape)}")
     if hidden.dtype != weight.dtype:
         _fail(weight_name, f"dtype {hidden.dtype} like {hidden_name}", f"dtype {weight.dtype}")
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """log p(tokens) = log_softmax(logits)[..., tokens], in float32 (float64 for float64 input).
-
-    logits (..., V), tokens (...) integer ids in [0, V). Differentiable w.r.t. `logits`. Computed in
-    chunks of `chunk_size` rows with a stable log-sum-exp; the backward recomputes each chunk, so no
-    second full (..., V) float32 tensor is ever held. Entries of −inf (masked vocabulary) are allowed,
-    a whole row of them is not.
-    """
-    _logits("logits", logits)
-    ids = _token_ids(tokens, logits.shape[-1], logits.shape[:-1])
-    flat = logits.reshape(-1, logits.shape[-1])
-    return _TokenLogprobs.apply(flat, None, ids, _chunk_size(chunk_size), "logits").reshape(tokens.shape)
-
-
-def token_entropy(logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """Entropy in nats of softmax(logits) over the last dim (Eq. 4): H = −Σ_v p_v log p_v.
-
-    logits (..., V) → (...) in float32 (float64 for float64 input), computed in chunks of
-    `chunk_size` rows (extra memory O(chunk_size × V)). No gradient: it scores the frozen teacher.
-    Vocabulary entries at −inf have p = 0 and contribute 0.
-    """
-    _logits("logits", logits)
-    flat = logits.reshape(-1, logits.shape[-1])
-    return _entropy(flat, None, _chunk_size(chunk_size), "logits").reshape(logits.shape[:-1])
-
-
-def opsd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> torch.Tensor:
-    """OPSD (Eq. 1): token mean over `mask` of KL(p_T ‖ p_θ) over the full vocabulary.
-
-    student_logits, teacher_logits (B, T, V); mask (B, T) bool. Returns a float32 scalar,
-    differentiable w.r.t. `student_logits` only (the teacher is frozen). Only masked rows are read,
-    `chunk_size` rows at a time; the backward recomputes each chunk. Exactly 0.0 (zero gradient) when
-    the mask is empty.
-    """
-    _logits("student_logits", student_logits)
-    _logits("teacher_logits", teacher_logits)
-    if student_logits.dim() != 3:
-        _fail("student_logits", "shape (B, T, V)", f"shape {tuple(student_logits.shape)}")
-    if teacher_logits.shape != student_logits.shape:
-        _fail("teacher_logits", f"shape {tuple(student_logits.shape)} like student_logits (same vocab)",
-              f"shape {tuple(teacher_logits.shape)}")
-    rows = _mask(mask, student_logits.shape[:2]).reshape(-1).nonzero().squeeze(-1)
-    vocab, chunk_size = student_logits.shape[-1], _chunk_size(chunk_size)
-    _no_nan("student_logits", student_logits.detach(), chunk_size)
-    _no_nan("teacher_logits", teacher_logits.detach(), chunk_size)
-    return _MeanKL.apply(student_logits.reshape(-1, vocab), None, teacher_logits.detach().reshape(-1, vocab), None,
-                         rows, chunk_size)
-
-
-def linear_token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> torch.Tensor:
-    """`token_logprobs(hidden @ weight.T, tokens)` without ever holding the (..., V) logits.
-
-    hidden (..., D) final hidden states, weight (V, D) the LM-head weight (same dtype), tokens (...).
-    Differentiable w.r.t. both hidden and weight; each chunk of `chunk_size` rows is recomputed in
-    the backward, so peak extra memory is O(chunk_size × V) plus one float32 (V, D) gradient buffer.
-    """
-    _hidden_and_weight("hidden", hidden, "weight", weight)
-    ids = _token_ids(tokens, weight.shape[0], hidden.shape[:-1])
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    return _TokenLogprobs.apply(flat, weight, ids, _chunk_size(chunk_size), "hidden").reshape(tokens.shape)
-
-
-def linear_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """`token_entropy(hidden @ weight.T)` without ever holding the (..., V) logits; no gradient."""
-    _hidden_and_weight("hidden", hidden, "weight", weight)
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    return _entropy(flat, weight, _chunk_size(chunk_size), "hidden").reshape(hidden.shape[:-1])
-
-
-def linear_opsd_loss(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> torch.Tensor:
-    """`opsd_loss` over rows given as hidden states: mean over the N rows of KL(p_T ‖ p_θ), Eq. 1.
-
-    student_hidden, teacher_hidden (N, D) (the completion positions only), student_weight,
-    teacher_weight (V, D). Differentiable w.r.t. the student's hidden states and weight; the logits
-    exist one chunk at a time. Exactly 0.0 when N = 0.
-    """
-    _hidden_and_weight("student_hidden", student_hidden, "student_weight", student_weight)
-    _hidden_and_weight("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
-    if student_hidden.dim() != 2:
-        _fail("student_hidden", "shape (N, D)", f"shape {tuple(student_hidden.shape)}")
-    if teacher_hidden.shape != student_hidden.shape or teacher_weight.shape != student_weight.shape:
-        _fail("teacher_hidden", f"shapes {tuple(student_hidden.shape)} and weight {tuple(student_weight.shape)} like the student's",
-              f"{tuple(teacher_hidden.shape)} and {tuple(teacher_weight.shape)}")
-    rows = torch.arange(student_hidden.shape[0], device=student_hidden.device)
-    return _MeanKL.apply(student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
-                         rows, _chunk_size(chunk_size))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reward and sequence-level advantage (App. B).
-
-
-def length_shaped_reward(correct: torch.Tensor, lengths: torch.Tensor, max_length: int, beta: float = 0.5) -> torch.Tensor:
-    """r_i = 1[correct_i] · (1 + β · (1 − lengths_i / max_length)), float32 (B,).
-
-    correct (B,) bool: verified correct (a truncated rollout must be passed as not correct);
-    lengths (B,) completion lengths in tokens, in [0, max_length]; max_length > 0 is the completion cap.
-    Wrong answers get 0; there are no negative rewards.
-    """
-    _tensor("correct", correct, dims=1, floating=False)
-    if correct.dtype != torch.bool:
-        _fail("correct", "a bool tensor", f"dtype {correct.dtype}")
-    _per_seq("lengths", lengths, batch=correct.shape[0], floating=False)
-    if not isinstance(max_length, Integral) or isinstance(max_length, bool) or max_length <= 0:
-        _fail("max_length", "a positive int", repr(max_length))
-    if lengths.numel() and (float(lengths.min()) < 0 or float(lengths.max()) > max_length):
-        _fail("lengths", f"values in [0, max_length={max_length}]", f"[{lengths.min().item()}, {lengths.max().item()}]")
-    beta = _number("beta", beta, -math.inf, math.inf)
-    shaped = 1.0 + beta * (1.0 - lengths.to(torch.float64) / max_length)
-    return torch.where(correct, shaped, 0.0).to(torch.float32)
-
-
-class RunningAdvantage:
-    """A_i = (r_i − r̄) / σ_r with r̄, σ_r the running mean and population std of all rewards of earlier
-    calls (App. B). During the first `warmup_steps` calls A_i = r_i − `warmup_baseline`; where σ_r = 0,
-    A_i = r_i − r̄. This call's rewards are folded in (Welford, float64) after they are used.
-
-        advantage = RunningAdvantage()
-        A = advantage(rewards)        # rewards (B,) → A (B,), float32 or wider, detached
-    """
-
-    def __init__(self, warmup_steps: int = 10, warmup_baseline: float = 0.5):
-        if not isinstance(warmup_steps, Integral) or isinstance(warmup_steps, bool) or warmup_steps < 0:
-            _fail("warmup_steps", "a non-negative int", repr(warmup_steps))
-        self.warmup_steps = int(warmup_steps)
-        self.warmup_baseline = _number("warmup_baseline", warmup_baseline, -math.inf, math.inf)
-        self.steps, self.count, self.mean, self.m2 = 0, 0, 0.0, 0.0
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.count) if self.count else 0.0
-
-    def __call__(self, rewards: torch.Tensor) -> torch.Tensor:
-        _per_seq("rewards", rewards)
-        r = rewards.detach().to(torch.float64)
-        if self.steps < self.warmup_steps:
-            adv = r - self.warmup_baseline
-        elif self.std > 0:
-            adv = (r - self.mean) / self.std
-        else:
-            adv = r - self.mean
-        for x in r.tolist():  # Welford: exact for constant rewards, so σ = 0 stays exactly 0
-            self.count += 1
-            delta = x - self.mean
-            self.mean += delta / self.count
-            self.m2 += delta * (x - self.mean)
-        self.steps += 1
-        return adv.to(_float_dtype(rewards.dtype))
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps, "count": self.count, "mean": self.mean, "m2": self.m2,
-                "warmup_steps": self.warmup_steps, "warmup_baseline": self.warmup_baseline}
-
-    def load_state_dict(self, state: dict) -> None:
-        missing = {"steps", "count", "mean", "m2", "warmup_steps", "warmup_baseline"} - set(state)
-        if missing:
-            _fail("state", "a RunningAdvantage.state_dict()", f"a dict without {sorted(missing)}")
-        self.steps, self.count = int(state["steps"]), int(state["count"])
-        self.mean, self.m2 = float(state["mean"]), float(state["m2"])
-        self.warmup_steps, self.warmup_baseline = int(state["warmup_steps"]), float(state["warmup_baseline"])
-
-
-# ----------------------------------------------------------------------------------------------------
-# The three per-token signals.
-
-
-def lookahead_min(entropy: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
-    """Causal lookahead (Eq. 8): for valid t, min of entropy[b, j] over valid j in [t, t + window].
-
-    entropy (B, T), mask (B, T) bool, window W ≥ 0 (W = 0 returns the entropy itself). Positions
-    outside the mask are skipped inside the window and are 0 in the output. Always ≤ entropy on
-    valid positions, so the CL gate is never below the plain gate.
-    """
-    _per_token("entropy", entropy)
-    mask = _mask(mask, entropy.shape)
-    window = _window(window)
-    h = entropy.detach().to(_float_dtype(entropy.dtype))
-    h = h.masked_fill(~mask, math.inf)  # invalid positions never win the min
-    padded = torch.nn.functional.pad(h, (0, window), value=math.inf)  # (B, T + W)
-    mins = h
-    for k in range(1, window + 1):  # W shifted minima: mins[:, t] = min_{0 ≤ k ≤ W} h[:, t + k]
-        mins = torch.minimum(mins, padded[:, k : k + h.shape[1]])
-    return mins.masked_fill(~mask, 0.0)
-
-
-def normalised_entropy(
-    entropy: torch.Tensor, mask: torch.Tensor, window: int = 0, min_denominator: float = 1.0, denominator: str = "raw"
-) -> torch.Tensor:
-    """Ĥ of Eq. 5 (window = 0) or Eq. 8 (window > 0), (B, T), 0 off the mask:
-
-        Ĥ_{i,t} = H'_{i,t} / max(max over valid (j, k) of the batch of D_{j,k}, min_denominator),
-
-    H' = lookahead_min(entropy, mask, window) (H' = H for window = 0), and D is
-      - "raw":      the raw entropies H, as Eq. 8 of the paper is written (default);
-      - "filtered": the lookahead minima H', as the paper's Algorithm 1 computes it (it overwrites H
-                    with the windowed minimum before normalising). The two agree for window = 0.
-    One denominator for the whole batch (not per sequence, not log|V|), floored at `min_denominator`
-    nats so that a batch of confident tokens is not blown up.
-    """
-    _per_token("entropy", entropy)
-    mask = _mask(mask, entropy.shape)
-    min_denominator = _number("min_denominator", min_denominator, 0.0, math.inf, low_open=True)
-    denominator = _denominator(denominator)
-    numerator = lookahead_min(entropy, mask, window)  # 0 off the mask
-    source = numerator if denominator == "filtered" else entropy.detach().to(numerator.dtype)
-    batch_max = source[mask].max() if mask.any() else numerator.new_tensor(0.0)
-    return numerator / torch.clamp(batch_max, min=min_denominator)
-
-
-def entropy_gate(
-    entropy: torch.Tensor,
-    mask: torch.Tensor,
-    gamma: float = 0.3,
-    window: int = 0,
-    floor: float = 0.1,
-    min_denominator: float = 1.0,
-    denominator: str = "raw",
-) -> torch.Tensor:
-    """Confidence gate ω (Eq. 5, 6; Eq. 8 for window > 0): ω = clip(1 − γ · Ĥ, floor, 1), (B, T).
-
-    Ĥ = normalised_entropy(entropy, mask, window, min_denominator, denominator): the teacher entropy
-    (its minimum over [t, t + W] for CL-EGRSD) over the batch's largest, floored at `min_denominator`
-    nats. Since Ĥ ≤ 1 (raw denominator), every valid token keeps a weight ≥ max(floor, 1 − γ), nonzero
-    unless floor = 0 and γ ≥ 1; ω = 1 where H' = 0 and everywhere when γ = 0; 0 off the mask.
-    """
-    gamma = _number("gamma", gamma, 0.0, math.inf)
-    floor = _number("floor", floor, 0.0, 1.0)
-    h_hat = normalised_entropy(entropy, mask, window, min_denominator, denominator)
-    return torch.clamp(1.0 - gamma * h_hat, min=floor, max=1.0).masked_fill(~mask, 0.0)
-
-
-def ratio_magnitude(
-    teacher_logp: torch.Tensor, student_logp: torch.Tensor, direction: torch.Tensor, mask: torch.Tensor, eps: float = 0.2
-) -> torch.Tensor:
-    """Magnitude w (Eq. 2): w = clip(exp(D_i · δ_{i,t}), 1 − ε, 1 + ε), δ = log p_T − log p_S, (B, T).
-
-    teacher_logp, student_logp (B, T) log-probs of the sampled tokens; direction (B,) = sign(A_i) in
-    {−1, 0, +1}. The teacher agreeing more than the student (δ > 0) raises the weight of a rewarded
-    rollout and lowers it for a penalised one. D = 0 or δ = 0 gives w = 1. 0 off the mask; detached.
-    """
-    _per_token("teacher_logp", teacher_logp)
-    _per_token("student_logp", student_logp, teacher_logp.shape)
-    _per_seq("direction", direction, batch=teacher_logp.shape[0])
-    if not bool(((direction == -1) | (direction == 0) | (direction == 1)).all()):
-        _fail("direction", "values in {-1, 0, +1} (the sign of the advantage)", f"{direction.tolist()}")
-    mask = _mask(mask, teacher_logp.shape)
-    eps = _number("eps", eps, 0.0, 1.0, low_open=True, high_open=True)
-    dtype = _float_dtype(torch.promote_types(teacher_logp.dtype, student_logp.dtype))
-    delta = teacher_logp.detach().to(dtype) - student_logp.detach().to(dtype)
-    w = torch.exp(direction.detach().to(dtype)[:, None] * delta).clamp(1.0 - eps, 1.0 + eps)
-    return w.masked_fill(~mask, 0.0)
-
-
-def token_advantages(
-    advantages: torch.Tensor,
-    teacher_logp: torch.Tensor,
-    student_logp: torch.Tensor,
-    teacher_entropy: torch.Tensor,
-    mask: torch.Tensor,
-    gamma: float = 0.3,
-    window: int = 0,
-    eps: float = 0.2,
-    floor: float = 0.1,
-    min_denominator: float = 1.0,
-    denominator: str = "raw",
-) -> torch.Tensor:
-    """Token advantage (Eq. 7): Â_{i,t} = A_i · w_{i,t} · ω_{i,t}, (B, T), detached, 0 off the mask.
-
-    advantages (B,) sequence advantages A_i; teacher_logp, student_logp, teacher_entropy (B, T).
-    w from `ratio_magnitude` with direction sign(A_i), ω from `entropy_gate`. γ = 0 gives RLSD,
-    window > 0 gives CL-EGRSD. Â has the sign of A_i and |Â| ≤ |A_i| · (1 + ε).
-    """
-    _per_token("teacher_logp", teacher_logp)
-    _per_token("student_logp", student_logp, teacher_logp.shape)
-    _per_token("teacher_entropy", teacher_entropy, teacher_logp.shape)
-    _per_seq("advantages", advantages, batch=teacher_logp.shape[0])
-    adv = advantages.detach()
-    w = ratio_magnitude(teacher_logp, student_logp, torch.sign(adv), mask, eps)
-    omega = entropy_gate(teacher_entropy, mask, gamma, window, floor, min_denominator, denominator)
-    dtype = torch.promote_types(w.dtype, _float_dtype(adv.dtype))
-    return (adv.to(dtype)[:, None] * w.to(dtype) * omega.to(dtype)).masked_fill(~mask, 0.0)
-
-
-def policy_loss(student_logp: torch.Tensor, token_advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L = −(1 / Σ m) · Σ_{i,t} m_{i,t} · Â_{i,t} · log p_θ(y_{i,t}) (Eq. 7 with the token mean).
-
-    student_logp (B, T) with gradient; token_advantages (B, T) constants (detached here);
-    mask (B, T) bool. Gradient w.r.t. student_logp is exactly −m · Â / Σ m. An empty mask gives
-    exactly 0.0, still differentiable, with zero gradient.
-    """
-    _per_token("student_logp", student_logp)
-    _per_token("token_advantages", token_advantages, student_logp.shape)
-    mask = _mask(mask, student_logp.shape)
-    dtype = _float_dtype(torch.promote_types(student_logp.dtype, token_advantages.dtype))
-    weights = torch.where(mask, token_advantages.detach().to(dtype), 0.0)
-    count = mask.sum().clamp(min=1).to(dtype)
-    return (-weights * student_logp.to(dtype)).sum() / count
-
-
-# ----------------------------------------------------------------------------------------------------
-# Diagnostics: which kind of token the gate down-weights.
-
-REGIMES = ("lock", "mid", "pivot", "fork")  # token_regimes codes 1, 2, 3, 4; 0 is off the mask
-
-
-def token_regimes(
-    entropy: torch.Tensor,
-    mask: torch.Tensor,
-    window: int,
-    tau_low: float = 0.2,
-    tau_high: float = 0.5,
-    min_denominator: float = 1.0,
-) -> torch.Tensor:
-    """The paper's token regimes, (B, T) int64 codes into REGIMES (1-based), 0 off the mask.
-
-    With Ĥ = normalised_entropy(H, mask, 0) and Ĥ^CL = normalised_entropy(H, mask, window), both over the
-    batch's largest raw entropy floored at `min_denominator` (Eq. 5 and 8):
-      lock  (1)  Ĥ ≤ τ_low                        the teacher is sure: the gate barely touches it;
-      pivot (3)  Ĥ ≥ τ_high and Ĥ^CL ≤ τ_low      uncertainty that resolves within W tokens (CL restores it);
-      fork  (4)  Ĥ ≥ τ_high and Ĥ^CL ≥ τ_high     uncertainty that persists (stays down-weighted);
-      mid   (2)  every other valid token.
-    Needs 0 ≤ τ_low < τ_high; then every valid token is in exactly one regime, and window = 0 has no pivots.
-    """
-    tau_low = _number("tau_low", tau_low, 0.0, math.inf)
-    tau_high = _number("tau_high", tau_high, tau_low, math.inf, low_open=True)
-    h_hat = normalised_entropy(entropy, mask, 0, min_denominator)
-    h_cl = normalised_entropy(entropy, mask, window, min_denominator)
-    codes = torch.full(h_hat.shape, 2, dtype=torch.long, device=h_hat.device)  # mid
-    high = h_hat >= tau_high
-    codes[h_hat <= tau_low] = 1
-    codes[high & (h_cl <= tau_low)] = 3
-    codes[high & (h_cl >= tau_high)] = 4
-    return codes.masked_fill(~mask, 0)

@@ -1,48 +1,31 @@
-"""The correctness spec of EGRSD-min: property-based tests (hypothesis) of SPEC §2-§4, then the trainer.
+"""The correctness spec of egrsd.py: property-based tests (hypothesis) of every equation and invariant of
+docs/METHOD.md. This file imports only torch, hypothesis, pytest and egrsd: copy it with egrsd.py.
 
-Six kinds of test, in this order:
+Four kinds of test, in this order:
 1. reference: each function equals a float64 naive implementation written loop by loop from the paper's
    equations, on generated batches with left and right padding, holes, all-padding rows, zero and large
    entropies, zero advantages, γ up to 2 (so the 0.1 floor binds) and windows 0..8;
-2. invariants: every property of SPEC §4, one test each, named for the sentence it states;
-3. contract (SPEC §3): weights and advantages come back detached, and each kind of bad input raises a
-   ValueError that names the argument;
+2. invariants: every property of docs/METHOD.md §4, one test each, named for the sentence it states;
+3. contract (docs/METHOD.md §3): weights and advantages come back detached, and each kind of bad input
+   raises a ValueError that names the argument;
 4. beyond the contract: the hidden-state (`linear_*`) functions equal the plain computation, also under
-   bf16 autocast, and the token regimes hold their definitions;
-5. train_min.py end to end on CPU with the tiny model built in code: every method, token alignment, a
-   learning check, resume, Ctrl-C, non-finite steps, bad flags and files, bf16, the token view;
-6. decoding.py: the same tokens as HF `generate` (greedy), the same sampling distribution as HF's
-   temperature → top-k → top-p warpers (float64 reference, and the frequencies of real draws), and a
-   decode step that has no host sync (the condition for replaying it as a CUDA graph).
+   bf16 autocast, and the token regimes hold their definitions.
+The trainer's tests (train_min.py end to end, rollouts, verifier) are in tests/.
 
 The hypothesis profile is fixed (derandomized, no example database), so a run is reproducible and CI never
-flakes. Run: python -m pytest -q
+flakes. Run: python -m pytest -q test_egrsd.py
 """
 import copy
-import functools
 import inspect
-import json
 import math
-import re
-import signal
 import statistics
-import subprocess
-import sys
-import warnings
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 
-import decoding
 import egrsd
-import train_min
-import views
-from offline_models import build_tiny_model, build_tiny_tokenizer
-from tasks import Problem, built_in_problems, is_correct, is_correct_symbolic, load_problems, student_messages, teacher_messages
 
 settings.register_profile(
     "egrsd", derandomize=True, database=None, deadline=None, max_examples=50,
@@ -62,10 +45,30 @@ def assert_close(actual, expected, precision):
     torch.testing.assert_close(actual.double(), torch.as_tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
 
 
+# The settings each function takes by the contract (docs/METHOD.md §3); a naive reference takes those of
+# the function it mirrors.
+CONTRACT = {
+    "length_shaped_reward": {"beta"}, "ratio_magnitude": {"eps"}, "lookahead_min": {"window"},
+    "normalised_entropy": {"window", "min_denominator", "denominator"}, "denominator": {"window", "min_denominator", "denominator"},
+    "entropy_gate": {"gamma", "window", "floor", "min_denominator", "denominator"},
+    "token_advantages": {"gamma", "window", "eps", "floor", "min_denominator", "denominator"}, "policy_loss": set(),
+    "token_logprobs": {"chunk_size"}, "token_entropy": {"chunk_size"}, "opsd_loss": {"chunk_size"},
+    "token_regimes": {"window", "tau_low", "tau_high", "min_denominator"},
+}
+SETTINGS = set().union(*CONTRACT.values())
+
+
 def call(function, arguments, **settings):
-    """Call `function` (library or naive) with those of `arguments` and `settings` that its parameters name."""
+    """Call `function` (library or naive) with the tensors of `arguments` that its parameters name and with
+    `settings`. A setting is left out only where the contract gives this function no such setting; one it
+    should take but does not (a renamed parameter) fails, rather than silently testing the default."""
     parameters = inspect.signature(function).parameters
-    return function(**{name: value for name, value in {**arguments, **settings}.items() if name in parameters})
+    takes = CONTRACT.get(function.__name__.removeprefix("naive_"), set())
+    unknown = [name for name in settings if name not in parameters and (name in takes or name not in SETTINGS)]
+    if unknown:
+        raise TypeError(f"{function.__name__} has no parameter {unknown}: renamed?")
+    return function(**{name: value for name, value in arguments.items() if name in parameters},
+                    **{name: value for name, value in settings.items() if name in parameters})
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ class Batch:
 
     @property
     def arguments(self):
-        """The batch under the parameter names of SPEC §3."""
+        """The batch under the parameter names of docs/METHOD.md §3."""
         return dict(entropy=self.entropy, teacher_entropy=self.entropy, mask=self.mask,
                     teacher_logp=self.teacher_logp, student_logp=self.student_logp,
                     advantages=self.advantages, direction=self.direction)
@@ -189,7 +192,7 @@ def logit_batches(draw, dtype):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Naive float64 references, loop by loop from the equations of SPEC §2
+# Naive float64 references, loop by loop from the equations of docs/METHOD.md §2
 # --------------------------------------------------------------------------------------------------------
 
 def naive_lookahead_min(entropy, mask, window):
@@ -398,7 +401,7 @@ def test_chunking_changes_nothing(function, batch):
 
 
 # --------------------------------------------------------------------------------------------------------
-# 2. Invariants of SPEC §4
+# 2. Invariants of docs/METHOD.md §4
 # --------------------------------------------------------------------------------------------------------
 
 PER_TOKEN = (egrsd.lookahead_min, egrsd.entropy_gate, egrsd.ratio_magnitude, egrsd.token_advantages)
@@ -587,11 +590,11 @@ def test_running_advantage_resumes_from_its_state_dict(warmup, steps, saved_afte
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3. Detachment and bad input (SPEC §3)
+# 3. Detachment and bad input (docs/METHOD.md §3)
 # --------------------------------------------------------------------------------------------------------
 
 def valid_arguments():
-    """One small valid batch (B = 2, T = 3, V = 5) under every parameter name of SPEC §3."""
+    """One small valid batch (B = 2, T = 3, V = 5) under every parameter name of docs/METHOD.md §3."""
     generator = torch.Generator().manual_seed(0)
     batch = Batch(entropy=torch.tensor([[0.5, 1.0, 2.0], [0.0, 3.0, 1.0]]),
                   mask=torch.tensor([[True, True, False], [False, True, True]]),
@@ -866,803 +869,53 @@ def naive_token_regimes(entropy, mask, window, tau_low, tau_high):
     return codes
 
 
-THRESHOLDS = st.sampled_from([(0.2, 0.5), (0.1, 0.9), (0.45, 0.5)])
+THRESHOLDS = st.sampled_from([(0.2, 0.5), (0.1, 0.9), (0.45, 0.5)]).map(lambda t: dict(tau_low=t[0], tau_high=t[1]))
 
 
 @given(batches(), WINDOWS, THRESHOLDS)
 def test_token_regimes_match_naive_reference(batch, window, thresholds):
-    got = egrsd.token_regimes(batch.entropy, batch.mask, window, *thresholds)
-    assert torch.equal(got, naive_token_regimes(batch.entropy, batch.mask, window, *thresholds))
+    got = egrsd.token_regimes(batch.entropy, batch.mask, window, **thresholds)
+    assert torch.equal(got, naive_token_regimes(batch.entropy, batch.mask, window, **thresholds))
 
 
 @given(batches(), WINDOWS, THRESHOLDS)
-def test_every_valid_token_is_in_exactly_one_regime(batch, window, thresholds):
-    codes = egrsd.token_regimes(batch.entropy, batch.mask, window, *thresholds)
-    assert torch.all((codes >= 1) & (codes <= len(egrsd.REGIMES)) == batch.mask)
+def test_every_valid_token_is_in_the_one_regime_its_normalised_entropies_define(batch, window, thresholds):
+    """The codes agree with `normalised_entropy` at W = 0 and at W: one regime per valid token, 0 off it."""
+    codes = egrsd.token_regimes(batch.entropy, batch.mask, window, **thresholds)
+    h, h_cl = (egrsd.normalised_entropy(batch.entropy, batch.mask, w) for w in (0, window))
+    low, high = thresholds["tau_low"], thresholds["tau_high"]
+    regimes = {"lock": h <= low, "pivot": (h >= high) & (h_cl <= low), "fork": (h >= high) & (h_cl >= high)}
+    regimes["mid"] = ~(regimes["lock"] | regimes["pivot"] | regimes["fork"])
+    for name, where in regimes.items():
+        assert torch.equal(codes == 1 + egrsd.REGIMES.index(name), where & batch.mask), name
+        if (where & batch.mask).any():
+            event(f"has {name} tokens")
+    assert (codes[~batch.mask] == 0).all()
 
 
-@given(batches(), THRESHOLDS)
-def test_window_zero_has_no_pivots(batch, thresholds):
-    codes = egrsd.token_regimes(batch.entropy, batch.mask, 0, *thresholds)
-    assert not (codes == 1 + egrsd.REGIMES.index("pivot")).any()
+@given(batches(), WINDOWS, THRESHOLDS)
+def test_the_lookahead_reclassifies_only_forks(batch, window, thresholds):
+    """W = 0 has no pivots; a lock or mid token keeps its regime at every W, and a pivot at W was a fork."""
+    plain = egrsd.token_regimes(batch.entropy, batch.mask, 0, **thresholds)
+    ahead = egrsd.token_regimes(batch.entropy, batch.mask, window, **thresholds)
+    code = {name: 1 + i for i, name in enumerate(egrsd.REGIMES)}
+    assert not (plain == code["pivot"]).any()
+    kept = (plain == code["lock"]) | (plain == code["mid"])
+    assert torch.equal(ahead[kept], plain[kept])
+    assert (plain[ahead == code["pivot"]] == code["fork"]).all()
+    assume((plain == code["fork"]).any())  # a batch without forks would check nothing of the last line
 
 
 @given(batches(), WINDOWS, THRESHOLDS, st.floats(0, 1))
 def test_raising_a_later_entropy_never_turns_a_fork_into_a_pivot(batch, window, thresholds, fraction):
     """With the batch normaliser fixed: raising an entropy past the batch max rescales every token."""
     fork, pivot = 1 + egrsd.REGIMES.index("fork"), 1 + egrsd.REGIMES.index("pivot")
-    before = egrsd.token_regimes(batch.entropy, batch.mask, window, *thresholds)
+    before = egrsd.token_regimes(batch.entropy, batch.mask, window, **thresholds)
+    assume((before == fork).any() and window > 0)  # else there is nothing to check
     normaliser = max([1.0] + batch.entropy[batch.mask].tolist())
     for b, t in torch.nonzero(before == fork).tolist():
         for later in range(t + 1, min(batch.entropy.shape[1], t + window + 2)):  # the window, and one past it
             if batch.mask[b, later]:
                 raised = batch.entropy.clone()
                 raised[b, later] += fraction * (normaliser - raised[b, later])
-                assert egrsd.token_regimes(raised, batch.mask, window, *thresholds)[b, t] != pivot
-
-
-# --------------------------------------------------------------------------------------------------------
-# 5. train_min.py end to end, on CPU with the tiny model built in code (tasks.py, offline_models.py)
-# --------------------------------------------------------------------------------------------------------
-
-TINY = ["--model", "tiny", "--device", "cpu", "--batch-size", "4", "--micro-batch-size", "2",
-        "--max-new-tokens", "8", "--train-size", "16", "--eval-size", "4", "--eval-batch-size", "4"]
-TIMING_KEYS = {"rollout_tokens_per_s", "generate_s", "score_s", "update_s", "step_s", "peak_gpu_mem_gb"}
-
-
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-
-
-def same_parameters(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
-
-
-def test_a_checkpoints_own_sampling_defaults_do_not_leak_into_rollouts(tmp_path):
-    """Rollouts must come from the policy whose log-probs are trained: no repetition penalty or other
-    sampling default saved with the model may apply."""
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer)
-    model.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=2, do_sample=True, temperature=0.3)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    loaded, _ = train_min.load_model_and_tokenizer(str(tmp_path), "cpu", torch.float32)
-    clean, _ = train_min.load_model_and_tokenizer("tiny", "cpu", torch.float32)
-    ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in built_in_problems(3, 1)[0]], "cpu")
-    outputs = []
-    for model in (loaded, clean):
-        torch.manual_seed(0)
-        outputs.append(train_min.generate(model, tokenizer, ids, attention, train_min.Config(max_new_tokens=24))[0])
-    assert torch.equal(*outputs)
-
-
-@pytest.mark.parametrize("method", train_min.METHODS)
-def test_each_method_runs_two_steps_end_to_end(method, tmp_path):
-    student, teacher = train_min.main(TINY + ["--method", method, "--steps", "2", "--output-dir", str(tmp_path)])
-    rows = read_metrics(tmp_path)
-    train_rows = [r for r in rows if r["kind"] == "train"]
-    assert [r["step"] for r in train_rows] == [1, 2]
-    expected_keys = {"step", "method", "reward", "accuracy", "length_mean", "length_max", "truncated", "loss",
-                     "grad_norm", "gate_mean", "gate_min", "magnitude_mean", "teacher_entropy_mean"} | TIMING_KEYS
-    assert expected_keys <= set(train_rows[0])
-    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in train_rows)
-    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2]
-    initial = build_tiny_model(build_tiny_tokenizer())
-    assert same_parameters(teacher, initial), "the teacher must stay the initial weights"
-    assert not same_parameters(student, initial), "the student must have been updated"
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
-    assert same_parameters(reloaded, student)
-    assert AutoTokenizer.from_pretrained(tmp_path / "final").eos_token == "<|im_end|>"
-
-
-def test_weighting_in_the_trainer_is_the_library_token_advantage():
-    torch.manual_seed(0)
-    mask = torch.rand(4, 9) > 0.2
-    scores = {"teacher_logp": -torch.rand(4, 9) * 3, "student_logp": -torch.rand(4, 9) * 3,
-              "teacher_entropy": torch.rand(4, 9) * 4}
-    advantages = torch.tensor([1.5, -0.5, 0.0, 0.7])
-    signals = (scores["teacher_logp"], scores["student_logp"], scores["teacher_entropy"], mask)
-    expected = {"grpo": advantages[:, None] * mask, "rlsd": egrsd.token_advantages(advantages, *signals, gamma=0.0),
-                "egrsd": egrsd.token_advantages(advantages, *signals, gamma=0.3),
-                "cl-egrsd": egrsd.token_advantages(advantages, *signals, gamma=0.3, window=3)}
-    for method, want in expected.items():
-        got, _ = train_min.weight_tokens(advantages, scores, mask, train_min.Config(method=method))
-        torch.testing.assert_close(got, want.float(), msg=method)
-
-
-def test_completion_mask_includes_the_first_eos_and_not_the_padding():
-    eos, pad = 7, 0
-    completion = torch.tensor([[3, 4, eos, pad, pad], [eos, pad, pad, pad, pad], [3, 3, 3, 3, 3], [3, eos, 3, eos, pad]])
-    mask, finished = train_min.completion_mask(completion, [eos])
-    assert mask.tolist() == [[True, True, True, False, False], [True, False, False, False, False],
-                             [True] * 5, [True, True, False, False, False]]
-    assert finished.tolist() == [True, True, False, True]
-
-
-def test_teacher_and_student_score_the_same_completion_tokens_at_the_same_positions():
-    """Scoring from left-padded batches equals a plain forward of each unpadded [prompt ‖ completion]."""
-    tokenizer = build_tiny_tokenizer()
-    student, teacher = build_tiny_model(tokenizer, seed=1), build_tiny_model(tokenizer, seed=2)
-    cfg = train_min.Config(model="tiny", device="cpu", max_new_tokens=6, micro_batch_size=2, chunk_size=5)
-    problems = built_in_problems(3, 1)[0]
-    rollout = {}
-    rollout["student_ids"], rollout["student_mask"] = train_min.encode_prompts(tokenizer, [student_messages(p) for p in problems], "cpu")
-    rollout["teacher_ids"], rollout["teacher_mask"] = train_min.encode_prompts(tokenizer, [teacher_messages(p) for p in problems], "cpu")
-    torch.manual_seed(0)
-    completion, mask, _ = train_min.generate(student, tokenizer, rollout["student_ids"], rollout["student_mask"], cfg)
-    mask[1, 3:] = False  # a row that stops early, as if it had met its EOS
-    rollout["completion"], rollout["mask"] = completion, mask
-    scores = train_min.score(student, teacher, rollout, cfg)
-    for b in range(len(problems)):
-        tokens = completion[b][mask[b]]
-        for model, prefix, key in ((student, "student", "student_logp"), (teacher, "teacher", "teacher_logp")):
-            prompt = rollout[f"{prefix}_ids"][b][rollout[f"{prefix}_mask"][b].bool()]
-            logits = model(torch.cat([prompt, tokens])[None]).logits[0, len(prompt) - 1 : -1]
-            expected = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None]).squeeze(-1)
-            torch.testing.assert_close(scores[key][b][mask[b]].double(), expected, atol=1e-5, rtol=1e-5)
-            assert torch.all(scores[key][b][~mask[b]] == 0)
-        plain_entropy = egrsd.token_entropy(teacher(torch.cat([rollout["teacher_ids"][b][rollout["teacher_mask"][b].bool()], tokens])[None]).logits[0])
-        torch.testing.assert_close(scores["teacher_entropy"][b][mask[b]], plain_entropy[-len(tokens) - 1 : -1], atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def format_trained_model(tmp_path_factory):
-    """A tiny model taught the answer format only: one random digit, then EOS. Correct 1 time in 10."""
-    folder = tmp_path_factory.mktemp("sft")
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer, seed=0)
-    problems = [Problem(f"Give the secret number ({i}).", "The secret number is 7.", "7") for i in range(64)]
-    with open(folder / "data.jsonl", "w") as f:
-        for p in problems:
-            f.write(json.dumps({"problem": p.question, "solution": p.solution, "answer": p.answer}) + "\n")
-    prompts = [tokenizer.apply_chat_template(student_messages(p), tokenize=False, add_generation_prompt=True) for p in problems]
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(40):
-        digits = torch.randint(0, 10, (32,), generator=generator).tolist()
-        texts = [prompts[(32 * step + i) % 64] + f"{d}<|im_end|>" for i, d in enumerate(digits)]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        labels = batch["input_ids"].clone()
-        labels[:, :-2] = -100  # learn the digit and the EOS (left padding puts them last)
-        model(**batch, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    return folder
-
-
-def test_on_policy_training_raises_the_reward_on_a_learnable_task(format_trained_model, tmp_path):
-    """Signs and masks are right: the reward of a task whose answer is always 7 climbs well above chance."""
-    folder = format_trained_model
-    train_min.main(["--model", str(folder / "model"), "--data", str(folder / "data.jsonl"), "--method", "egrsd",
-                    "--device", "cpu", "--steps", "25", "--batch-size", "32", "--micro-batch-size", "32",
-                    "--max-new-tokens", "4", "--lr", "2e-3", "--eval-size", "0", "--save-every", "0",
-                    "--advantage-warmup", "5", "--no-gradient-checkpointing", "--output-dir", str(tmp_path)])
-    rewards = [r["reward"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
-    assert first < 0.5 and last > first + 0.5, rewards  # from chance (1 in 10 × 1.25) to mostly right
-
-
-def without_timings(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in TIMING_KEYS}
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: a separate sampler copy to restore
-def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(dtype, tmp_path):
-    flags = TINY + ["--method", "cl-egrsd", "--eval-every", "1", "--save-every", "0", "--dtype", dtype]
-    train_min.main(flags + ["--steps", "3", "--output-dir", str(tmp_path / "straight")])
-    train_min.main(flags + ["--steps", "2", "--output-dir", str(tmp_path / "resumed")])
-    before = (tmp_path / "resumed" / "metrics.jsonl").read_text()
-    train_min.main(["--resume", str(tmp_path / "resumed"), "--steps", "3"])
-    after = (tmp_path / "resumed" / "metrics.jsonl").read_text()
-    assert after.startswith(before), "rows already written must stay as they were"
-    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
-    assert [without_timings(r) for r in resumed] == [without_timings(r) for r in straight]
-
-
-def test_ctrl_c_checkpoints_after_the_current_step_and_the_run_resumes(tmp_path):
-    command = [sys.executable, "train_min.py", *TINY, "--steps", "50", "--eval-size", "0", "--save-every", "0",
-               "--output-dir", str(tmp_path)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               cwd=Path(__file__).parent)
-    for line in process.stdout:
-        if line.startswith("step 1/"):
-            process.send_signal(signal.SIGINT)
-            break
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == 0, output
-    assert "checkpoint saved at step" in output
-    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
-    written = [r["step"] for r in read_metrics(tmp_path)]
-    assert written == list(range(1, state["step"] + 1)), "every finished step is logged and checkpointed"
-    train_min.main(["--resume", str(tmp_path), "--steps", str(state["step"] + 1)])
-    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, state["step"] + 2))
-
-
-def nan_forward(completion_hidden):
-    """completion_hidden whose output is NaN in training mode (the student's update), as after an overflow."""
-    return lambda model, *args: completion_hidden(model, *args) * (math.nan if model.training else 1.0)
-
-
-@pytest.mark.parametrize("where", ["loss", "forward"])
-def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, tmp_path, monkeypatch):
-    if where == "loss":
-        monkeypatch.setattr(egrsd, "policy_loss", lambda logp, adv, mask: (logp * float("nan")).sum())
-    else:
-        monkeypatch.setattr(train_min, "completion_hidden", nan_forward(train_min.completion_hidden))
-    with pytest.raises(SystemExit, match="non-finite steps in a row"):
-        train_min.main(TINY + ["--steps", "5", "--max-bad-steps", "2", "--eval-size", "0", "--output-dir", str(tmp_path)])
-    rows = read_metrics(tmp_path)
-    assert [r["skipped"] for r in rows] == [True, True]
-    checkpoint = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
-    assert same_parameters(checkpoint, build_tiny_model(build_tiny_tokenizer())), "a skipped step changes nothing"
-
-
-@pytest.mark.parametrize("flag, value", [
-    ("--method", "ppo"), ("--window", "-1"), ("--gamma", "-0.5"), ("--eps", "1.5"), ("--eps", "0"),
-    ("--floor", "2"), ("--batch-size", "0"), ("--max-new-tokens", "0"), ("--denominator", "max"),
-    ("--data", "/no/such/file.jsonl"), ("--top-p", "0"), ("--lr", "-1"), ("--rollout", "static"),
-    ("--rollout", "graph"),  # on the CPU device
-    ("--eval-data", "/no/such/file.jsonl"), ("--verifier", "exact"),
-])
-def test_a_bad_flag_stops_before_any_model_loads_naming_the_flag(flag, value, monkeypatch, tmp_path):
-    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
-    with pytest.raises(SystemExit) as stop:
-        train_min.main(["--device", "cpu", flag, value, "--output-dir", str(tmp_path)])
-    assert str(stop.value.code).startswith(flag + ":")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
-def test_the_default_command_without_cuda_shows_the_cpu_smoke_command(monkeypatch):
-    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
-    with pytest.raises(SystemExit) as stop:
-        train_min.main([])
-    assert "--model tiny --device cpu" in str(stop.value.code)
-
-
-def test_resume_refuses_another_output_dir_before_any_model_loads(tmp_path, monkeypatch):
-    train_min.main(TINY + ["--steps", "1", "--eval-size", "0", "--output-dir", str(tmp_path / "run")])
-    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
-    with pytest.raises(SystemExit) as stop:
-        train_min.main(["--resume", str(tmp_path / "run"), "--output-dir", str(tmp_path / "elsewhere")])
-    assert str(stop.value.code).startswith("--output-dir:")
-    with pytest.raises(SystemExit) as stop:
-        train_min.main(["--resume", str(tmp_path / "elsewhere")])
-    assert str(stop.value.code).startswith("--resume:")
-    with pytest.raises(SystemExit) as stop:  # fewer steps than the checkpoint has done
-        train_min.main(["--resume", str(tmp_path / "run"), "--steps", "0"])
-    assert str(stop.value.code).startswith("--steps:")
-
-
-@pytest.mark.parametrize("completion, answer, correct", [
-    ("So the answer is \\boxed{42}.", "42", True),
-    ("first \\boxed{3}, then \\boxed{4}", "4", True),  # the last box counts
-    ("\\boxed{\\frac{1}{2}}", "0.5", True),  # nested braces
-    ("\\boxed{1,000}", "1000", True), ("\\boxed{$18.00}", "18", True),
-    ("she has 5 apples, then 7\n#### 12", "12", True),  # GSM8K's marker before the last number
-    ("3 + 4 = 7", "7", True), ("3 + 4 = 7", "8", False),  # else the last number
-    ("\\boxed{-3}", "-3", True), ("\\boxed{-3}", "3", False),
-    ("no number at all", "7", False), ("\\boxed{seven}", "7", False),
-])
-def test_the_verifier_reads_the_last_box_then_the_marker_then_the_last_number(completion, answer, correct):
-    assert is_correct(completion, answer) is correct
-
-
-# What real models write in the box, with the verdict a careful grader gives (answer, then the completion's end).
-DECIMAL_ANSWER = re.compile(r"-?\d+(\.\d+)?")
-GRADED = [
-    # currency, in and around the box
-    ("12", r"The total is \boxed{\$12}.", True), ("12", r"\boxed{\$12.00}", True), ("12", r"\boxed{\text{\$}12}", True),
-    ("1250.5", r"\boxed{\$1,250.50}", True), ("12", r"\boxed{12 \text{ dollars}}", True), ("12", r"\boxed{\$13}", False),
-    # units, degrees, percent
-    ("18", r"\boxed{18 apples}", True), ("18", r"\boxed{18\text{ apples}}", True), ("7", r"\boxed{7 \mathrm{cm}}", True),
-    ("-3", r"\boxed{-3^\circ}", True), ("25", r"\boxed{25^{\circ}\text{C}}", True), ("25", r"\boxed{25°}", True),
-    ("10", r"\boxed{10\%}", True), ("10", r"\boxed{10 \%}", True), ("10", r"\boxed{11\%}", False),
-    # minus signs and spacing
-    ("-3", "\\boxed{\u22123}", True), ("-3", "\\boxed{\u2212 3}", True), ("3", "\\boxed{\u22123}", False),
-    ("1234", r"\boxed{1\,234}", True), ("12000", "\\boxed{12\u202f000}", True), ("1234", r"\boxed{1{,}234}", True),
-    # fractions: \frac12, \dfrac, \tfrac, a sign before them, a/b
-    ("0.5", r"\boxed{\frac12}", True), ("0.5", r"\boxed{\dfrac12}", True), ("0.75", r"\boxed{\tfrac{3}{4}}", True),
-    ("-0.75", r"\boxed{-\frac{3}{4}}", True), ("0.75", r"\boxed{-\frac{3}{4}}", False), ("0.75", r"\boxed{3/4}", True),
-    ("0.5", r"\boxed{\frac{1}{0}}", False),
-    # nested braces and wrappers, "x = 5", a final period
-    ("5", r"\boxed{{5}}", True), ("5", r"\boxed{{{5}}}", True), ("42", r"\boxed{\textbf{42}}", True),
-    ("5", r"\boxed{x = 5}", True), ("42", r"\boxed{42.}", True), ("7", r"\boxed {7}", True), ("7", r"\fbox{7}", True),
-    # thousands separators against lists
-    ("1000", r"\boxed{1,000}", True), ("1234567", r"\boxed{1,234,567}", True), ("12", r"\boxed{1, 2}", False),
-    ("12", r"\boxed{1,2}", False), ("12", r"\boxed{1 2}", False), ("1000", r"\boxed{1,0000}", False),
-    # symbolic references (MATH-500 style): the built-in verifier refuses to load them, math-verify grades them
-    (r"2\sqrt{2}", r"\boxed{2\sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{2 \sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{\sqrt{8}}", True),
-    (r"2\sqrt{2}", r"\boxed{\sqrt{6}}", False), (r"\frac{\pi}{2}", r"\boxed{\pi/2}", True), (r"x^2+1", r"\boxed{1 + x^2}", True),
-    (r"\{1,2\}", r"\boxed{\{2, 1\}}", True), (r"(1, 2)", r"\boxed{(2, 1)}", False),
-]
-NUMERIC = [row for row in GRADED if DECIMAL_ANSWER.fullmatch(row[0])]
-
-
-@pytest.mark.parametrize("answer, completion, correct", NUMERIC)
-def test_the_verifier_grades_what_models_write_as_a_careful_grader(answer, completion, correct):
-    assert is_correct("Let me think step by step. 3 + 4 = 7. " + completion, answer) is correct
-
-
-@pytest.mark.parametrize("answer, completion, correct", GRADED)
-def test_the_math_verify_verifier_grades_numbers_and_symbols_as_a_careful_grader(answer, completion, correct):
-    pytest.importorskip("math_verify", reason="the optional extra math-verify is not installed")
-    assert is_correct_symbolic("Let me think step by step. 3 + 4 = 7. " + completion, answer) is correct
-
-
-def test_symbolic_answers_load_only_for_the_math_verify_verifier(tmp_path, monkeypatch):
-    path = tmp_path / "math.jsonl"
-    path.write_text(json.dumps({"problem": "p", "solution": "s", "answer": "2\\sqrt{2}"}) + "\n")
-    with pytest.raises(ValueError, match=":1: field 'answer'.*--verifier math-verify"):
-        load_problems(path)
-    assert load_problems(path, numeric=False)[0].answer == "2\\sqrt{2}"
-    monkeypatch.setattr(train_min.importlib.util, "find_spec", lambda name: None)  # the extra is missing
-    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
-    with pytest.raises(SystemExit, match="--verifier: expected math-verify installed"):
-        train_min.main(TINY + ["--verifier", "math-verify", "--data", str(path), "--output-dir", str(tmp_path / "run")])
-
-
-def test_eval_data_is_a_held_out_file_and_data_is_then_all_training(tmp_path, capsys):
-    rows = lambda n, tag: "".join(json.dumps({"problem": f"{tag} {i}", "solution": "s", "answer": "1"}) + "\n" for i in range(n))  # noqa: E731
-    (tmp_path / "train.jsonl").write_text(rows(10, "train"))
-    (tmp_path / "eval.jsonl").write_text(rows(3, "eval"))
-    cfg = train_min.Config(data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "eval.jsonl"), eval_size=2)
-    train, held_out = train_min.load_data(cfg)
-    assert [p.question for p in train] == [f"train {i}" for i in range(10)] and [p.question for p in held_out] == ["eval 0", "eval 1"]
-    train, held_out = train_min.load_data(train_min.Config(data=str(tmp_path / "train.jsonl"), eval_size=2))
-    assert len(train) == 8 and [p.question for p in held_out] == ["train 0", "train 1"]  # without it: split off --data
-    train, held_out = train_min.load_data(train_min.Config(train_size=5, eval_size=3))  # the built-in files
-    assert (train, held_out) == built_in_problems(5, 3)
-
-
-def test_data_files_of_both_formats_load_into_problems(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text(json.dumps({"question": "How many?", "answer": "4 * 3 = <<4*3=12>>12\n#### 1,200"}) + "\n\n"
-                    + json.dumps({"problem": "p", "solution": "s", "answer": " 7 "}) + "\n")
-    gsm8k, own = load_problems(path)
-    assert (gsm8k.question, gsm8k.solution, gsm8k.answer) == ("How many?", "4 * 3 = 12", "1200")
-    assert (own.question, own.solution, own.answer) == ("p", "s", "7")
-
-
-def test_built_in_problems_hold_out_whole_templates_and_are_solved_by_their_own_solutions():
-    train, held_out = built_in_problems(2000, 400)
-    assert (len(train), len(held_out)) == (2000, 400)
-    train_templates, held_out_templates = {p.template for p in train}, {p.template for p in held_out}
-    assert None not in train_templates | held_out_templates
-    assert len(held_out_templates) >= 15 and not train_templates & held_out_templates
-    assert not {p.question for p in train} & {p.question for p in held_out}
-    assert all(is_correct(p.solution, p.answer) for p in train + held_out)  # the worked solution ends "#### N"
-    assert built_in_problems(3, 2) == (train[:3], held_out[:2])
-
-
-@pytest.mark.parametrize("content, message", [
-    ("", "no problems"), ('{"question": "q"\n', ":1: "), ('[1, 2]\n', ":1: "),
-    ('{"problem": "p", "solution": "s"}\n', "answer"), ('{"question": "q", "answer": "no marker"}\n', "####"),
-    ('{"problem": "p", "solution": "s", "answer": "7"}\n{"problem": "p", "solution": "s", "answer": "seven"}\n', ":2: "),
-])
-def test_a_bad_data_file_names_the_file_line_and_field(content, message, tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text(content)
-    with pytest.raises(ValueError) as error:
-        load_problems(path)
-    assert str(error.value).startswith(str(path)) and message in str(error.value)
-
-
-def test_every_rollout_engine_samples_a_valid_batch_and_greedy_engines_agree():
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer)
-    ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in built_in_problems(3, 1)[0]], "cpu")
-    greedy = {}
-    for engine in ("auto", "eager", "hf-static", "hf-dynamic"):
-        cfg = train_min.Config(max_new_tokens=12, rollout=engine)
-        torch.manual_seed(0)
-        completion, mask, finished = train_min.generate(model, tokenizer, ids, attention, cfg)
-        assert completion.shape[0] == 3 and completion.shape[1] <= 12 and (completion < len(tokenizer)).all()
-        greedy[engine] = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)[0]
-    assert all(torch.equal(greedy["eager"], g) for g in greedy.values())
-
-
-def test_bf16_runs_keep_float32_master_weights_and_a_synced_bf16_sampler(tmp_path):
-    student, teacher = train_min.main(TINY + ["--dtype", "bfloat16", "--steps", "1", "--eval-size", "0",
-                                              "--output-dir", str(tmp_path)])
-    assert student.dtype == torch.float32 and teacher.dtype == torch.bfloat16
-    sampler = AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # the rollout model, saved in bf16
-    assert sampler.dtype == torch.bfloat16
-    assert same_parameters(sampler, student.to(torch.bfloat16))
-
-
-def span_texts(page: str) -> list[list[tuple[int, str]]]:
-    """(token id, text) of each token span, per rollout, from the HTML of views.token_html."""
-    from html.parser import HTMLParser
-
-    class Spans(HTMLParser):
-        def __init__(self):
-            super().__init__()
-            self.rollouts, self.current = [], None
-
-        def handle_starttag(self, tag, attrs):
-            if tag == "pre":
-                self.rollouts.append([])
-            if tag == "span":
-                self.current = [int(dict(attrs)["data-id"]), ""]
-
-        def handle_data(self, data):
-            if self.current is not None:
-                self.current[1] += data
-
-        def handle_endtag(self, tag):
-            if tag == "span":
-                self.rollouts[-1].append(tuple(self.current))
-                self.current = None
-
-    parser = Spans()
-    parser.feed(page)
-    return parser.rollouts
-
-
-def test_token_view_is_self_contained_and_its_tokens_decode_to_the_completion(tmp_path):
-    train_min.main(TINY + ["--method", "cl-egrsd", "--steps", "1", "--eval-size", "0", "--dump-tokens", "1",
-                           "--max-new-tokens", "16", "--output-dir", str(tmp_path)])
-    page = (tmp_path / "tokens" / "step_1.html").read_text()
-    assert "<script" not in page and "<link" not in page and "http" not in page
-    tokenizer = build_tiny_tokenizer()
-    rollouts = span_texts(page)
-    assert len(rollouts) == 4 and page.count("reward ") >= 4
-    for spans in rollouts:
-        ids, texts = zip(*spans)
-        assert "".join(texts) == tokenizer.decode(list(ids))
-    assert "Ĥ_CL=" in page and "ω=" in page
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(3, 511), min_size=1, max_size=12))
-def test_token_pieces_join_into_the_decoded_text_also_when_a_character_spans_tokens(ids):
-    tokenizer = tiny_tokenizer()
-    assert "".join(views.token_texts(tokenizer, ids)) == tokenizer.decode(ids)
-
-
-@functools.lru_cache(maxsize=1)
-def tiny_tokenizer():
-    return build_tiny_tokenizer()
-
-
-def test_compare_prints_the_accuracy_length_table_from_metrics_alone(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
-    start = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
-    for name, method, end in (("a", "grpo", [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]), ("b", "cl-egrsd", [1, 1, 1, 1, 1, 1, 0, 0, 0, 0])):
-        (tmp_path / name).mkdir()
-        rows = [{"kind": "eval", "step": 0, "method": method, "eval_accuracy": 0.30, "eval_length": 400.0,
-                 "eval_acc_per_1k_tokens": 0.75, "eval_truncated": 0.1, "eval_correct": start},
-                {"kind": "train", "step": 1, "method": method, "step_s": 9.0, "peak_gpu_mem_gb": 3.0},  # warm-up: not timed
-                {"kind": "train", "step": 2, "method": method, "step_s": 2.0, "peak_gpu_mem_gb": 4.0},
-                {"kind": "train", "step": 3, "method": method, "step_s": 4.0, "peak_gpu_mem_gb": 3.5},
-                {"kind": "eval", "step": 10, "method": method, "eval_accuracy": 0.0, "eval_length": 1.0,
-                 "eval_acc_per_1k_tokens": 0.0},  # then resumed: the last row of a step wins
-                {"kind": "eval", "step": 10, "method": method, "eval_accuracy": sum(end) / 10, "eval_length": 500.0,
-                 "eval_acc_per_1k_tokens": sum(end) / 5, "eval_truncated": 0.0, "eval_correct": end}]
-        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train_min.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
-    table = capsys.readouterr().out.splitlines()
-    assert table[2].split() == ["a", "grpo", "10", "0.300", "0.400", "400", "500", "+25.0%", "0.800", "0.000", "3.00", "4.0"]
-    # b − a on the same ten problems: +2 of 10, differences (0 ×8, +1 ×2): sd 0.42, 95% interval ±1.96·0.42/√10
-    assert table[3].split()[:12] == ["b", "cl-egrsd", "10", "0.300", "0.600", "400", "500", "+25.0%", "1.200", "0.000", "3.00", "4.0"]
-    assert " ".join(table[3].split()[12:]) == "+20.0 [-6.1, +46.1] points (no detectable difference)"
-
-
-def test_the_curves_of_runs_are_drawn_from_their_metrics_alone(tmp_path):
-    pytest.importorskip("matplotlib", reason="the optional extra matplotlib is not installed")
-    root = Path(__file__).resolve().parent
-    subprocess.run([sys.executable, str(root / "docs/real_runs/plot.py"), str(tmp_path / "curves.png"),
-                    str(root / "docs/real_runs/egrsd"), str(root / "docs/real_runs/grpo")], check=True)
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_the_real_runs_compare_table_is_the_readmes():
-    """docs/real_runs holds the GPU runs of the README; --compare reads them, no model needed."""
-    root = Path(__file__).resolve().parent
-    table = views.compare_table([str(root / "docs/real_runs/egrsd"), str(root / "docs/real_runs/grpo")])
-    readme = (root / "README.md").read_text()
-    for line in table.splitlines()[2:]:
-        assert line.strip() in readme, line
-
-
-# --------------------------------------------------------------------------------------------------------
-# 6. decoding.py: HF generate's tokens and sampling distribution, faster
-# --------------------------------------------------------------------------------------------------------
-
-
-def hf_warped_probs(logits, temperature, top_k, top_p):
-    """The sampling distribution of HF generate: its own warpers, in its order, then a softmax."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
-    if top_k:
-        scores = TopKLogitsWarper(top_k)(None, scores)
-    if top_p < 1:
-        scores = TopPLogitsWarper(top_p)(None, scores)
-    return scores.softmax(dim=-1)
-
-
-def candidate_probs(logits, temperature, top_k, top_p):
-    """decoding.candidates scattered back to the whole vocabulary (B, V)."""
-    probs, ids = decoding.candidates(logits, temperature, top_k, top_p)
-    return torch.zeros(logits.shape, dtype=probs.dtype).scatter(-1, ids, probs)
-
-
-@given(seed=st.integers(0, 2**31 - 1), vocab=st.integers(1, 60), temperature=st.floats(0.05, 4.0),
-       top_k=st.integers(0, 70), top_p=st.sampled_from([1.0, 0.999, 0.95, 0.7, 0.3, 1e-3]), ties=st.booleans())
-def test_candidates_are_hfs_warped_distribution_in_float64(seed, vocab, temperature, top_k, top_p, ties):
-    """With ties (logits on a grid of 0.5, as bf16 logits often are) every token tied with the k-th stays,
-    as in HF; which of several tied tokens a top-p cut drops is arbitrary in both, so with ties the kept
-    probabilities are compared as a sorted list per row."""
-    logits = 3 * torch.randn(4, vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    if ties:
-        logits = torch.round(2 * logits) / 2
-    ours, expected = candidate_probs(logits, temperature, top_k, top_p), hf_warped_probs(logits, temperature, top_k, top_p)
-    if ties:
-        ours, expected = ours.sort(dim=-1).values, expected.sort(dim=-1).values
-    assert_close(ours, expected, torch.float64)
-    assert ours.dtype == torch.float64
-
-
-def test_candidates_keep_the_tokens_tied_with_the_kth_in_bf16():
-    logits = torch.tensor([[4.0, 3.0, 3.0, 3.0, 1.0, 3.0]], dtype=torch.bfloat16)
-    probs, ids = decoding.candidates(logits, 1.0, top_k=2, top_p=1.0)
-    assert sorted(ids[0][probs[0] > 0].tolist()) == [0, 1, 2, 3, 5]
-    assert_close(candidate_probs(logits, 1.0, 2, 1.0), hf_warped_probs(logits.float(), 1.0, 2, 1.0), torch.float32)
-
-
-def test_sample_draws_each_candidate_at_its_probability():
-    probs = torch.tensor([[0.5, 0.25, 0.15, 0.1, 0.0]]).expand(200_000, 5)
-    ids = torch.tensor([[7, 3, 9, 1, 4]]).expand(200_000, 5)
-    torch.manual_seed(0)
-    drawn = decoding.sample(probs, ids)
-    counts = torch.stack([(drawn == i).sum() for i in (7, 3, 9, 1, 4)]).double()
-    expected = probs[0].double() * len(drawn)
-    assert counts[-1] == 0, "a candidate of probability 0 is never drawn"
-    assert ((counts - expected).abs() <= 5 * (expected * (1 - probs[0])).sqrt()).all(), counts  # 5 sigma
-
-
-def sharp_tiny_model(tokenizer, attention="sdpa"):
-    """The tiny model with large random weights: attention far from uniform and logits far apart, so that a
-    wrong position, a visible padding token or a stale cache entry changes the greedy tokens."""
-    model = build_tiny_model(tokenizer).eval()
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(0)
-        for name, parameter in model.named_parameters():
-            if "norm" not in name:
-                parameter.normal_(0.0, 0.3)
-    model.config._attn_implementation = attention
-    return model
-
-
-def left_padded_prompts(tokenizer, rows=5, length=20):
-    ids = torch.randint(3, len(tokenizer), (rows, length), generator=torch.Generator().manual_seed(rows))
-    attention = torch.ones_like(ids)
-    for row, padding in enumerate([0, 3, 7, 0, 12][:rows]):
-        ids[row, :padding], attention[row, :padding] = tokenizer.pad_token_id, 0
-    return ids, attention
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("max_new_tokens", [1, 6, 40])
-def test_greedy_rollouts_are_hf_generates_tokens(attention, max_new_tokens):
-    """Left padding of different lengths; EOS chosen so that some rows stop early and the output is trimmed."""
-    from transformers import GenerationConfig
-
-    tokenizer = build_tiny_tokenizer()
-    model = sharp_tiny_model(tokenizer, attention)
-    ids, mask = left_padded_prompts(tokenizer)
-    free = decoding.generate(model, ids, mask, max_new_tokens, eos_id=-1, pad_id=tokenizer.pad_token_id, greedy=True)
-    for eos in {-1, int(free[0, max_new_tokens // 2]), int(free[3, -1])}:  # never, mid-row, last column
-        hf = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                              pad_token_id=tokenizer.pad_token_id)
-        for rows in (slice(None), slice(0, 1)):  # with row 0 alone, every row stops before the last column
-            expected = model.generate(input_ids=ids[rows], attention_mask=mask[rows], generation_config=hf)
-            ours = decoding.generate(model, ids[rows], mask[rows], max_new_tokens, eos, tokenizer.pad_token_id,
-                                    greedy=True, check_every=4)
-            assert torch.equal(ours, expected[:, ids.shape[1]:]), (eos, ours, expected)
-
-
-def test_a_row_ends_at_the_first_of_several_eos_ids_as_in_hf():
-    from transformers import GenerationConfig
-
-    tokenizer = build_tiny_tokenizer()
-    model = sharp_tiny_model(tokenizer)
-    ids, mask = left_padded_prompts(tokenizer)
-    free = decoding.generate(model, ids, mask, 20, eos_id=-1, pad_id=tokenizer.pad_token_id, greedy=True)
-    eos = [int(free[0, 12]), int(free[2, 4])]
-    hf = GenerationConfig(max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf)[:, ids.shape[1]:]
-    ours = decoding.generate(model, ids, mask, 20, eos, tokenizer.pad_token_id, greedy=True, check_every=3)
-    assert torch.equal(ours, expected)
-    assert (ours[0, 13:] == tokenizer.pad_token_id).all() and (ours[2, 5:] == tokenizer.pad_token_id).all(), "both ids end rows"
-
-
-@pytest.mark.parametrize("rollout", ["eager", "hf-dynamic"])
-def test_a_row_ending_on_the_second_eos_id_is_finished_masked_up_to_it_and_rewarded(rollout, monkeypatch):
-    """Qwen2.5-Instruct's generation config ends a turn on <|im_end|> or <|endoftext|>: a rollout that ends
-    on the second is finished (not truncated), its mask stops there, and it earns its reward."""
-    tokenizer = build_tiny_tokenizer()
-    model = sharp_tiny_model(tokenizer)
-    ids, attention = left_padded_prompts(tokenizer)
-    cfg = train_min.Config(device="cpu", max_new_tokens=20, rollout=rollout)
-    model.generation_config.eos_token_id = [10**9]  # unreachable: every row runs to the cap
-    free = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)[0]
-    second = int(free[0, 6])
-    end = int((free[0] == second).nonzero()[0])  # where row 0 meets it first
-    assert tokenizer.eos_token_id not in free[0, : end + 1].tolist()
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, second]
-    completion, mask, finished = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)
-    assert finished[0] and mask[0].tolist() == [True] * (end + 1) + [False] * (completion.shape[1] - end - 1)
-    monkeypatch.setattr(train_min, "is_correct", lambda text, answer: True)  # every finished row is right
-    correct = train_min.verify(tokenizer, completion, mask, finished, built_in_problems(5, 0)[0], cfg)
-    rewards = egrsd.length_shaped_reward(correct, mask.sum(dim=1), cfg.max_new_tokens)
-    assert correct[0] and rewards[0] == 1 + 0.5 * (1 - (end + 1) / 20)
-
-
-def test_sampled_rollouts_follow_hfs_distribution_of_the_first_token():
-    """One prompt 4,000 times: the frequency of each first token is its probability under HF's warpers."""
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer).eval()
-    ids, mask = left_padded_prompts(tokenizer, rows=1)
-    with torch.no_grad():
-        expected = hf_warped_probs(model(input_ids=ids).logits[0, -1:].double(), 1.3, 8, 0.9)[0]
-    torch.manual_seed(0)
-    rows = 4000
-    first = decoding.generate(model, ids.expand(rows, -1), mask.expand(rows, -1), 1, -1, tokenizer.pad_token_id,
-                             temperature=1.3, top_k=8, top_p=0.9)[:, 0]
-    counts = torch.bincount(first, minlength=len(expected)).double()
-    assert counts[expected == 0].sum() == 0, "no token outside HF's top-k / top-p set"
-    assert ((counts - rows * expected).abs() <= 5 * (rows * expected * (1 - expected)).sqrt() + 1).all()
-
-
-def test_sampled_rollouts_are_reproducible_and_padded_after_eos():
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer).eval()
-    ids, mask = left_padded_prompts(tokenizer)
-    torch.manual_seed(3)
-    eos = int(decoding.generate(model, ids, mask, 30, -1, tokenizer.pad_token_id, temperature=1.5)[0, 10])
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(3)  # the same draws as above up to row 0's token 10, now an EOS
-        runs.append(decoding.generate(model, ids, mask, 30, eos, tokenizer.pad_token_id, temperature=1.5))
-    assert torch.equal(*runs)
-    completion, ended = runs[0], (runs[0] == eos).int().cumsum(-1)
-    assert ended[0, 10] > 0
-    after = (ended - (completion == eos).int()) > 0  # strictly after the first EOS
-    assert after.any() and (completion[after] == tokenizer.pad_token_id).all()
-
-
-def test_decode_attention_equals_grouped_query_attention_in_float64():
-    """decode_sdpa against attention written out: each query head h uses key/value head h // (H / H_kv)."""
-    generator = torch.Generator().manual_seed(0)
-    query = torch.randn(3, 14, 1, 8, generator=generator, dtype=torch.float64)
-    key, value = (torch.randn(3, 2, 11, 8, generator=generator, dtype=torch.float64) for _ in range(2))
-    visible = torch.rand(3, 1, 1, 11, generator=generator) > 0.3
-    visible[..., 0] = True
-    out, weights = decoding.decode_sdpa(None, query, key, value, visible, scaling=0.3)
-    assert weights is None and out.shape == (3, 1, 14, 8)
-    for b in range(3):
-        for h in range(14):
-            scores = 0.3 * key[b, h // 7] @ query[b, h, 0]
-            probs = scores.masked_fill(~visible[b, 0, 0], -math.inf).softmax(-1)
-            assert_close(out[b, 0, h], probs @ value[b, h // 7], torch.float64)
-
-
-def test_prefill_leaves_no_query_without_keys_and_hides_padding():
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer).eval()
-    ids, mask = left_padded_prompts(tokenizer)
-    decoder = decoding._Decoder(model, ids, mask, 4, 40, tokenizer.pad_token_id, pick=lambda logits: logits.argmax(-1))
-    decoder.prefill(ids, mask)
-    visible, real = decoder.prefill_visible(), mask.bool()
-    assert visible.any(-1).all(), "every query sees at least one key"
-    p = ids.shape[1]
-    causal = torch.ones(p, p, dtype=torch.bool).tril()
-    assert torch.equal(visible[:, :, :p] & real[:, :, None], causal & real[:, None, :] & real[:, :, None])
-    assert not visible[:, :, p:].any(), "no prompt query sees a completion slot"
-
-
-@pytest.mark.parametrize("max_new_tokens", [2, 3, 40])
-def test_prefill_resets_every_state_a_step_moved_on(max_new_tokens):
-    """The CUDA-graph path runs a warm-up step and then prefills again: what follows must equal a fresh
-    rollout, also when it stops halfway (columns not yet written are padding). Two warm-up steps here, so
-    that a stale cache slot, visible key or output column would show."""
-    tokenizer = build_tiny_tokenizer()
-    model = sharp_tiny_model(tokenizer)
-    ids, mask = left_padded_prompts(tokenizer)
-    runs, seen = [], []  # seen: the logits of every pick, so that a small stale contribution shows too
-
-    def pick(logits):
-        seen.append(logits.clone())
-        return logits.argmax(-1)
-
-    for warm_up in (0, min(2, max_new_tokens - 1)):
-        decoder = decoding._Decoder(model, ids, mask, max_new_tokens, 40, tokenizer.pad_token_id, pick=pick)
-        with torch.no_grad():
-            decoder.prefill(ids, mask)
-            for _ in range(warm_up):
-                decoder.step()
-            seen.clear()
-            decoder.prefill(ids, mask)
-            for _ in range(max_new_tokens // 2):
-                decoder.step()
-        runs.append((decoder.out.clone(), torch.stack(seen)))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-
-
-def test_the_decode_step_has_no_host_sync():
-    """CUDA graphs replay GPU work only: a step that reads a value back to Python (.item(), a branch on a
-    tensor) or keeps a Python counter would be captured wrongly. Dynamo with fullgraph=True fails on the
-    first, and with error_on_recompile on the second (its guard on the counter fails); checked on CPU."""
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer).eval()
-    ids, mask = left_padded_prompts(tokenizer)
-    for greedy in (False, True):
-        decoder = decoding._Decoder(model, ids, mask, 6, eos_ids=[40], pad_id=tokenizer.pad_token_id,
-                                   pick=lambda logits: decoding.next_tokens(logits, greedy, 1.1, 20, 0.95))
-        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-            decoder.prefill(ids, mask)
-            step = torch.compile(decoder.step, backend="eager", fullgraph=True)
-            step(), step(), step()  # a Python value that changed between steps would force a recompile
-        torch._dynamo.reset()
-        assert (decoder.slot == ids.shape[1] + 3).all() and (decoder.out[:, 4:] == tokenizer.pad_token_id).all()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graph_rollouts_equal_eager_rollouts_on_cuda(monkeypatch):
-    monkeypatch.setattr(decoding, "no_graphs", type(decoding.no_graphs)())
-    tokenizer = build_tiny_tokenizer()
-    model = sharp_tiny_model(tokenizer).cuda()
-    ids, mask = (t.cuda() for t in left_padded_prompts(tokenizer))
-    run = lambda **kw: decoding.generate(model, ids, mask, 40, 40, tokenizer.pad_token_id, **kw)  # noqa: E731
-    assert torch.equal(run(greedy=True, graph=False), run(greedy=True, graph=True))
-    torch.manual_seed(0)
-    first = run(temperature=1.5, graph=True)
-    torch.manual_seed(0)
-    assert torch.equal(first, run(temperature=1.5, graph=True))
-    # a step that cannot be captured: graph=True raises; the default warns once, then decodes without trying
-    captures = []
-    monkeypatch.setattr(decoding._Decoder, "capture", lambda self: captures.append(1) or (_ for _ in ()).throw(RuntimeError("no capture")))
-    with pytest.raises(RuntimeError, match="no capture"):
-        run(greedy=True, graph=True)
-    with pytest.warns(UserWarning, match="capture failed"):
-        assert torch.equal(run(greedy=True), run(greedy=True, graph=False))
-    assert model in decoding.no_graphs and len(captures) == 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        run(greedy=True)
-    assert len(captures) == 2, "no second attempt for the same model"
-
-
-@pytest.mark.parametrize("change, message", [
-    (dict(prompt_mask="right"), "prompt_mask: expected left padding"),
-    (dict(prompt_mask="short"), "prompt_ids, prompt_mask: expected two (B, P) tensors"),
-    (dict(max_new_tokens=0), "max_new_tokens: expected ≥ 1"),
-    (dict(check_every=0), "check_every: expected ≥ 1"),
-    (dict(eos_id=[]), "eos_id: expected a token id or a non-empty list"),
-    (dict(temperature=0.0), "temperature: expected > 0"),
-    (dict(top_p=0.0), "top_p: expected in (0, 1]"),
-    (dict(top_k=-1), "top_k: expected ≥ 0"),
-    (dict(graph=True), "graph: CUDA graphs need"),
-    (dict(attention="flash_attention_2"), "model: decoding.generate supports sdpa or eager"),
-    (dict(layers="sliding_attention"), "model: decoding.generate supports decoders whose layers all use full"),
-])
-def test_bad_rollout_input_names_the_argument(change, message):
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer)
-    ids, mask = left_padded_prompts(tokenizer)
-    change = dict(change)
-    if change.get("prompt_mask") == "right":
-        change["prompt_mask"] = mask.flip(-1)
-    elif change.get("prompt_mask") == "short":
-        change["prompt_mask"] = mask[:, 1:]
-    if "attention" in change:
-        model.config._attn_implementation = change.pop("attention")
-    if "layers" in change:
-        model.config.layer_types = [change.pop("layers")] * model.config.num_hidden_layers
-    arguments = {**dict(prompt_ids=ids, prompt_mask=mask, max_new_tokens=4, eos_id=1, pad_id=tokenizer.pad_token_id), **change}
-    with pytest.raises(ValueError, match=re.escape(message)):
-        decoding.generate(model, **arguments)
+                assert egrsd.token_regimes(raised, batch.mask, window, **thresholds)[b, t] != pivot

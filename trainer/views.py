@@ -76,10 +76,11 @@ def regime_stats(scores: dict, signals: dict, mask, cfg) -> dict:
     lookahead gives back, ω(W) − ω(0) at this γ and W: applied by cl-egrsd, what it would give back for
     the other methods."""
     entropy, gate = scores["teacher_entropy"], signals["gate"]
-    gate_at = functools.partial(egrsd.entropy_gate, entropy, mask, cfg.gamma, floor=cfg.floor,
+    gate_at = functools.partial(egrsd.entropy_gate, entropy, mask, gamma=cfg.gamma, floor=cfg.floor,
                                 min_denominator=cfg.min_denominator, denominator=cfg.denominator)
-    restored = gate_at(window=cfg.window) - gate_at(window=0)
-    regimes = egrsd.token_regimes(entropy, mask, cfg.window, cfg.regime_low, cfg.regime_high, cfg.min_denominator)
+    restored = gate_at(cfg.window) - gate_at(0)
+    regimes = egrsd.token_regimes(entropy, mask, cfg.window, tau_low=cfg.regime_low, tau_high=cfg.regime_high,
+                                  min_denominator=cfg.min_denominator)
     stats = {"gate_mean": _mean(gate, mask), "gate_min": gate[mask].min().item() if mask.any() else None,
              "magnitude_mean": _mean(signals["magnitude"], mask), "teacher_entropy_mean": _mean(entropy, mask)}
     for code, name in enumerate(egrsd.REGIMES, start=1):
@@ -93,8 +94,10 @@ def dump_tokens(path: str, step: int, tokenizer, rollout: dict, scores: dict, si
                 count: int = 4) -> None:
     """The token view (views.py) of the first `count` rollouts of this step."""
     entropy, mask = scores["teacher_entropy"], rollout["mask"]
-    entropy_cl = egrsd.normalised_entropy(entropy, mask, cfg.window, cfg.min_denominator, cfg.denominator)
-    regimes = egrsd.token_regimes(entropy, mask, cfg.window, cfg.regime_low, cfg.regime_high, cfg.min_denominator)
+    entropy_cl = egrsd.normalised_entropy(entropy, mask, cfg.window, min_denominator=cfg.min_denominator,
+                                          denominator=cfg.denominator)
+    regimes = egrsd.token_regimes(entropy, mask, cfg.window, tau_low=cfg.regime_low, tau_high=cfg.regime_high,
+                                  min_denominator=cfg.min_denominator)
     shown = []
     for b in range(min(count, len(mask))):
         m, ids = mask[b], rollout["completion"][b][mask[b]].tolist()

@@ -1,8 +1,8 @@
 """Speed and memory of EGRSD-min side by side with the plain baselines, all in one run.
 
-    python bench_egrsd.py                         # CPU, small sizes (about 2 minutes on 2 cores)
-    python bench_egrsd.py --device cuda           # one GPU, Qwen2.5-0.5B architecture, random weights
-    python bench_egrsd.py --json bench.json       # also write every number as JSON
+    python tools/bench_egrsd.py                         # CPU, small sizes (about 2 minutes on 2 cores)
+    python tools/bench_egrsd.py --device cuda           # one GPU, Qwen2.5-0.5B architecture, random weights
+    python tools/bench_egrsd.py --json bench.json       # also write every number as JSON
 
 1. Student scoring step (forward, log-probs of the sampled tokens, backward): plain (full logits, float32
    log-softmax) vs the project's (`egrsd.linear_token_logprobs` from hidden states in chunks): peak
@@ -33,7 +33,8 @@ import time
 import torch
 import transformers
 
-import egrsd
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import egrsd  # noqa: E402
 
 
 def sizes(device: str) -> dict:
@@ -48,7 +49,7 @@ def sizes(device: str) -> dict:
 
 def qwen05b(layers: int, device: str, dtype: torch.dtype):
     """Qwen2.5-0.5B's architecture with random weights (fewer layers on CPU: same vocabulary and width)."""
-    from offline_models import build_tiny_tokenizer, qwen25_05b_config
+    from trainer.offline_models import build_tiny_tokenizer, qwen25_05b_config
     from transformers import AutoModelForCausalLM
 
     config = qwen25_05b_config(build_tiny_tokenizer())
@@ -101,7 +102,7 @@ def measured(device: str):
 
 def scoring_step(variant: str, device: str, layers: int, batch: int, length: int, chunk_size: int) -> dict:
     """One student scoring step; returns time, peak memory and a sample of the outputs."""
-    from offline_models import enable_activation_checkpointing
+    from trainer.offline_models import enable_activation_checkpointing
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = qwen05b(layers, device, dtype)
@@ -119,7 +120,7 @@ def scoring_step(variant: str, device: str, layers: int, batch: int, length: int
             logits = (hidden @ weight.T).float()  # (B, T, V) float32: the tensor the project never builds
             logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         else:
-            logp = egrsd.linear_token_logprobs(hidden, weight, ids[:, 1:], chunk_size)
+            logp = egrsd.linear_token_logprobs(hidden, weight, ids[:, 1:], chunk_size=chunk_size)
         egrsd.policy_loss(logp, advantages, mask).backward()
     return {**result, "logp": logp.detach().float().cpu()[:, :256],
             "grad_hidden": hidden.grad.float().cpu()[:, :256], "grad_weight": weight.grad.float().cpu()[:2048]}
@@ -137,7 +138,7 @@ def entropy_pass(variant: str, device: str, layers: int, batch: int, length: int
                 logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
                 entropy = -(logp.exp() * logp).sum(-1)
             else:
-                entropy = egrsd.linear_token_entropy(hidden, weight, chunk_size)
+                entropy = egrsd.linear_token_entropy(hidden, weight, chunk_size=chunk_size)
     return {**result, "entropy": entropy.float().cpu()}
 
 
@@ -179,7 +180,7 @@ def bench_rollouts(device: str, s: dict, save=lambda partial: None) -> dict:
     `warmup_s`); decoding.py captures its graph in every call, as in training, so each timed graph run
     includes its capture. `save` gets the results so far after each engine (a run cut short keeps them)."""
     import train_min
-    from offline_models import build_tiny_model, build_tiny_tokenizer
+    from trainer.offline_models import build_tiny_model, build_tiny_tokenizer
     from transformers import GenerationConfig
 
     tokenizer = build_tiny_tokenizer()

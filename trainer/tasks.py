@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 BUILT_IN = {"train": os.path.join(DATA_DIR, "gsm_symbolic_train.jsonl"), "eval": os.path.join(DATA_DIR, "gsm_symbolic_eval.jsonl")}
 NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
 DECIMAL = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")

@@ -1,7 +1,7 @@
 """The reward and length curves of runs, from their metrics.jsonl alone: one small PNG.
 
     pip install matplotlib                     # an optional extra (requirements-extras.txt), for this script only
-    python docs/real_runs/plot.py docs/real_runs/curves.png docs/real_runs/egrsd docs/real_runs/grpo
+    python tools/plot_runs.py docs/real_runs/curves.png docs/real_runs/egrsd docs/real_runs/grpo
 
 Left: the mean reward of each step's rollouts; middle: their mean length in tokens; right: held-out greedy
 accuracy at each evaluation. Thin lines are the steps, thick ones a moving average over 5 steps.
@@ -10,14 +10,14 @@ accuracy at each evaluation. Thin lines are the steps, thick ones a moving avera
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from views import read_rows  # noqa: E402
+from trainer.views import read_rows  # noqa: E402
 
 
 def moving_average(values: list, width: int = 5) -> list:
@@ -48,5 +48,5 @@ def plot(path: str, run_dirs: list[str]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) < 3:
-        sys.exit("usage: python docs/real_runs/plot.py OUT.png RUN_DIR [RUN_DIR ...]")
+        sys.exit("usage: python tools/plot_runs.py OUT.png RUN_DIR [RUN_DIR ...]")
     plot(sys.argv[1], sys.argv[2:])

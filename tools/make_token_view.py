@@ -2,7 +2,7 @@
 the tiny tokenizer's generated arithmetic problems with plain next-token training, then run one CL-EGRSD
 step on them that writes the token view.
 
-    python docs/make_token_view.py            # then open runs/token_view/tokens/step_1.html
+    python tools/make_token_view.py            # then open runs/token_view/tokens/step_1.html
 """
 import json
 import os
@@ -10,11 +10,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import train_min  # noqa: E402
-from offline_models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-from offline_models import make_arithmetic_problems  # noqa: E402
-from tasks import student_messages  # noqa: E402
+from trainer.offline_models import build_tiny_model, build_tiny_tokenizer, make_arithmetic_problems  # noqa: E402
+from trainer.tasks import student_messages  # noqa: E402
 
 tokenizer, problems = build_tiny_tokenizer(), make_arithmetic_problems(2010, seed=0)[10:]
 os.makedirs("runs", exist_ok=True)

@@ -1,0 +1,316 @@
+"""trainer/decoding.py: the same tokens as HF `generate` (greedy), the same sampling distribution as HF's
+temperature → top-k → top-p warpers (float64 reference, and the frequencies of real draws), every EOS id
+ending a row, a decode step without host syncs (the condition for replaying it as a CUDA graph), graph
+replay equal to eager decoding on CUDA, and errors that name the argument.
+"""
+
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import egrsd
+import train_min
+from test_egrsd import assert_close
+from trainer import decoding
+from trainer.offline_models import build_tiny_model, build_tiny_tokenizer
+from trainer.tasks import built_in_problems
+
+
+def hf_warped_probs(logits, temperature, top_k, top_p):
+    """The sampling distribution of HF generate: its own warpers, in its order, then a softmax."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(dim=-1)
+
+
+def candidate_probs(logits, temperature, top_k, top_p):
+    """decoding.candidates scattered back to the whole vocabulary (B, V)."""
+    probs, ids = decoding.candidates(logits, temperature, top_k, top_p)
+    return torch.zeros(logits.shape, dtype=probs.dtype).scatter(-1, ids, probs)
+
+
+@given(seed=st.integers(0, 2**31 - 1), vocab=st.integers(1, 60), temperature=st.floats(0.05, 4.0),
+       top_k=st.integers(0, 70), top_p=st.sampled_from([1.0, 0.999, 0.95, 0.7, 0.3, 1e-3]), ties=st.booleans())
+def test_candidates_are_hfs_warped_distribution_in_float64(seed, vocab, temperature, top_k, top_p, ties):
+    """With ties (logits on a grid of 0.5, as bf16 logits often are) every token tied with the k-th stays,
+    as in HF; which of several tied tokens a top-p cut drops is arbitrary in both, so with ties the kept
+    probabilities are compared as a sorted list per row."""
+    logits = 3 * torch.randn(4, vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if ties:
+        logits = torch.round(2 * logits) / 2
+    ours, expected = candidate_probs(logits, temperature, top_k, top_p), hf_warped_probs(logits, temperature, top_k, top_p)
+    if ties:
+        ours, expected = ours.sort(dim=-1).values, expected.sort(dim=-1).values
+    assert_close(ours, expected, torch.float64)
+    assert ours.dtype == torch.float64
+
+
+def test_candidates_keep_the_tokens_tied_with_the_kth_in_bf16():
+    logits = torch.tensor([[4.0, 3.0, 3.0, 3.0, 1.0, 3.0]], dtype=torch.bfloat16)
+    probs, ids = decoding.candidates(logits, 1.0, top_k=2, top_p=1.0)
+    assert sorted(ids[0][probs[0] > 0].tolist()) == [0, 1, 2, 3, 5]
+    assert_close(candidate_probs(logits, 1.0, 2, 1.0), hf_warped_probs(logits.float(), 1.0, 2, 1.0), torch.float32)
+
+
+def test_sample_draws_each_candidate_at_its_probability():
+    probs = torch.tensor([[0.5, 0.25, 0.15, 0.1, 0.0]]).expand(200_000, 5)
+    ids = torch.tensor([[7, 3, 9, 1, 4]]).expand(200_000, 5)
+    torch.manual_seed(0)
+    drawn = decoding.sample(probs, ids)
+    counts = torch.stack([(drawn == i).sum() for i in (7, 3, 9, 1, 4)]).double()
+    expected = probs[0].double() * len(drawn)
+    assert counts[-1] == 0, "a candidate of probability 0 is never drawn"
+    assert ((counts - expected).abs() <= 5 * (expected * (1 - probs[0])).sqrt()).all(), counts  # 5 sigma
+
+
+def sharp_tiny_model(tokenizer, attention="sdpa"):
+    """The tiny model with large random weights: attention far from uniform and logits far apart, so that a
+    wrong position, a visible padding token or a stale cache entry changes the greedy tokens."""
+    model = build_tiny_model(tokenizer).eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        for name, parameter in model.named_parameters():
+            if "norm" not in name:
+                parameter.normal_(0.0, 0.3)
+    model.config._attn_implementation = attention
+    return model
+
+
+def left_padded_prompts(tokenizer, rows=5, length=20):
+    ids = torch.randint(3, len(tokenizer), (rows, length), generator=torch.Generator().manual_seed(rows))
+    attention = torch.ones_like(ids)
+    for row, padding in enumerate([0, 3, 7, 0, 12][:rows]):
+        ids[row, :padding], attention[row, :padding] = tokenizer.pad_token_id, 0
+    return ids, attention
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("max_new_tokens", [1, 6, 40])
+def test_greedy_rollouts_are_hf_generates_tokens(attention, max_new_tokens):
+    """Left padding of different lengths; EOS chosen so that some rows stop early and the output is trimmed."""
+    from transformers import GenerationConfig
+
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer, attention)
+    ids, mask = left_padded_prompts(tokenizer)
+    free = decoding.generate(model, ids, mask, max_new_tokens, eos_id=-1, pad_id=tokenizer.pad_token_id, greedy=True)
+    for eos in {-1, int(free[0, max_new_tokens // 2]), int(free[3, -1])}:  # never, mid-row, last column
+        hf = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                              pad_token_id=tokenizer.pad_token_id)
+        for rows in (slice(None), slice(0, 1)):  # with row 0 alone, every row stops before the last column
+            expected = model.generate(input_ids=ids[rows], attention_mask=mask[rows], generation_config=hf)
+            ours = decoding.generate(model, ids[rows], mask[rows], max_new_tokens, eos, tokenizer.pad_token_id,
+                                    greedy=True, check_every=4)
+            assert torch.equal(ours, expected[:, ids.shape[1]:]), (eos, ours, expected)
+
+
+def test_a_row_ends_at_the_first_of_several_eos_ids_as_in_hf():
+    from transformers import GenerationConfig
+
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer)
+    ids, mask = left_padded_prompts(tokenizer)
+    free = decoding.generate(model, ids, mask, 20, eos_id=-1, pad_id=tokenizer.pad_token_id, greedy=True)
+    eos = [int(free[0, 12]), int(free[2, 4])]
+    hf = GenerationConfig(max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf)[:, ids.shape[1]:]
+    ours = decoding.generate(model, ids, mask, 20, eos, tokenizer.pad_token_id, greedy=True, check_every=3)
+    assert torch.equal(ours, expected)
+    assert (ours[0, 13:] == tokenizer.pad_token_id).all() and (ours[2, 5:] == tokenizer.pad_token_id).all(), "both ids end rows"
+
+
+@pytest.mark.parametrize("rollout", ["eager", "hf-dynamic"])
+def test_a_row_ending_on_the_second_eos_id_is_finished_masked_up_to_it_and_rewarded(rollout, monkeypatch):
+    """Qwen2.5-Instruct's generation config ends a turn on <|im_end|> or <|endoftext|>: a rollout that ends
+    on the second is finished (not truncated), its mask stops there, and it earns its reward."""
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer)
+    ids, attention = left_padded_prompts(tokenizer)
+    cfg = train_min.Config(device="cpu", max_new_tokens=20, rollout=rollout)
+    model.generation_config.eos_token_id = [10**9]  # unreachable: every row runs to the cap
+    free = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)[0]
+    second = int(free[0, 6])
+    end = int((free[0] == second).nonzero()[0])  # where row 0 meets it first
+    assert tokenizer.eos_token_id not in free[0, : end + 1].tolist()
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, second]
+    completion, mask, finished = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)
+    assert finished[0] and mask[0].tolist() == [True] * (end + 1) + [False] * (completion.shape[1] - end - 1)
+    monkeypatch.setattr(train_min, "is_correct", lambda text, answer: True)  # every finished row is right
+    correct = train_min.verify(tokenizer, completion, mask, finished, built_in_problems(5, 0)[0], cfg)
+    rewards = egrsd.length_shaped_reward(correct, mask.sum(dim=1), cfg.max_new_tokens)
+    assert correct[0] and rewards[0] == 1 + 0.5 * (1 - (end + 1) / 20)
+
+
+def test_sampled_rollouts_follow_hfs_distribution_of_the_first_token():
+    """One prompt 4,000 times: the frequency of each first token is its probability under HF's warpers."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer).eval()
+    ids, mask = left_padded_prompts(tokenizer, rows=1)
+    with torch.no_grad():
+        expected = hf_warped_probs(model(input_ids=ids).logits[0, -1:].double(), 1.3, 8, 0.9)[0]
+    torch.manual_seed(0)
+    rows = 4000
+    first = decoding.generate(model, ids.expand(rows, -1), mask.expand(rows, -1), 1, -1, tokenizer.pad_token_id,
+                             temperature=1.3, top_k=8, top_p=0.9)[:, 0]
+    counts = torch.bincount(first, minlength=len(expected)).double()
+    assert counts[expected == 0].sum() == 0, "no token outside HF's top-k / top-p set"
+    assert ((counts - rows * expected).abs() <= 5 * (rows * expected * (1 - expected)).sqrt() + 1).all()
+
+
+def test_sampled_rollouts_are_reproducible_and_padded_after_eos():
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer).eval()
+    ids, mask = left_padded_prompts(tokenizer)
+    torch.manual_seed(3)
+    eos = int(decoding.generate(model, ids, mask, 30, -1, tokenizer.pad_token_id, temperature=1.5)[0, 10])
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)  # the same draws as above up to row 0's token 10, now an EOS
+        runs.append(decoding.generate(model, ids, mask, 30, eos, tokenizer.pad_token_id, temperature=1.5))
+    assert torch.equal(*runs)
+    completion, ended = runs[0], (runs[0] == eos).int().cumsum(-1)
+    assert ended[0, 10] > 0
+    after = (ended - (completion == eos).int()) > 0  # strictly after the first EOS
+    assert after.any() and (completion[after] == tokenizer.pad_token_id).all()
+
+
+def test_decode_attention_equals_grouped_query_attention_in_float64():
+    """decode_sdpa against attention written out: each query head h uses key/value head h // (H / H_kv)."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 14, 1, 8, generator=generator, dtype=torch.float64)
+    key, value = (torch.randn(3, 2, 11, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    visible = torch.rand(3, 1, 1, 11, generator=generator) > 0.3
+    visible[..., 0] = True
+    out, weights = decoding.decode_sdpa(None, query, key, value, visible, scaling=0.3)
+    assert weights is None and out.shape == (3, 1, 14, 8)
+    for b in range(3):
+        for h in range(14):
+            scores = 0.3 * key[b, h // 7] @ query[b, h, 0]
+            probs = scores.masked_fill(~visible[b, 0, 0], -math.inf).softmax(-1)
+            assert_close(out[b, 0, h], probs @ value[b, h // 7], torch.float64)
+
+
+def test_prefill_leaves_no_query_without_keys_and_hides_padding():
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer).eval()
+    ids, mask = left_padded_prompts(tokenizer)
+    decoder = decoding._Decoder(model, ids, mask, 4, 40, tokenizer.pad_token_id, pick=lambda logits: logits.argmax(-1))
+    decoder.prefill(ids, mask)
+    visible, real = decoder.prefill_visible(), mask.bool()
+    assert visible.any(-1).all(), "every query sees at least one key"
+    p = ids.shape[1]
+    causal = torch.ones(p, p, dtype=torch.bool).tril()
+    assert torch.equal(visible[:, :, :p] & real[:, :, None], causal & real[:, None, :] & real[:, :, None])
+    assert not visible[:, :, p:].any(), "no prompt query sees a completion slot"
+
+
+@pytest.mark.parametrize("max_new_tokens", [2, 3, 40])
+def test_prefill_resets_every_state_a_step_moved_on(max_new_tokens):
+    """The CUDA-graph path runs a warm-up step and then prefills again: what follows must equal a fresh
+    rollout, also when it stops halfway (columns not yet written are padding). Two warm-up steps here, so
+    that a stale cache slot, visible key or output column would show."""
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer)
+    ids, mask = left_padded_prompts(tokenizer)
+    runs, seen = [], []  # seen: the logits of every pick, so that a small stale contribution shows too
+
+    def pick(logits):
+        seen.append(logits.clone())
+        return logits.argmax(-1)
+
+    for warm_up in (0, min(2, max_new_tokens - 1)):
+        decoder = decoding._Decoder(model, ids, mask, max_new_tokens, 40, tokenizer.pad_token_id, pick=pick)
+        with torch.no_grad():
+            decoder.prefill(ids, mask)
+            for _ in range(warm_up):
+                decoder.step()
+            seen.clear()
+            decoder.prefill(ids, mask)
+            for _ in range(max_new_tokens // 2):
+                decoder.step()
+        runs.append((decoder.out.clone(), torch.stack(seen)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_the_decode_step_has_no_host_sync():
+    """CUDA graphs replay GPU work only: a step that reads a value back to Python (.item(), a branch on a
+    tensor) or keeps a Python counter would be captured wrongly. Dynamo with fullgraph=True fails on the
+    first, and with error_on_recompile on the second (its guard on the counter fails); checked on CPU."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer).eval()
+    ids, mask = left_padded_prompts(tokenizer)
+    for greedy in (False, True):
+        decoder = decoding._Decoder(model, ids, mask, 6, eos_ids=[40], pad_id=tokenizer.pad_token_id,
+                                   pick=lambda logits: decoding.next_tokens(logits, greedy, 1.1, 20, 0.95))
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+            decoder.prefill(ids, mask)
+            step = torch.compile(decoder.step, backend="eager", fullgraph=True)
+            step(), step(), step()  # a Python value that changed between steps would force a recompile
+        torch._dynamo.reset()
+        assert (decoder.slot == ids.shape[1] + 3).all() and (decoder.out[:, 4:] == tokenizer.pad_token_id).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_rollouts_equal_eager_rollouts_on_cuda(monkeypatch):
+    monkeypatch.setattr(decoding, "no_graphs", type(decoding.no_graphs)())
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer).cuda()
+    ids, mask = (t.cuda() for t in left_padded_prompts(tokenizer))
+    run = lambda **kw: decoding.generate(model, ids, mask, 40, 40, tokenizer.pad_token_id, **kw)  # noqa: E731
+    assert torch.equal(run(greedy=True, graph=False), run(greedy=True, graph=True))
+    torch.manual_seed(0)
+    first = run(temperature=1.5, graph=True)
+    torch.manual_seed(0)
+    assert torch.equal(first, run(temperature=1.5, graph=True))
+    # a step that cannot be captured: graph=True raises; the default warns once, then decodes without trying
+    captures = []
+    monkeypatch.setattr(decoding._Decoder, "capture", lambda self: captures.append(1) or (_ for _ in ()).throw(RuntimeError("no capture")))
+    with pytest.raises(RuntimeError, match="no capture"):
+        run(greedy=True, graph=True)
+    with pytest.warns(UserWarning, match="capture failed"):
+        assert torch.equal(run(greedy=True), run(greedy=True, graph=False))
+    assert model in decoding.no_graphs and len(captures) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(greedy=True)
+    assert len(captures) == 2, "no second attempt for the same model"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(prompt_mask="right"), "prompt_mask: expected left padding"),
+    (dict(prompt_mask="short"), "prompt_ids, prompt_mask: expected two (B, P) tensors"),
+    (dict(max_new_tokens=0), "max_new_tokens: expected ≥ 1"),
+    (dict(check_every=0), "check_every: expected ≥ 1"),
+    (dict(eos_id=[]), "eos_id: expected a token id or a non-empty list"),
+    (dict(temperature=0.0), "temperature: expected > 0"),
+    (dict(top_p=0.0), "top_p: expected in (0, 1]"),
+    (dict(top_k=-1), "top_k: expected ≥ 0"),
+    (dict(graph=True), "graph: CUDA graphs need"),
+    (dict(attention="flash_attention_2"), "model: decoding.generate supports sdpa or eager"),
+    (dict(layers="sliding_attention"), "model: decoding.generate supports decoders whose layers all use full"),
+])
+def test_bad_rollout_input_names_the_argument(change, message):
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    ids, mask = left_padded_prompts(tokenizer)
+    change = dict(change)
+    if change.get("prompt_mask") == "right":
+        change["prompt_mask"] = mask.flip(-1)
+    elif change.get("prompt_mask") == "short":
+        change["prompt_mask"] = mask[:, 1:]
+    if "attention" in change:
+        model.config._attn_implementation = change.pop("attention")
+    if "layers" in change:
+        model.config.layer_types = [change.pop("layers")] * model.config.num_hidden_layers
+    arguments = {**dict(prompt_ids=ids, prompt_mask=mask, max_new_tokens=4, eos_id=1, pad_id=tokenizer.pad_token_id), **change}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        decoding.generate(model, **arguments)

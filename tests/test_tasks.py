@@ -1,0 +1,99 @@
+"""trainer/tasks.py: the verifier on what models write (graded as a careful grader would), the data files
+of both formats, the built-in problems and their held-out templates, and clear errors for bad files.
+"""
+
+import json
+import re
+
+import pytest
+
+from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, load_problems
+
+
+@pytest.mark.parametrize("completion, answer, correct", [
+    ("So the answer is \\boxed{42}.", "42", True),
+    ("first \\boxed{3}, then \\boxed{4}", "4", True),  # the last box counts
+    ("\\boxed{\\frac{1}{2}}", "0.5", True),  # nested braces
+    ("\\boxed{1,000}", "1000", True), ("\\boxed{$18.00}", "18", True),
+    ("she has 5 apples, then 7\n#### 12", "12", True),  # GSM8K's marker before the last number
+    ("3 + 4 = 7", "7", True), ("3 + 4 = 7", "8", False),  # else the last number
+    ("\\boxed{-3}", "-3", True), ("\\boxed{-3}", "3", False),
+    ("no number at all", "7", False), ("\\boxed{seven}", "7", False),
+])
+def test_the_verifier_reads_the_last_box_then_the_marker_then_the_last_number(completion, answer, correct):
+    assert is_correct(completion, answer) is correct
+
+
+# What real models write in the box, with the verdict a careful grader gives (answer, then the completion's end).
+DECIMAL_ANSWER = re.compile(r"-?\d+(\.\d+)?")
+GRADED = [
+    # currency, in and around the box
+    ("12", r"The total is \boxed{\$12}.", True), ("12", r"\boxed{\$12.00}", True), ("12", r"\boxed{\text{\$}12}", True),
+    ("1250.5", r"\boxed{\$1,250.50}", True), ("12", r"\boxed{12 \text{ dollars}}", True), ("12", r"\boxed{\$13}", False),
+    # units, degrees, percent
+    ("18", r"\boxed{18 apples}", True), ("18", r"\boxed{18\text{ apples}}", True), ("7", r"\boxed{7 \mathrm{cm}}", True),
+    ("-3", r"\boxed{-3^\circ}", True), ("25", r"\boxed{25^{\circ}\text{C}}", True), ("25", r"\boxed{25°}", True),
+    ("10", r"\boxed{10\%}", True), ("10", r"\boxed{10 \%}", True), ("10", r"\boxed{11\%}", False),
+    # minus signs and spacing
+    ("-3", "\\boxed{\u22123}", True), ("-3", "\\boxed{\u2212 3}", True), ("3", "\\boxed{\u22123}", False),
+    ("1234", r"\boxed{1\,234}", True), ("12000", "\\boxed{12\u202f000}", True), ("1234", r"\boxed{1{,}234}", True),
+    # fractions: \frac12, \dfrac, \tfrac, a sign before them, a/b
+    ("0.5", r"\boxed{\frac12}", True), ("0.5", r"\boxed{\dfrac12}", True), ("0.75", r"\boxed{\tfrac{3}{4}}", True),
+    ("-0.75", r"\boxed{-\frac{3}{4}}", True), ("0.75", r"\boxed{-\frac{3}{4}}", False), ("0.75", r"\boxed{3/4}", True),
+    ("0.5", r"\boxed{\frac{1}{0}}", False),
+    # nested braces and wrappers, "x = 5", a final period
+    ("5", r"\boxed{{5}}", True), ("5", r"\boxed{{{5}}}", True), ("42", r"\boxed{\textbf{42}}", True),
+    ("5", r"\boxed{x = 5}", True), ("42", r"\boxed{42.}", True), ("7", r"\boxed {7}", True), ("7", r"\fbox{7}", True),
+    # thousands separators against lists
+    ("1000", r"\boxed{1,000}", True), ("1234567", r"\boxed{1,234,567}", True), ("12", r"\boxed{1, 2}", False),
+    ("12", r"\boxed{1,2}", False), ("12", r"\boxed{1 2}", False), ("1000", r"\boxed{1,0000}", False),
+    # symbolic references (MATH-500 style): the built-in verifier refuses to load them, math-verify grades them
+    (r"2\sqrt{2}", r"\boxed{2\sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{2 \sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{\sqrt{8}}", True),
+    (r"2\sqrt{2}", r"\boxed{\sqrt{6}}", False), (r"\frac{\pi}{2}", r"\boxed{\pi/2}", True), (r"x^2+1", r"\boxed{1 + x^2}", True),
+    (r"\{1,2\}", r"\boxed{\{2, 1\}}", True), (r"(1, 2)", r"\boxed{(2, 1)}", False),
+]
+NUMERIC = [row for row in GRADED if DECIMAL_ANSWER.fullmatch(row[0])]
+
+
+@pytest.mark.parametrize("answer, completion, correct", NUMERIC)
+def test_the_verifier_grades_what_models_write_as_a_careful_grader(answer, completion, correct):
+    assert is_correct("Let me think step by step. 3 + 4 = 7. " + completion, answer) is correct
+
+
+@pytest.mark.parametrize("answer, completion, correct", GRADED)
+def test_the_math_verify_verifier_grades_numbers_and_symbols_as_a_careful_grader(answer, completion, correct):
+    pytest.importorskip("math_verify", reason="the optional extra math-verify is not installed")
+    assert is_correct_symbolic("Let me think step by step. 3 + 4 = 7. " + completion, answer) is correct
+
+
+def test_data_files_of_both_formats_load_into_problems(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"question": "How many?", "answer": "4 * 3 = <<4*3=12>>12\n#### 1,200"}) + "\n\n"
+                    + json.dumps({"problem": "p", "solution": "s", "answer": " 7 "}) + "\n")
+    gsm8k, own = load_problems(path)
+    assert (gsm8k.question, gsm8k.solution, gsm8k.answer) == ("How many?", "4 * 3 = 12", "1200")
+    assert (own.question, own.solution, own.answer) == ("p", "s", "7")
+
+
+def test_built_in_problems_hold_out_whole_templates_and_are_solved_by_their_own_solutions():
+    train, held_out = built_in_problems(2000, 400)
+    assert (len(train), len(held_out)) == (2000, 400)
+    train_templates, held_out_templates = {p.template for p in train}, {p.template for p in held_out}
+    assert None not in train_templates | held_out_templates
+    assert len(held_out_templates) >= 15 and not train_templates & held_out_templates
+    assert not {p.question for p in train} & {p.question for p in held_out}
+    assert all(is_correct(p.solution, p.answer) for p in train + held_out)  # the worked solution ends "#### N"
+    assert built_in_problems(3, 2) == (train[:3], held_out[:2])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "no problems"), ('{"question": "q"\n', ":1: "), ('[1, 2]\n', ":1: "),
+    ('{"problem": "p", "solution": "s"}\n', "answer"), ('{"question": "q", "answer": "no marker"}\n', "####"),
+    ('{"problem": "p", "solution": "s", "answer": "7"}\n{"problem": "p", "solution": "s", "answer": "seven"}\n', ":2: "),
+])
+def test_a_bad_data_file_names_the_file_line_and_field(content, message, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError) as error:
+        load_problems(path)
+    assert str(error.value).startswith(str(path)) and message in str(error.value)

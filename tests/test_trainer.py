@@ -1,0 +1,397 @@
+"""train_min.py end to end, on CPU with the tiny model built in code (trainer/offline_models.py): every
+method, token alignment between teacher and student, a learning check, exact resume, Ctrl-C, non-finite
+steps, bad flags, bf16 master weights, held-out data files, the token view and the --compare table.
+"""
+
+import functools
+import json
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import egrsd
+import train_min
+from trainer import config, views
+from trainer.config import METHODS
+from trainer.offline_models import build_tiny_model, build_tiny_tokenizer
+from trainer.tasks import Problem, built_in_problems, load_problems, student_messages, teacher_messages
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+TINY = ["--model", "tiny", "--device", "cpu", "--batch-size", "4", "--micro-batch-size", "2",
+        "--max-new-tokens", "8", "--train-size", "16", "--eval-size", "4", "--eval-batch-size", "4"]
+TIMING_KEYS = {"rollout_tokens_per_s", "generate_s", "score_s", "update_s", "step_s", "peak_gpu_mem_gb"}
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+
+
+def same_parameters(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_a_checkpoints_own_sampling_defaults_do_not_leak_into_rollouts(tmp_path):
+    """Rollouts must come from the policy whose log-probs are trained: no repetition penalty or other
+    sampling default saved with the model may apply."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    model.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=2, do_sample=True, temperature=0.3)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, _ = train_min.load_model_and_tokenizer(str(tmp_path), "cpu", torch.float32)
+    clean, _ = train_min.load_model_and_tokenizer("tiny", "cpu", torch.float32)
+    ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in built_in_problems(3, 1)[0]], "cpu")
+    outputs = []
+    for model in (loaded, clean):
+        torch.manual_seed(0)
+        outputs.append(train_min.generate(model, tokenizer, ids, attention, train_min.Config(max_new_tokens=24))[0])
+    assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_runs_two_steps_end_to_end(method, tmp_path):
+    student, teacher = train_min.main(TINY + ["--method", method, "--steps", "2", "--output-dir", str(tmp_path)])
+    rows = read_metrics(tmp_path)
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    expected_keys = {"step", "method", "reward", "accuracy", "length_mean", "length_max", "truncated", "loss",
+                     "grad_norm", "gate_mean", "gate_min", "magnitude_mean", "teacher_entropy_mean"} | TIMING_KEYS
+    assert expected_keys <= set(train_rows[0])
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in train_rows)
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2]
+    initial = build_tiny_model(build_tiny_tokenizer())
+    assert same_parameters(teacher, initial), "the teacher must stay the initial weights"
+    assert not same_parameters(student, initial), "the student must have been updated"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert same_parameters(reloaded, student)
+    assert AutoTokenizer.from_pretrained(tmp_path / "final").eos_token == "<|im_end|>"
+
+
+def test_weighting_in_the_trainer_is_the_library_token_advantage():
+    torch.manual_seed(0)
+    mask = torch.rand(4, 9) > 0.2
+    scores = {"teacher_logp": -torch.rand(4, 9) * 3, "student_logp": -torch.rand(4, 9) * 3,
+              "teacher_entropy": torch.rand(4, 9) * 4}
+    advantages = torch.tensor([1.5, -0.5, 0.0, 0.7])
+    signals = (scores["teacher_logp"], scores["student_logp"], scores["teacher_entropy"], mask)
+    expected = {"grpo": advantages[:, None] * mask, "rlsd": egrsd.token_advantages(advantages, *signals, gamma=0.0),
+                "egrsd": egrsd.token_advantages(advantages, *signals, gamma=0.3),
+                "cl-egrsd": egrsd.token_advantages(advantages, *signals, gamma=0.3, window=3)}
+    for method, want in expected.items():
+        got, _ = train_min.weight_tokens(advantages, scores, mask, train_min.Config(method=method))
+        torch.testing.assert_close(got, want.float(), msg=method)
+
+
+def test_completion_mask_includes_the_first_eos_and_not_the_padding():
+    eos, pad = 7, 0
+    completion = torch.tensor([[3, 4, eos, pad, pad], [eos, pad, pad, pad, pad], [3, 3, 3, 3, 3], [3, eos, 3, eos, pad]])
+    mask, finished = train_min.completion_mask(completion, [eos])
+    assert mask.tolist() == [[True, True, True, False, False], [True, False, False, False, False],
+                             [True] * 5, [True, True, False, False, False]]
+    assert finished.tolist() == [True, True, False, True]
+
+
+def test_teacher_and_student_score_the_same_completion_tokens_at_the_same_positions():
+    """Scoring from left-padded batches equals a plain forward of each unpadded [prompt ‖ completion]."""
+    tokenizer = build_tiny_tokenizer()
+    student, teacher = build_tiny_model(tokenizer, seed=1), build_tiny_model(tokenizer, seed=2)
+    cfg = train_min.Config(model="tiny", device="cpu", max_new_tokens=6, micro_batch_size=2, chunk_size=5)
+    problems = built_in_problems(3, 1)[0]
+    rollout = {}
+    rollout["student_ids"], rollout["student_mask"] = train_min.encode_prompts(tokenizer, [student_messages(p) for p in problems], "cpu")
+    rollout["teacher_ids"], rollout["teacher_mask"] = train_min.encode_prompts(tokenizer, [teacher_messages(p) for p in problems], "cpu")
+    torch.manual_seed(0)
+    completion, mask, _ = train_min.generate(student, tokenizer, rollout["student_ids"], rollout["student_mask"], cfg)
+    mask[1, 3:] = False  # a row that stops early, as if it had met its EOS
+    rollout["completion"], rollout["mask"] = completion, mask
+    scores = train_min.score(student, teacher, rollout, cfg)
+    for b in range(len(problems)):
+        tokens = completion[b][mask[b]]
+        for model, prefix, key in ((student, "student", "student_logp"), (teacher, "teacher", "teacher_logp")):
+            prompt = rollout[f"{prefix}_ids"][b][rollout[f"{prefix}_mask"][b].bool()]
+            logits = model(torch.cat([prompt, tokens])[None]).logits[0, len(prompt) - 1 : -1]
+            expected = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+            torch.testing.assert_close(scores[key][b][mask[b]].double(), expected, atol=1e-5, rtol=1e-5)
+            assert torch.all(scores[key][b][~mask[b]] == 0)
+        plain_entropy = egrsd.token_entropy(teacher(torch.cat([rollout["teacher_ids"][b][rollout["teacher_mask"][b].bool()], tokens])[None]).logits[0])
+        torch.testing.assert_close(scores["teacher_entropy"][b][mask[b]], plain_entropy[-len(tokens) - 1 : -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def format_trained_model(tmp_path_factory):
+    """A tiny model taught the answer format only: one random digit, then EOS. Correct 1 time in 10."""
+    folder = tmp_path_factory.mktemp("sft")
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, seed=0)
+    problems = [Problem(f"Give the secret number ({i}).", "The secret number is 7.", "7") for i in range(64)]
+    with open(folder / "data.jsonl", "w") as f:
+        for p in problems:
+            f.write(json.dumps({"problem": p.question, "solution": p.solution, "answer": p.answer}) + "\n")
+    prompts = [tokenizer.apply_chat_template(student_messages(p), tokenize=False, add_generation_prompt=True) for p in problems]
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(40):
+        digits = torch.randint(0, 10, (32,), generator=generator).tolist()
+        texts = [prompts[(32 * step + i) % 64] + f"{d}<|im_end|>" for i, d in enumerate(digits)]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        labels = batch["input_ids"].clone()
+        labels[:, :-2] = -100  # learn the digit and the EOS (left padding puts them last)
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return folder
+
+
+def test_on_policy_training_raises_the_reward_on_a_learnable_task(format_trained_model, tmp_path):
+    """Signs and masks are right: the reward of a task whose answer is always 7 climbs well above chance."""
+    folder = format_trained_model
+    train_min.main(["--model", str(folder / "model"), "--data", str(folder / "data.jsonl"), "--method", "egrsd",
+                    "--device", "cpu", "--steps", "25", "--batch-size", "32", "--micro-batch-size", "32",
+                    "--max-new-tokens", "4", "--lr", "2e-3", "--eval-size", "0", "--save-every", "0",
+                    "--advantage-warmup", "5", "--no-gradient-checkpointing", "--output-dir", str(tmp_path)])
+    rewards = [r["reward"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
+    assert first < 0.5 and last > first + 0.5, rewards  # from chance (1 in 10 × 1.25) to mostly right
+
+
+def without_timings(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: a separate sampler copy to restore
+def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(dtype, tmp_path):
+    flags = TINY + ["--method", "cl-egrsd", "--eval-every", "1", "--save-every", "0", "--dtype", dtype]
+    train_min.main(flags + ["--steps", "3", "--output-dir", str(tmp_path / "straight")])
+    train_min.main(flags + ["--steps", "2", "--output-dir", str(tmp_path / "resumed")])
+    before = (tmp_path / "resumed" / "metrics.jsonl").read_text()
+    train_min.main(["--resume", str(tmp_path / "resumed"), "--steps", "3"])
+    after = (tmp_path / "resumed" / "metrics.jsonl").read_text()
+    assert after.startswith(before), "rows already written must stay as they were"
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [without_timings(r) for r in resumed] == [without_timings(r) for r in straight]
+
+
+def test_ctrl_c_checkpoints_after_the_current_step_and_the_run_resumes(tmp_path):
+    command = [sys.executable, "train_min.py", *TINY, "--steps", "50", "--eval-size", "0", "--save-every", "0",
+               "--output-dir", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=ROOT)
+    for line in process.stdout:
+        if line.startswith("step 1/"):
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    assert "checkpoint saved at step" in output
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    written = [r["step"] for r in read_metrics(tmp_path)]
+    assert written == list(range(1, state["step"] + 1)), "every finished step is logged and checkpointed"
+    train_min.main(["--resume", str(tmp_path), "--steps", str(state["step"] + 1)])
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, state["step"] + 2))
+
+
+def nan_forward(completion_hidden):
+    """completion_hidden whose output is NaN in training mode (the student's update), as after an overflow."""
+    return lambda model, *args: completion_hidden(model, *args) * (math.nan if model.training else 1.0)
+
+
+@pytest.mark.parametrize("where", ["loss", "forward"])
+def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, tmp_path, monkeypatch):
+    if where == "loss":
+        monkeypatch.setattr(egrsd, "policy_loss", lambda logp, adv, mask: (logp * float("nan")).sum())
+    else:
+        monkeypatch.setattr(train_min, "completion_hidden", nan_forward(train_min.completion_hidden))
+    with pytest.raises(SystemExit, match="non-finite steps in a row"):
+        train_min.main(TINY + ["--steps", "5", "--max-bad-steps", "2", "--eval-size", "0", "--output-dir", str(tmp_path)])
+    rows = read_metrics(tmp_path)
+    assert [r["skipped"] for r in rows] == [True, True]
+    checkpoint = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
+    assert same_parameters(checkpoint, build_tiny_model(build_tiny_tokenizer())), "a skipped step changes nothing"
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--method", "ppo"), ("--window", "-1"), ("--gamma", "-0.5"), ("--eps", "1.5"), ("--eps", "0"),
+    ("--floor", "2"), ("--batch-size", "0"), ("--max-new-tokens", "0"), ("--denominator", "max"),
+    ("--data", "/no/such/file.jsonl"), ("--top-p", "0"), ("--lr", "-1"), ("--rollout", "static"),
+    ("--rollout", "graph"),  # on the CPU device
+    ("--eval-data", "/no/such/file.jsonl"), ("--verifier", "exact"),
+])
+def test_a_bad_flag_stops_before_any_model_loads_naming_the_flag(flag, value, monkeypatch, tmp_path):
+    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        train_min.main(["--device", "cpu", flag, value, "--output-dir", str(tmp_path)])
+    assert str(stop.value.code).startswith(flag + ":")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_the_default_command_without_cuda_shows_the_cpu_smoke_command(monkeypatch):
+    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        train_min.main([])
+    assert "--model tiny --device cpu" in str(stop.value.code)
+
+
+def test_resume_refuses_another_output_dir_before_any_model_loads(tmp_path, monkeypatch):
+    train_min.main(TINY + ["--steps", "1", "--eval-size", "0", "--output-dir", str(tmp_path / "run")])
+    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        train_min.main(["--resume", str(tmp_path / "run"), "--output-dir", str(tmp_path / "elsewhere")])
+    assert str(stop.value.code).startswith("--output-dir:")
+    with pytest.raises(SystemExit) as stop:
+        train_min.main(["--resume", str(tmp_path / "elsewhere")])
+    assert str(stop.value.code).startswith("--resume:")
+    with pytest.raises(SystemExit) as stop:  # fewer steps than the checkpoint has done
+        train_min.main(["--resume", str(tmp_path / "run"), "--steps", "0"])
+    assert str(stop.value.code).startswith("--steps:")
+
+
+def test_symbolic_answers_load_only_for_the_math_verify_verifier(tmp_path, monkeypatch):
+    path = tmp_path / "math.jsonl"
+    path.write_text(json.dumps({"problem": "p", "solution": "s", "answer": "2\\sqrt{2}"}) + "\n")
+    with pytest.raises(ValueError, match=":1: field 'answer'.*--verifier math-verify"):
+        load_problems(path)
+    assert load_problems(path, numeric=False)[0].answer == "2\\sqrt{2}"
+    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)  # the extra is missing
+    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match="--verifier: expected math-verify installed"):
+        train_min.main(TINY + ["--verifier", "math-verify", "--data", str(path), "--output-dir", str(tmp_path / "run")])
+
+
+def test_eval_data_is_a_held_out_file_and_data_is_then_all_training(tmp_path, capsys):
+    rows = lambda n, tag: "".join(json.dumps({"problem": f"{tag} {i}", "solution": "s", "answer": "1"}) + "\n" for i in range(n))  # noqa: E731
+    (tmp_path / "train.jsonl").write_text(rows(10, "train"))
+    (tmp_path / "eval.jsonl").write_text(rows(3, "eval"))
+    cfg = train_min.Config(data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "eval.jsonl"), eval_size=2)
+    train, held_out = train_min.load_data(cfg)
+    assert [p.question for p in train] == [f"train {i}" for i in range(10)] and [p.question for p in held_out] == ["eval 0", "eval 1"]
+    train, held_out = train_min.load_data(train_min.Config(data=str(tmp_path / "train.jsonl"), eval_size=2))
+    assert len(train) == 8 and [p.question for p in held_out] == ["train 0", "train 1"]  # without it: split off --data
+    train, held_out = train_min.load_data(train_min.Config(train_size=5, eval_size=3))  # the built-in files
+    assert (train, held_out) == built_in_problems(5, 3)
+
+
+def test_every_rollout_engine_samples_a_valid_batch_and_greedy_engines_agree():
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in built_in_problems(3, 1)[0]], "cpu")
+    greedy = {}
+    for engine in ("auto", "eager", "hf-static", "hf-dynamic"):
+        cfg = train_min.Config(max_new_tokens=12, rollout=engine)
+        torch.manual_seed(0)
+        completion, mask, finished = train_min.generate(model, tokenizer, ids, attention, cfg)
+        assert completion.shape[0] == 3 and completion.shape[1] <= 12 and (completion < len(tokenizer)).all()
+        greedy[engine] = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)[0]
+    assert all(torch.equal(greedy["eager"], g) for g in greedy.values())
+
+
+def test_bf16_runs_keep_float32_master_weights_and_a_synced_bf16_sampler(tmp_path):
+    student, teacher = train_min.main(TINY + ["--dtype", "bfloat16", "--steps", "1", "--eval-size", "0",
+                                              "--output-dir", str(tmp_path)])
+    assert student.dtype == torch.float32 and teacher.dtype == torch.bfloat16
+    sampler = AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # the rollout model, saved in bf16
+    assert sampler.dtype == torch.bfloat16
+    assert same_parameters(sampler, student.to(torch.bfloat16))
+
+
+def span_texts(page: str) -> list[list[tuple[int, str]]]:
+    """(token id, text) of each token span, per rollout, from the HTML of views.token_html."""
+    from html.parser import HTMLParser
+
+    class Spans(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rollouts, self.current = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "pre":
+                self.rollouts.append([])
+            if tag == "span":
+                self.current = [int(dict(attrs)["data-id"]), ""]
+
+        def handle_data(self, data):
+            if self.current is not None:
+                self.current[1] += data
+
+        def handle_endtag(self, tag):
+            if tag == "span":
+                self.rollouts[-1].append(tuple(self.current))
+                self.current = None
+
+    parser = Spans()
+    parser.feed(page)
+    return parser.rollouts
+
+
+def test_token_view_is_self_contained_and_its_tokens_decode_to_the_completion(tmp_path):
+    train_min.main(TINY + ["--method", "cl-egrsd", "--steps", "1", "--eval-size", "0", "--dump-tokens", "1",
+                           "--max-new-tokens", "16", "--output-dir", str(tmp_path)])
+    page = (tmp_path / "tokens" / "step_1.html").read_text()
+    assert "<script" not in page and "<link" not in page and "http" not in page
+    tokenizer = build_tiny_tokenizer()
+    rollouts = span_texts(page)
+    assert len(rollouts) == 4 and page.count("reward ") >= 4
+    for spans in rollouts:
+        ids, texts = zip(*spans)
+        assert "".join(texts) == tokenizer.decode(list(ids))
+    assert "Ĥ_CL=" in page and "ω=" in page
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(3, 511), min_size=1, max_size=12))
+def test_token_pieces_join_into_the_decoded_text_also_when_a_character_spans_tokens(ids):
+    tokenizer = tiny_tokenizer()
+    assert "".join(views.token_texts(tokenizer, ids)) == tokenizer.decode(ids)
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+def test_compare_prints_the_accuracy_length_table_from_metrics_alone(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    start = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    for name, method, end in (("a", "grpo", [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]), ("b", "cl-egrsd", [1, 1, 1, 1, 1, 1, 0, 0, 0, 0])):
+        (tmp_path / name).mkdir()
+        rows = [{"kind": "eval", "step": 0, "method": method, "eval_accuracy": 0.30, "eval_length": 400.0,
+                 "eval_acc_per_1k_tokens": 0.75, "eval_truncated": 0.1, "eval_correct": start},
+                {"kind": "train", "step": 1, "method": method, "step_s": 9.0, "peak_gpu_mem_gb": 3.0},  # warm-up: not timed
+                {"kind": "train", "step": 2, "method": method, "step_s": 2.0, "peak_gpu_mem_gb": 4.0},
+                {"kind": "train", "step": 3, "method": method, "step_s": 4.0, "peak_gpu_mem_gb": 3.5},
+                {"kind": "eval", "step": 10, "method": method, "eval_accuracy": 0.0, "eval_length": 1.0,
+                 "eval_acc_per_1k_tokens": 0.0},  # then resumed: the last row of a step wins
+                {"kind": "eval", "step": 10, "method": method, "eval_accuracy": sum(end) / 10, "eval_length": 500.0,
+                 "eval_acc_per_1k_tokens": sum(end) / 5, "eval_truncated": 0.0, "eval_correct": end}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_min.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].split() == ["a", "grpo", "10", "0.300", "0.400", "400", "500", "+25.0%", "0.800", "0.000", "3.00", "4.0"]
+    # b − a on the same ten problems: +2 of 10, differences (0 ×8, +1 ×2): sd 0.42, 95% interval ±1.96·0.42/√10
+    assert table[3].split()[:12] == ["b", "cl-egrsd", "10", "0.300", "0.600", "400", "500", "+25.0%", "1.200", "0.000", "3.00", "4.0"]
+    assert " ".join(table[3].split()[12:]) == "+20.0 [-6.1, +46.1] points (no detectable difference)"
+
+
+def test_the_curves_of_runs_are_drawn_from_their_metrics_alone(tmp_path):
+    pytest.importorskip("matplotlib", reason="the optional extra matplotlib is not installed")
+    subprocess.run([sys.executable, str(ROOT / "tools/plot_runs.py"), str(tmp_path / "curves.png"),
+                    str(ROOT / "docs/real_runs/egrsd"), str(ROOT / "docs/real_runs/grpo")], check=True)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_real_runs_compare_table_is_the_readmes():
+    """docs/real_runs holds the GPU runs of the README; --compare reads them, no model needed."""
+    table = views.compare_table([str(ROOT / "docs/real_runs/egrsd"), str(ROOT / "docs/real_runs/grpo")])
+    readme = (ROOT / "README.md").read_text()
+    for line in table.splitlines()[2:]:
+        assert line.strip() in readme, line

@@ -1,0 +1,178 @@
+"""The settings of train_min.py: one dataclass, a docstring under each field (the --help text and the
+documentation are the same thing), and the check of every flag before any model loads.
+
+    cfg = parse_args()      # the command line (and, with --resume, the run's saved config.json)
+    check_config(cfg)       # stops with the flag's name and what is allowed
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import inspect
+import json
+import os
+import sys
+from dataclasses import dataclass, fields
+
+import torch
+
+from trainer import run_io
+
+METHODS = ("grpo", "opsd", "rlsd", "egrsd", "cl-egrsd")
+ROLLOUTS = ("auto", "graph", "eager", "hf-static", "hf-dynamic")
+
+
+@dataclass
+class Config:
+    model: str = "Qwen/Qwen2.5-0.5B-Instruct"
+    """a hub name or local directory (safetensors), or `tiny` / `random-0.5b`: built in code, offline"""
+    method: str = "egrsd"
+    """one of grpo, opsd, rlsd, egrsd, cl-egrsd"""
+    data: str = ""
+    """a JSONL file of GSM8K rows or {problem, solution, answer} rows; empty: the built-in GSM8K-level
+    problems of data/ (reasoning-gym gsm_symbolic)"""
+    eval_data: str = ""
+    """a JSONL file of held-out problems (same formats; its first --eval-size are used); empty: the
+    built-in held-out templates, or with --data the first fifth of that file (at most --eval-size)"""
+    output_dir: str = "runs/egrsd"
+    """where metrics.jsonl, config.json, checkpoint/ and final/ are written"""
+    resume: str = ""
+    """a run directory to continue from its checkpoint (its config.json is used; flags given here override)"""
+    device: str = "cuda"
+    """torch device"""
+    dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32"""
+    seed: int = 0
+    """seed for data order and sampling"""
+    steps: int = 100
+    """optimizer steps (the paper: 100)"""
+    batch_size: int = 32
+    """problems per step, one rollout each (the paper: 32 prompts × 1 rollout)"""
+    micro_batch_size: int = 8
+    """rollouts per forward/backward pass (gradient accumulation; does not change the update)"""
+    max_new_tokens: int = 1024
+    """completion cap L_max; a rollout without EOS by then is truncated and earns 0"""
+    temperature: float = 1.1
+    """rollout sampling temperature"""
+    top_p: float = 0.95
+    """rollout nucleus sampling"""
+    top_k: int = 20
+    """rollout top-k sampling (0: off)"""
+    lr: float = 1e-6
+    """AdamW learning rate (the paper's 5e-6 is for LoRA; full fine-tuning of 0.5B wants less)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    grad_clip: float = 0.1
+    """gradient-norm clip (the paper: 0.1)"""
+    gamma: float = 0.3
+    """γ, strength of the entropy gate (egrsd, cl-egrsd)"""
+    window: int = 3
+    """W, the causal lookahead of cl-egrsd (egrsd is W = 0)"""
+    eps: float = 0.2
+    """ε, clip range of the likelihood-ratio magnitude (rlsd, egrsd, cl-egrsd)"""
+    floor: float = 0.1
+    """lower bound of the gate: every token keeps a nonzero weight"""
+    min_denominator: float = 1.0
+    """floor, in nats, of the batch-max entropy that normalises the gate"""
+    denominator: str = "raw"
+    """cl-egrsd normaliser: raw (Eq. 8) or filtered (Algorithm 1)"""
+    verifier: str = "builtin"
+    """builtin (numbers: the last \\boxed{}, else `#### N`, else the last number; units, $, %, \\frac
+    understood) or math-verify (also symbolic answers such as 2\\sqrt{2}; the optional math-verify package)"""
+    beta_length: float = 0.5
+    """β_L of the length-shaped reward r = 1 + β_L (1 − |y| / L_max) for a correct answer"""
+    advantage_warmup: int = 10
+    """steps that use A = r − 0.5 before the running mean and std take over"""
+    train_size: int = 2000
+    """built-in training problems (at most 2,000)"""
+    eval_size: int = 200
+    """held-out problems for evaluation (greedy decoding)"""
+    eval_every: int = 25
+    """evaluate every N steps (and before and after training); 0: only before and after"""
+    eval_batch_size: int = 64
+    """problems per evaluation batch"""
+    save_every: int = 25
+    """checkpoint every N steps (and on Ctrl-C and at the end); 0: only then"""
+    rollout: str = "auto"
+    """auto (decoding.py: a CUDA graph per decode step on CUDA; if capture fails, a warning and no graphs),
+    graph, eager (decoding.py without graphs), hf-static or hf-dynamic (HF generate with that cache)"""
+    chunk_size: int = 1024
+    """rows of logits alive at once when scoring (memory O(chunk × vocab))"""
+    gradient_checkpointing: bool = True
+    """recompute activations in the backward to save memory"""
+    max_bad_steps: int = 3
+    """stop after this many non-finite steps in a row (each is skipped, not applied)"""
+    regime_low: float = 0.2
+    """τ_low: a token with normalised teacher entropy ≤ τ_low is a "lock" (metrics and token view)"""
+    regime_high: float = 0.5
+    """τ_high: Ĥ ≥ τ_high is a "fork", or a "pivot" if its lookahead Ĥ_CL ≤ τ_low"""
+    dump_tokens: int = 0
+    """every N steps write tokens/step_N.html: a few rollouts, each token coloured by its weight; 0: never"""
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The string under each dataclass field: the --help text and the documentation are one thing."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def parse_args(argv=None, description: str = __doc__) -> Config:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    docs = field_docs(Config)
+    for f in fields(Config):
+        types = {"int": int, "float": float, "str": str}
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=types[f.type], metavar=f.type.upper())
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f"{docs[f.name]} (default: {f.default})", **kind)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line
+    saved = {}
+    if given.get("resume"):
+        path = os.path.join(given["resume"], "config.json")
+        if not os.path.isfile(path):
+            sys.exit(f"--resume: expected a run directory holding config.json, got {given['resume']!r}")
+        saved = {**json.load(open(path)), "output_dir": given["resume"]}
+    return Config(**{**saved, **given})
+
+
+def check_config(cfg: Config) -> None:
+    """Stop on an impossible flag before any model is loaded, naming the flag and what is allowed."""
+    rules = [
+        ("method", cfg.method in METHODS, f"one of {', '.join(METHODS)}"),
+        ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
+        ("rollout", cfg.rollout in ROLLOUTS, ", ".join(ROLLOUTS)),
+        ("rollout", cfg.rollout != "graph" or cfg.device.startswith("cuda"), "graph only with a CUDA --device"),
+        ("denominator", cfg.denominator in ("raw", "filtered"), "raw or filtered"),
+        ("verifier", cfg.verifier in ("builtin", "math-verify"), "builtin or math-verify"),
+        ("verifier", cfg.verifier != "math-verify" or importlib.util.find_spec("math_verify") is not None,
+         "math-verify installed (pip install -r requirements-extras.txt)"),
+        ("data", not cfg.data or os.path.isfile(cfg.data), "an existing JSONL file"),
+        ("eval_data", not cfg.eval_data or os.path.isfile(cfg.eval_data), "an existing JSONL file"),
+        ("steps", cfg.steps >= 0, "≥ 0"), ("batch_size", cfg.batch_size > 0, "> 0"),
+        ("micro_batch_size", cfg.micro_batch_size > 0, "> 0"), ("max_new_tokens", cfg.max_new_tokens > 0, "> 0"),
+        ("temperature", cfg.temperature > 0, "> 0"), ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
+        ("top_k", cfg.top_k >= 0, "≥ 0"), ("lr", cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, "≥ 0"),
+        ("grad_clip", cfg.grad_clip > 0, "> 0"), ("gamma", cfg.gamma >= 0, "≥ 0"), ("window", cfg.window >= 0, "≥ 0"),
+        ("eps", 0 < cfg.eps < 1, "in (0, 1)"), ("floor", 0 <= cfg.floor <= 1, "in [0, 1]"),
+        ("min_denominator", cfg.min_denominator > 0, "> 0"), ("beta_length", cfg.beta_length >= 0, "≥ 0"),
+        ("advantage_warmup", cfg.advantage_warmup >= 0, "≥ 0"), ("train_size", cfg.train_size > 0, "> 0"),
+        ("eval_size", cfg.eval_size >= 0, "≥ 0"), ("eval_every", cfg.eval_every >= 0, "≥ 0"),
+        ("eval_batch_size", cfg.eval_batch_size > 0, "> 0"), ("save_every", cfg.save_every >= 0, "≥ 0"),
+        ("chunk_size", cfg.chunk_size > 0, "> 0"), ("max_bad_steps", cfg.max_bad_steps > 0, "> 0"),
+        ("regime_low", cfg.regime_low >= 0, "≥ 0"), ("regime_high", cfg.regime_high > cfg.regime_low, "> --regime-low"),
+        ("dump_tokens", cfg.dump_tokens >= 0, "≥ 0"),
+    ]
+    for name, ok, allowed in rules:
+        if not ok:
+            sys.exit(f"--{name.replace('_', '-')}: expected {allowed}, got {getattr(cfg, name)!r}")
+    if cfg.resume:
+        if os.path.abspath(cfg.output_dir) != os.path.abspath(cfg.resume):
+            sys.exit(f"--output-dir: a resumed run writes to its own directory {cfg.resume!r}, got {cfg.output_dir!r}")
+        done = run_io.checkpoint_step(run_io.find_checkpoint(cfg.resume))  # stops now if there is none
+        if cfg.steps < done:
+            sys.exit(f"--steps: expected ≥ {done}, the step of the checkpoint in {cfg.resume!r}, got {cfg.steps}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("CUDA is not available on this machine. For a CPU smoke run:\n"
+                 "    python train_min.py --model tiny --device cpu --steps 2 --output-dir runs/smoke")
