@@ -788,6 +788,20 @@ def test_linear_token_entropy_equals_the_plain_computation(dtype, data):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @given(data=st.data())
+def test_the_fused_teacher_pass_equals_the_naive_log_probs_and_entropy(dtype, data):
+    """One pass over the teacher's logits gives log p(y_t) and H, as the two separate computations."""
+    batch, chunking = data.draw(hidden_batches(dtype)), data.draw(CHUNKINGS)
+    logp, entropy = egrsd.linear_token_logprobs_and_entropy(batch.teacher_hidden, batch.teacher_weight, batch.tokens, **chunking)
+    logits = plain_logits(batch.teacher_hidden, batch.teacher_weight)
+    assert logp.dtype in WIDE_FLOATS and entropy.dtype in WIDE_FLOATS and not logp.requires_grad
+    assert_close_to_scale(logp, naive_token_logprobs(logits, batch.tokens), dtype)
+    assert_close_to_scale(entropy, naive_token_entropy(logits), dtype)
+    separate = egrsd.linear_token_logprobs(batch.teacher_hidden, batch.teacher_weight, batch.tokens, **chunking)
+    assert torch.equal(logp, separate.detach()), "the same chunks, the same rounding"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@given(data=st.data())
 def test_linear_opsd_loss_equals_the_plain_computation_forward_and_backward(dtype, data):
     batch, chunking = data.draw(hidden_batches(dtype)), data.draw(CHUNKINGS)
     ours = [batch.hidden.clone().requires_grad_(), batch.weight.clone().requires_grad_()]
@@ -847,6 +861,8 @@ def test_opsd_loss_is_zero_with_zero_gradient_on_empty_mask():
     ("linear_token_logprobs", lambda h, w, t: (h, w.double(), t), "weight"),
     ("linear_token_logprobs", lambda h, w, t: (h, w, t + 100), "tokens"),
     ("linear_token_entropy", lambda h, w, t: (h.int(), w), "hidden"),
+    ("linear_token_logprobs_and_entropy", lambda h, w, t: (h, w, t[:-1]), "tokens"),
+    ("linear_token_logprobs_and_entropy", lambda h, w, t: (h, w.T, t), "hidden"),
     ("linear_opsd_loss", lambda h, w, t: (h, w, h[:-1], w), "teacher_hidden"),
     ("linear_opsd_loss", lambda h, w, t: (h[None], w, h[None], w), "student_hidden"),
 ])

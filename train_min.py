@@ -34,7 +34,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -44,6 +44,39 @@ from trainer import decoding, run_io, views
 from trainer.config import Config, check_config, parse_args
 from trainer.offline_models import enable_activation_checkpointing, load_model_and_tokenizer
 from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, load_problems, student_messages, teacher_messages
+
+
+# ----------------------------------------------------------------------------------------------------
+# What one step passes from stage to stage.
+
+
+@dataclass
+class Rollouts:
+    """One step's problems as the student and the teacher see them, and the student's completions."""
+    student_ids: torch.Tensor  # (B, P) left-padded chat prompts: the question
+    student_mask: torch.Tensor  # (B, P) their attention mask
+    teacher_ids: torch.Tensor  # (B, P') the question and the reference solution s*
+    teacher_mask: torch.Tensor  # (B, P')
+    completion: torch.Tensor  # (B, T) sampled token ids, padding after the EOS
+    mask: torch.Tensor  # (B, T) bool: True up to and including the first EOS
+    finished: torch.Tensor  # (B,) bool: an EOS came before the cap
+
+
+@dataclass
+class Scores:
+    """What the frozen teacher and the policy that sampled say of each completion token; no gradient."""
+    teacher_logp: torch.Tensor  # (B, T) log p_T(y_t | x, s*, y_<t), 0 off the mask
+    teacher_entropy: torch.Tensor  # (B, T) H_T in nats (Eq. 4)
+    student_logp: torch.Tensor  # (B, T) log p_S(y_t | x, y_<t) before the update
+    teacher_hidden: list[torch.Tensor]  # per micro-batch, (N, D) at its valid tokens: OPSD's teacher
+
+
+@dataclass
+class TokenWeights:
+    """The factors of Eq. 7 per token (1 where a method has no such factor), and their product Â."""
+    magnitude: torch.Tensor  # (B, T) w (Eq. 2)
+    gate: torch.Tensor  # (B, T) ω (Eq. 6, 8)
+    advantage: torch.Tensor  # (B, T) Â = A_i · w · ω
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,59 +188,58 @@ def copy_weights(source, target) -> None:
 
 
 @torch.no_grad()
-def score(student, teacher, rollout: dict, cfg: Config) -> dict:
-    """Teacher log-probs and entropy (B, T) and the pre-update student's log-probs (B, T), no gradient.
-    Also the teacher's hidden states of the valid tokens, one (N_mb, D) per micro-batch, for OPSD."""
-    completion, mask = rollout["completion"], rollout["mask"]
-    student.eval()  # the policy as it sampled (in float32 the sampler is the student, left in train mode)
+def score(policy, teacher, batch: Rollouts, cfg: Config) -> Scores:
+    """The teacher's log-probs and entropy and the log-probs of `policy`, the model that sampled (the
+    bf16 sampler, or in float32 the student itself), at every completion token."""
+    completion, mask = batch.completion, batch.mask
+    policy.eval()  # as it sampled (in float32 the sampler is the student, left in train mode)
     rows = {"teacher_logp": [], "teacher_entropy": [], "student_logp": [], "teacher_hidden": []}
     for mb in micro_batches(len(completion), cfg.micro_batch_size):
         m, tokens = mask[mb], completion[mb][mask[mb]]
-        h_t = completion_hidden(teacher, rollout["teacher_ids"][mb], rollout["teacher_mask"][mb], completion[mb], m)[m]
-        h_s = completion_hidden(student, rollout["student_ids"][mb], rollout["student_mask"][mb], completion[mb], m)[m]
-        rows["teacher_hidden"].append(h_t)
+        h_t = completion_hidden(teacher, batch.teacher_ids[mb], batch.teacher_mask[mb], completion[mb], m)[m]
+        h_s = completion_hidden(policy, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m)[m]
         logp_t, entropy_t = egrsd.linear_token_logprobs_and_entropy(h_t, lm_head(teacher), tokens, chunk_size=cfg.chunk_size)
+        rows["teacher_hidden"].append(h_t)
         rows["teacher_logp"].append(logp_t)
         rows["teacher_entropy"].append(entropy_t)  # Eq. 4, from the same pass over the teacher's logits
-        rows["student_logp"].append(egrsd.linear_token_logprobs(h_s, lm_head(student), tokens, chunk_size=cfg.chunk_size))
-    return {k: v if k == "teacher_hidden" else to_grid(mask, torch.cat(v)) for k, v in rows.items()}
+        rows["student_logp"].append(egrsd.linear_token_logprobs(h_s, lm_head(policy), tokens, chunk_size=cfg.chunk_size))
+    return Scores(**{k: v if k == "teacher_hidden" else to_grid(mask, torch.cat(v)) for k, v in rows.items()})
 
 
-def weight_tokens(advantages, scores: dict, mask, cfg: Config) -> tuple[torch.Tensor, dict]:
+def weight_tokens(advantages, scores: Scores, mask, cfg: Config) -> TokenWeights:
     """# ALGO LOGIC: Eq. 7, Â = A_i · w · ω (B, T), the only thing that differs between the methods:
     GRPO and OPSD use neither factor (OPSD's loss is the KL), RLSD w only, EGRSD both, CL-EGRSD both
     with the lookahead gate (Eq. 8)."""
     ones = mask.float()
     magnitude, gate = ones, ones
     if cfg.method in ("rlsd", "egrsd", "cl-egrsd"):  # Eq. 2
-        magnitude = egrsd.ratio_magnitude(scores["teacher_logp"], scores["student_logp"], torch.sign(advantages), mask, eps=cfg.eps)
+        magnitude = egrsd.ratio_magnitude(scores.teacher_logp, scores.student_logp, torch.sign(advantages), mask, eps=cfg.eps)
     if cfg.method in ("egrsd", "cl-egrsd"):  # Eq. 5, 6 (8)
         window = cfg.window if cfg.method == "cl-egrsd" else 0
-        gate = egrsd.entropy_gate(scores["teacher_entropy"], mask, window, gamma=cfg.gamma, floor=cfg.floor,
+        gate = egrsd.entropy_gate(scores.teacher_entropy, mask, window, gamma=cfg.gamma, floor=cfg.floor,
                                   min_denominator=cfg.min_denominator, denominator=cfg.denominator)
-    token_adv = advantages[:, None] * magnitude * gate
-    return token_adv, {"magnitude": magnitude, "gate": gate, "advantage": token_adv}
+    return TokenWeights(magnitude, gate, advantages[:, None] * magnitude * gate)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The update.
 
 
-def update(student, teacher, optimizer, rollout: dict, scores: dict, token_adv, cfg: Config) -> tuple[float, float]:
+def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, token_adv, cfg: Config) -> tuple[float, float]:
     """One AdamW step on the whole batch (gradient accumulation over micro-batches). Returns
     (loss, grad norm); a non-finite one means the step was skipped and nothing was applied."""
     student.train()
-    mask, completion, total = rollout["mask"], rollout["completion"], rollout["mask"].sum().clamp(min=1)
+    mask, completion, total = batch.mask, batch.completion, batch.mask.sum().clamp(min=1)
     loss_sum = 0.0
     for i, mb in enumerate(micro_batches(len(completion), cfg.micro_batch_size)):
         m = mask[mb]
         with autocast(cfg):
-            h = completion_hidden(student, rollout["student_ids"][mb], rollout["student_mask"][mb], completion[mb], m)[m]
+            h = completion_hidden(student, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m)[m]
             if not bool(torch.isfinite(h).all()):  # a non-finite forward (bf16 overflow): skip the step
                 optimizer.zero_grad(set_to_none=True)
                 return math.nan, math.nan
             if cfg.method == "opsd":  # Eq. 1: token mean of the full-vocabulary KL(p_T ‖ p_θ)
-                loss = egrsd.linear_opsd_loss(h, lm_head(student), scores["teacher_hidden"][i], lm_head(teacher), chunk_size=cfg.chunk_size)
+                loss = egrsd.linear_opsd_loss(h, lm_head(student), scores.teacher_hidden[i], lm_head(teacher), chunk_size=cfg.chunk_size)
             else:  # Eq. 7: −Σ m · Â · log p_θ / Σ m
                 logp = to_grid(m, egrsd.linear_token_logprobs(h, lm_head(student), completion[mb][m], chunk_size=cfg.chunk_size))
                 loss = egrsd.policy_loss(logp, token_adv[mb], m)
@@ -315,13 +347,12 @@ def train(cfg: Config):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             problems = batch_problems(train_problems, step, cfg.batch_size, cfg.seed)
-            rollout = {}
-            rollout["student_ids"], rollout["student_mask"] = encode_prompts(tokenizer, [student_messages(p) for p in problems], cfg.device)
-            rollout["teacher_ids"], rollout["teacher_mask"] = encode_prompts(tokenizer, [teacher_messages(p) for p in problems], cfg.device)
+            student_ids, student_mask = encode_prompts(tokenizer, [student_messages(p) for p in problems], cfg.device)
+            teacher_ids, teacher_mask = encode_prompts(tokenizer, [teacher_messages(p) for p in problems], cfg.device)
 
             # 1. Rollouts from the current student, and the verifier.
-            completion, mask, finished = generate(sampler, tokenizer, rollout["student_ids"], rollout["student_mask"], cfg)
-            rollout["completion"], rollout["mask"] = completion, mask
+            completion, mask, finished = generate(sampler, tokenizer, student_ids, student_mask, cfg)
+            batch = Rollouts(student_ids, student_mask, teacher_ids, teacher_mask, completion, mask, finished)
             lengths = mask.sum(dim=1)
             correct = verify(tokenizer, completion, mask, finished, problems, cfg)
             t1 = time.perf_counter()
@@ -330,12 +361,12 @@ def train(cfg: Config):
             #    teacher scoring and the per-token weights.
             rewards = egrsd.length_shaped_reward(correct, lengths.cpu(), cfg.max_new_tokens, beta=cfg.beta_length)
             advantages = advantage(rewards).to(cfg.device)
-            scores = score(sampler, teacher, rollout, cfg)
-            token_adv, signals = weight_tokens(advantages, scores, mask, cfg)
+            scores = score(sampler, teacher, batch, cfg)
+            weights = weight_tokens(advantages, scores, mask, cfg)
             t2 = time.perf_counter()
 
             # 3. One optimizer step on the batch; a non-finite step is skipped, not applied.
-            loss, grad_norm = update(student, teacher, optimizer, rollout, scores, token_adv, cfg)
+            loss, grad_norm = update(student, teacher, optimizer, batch, scores, weights.advantage, cfg)
             copy_weights(student, sampler)
             t3 = time.perf_counter()
             skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -345,7 +376,7 @@ def train(cfg: Config):
             row = {"kind": "train", "step": step + 1, "method": cfg.method, "reward": rewards.mean().item(),
                    "accuracy": correct.float().mean().item(), "length_mean": lengths.float().mean().item(),
                    "length_max": int(lengths.max()), "truncated": (~finished).float().mean().item(),
-                   "loss": loss, "grad_norm": grad_norm, "skipped": skipped, **views.regime_stats(scores, signals, mask, cfg),
+                   "loss": loss, "grad_norm": grad_norm, "skipped": skipped, **views.regime_stats(scores, weights, mask, cfg),
                    "rollout_tokens_per_s": new_tokens / (t1 - t0), "generate_s": t1 - t0, "score_s": t2 - t1,
                    "update_s": t3 - t2, "step_s": t3 - t0,
                    "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
@@ -357,8 +388,8 @@ def train(cfg: Config):
 
             done = step + 1
             if cfg.dump_tokens and done % cfg.dump_tokens == 0:
-                views.dump_tokens(os.path.join(cfg.output_dir, "tokens", f"step_{done}.html"), done, tokenizer, rollout,
-                                  scores, signals, rewards.tolist(), correct.tolist(), cfg)
+                views.dump_tokens(os.path.join(cfg.output_dir, "tokens", f"step_{done}.html"), done, tokenizer, batch,
+                                  scores, weights, rewards.tolist(), correct.tolist(), cfg)
             if bad_steps >= cfg.max_bad_steps:
                 save(done)
                 sys.exit(f"stopped: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {grad_norm}); "

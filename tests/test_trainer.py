@@ -79,16 +79,17 @@ def test_each_method_runs_two_steps_end_to_end(method, tmp_path):
 def test_weighting_in_the_trainer_is_the_library_token_advantage():
     torch.manual_seed(0)
     mask = torch.rand(4, 9) > 0.2
-    scores = {"teacher_logp": -torch.rand(4, 9) * 3, "student_logp": -torch.rand(4, 9) * 3,
-              "teacher_entropy": torch.rand(4, 9) * 4}
+    scores = train_min.Scores(teacher_logp=-torch.rand(4, 9) * 3, student_logp=-torch.rand(4, 9) * 3,
+                              teacher_entropy=torch.rand(4, 9) * 4, teacher_hidden=[])
     advantages = torch.tensor([1.5, -0.5, 0.0, 0.7])
-    signals = (scores["teacher_logp"], scores["student_logp"], scores["teacher_entropy"], mask)
+    signals = (scores.teacher_logp, scores.student_logp, scores.teacher_entropy, mask)
     expected = {"grpo": advantages[:, None] * mask, "rlsd": egrsd.token_advantages(advantages, *signals, gamma=0.0),
                 "egrsd": egrsd.token_advantages(advantages, *signals, gamma=0.3),
                 "cl-egrsd": egrsd.token_advantages(advantages, *signals, gamma=0.3, window=3)}
     for method, want in expected.items():
-        got, _ = train_min.weight_tokens(advantages, scores, mask, train_min.Config(method=method))
-        torch.testing.assert_close(got, want.float(), msg=method)
+        got = train_min.weight_tokens(advantages, scores, mask, train_min.Config(method=method))
+        torch.testing.assert_close(got.advantage, want.float(), msg=method)
+        torch.testing.assert_close(got.advantage, advantages[:, None] * got.magnitude * got.gate, msg=method)
 
 
 def test_completion_mask_includes_the_first_eos_and_not_the_padding():
@@ -106,24 +107,24 @@ def test_teacher_and_student_score_the_same_completion_tokens_at_the_same_positi
     student, teacher = build_tiny_model(tokenizer, seed=1), build_tiny_model(tokenizer, seed=2)
     cfg = train_min.Config(model="tiny", device="cpu", max_new_tokens=6, micro_batch_size=2, chunk_size=5)
     problems = built_in_problems(3, 1)[0]
-    rollout = {}
-    rollout["student_ids"], rollout["student_mask"] = train_min.encode_prompts(tokenizer, [student_messages(p) for p in problems], "cpu")
-    rollout["teacher_ids"], rollout["teacher_mask"] = train_min.encode_prompts(tokenizer, [teacher_messages(p) for p in problems], "cpu")
+    prompts = {who: train_min.encode_prompts(tokenizer, [messages(p) for p in problems], "cpu")
+               for who, messages in (("student", student_messages), ("teacher", teacher_messages))}
     torch.manual_seed(0)
-    completion, mask, _ = train_min.generate(student, tokenizer, rollout["student_ids"], rollout["student_mask"], cfg)
+    completion, mask, finished = train_min.generate(student, tokenizer, *prompts["student"], cfg)
     mask[1, 3:] = False  # a row that stops early, as if it had met its EOS
-    rollout["completion"], rollout["mask"] = completion, mask
-    scores = train_min.score(student, teacher, rollout, cfg)
+    scores = train_min.score(student, teacher, train_min.Rollouts(*prompts["student"], *prompts["teacher"], completion, mask, finished), cfg)
     for b in range(len(problems)):
         tokens = completion[b][mask[b]]
-        for model, prefix, key in ((student, "student", "student_logp"), (teacher, "teacher", "teacher_logp")):
-            prompt = rollout[f"{prefix}_ids"][b][rollout[f"{prefix}_mask"][b].bool()]
+        for model, who, got in ((student, "student", scores.student_logp), (teacher, "teacher", scores.teacher_logp)):
+            ids, attention = prompts[who]
+            prompt = ids[b][attention[b].bool()]
             logits = model(torch.cat([prompt, tokens])[None]).logits[0, len(prompt) - 1 : -1]
             expected = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None]).squeeze(-1)
-            torch.testing.assert_close(scores[key][b][mask[b]].double(), expected, atol=1e-5, rtol=1e-5)
-            assert torch.all(scores[key][b][~mask[b]] == 0)
-        plain_entropy = egrsd.token_entropy(teacher(torch.cat([rollout["teacher_ids"][b][rollout["teacher_mask"][b].bool()], tokens])[None]).logits[0])
-        torch.testing.assert_close(scores["teacher_entropy"][b][mask[b]], plain_entropy[-len(tokens) - 1 : -1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[b][mask[b]].double(), expected, atol=1e-5, rtol=1e-5)
+            assert torch.all(got[b][~mask[b]] == 0)
+            if who == "teacher":
+                plain_entropy = egrsd.token_entropy(model(torch.cat([prompt, tokens])[None]).logits[0])
+                torch.testing.assert_close(scores.teacher_entropy[b][mask[b]], plain_entropy[-len(tokens) - 1 : -1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

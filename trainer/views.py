@@ -70,19 +70,19 @@ def _mean(x, chosen):
     return x[chosen].mean().item() if chosen.any() else None
 
 
-def regime_stats(scores: dict, signals: dict, mask, cfg) -> dict:
+def regime_stats(scores, weights, mask, cfg) -> dict:
     """Per step: the means of the signals, and per regime (lock, mid, pivot, fork) its share of the
     tokens, its mean gate (the gate the method applied: 1 without one), and restored_*, the weight the
     lookahead gives back, ω(W) − ω(0) at this γ and W: applied by cl-egrsd, what it would give back for
     the other methods."""
-    entropy, gate = scores["teacher_entropy"], signals["gate"]
+    entropy, gate = scores.teacher_entropy, weights.gate
     gate_at = functools.partial(egrsd.entropy_gate, entropy, mask, gamma=cfg.gamma, floor=cfg.floor,
                                 min_denominator=cfg.min_denominator, denominator=cfg.denominator)
     restored = gate_at(cfg.window) - gate_at(0)
     regimes = egrsd.token_regimes(entropy, mask, cfg.window, tau_low=cfg.regime_low, tau_high=cfg.regime_high,
                                   min_denominator=cfg.min_denominator)
     stats = {"gate_mean": _mean(gate, mask), "gate_min": gate[mask].min().item() if mask.any() else None,
-             "magnitude_mean": _mean(signals["magnitude"], mask), "teacher_entropy_mean": _mean(entropy, mask)}
+             "magnitude_mean": _mean(weights.magnitude, mask), "teacher_entropy_mean": _mean(entropy, mask)}
     for code, name in enumerate(egrsd.REGIMES, start=1):
         chosen = regimes == code
         stats |= {f"share_{name}": (chosen.sum() / mask.sum().clamp(min=1)).item(),
@@ -90,21 +90,20 @@ def regime_stats(scores: dict, signals: dict, mask, cfg) -> dict:
     return stats
 
 
-def dump_tokens(path: str, step: int, tokenizer, rollout: dict, scores: dict, signals: dict, rewards, correct, cfg,
-                count: int = 4) -> None:
-    """The token view (views.py) of the first `count` rollouts of this step."""
-    entropy, mask = scores["teacher_entropy"], rollout["mask"]
+def dump_tokens(path: str, step: int, tokenizer, batch, scores, weights, rewards, correct, cfg, count: int = 4) -> None:
+    """The token view of the first `count` rollouts of this step (train_min's Rollouts, Scores, TokenWeights)."""
+    entropy, mask = scores.teacher_entropy, batch.mask
     entropy_cl = egrsd.normalised_entropy(entropy, mask, cfg.window, min_denominator=cfg.min_denominator,
                                           denominator=cfg.denominator)
     regimes = egrsd.token_regimes(entropy, mask, cfg.window, tau_low=cfg.regime_low, tau_high=cfg.regime_high,
                                   min_denominator=cfg.min_denominator)
     shown = []
     for b in range(min(count, len(mask))):
-        m, ids = mask[b], rollout["completion"][b][mask[b]].tolist()
+        m, ids = mask[b], batch.completion[b][mask[b]].tolist()
         shown.append({"title": f"rollout {b}: reward {rewards[b]:.3f}, {'correct' if correct[b] else 'wrong'}, {int(m.sum())} tokens",
                       "ids": ids, "tokens": token_texts(tokenizer, ids),
                       "entropy": entropy[b][m].tolist(), "entropy_cl": entropy_cl[b][m].tolist(),
-                      **{k: signals[k][b][m].tolist() for k in ("gate", "magnitude", "advantage")},
+                      **{k: getattr(weights, k)[b][m].tolist() for k in ("gate", "magnitude", "advantage")},
                       "regime": [egrsd.REGIMES[c - 1] for c in regimes[b][m].tolist()]})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -1,0 +1,36 @@
+"""The repository stands alone, and the spec travels with the file people copy."""
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tracked_files() -> list[Path]:
+    names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return [ROOT / name for name in names]
+
+
+def test_no_file_of_the_project_refers_to_files_outside_it():
+    outside = "../" + "shared"  # (spelled in two pieces so that this file does not match itself)
+    for path in tracked_files():
+        if path.suffix in (".py", ".md", ".txt", ".sh", ".json", ".jsonl", ".toml", ".cfg", "") and path.is_file():
+            assert outside not in path.read_text(errors="replace"), path.relative_to(ROOT)
+
+
+def test_the_spec_imports_only_torch_hypothesis_pytest_and_egrsd():
+    tree = ast.parse((ROOT / "test_egrsd.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"torch", "hypothesis", "pytest", "egrsd", "copy", "inspect", "math", "statistics", "dataclasses"}
+
+
+def test_the_spec_runs_in_a_folder_that_holds_only_egrsd_and_itself(tmp_path):
+    for name in ("egrsd.py", "test_egrsd.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_egrsd.py", "-k",
+                          "naive_reference or bad_input"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == ["egrsd.py", "test_egrsd.py"]
