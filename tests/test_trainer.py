@@ -9,6 +9,7 @@ import math
 import signal
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,16 @@ def test_a_bad_flag_stops_before_any_model_loads_naming_the_flag(flag, value, mo
     with pytest.raises(SystemExit) as stop:
         train_min.main(["--device", "cpu", flag, value, "--output-dir", str(tmp_path)])
     assert str(stop.value.code).startswith(flag + ":")
+
+
+def test_help_lists_every_flag_with_its_meaning(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_min.main(["--help"])
+    text = capsys.readouterr().out
+    assert stop.value.code == 0
+    for field in fields(config.Config):
+        assert "--" + field.name.replace("_", "-") in text, field.name
+    assert "math-verify" in text and "%" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")

@@ -126,7 +126,7 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
     for f in fields(Config):
         types = {"int": int, "float": float, "str": str}
         kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=types[f.type], metavar=f.type.upper())
-        parser.add_argument("--" + f.name.replace("_", "-"), help=f"{docs[f.name]} (default: {f.default})", **kind)
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f"{docs[f.name]} (default: {f.default})".replace("%", "%%"), **kind)
     given = vars(parser.parse_args(argv))  # only the flags on the command line
     saved = {}
     if given.get("resume"):
