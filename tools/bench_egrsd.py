@@ -1,17 +1,21 @@
 """Speed and memory of EGRSD-min side by side with the plain baselines, all in one run.
 
-    python tools/bench_egrsd.py                         # CPU, small sizes (about 2 minutes on 2 cores)
-    python tools/bench_egrsd.py --device cuda           # one GPU, Qwen2.5-0.5B architecture, random weights
-    python tools/bench_egrsd.py --json bench.json       # also write every number as JSON
+    python tools/bench_egrsd.py                      # CPU, small sizes (about 2 minutes on 2 cores)
+    python tools/bench_egrsd.py --device cuda        # one GPU, Qwen2.5-0.5B architecture, random weights
+    python tools/bench_egrsd.py --json bench.json    # also write every number as JSON
+    python tools/bench_egrsd.py --only rollouts      # some parts only (scoring, lookahead, step, rollouts)
 
 1. Student scoring step (forward, log-probs of the sampled tokens, backward): plain (full logits, float32
    log-softmax) vs the project's (`egrsd.linear_token_logprobs` from hidden states in chunks): peak
    memory, time, largest differences of log-probs and gradients. Teacher entropy likewise.
 2. Rollouts: each engine of `train_min.generate`: HF `generate` with a dynamic cache (the baseline) and
-   a static cache (compiled on CUDA), decoding.py eager and, on CUDA, with one CUDA graph per decode step
-   (the trainer's default there): new tokens per second at batch 32 and 128, best of five after a warm-up.
+   a static cache (compiled on CUDA), trainer/decoding.py eager and, on CUDA, with one CUDA graph per
+   decode step (the trainer's default there): new tokens per second at batch 32 and 128, best of 5 (CPU)
+   or 3 (CUDA) after a warm-up, and whether each engine's greedy tokens equal decoding.py's.
 3. `lookahead_min`: a Python loop vs the vectorised version.
-4. One training step of train_min.py, split into generate / score / update.
+4. Two training steps of train_min.py at its defaults (CUDA) or small sizes (CPU); the second, split into
+   generate / score / update with tokens per second and share of the step; `--profile FILE` adds a third
+   step under torch.profiler.
 
 Peak memory is torch.cuda.max_memory_allocated on CUDA; on CPU each variant runs in its own process
 and reports its peak resident memory above what it held before the variant started.
