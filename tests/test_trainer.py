@@ -58,6 +58,19 @@ def test_a_checkpoints_own_sampling_defaults_do_not_leak_into_rollouts(tmp_path)
     assert torch.equal(*outputs)
 
 
+def test_the_clean_generation_config_keeps_every_eos_id_of_the_checkpoint(tmp_path):
+    """Qwen2.5-Instruct's generation config lists <|im_end|> and <|endoftext|>: both must still end rollouts."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    model.generation_config.update(eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], do_sample=True, temperature=0.3)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, _ = train_min.load_model_and_tokenizer(str(tmp_path), "cpu", torch.float32)
+    assert loaded.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    assert train_min.stop_ids(loaded) == [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    assert loaded.generation_config.temperature in (None, 1.0), "no sampling default of the checkpoint"
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_runs_two_steps_end_to_end(method, tmp_path):
     student, teacher = train_min.main(TINY + ["--method", method, "--steps", "2", "--output-dir", str(tmp_path)])
