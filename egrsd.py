@@ -30,6 +30,7 @@ file depends on torch only: copy it into your trainer.
 
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Integral, Real
 
@@ -232,28 +233,41 @@ def linear_token_logprobs_and_entropy(
 
 
 def normalised_entropy(
-    entropy: torch.Tensor, mask: torch.Tensor, window: int = 0, *, min_denominator: float = 1.0, denominator: str = "raw"
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    window: int = 0,
+    *,
+    min_denominator: float = 1.0,
+    denominator: str = "raw",
+    group: int | None = None,
 ) -> torch.Tensor:
     """Ĥ of Eq. 5 (window = 0) or Eq. 8 (window > 0), (B, T), 0 off the mask:
 
-        Ĥ_{i,t} = H'_{i,t} / max(max over valid (j, k) of the batch of D_{j,k}, min_denominator),
+        Ĥ_{i,t} = H'_{i,t} / max(max over valid (j, k) of the group of row i of D_{j,k}, min_denominator),
 
     H' = lookahead_min(entropy, mask, window) (H' = H for window = 0), and D is
       - "raw":      the raw entropies H, as Eq. 8 of the paper is written (default);
       - "filtered": the lookahead minima H', as the paper's Algorithm 1 computes it (it overwrites H
                     with the windowed minimum before normalising). The two agree for window = 0.
-    One denominator for the whole batch (not per sequence, not log|V|), floored at `min_denominator`
-    nats so that a batch of confident tokens is not blown up.
+    One denominator per group of rows (not per token, not log|V|), floored at `min_denominator` nats so
+    that a group of confident tokens is not blown up. `group` rows share it: rows [0, g), [g, 2g), ... (the
+    last group may be shorter); None, the default, is the whole batch. The paper's "minibatch" is an
+    open choice: one normaliser over the 32 rollouts of a step (the default) or per GPU, 4 of them on each
+    of its 8 GPUs (group=4), which normalises by a smaller maximum and so gates more strongly.
     """
     entropy, mask = _entropy_and_mask(entropy, mask)
-    return _normalised(entropy, mask, _window(window), _min_denominator(min_denominator), _denominator(denominator))
+    return _normalised(entropy, mask, _window(window), _min_denominator(min_denominator), _denominator(denominator),
+                       _group(group))
 
 
-def _normalised(entropy, mask, window: int, min_denominator: float, denominator: str) -> torch.Tensor:
+def _normalised(entropy, mask, window: int, min_denominator: float, denominator: str, group: int | None) -> torch.Tensor:
     numerator = _lookahead_min(entropy, mask, window)  # 0 off the mask
     source = numerator if denominator == "filtered" else entropy.detach().to(numerator.dtype)
-    batch_max = source.masked_fill(~mask, -math.inf).max() if mask.numel() else numerator.new_tensor(-math.inf)
-    return numerator / torch.clamp(batch_max, min=min_denominator)  # (an empty mask: max −inf, floored)
+    pad = functools.partial(torch.nn.functional.pad, value=-math.inf)  # −inf: no valid token (then floored)
+    row_max = pad(source.masked_fill(~mask, -math.inf), (0, 1)).amax(dim=1)  # (B,)
+    size = group or max(len(row_max), 1)  # rows per normaliser
+    group_max = pad(row_max, (0, -len(row_max) % size)).view(-1, size).amax(dim=1).repeat_interleave(size)
+    return numerator / torch.clamp(group_max[: len(row_max)], min=min_denominator)[:, None]
 
 
 def entropy_gate(
@@ -265,21 +279,23 @@ def entropy_gate(
     floor: float = 0.1,
     min_denominator: float = 1.0,
     denominator: str = "raw",
+    group: int | None = None,
 ) -> torch.Tensor:
     """Confidence gate ω (Eq. 5, 6; Eq. 8 for window > 0): ω = clip(1 − γ · Ĥ, floor, 1), (B, T).
 
     Ĥ = normalised_entropy(entropy, mask, window, ...): the teacher entropy (its minimum over [t, t + W]
-    for CL-EGRSD) over the batch's largest, floored at `min_denominator` nats. Since Ĥ ≤ 1 (raw
-    denominator), every valid token keeps a weight ≥ max(floor, 1 − γ), nonzero unless floor = 0 and
-    γ ≥ 1; ω = 1 where H' = 0 and everywhere when γ = 0; 0 off the mask.
+    for CL-EGRSD) over the largest of the batch (or of the row's `group`), floored at `min_denominator`
+    nats. Since Ĥ ≤ 1 (raw denominator), every valid token keeps a weight ≥ max(floor, 1 − γ), nonzero
+    unless floor = 0 and γ ≥ 1; ω = 1 where H' = 0 and everywhere when γ = 0; 0 off the mask.
     """
     entropy, mask = _entropy_and_mask(entropy, mask)
     return _gate(entropy, mask, _window(window), _gamma(gamma), _floor(floor), _min_denominator(min_denominator),
-                 _denominator(denominator))
+                 _denominator(denominator), _group(group))
 
 
-def _gate(entropy, mask, window: int, gamma: float, floor: float, min_denominator: float, denominator: str) -> torch.Tensor:
-    h_hat = _normalised(entropy, mask, window, min_denominator, denominator)
+def _gate(entropy, mask, window: int, gamma: float, floor: float, min_denominator: float, denominator: str,
+          group: int | None) -> torch.Tensor:
+    h_hat = _normalised(entropy, mask, window, min_denominator, denominator, group)
     return torch.clamp(1.0 - gamma * h_hat, min=floor, max=1.0).masked_fill(~mask, 0.0)
 
 
@@ -321,6 +337,7 @@ def token_advantages(
     floor: float = 0.1,
     min_denominator: float = 1.0,
     denominator: str = "raw",
+    group: int | None = None,
 ) -> torch.Tensor:
     """Token advantage (Eq. 7): Â_{i,t} = A_i · w_{i,t} · ω_{i,t}, (B, T), detached, 0 off the mask.
 
@@ -337,7 +354,7 @@ def token_advantages(
     adv = advantages.detach()
     w = _magnitude(teacher_logp, student_logp, torch.sign(adv), mask, _eps(eps))
     omega = _gate(teacher_entropy, mask, _window(window), _gamma(gamma), _floor(floor), _min_denominator(min_denominator),
-                  _denominator(denominator))
+                  _denominator(denominator), _group(group))
     dtype = torch.promote_types(w.dtype, _float_dtype(adv.dtype))
     return (adv.to(dtype)[:, None] * w.to(dtype) * omega.to(dtype)).masked_fill(~mask, 0.0)
 
@@ -424,11 +441,12 @@ def token_regimes(
     tau_low: float = 0.2,
     tau_high: float = 0.5,
     min_denominator: float = 1.0,
+    group: int | None = None,
 ) -> torch.Tensor:
     """The paper's token regimes, (B, T) int64 codes into REGIMES (1-based), 0 off the mask.
 
     With Ĥ = normalised_entropy(H, mask, 0) and Ĥ^CL = normalised_entropy(H, mask, window), both over the
-    batch's largest raw entropy floored at `min_denominator` (Eq. 5 and 8):
+    largest raw entropy of the batch (or of the row's `group`) floored at `min_denominator` (Eq. 5 and 8):
       lock  (1)  Ĥ ≤ τ_low                        the teacher is sure: the gate barely touches it;
       pivot (3)  Ĥ ≥ τ_high and Ĥ^CL ≤ τ_low      uncertainty that resolves within W tokens (CL restores it);
       fork  (4)  Ĥ ≥ τ_high and Ĥ^CL ≥ τ_high     uncertainty that persists (stays down-weighted);
@@ -436,11 +454,11 @@ def token_regimes(
     Needs 0 ≤ τ_low < τ_high; then every valid token is in exactly one regime, and window = 0 has no pivots.
     """
     entropy, mask = _entropy_and_mask(entropy, mask)
-    window, min_denominator = _window(window), _min_denominator(min_denominator)
+    window, min_denominator, group = _window(window), _min_denominator(min_denominator), _group(group)
     tau_low = _number("tau_low", tau_low, 0.0, math.inf)
     tau_high = _number("tau_high", tau_high, tau_low, math.inf, low_open=True)
-    h_hat = _normalised(entropy, mask, 0, min_denominator, "raw")
-    h_cl = _normalised(entropy, mask, window, min_denominator, "raw")
+    h_hat = _normalised(entropy, mask, 0, min_denominator, "raw", group)
+    h_cl = _normalised(entropy, mask, window, min_denominator, "raw", group)
     codes = torch.full(h_hat.shape, 2, dtype=torch.long, device=h_hat.device)  # mid
     high = h_hat >= tau_high
     codes[h_hat <= tau_low] = 1
@@ -694,6 +712,12 @@ def _eps(eps) -> float:
 
 def _min_denominator(min_denominator) -> float:
     return _number("min_denominator", min_denominator, 0.0, math.inf, low_open=True)
+
+
+def _group(group) -> int | None:
+    if group is not None and (not isinstance(group, Integral) or isinstance(group, bool) or group < 1):
+        _fail("group", "None (the whole batch) or a positive int (rows per normaliser)", repr(group))
+    return None if group is None else int(group)
 
 
 def _denominator(denominator) -> str:

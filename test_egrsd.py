@@ -49,11 +49,12 @@ def assert_close(actual, expected, precision):
 # the function it mirrors.
 CONTRACT = {
     "length_shaped_reward": {"beta"}, "ratio_magnitude": {"eps"}, "lookahead_min": {"window"},
-    "normalised_entropy": {"window", "min_denominator", "denominator"}, "denominator": {"window", "min_denominator", "denominator"},
-    "entropy_gate": {"gamma", "window", "floor", "min_denominator", "denominator"},
-    "token_advantages": {"gamma", "window", "eps", "floor", "min_denominator", "denominator"}, "policy_loss": set(),
+    "normalised_entropy": {"window", "min_denominator", "denominator", "group"},
+    "denominator": {"window", "min_denominator", "denominator", "group"},
+    "entropy_gate": {"gamma", "window", "floor", "min_denominator", "denominator", "group"},
+    "token_advantages": {"gamma", "window", "eps", "floor", "min_denominator", "denominator", "group"}, "policy_loss": set(),
     "token_logprobs": {"chunk_size"}, "token_entropy": {"chunk_size"}, "opsd_loss": {"chunk_size"},
-    "token_regimes": {"window", "tau_low", "tau_high", "min_denominator"},
+    "token_regimes": {"window", "tau_low", "tau_high", "min_denominator", "group"},
 }
 SETTINGS = set().union(*CONTRACT.values())
 
@@ -82,6 +83,7 @@ PADDING_LOG_PROBS = st.sampled_from([0.0, -50.0])
 WINDOWS = st.integers(0, 8)
 EPS = st.one_of(st.just(0.2), st.floats(0.01, 0.99))
 CHUNKINGS = st.sampled_from([{}, {"chunk_size": 1}, {"chunk_size": 3}])  # default, and chunks < rows
+GROUPS = st.sampled_from([None, None, 1, 2, 3])  # rows per entropy normaliser: the whole batch, or groups
 
 
 def tensors(elements, shape, dtype=torch.float64):
@@ -158,7 +160,7 @@ def gate_settings(draw, floors=st.one_of(st.just(0.1), st.floats(0, 1))):
     """Keyword arguments of entropy_gate and token_advantages; γ up to 2, so the floor binds (γ > 0.9)."""
     return dict(gamma=draw(st.one_of(st.just(0.0), st.just(0.3), st.floats(0, 2))), window=draw(WINDOWS),
                 floor=draw(floors), min_denominator=draw(st.sampled_from([1.0, 0.5, 4.0])),
-                denominator=draw(st.sampled_from(["raw", "filtered"])), eps=draw(EPS))
+                denominator=draw(st.sampled_from(["raw", "filtered"])), eps=draw(EPS), group=draw(GROUPS))
 
 
 @dataclass
@@ -203,20 +205,23 @@ def naive_lookahead_min(entropy, mask, window):
     return out
 
 
-def naive_denominator(entropy, mask, window, min_denominator, denominator):
-    """Eq. 5: the max over valid tokens of the whole batch, floored at min_denominator; the max of the raw
-    entropies (Eq. 8) or of the window minima (Algorithm 1)."""
+def naive_denominator(entropy, mask, window, min_denominator, denominator, group=None):
+    """Eq. 5, per row: the max over valid tokens of the row's group (rows [0, g), [g, 2g), ...; None: the
+    whole batch), floored at min_denominator; the max of the raw entropies (Eq. 8) or of the window minima
+    (Algorithm 1)."""
     source = entropy.double() if denominator == "raw" else naive_lookahead_min(entropy, mask, window)
-    return max([source[b, t].item() for b, t in mask.nonzero().tolist()] + [min_denominator])
+    size = group or len(mask)
+    return [max([source[j, t].item() for j, t in mask.nonzero().tolist() if j // size == b // size] + [min_denominator])
+            for b in range(len(mask))]
 
 
-def naive_entropy_gate(entropy, mask, gamma=0.3, window=0, floor=0.1, min_denominator=1.0, denominator="raw"):
-    """Eq. 6: ω = clip(1 − γ · Ĥ, floor, 1), Ĥ the window minimum over the batch denominator."""
+def naive_entropy_gate(entropy, mask, gamma=0.3, window=0, floor=0.1, min_denominator=1.0, denominator="raw", group=None):
+    """Eq. 6: ω = clip(1 − γ · Ĥ, floor, 1), Ĥ the window minimum over the row's group denominator."""
     numerator = naive_lookahead_min(entropy, mask, window)
-    scale = naive_denominator(entropy, mask, window, min_denominator, denominator)
+    scale = naive_denominator(entropy, mask, window, min_denominator, denominator, group)
     out = torch.zeros(entropy.shape, dtype=torch.float64)
     for b, t in mask.nonzero().tolist():
-        out[b, t] = min(max(1 - gamma * numerator[b, t].item() / scale, floor), 1.0)
+        out[b, t] = min(max(1 - gamma * numerator[b, t].item() / scale[b], floor), 1.0)
     return out
 
 
@@ -230,10 +235,10 @@ def naive_ratio_magnitude(teacher_logp, student_logp, direction, mask, eps=0.2):
 
 
 def naive_token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, gamma=0.3, window=0,
-                           eps=0.2, floor=0.1, min_denominator=1.0, denominator="raw"):
+                           eps=0.2, floor=0.1, min_denominator=1.0, denominator="raw", group=None):
     """Eq. 7: Â = A · w · ω."""
     w = naive_ratio_magnitude(teacher_logp, student_logp, advantages.sign(), mask, eps)
-    omega = naive_entropy_gate(teacher_entropy, mask, gamma, window, floor, min_denominator, denominator)
+    omega = naive_entropy_gate(teacher_entropy, mask, gamma, window, floor, min_denominator, denominator, group)
     return advantages.double()[:, None] * w * omega
 
 
@@ -431,11 +436,11 @@ def test_gate_is_one_everywhere_when_gamma_is_zero(batch, settings):
 
 @given(batches(), gate_settings(), st.data())
 def test_gate_is_non_increasing_in_entropy(batch, settings, data):
-    """Raise one entropy: no gate rises. The batch denominator is held fixed (the raised value stays at or
-    below it): lifting the batch max itself rescales every other token, which is Eq. 5, not a breach."""
+    """Raise one entropy: no gate rises. The denominator of its group is held fixed (the raised value stays
+    at or below it): lifting the group max itself rescales every other token, which is Eq. 5, not a breach."""
     assume(batch.mask.any())
     b, t = data.draw(st.sampled_from(batch.mask.nonzero().tolist()))
-    ceiling = max(call(naive_denominator, batch.arguments, **settings), batch.entropy[b, t].item())
+    ceiling = max(call(naive_denominator, batch.arguments, **settings)[b], batch.entropy[b, t].item())
     raised = batch.entropy.clone()
     raised[b, t] = data.draw(st.floats(batch.entropy[b, t].item(), ceiling))
     before = call(egrsd.entropy_gate, batch.arguments, **settings)
@@ -547,10 +552,38 @@ def test_padding_columns_change_nothing(batch, settings, extra, data):
 
 @given(batches(), gate_settings(), st.data())
 def test_row_permutation_permutes_output(batch, settings, data):
+    """With one normaliser for the whole batch (group None), the order of the rows is immaterial."""
+    settings = {**settings, "group": None}
     order = torch.tensor(data.draw(st.permutations(range(batch.mask.shape[0]))))
     shuffled = Batch(*(getattr(batch, field.name)[order] for field in fields(Batch)))
     advantages = call(egrsd.token_advantages, batch.arguments, **settings)
     assert torch.equal(call(egrsd.token_advantages, shuffled.arguments, **settings), advantages[order])
+
+
+@given(batches(), gate_settings(), st.integers(1, 4))
+def test_each_group_of_rollouts_is_gated_as_if_it_were_the_whole_batch(batch, settings, group):
+    """gate_group: rows [0, g), [g, 2g), ... share one normaliser. Each group's gates are those of that group
+    alone with the whole-batch normaliser; a group of one rollout normalises by its own largest entropy;
+    a group of the whole batch (or more) is the default."""
+    settings = {key: value for key, value in settings.items() if key not in ("eps", "group")}
+    grouped = call(egrsd.entropy_gate, batch.arguments, **settings, group=group)
+    for start in range(0, batch.mask.shape[0], group):
+        rows = slice(start, start + group)
+        alone = Batch(*(getattr(batch, field.name)[rows] for field in fields(Batch)))
+        assert torch.equal(grouped[rows], call(egrsd.entropy_gate, alone.arguments, **settings, group=None))
+    if group >= batch.mask.shape[0]:
+        assert torch.equal(grouped, call(egrsd.entropy_gate, batch.arguments, **settings, group=None))
+
+
+@given(batches(), gate_settings(), st.data())
+def test_smaller_groups_never_gate_less(batch, settings, data):
+    """With the raw denominator, a group's maximum is at most the batch's: a smaller group divides by less,
+    so its gates are never above the whole batch's (the paper's 4 rollouts per GPU gate more strongly)."""
+    settings = {key: value for key, value in settings.items() if key not in ("eps", "group")} | {"denominator": "raw"}
+    group = data.draw(st.integers(1, max(batch.mask.shape[0], 1)))
+    grouped = call(egrsd.entropy_gate, batch.arguments, **settings, group=group)
+    whole = call(egrsd.entropy_gate, batch.arguments, **settings, group=None)
+    assert (grouped <= whole + ROUNDING).all()
 
 
 @given(batches())
@@ -702,6 +735,8 @@ BAD_INPUTS = [
     *[case(function, "floor", floor) for function in ["entropy_gate", "token_advantages"] for floor in [-0.1, 1.5]],
     *[case(function, "min_denominator", d) for function in ["entropy_gate", "token_advantages"] for d in [0.0, -1.0]],
     *[case(function, "denominator", "max") for function in ["entropy_gate", "token_advantages"]],
+    *[case(function, "group", group) for function in ["normalised_entropy", "entropy_gate", "token_advantages"]
+      for group in [0, -1, 1.5, True]],
     *[case("token_logprobs", "tokens", first_entry(token), token) for token in [-1, 5]],
     case("token_logprobs", "tokens", torch.Tensor.float, "float ids"),
     case("opsd_loss", "student_logits", lambda x: x.index_put((torch.tensor(0), torch.tensor(2)), torch.tensor(math.nan)),

@@ -40,7 +40,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import egrsd
-from trainer import decoding, run_io, views
+from trainer import decoding, lora, run_io, views
 from trainer.config import Config, check_config, parse_args
 from trainer.offline_models import enable_activation_checkpointing, load_model_and_tokenizer
 from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, load_problems, student_messages, teacher_messages
@@ -163,7 +163,8 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion, mask) -> torch
     ids = torch.cat([prompt_ids, completion], dim=1)
     attention = torch.cat([prompt_mask, mask.long()], dim=1)
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # left padding: positions as in generate
-    hidden = model.base_model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
+    body = (model.get_base_model() if lora.is_adapted(model) else model).base_model  # the decoder stack, no LM head
+    hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
     return hidden[:, prompt_ids.shape[1] - 1 : -1]  # position P − 1 + t predicts completion token t
 
 
@@ -190,14 +191,16 @@ def copy_weights(source, target) -> None:
 @torch.no_grad()
 def score(policy, teacher, batch: Rollouts, cfg: Config) -> Scores:
     """The teacher's log-probs and entropy and the log-probs of `policy`, the model that sampled (the
-    bf16 sampler, or in float32 the student itself), at every completion token."""
-    completion, mask = batch.completion, batch.mask
+    bf16 sampler, or in float32 and with LoRA the student itself), at every completion token, from logits
+    divided by the score temperature (dividing the hidden states divides the logits)."""
+    completion, mask, temperature = batch.completion, batch.mask, score_temperature(cfg)
     policy.eval()  # as it sampled (in float32 the sampler is the student, left in train mode)
     rows = {"teacher_logp": [], "teacher_entropy": [], "student_logp": [], "teacher_hidden": []}
     for mb in micro_batches(len(completion), cfg.micro_batch_size):
         m, tokens = mask[mb], completion[mb][mask[mb]]
-        h_t = completion_hidden(teacher, batch.teacher_ids[mb], batch.teacher_mask[mb], completion[mb], m)[m]
-        h_s = completion_hidden(policy, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m)[m]
+        with lora.adapter_off(teacher):  # with LoRA the teacher is the student's own base model
+            h_t = completion_hidden(teacher, batch.teacher_ids[mb], batch.teacher_mask[mb], completion[mb], m)[m] / temperature
+        h_s = completion_hidden(policy, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m)[m] / temperature
         logp_t, entropy_t = egrsd.linear_token_logprobs_and_entropy(h_t, lm_head(teacher), tokens, chunk_size=cfg.chunk_size)
         rows["teacher_hidden"].append(h_t)
         rows["teacher_logp"].append(logp_t)
@@ -234,7 +237,7 @@ def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, token_a
     for i, mb in enumerate(micro_batches(len(completion), cfg.micro_batch_size)):
         m = mask[mb]
         with autocast(cfg):
-            h = completion_hidden(student, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m)[m]
+            h = completion_hidden(student, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m)[m] / score_temperature(cfg)
             if not bool(torch.isfinite(h).all()):  # a non-finite forward (bf16 overflow): skip the step
                 optimizer.zero_grad(set_to_none=True)
                 return math.nan, math.nan
@@ -246,7 +249,7 @@ def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, token_a
         loss = loss * (m.sum() / total)  # micro-batch mean → batch token mean
         loss.backward()
         loss_sum += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable(student), cfg.grad_clip).item()
     if math.isfinite(loss_sum) and math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -282,6 +285,26 @@ def autocast(cfg: Config):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=compute_dtype(cfg) == torch.bfloat16)
 
 
+def score_temperature(cfg: Config) -> float:
+    return cfg.score_temperature or cfg.temperature
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def learning_rate_factor(cfg: Config):
+    """The schedule as a factor of --lr after `step` optimizer steps, as HF's schedulers: warm-up from 0,
+    then constant, or a linear or cosine decay that reaches 0 at --steps."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return step / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return {"constant": 1.0, "linear": max(0.0, 1.0 - progress),
+                "cosine": 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))}[cfg.lr_schedule]
+    return factor
+
+
 def compute_dtype(cfg: Config) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if torch.device(cfg.device).type == "cuda" else torch.float32
@@ -298,27 +321,35 @@ def train(cfg: Config):
     torch.manual_seed(cfg.seed)
     train_problems, eval_problems = load_data(cfg)
 
-    # Teacher: the initial weights, frozen (the paper's). Student: the trainable float32 master weights
-    # (the checkpoint's when resuming). Sampler: the student in the compute dtype, refreshed after each
-    # update, for rollouts and the pre-update log-probs (decoding float32 weights would halve its speed).
+    # Full fine-tuning: the teacher is the initial weights, frozen (the paper's); the student holds trainable
+    # float32 master weights (the checkpoint's when resuming); the sampler is the student in the compute
+    # dtype, refreshed after each update, for rollouts and the pre-update log-probs (decoding float32
+    # weights would halve its speed). LoRA: one base model in the compute dtype plays all three roles, the
+    # teacher being the base with the adapter switched off (trainer/lora.py).
+    checkpoint = run_io.find_checkpoint(cfg.output_dir) if cfg.resume else None
     teacher, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, compute_dtype(cfg))
     teacher.eval().requires_grad_(False)
-    checkpoint = run_io.find_checkpoint(cfg.output_dir) if cfg.resume else None
-    if checkpoint:
+    if cfg.lora_r:
+        student = sampler = teacher = lora.attach(teacher, cfg, checkpoint)
+    elif checkpoint:
         student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True).to(cfg.device)
     else:
         student = copy.deepcopy(teacher).float().requires_grad_(True)
-    sampler = student if compute_dtype(cfg) == torch.float32 else copy.deepcopy(teacher)
-    copy_weights(student, sampler)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if not cfg.lora_r:
+        sampler = student if compute_dtype(cfg) == torch.float32 else copy.deepcopy(teacher)
+        copy_weights(student, sampler)
+    optimizer = torch.optim.AdamW(trainable(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(cfg))
     advantage = egrsd.RunningAdvantage(warmup_steps=cfg.advantage_warmup)
     start_step = 0
     if checkpoint:
         state = run_io.load_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         advantage.load_state_dict(state["advantage"])
-        for group in optimizer.param_groups:  # the flags of this call win over the saved settings
-            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        schedule.load_state_dict(state["schedule"])  # where in the schedule the run is
+        schedule.base_lrs = [cfg.lr] * len(optimizer.param_groups)  # the flags of this call win over saved ones
+        for group in optimizer.param_groups:
+            group.update(lr=cfg.lr * learning_rate_factor(cfg)(schedule.last_epoch), weight_decay=cfg.weight_decay)
         advantage.warmup_steps = cfg.advantage_warmup
         start_step = state["step"]
         print(f"resumed {cfg.output_dir} at step {start_step}")
@@ -330,7 +361,8 @@ def train(cfg: Config):
     bad_steps = 0
 
     def save(step: int) -> None:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "advantage": advantage.state_dict()}
+        state = {"step": step, "optimizer": optimizer.state_dict(), "advantage": advantage.state_dict(),
+                 "schedule": schedule.state_dict()}
         run_io.save_checkpoint(cfg.output_dir, student, tokenizer, state)
 
     def run_eval(at_step: int) -> None:
@@ -366,7 +398,9 @@ def train(cfg: Config):
             t2 = time.perf_counter()
 
             # 3. One optimizer step on the batch; a non-finite step is skipped, not applied.
+            lr = optimizer.param_groups[0]["lr"]
             loss, grad_norm = update(student, teacher, optimizer, batch, scores, weights.advantage, cfg)
+            schedule.step()
             copy_weights(student, sampler)
             t3 = time.perf_counter()
             skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -376,7 +410,7 @@ def train(cfg: Config):
             row = {"kind": "train", "step": step + 1, "method": cfg.method, "reward": rewards.mean().item(),
                    "accuracy": correct.float().mean().item(), "length_mean": lengths.float().mean().item(),
                    "length_max": int(lengths.max()), "truncated": (~finished).float().mean().item(),
-                   "loss": loss, "grad_norm": grad_norm, "skipped": skipped, **views.regime_stats(scores, weights, mask, cfg),
+                   "loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": skipped, **views.regime_stats(scores, weights, mask, cfg),
                    "rollout_tokens_per_s": new_tokens / (t1 - t0), "generate_s": t1 - t0, "score_s": t2 - t1,
                    "update_s": t3 - t2, "step_s": t3 - t0,
                    "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
@@ -403,8 +437,11 @@ def train(cfg: Config):
                 print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}")
                 return student, teacher
 
-    sampler.save_pretrained(os.path.join(cfg.output_dir, "final"))  # in the compute dtype
-    tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
+    if cfg.lora_r:
+        lora.save_final(student, tokenizer, os.path.join(cfg.output_dir, "final"))
+    else:
+        sampler.save_pretrained(os.path.join(cfg.output_dir, "final"))  # in the compute dtype
+        tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
     print(f"saved {cfg.output_dir}/final")
     return student, teacher
 

@@ -116,10 +116,12 @@ def test_completion_mask_includes_the_first_eos_and_not_the_padding():
 
 
 def test_teacher_and_student_score_the_same_completion_tokens_at_the_same_positions():
-    """Scoring from left-padded batches equals a plain forward of each unpadded [prompt ‖ completion]."""
+    """Scoring from left-padded batches equals a plain forward of each unpadded [prompt ‖ completion], its
+    logits divided by the score temperature."""
     tokenizer = build_tiny_tokenizer()
     student, teacher = build_tiny_model(tokenizer, seed=1), build_tiny_model(tokenizer, seed=2)
-    cfg = train_min.Config(model="tiny", device="cpu", max_new_tokens=6, micro_batch_size=2, chunk_size=5)
+    cfg = train_min.Config(model="tiny", device="cpu", max_new_tokens=6, micro_batch_size=2, chunk_size=5,
+                           score_temperature=1.7)
     problems = built_in_problems(3, 1)[0]
     prompts = {who: train_min.encode_prompts(tokenizer, [messages(p) for p in problems], "cpu")
                for who, messages in (("student", student_messages), ("teacher", teacher_messages))}
@@ -132,12 +134,12 @@ def test_teacher_and_student_score_the_same_completion_tokens_at_the_same_positi
         for model, who, got in ((student, "student", scores.student_logp), (teacher, "teacher", scores.teacher_logp)):
             ids, attention = prompts[who]
             prompt = ids[b][attention[b].bool()]
-            logits = model(torch.cat([prompt, tokens])[None]).logits[0, len(prompt) - 1 : -1]
+            logits = model(torch.cat([prompt, tokens])[None]).logits[0, len(prompt) - 1 : -1] / 1.7
             expected = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None]).squeeze(-1)
             torch.testing.assert_close(got[b][mask[b]].double(), expected, atol=1e-5, rtol=1e-5)
             assert torch.all(got[b][~mask[b]] == 0)
             if who == "teacher":
-                plain_entropy = egrsd.token_entropy(model(torch.cat([prompt, tokens])[None]).logits[0])
+                plain_entropy = egrsd.token_entropy(model(torch.cat([prompt, tokens])[None]).logits[0] / 1.7)
                 torch.testing.assert_close(scores.teacher_entropy[b][mask[b]], plain_entropy[-len(tokens) - 1 : -1], atol=1e-5, rtol=1e-5)
 
 
@@ -184,22 +186,57 @@ def without_timings(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in TIMING_KEYS}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: a separate sampler copy to restore
-def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(dtype, tmp_path):
-    flags = TINY + ["--method", "cl-egrsd", "--eval-every", "1", "--save-every", "0", "--dtype", dtype]
-    train_min.main(flags + ["--steps", "3", "--output-dir", str(tmp_path / "straight")])
-    train_min.main(flags + ["--steps", "2", "--output-dir", str(tmp_path / "resumed")])
+def stop_after_step(step: int, monkeypatch) -> None:
+    """As if Ctrl-C came during `step`: the run checkpoints after it and returns."""
+    append_row = train_min.run_io.append_row
+
+    def append_then_interrupt(metrics, row):
+        append_row(metrics, row)
+        if row["kind"] == "train" and row["step"] == step:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(train_min.run_io, "append_row", append_then_interrupt)
+
+
+@pytest.mark.parametrize("dtype, schedule, lora", [
+    ("float32", "constant", False), ("float32", "linear", False), ("float32", "cosine", False),
+    ("bfloat16", "linear", False),  # bfloat16: a separate sampler copy to restore
+    ("float32", "cosine", True), ("bfloat16", "linear", True)])  # LoRA: the adapter and its optimizer only
+def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(dtype, schedule, lora, tmp_path, monkeypatch):
+    if lora:
+        pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    flags = TINY + ["--method", "cl-egrsd", "--eval-every", "1", "--save-every", "0", "--dtype", dtype, "--steps", "3",
+                    "--lr-schedule", schedule, "--warmup-steps", "1"] + (["--lora-r", "4"] if lora else [])
+    train_min.main(flags + ["--output-dir", str(tmp_path / "straight")])
+    with monkeypatch.context() as patch:
+        stop_after_step(2, patch)
+        train_min.main(flags + ["--output-dir", str(tmp_path / "resumed")])
     before = (tmp_path / "resumed" / "metrics.jsonl").read_text()
-    train_min.main(["--resume", str(tmp_path / "resumed"), "--steps", "3"])
+    train_min.main(["--resume", str(tmp_path / "resumed")])
     after = (tmp_path / "resumed" / "metrics.jsonl").read_text()
     assert after.startswith(before), "rows already written must stay as they were"
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [without_timings(r) for r in resumed] == [without_timings(r) for r in straight]
+    rates = [r["lr"] for r in straight if r["kind"] == "train"]
+    assert rates[0] == 0.0 and rates[1] == 1e-6, "one warm-up step from 0"
+    assert rates[2] == {"constant": 1e-6, "linear": 0.5e-6, "cosine": 0.5e-6}[schedule]
+
+
+def test_a_constant_schedule_can_be_extended_on_resume_and_a_decaying_one_cannot(tmp_path):
+    flags = TINY + ["--steps", "1", "--eval-size", "0", "--save-every", "0"]
+    train_min.main(flags + ["--lr-schedule", "constant", "--output-dir", str(tmp_path / "constant")])
+    train_min.main(["--resume", str(tmp_path / "constant"), "--steps", "2"])
+    assert [r["step"] for r in read_metrics(tmp_path / "constant")] == [1, 2]
+    train_min.main(flags + ["--lr-schedule", "linear", "--output-dir", str(tmp_path / "linear")])
+    with pytest.raises(SystemExit, match="--steps: a resumed run keeps 1, as its decaying learning-rate schedule"):
+        train_min.main(["--resume", str(tmp_path / "linear"), "--steps", "2"])
+    with pytest.raises(SystemExit, match="--lora-r: a resumed run keeps 0"):
+        train_min.main(["--resume", str(tmp_path / "linear"), "--lora-r", "4"])
 
 
 def test_ctrl_c_checkpoints_after_the_current_step_and_the_run_resumes(tmp_path):
     command = [sys.executable, "train_min.py", *TINY, "--steps", "50", "--eval-size", "0", "--save-every", "0",
-               "--output-dir", str(tmp_path)]
+               "--lr-schedule", "constant", "--output-dir", str(tmp_path)]  # constant: the resume may then stop early
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                cwd=ROOT)
     for line in process.stdout:

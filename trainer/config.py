@@ -21,6 +21,7 @@ import torch
 from trainer import run_io
 
 METHODS = ("grpo", "opsd", "rlsd", "egrsd", "cl-egrsd")
+SCHEDULES = ("constant", "linear", "cosine")
 ROLLOUTS = ("auto", "graph", "eager", "hf-static", "hf-dynamic")
 
 
@@ -62,6 +63,11 @@ class Config:
     """rollout top-k sampling (0: off)"""
     lr: float = 1e-6
     """AdamW learning rate (the paper's 5e-6 is for LoRA; full fine-tuning of 0.5B wants less)"""
+    lr_schedule: str = "linear"
+    """constant, linear or cosine decay to 0 at --steps, after --warmup-steps of linear warm-up; linear is
+    the HF Trainer's default, which the OPSD code the paper builds on runs with"""
+    warmup_steps: int = 0
+    """steps of linear learning-rate warm-up from 0 (the HF Trainer's default: none)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     grad_clip: float = 0.1
@@ -78,6 +84,21 @@ class Config:
     """floor, in nats, of the batch-max entropy that normalises the gate"""
     denominator: str = "raw"
     """cl-egrsd normaliser: raw (Eq. 8) or filtered (Algorithm 1)"""
+    gate_group: int = 0
+    """rollouts that share one entropy normaliser (Eq. 5): 0, the whole batch; 4 is the paper's layout of
+    4 rollouts on each of 8 GPUs, a smaller maximum and so a stronger gate"""
+    score_temperature: float = 0.0
+    """temperature of the scored distributions (teacher and student log-probs, entropy, the trained
+    log-prob): 0 follows --temperature, as TRL's GRPO and the OPSD code divide logits by the sampling one"""
+    lora_r: int = 0
+    """LoRA rank (0: full fine-tuning). With LoRA the teacher is the base model with the adapter off (one
+    copy of the weights) and checkpoints hold the adapter and its optimizer; needs the peft extra"""
+    lora_alpha: float = 32.0
+    """LoRA scale α (the update is α/r · BA); common practice for Qwen: r 16, α 32"""
+    lora_dropout: float = 0.0
+    """LoRA dropout; 0 keeps the trained log-prob that of the policy that sampled (on-policy)"""
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """comma-separated module names that get adapters: every linear layer of a Qwen2/Qwen3 block"""
     verifier: str = "builtin"
     """builtin (numbers: the last \\boxed{}, else `#### N`, else the last number; units, $, %, \\frac
     understood) or math-verify (also symbolic answers such as 2\\sqrt{2}; the optional math-verify package)"""
@@ -133,8 +154,16 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
         path = os.path.join(given["resume"], "config.json")
         if not os.path.isfile(path):
             sys.exit(f"--resume: expected a run directory holding config.json, got {given['resume']!r}")
-        saved = {**json.load(open(path)), "output_dir": given["resume"]}
+        saved = {**BEFORE_THESE_FLAGS, **json.load(open(path)), "output_dir": given["resume"]}
     return Config(**{**saved, **given})
+
+
+# A run saved before these flags existed resumes with the behaviour it had.
+BEFORE_THESE_FLAGS = {"lr_schedule": "constant", "score_temperature": 1.0, "gate_group": 0, "lora_r": 0}
+# Flags a resumed run cannot change: the weights it continues from, and (under a decaying schedule) the
+# length of the schedule it is part of.
+FIXED_ON_RESUME = ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+FIXED_UNDER_DECAY = ("steps", "lr_schedule", "warmup_steps")
 
 
 def check_config(cfg: Config) -> None:
@@ -163,6 +192,14 @@ def check_config(cfg: Config) -> None:
         ("chunk_size", cfg.chunk_size > 0, "> 0"), ("max_bad_steps", cfg.max_bad_steps > 0, "> 0"),
         ("regime_low", cfg.regime_low >= 0, "≥ 0"), ("regime_high", cfg.regime_high > cfg.regime_low, "> --regime-low"),
         ("dump_tokens", cfg.dump_tokens >= 0, "≥ 0"),
+        ("lr_schedule", cfg.lr_schedule in SCHEDULES, ", ".join(SCHEDULES)), ("warmup_steps", cfg.warmup_steps >= 0, "≥ 0"),
+        ("gate_group", cfg.gate_group >= 0, "≥ 0 (0: the whole batch)"),
+        ("score_temperature", cfg.score_temperature >= 0, "≥ 0 (0: the rollout --temperature)"),
+        ("lora_r", cfg.lora_r >= 0, "≥ 0 (0: full fine-tuning)"), ("lora_alpha", cfg.lora_alpha > 0, "> 0"),
+        ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+        ("lora_target_modules", all(cfg.lora_target_modules.split(",")), "comma-separated module names"),
+        ("lora_r", not cfg.lora_r or importlib.util.find_spec("peft") is not None,
+         "peft installed for LoRA (pip install -r requirements-extras.txt)"),
     ]
     for name, ok, allowed in rules:
         if not ok:
@@ -173,6 +210,13 @@ def check_config(cfg: Config) -> None:
         done = run_io.checkpoint_step(run_io.find_checkpoint(cfg.resume))  # stops now if there is none
         if cfg.steps < done:
             sys.exit(f"--steps: expected ≥ {done}, the step of the checkpoint in {cfg.resume!r}, got {cfg.steps}")
+        saved = {**BEFORE_THESE_FLAGS, **json.load(open(os.path.join(cfg.resume, "config.json")))}
+        fixed = FIXED_ON_RESUME + (FIXED_UNDER_DECAY if saved["lr_schedule"] != "constant" else ())
+        for name in fixed:
+            if getattr(cfg, name) != saved.get(name, getattr(cfg, name)):
+                why = "its decaying learning-rate schedule was laid out for" if name in FIXED_UNDER_DECAY else "it continues from"
+                sys.exit(f"--{name.replace('_', '-')}: a resumed run keeps {saved[name]!r}, as {why} it "
+                         f"(got {getattr(cfg, name)!r}); start a new run to change it")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("CUDA is not available on this machine. For a CPU smoke run:\n"
                  "    python train_min.py --model tiny --device cpu --steps 2 --output-dir runs/smoke")
