@@ -220,7 +220,8 @@ def weight_tokens(advantages, scores: Scores, mask, cfg: Config) -> TokenWeights
     if cfg.method in ("egrsd", "cl-egrsd"):  # Eq. 5, 6 (8)
         window = cfg.window if cfg.method == "cl-egrsd" else 0
         gate = egrsd.entropy_gate(scores.teacher_entropy, mask, window, gamma=cfg.gamma, floor=cfg.floor,
-                                  min_denominator=cfg.min_denominator, denominator=cfg.denominator)
+                                  min_denominator=cfg.min_denominator, denominator=cfg.denominator,
+                                  group=cfg.gate_group or None)
     return TokenWeights(magnitude, gate, advantages[:, None] * magnitude * gate)
 
 

@@ -90,6 +90,38 @@ def test_each_method_runs_two_steps_end_to_end(method, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "final").eos_token == "<|im_end|>"
 
 
+def test_a_lora_run_trains_the_adapter_only_holds_one_copy_of_the_base_and_saves_reloadable_models(tmp_path):
+    peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    student, teacher = train_min.main(TINY + ["--method", "cl-egrsd", "--steps", "2", "--lora-r", "4",
+                                              "--output-dir", str(tmp_path)])
+    initial = build_tiny_model(build_tiny_tokenizer())
+    assert teacher is student, "the teacher is the student's base model with the adapter off"
+    held = {p.data_ptr(): p.numel() for model in (student, teacher) for p in model.parameters()}
+    adapter = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    assert 0 < adapter < sum(p.numel() for p in initial.parameters()) / 10
+    assert sum(held.values()) == sum(p.numel() for p in initial.parameters()) + adapter, "one copy of the base"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), student.disable_adapter():  # the base, that is the teacher, never moved
+        assert torch.equal(student(ids).logits, initial(ids).logits)
+    assert [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "train"] == [1, 2]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # plain transformers, no peft
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, student(ids).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(merged(ids).logits, initial(ids).logits), "the adapter moved the student"
+    adapted = peft.PeftModel.from_pretrained(build_tiny_model(build_tiny_tokenizer()), tmp_path / "final" / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, student(ids).logits, atol=1e-5, rtol=1e-5)
+    checkpoint = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert "adapter_model.safetensors" in checkpoint and "model.safetensors" not in checkpoint, checkpoint
+
+
+def test_lora_without_peft_stops_before_any_model_loads_naming_the_flag(monkeypatch, tmp_path):
+    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match="--lora-r: expected peft installed"):
+        train_min.main(TINY + ["--lora-r", "4", "--output-dir", str(tmp_path)])
+
+
 def test_weighting_in_the_trainer_is_the_library_token_advantage():
     torch.manual_seed(0)
     mask = torch.rand(4, 9) > 0.2
@@ -98,10 +130,10 @@ def test_weighting_in_the_trainer_is_the_library_token_advantage():
     advantages = torch.tensor([1.5, -0.5, 0.0, 0.7])
     signals = (scores.teacher_logp, scores.student_logp, scores.teacher_entropy, mask)
     expected = {"grpo": advantages[:, None] * mask, "rlsd": egrsd.token_advantages(advantages, *signals, gamma=0.0),
-                "egrsd": egrsd.token_advantages(advantages, *signals, gamma=0.3),
-                "cl-egrsd": egrsd.token_advantages(advantages, *signals, gamma=0.3, window=3)}
+                "egrsd": egrsd.token_advantages(advantages, *signals, gamma=0.3, group=2),
+                "cl-egrsd": egrsd.token_advantages(advantages, *signals, gamma=0.3, window=3, group=2)}
     for method, want in expected.items():
-        got = train_min.weight_tokens(advantages, scores, mask, train_min.Config(method=method))
+        got = train_min.weight_tokens(advantages, scores, mask, train_min.Config(method=method, gate_group=2))
         torch.testing.assert_close(got.advantage, want.float(), msg=method)
         torch.testing.assert_close(got.advantage, advantages[:, None] * got.magnitude * got.gate, msg=method)
 
@@ -258,18 +290,26 @@ def nan_forward(completion_hidden):
     return lambda model, *args: completion_hidden(model, *args) * (math.nan if model.training else 1.0)
 
 
-@pytest.mark.parametrize("where", ["loss", "forward"])
-def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where, lora", [("loss", False), ("forward", False), ("forward", True)])
+def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, lora, tmp_path, monkeypatch):
+    if lora:
+        peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
     if where == "loss":
         monkeypatch.setattr(egrsd, "policy_loss", lambda logp, adv, mask: (logp * float("nan")).sum())
     else:
         monkeypatch.setattr(train_min, "completion_hidden", nan_forward(train_min.completion_hidden))
     with pytest.raises(SystemExit, match="non-finite steps in a row"):
-        train_min.main(TINY + ["--steps", "5", "--max-bad-steps", "2", "--eval-size", "0", "--output-dir", str(tmp_path)])
+        train_min.main(TINY + ["--steps", "5", "--max-bad-steps", "2", "--eval-size", "0", "--output-dir", str(tmp_path)]
+                       + (["--lora-r", "4"] if lora else []))
     rows = read_metrics(tmp_path)
     assert [r["skipped"] for r in rows] == [True, True]
-    checkpoint = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
-    assert same_parameters(checkpoint, build_tiny_model(build_tiny_tokenizer())), "a skipped step changes nothing"
+    initial = build_tiny_model(build_tiny_tokenizer())
+    if lora:  # an adapter that never moved from its start: B = 0, so the model is the base
+        adapted = peft.PeftModel.from_pretrained(build_tiny_model(build_tiny_tokenizer()), tmp_path / "checkpoint")
+        assert all((p == 0).all() for name, p in adapted.named_parameters() if "lora_B" in name)
+    else:
+        checkpoint = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
+        assert same_parameters(checkpoint, initial), "a skipped step changes nothing"
 
 
 @pytest.mark.parametrize("flag, value", [
@@ -278,6 +318,8 @@ def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, tmp_path, mon
     ("--data", "/no/such/file.jsonl"), ("--top-p", "0"), ("--lr", "-1"), ("--rollout", "static"),
     ("--rollout", "graph"),  # on the CPU device
     ("--eval-data", "/no/such/file.jsonl"), ("--verifier", "exact"),
+    ("--lr-schedule", "step"), ("--warmup-steps", "-1"), ("--gate-group", "-1"), ("--score-temperature", "-1"),
+    ("--lora-r", "-1"), ("--lora-alpha", "0"), ("--lora-dropout", "1"), ("--lora-target-modules", "q_proj,"),
 ])
 def test_a_bad_flag_stops_before_any_model_loads_naming_the_flag(flag, value, monkeypatch, tmp_path):
     monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
@@ -395,9 +437,12 @@ def span_texts(page: str) -> list[list[tuple[int, str]]]:
     return parser.rollouts
 
 
-def test_token_view_is_self_contained_and_its_tokens_decode_to_the_completion(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_token_view_is_self_contained_and_its_tokens_decode_to_the_completion(lora, tmp_path):
+    if lora:
+        pytest.importorskip("peft", reason="the optional extra peft is not installed")
     train_min.main(TINY + ["--method", "cl-egrsd", "--steps", "1", "--eval-size", "0", "--dump-tokens", "1",
-                           "--max-new-tokens", "16", "--output-dir", str(tmp_path)])
+                           "--max-new-tokens", "16", "--output-dir", str(tmp_path)] + (["--lora-r", "4"] if lora else []))
     page = (tmp_path / "tokens" / "step_1.html").read_text()
     assert "<script" not in page and "<link" not in page and "http" not in page
     tokenizer = build_tiny_tokenizer()

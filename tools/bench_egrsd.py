@@ -16,6 +16,9 @@
 4. Two training steps of train_min.py at its defaults (CUDA) or small sizes (CPU); the second, split into
    generate / score / update with tokens per second and share of the step; `--profile FILE` adds a third
    step under torch.profiler.
+5. Full fine-tuning against LoRA: time per step and peak memory (CPU: a 2-layer model of Qwen2.5-0.5B's
+   width; CUDA: Qwen2.5-0.5B both ways and Qwen3-4B with LoRA at the paper's batch and length), and an
+   estimate from parameter counts of what Qwen2.5-0.5B, Qwen3-4B and Qwen3-8B need either way.
 
 Peak memory is torch.cuda.max_memory_allocated on CUDA; on CPU each variant runs in its own process
 and reports its peak resident memory above what it held before the variant started.
@@ -44,11 +47,19 @@ import egrsd  # noqa: E402
 def sizes(device: str) -> dict:
     if device == "cuda":  # the issue's sizes: Qwen2.5-0.5B, 16 × 1024 tokens scored, 64 + 256 tokens rolled out
         return dict(layers=24, score_batch=16, score_length=1024, chunk_size=1024, rollout_layers=24, prompt=64,
-                    new_tokens=256, batches=(32, 128), repeats=3, step_model="random-0.5b", step_batch=32, step_flags=[])
+                    new_tokens=256, batches=(32, 128), repeats=3, step_model="random-0.5b", step_batch=32, step_flags=[],
+                    finetune=[("qwen2.5-0.5b full", "random-0.5b", []), ("qwen2.5-0.5b lora", "random-0.5b", LORA),
+                              ("qwen3-4b lora", "random-qwen3-4b", LORA)])  # the paper's batch and length
     # CPU: the real vocabulary and width with 2 layers for scoring (4 chunks instead of 16), and the tiny
     # model for rollouts and the training step
+    # and a 2-layer model of that width and vocabulary for full fine-tuning against LoRA
+    small = ["--batch-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "32", "--dtype", "float32"]
     return dict(layers=2, score_batch=4, score_length=256, chunk_size=256, rollout_layers=0, prompt=64,
-                new_tokens=64, batches=(32, 128), repeats=5, step_model="tiny", step_batch=8, step_flags=["--max-new-tokens", "64"])
+                new_tokens=64, batches=(32, 128), repeats=5, step_model="tiny", step_batch=8, step_flags=["--max-new-tokens", "64"],
+                finetune=[("2-layer full", "2-layer", small), ("2-layer lora", "2-layer", small + LORA)])
+
+
+LORA = ["--lora-r", "16", "--lora-alpha", "32"]
 
 
 def qwen05b(layers: int, device: str, dtype: torch.dtype):
@@ -57,7 +68,7 @@ def qwen05b(layers: int, device: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     config = qwen25_05b_config(build_tiny_tokenizer())
-    config.num_hidden_layers = layers
+    config.num_hidden_layers, config.layer_types = layers, (config.layer_types or [])[:layers] or None
     torch.manual_seed(0)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -153,7 +164,16 @@ def isolated(function, *args) -> dict:
         torch.cuda.empty_cache()
         return result
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
+        return pool.apply(_reraised, (function, *args))
+
+
+def _reraised(function, *args):
+    """function(*args), its error as a RuntimeError: some library errors cannot be pickled back to the
+    parent process, which would then wait for ever."""
+    try:
+        return function(*args)
+    except Exception as error:  # noqa: BLE001
+        raise RuntimeError(f"{type(error).__name__}: {error}") from None
 
 
 def bench_scoring(device: str, s: dict) -> dict:
@@ -228,6 +248,70 @@ def bench_rollouts(device: str, s: dict, save=lambda partial: None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# 5. Full fine-tuning against LoRA
+
+
+def finetune_step(label: str, device: str, model: str, flags: list) -> dict:
+    """Two steps of train_min.py; the second one's time, and the peak memory of the whole run (GPU: the
+    step's; CPU: the process's resident memory above what it held before)."""
+    import train_min
+
+    before = rss_bytes()
+    with tempfile.TemporaryDirectory() as run_dir:
+        if model == "2-layer":  # Qwen2.5-0.5B's vocabulary and width, 2 layers, saved as a model folder
+            from trainer.offline_models import build_tiny_tokenizer
+
+            qwen05b(2, "cpu", torch.float32).save_pretrained(os.path.join(run_dir, "model"))
+            build_tiny_tokenizer().save_pretrained(os.path.join(run_dir, "model"))
+            model = os.path.join(run_dir, "model")
+        train_min.main(["--model", model, "--device", device, "--steps", "2", "--eval-size", "0", "--save-every", "0",
+                        "--output-dir", os.path.join(run_dir, "run"), *flags])
+        last = [json.loads(line) for line in open(os.path.join(run_dir, "run", "metrics.jsonl"))][-1]
+    peak = last["peak_gpu_mem_gb"] if device == "cuda" else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**30
+    return {"flags": flags, "step_s": last["step_s"], "peak_gib": peak, "length_mean": last["length_mean"]}
+
+
+def memory_estimates(lora_r: int = 16) -> dict:
+    """Weights, gradients and optimizer state of full fine-tuning and of LoRA at the paper's sizes, from
+    the parameter counts (models built on the meta device, no memory): an ESTIMATE, without activations,
+    KV cache or logits chunks. Full: float32 master weights, gradients and two AdamW moments, and the bf16
+    teacher and sampler copies (20 bytes a parameter). LoRA: one bf16 base (2 bytes a parameter) and a
+    float32 adapter with its gradient and moments (16 bytes an adapter parameter)."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from trainer.offline_models import build_tiny_tokenizer, qwen25_05b_config, qwen3_config
+
+    tokenizer, out = build_tiny_tokenizer(), {}
+    for name, config in (("Qwen2.5-0.5B", qwen25_05b_config(tokenizer)), ("Qwen3-4B", qwen3_config("4b", tokenizer)),
+                         ("Qwen3-8B", qwen3_config("8b", tokenizer))):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        params = sum(p.numel() for p in model.parameters())
+        adapter = peft.get_peft_model(model, peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r, task_type="CAUSAL_LM",
+                                                             target_modules=LORA_TARGETS))
+        trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+        out[name] = {"parameters": params, "adapter_parameters": trainable, "full_gib": 20 * params / 2**30,
+                     "lora_gib": (2 * params + 16 * trainable) / 2**30}
+    return out
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def bench_finetune(device: str, s: dict, save=lambda partial: None) -> dict:
+    out = {"estimate": memory_estimates()}
+    save(out)
+    for label, model, flags in s["finetune"]:
+        try:
+            out[label] = isolated(finetune_step, label, device, model, flags)
+        except Exception as error:  # noqa: BLE001 (out of memory, say: recorded, the others still run)
+            out[label] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+        save(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # 3. lookahead_min, 4. a training step
 
 
@@ -287,7 +371,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to measure (default: cpu)")
     parser.add_argument("--json", default="", help="also write the results to this JSON file (after each part)")
-    parser.add_argument("--only", default="scoring,lookahead,step,rollouts", help="comma-separated parts to run, in this order")
+    parser.add_argument("--only", default="scoring,lookahead,step,rollouts,finetune", help="comma-separated parts to run, in this order")
     parser.add_argument("--profile", default="", help="also profile a third training step; write its operator table here")
     args = parser.parse_args()
     s, parts = sizes(args.device), args.only.split(",")
@@ -303,7 +387,8 @@ def main() -> None:
 
     runners = {"scoring": lambda: bench_scoring(args.device, s),
                "rollouts": lambda: bench_rollouts(args.device, s, lambda partial: save("rollouts", partial)),
-               "lookahead": bench_lookahead, "step": lambda: bench_step(args.device, s, args.profile)}
+               "lookahead": bench_lookahead, "step": lambda: bench_step(args.device, s, args.profile),
+               "finetune": lambda: bench_finetune(args.device, s, lambda partial: save("finetune", partial))}
     if unknown := [p for p in parts if p not in runners]:
         parser.error(f"--only: expected parts among {', '.join(runners)}, got {', '.join(unknown)}")
     failed = []
@@ -361,6 +446,17 @@ def report(r: dict) -> str:
             lines.append(f"   {phase:<9} {st[f'{phase}_s']:7.2f} s {100 * st[f'{phase}_s'] / st['step_s']:4.0f}%  "
                          f"{st[f'{phase}_tokens_per_s']:9.0f} tokens/s")
         lines.append(f"   step      {st['step_s']:7.2f} s; score + update = {100 * st['score_plus_update_share']:.0f}%")
+    if "finetune" in r:
+        ft = r["finetune"]
+        lines.append("\n5. full fine-tuning against LoRA (r = 16), two steps each: the second's time, the run's peak")
+        for label, row in ft.items():
+            if label != "estimate":
+                lines.append(f"   {label:<22} " + (row["error"][:80] if "error" in row else
+                             f"{row['step_s']:7.2f} s   peak {row['peak_gib']:6.2f} GiB"))
+        lines.append("   ESTIMATE from parameter counts (weights, gradients, AdamW; no activations):")
+        for name, row in ft["estimate"].items():
+            lines.append(f"   {name:<13} {row['parameters'] / 1e9:5.2f}B parameters, adapter {row['adapter_parameters'] / 1e6:5.1f}M: "
+                         f"full {row['full_gib']:6.1f} GiB, LoRA {row['lora_gib']:5.1f} GiB")
     return "\n".join(lines)
 
 

@@ -28,7 +28,8 @@ ROLLOUTS = ("auto", "graph", "eager", "hf-static", "hf-dynamic")
 @dataclass
 class Config:
     model: str = "Qwen/Qwen2.5-0.5B-Instruct"
-    """a hub name or local directory (safetensors), or `tiny` / `random-0.5b`: built in code, offline"""
+    """a hub name or local directory (safetensors), or built in code, offline: `tiny`, or random weights of
+    Qwen2.5-0.5B's / Qwen3-4B's shape (`random-0.5b`, `random-qwen3-4b`) for speed and memory runs"""
     method: str = "egrsd"
     """one of grpo, opsd, rlsd, egrsd, cl-egrsd"""
     data: str = ""

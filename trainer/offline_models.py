@@ -3,19 +3,21 @@
 - `build_tiny_tokenizer()`: a byte-level BPE (512 tokens) trained in code on generated problems, with
   Qwen2.5's special tokens (`<|endoftext|>` pad, `<|im_end|>` end of turn) and a ChatML chat template.
 - `build_tiny_model(tokenizer)`: a random 2-layer Qwen2 that generates fast on CPU.
-- `build_random_qwen25_05b(tokenizer, dtype)`: Qwen2.5-0.5B's exact architecture with random weights,
-  for timing and memory runs only.
-- `load_model_and_tokenizer(name, device, dtype)`: "tiny", "random-0.5b", or a hub name / local folder.
+- `build_random_model(name, tokenizer, dtype)`: Qwen2.5-0.5B's (`random-0.5b`) or Qwen3-4B's
+  (`random-qwen3-4b`) exact architecture with random weights, for timing and memory runs only.
+- `load_model_and_tokenizer(name, device, dtype)`: "tiny", "random-0.5b", "random-qwen3-4b", or a hub name
+  / local folder.
 - `make_arithmetic_problems(n, seed)`: the tiny tokenizer's corpus, short generated word problems.
 """
 
+import functools
 import random
 import warnings
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config)
 
 from trainer.tasks import Problem, student_messages, teacher_messages
 
@@ -92,11 +94,22 @@ def qwen25_05b_config(tokenizer) -> Qwen2Config:
                        tie_word_embeddings=True, **_special_token_ids(tokenizer))
 
 
-def build_random_qwen25_05b(tokenizer, dtype: torch.dtype, device="cpu") -> Qwen2ForCausalLM:
-    """Qwen2.5-0.5B with random weights, built directly in `dtype` on `device`. FOR TIMING ONLY: its
-    vocabulary has 151,936 rows while the tiny tokenizer's ids are the first 512 of them."""
+def qwen3_config(size: str, tokenizer) -> Qwen3Config:
+    """Qwen3-4B's or Qwen3-8B's architecture (4.02B / 8.19B parameters), the paper's models."""
+    width, mlp, tied = {"4b": (2560, 9_728, True), "8b": (4096, 12_288, False)}[size]
+    return Qwen3Config(vocab_size=151_936, hidden_size=width, intermediate_size=mlp, num_hidden_layers=36,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40_960,
+                       rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied, **_special_token_ids(tokenizer))
+
+
+RANDOM_SHAPES = {"random-0.5b": qwen25_05b_config, "random-qwen3-4b": functools.partial(qwen3_config, "4b")}
+
+
+def build_random_model(name: str, tokenizer, dtype: torch.dtype, device="cpu"):
+    """A model of RANDOM_SHAPES with random weights, built directly in `dtype` on `device`. FOR TIMING AND
+    MEMORY ONLY: its vocabulary has 151,936 rows while the tiny tokenizer's ids are the first 512 of them."""
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(qwen25_05b_config(tokenizer), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(RANDOM_SHAPES[name](tokenizer), dtype=dtype)
     model.generation_config.update(**_special_token_ids(tokenizer))
     return model
 
@@ -116,13 +129,13 @@ def _load_pretrained(name: str, dtype: torch.dtype):
 
 
 def load_model_and_tokenizer(name: str, device, dtype: torch.dtype):
-    """(model on `device` in `dtype`, tokenizer): "tiny", "random-0.5b" (tiny tokenizer), or a hub name."""
+    """(model on `device` in `dtype`, tokenizer): "tiny", a RANDOM_SHAPES name (tiny tokenizer), or a hub name."""
     if name == "tiny":
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer, dtype=dtype)
-    elif name == "random-0.5b":
+    elif name in RANDOM_SHAPES:
         tokenizer = build_tiny_tokenizer()
-        model = build_random_qwen25_05b(tokenizer, dtype, device)
+        model = build_random_model(name, tokenizer, dtype, device)
     else:
         model, tokenizer = _load_pretrained(name, dtype)
     # A clean generation config. A checkpoint's own sampling defaults (Qwen2.5-Instruct ships a

@@ -77,10 +77,11 @@ def regime_stats(scores, weights, mask, cfg) -> dict:
     the other methods."""
     entropy, gate = scores.teacher_entropy, weights.gate
     gate_at = functools.partial(egrsd.entropy_gate, entropy, mask, gamma=cfg.gamma, floor=cfg.floor,
-                                min_denominator=cfg.min_denominator, denominator=cfg.denominator)
+                                min_denominator=cfg.min_denominator, denominator=cfg.denominator,
+                                group=cfg.gate_group or None)
     restored = gate_at(cfg.window) - gate_at(0)
     regimes = egrsd.token_regimes(entropy, mask, cfg.window, tau_low=cfg.regime_low, tau_high=cfg.regime_high,
-                                  min_denominator=cfg.min_denominator)
+                                  min_denominator=cfg.min_denominator, group=cfg.gate_group or None)
     stats = {"gate_mean": _mean(gate, mask), "gate_min": gate[mask].min().item() if mask.any() else None,
              "magnitude_mean": _mean(weights.magnitude, mask), "teacher_entropy_mean": _mean(entropy, mask)}
     for code, name in enumerate(egrsd.REGIMES, start=1):
@@ -94,9 +95,9 @@ def dump_tokens(path: str, step: int, tokenizer, batch, scores, weights, rewards
     """The token view of the first `count` rollouts of this step (train_min's Rollouts, Scores, TokenWeights)."""
     entropy, mask = scores.teacher_entropy, batch.mask
     entropy_cl = egrsd.normalised_entropy(entropy, mask, cfg.window, min_denominator=cfg.min_denominator,
-                                          denominator=cfg.denominator)
+                                          denominator=cfg.denominator, group=cfg.gate_group or None)
     regimes = egrsd.token_regimes(entropy, mask, cfg.window, tau_low=cfg.regime_low, tau_high=cfg.regime_high,
-                                  min_denominator=cfg.min_denominator)
+                                  min_denominator=cfg.min_denominator, group=cfg.gate_group or None)
     shown = []
     for b in range(min(count, len(mask))):
         m, ids = mask[b], batch.completion[b][mask[b]].tolist()

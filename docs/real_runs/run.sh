@@ -8,7 +8,9 @@
 # evaluation. STEPS (default 40) can be lowered from the environment to fit a time budget; FLAGS adds flags
 # (later flags win; the CPU dry run: FLAGS="--device cpu --steps 1 --batch-size 4 ...").
 # Data: data/gsm_symbolic_train.jsonl (2,000 problems, 68 templates) and the held-out templates of
-# data/gsm_symbolic_eval.jsonl (first 128 problems); sha256 of both are printed below.
+# data/gsm_symbolic_eval.jsonl (first 128 problems); sha256 of both are printed below. The runs of
+# docs/real_runs predate --lr-schedule, --score-temperature, --gate-group, --lora-r and --verifier: the
+# values written here are the behaviour they had (constant, 1.0, the whole batch, full fine-tuning, builtin).
 set -euo pipefail
 model=$1 out=$2
 shift 2
@@ -23,8 +25,9 @@ for method in $methods; do
     --data data/gsm_symbolic_train.jsonl --eval-data data/gsm_symbolic_eval.jsonl \
     --device cuda --dtype auto --seed 0 --steps "$steps" --batch-size 32 --micro-batch-size 8 \
     --max-new-tokens 512 --temperature 1.1 --top-p 0.95 --top-k 20 \
-    --lr 1e-6 --weight-decay 0.0 --grad-clip 0.1 \
-    --gamma 0.3 --window 3 --eps 0.2 --floor 0.1 --min-denominator 1.0 --denominator raw \
+    --lr 1e-6 --lr-schedule constant --warmup-steps 0 --weight-decay 0.0 --grad-clip 0.1 \
+    --gamma 0.3 --window 3 --eps 0.2 --floor 0.1 --min-denominator 1.0 --denominator raw --gate-group 0 \
+    --score-temperature 1.0 --lora-r 0 --verifier builtin \
     --beta-length 0.5 --advantage-warmup 10 \
     --eval-size 128 --eval-every 20 --eval-batch-size 64 --save-every 0 \
     --rollout auto --chunk-size 1024 --gradient-checkpointing --max-bad-steps 3 \
