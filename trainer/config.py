@@ -95,7 +95,7 @@ class Config:
     """LoRA rank (0: full fine-tuning). With LoRA the teacher is the base model with the adapter off (one
     copy of the weights) and checkpoints hold the adapter and its optimizer; needs the peft extra"""
     lora_alpha: float = 32.0
-    """LoRA scale α (the update is α/r · BA); common practice for Qwen: r 16, α 32"""
+    """LoRA scale α (the update is α/r · BA); a widespread choice: r 16, α 32"""
     lora_dropout: float = 0.0
     """LoRA dropout; 0 keeps the trained log-prob that of the policy that sampled (on-policy)"""
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
