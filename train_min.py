@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM
 
 import egrsd
 from trainer import decoding, lora, run_io, views
-from trainer.config import Config, check_config, parse_args
+from trainer.config import Config, check_config, compute_dtype, parse_args
 from trainer.offline_models import enable_activation_checkpointing, load_model_and_tokenizer
 from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, load_problems, student_messages, teacher_messages
 
@@ -306,12 +306,6 @@ def learning_rate_factor(cfg: Config):
     return factor
 
 
-def compute_dtype(cfg: Config) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if torch.device(cfg.device).type == "cuda" else torch.float32
-    return getattr(torch, cfg.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The loop.
 
@@ -357,8 +351,10 @@ def train(cfg: Config):
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(student)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    json.dump(asdict(cfg) | {"resume": ""}, open(os.path.join(cfg.output_dir, "config.json"), "w"), indent=1)
-    metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
+    with run_io.writing("the run's settings", os.path.join(cfg.output_dir, "config.json"), cfg.output_dir):
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg) | {"resume": ""}, f, indent=1)
+    metrics = run_io.open_metrics(cfg.output_dir)
     bad_steps = 0
 
     def save(step: int) -> None:
@@ -423,8 +419,9 @@ def train(cfg: Config):
 
             done = step + 1
             if cfg.dump_tokens and done % cfg.dump_tokens == 0:
-                views.dump_tokens(os.path.join(cfg.output_dir, "tokens", f"step_{done}.html"), done, tokenizer, batch,
-                                  scores, weights, rewards.tolist(), correct.tolist(), cfg)
+                page = os.path.join(cfg.output_dir, "tokens", f"step_{done}.html")
+                with run_io.writing("the token view", page, cfg.output_dir):
+                    views.dump_tokens(page, done, tokenizer, batch, scores, weights, rewards.tolist(), correct.tolist(), cfg)
             if bad_steps >= cfg.max_bad_steps:
                 save(done)
                 sys.exit(f"stopped: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {grad_norm}); "
@@ -438,11 +435,13 @@ def train(cfg: Config):
                 print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}")
                 return student, teacher
 
-    if cfg.lora_r:
-        lora.save_final(student, tokenizer, os.path.join(cfg.output_dir, "final"))
-    else:
-        sampler.save_pretrained(os.path.join(cfg.output_dir, "final"))  # in the compute dtype
-        tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
+    final = os.path.join(cfg.output_dir, "final")
+    with run_io.writing("the final model", final, cfg.output_dir):
+        if cfg.lora_r:
+            lora.save_final(student, tokenizer, final)
+        else:
+            sampler.save_pretrained(final)  # in the compute dtype
+            tokenizer.save_pretrained(final)
     print(f"saved {cfg.output_dir}/final")
     return student, teacher
 

@@ -221,3 +221,36 @@ def check_config(cfg: Config) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("CUDA is not available on this machine. For a CPU smoke run:\n"
                  "    python train_min.py --model tiny --device cpu --steps 2 --output-dir runs/smoke")
+    size = run_bytes(cfg)
+    run_io.check_output_dir(cfg.output_dir, *(size or (None, "")))
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    """bfloat16 on CUDA and float32 on CPU for --dtype auto."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.device(cfg.device).type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def run_bytes(cfg: Config) -> tuple[int, str] | None:
+    """The disk a run needs, from the model's config on the meta device (no weights are read): two
+    checkpoints, since the last one stays until the next is complete, and final/. A checkpoint holds the
+    float32 weights and their two AdamW moments (12 bytes a parameter), with LoRA only the adapter's;
+    final/ holds the model in the compute dtype (with LoRA also the adapter). None where the model's
+    config cannot be read before loading it."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer import lora, offline_models
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(offline_models.model_config(cfg.model))
+    except Exception as error:  # noqa: BLE001 (an offline hub name, say: the model load will tell)
+        print(f"free-space check skipped: the config of {cfg.model!r} could not be read ({type(error).__name__})")
+        return None
+    params = sum(p.numel() for p in model.parameters())
+    adapter = lora.adapter_parameters(model, cfg) if cfg.lora_r else 0
+    checkpoint = 12 * (adapter or params)
+    final = compute_dtype(cfg).itemsize * params + 4 * adapter
+    return 2 * checkpoint + final, (f"two checkpoints of {run_io.gib(checkpoint)}, {'the adapter' if adapter else 'the weights'} "
+                                    f"and its AdamW state, and final/ of {run_io.gib(final)}")

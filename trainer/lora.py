@@ -25,6 +25,11 @@ def attach(base, cfg, checkpoint: str | None = None):
     return peft.get_peft_model(base, config)
 
 
+def adapter_parameters(base, cfg) -> int:
+    """How many parameters the adapter of `cfg` adds to `base` (a model on the meta device will do)."""
+    return sum(p.numel() for p in attach(base, cfg).parameters() if p.requires_grad)
+
+
 def is_adapted(model) -> bool:
     """Whether `model` is a peft model (its own teacher once the adapter is off)."""
     return hasattr(model, "peft_config")

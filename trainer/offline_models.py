@@ -16,7 +16,7 @@ import warnings
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config)
 
 from trainer.tasks import Problem, student_messages, teacher_messages
@@ -74,11 +74,15 @@ def _special_token_ids(tokenizer) -> dict:
             "bos_token_id": tokenizer.pad_token_id}
 
 
+def tiny_config(tokenizer) -> Qwen2Config:
+    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048,
+                       tie_word_embeddings=True, **_special_token_ids(tokenizer))
+
+
 def build_tiny_model(tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32) -> Qwen2ForCausalLM:
     """A random Qwen2 (hidden 64, 2 layers), the same for the same seed and dtype; the global RNG is untouched."""
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048,
-                         tie_word_embeddings=True, **_special_token_ids(tokenizer))
+    config = tiny_config(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -112,6 +116,15 @@ def build_random_model(name: str, tokenizer, dtype: torch.dtype, device="cpu"):
         model = AutoModelForCausalLM.from_config(RANDOM_SHAPES[name](tokenizer), dtype=dtype)
     model.generation_config.update(**_special_token_ids(tokenizer))
     return model
+
+
+def model_config(name: str):
+    """The transformers config of the model `name` names, without reading any weights."""
+    if name == "tiny":
+        return tiny_config(build_tiny_tokenizer())
+    if name in RANDOM_SHAPES:
+        return RANDOM_SHAPES[name](build_tiny_tokenizer())
+    return AutoConfig.from_pretrained(name)
 
 
 def _load_pretrained(name: str, dtype: torch.dtype):

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import functools
 import html
-import json
 import os
 
 import egrsd
+from trainer import run_io
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
@@ -112,15 +112,12 @@ def dump_tokens(path: str, step: int, tokenizer, batch, scores, weights, rewards
 
 
 def read_rows(run_dir: str) -> list[dict]:
-    """The rows of a run's metrics.jsonl; a step that appears twice (run again after a resume) keeps its last row."""
+    """The rows of a run's metrics.jsonl (torn lines skipped, run_io.read_rows); a step that appears twice
+    (run again after a resume) keeps its last row."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise SystemExit(f"--compare: expected a run directory holding metrics.jsonl, got {run_dir!r}")
-    rows = {}
-    for line in open(path):
-        if line.strip():
-            row = json.loads(line)
-            rows[row.get("kind"), row["step"]] = row
+    rows = {(row.get("kind"), row["step"]): row for row in run_io.read_rows(path)}
     return sorted(rows.values(), key=lambda r: (r["step"], r.get("kind") != "eval"))
 
 
