@@ -326,11 +326,9 @@ def train(cfg: Config):
     teacher.eval().requires_grad_(False)
     if cfg.lora_r:
         student = sampler = teacher = lora.attach(teacher, cfg, checkpoint)
-    elif checkpoint:
-        student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True).to(cfg.device)
     else:
-        student = copy.deepcopy(teacher).float().requires_grad_(True)
-    if not cfg.lora_r:
+        student = (AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True).to(cfg.device)
+                   if checkpoint else copy.deepcopy(teacher).float().requires_grad_(True))
         sampler = student if compute_dtype(cfg) == torch.float32 else copy.deepcopy(teacher)
         copy_weights(student, sampler)
     optimizer = torch.optim.AdamW(trainable(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
