@@ -148,7 +148,8 @@ class EGRSDTrainer(GRPOTrainer):
         teacher_logp, teacher_entropy = self.teacher_scores([x[self.args.teacher_prompt_column] for x in inputs], completion, mask)
         student_logp = self.policy_logps(output)
         output["advantages"] = self.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask)
-        self._log_signals(mode, rewards, output["advantages"], teacher_entropy, mask)
+        magnitude = egrsd.ratio_magnitude(teacher_logp, student_logp, torch.sign(advantages), mask, eps=self.args.magnitude_eps)
+        self._log_signals(mode, rewards, magnitude, teacher_entropy, mask)
         return output
 
     @torch.no_grad()
@@ -176,35 +177,45 @@ class EGRSDTrainer(GRPOTrainer):
                                                              batch_size=self.args.per_device_train_batch_size)
         return logp.masked_fill(~output["completion_mask"].bool(), 0.0)
 
-    def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask) -> torch.Tensor:
-        """Â = A · w · ω from egrsd.token_advantages, with the entropy normaliser of the global batch: the
-        maximum over every process, passed as the normaliser's floor (egrsd then divides by it exactly)."""
+    def gate_settings(self, teacher_entropy, mask) -> dict:
+        """The keyword settings of egrsd.entropy_gate for this batch. The entropy normaliser is that of the
+        global batch: its maximum over every process, passed as the normaliser's floor (egrsd then divides
+        by exactly it); with `gate_group`, each process's groups of rows."""
         a = self.args
-        window = a.window if a.method == "cl-egrsd" else 0
-        group = a.gate_group or None
-        floor = a.min_denominator
-        if group is None:
+        settings = dict(gamma=0.0 if a.method == "rlsd" else a.gamma, floor=a.gate_floor, min_denominator=a.min_denominator,
+                        denominator=a.denominator, group=a.gate_group or None)
+        if settings["group"] is None:
+            window = a.window if a.method == "cl-egrsd" else 0
             source = teacher_entropy if a.denominator == "raw" else egrsd.lookahead_min(teacher_entropy, mask, window)
             local_max = source.masked_fill(~mask, 0.0).amax() if mask.numel() else source.new_zeros(())
-            floor = max(floor, gather(local_max[None]).max().item())
-        return egrsd.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, window,
-                                      gamma=0.0 if a.method == "rlsd" else a.gamma, eps=a.magnitude_eps, floor=a.gate_floor,
-                                      min_denominator=floor, denominator=a.denominator, group=group)
+            settings["min_denominator"] = max(a.min_denominator, gather(local_max[None]).max().item())
+        return settings
 
-    def _log_signals(self, mode, rewards, token_adv, teacher_entropy, mask) -> None:
-        """The signals train_min.py logs: gate, magnitude and regime shares, as means over every process."""
+    def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask) -> torch.Tensor:
+        """Â = A · w · ω from egrsd.token_advantages, with the gate of the global batch (`gate_settings`)."""
+        window = self.args.window if self.args.method == "cl-egrsd" else 0
+        return egrsd.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, window,
+                                      eps=self.args.magnitude_eps, **self.gate_settings(teacher_entropy, mask))
+
+    def _log_signals(self, mode, rewards, magnitude, teacher_entropy, mask) -> None:
+        """The signals train_min.py logs: gate (mean, min), magnitude, teacher entropy and the regime shares,
+        over every process."""
         a = self.args
-        window, group = a.window if a.method == "cl-egrsd" else 0, a.gate_group or None
-        gate = egrsd.entropy_gate(teacher_entropy, mask, window, gamma=0.0 if a.method == "rlsd" else a.gamma,
-                                  floor=a.gate_floor, min_denominator=a.min_denominator, denominator=a.denominator, group=group)
-        regimes = egrsd.token_regimes(teacher_entropy, mask, a.window, min_denominator=a.min_denominator, group=group)
-        sums = [gate[mask].sum(), teacher_entropy[mask].sum(), *((regimes == c).sum() for c in range(1, 5)), mask.sum()]
+        settings = self.gate_settings(teacher_entropy, mask)
+        gate = egrsd.entropy_gate(teacher_entropy, mask, a.window if a.method == "cl-egrsd" else 0, **settings)
+        regimes = egrsd.token_regimes(teacher_entropy, mask, a.window, min_denominator=settings["min_denominator"],
+                                      group=settings["group"])
+        sums = [gate[mask].sum(), magnitude[mask].sum(), teacher_entropy[mask].sum(),
+                *((regimes == c).sum() for c in range(1, 5)), mask.sum()]
         totals = gather(torch.stack([s.float() for s in sums])[None]).sum(dim=0).tolist()
+        lowest = gather(gate.masked_fill(~mask, 1.0).amin()[None].float() if mask.numel() else torch.ones(1)).min().item()
         count = max(totals[-1], 1.0)
         self._metrics[mode]["egrsd/length_shaped_reward"].append(rewards.mean().item())
         self._metrics[mode]["egrsd/gate_mean"].append(totals[0] / count)
-        self._metrics[mode]["egrsd/teacher_entropy_mean"].append(totals[1] / count)
-        for name, total in zip(egrsd.REGIMES, totals[2:6]):
+        self._metrics[mode]["egrsd/gate_min"].append(lowest)
+        self._metrics[mode]["egrsd/magnitude_mean"].append(totals[1] / count)
+        self._metrics[mode]["egrsd/teacher_entropy_mean"].append(totals[2] / count)
+        for name, total in zip(egrsd.REGIMES, totals[3:7]):
             self._metrics[mode][f"egrsd/share_{name}"].append(total / count)
 
     # ------------------------------------------------------------------------------------------------
