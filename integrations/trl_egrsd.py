@@ -160,7 +160,7 @@ class EGRSDTrainer(GRPOTrainer):
                for p in teacher_prompts]
         prompt_ids = pad(ids, padding_value=self.processing_class.pad_token_id, padding_side="left").to(completion.device)
         prompt_mask = pad([torch.ones_like(i) for i in ids], padding_value=0, padding_side="left").to(completion.device)
-        model = self.teacher or self.model
+        model = self.model if self.teacher is None else self.teacher
         adapter_off = use_adapter(self.accelerator.unwrap_model(model), None) if self.teacher is None else contextlib.nullcontext()
         with adapter_off:
             logp, entropy, _ = self._get_per_token_logps_and_entropies(
