@@ -277,9 +277,10 @@ def memory_estimates(lora_r: int = 16) -> dict:
     KV cache or logits chunks. Full: float32 master weights, gradients and two AdamW moments, and the bf16
     teacher and sampler copies (20 bytes a parameter). LoRA: one bf16 base (2 bytes a parameter) and a
     float32 adapter with its gradient and moments (16 bytes an adapter parameter)."""
-    import peft
     from transformers import AutoModelForCausalLM
 
+    from trainer import lora
+    from trainer.config import Config
     from trainer.offline_models import build_tiny_tokenizer, qwen25_05b_config, qwen3_config
 
     tokenizer, out = build_tiny_tokenizer(), {}
@@ -288,15 +289,11 @@ def memory_estimates(lora_r: int = 16) -> dict:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         params = sum(p.numel() for p in model.parameters())
-        adapter = peft.get_peft_model(model, peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r, task_type="CAUSAL_LM",
-                                                             target_modules=LORA_TARGETS))
-        trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+        trainable = lora.adapter_parameters(model, Config(lora_r=lora_r, lora_alpha=2 * lora_r))  # train_min's targets
         out[name] = {"parameters": params, "adapter_parameters": trainable, "full_gib": 20 * params / 2**30,
                      "lora_gib": (2 * params + 16 * trainable) / 2**30}
     return out
 
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def bench_finetune(device: str, s: dict, save=lambda partial: None) -> dict:
