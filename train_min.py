@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM
 import egrsd
 from trainer import decoding, lora, run_io, views
 from trainer.config import Config, check_config, compute_dtype, parse_args
-from trainer.offline_models import enable_activation_checkpointing, load_model_and_tokenizer
+from trainer.offline_models import enable_activation_checkpointing, eos_list, load_model_and_tokenizer
 from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, load_problems, student_messages, teacher_messages
 
 
@@ -125,7 +125,7 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[
 def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False):
     """Sample completions: ids (B, T), mask (B, T) bool up to and including the first EOS, finished (B,).
     Every EOS id of the model's generation config ends a row (Qwen2.5-Instruct: <|im_end|>, <|endoftext|>)."""
-    eos_ids = stop_ids(model)
+    eos_ids = eos_list(model)
     args = (model, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_ids, tokenizer.pad_token_id)
     sampling = dict(greedy=greedy, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     if cfg.rollout in ("hf-static", "hf-dynamic"):
@@ -133,12 +133,6 @@ def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: boo
     else:  # decoding.py; auto: CUDA graphs on CUDA unless a capture fails there
         completion = decoding.generate(*args, **sampling, graph={"auto": None, "graph": True, "eager": False}[cfg.rollout])
     return (completion, *completion_mask(completion, eos_ids))
-
-
-def stop_ids(model) -> list[int]:
-    """The EOS ids of the model's generation config, as a list."""
-    eos = model.generation_config.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def completion_mask(completion, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

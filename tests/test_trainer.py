@@ -67,7 +67,7 @@ def test_the_clean_generation_config_keeps_every_eos_id_of_the_checkpoint(tmp_pa
     tokenizer.save_pretrained(tmp_path)
     loaded, _ = train_min.load_model_and_tokenizer(str(tmp_path), "cpu", torch.float32)
     assert loaded.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    assert train_min.stop_ids(loaded) == [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    assert train_min.eos_list(loaded) == [tokenizer.eos_token_id, tokenizer.pad_token_id]
     assert loaded.generation_config.temperature in (None, 1.0), "no sampling default of the checkpoint"
 
 

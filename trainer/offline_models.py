@@ -118,6 +118,12 @@ def build_random_model(name: str, tokenizer, dtype: torch.dtype, device="cpu"):
     return model
 
 
+def eos_list(model) -> list[int]:
+    """The EOS ids of the model's generation config (none, one or several), as a list."""
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 def model_config(name: str):
     """The transformers config of the model `name` names, without reading any weights."""
     if name == "tiny":
@@ -156,8 +162,7 @@ def load_model_and_tokenizer(name: str, device, dtype: torch.dtype):
     # and rollouts would no longer come from the policy whose log-probs are trained. It keeps every EOS
     # id: the tokenizer's and the checkpoint's (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>); a row that
     # ends on any of them is finished, and rewarded.
-    eos = model.generation_config.eos_token_id
-    eos_ids = [tokenizer.eos_token_id] + [i for i in ([eos] if isinstance(eos, int) else eos or []) if i != tokenizer.eos_token_id]
+    eos_ids = [tokenizer.eos_token_id] + [i for i in eos_list(model) if i != tokenizer.eos_token_id]
     model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
     # Built and loaded in `dtype` already: a later .to(dtype) would also round buffers that transformers
     # keeps in float32, such as the rotary frequencies.
