@@ -147,9 +147,10 @@ class EGRSDTrainer(GRPOTrainer):
         # the teacher (with the reference solution) and the policy that sampled score every completion token
         teacher_logp, teacher_entropy = self.teacher_scores([x[self.args.teacher_prompt_column] for x in inputs], completion, mask)
         student_logp = self.policy_logps(output)
-        output["advantages"] = self.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask)
+        settings = self.gate_settings(teacher_entropy, mask)  # one gather of the normaliser for both
+        output["advantages"] = self.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, settings)
         magnitude = egrsd.ratio_magnitude(teacher_logp, student_logp, torch.sign(advantages), mask, eps=self.args.magnitude_eps)
-        self._log_signals(mode, rewards, magnitude, teacher_entropy, mask)
+        self._log_signals(mode, rewards, magnitude, teacher_entropy, mask, settings)
         return output
 
     @torch.no_grad()
@@ -185,24 +186,27 @@ class EGRSDTrainer(GRPOTrainer):
         settings = dict(gamma=0.0 if a.method == "rlsd" else a.gamma, floor=a.gate_floor, min_denominator=a.min_denominator,
                         denominator=a.denominator, group=a.gate_group or None)
         if settings["group"] is None:
-            window = a.window if a.method == "cl-egrsd" else 0
-            source = teacher_entropy if a.denominator == "raw" else egrsd.lookahead_min(teacher_entropy, mask, window)
+            source = teacher_entropy if a.denominator == "raw" else egrsd.lookahead_min(teacher_entropy, mask, self.window)
             local_max = source.masked_fill(~mask, 0.0).amax() if mask.numel() else source.new_zeros(())
             settings["min_denominator"] = max(a.min_denominator, gather(local_max[None]).max().item())
         return settings
 
-    def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask) -> torch.Tensor:
-        """Â = A · w · ω from egrsd.token_advantages, with the gate of the global batch (`gate_settings`)."""
-        window = self.args.window if self.args.method == "cl-egrsd" else 0
-        return egrsd.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, window,
-                                      eps=self.args.magnitude_eps, **self.gate_settings(teacher_entropy, mask))
+    @property
+    def window(self) -> int:
+        """W of the gate: the lookahead for cl-egrsd, 0 for egrsd and rlsd."""
+        return self.args.window if self.args.method == "cl-egrsd" else 0
 
-    def _log_signals(self, mode, rewards, magnitude, teacher_entropy, mask) -> None:
+    def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask, settings=None) -> torch.Tensor:
+        """Â = A · w · ω from egrsd.token_advantages, with the gate of the global batch (`gate_settings`)."""
+        settings = settings or self.gate_settings(teacher_entropy, mask)
+        return egrsd.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, self.window,
+                                      eps=self.args.magnitude_eps, **settings)
+
+    def _log_signals(self, mode, rewards, magnitude, teacher_entropy, mask, settings) -> None:
         """The signals train_min.py logs: gate (mean, min), magnitude, teacher entropy and the regime shares,
         over every process."""
         a = self.args
-        settings = self.gate_settings(teacher_entropy, mask)
-        gate = egrsd.entropy_gate(teacher_entropy, mask, a.window if a.method == "cl-egrsd" else 0, **settings)
+        gate = egrsd.entropy_gate(teacher_entropy, mask, self.window, **settings)
         regimes = egrsd.token_regimes(teacher_entropy, mask, a.window, min_denominator=settings["min_denominator"],
                                       group=settings["group"])
         sums = [gate[mask].sum(), magnitude[mask].sum(), teacher_entropy[mask].sum(),
