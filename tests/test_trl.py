@@ -13,21 +13,11 @@ pytest.importorskip("trl", reason="the optional extra trl is not installed")
 
 import egrsd  # noqa: E402
 import train_min  # noqa: E402
-from integrations.trl_egrsd import EGRSDConfig, EGRSDTrainer, correctness_reward, dataset_from_problems  # noqa: E402
 from trainer.offline_models import build_tiny_model  # noqa: E402
 from trainer.tasks import teacher_messages  # noqa: E402
-from trl_run import fixed_rollouts, problems, tokenizer  # noqa: E402
+from trl_run import fixed_rollouts, problems, tiny_trainer, tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_trainer(tmp_path, dtype=torch.float32, **settings) -> EGRSDTrainer:
-    args = EGRSDConfig(**{**dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
-                                 max_completion_length=32, max_steps=2, learning_rate=1e-3, use_cpu=True, bf16=False,
-                                 report_to=[], save_strategy="no", temperature=1.1, seed=0, shuffle_dataset=False,
-                                 method="cl-egrsd"), **settings})
-    return EGRSDTrainer(model=build_tiny_model(tokenizer, dtype=dtype), reward_funcs=correctness_reward, args=args,
-                        train_dataset=dataset_from_problems(problems), processing_class=tokenizer, rollout_func=fixed_rollouts)
 
 
 @pytest.mark.parametrize("method", ["egrsd", "cl-egrsd", "rlsd"])
@@ -99,11 +89,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
 
 def test_with_lora_the_teacher_is_the_base_model_with_the_adapter_off(tmp_path):
     peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
-    args = EGRSDConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_completion_length=32, max_steps=1,
-                       use_cpu=True, bf16=False, report_to=[], save_strategy="no", temperature=1.1, learning_rate=1e-1)
-    trainer = EGRSDTrainer(model=build_tiny_model(tokenizer), reward_funcs=correctness_reward, args=args,
-                           train_dataset=dataset_from_problems(problems), processing_class=tokenizer,
-                           rollout_func=fixed_rollouts, peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = tiny_trainer(tmp_path, max_steps=1, learning_rate=1e-1, method="egrsd",
+                           peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert trainer.teacher is None, "no second copy of the weights"
     trainer.train()  # the adapter moves (a large learning rate), the teacher must not
     rows = [row for row in trainer.train_dataset.select(range(2)) for _ in range(2)]

@@ -42,8 +42,8 @@ class Recording(EGRSDTrainer):
 
     record = {"advantages": [], "masks": [], "losses": []}
 
-    def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask):
-        token_adv = super().token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask)
+    def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask, settings=None):
+        token_adv = super().token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, settings)
         self.record["advantages"].append(token_adv.cpu())
         self.record["masks"].append(mask.cpu())
         return token_adv
@@ -52,6 +52,17 @@ class Recording(EGRSDTrainer):
         loss = super()._compute_loss(model, inputs)
         self.record["losses"].append(loss.item())
         return loss
+
+
+def tiny_trainer(out, cls=EGRSDTrainer, dtype=torch.float32, peft_config=None, **settings) -> EGRSDTrainer:
+    """A trainer of these runs on the tiny model with the fixed rollouts; `settings` override the config."""
+    args = EGRSDConfig(**{**dict(output_dir=str(out), per_device_train_batch_size=GLOBAL_BATCH, num_generations=2,
+                                 max_completion_length=32, max_steps=2, learning_rate=1e-3, use_cpu=True, bf16=False,
+                                 report_to=[], save_strategy="no", temperature=1.1, seed=0, shuffle_dataset=False,
+                                 method="cl-egrsd"), **settings})
+    return cls(model=build_tiny_model(tokenizer, dtype=dtype), reward_funcs=correctness_reward, args=args,
+               train_dataset=dataset_from_problems(problems), processing_class=tokenizer, rollout_func=fixed_rollouts,
+               peft_config=peft_config)
 
 
 problems = built_in_problems(8, 0)[0]
@@ -64,12 +75,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=2)
     cli = parser.parse_args()
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    args = EGRSDConfig(output_dir=cli.out, per_device_train_batch_size=GLOBAL_BATCH // processes, num_generations=2,
-                       max_completion_length=32, max_steps=cli.steps, learning_rate=1e-3, use_cpu=True, bf16=False,
-                       report_to=[], logging_steps=1, save_strategy="no", method=cli.method, temperature=1.1, seed=0,
-                       shuffle_dataset=False, advantage_warmup=1)  # the second step uses the running statistics
-    trainer = Recording(model=build_tiny_model(tokenizer), reward_funcs=correctness_reward, args=args,
-                        train_dataset=dataset_from_problems(problems), processing_class=tokenizer, rollout_func=fixed_rollouts)
+    trainer = tiny_trainer(cli.out, Recording, per_device_train_batch_size=GLOBAL_BATCH // processes, max_steps=cli.steps,
+                           method=cli.method, logging_steps=1, advantage_warmup=1)  # step 2 uses the running statistics
     trainer.train()
     torch.save(trainer.record, os.path.join(cli.out, f"rank{trainer.accelerator.process_index}.pt"))
     trainer.save_model(os.path.join(cli.out, "final"))
