@@ -39,6 +39,7 @@ import torch
 __all__ = [
     "length_shaped_reward",
     "RunningAdvantage",
+    "group_advantages",
     "token_logprobs",
     "linear_token_logprobs",
     "ratio_magnitude",
@@ -132,6 +133,26 @@ class RunningAdvantage:
         self.steps, self.count = int(state["steps"]), int(state["count"])
         self.mean, self.m2 = float(state["mean"]), float(state["m2"])
         self.warmup_steps, self.warmup_baseline = int(state["warmup_steps"]), float(state["warmup_baseline"])
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-normalised advantage, the alternative to the running one when each problem has several
+    rollouts: rows [0, G), [G, 2G), ... are the G rollouts of one problem, and
+
+        A_i = (r_i − mean_g r) / (std_g r + eps)
+
+    with std_g the sample (n − 1) standard deviation of the group, as in GRPO and TRL's GRPOTrainer. A group
+    whose rewards are all equal gets A = 0: it carries no direction. The paper uses one rollout per problem
+    and the running advantage instead; this serves as the control that users of TRL know.
+    rewards (B,) with B a multiple of `group_size` ≥ 2 → A (B,), float32 or wider, detached."""
+    _all_finite(rewards=_per_seq("rewards", rewards))
+    if not isinstance(group_size, Integral) or isinstance(group_size, bool) or group_size < 2:
+        _fail("group_size", "an int ≥ 2 (rollouts per problem)", repr(group_size))
+    if len(rewards) % group_size:
+        _fail("rewards", f"a length that is a multiple of group_size = {group_size}", f"length {len(rewards)}")
+    eps = _number("eps", eps, 0.0, math.inf, low_open=True)
+    r = rewards.detach().to(_float_dtype(rewards.dtype)).reshape(-1, group_size)  # (problems, G)
+    return ((r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ CONTRACT = {
     "token_advantages": {"gamma", "window", "eps", "floor", "min_denominator", "denominator", "group"}, "policy_loss": set(),
     "token_logprobs": {"chunk_size"}, "token_entropy": {"chunk_size"}, "opsd_loss": {"chunk_size"},
     "token_regimes": {"window", "tau_low", "tau_high", "min_denominator", "group"},
+    "group_advantages": {"eps"},
 }
 SETTINGS = set().union(*CONTRACT.values())
 
@@ -271,6 +272,16 @@ class NaiveRunningAdvantage:
         return torch.tensor(advantages, dtype=torch.float64)
 
 
+def naive_group_advantages(rewards, group_size, eps=1e-4):
+    """GRPO: A = (r − mean of its group) / (sample std of its group + eps), groups of `group_size` rows."""
+    out = []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start : start + group_size].tolist()
+        mean, std = statistics.fmean(group), statistics.stdev(group)
+        out += [(r - mean) / (std + eps) for r in group]
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def naive_log_softmax(logits):
     """z − log Σ_v exp z_v in float64, by the definition (−inf entries stay −inf)."""
     z = logits.double()
@@ -362,6 +373,17 @@ def test_running_advantage_matches_naive_reference(warmup, steps):
     running, naive = egrsd.RunningAdvantage(**warmup), NaiveRunningAdvantage(**warmup)
     for rewards in map(as_float64, steps):
         assert_close(running(rewards), naive(rewards), torch.float64)
+
+
+GROUPED_REWARDS = st.integers(2, 4).flatmap(lambda g: st.tuples(
+    st.just(g), st.integers(1, 4).flatmap(lambda n: st.lists(REWARDS, min_size=g * n, max_size=g * n))))
+
+
+@given(GROUPED_REWARDS, st.sampled_from([1e-4, 0.5]))
+def test_group_advantages_match_naive_reference(grouped, eps):
+    group_size, rewards = grouped
+    assert_close(egrsd.group_advantages(as_float64(rewards), group_size, eps=eps),
+                 naive_group_advantages(as_float64(rewards), group_size, eps), torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -611,6 +633,16 @@ def test_reward_is_zero_when_wrong_and_one_when_correct_at_the_length_cap(rollou
     assert (reward[correct & (rollouts["lengths"] == rollouts["max_length"])] == 1).all()
 
 
+@given(GROUPED_REWARDS)
+def test_group_advantages_sum_to_zero_in_each_group_and_vanish_where_its_rewards_are_equal(grouped):
+    group_size, rewards = grouped
+    advantages = egrsd.group_advantages(as_float64(rewards), group_size).reshape(-1, group_size)
+    torch.testing.assert_close(advantages.sum(dim=1), torch.zeros(len(advantages), dtype=torch.float64), atol=1e-9, rtol=0)
+    equal = (as_float64(rewards).reshape(-1, group_size).diff(dim=1) == 0).all(dim=1)
+    assert (advantages[equal] == 0).all()
+    assert (advantages[~equal].abs().amax(dim=1) > 0).all(), "a group with a better rollout has a direction"
+
+
 @given(WARMUPS, REWARD_STEPS, st.integers(0, 14))
 def test_running_advantage_resumes_from_its_state_dict(warmup, steps, saved_after):
     running = egrsd.RunningAdvantage(**warmup)
@@ -639,7 +671,7 @@ def valid_arguments():
                         tokens=torch.randint(5, (2, 3), generator=generator), mask=batch.mask)
     return {**batch.arguments, **logits.arguments, "token_advantages": batch.advantages[:, None].repeat(1, 3),
             "rewards": torch.tensor([0.0, 1.25]), "correct": torch.tensor([True, False]),
-            "lengths": torch.tensor([10, 32]), "max_length": 32, "window": 1}
+            "lengths": torch.tensor([10, 32]), "max_length": 32, "window": 1, "group_size": 2}
 
 
 def run(function, **overrides):
@@ -647,10 +679,12 @@ def run(function, **overrides):
     arguments = {**valid_arguments(), **overrides}
     if function == "RunningAdvantage":
         return egrsd.RunningAdvantage()(arguments["rewards"])
+    if function == "group_advantages":
+        return egrsd.group_advantages(arguments["rewards"], arguments["group_size"], eps=arguments.get("eps", 1e-4))
     return call(getattr(egrsd, function), arguments)
 
 
-FUNCTIONS = ["token_logprobs", "token_entropy", "length_shaped_reward", "RunningAdvantage", "lookahead_min",
+FUNCTIONS = ["token_logprobs", "token_entropy", "length_shaped_reward", "RunningAdvantage", "group_advantages", "lookahead_min",
              "normalised_entropy", "entropy_gate", "ratio_magnitude", "token_advantages", "policy_loss", "opsd_loss"]
 
 
@@ -660,7 +694,7 @@ def test_valid_arguments_are_accepted(function):
 
 
 @pytest.mark.parametrize("function", [
-    "lookahead_min", "entropy_gate", "ratio_magnitude", "token_advantages", "RunningAdvantage"])
+    "lookahead_min", "entropy_gate", "ratio_magnitude", "token_advantages", "RunningAdvantage", "group_advantages"])
 def test_weights_and_advantages_are_detached(function):
     tracked = {name: x.requires_grad_() for name, x in valid_arguments().items()
                if torch.is_tensor(x) and x.is_floating_point()}
@@ -746,6 +780,10 @@ BAD_INPUTS = [
     case("normalised_entropy", "denominator", "max"),
     case("normalised_entropy", "min_denominator", 0.0),
     *[case("length_shaped_reward", "max_length", max_length) for max_length in [0, -5]],
+    *[case("group_advantages", "group_size", size) for size in [1, 0, 2.0, True]],
+    case("group_advantages", "rewards", lambda x: torch.cat([x, x[:1]]), "not a multiple of group_size"),
+    case("group_advantages", "rewards", first_entry(math.nan), "NaN"),
+    *[case("group_advantages", "eps", eps) for eps in [0.0, -1.0]],
     *[case("length_shaped_reward", "lengths", first_entry(length), length) for length in [-1, 33]],
 ]
 
