@@ -16,7 +16,7 @@ import egrsd
 import train_min
 from test_egrsd import assert_close
 from trainer import decoding
-from trainer.offline_models import build_tiny_model, build_tiny_tokenizer
+from trainer.offline_models import TINY_VOCAB_SIZE, build_tiny_model, build_tiny_tokenizer
 from trainer.tasks import built_in_problems
 
 
@@ -72,10 +72,10 @@ def test_sample_draws_each_candidate_at_its_probability():
     assert ((counts - expected).abs() <= 5 * (expected * (1 - probs[0])).sqrt()).all(), counts  # 5 sigma
 
 
-def sharp_tiny_model(tokenizer, attention="sdpa"):
-    """The tiny model with large random weights: attention far from uniform and logits far apart, so that a
-    wrong position, a visible padding token or a stale cache entry changes the greedy tokens."""
-    model = build_tiny_model(tokenizer).eval()
+def sharpened(model, attention="sdpa"):
+    """`model` with large random weights: attention far from uniform and logits far apart, so that a wrong
+    position, a visible padding token or a stale cache entry changes the greedy tokens."""
+    model.eval()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
         for name, parameter in model.named_parameters():
@@ -83,6 +83,27 @@ def sharp_tiny_model(tokenizer, attention="sdpa"):
                 parameter.normal_(0.0, 0.3)
     model.config._attn_implementation = attention
     return model
+
+
+def sharp_tiny_model(tokenizer, attention="sdpa"):
+    return sharpened(build_tiny_model(tokenizer), attention)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def family_model(family, attention="sdpa", **config):
+    """A random 2-layer model of `family` (hidden 64, 4 query heads sharing 2 key/value heads) with the tiny
+    vocabulary, sharpened; `config` overrides its config's fields."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    if family == "gpt2":  # a family decoding.py does not know
+        settings = dict(vocab_size=TINY_VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+        return sharpened(AutoModelForCausalLM.from_config(GPT2Config(**settings, **config)), attention)
+    kind = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    settings = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)
+    return sharpened(AutoModelForCausalLM.from_config(kind(**settings, **config)), attention)
 
 
 def left_padded_prompts(tokenizer, rows=5, length=20):
@@ -111,6 +132,88 @@ def test_greedy_rollouts_are_hf_generates_tokens(attention, max_new_tokens):
             ours = decoding.generate(model, ids[rows], mask[rows], max_new_tokens, eos, tokenizer.pad_token_id,
                                     greedy=True, check_every=4)
             assert torch.equal(ours, expected[:, ids.shape[1]:]), (eos, ours, expected)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_rollouts_of_every_supported_family_are_hf_generates_tokens(family, attention):
+    """Llama, Mistral, Qwen2 and Qwen3 through the static decoder (no fallback, no warning), left padding of
+    different lengths, an EOS that ends row 0 halfway. Mistral's sliding window is exactly prompt + new
+    tokens: it covers every earlier token, so it is full attention (HF applies it, decoding.py does not)."""
+    from transformers import GenerationConfig
+
+    tokenizer = build_tiny_tokenizer()
+    ids, mask = left_padded_prompts(tokenizer)
+    new = 12
+    window = dict(sliding_window=ids.shape[1] + new) if family == "mistral" else {}
+    model = family_model(family, attention, **window)
+    assert decoding.unsupported(model, ids.shape[1] + new) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        free = decoding.generate(model, ids, mask, new, eos_id=-1, pad_id=tokenizer.pad_token_id, greedy=True)
+        eos = int(free[0, new // 2])
+        ours = decoding.generate(model, ids, mask, new, eos, tokenizer.pad_token_id, greedy=True, check_every=4)
+    hf = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf)[:, ids.shape[1]:]
+    assert torch.equal(ours, expected), (ours, expected)
+
+
+@pytest.mark.parametrize("family, config, notice", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+     "qwen2 model, layers of type sliding_attention, not only full attention"),
+    ("mistral", dict(sliding_window=6), "mistral model, sliding window 6 is shorter than prompt + new tokens (30)"),
+    ("gpt2", {}, "gpt2 model, not one of the supported families (llama, mistral, qwen2, qwen3)"),
+], ids=["qwen2-sliding-layers", "mistral-short-window", "gpt2"])
+def test_an_unsupported_model_decodes_with_hf_generate_and_says_so_once(family, config, notice, monkeypatch):
+    """Greedy and sampled rollouts equal HF generate's (sampled: with the same seed), one notice for the
+    model. For the sliding windows the static decoder would be wrong: forced to decode, it differs."""
+    from transformers import GenerationConfig
+
+    tokenizer = build_tiny_tokenizer()
+    model = family_model(family, **config)
+    ids, mask = left_padded_prompts(tokenizer)
+    hf = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id)
+    expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf)[:, ids.shape[1]:]
+    torch.manual_seed(0)
+    sampled = decoding.hf_generate(model, ids, mask, 10, -1, tokenizer.pad_token_id, temperature=1.5, top_k=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        greedy = decoding.generate(model, ids, mask, 10, -1, tokenizer.pad_token_id, greedy=True)
+        torch.manual_seed(0)
+        assert torch.equal(decoding.generate(model, ids, mask, 10, -1, tokenizer.pad_token_id, temperature=1.5, top_k=5), sampled)
+    assert torch.equal(greedy, expected)
+    assert [str(w.message) for w in caught if str(w.message).startswith("decoding:")] == [
+        f"decoding: {notice}: decoding it with HF generate (dynamic cache) instead"]
+    if family != "gpt2":
+        monkeypatch.setattr(decoding, "unsupported", lambda model, length: None)
+        assert not torch.equal(decoding.generate(model, ids, mask, 10, -1, tokenizer.pad_token_id, greedy=True), expected)
+
+
+class NoLogitsToKeep(torch.nn.Module):
+    """A causal LM behind a forward that takes only ids and a mask, as some wrappers do."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(), None),
+    (dict(attention="flash_attention_2"), "attention implementation 'flash_attention_2' is not sdpa or eager"),
+    (dict(sliding_window=31), "sliding window 31 is shorter than prompt + new tokens (32)"),
+    (dict(sliding_window=32), None),
+    (dict(sliding_window=None), None),
+    (dict(wrap=True), "its forward takes no position_ids, use_cache, logits_to_keep, cache or past_key_values"),
+], ids=["supported", "flash-attention", "window-31", "window-32", "no-window", "wrapped-forward"])
+def test_unsupported_names_what_the_static_decoder_cannot_do(change, reason):
+    """For a length of 32 (prompt + new tokens), on a Mistral."""
+    change = dict(change)
+    wrap = change.pop("wrap", False)
+    model = family_model("mistral", change.pop("attention", "sdpa"), **change)
+    assert decoding.unsupported(NoLogitsToKeep(model) if wrap else model, 32) == reason
 
 
 def test_a_row_ends_at_the_first_of_several_eos_ids_as_in_hf():
@@ -241,13 +344,15 @@ def test_prefill_resets_every_state_a_step_moved_on(max_new_tokens):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
-def test_the_decode_step_has_no_host_sync():
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_the_decode_step_has_no_host_sync(family):
     """CUDA graphs replay GPU work only: a step that reads a value back to Python (.item(), a branch on a
     tensor) or keeps a Python counter would be captured wrongly. Dynamo with fullgraph=True fails on the
-    first, and with error_on_recompile on the second (its guard on the counter fails); checked on CPU."""
+    first, and with error_on_recompile on the second (its guard on the counter fails); checked on CPU.
+    Mistral with a sliding window as long as the sequence: HF's sliding cache layers count in Python."""
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer).eval()
     ids, mask = left_padded_prompts(tokenizer)
+    model = build_tiny_model(tokenizer).eval() if family == "qwen2" else family_model(family, sliding_window=ids.shape[1] + 6)
     for greedy in (False, True):
         decoder = decoding._Decoder(model, ids, mask, 6, eos_ids=[40], pad_id=tokenizer.pad_token_id,
                                    pick=lambda logits: decoding.next_tokens(logits, greedy, 1.1, 20, 0.95))
@@ -295,22 +400,20 @@ def test_graph_rollouts_equal_eager_rollouts_on_cuda(monkeypatch):
     (dict(top_p=0.0), "top_p: expected in (0, 1]"),
     (dict(top_k=-1), "top_k: expected ≥ 0"),
     (dict(graph=True), "graph: CUDA graphs need"),
-    (dict(attention="flash_attention_2"), "model: decoding.generate supports sdpa or eager"),
-    (dict(layers="sliding_attention"), "model: decoding.generate supports decoders whose layers all use full"),
 ])
-def test_bad_rollout_input_names_the_argument(change, message):
+@pytest.mark.parametrize("supported", [True, False])
+def test_bad_rollout_input_names_the_argument(change, message, supported):
+    """Also for a model that would decode through HF generate: a bad argument is an error, not a fallback."""
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer)
+    if not supported:
+        model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
     ids, mask = left_padded_prompts(tokenizer)
     change = dict(change)
     if change.get("prompt_mask") == "right":
         change["prompt_mask"] = mask.flip(-1)
     elif change.get("prompt_mask") == "short":
         change["prompt_mask"] = mask[:, 1:]
-    if "attention" in change:
-        model.config._attn_implementation = change.pop("attention")
-    if "layers" in change:
-        model.config.layer_types = [change.pop("layers")] * model.config.num_hidden_layers
     arguments = {**dict(prompt_ids=ids, prompt_mask=mask, max_new_tokens=4, eos_id=1, pad_id=tokenizer.pad_token_id), **change}
     with pytest.raises(ValueError, match=re.escape(message)):
         decoding.generate(model, **arguments)

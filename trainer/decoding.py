@@ -16,10 +16,18 @@ HF `generate` because of:
 - the stop test (every row has produced EOS) reads the GPU only every `check_every` steps;
 - grouped-query attention of the one new token without copying the cache once per query-head group;
 - on CUDA one graph per decode step: the ~400 kernel launches of a 24-layer step become one replay.
-The model is driven through its own forward (HF `StaticCache`, explicit positions, a ready-made attention
-mask: boolean for sdpa, additive for eager, `logits_to_keep=1`), so an HF causal LM (or a PEFT wrapper of
-one) whose layers all use full attention works. Importing this module registers one attention function
-with HF (`decode_sdpa`); a decode step switches the model's attention implementation to it and back.
+The model is driven through its own forward (a static cache of full-attention layers, explicit positions,
+a ready-made 4D attention mask: boolean for sdpa, additive for eager, `logits_to_keep=1`). Importing this
+module registers one attention function with HF (`decode_sdpa`); a decode step switches the model's
+attention implementation to it and back.
+
+Supported, each tested against HF `generate` (transformers 5.17 and 5.24): Llama, Mistral, Qwen2 and Qwen3
+causal LMs, or a PEFT wrapper of one, with sdpa or eager attention and every layer full attention; a
+Mistral sliding window that covers prompt + new tokens is full attention. Any other model (another family,
+sliding-window or other layer types, a shorter window, another attention implementation, a forward without
+the arguments above: `unsupported` says which) is decoded by `hf_generate` (HF `generate`, dynamic cache)
+instead, with one warning per model naming its type and the reason: the same tokens greedily, the same
+distribution sampled, only slower. Bad arguments raise for every model.
 """
 
 from __future__ import annotations
@@ -132,21 +140,57 @@ def _attention(config, implementation: str | None):
         config._attn_implementation = before
 
 
-def _cache_kwarg(model) -> str:
-    """Older transformers 5.x name the cache argument `past_key_values` (5.17), newer ones `cache` (5.24)."""
+def _cache_kwarg(model) -> str | None:
+    """The forward's cache argument: `past_key_values` in transformers 5.17, `cache` in 5.24; None if neither."""
+    parameters = _forward_parameters(model)
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def _forward_parameters(model):
     core = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's model
-    parameters = inspect.signature(core.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in parameters:
-            return name
-    raise ValueError(f"model: expected a causal LM whose forward takes `cache` or `past_key_values`, got {type(core).__name__}")
+    return inspect.signature(core.forward).parameters
+
+
+# The families tested against HF generate (tests/test_decoding.py). Each one's model turns a ready 4D
+# attention mask into every layer's mask as it is (create_causal_mask, or Mistral's sliding-window variant,
+# return a 4D mask unchanged), calls its attention function as decode_sdpa expects, and takes explicit
+# position ids; another family may build its masks or positions otherwise, so it is not assumed to.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+FORWARD_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "use_cache", "logits_to_keep")
+told: weakref.WeakSet = weakref.WeakSet()  # models whose fallback to HF generate was announced
+
+
+def unsupported(model, length: int) -> str | None:
+    """Why the static decoder cannot decode `model` to `length` = prompt + new tokens, or None if it can."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"not one of the supported families ({', '.join(SUPPORTED_MODEL_TYPES)})"
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in ("sdpa", "eager"):
+        return f"attention implementation {implementation!r} is not sdpa or eager"
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:  # per-layer kinds (Qwen2, Qwen3); their sliding_window applies to sliding layers only
+        others = sorted(set(layer_types) - {"full_attention"})
+        if others:
+            return f"layers of type {', '.join(others)}, not only full attention"
+    else:  # one window for every layer (Mistral): full attention when it covers every earlier token
+        window = getattr(config, "sliding_window", None)
+        if window is not None and window < length:
+            return f"sliding window {window} is shorter than prompt + new tokens ({length})"
+    missing = [name for name in FORWARD_ARGUMENTS if name not in _forward_parameters(model)]
+    if _cache_kwarg(model) is None:
+        missing.append("cache or past_key_values")
+    if missing:
+        return f"its forward takes no {', '.join(missing)}"
+    return None
 
 
 class _Decoder:
     """All the state of one generate call in fixed tensors, so that `step` can be captured as a CUDA graph."""
 
     def __init__(self, model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, pick):
-        from transformers import StaticCache
+        from transformers.cache_utils import Cache, StaticLayer
 
         self.model, self.pick, self.pad_id = model, pick, pad_id
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=prompt_ids.device)
@@ -154,13 +198,13 @@ class _Decoder:
         self.length = self.prompt_len + max_new_tokens
         device = prompt_ids.device
         self.dtype = next(model.parameters()).dtype
-        implementation = getattr(model.config, "_attn_implementation", None) or "eager"
-        if implementation not in ("sdpa", "eager"):
-            raise ValueError(f"model: decoding.generate supports sdpa or eager attention, not {implementation!r} "
-                             "(HF generate instead: train_min.py --rollout hf-dynamic)")
+        implementation = getattr(model.config, "_attn_implementation", None) or "eager"  # sdpa or eager: `unsupported`
         self.additive = implementation == "eager"  # eager adds the mask to the scores; sdpa takes a boolean one
         self.decode_attention = DECODE_ATTENTION if implementation == "sdpa" else None
-        self.cache = StaticCache(config=model.config, max_cache_len=self.length)
+        # Full-attention cache layers, built here: HF's StaticCache(config) gives a Mistral whose config has a
+        # sliding window sliding layers, which count tokens in a Python int (a value that a CUDA graph would
+        # freeze). `unsupported` admits only windows that cover the whole sequence: full attention.
+        self.cache = Cache(layers=[StaticLayer(max_cache_len=self.length) for _ in range(model.config.num_hidden_layers)])
         self.cache_kwarg = _cache_kwarg(model)
         self.slots = torch.arange(self.length, device=device)
         # the fixed tensors that the step reads and writes in place
@@ -172,7 +216,8 @@ class _Decoder:
         self.out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
 
     def _forward(self, ids, mask, positions):
-        return self.model(input_ids=ids, attention_mask={"full_attention": mask}, position_ids=positions, use_cache=True,
+        # a 4D mask: every supported family uses it as it is, for every layer, without building its own
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                           logits_to_keep=1, **{self.cache_kwarg: self.cache}).logits[:, -1]  # (B, V), the model's dtype
 
     def is_eos(self, tokens):
@@ -257,6 +302,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     and the prompts run again). Sampling uses torch's default generator of the device, so
     `torch.manual_seed` makes it reproducible.
     check_every: steps between two reads of "has every row finished?" (each read waits for the GPU).
+    A model that `unsupported` rejects is decoded by `hf_generate` instead (one warning per model), where
+    `graph` and `check_every` do not apply.
     """
     if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids, prompt_mask: expected two (B, P) tensors, got {tuple(prompt_ids.shape)} "
@@ -267,17 +314,22 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
         raise ValueError(f"max_new_tokens: expected ≥ 1, got {max_new_tokens}")
     if check_every < 1:
         raise ValueError(f"check_every: expected ≥ 1, got {check_every}")
-    if any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or ["full_attention"]):
-        raise ValueError("model: decoding.generate supports decoders whose layers all use full attention "
-                         "(HF generate instead: train_min.py --rollout hf-dynamic)")
     if graph and not prompt_ids.is_cuda:
         raise ValueError("graph: CUDA graphs need the prompts and model on a CUDA device")
     eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
     if not eos_ids or not all(isinstance(i, int) for i in eos_ids):
         raise ValueError(f"eos_id: expected a token id or a non-empty list of them, got {eos_id!r}")
-    use_graph = graph if graph is not None else prompt_ids.is_cuda and model not in no_graphs
     if not greedy:
         check_sampling(temperature, top_k, top_p)
+    reason = unsupported(model, prompt_ids.shape[1] + max_new_tokens)
+    if reason is not None:
+        if model not in told:
+            told.add(model)
+            model_type = getattr(model.config, "model_type", None) or type(model).__name__
+            warnings.warn(f"decoding: {model_type} model, {reason}: decoding it with HF generate (dynamic cache) instead")
+        return hf_generate(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, greedy=greedy,
+                           temperature=temperature, top_k=top_k, top_p=top_p)
+    use_graph = graph if graph is not None else prompt_ids.is_cuda and model not in no_graphs
 
     decoder = _Decoder(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id,
                        pick=lambda logits: next_tokens(logits, greedy, temperature, top_k, top_p))
