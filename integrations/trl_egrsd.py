@@ -1,6 +1,7 @@
 """EGRSD, CL-EGRSD and RLSD inside TRL, for runs that outgrow one GPU: multi-GPU and multi-node through
 accelerate (DDP, DeepSpeed ZeRO, FSDP), vLLM rollouts, LoRA, and TRL's logging and checkpoints. Every weight
-comes from egrsd.py; this file only connects it. Needs the `trl` extra (requirements-extras.txt).
+comes from egrsd.py; this file only connects it. Needs the `trl` extra (requirements-extras.txt), TRL 1.16.x:
+it overrides private methods of GRPOTrainer, so another minor version stops at import with the range.
 
     from integrations.trl_egrsd import EGRSDConfig, EGRSDTrainer, correctness_reward, dataset_from_problems
     trainer = EGRSDTrainer(model="Qwen/Qwen3-8B", reward_funcs=correctness_reward, train_dataset=dataset,
@@ -22,38 +23,69 @@ What this subclass changes, and nothing else:
    truncated one earns 0) and the advantage the running one (`egrsd.RunningAdvantage`, fed the gathered
    rewards of every process, so that its state is the same on each and does not depend on how many
    processes share the batch). The frozen teacher scores each completion with the privileged prompt of the
-   dataset column `teacher_prompt_column`; the policy that sampled scores it too; and
-   Â = `egrsd.token_advantages` replaces GRPO's advantages. The entropy normaliser (Eq. 5) is the maximum
-   over the global batch (gathered from every process), unless `gate_group` asks for groups of rows.
-3. `_compute_loss` is `egrsd.policy_loss`, scaled to TRL's "dapo" normalisation.
+   dataset column `teacher_prompt_column`; the policy's log-probs are TRL's own where it has computed them
+   (vLLM's importance sampling), else one pass of the policy that sampled; and Â = `egrsd.token_advantages`
+   replaces GRPO's advantages. The entropy normaliser (Eq. 5) is the maximum over the global batch
+   (gathered from every process), unless `gate_group` asks for groups of rows. The logs show what is
+   trained: the completions table's advantage is A_i (with each completion's mean Â and gate), and GRPO's
+   group diagnostics (`reward_std`, `frac_reward_zero_std`) are dropped.
+3. `_compute_loss` is `egrsd.policy_loss`, scaled to TRL's "dapo" normalisation; with vLLM, Â is multiplied
+   by TRL's importance-sampling ratio (sampler against trainer), as GRPO's per-token loss is. It logs TRL's
+   `entropy` (the policy's).
 4. The running advantage's state is saved in TRL's checkpoints (`egrsd_state.json`) and restored on resume.
 
 One rollout per prompt, as in the paper, cannot be had: GRPOConfig requires `num_generations` ≥ 2 for its
 group baseline. With `num_generations=2` (the default here) the two rollouts of a prompt are simply two
-samples: the running advantage replaces the group baseline, which is never used.
+samples: the running advantage replaces the group baseline, which is never used. GRPO settings that this
+loss or advantage replaces (`loss_type` other than dapo, `scale_rewards`, entropy masks and bonuses, …) are
+refused rather than ignored, and so is dropout (LoRA's or the model's): w compares two log-prob passes.
 
 The teacher is the initial weights, frozen: with PEFT the base model with the adapter switched off (no
-second copy); otherwise a copy loaded and prepared like TRL's reference model. Log-probabilities and
-entropies come from TRL's fused, chunked LM head (never a tokens × vocabulary tensor, and run inside the
-wrapped model, so that DeepSpeed ZeRO-3 and FSDP work), at the sampling temperature: the same
-log-softmax and entropy as `egrsd.linear_token_logprobs` / `linear_token_entropy` (tested equal), and the
-same `score_temperature` as train_min.py (0: follow `temperature`; TRL scores at `temperature` only).
+second copy); otherwise a copy loaded and prepared as TRL loads its reference model (the same
+`model_init_kwargs`, quantization and device placement). Log-probabilities and entropies come from TRL's
+fused, chunked LM head (never a tokens × vocabulary tensor, and run inside the wrapped model, so that
+DeepSpeed ZeRO-3 and FSDP work), at the sampling temperature: the same log-softmax and entropy as
+`egrsd.linear_token_logprobs` / `linear_token_entropy` (tested equal), and the same `score_temperature` as
+train_min.py (0: follow `temperature`; TRL scores at `temperature` only).
+
+The command line (`main`) is TRL's GRPO script with EGRSD's settings: the same model flags (dtype, attention,
+revision, quantization, LoRA) and dataset flags (`--dataset_name`, with the columns that make a problem), or
+train_min.py's JSONL files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 
 import torch
+import trl
 from accelerate.utils import gather, is_peft_model
-from trl import GRPOConfig, GRPOTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, pad, use_adapter
+from packaging.version import Version
+
+TRL_RANGE = ("1.16", "1.17")  # requirements-extras.txt: trl>=1.16,<1.17
+
+
+def check_trl_version(version: str) -> None:
+    """Stop unless TRL is 1.16.x: the private methods overridden here are those of 1.16."""
+    low, high = TRL_RANGE
+    if not Version(low) <= Version(version) < Version(high):
+        raise ImportError(f"trl: expected trl>={low},<{high} (integrations/trl_egrsd.py overrides private methods of "
+                          f"GRPOTrainer as they are in {low}), got {version}; pip install 'trl>={low},<{high}'")
+
+
+check_trl_version(trl.__version__)
+
+from trl import GRPOConfig, GRPOTrainer, ModelConfig, ScriptArguments  # noqa: E402
+from trl.models import prepare_deepspeed, prepare_fsdp  # noqa: E402
+from trl.trainer.utils import (add_fused_lm_head, create_model_from_path, disable_dropout_in_model,  # noqa: E402
+                               get_config_model_id, pad, use_adapter)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import egrsd  # noqa: E402
@@ -61,15 +93,31 @@ import egrsd  # noqa: E402
 STATE_FILE = "egrsd_state.json"
 
 
+# GRPO settings whose effect EGRSD's advantage or loss replaces: any value but the default is refused, with why.
+REPLACED = {
+    "loss_type": ("dapo", "EGRSD's loss is −Σ m·Â·log p / Σ m over the tokens of the batch, TRL's dapo "
+                          "normalisation; the other types are GRPO's clipped objectives"),
+    "scale_rewards": ("group", "the running advantage replaces GRPO's group baseline and its scaling"),
+    "multi_objective_aggregation": ("sum_then_normalize", "the weighted sum of the reward functions says correct "
+                                                         "or not; GRPO's normalised advantage is not used"),
+    "importance_sampling_level": ("token", "EGRSD's loss has no policy ratio to take per sequence"),
+    "top_entropy_quantile": (1.0, "the teacher's entropy gate ω weights the tokens instead"),
+    "entropy_coef": (0.0, "EGRSD's loss has no entropy bonus"),
+    "use_adaptive_entropy": (False, "EGRSD's loss has no entropy bonus"),
+    "off_policy_mask_threshold": (None, "EGRSD trains on-policy (num_iterations 1)"),
+    "disable_dropout": (True, "w compares two log-prob passes over the same tokens, which dropout makes random"),
+}
+
+
 @dataclass
 class EGRSDConfig(GRPOConfig):
-    """GRPOConfig and the method's settings; their meaning is that of train_min.py's flags of the same name."""
+    """GRPOConfig and the method's settings, with the names and meaning of train_min.py's flags (trainer/config.py)."""
 
     method: str = field(default="egrsd", metadata={"help": "egrsd, cl-egrsd or rlsd (EGRSD with γ = 0)"})
     gamma: float = field(default=0.3, metadata={"help": "γ, strength of the entropy gate"})
     window: int = field(default=3, metadata={"help": "W, the causal lookahead of cl-egrsd"})
-    magnitude_eps: float = field(default=0.2, metadata={"help": "ε, clip range of the likelihood-ratio magnitude"})
-    gate_floor: float = field(default=0.1, metadata={"help": "lower bound of the gate"})
+    eps: float = field(default=0.2, metadata={"help": "ε, clip range of the likelihood-ratio magnitude"})
+    floor: float = field(default=0.1, metadata={"help": "lower bound of the gate"})
     min_denominator: float = field(default=1.0, metadata={"help": "floor, in nats, of the entropy normaliser"})
     denominator: str = field(default="raw", metadata={"help": "cl-egrsd normaliser: raw (Eq. 8) or filtered"})
     gate_group: int = field(default=0, metadata={"help": "rollouts per entropy normaliser; 0: the global batch"})
@@ -80,38 +128,76 @@ class EGRSDConfig(GRPOConfig):
     score_temperature: float = field(default=0.0, metadata={"help": "0: the sampling temperature (the only one here)"})
     num_generations: int | None = field(default=2, metadata={"help": "rollouts per prompt (GRPO requires ≥ 2)"})
     beta: float = field(default=0.0, metadata={"help": "no KL term: the teacher is the anchor"})
+    disable_dropout: bool = field(default=True, metadata={"help": "must stay True: w needs deterministic log-probs"})
 
     def __post_init__(self):
         super().__post_init__()
         rules = [("method", self.method in ("egrsd", "cl-egrsd", "rlsd"), "egrsd, cl-egrsd or rlsd"),
                  ("gamma", self.gamma >= 0, "≥ 0"), ("window", self.window >= 0, "≥ 0"),
-                 ("magnitude_eps", 0 < self.magnitude_eps < 1, "in (0, 1)"), ("gate_floor", 0 <= self.gate_floor <= 1, "in [0, 1]"),
+                 ("eps", 0 < self.eps < 1, "in (0, 1)"), ("floor", 0 <= self.floor <= 1, "in [0, 1]"),
                  ("min_denominator", self.min_denominator > 0, "> 0"), ("denominator", self.denominator in ("raw", "filtered"), "raw or filtered"),
                  ("gate_group", self.gate_group >= 0, "≥ 0"), ("beta_length", self.beta_length >= 0, "≥ 0"),
                  ("advantage_warmup", self.advantage_warmup >= 0, "≥ 0"),
                  ("score_temperature", self.score_temperature in (0, self.temperature), f"0 or temperature ({self.temperature})"),
                  ("beta", self.beta == 0, "0 (EGRSD has no KL term)"), ("num_iterations", self.num_iterations == 1, "1 (on-policy)")]
+        rules += [(name, getattr(self, name) == default, f"{default!r} ({why})") for name, (default, why) in REPLACED.items()]
         for name, ok, allowed in rules:
             if not ok:
                 raise ValueError(f"{name}: expected {allowed}, got {getattr(self, name)!r}")
+
+
+def check_no_lora_dropout(peft_config, model) -> None:
+    """Stop on LoRA dropout, in the given config or in the adapters of a PEFT model: w = clip(exp(±δ)) takes
+    the policy's log-probs of a scoring pass, which dropout would make differ from those the loss trains."""
+    adapters = list(model.peft_config.values()) if not isinstance(model, str) and is_peft_model(model) else []
+    configs = ([peft_config] if peft_config is not None else []) + adapters
+    for config in configs:
+        if getattr(config, "lora_dropout", 0):
+            raise ValueError(f"lora_dropout: expected 0 (the magnitude w needs deterministic log-probs: with dropout "
+                             f"two passes over the same tokens differ), got {config.lora_dropout}")
 
 
 class EGRSDTrainer(GRPOTrainer):
     """GRPOTrainer whose token advantages are EGRSD's Â = A · w · ω (module docstring)."""
 
     _tag_names = ["trl", "egrsd"]
+    _name = "EGRSD"
+    _paper = {
+        "title": "Respecting Self-Uncertainty in On-Policy Self-Distillation for Efficient LLM Reasoning",
+        "id": "2605.13255",
+        "citation": textwrap.dedent("""\
+            @article{ke2026respecting,
+                title        = {{Respecting Self-Uncertainty in On-Policy Self-Distillation for Efficient LLM Reasoning}},
+                author       = {Ke and Wen and Li and He and Zhang},
+                year         = 2026,
+                eprint       = {arXiv:2605.13255},
+            }"""),
+    }
 
     def __init__(self, *args, **kwargs):
+        given = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
+        check_no_lora_dropout(given.get("peft_config"), given["model"])  # before any weights load
         super().__init__(*args, **kwargs)
         self.running_advantage = egrsd.RunningAdvantage(warmup_steps=self.args.advantage_warmup)
-        self.teacher = None if is_peft_model(self.accelerator.unwrap_model(self.model)) else self._frozen_copy()
-
-    def _frozen_copy(self):
-        """The initial weights, frozen, prepared for DeepSpeed or FSDP as TRL prepares its reference model."""
         policy = self.accelerator.unwrap_model(self.model)
-        name = policy.config._name_or_path
+        self.teacher = None if is_peft_model(policy) else self._frozen_copy(given.get("quantization_config"))
+
+    def _frozen_copy(self, quantization_config):
+        """The initial weights, frozen, loaded and prepared as TRL loads its reference model: the policy's
+        `model_init_kwargs` and quantization, and device_map None under DDP and DeepSpeed (their engines place
+        the weights; transformers refuses ZeRO-3 with a device map)."""
+        policy = self.accelerator.unwrap_model(self.model)
+        name = get_config_model_id(policy.config)
         if name and (os.path.isdir(name) or "/" in name):  # loadable: load it as TRL loads its reference model
-            teacher = create_model_from_path(name, dtype=policy.dtype, attn_implementation=policy.config._attn_implementation)
+            kwargs = dict(self.args.model_init_kwargs or {})
+            if quantization_config is not None:
+                kwargs["quantization_config"] = quantization_config
+            if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+                kwargs["device_map"] = None
+            kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+            kwargs.setdefault("dtype", policy.dtype)  # a policy passed as a model: the teacher is loaded like it
+            kwargs.setdefault("attn_implementation", policy.config._attn_implementation)
+            teacher = create_model_from_path(name, **kwargs)
         else:  # a model built in code: copy it, before any step
             teacher = copy.deepcopy(policy)
         teacher.requires_grad_(False)
@@ -142,15 +228,18 @@ class EGRSDTrainer(GRPOTrainer):
         correct = (score > 0.5).cpu() & gather(finished).cpu()
         rewards = egrsd.length_shaped_reward(correct, gather(lengths).cpu(), self.max_completion_length, beta=self.args.beta_length)
         running = self.running_advantage if mode == "train" else copy.deepcopy(self.running_advantage)  # eval: no update
+        batch_advantages = running(rewards)
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
-        advantages = running(rewards)[local].to(completion.device)
-        # the teacher (with the reference solution) and the policy that sampled score every completion token
+        advantages = batch_advantages[local].to(completion.device)
+        # the teacher (with the reference solution) and the policy that sampled score every completion token;
+        # TRL has already scored the policy where it needs it (vLLM's importance sampling): the same pass, reused
         teacher_logp, teacher_entropy = self.teacher_scores([x[self.args.teacher_prompt_column] for x in inputs], completion, mask)
-        student_logp = self.policy_logps(output)
+        student_logp = output.get("old_per_token_logps")
+        student_logp = self.policy_logps(output) if student_logp is None else student_logp.masked_fill(~mask, 0.0)
         settings = self.gate_settings(teacher_entropy, mask)  # one gather of the normaliser for both
         output["advantages"] = self.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, settings)
-        magnitude = egrsd.ratio_magnitude(teacher_logp, student_logp, torch.sign(advantages), mask, eps=self.args.magnitude_eps)
-        self._log_signals(mode, rewards, magnitude, teacher_entropy, mask, settings)
+        magnitude = egrsd.ratio_magnitude(teacher_logp, student_logp, torch.sign(advantages), mask, eps=self.args.eps)
+        self._log_signals(mode, rewards, batch_advantages, output["advantages"], magnitude, teacher_entropy, mask, settings)
         return output
 
     @torch.no_grad()
@@ -183,7 +272,7 @@ class EGRSDTrainer(GRPOTrainer):
         global batch: its maximum over every process, passed as the normaliser's floor (egrsd then divides
         by exactly it); with `gate_group`, each process's groups of rows."""
         a = self.args
-        settings = dict(gamma=0.0 if a.method == "rlsd" else a.gamma, floor=a.gate_floor, min_denominator=a.min_denominator,
+        settings = dict(gamma=0.0 if a.method == "rlsd" else a.gamma, floor=a.floor, min_denominator=a.min_denominator,
                         denominator=a.denominator, group=a.gate_group or None)
         if settings["group"] is None:
             source = teacher_entropy if a.denominator == "raw" else egrsd.lookahead_min(teacher_entropy, mask, self.window)
@@ -200,44 +289,73 @@ class EGRSDTrainer(GRPOTrainer):
         """Â = A · w · ω from egrsd.token_advantages, with the gate of the global batch (`gate_settings`)."""
         settings = settings or self.gate_settings(teacher_entropy, mask)
         return egrsd.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, self.window,
-                                      eps=self.args.magnitude_eps, **settings)
+                                      eps=self.args.eps, **settings)
 
-    def _log_signals(self, mode, rewards, magnitude, teacher_entropy, mask, settings) -> None:
-        """The signals train_min.py logs: gate (mean, min), magnitude, teacher entropy and the regime shares,
-        over every process."""
+    def _log_signals(self, mode, rewards, batch_advantages, token_adv, magnitude, teacher_entropy, mask, settings) -> None:
+        """What was trained, over every process: the signals train_min.py logs (gate mean and min, magnitude,
+        teacher entropy, regime shares), Â's mean, min and max; in the completions table, A_i as the
+        advantage and each completion's mean Â and gate. GRPO's group diagnostics are dropped: there is no
+        group baseline here."""
         a = self.args
         gate = egrsd.entropy_gate(teacher_entropy, mask, self.window, **settings)
         regimes = egrsd.token_regimes(teacher_entropy, mask, a.window, min_denominator=settings["min_denominator"],
                                       group=settings["group"])
-        sums = [gate[mask].sum(), magnitude[mask].sum(), teacher_entropy[mask].sum(),
+        sums = [gate[mask].sum(), magnitude[mask].sum(), teacher_entropy[mask].sum(), token_adv[mask].sum(),
                 *((regimes == c).sum() for c in range(1, 5)), mask.sum()]
         totals = gather(torch.stack([s.float() for s in sums])[None]).sum(dim=0).tolist()
-        lowest = gather(gate.masked_fill(~mask, 1.0).amin()[None].float() if mask.numel() else torch.ones(1)).min().item()
         count = max(totals[-1], 1.0)
-        self._metrics[mode]["egrsd/length_shaped_reward"].append(rewards.mean().item())
-        self._metrics[mode]["egrsd/gate_mean"].append(totals[0] / count)
-        self._metrics[mode]["egrsd/gate_min"].append(lowest)
-        self._metrics[mode]["egrsd/magnitude_mean"].append(totals[1] / count)
-        self._metrics[mode]["egrsd/teacher_entropy_mean"].append(totals[2] / count)
-        for name, total in zip(egrsd.REGIMES, totals[3:7]):
-            self._metrics[mode][f"egrsd/share_{name}"].append(total / count)
+        metrics = self._metrics[mode]
+        metrics["egrsd/length_shaped_reward"].append(rewards.mean().item())
+        metrics["egrsd/gate_mean"].append(totals[0] / count)
+        metrics["egrsd/gate_min"].append(self._global_extreme(gate, mask, "min"))
+        metrics["egrsd/magnitude_mean"].append(totals[1] / count)
+        metrics["egrsd/teacher_entropy_mean"].append(totals[2] / count)
+        metrics["egrsd/token_advantage_mean"].append(totals[3] / count)
+        metrics["egrsd/token_advantage_min"].append(self._global_extreme(token_adv, mask, "min"))
+        metrics["egrsd/token_advantage_max"].append(self._global_extreme(token_adv, mask, "max"))
+        for name, total in zip(egrsd.REGIMES, totals[4:8]):
+            metrics[f"egrsd/share_{name}"].append(total / count)
+        for name in ("reward_std", "frac_reward_zero_std"):
+            metrics.pop(name, None)
+        # GRPO has just appended its (unused) group advantages of this batch to the table: replace them
+        table = self._logs["advantages"]
+        for _ in range(len(batch_advantages)):
+            table.pop()
+        table.extend(batch_advantages.tolist())
+        tokens = mask.sum(dim=1).clamp(min=1)
+        for column, values in (("token_advantage_mean", token_adv), ("gate_mean", gate)):
+            self._logs["extra"][column].extend(gather((values * mask).sum(dim=1) / tokens).tolist())
+
+    def _global_extreme(self, values, mask, which: str) -> float:
+        """The min or max of `values` on the mask, over every process."""
+        fill, reduce = (float("inf"), torch.amin) if which == "min" else (float("-inf"), torch.amax)
+        local = reduce(values.masked_fill(~mask, fill)) if mask.numel() else values.new_tensor(fill)
+        return reduce(gather(local[None].float())).item()
 
     # ------------------------------------------------------------------------------------------------
     # The loss, and the running advantage in checkpoints
 
     def _compute_loss(self, model, inputs):
         """egrsd.policy_loss (−Σ m·Â·log p / Σ m), rescaled from this micro-batch's tokens to TRL's "dapo"
-        normaliser: the tokens of the generation batch over all processes, per accumulation window."""
+        normaliser: the tokens of the generation batch over all processes, per accumulation window. With vLLM,
+        Â times TRL's importance-sampling ratio, the correction GRPO applies to its per-token loss: the
+        rollouts come from vLLM's copy of the policy, whose log-probs differ from the trainer's."""
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        logp, _, _ = self._get_per_token_logps_and_entropies(model, ids, attention, inputs["completion_ids"].size(1))
+        logp, entropy, _ = self._get_per_token_logps_and_entropies(model, ids, attention, inputs["completion_ids"].size(1),
+                                                                   compute_entropy=True)
         mask = inputs["completion_mask"].bool()
-        loss = egrsd.policy_loss(logp, inputs["advantages"], mask)
+        token_adv = inputs["advantages"]
+        if "importance_sampling_ratio" in inputs:  # (B, T) or (B, 1), present exactly when TRL corrects for vLLM
+            token_adv = token_adv * inputs["importance_sampling_ratio"]
+        loss = egrsd.policy_loss(logp, token_adv, mask)
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if self.model.training:
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["egrsd/policy_loss"].append(self.accelerator.gather(loss.detach()).mean().item())
+        totals = self.accelerator.reduce(torch.stack([entropy.detach()[mask].sum(), mask.sum().float()]), reduction="sum")
+        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())  # as GRPO logs it
         return loss * mask.sum() / normalizer
 
     def _save_checkpoint(self, model, trial):
@@ -255,8 +373,10 @@ class EGRSDTrainer(GRPOTrainer):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data and reward for the built-in problems (trainer/tasks.py): any dataset with a conversational `prompt`,
-# a `teacher_prompt` and the reward functions' columns will do.
+# Data and reward for problems (trainer/tasks.py): any dataset with a conversational `prompt`, the teacher's
+# prompt and the reward functions' columns will do. The teacher's column holds its whole prompt, not only
+# the privileged text (TRL's self-distillation trainers' `privileged_context`): the paper's teacher reads
+# the reference solution between the question and the instruction.
 
 
 def dataset_from_problems(problems):
@@ -278,22 +398,94 @@ def correctness_reward(completions, answer, **kwargs) -> list[float]:
 
 
 @dataclass
-class DataArguments:
-    data: str = field(default="", metadata={"help": "JSONL problems (train_min.py's formats); empty: the built-in ones"})
+class DataArguments(ScriptArguments):
+    """TRL's dataset flags (--dataset_name, --dataset_config, --dataset_train_split, --dataset_test_split) and
+    the columns that make a problem, or train_min.py's JSONL files; neither: the built-in problems."""
+
+    data: str = field(default="", metadata={"help": "JSONL problems (train_min.py's formats), instead of --dataset_name"})
+    eval_data: str = field(default="", metadata={"help": "JSONL held-out problems, evaluated with --eval_strategy"})
+    problem_column: str = field(default="problem", metadata={"help": "--dataset_name's column of the question"})
+    solution_column: str = field(default="solution", metadata={"help": "its column of the worked reference solution "
+                                                               "(the teacher's privileged context)"})
+    answer_column: str = field(default="answer", metadata={"help": "its column of the final answer; empty: GSM8K's, "
+                                                           "after '#### ' at the end of the solution"})
 
 
-def main() -> None:
-    """accelerate launch integrations/trl_egrsd.py --model_name_or_path ... (README: "Scaling out with TRL")."""
-    from trl import ModelConfig, TrlParser, get_peft_config
+@dataclass
+class EGRSDModelConfig(ModelConfig):
+    """TRL's model flags; LoRA dropout defaults to 0 here (and another value is refused: w needs
+    deterministic log-probs)."""
 
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout: must be 0 (w compares two log-prob passes)"})
+
+
+def problems_from_dataset(data: DataArguments, split: str, flag: str) -> list:
+    """The problems of one split of --dataset_name (a hub name or a local folder `datasets.load_dataset`
+    reads), through the same row checks as train_min.py's JSONL files."""
+    from datasets import load_dataset
+
+    from trainer.tasks import _parse_row
+
+    splits = load_dataset(data.dataset_name, name=data.dataset_config)
+    if split not in splits:
+        raise ValueError(f"--{flag}: expected a split of {data.dataset_name!r}, one of {list(splits)}, got {split!r}")
+    rows = splits[split]
+    for column in ("problem_column", "solution_column") + (("answer_column",) if data.answer_column else ()):
+        if getattr(data, column) not in rows.column_names:
+            raise ValueError(f"--{column}: expected a column of {data.dataset_name!r} [{split}], one of "
+                             f"{rows.column_names}, got {getattr(data, column)!r}")
+    if data.answer_column:
+        mapped = ({"problem": r[data.problem_column], "solution": r[data.solution_column], "answer": str(r[data.answer_column])}
+                  for r in rows)
+    else:
+        mapped = ({"question": r[data.problem_column], "answer": r[data.solution_column]} for r in rows)
+    return [_parse_row(row, f"{data.dataset_name} [{split}] row {i}: ", numeric=True) for i, row in enumerate(mapped)]
+
+
+def load_datasets(data: DataArguments, evaluate: bool):
+    """The training dataset and, when `evaluate`, the held-out one, from --dataset_name, the JSONL files or
+    the built-in problems."""
     from trainer.tasks import built_in_problems, load_problems
 
-    args, model_args, data_args = TrlParser((EGRSDConfig, ModelConfig, DataArguments)).parse_args_and_config()
-    problems = load_problems(data_args.data) if data_args.data else built_in_problems(2000, 0)[0]
-    trainer = EGRSDTrainer(model=model_args.model_name_or_path, reward_funcs=correctness_reward, args=args,
-                           train_dataset=dataset_from_problems(problems), peft_config=get_peft_config(model_args))
-    trainer.train()
-    trainer.save_model(args.output_dir)
+    rules = [("data", not (data.dataset_name and data.data), "either --dataset_name or --data, not both"),
+             ("eval_data", not (data.dataset_name and data.eval_data), "empty with --dataset_name (its --dataset_test_split is evaluated)"),
+             ("eval_data", evaluate or not data.eval_data, "empty with --eval_strategy no (it would not be evaluated)"),
+             ("eval_data", not (evaluate and data.data and not data.eval_data), "a JSONL file of held-out problems with --data and an --eval_strategy"),
+             ("dataset_streaming", not data.dataset_streaming, "false: the problems are read whole, to build both prompts")]
+    for name, ok, allowed in rules:
+        if not ok:
+            raise ValueError(f"--{name}: expected {allowed}, got {getattr(data, name)!r}")
+    if data.dataset_name:
+        train = problems_from_dataset(data, data.dataset_train_split, "dataset_train_split")
+        held_out = problems_from_dataset(data, data.dataset_test_split, "dataset_test_split") if evaluate else None
+    else:
+        train = load_problems(data.data) if data.data else built_in_problems(2000, 0)[0]
+        held_out = (load_problems(data.eval_data) if data.eval_data else built_in_problems(1, 200)[1]) if evaluate else None
+    return dataset_from_problems(train), None if held_out is None else dataset_from_problems(held_out)
+
+
+def build_trainer(argv=None) -> EGRSDTrainer:
+    """The trainer of the command line `argv` (None: sys.argv), every flag given to it as TRL's GRPO script gives it."""
+    from trl import TrlParser, get_peft_config, get_quantization_config
+
+    data, args, model_args = TrlParser((DataArguments, EGRSDConfig, EGRSDModelConfig)).parse_args_and_config(argv)
+    if not model_args.model_name_or_path:
+        raise ValueError("--model_name_or_path: expected a hub name or a local model directory, got None")
+    # the model flags reach the policy and the teacher through model_init_kwargs, as in trl/scripts/grpo.py
+    args.model_init_kwargs = {**dict(revision=model_args.model_revision, trust_remote_code=args.trust_remote_code,
+                                     attn_implementation=model_args.attn_implementation, dtype=model_args.dtype),
+                              **(args.model_init_kwargs or {})}
+    train, held_out = load_datasets(data, evaluate=args.eval_strategy != "no")
+    return EGRSDTrainer(model=model_args.model_name_or_path, reward_funcs=correctness_reward, args=args,
+                        train_dataset=train, eval_dataset=held_out, quantization_config=get_quantization_config(model_args),
+                        peft_config=get_peft_config(model_args))
+
+
+def main(argv=None) -> None:
+    """accelerate launch integrations/trl_egrsd.py --model_name_or_path ... (README: "Scaling out with TRL")."""
+    trainer = build_trainer(argv)
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    trainer.save_model(trainer.args.output_dir)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""integrations/trl_egrsd.py: EGRSD inside TRL's GRPOTrainer computes the trainer's token advantages and loss,
-keeps its running advantage in checkpoints, and gives the same first-step token advantages with 1 and with 2
-processes (torchrun, gloo, on CPU: accelerate 1.15's `launch --cpu` starts a single process)."""
+"""integrations/trl_egrsd.py: EGRSD inside TRL's GRPOTrainer computes the trainer's token advantages and loss
+and logs them, keeps its running advantage in checkpoints, gives the same token advantages with 1 and with 2
+processes (torchrun, gloo, on CPU: accelerate 1.15's `launch --cpu` starts a single process), applies TRL's
+vLLM importance sampling, honours TRL's model and dataset flags, refuses what it would ignore, and runs the
+README's command."""
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,11 +17,22 @@ pytest.importorskip("trl", reason="the optional extra trl is not installed")
 
 import egrsd  # noqa: E402
 import train_min  # noqa: E402
+from integrations import trl_egrsd  # noqa: E402
 from trainer.offline_models import build_tiny_model  # noqa: E402
-from trainer.tasks import teacher_messages  # noqa: E402
+from trainer.tasks import student_messages, teacher_messages  # noqa: E402
 from trl_run import fixed_rollouts, problems, tiny_trainer, tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny model and its tokenizer saved as a hub model is: what the command line loads."""
+    path = tmp_path_factory.mktemp("model")
+    build_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.mark.parametrize("method", ["egrsd", "cl-egrsd", "rlsd"])
@@ -41,12 +56,23 @@ def test_token_advantages_and_loss_in_trl_are_the_trainers(method, tmp_path):
     advantages = egrsd.RunningAdvantage()(egrsd.length_shaped_reward(correct, mask.sum(1), 32))
     expected = train_min.weight_tokens(advantages, scores, mask, cfg).advantage
     torch.testing.assert_close(output["advantages"].double(), expected.double(), rtol=1e-5, atol=1e-6)
+    # the logs show what was trained: A_i in the completions table, Â summarised, no GRPO group diagnostics
+    logged = trainer._metrics["train"]
+    assert list(trainer._logs["advantages"]) == pytest.approx(advantages.tolist()) and advantages.abs().min() > 0.3
+    per_row = ((expected * mask).sum(1) / mask.sum(1)).tolist()
+    assert list(trainer._logs["extra"]["token_advantage_mean"]) == pytest.approx(per_row, rel=1e-5, abs=1e-6)
+    assert logged["egrsd/token_advantage_mean"] == pytest.approx([expected[mask].mean().item()], rel=1e-5, abs=1e-6)
+    assert logged["egrsd/token_advantage_min"] == pytest.approx([expected[mask].min().item()], rel=1e-5, abs=1e-6)
+    assert logged["egrsd/token_advantage_max"] == pytest.approx([expected[mask].max().item()], rel=1e-5, abs=1e-6)
+    assert "reward_std" not in logged and "frac_reward_zero_std" not in logged
     model.train()
     hidden = train_min.completion_hidden(model, output["prompt_ids"], output["prompt_mask"], completion, mask)[mask] / 1.1
     logp = train_min.to_grid(mask, egrsd.linear_token_logprobs(hidden, train_min.lm_head(model), completion[mask]))
     trainer.current_gradient_accumulation_steps = 1  # as TRL's training loop sets it
     loss = trainer._compute_loss(trainer.model, output)
     torch.testing.assert_close(loss.double(), egrsd.policy_loss(logp, expected, mask).double(), rtol=1e-5, atol=1e-6)
+    entropy = egrsd.linear_token_entropy(hidden, train_min.lm_head(model)).mean().item()
+    assert logged["entropy"] == pytest.approx([entropy], rel=1e-5), "TRL's entropy of the policy, as GRPO logs it"
 
 
 def test_the_running_advantage_is_saved_with_trls_checkpoints_and_restored(tmp_path):
@@ -111,14 +137,125 @@ def test_with_lora_the_teacher_is_the_base_model_with_the_adapter_off(tmp_path):
     assert not torch.allclose(policy, expected.student_logp, atol=1e-3), "the adapter is on for the policy"
 
 
-def test_the_command_line_trains_with_lora_and_saves_the_adapter(tmp_path):
+def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_path):
+    from dataclasses import fields
+    shared = ("eps", "floor", "gamma", "window", "min_denominator", "denominator", "gate_group", "score_temperature")
+    ours = {f.name: f.default for f in fields(trl_egrsd.EGRSDConfig)}
+    theirs = {f.name: f.default for f in fields(train_min.Config)}
+    assert {name: ours.get(name) for name in shared} == {name: theirs[name] for name in shared}
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    for name, value in [("loss_type", "grpo"), ("scale_rewards", "batch"), ("top_entropy_quantile", 0.2),
+                        ("disable_dropout", False), ("eps", 1.5)]:
+        with pytest.raises(ValueError, match=f"^{name}: expected"):
+            trl_egrsd.EGRSDConfig(**base, **{name: value})
+    peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    with pytest.raises(ValueError, match="lora_dropout: expected 0 .*deterministic log-probs"):
+        tiny_trainer(tmp_path, peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.05))
+    for version in ("1.15.2", "1.17.0"):
+        with pytest.raises(ImportError, match=r"trl>=1\.16,<1\.17 .* got " + version):
+            trl_egrsd.check_trl_version(version)
+    trl_egrsd.check_trl_version("1.16.3")
+
+
+def test_with_vllm_trls_policy_logps_are_reused_and_its_importance_sampling_weights_the_loss(tmp_path, monkeypatch):
+    """The rollout function returns per-token log-probs of the sampler, as vLLM's generation does."""
+    trainer = tiny_trainer(tmp_path, vllm_importance_sampling_mode="token_truncate")
+    rows = [row for row in trainer.train_dataset.select(range(2)) for _ in range(2)]
+    trainer.model.train()
+    plain = trainer._generate_and_score_completions(rows)
+    mask = plain["completion_mask"].bool()
+    offset = torch.tensor([0.0, 0.5, -0.5, 2.0])[torch.arange(mask.size(1)) % 4].expand(mask.shape)  # e^2 > the clip, 3
+    sampler = trainer.policy_logps(plain) - offset
+    sampled = [sampler[i, mask[i]].tolist() for i in range(len(rows))]
+    trainer.rollout_func = lambda prompts, t: {**fixed_rollouts(prompts, t), "logprobs": sampled}
+    trainer.use_vllm, trainer._last_loaded_step = True, trainer.state.global_step  # vLLM, its weights in sync
+    monkeypatch.setattr(trainer, "policy_logps", lambda output: pytest.fail("the policy scored twice"))
+    vllm = trainer._generate_and_score_completions(rows)
+    torch.testing.assert_close(vllm["advantages"], plain["advantages"])  # w from TRL's own policy log-probs
+    ratio = offset.exp().clamp(max=trainer.args.vllm_importance_sampling_clip_max)
+    torch.testing.assert_close(vllm["importance_sampling_ratio"][mask], ratio[mask])
+    ids = torch.cat([vllm["prompt_ids"], vllm["completion_ids"]], dim=1)
+    attention = torch.cat([vllm["prompt_mask"], vllm["completion_mask"]], dim=1)
+    logp = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, mask.size(1))[0]
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer._compute_loss(trainer.model, vllm)
+    torch.testing.assert_close(loss, egrsd.policy_loss(logp, vllm["advantages"] * ratio, mask))
+    assert not torch.isclose(loss, egrsd.policy_loss(logp, vllm["advantages"], mask)), "a ratio that matters"
+
+
+def test_the_command_lines_model_and_dataset_flags_reach_the_policy_and_the_teacher(tmp_path, model_dir, monkeypatch):
+    """--dtype, --attn_implementation and --model_revision load both models (the saved model keeps the dtype),
+    the teacher is loaded as TRL loads its reference model (device_map None under DeepSpeed and DDP, the
+    quantization config), --dataset_name gives the problems of its columns, and the model card is EGRSD's."""
+    dataset = tmp_path / "dataset"  # a local folder that datasets.load_dataset reads as it reads a hub dataset
+    dataset.mkdir()
+    for split, rows in (("train", problems[:4]), ("test", problems[4:6])):
+        (dataset / f"{split}.jsonl").write_text("".join(json.dumps({"q": p.question, "s": p.solution, "a": int(p.answer)}) + "\n"
+                                                        for p in rows))
+    loads = []
+    load = trl_egrsd.create_model_from_path
+    monkeypatch.setattr(trl_egrsd, "create_model_from_path", lambda name, **kwargs: loads.append(kwargs) or load(name, **kwargs))
+    trainer = trl_egrsd.build_trainer([
+        "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "run"), "--use_cpu", "--report_to", "none",
+        "--dtype", "bfloat16", "--attn_implementation", "eager", "--model_revision", "main", "--max_completion_length", "8",
+        "--dataset_name", str(dataset), "--problem_column", "q", "--solution_column", "s", "--answer_column", "a",
+        "--eval_strategy", "steps", "--eval_steps", "1", "--per_device_train_batch_size", "2"])
+    for model in (trainer.model, trainer.teacher):
+        assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+    assert loads[0]["revision"] == "main" and loads[0]["dtype"] == "bfloat16"
+    trainer.save_model(str(tmp_path / "final"))
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "final" / "model.safetensors"), "pt") as saved:
+        assert {saved.get_slice(k).get_dtype() for k in saved.keys()} == {"BF16"}
+    trainer.create_model_card()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "EGRSD" in card and "2605.13255" in card and "DeepSeekMath" not in card
+    assert trainer.train_dataset["prompt"] == [student_messages(p) for p in problems[:4]]
+    assert trainer.train_dataset["teacher_prompt"] == [teacher_messages(p) for p in problems[:4]]
+    assert trainer.eval_dataset["answer"] == [p.answer for p in problems[4:6]]  # integers in the dataset
+    # under DeepSpeed, as TRL's reference model: no device map, and the policy's quantization
+    from transformers import BitsAndBytesConfig
+    monkeypatch.setattr(trainer.args, "distributed_state", SimpleNamespace(distributed_type="DEEPSPEED"))
+    monkeypatch.setattr(trl_egrsd, "create_model_from_path", lambda name, **kwargs: loads.append(kwargs) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        trainer._frozen_copy(BitsAndBytesConfig(load_in_4bit=True))
+    assert loads[-1]["device_map"] is None and loads[-1]["quantization_config"].load_in_4bit
+    assert loads[-1]["dtype"] == "bfloat16" and loads[-1]["revision"] == "main"
+    data = trl_egrsd.DataArguments(dataset_name=str(dataset), problem_column="question")
+    with pytest.raises(ValueError, match=r"--problem_column: expected a column of .*\['q', 's', 'a'\], got 'question'"):
+        trl_egrsd.load_datasets(data, evaluate=False)
+
+
+def readme_command(**changes) -> list[str]:
+    """The README's TRL command (section "Scaling out with TRL"), its flags after the script; `changes` set
+    flags (True: a flag without a value) or drop them (None)."""
+    text = README.read_text()
+    lines = iter(text[text.index("## Scaling out with TRL"):].splitlines())
+    line = next(line for line in lines if line.strip().startswith("accelerate launch"))
+    command = [line]
+    while command[-1].rstrip().endswith("\\"):
+        command.append(next(lines))
+    words = shlex.split(" ".join(line.rstrip().rstrip("\\") for line in command))
+    words = words[words.index("integrations/trl_egrsd.py") + 1:]
+    flags, name = {}, None
+    for word in words:
+        if word.startswith("--"):
+            name = word
+            flags[name] = []
+        else:
+            flags[name].append(word)
+    for key, value in changes.items():
+        flags["--" + key] = None if value is None else [] if value is True else [str(value)]
+    return [word for key, values in flags.items() if values is not None for word in (key, *values)]
+
+
+def test_the_readmes_command_trains_with_the_papers_lora_and_saves_the_adapter(tmp_path, model_dir):
     pytest.importorskip("peft", reason="the optional extra peft is not installed")
-    build_tiny_model(tokenizer).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    done = subprocess.run([sys.executable, "integrations/trl_egrsd.py", "--model_name_or_path", str(tmp_path / "model"),
-                           "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--per_device_train_batch_size", "4",
-                           "--max_completion_length", "8", "--use_cpu", "--bf16", "false", "--report_to", "none",
-                           "--method", "cl-egrsd", "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    flags = readme_command(model_name_or_path=model_dir, output_dir=tmp_path / "run", use_vllm=None, vllm_mode=None,
+                           use_cpu=True, report_to="none", max_steps=1, max_completion_length=8)
+    done = subprocess.run([sys.executable, "integrations/trl_egrsd.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (64, 128, 0.0), "the paper's LoRA"
+    assert "egrsd/token_advantage_mean" in done.stdout + done.stderr, "the first step was logged"
