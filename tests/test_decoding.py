@@ -390,6 +390,19 @@ def test_graph_rollouts_equal_eager_rollouts_on_cuda(monkeypatch):
     assert len(captures) == 2, "no second attempt for the same model"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_llama_and_mistral_decode_steps_are_captured_as_graphs_on_cuda(family, monkeypatch):
+    """graph=True raises if capture fails; the graph's tokens are the eager loop's. Mistral keeps its
+    config's default sliding window (4,096), longer than the rollout."""
+    monkeypatch.setattr(decoding, "no_graphs", type(decoding.no_graphs)())
+    tokenizer = build_tiny_tokenizer()
+    model = family_model(family).cuda()
+    ids, mask = (t.cuda() for t in left_padded_prompts(tokenizer))
+    run = lambda graph: decoding.generate(model, ids, mask, 20, -1, tokenizer.pad_token_id, greedy=True, graph=graph)  # noqa: E731
+    assert torch.equal(run(False), run(True))
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(prompt_mask="right"), "prompt_mask: expected left padding"),
     (dict(prompt_mask="short"), "prompt_ids, prompt_mask: expected two (B, P) tensors"),
