@@ -93,7 +93,7 @@ import egrsd  # noqa: E402
 STATE_FILE = "egrsd_state.json"
 
 
-# GRPO settings whose effect EGRSD's advantage or loss replaces: any value but the default is refused, with why.
+# GRPO settings that EGRSD's advantage or loss replaces or needs as they are: another value is refused, with why.
 REPLACED = {
     "loss_type": ("dapo", "EGRSD's loss is −Σ m·Â·log p / Σ m over the tokens of the batch, TRL's dapo "
                           "normalisation; the other types are GRPO's clipped objectives"),
@@ -232,7 +232,8 @@ class EGRSDTrainer(GRPOTrainer):
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
         advantages = batch_advantages[local].to(completion.device)
         # the teacher (with the reference solution) and the policy that sampled score every completion token;
-        # TRL has already scored the policy where it needs it (vLLM's importance sampling): the same pass, reused
+        # TRL has already scored the policy where it needs it (vLLM's importance sampling, or generation not
+        # aligned with optimizer steps): the same pass, reused
         teacher_logp, teacher_entropy = self.teacher_scores([x[self.args.teacher_prompt_column] for x in inputs], completion, mask)
         student_logp = output.get("old_per_token_logps")
         student_logp = self.policy_logps(output) if student_logp is None else student_logp.masked_fill(~mask, 0.0)

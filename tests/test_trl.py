@@ -224,6 +224,12 @@ def test_the_command_lines_model_and_dataset_flags_reach_the_policy_and_the_teac
     data = trl_egrsd.DataArguments(dataset_name=str(dataset), problem_column="question")
     with pytest.raises(ValueError, match=r"--problem_column: expected a column of .*\['q', 's', 'a'\], got 'question'"):
         trl_egrsd.load_datasets(data, evaluate=False)
+    gsm8k = tmp_path / "gsm8k"  # GSM8K's columns: the final answer ends the solution, after '#### '
+    gsm8k.mkdir()
+    (gsm8k / "train.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2"}) + "\n")
+    data = trl_egrsd.DataArguments(dataset_name=str(gsm8k), problem_column="question", solution_column="answer", answer_column="")
+    train, held_out = trl_egrsd.load_datasets(data, evaluate=False)
+    assert held_out is None and train["answer"] == ["2"] and "1 + 1 = 2" in train["teacher_prompt"][0][0]["content"]
 
 
 def readme_command(**changes) -> list[str]:
