@@ -40,7 +40,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import egrsd
-from trainer import decoding, lora, run_io, views
+from trainer import decoding, lora, run_io, updates, views
 from trainer.config import Config, check_config, compute_dtype, parse_args
 from trainer.offline_models import enable_activation_checkpointing, eos_list, load_model_and_tokenizer
 from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, load_problems, student_messages, teacher_messages
@@ -122,12 +122,13 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[
 # Rollouts and the verifier.
 
 
-def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False):
+def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False, sampling: dict | None = None):
     """Sample completions: ids (B, T), mask (B, T) bool up to and including the first EOS, finished (B,).
-    Every EOS id of the model's generation config ends a row (Qwen2.5-Instruct: <|im_end|>, <|endoftext|>)."""
+    Every EOS id of the model's generation config ends a row (Qwen2.5-Instruct: <|im_end|>, <|endoftext|>).
+    `sampling` (temperature, top_k, top_p) defaults to the rollouts' settings."""
     eos_ids = eos_list(model)
     args = (model, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_ids, tokenizer.pad_token_id)
-    sampling = dict(greedy=greedy, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    sampling = dict(greedy=greedy, **(sampling or dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)))
     if cfg.rollout in ("hf-static", "hf-dynamic"):
         completion = decoding.hf_generate(*args, **sampling, static=cfg.rollout == "hf-static")
     else:  # decoding.py; auto: CUDA graphs on CUDA unless a capture fails there
@@ -257,20 +258,44 @@ def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, token_a
 
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list, cfg: Config) -> dict:
-    """Greedy accuracy and mean completion length on held-out problems: the paper's trade-off."""
+    """Held-out accuracy and mean completion length, the paper's trade-off: of the greedy completion, and
+    avg@K of K sampled ones per problem (--eval-samples) drawn from their own seeded stream (the same for
+    every run and evaluation; the training's random state is restored after). Per problem: its id and
+    template, so that runs pair by problem and intervals cluster by template."""
+    start = time.perf_counter()
+    row = {"eval_ids": [p.id for p in problems], "eval_templates": [p.template for p in problems]}
+    row |= solve(model, tokenizer, problems, cfg, "eval_", greedy=True)
+    if cfg.eval_samples:
+        device = torch.device(cfg.device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.eval_seed)
+            sampling = dict(temperature=cfg.eval_temperature, top_k=cfg.eval_top_k, top_p=cfg.eval_top_p)
+            repeated = [p for p in problems for _ in range(cfg.eval_samples)]
+            row |= solve(model, tokenizer, repeated, cfg, "eval_sampled_", sampling=sampling, per=cfg.eval_samples)
+    return row | {"eval_samples": cfg.eval_samples, "eval_s": time.perf_counter() - start}
+
+
+def solve(model, tokenizer, problems: list, cfg: Config, prefix: str, per: int = 1, **how) -> dict:
+    """Complete and verify each problem: accuracy, mean length, Acc/(length/1000) and the truncated share,
+    and per problem (averaged over its `per` consecutive copies) the correct share and mean length."""
     correct, lengths, finished = [], [], []
     for start in range(0, len(problems), cfg.eval_batch_size):
         batch = problems[start : start + cfg.eval_batch_size]
         ids, attention = encode_prompts(tokenizer, [student_messages(p) for p in batch], cfg.device)
-        completion, mask, done = generate(model, tokenizer, ids, attention, cfg, greedy=True)
+        completion, mask, done = generate(model, tokenizer, ids, attention, cfg, **how)
         correct += verify(tokenizer, completion, mask, done, batch, cfg).int().tolist()
         lengths += mask.sum(dim=1).tolist()
         finished += done.tolist()
-    accuracy, length = sum(correct) / max(len(correct), 1), sum(lengths) / max(len(lengths), 1)
-    return {"eval_accuracy": accuracy, "eval_length": length,
-            "eval_acc_per_1k_tokens": accuracy / (length / 1000) if length else 0.0,
-            "eval_truncated": 1 - sum(finished) / max(len(finished), 1),
-            "eval_correct": correct, "eval_lengths": lengths}  # per problem: paired comparisons of runs
+    n = max(len(correct), 1)
+    accuracy, length = sum(correct) / n, sum(lengths) / n
+
+    def per_problem(xs):
+        return xs if per == 1 else [sum(xs[i : i + per]) / per for i in range(0, len(xs), per)]
+
+    return {f"{prefix}accuracy": accuracy, f"{prefix}length": length,
+            f"{prefix}acc_per_1k_tokens": accuracy / (length / 1000) if length else 0.0,
+            f"{prefix}truncated": 1 - sum(finished) / n,
+            f"{prefix}correct": per_problem(correct), f"{prefix}lengths": per_problem(lengths)}
 
 
 def autocast(cfg: Config):
@@ -306,6 +331,7 @@ def learning_rate_factor(cfg: Config):
 
 def train(cfg: Config):
     """The whole run; returns the (student, teacher) models at the end."""
+    started = time.perf_counter()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     train_problems, eval_problems = load_data(cfg)
@@ -350,24 +376,32 @@ def train(cfg: Config):
     bad_steps = 0
 
     def save(step: int) -> None:
+        if not cfg.save_model:
+            return
         state = {"step": step, "optimizer": optimizer.state_dict(), "advantage": advantage.state_dict(),
                  "schedule": schedule.state_dict()}
         run_io.save_checkpoint(cfg.output_dir, student, tokenizer, state)
 
-    def run_eval(at_step: int) -> None:
-        row = {"kind": "eval", "step": at_step, "method": cfg.method, **evaluate(sampler, tokenizer, eval_problems, cfg)}
+    def run_eval(at_step: int) -> float:
+        reused = at_step == 0 and cfg.initial_eval  # the untrained model's evaluation, made once for every arm
+        result = run_io.initial_eval_row(cfg.initial_eval) if reused else evaluate(sampler, tokenizer, eval_problems, cfg)
+        row = result | {"kind": "eval", "step": at_step, "method": cfg.method, "reused_from": cfg.initial_eval or None}
         run_io.append_row(metrics, row)
-        print(f"eval step {at_step}: accuracy {row['eval_accuracy']:.3f}, length {row['eval_length']:.0f}, "
-              f"acc/(len/1000) {row['eval_acc_per_1k_tokens']:.3f}", flush=True)
+        sampled = f", avg@{cfg.eval_samples} {row['eval_sampled_accuracy']:.3f}" if cfg.eval_samples else ""
+        print(f"eval step {at_step}{' (reused)' if reused else ''}: accuracy {row['eval_accuracy']:.3f}{sampled}, "
+              f"length {row['eval_length']:.0f}, acc/(len/1000) {row['eval_acc_per_1k_tokens']:.3f}", flush=True)
+        return row.get("eval_s", 0.0)
 
+    eval_seconds = 0.0  # the last evaluation's: --time-budget keeps room for the final one
     if start_step == 0 and eval_problems:
-        run_eval(0)
+        eval_seconds = run_eval(0)
     with run_io.StopOnSignal() as stop:
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            problems = batch_problems(train_problems, step, cfg.batch_size, cfg.seed)
+            problems = batch_problems(train_problems, step, cfg.batch_size // cfg.group_size, cfg.seed)
+            problems = [p for p in problems for _ in range(cfg.group_size)]  # G rollouts of a problem, side by side
             student_ids, student_mask = encode_prompts(tokenizer, [student_messages(p) for p in problems], cfg.device)
             teacher_ids, teacher_mask = encode_prompts(tokenizer, [teacher_messages(p) for p in problems], cfg.device)
 
@@ -381,16 +415,21 @@ def train(cfg: Config):
             # 2. ALGO LOGIC: reward (length-shaped, 0 unless correct and finished), running advantage,
             #    teacher scoring and the per-token weights.
             rewards = egrsd.length_shaped_reward(correct, lengths.cpu(), cfg.max_new_tokens, beta=cfg.beta_length)
-            advantages = advantage(rewards).to(cfg.device)
+            advantages = (egrsd.group_advantages(rewards, cfg.group_size) if cfg.group_size > 1 else advantage(rewards)).to(cfg.device)
             scores = score(sampler, teacher, batch, cfg)
             weights = weight_tokens(advantages, scores, mask, cfg)
             t2 = time.perf_counter()
 
             # 3. One optimizer step on the batch; a non-finite step is skipped, not applied.
             lr = optimizer.param_groups[0]["lr"]
+            before = updates.snapshot(student)
             loss, grad_norm = update(student, teacher, optimizer, batch, scores, weights.advantage, cfg)
             schedule.step()
             copy_weights(student, sampler)
+            # Did the step reach the model that samples? (bf16 rounds away updates much below 2⁻⁹·|w|)
+            reach = {"update_rel": updates.relative_update(student, before),
+                     "sampler_changed": updates.sampler_share_changed(sampler, before, lora=bool(cfg.lora_r))}
+            del before
             t3 = time.perf_counter()
             skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
             bad_steps = bad_steps + 1 if skipped else 0
@@ -399,13 +438,15 @@ def train(cfg: Config):
             row = {"kind": "train", "step": step + 1, "method": cfg.method, "reward": rewards.mean().item(),
                    "accuracy": correct.float().mean().item(), "length_mean": lengths.float().mean().item(),
                    "length_max": int(lengths.max()), "truncated": (~finished).float().mean().item(),
-                   "loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": skipped, **views.regime_stats(scores, weights, mask, cfg),
+                   "loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": skipped, **reach,
+                   **views.regime_stats(scores, weights, mask, cfg),
                    "rollout_tokens_per_s": new_tokens / (t1 - t0), "generate_s": t1 - t0, "score_s": t2 - t1,
                    "update_s": t3 - t2, "step_s": t3 - t0,
                    "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
             run_io.append_row(metrics, row)
             print(f"step {step + 1}/{cfg.steps} | reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | "
                   f"len {row['length_mean']:.0f} | loss {loss:.4f} | gnorm {grad_norm:.3f} | "
+                  f"Δθ/θ {reach['update_rel']:.1e} | sampler Δ {100 * reach['sampler_changed']:.1f}% | "
                   f"{row['rollout_tokens_per_s']:.0f} tok/s | gen {t1 - t0:.1f}s score {t2 - t1:.1f}s "
                   f"update {t3 - t2:.1f}s{' | SKIPPED (non-finite)' if skipped else ''}", flush=True)
 
@@ -418,15 +459,19 @@ def train(cfg: Config):
                 save(done)
                 sys.exit(f"stopped: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {grad_norm}); "
                          f"the last good state is in {cfg.output_dir}/checkpoint (lower --lr?)")
+            out_of_time = cfg.time_budget and out_of_budget(cfg, started, (t3 - t0), eval_seconds, done)
             # checkpoint first, then evaluate: a second Ctrl-C during a long evaluation loses no step
-            if (cfg.save_every and done % cfg.save_every == 0) or stop.requested or done == cfg.steps:
+            if (cfg.save_every and done % cfg.save_every == 0) or stop.requested or out_of_time or done == cfg.steps:
                 save(done)
-            if eval_problems and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-                run_eval(done)
-            if stop.requested and done < cfg.steps:
-                print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}")
+            if eval_problems and ((cfg.eval_every and done % cfg.eval_every == 0) or out_of_time or done == cfg.steps):
+                eval_seconds = run_eval(done)
+            if (stop.requested or out_of_time) and done < cfg.steps:
+                print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}"
+                      if cfg.save_model else f"stopped at step {done} (--no-save-model: no checkpoint to resume from)")
                 return student, teacher
 
+    if not cfg.save_model:
+        return student, teacher
     final = os.path.join(cfg.output_dir, "final")
     with run_io.writing("the final model", final, cfg.output_dir):
         if cfg.lora_r:
@@ -436,6 +481,18 @@ def train(cfg: Config):
             tokenizer.save_pretrained(final)
     print(f"saved {cfg.output_dir}/final")
     return student, teacher
+
+
+def out_of_budget(cfg: Config, started: float, step_seconds: float, eval_seconds: float, done: int) -> bool:
+    """--time-budget: whether another step, then the final evaluation (with a quarter more for longer
+    answers of the trained model), would overrun it."""
+    left = cfg.time_budget - (time.perf_counter() - started)
+    needed = step_seconds + 1.25 * eval_seconds
+    if left < needed and done < cfg.steps:
+        print(f"time budget: {left:.0f} s left, a step takes {step_seconds:.0f} s and the evaluation {eval_seconds:.0f} s: "
+              f"stopping after step {done} of {cfg.steps}", flush=True)
+        return True
+    return False
 
 
 def main(argv=None):

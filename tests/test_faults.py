@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--model", "tiny", "--device", "cpu", "--batch-size", "4", "--micro-batch-size", "2", "--max-new-tokens", "8",
          "--train-size", "16", "--eval-size", "4", "--eval-batch-size", "4", "--steps", "3", "--save-every", "1",
          "--eval-every", "2", "--dump-tokens", "3"]
-TIMING_KEYS = {"rollout_tokens_per_s", "generate_s", "score_s", "update_s", "step_s", "peak_gpu_mem_gb"}
+TIMING_KEYS = {"rollout_tokens_per_s", "generate_s", "score_s", "update_s", "step_s", "peak_gpu_mem_gb", "eval_s"}
 
 
 def rows_of(run_dir) -> list[dict]:

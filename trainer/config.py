@@ -51,7 +51,10 @@ class Config:
     steps: int = 100
     """optimizer steps (the paper: 100)"""
     batch_size: int = 32
-    """problems per step, one rollout each (the paper: 32 prompts × 1 rollout)"""
+    """rollouts per step (the paper: 32 prompts × 1 rollout); with --group-size G, 32 / G problems"""
+    group_size: int = 1
+    """G, rollouts per problem: 1 (the paper) uses the running advantage; G ≥ 2 GRPO's group-normalised one,
+    (r − group mean) / (group std + 1e-4), for every method (TRL's num_generations); divides --batch-size"""
     micro_batch_size: int = 8
     """rollouts per forward/backward pass (gradient accumulation; does not change the update)"""
     max_new_tokens: int = 1024
@@ -110,11 +113,33 @@ class Config:
     train_size: int = 2000
     """built-in training problems (at most 2,000)"""
     eval_size: int = 200
-    """held-out problems for evaluation (greedy decoding)"""
+    """held-out problems for evaluation"""
     eval_every: int = 25
     """evaluate every N steps (and before and after training); 0: only before and after"""
     eval_batch_size: int = 64
-    """problems per evaluation batch"""
+    """completions per evaluation batch"""
+    eval_samples: int = 4
+    """K: besides the greedy completion, K sampled completions per held-out problem, reported as avg@K
+    (the paper's avg@4); 0: greedy only"""
+    eval_temperature: float = 1.0
+    """sampling temperature of avg@K (the paper's evaluation: 1.0)"""
+    eval_top_p: float = 0.95
+    """nucleus of avg@K (the paper's evaluation: 0.95)"""
+    eval_top_k: int = 0
+    """top-k of avg@K; 0: none, as the paper states no top-k for evaluation"""
+    eval_seed: int = 0
+    """seed of avg@K's draws, apart from --seed: every run and evaluation draws from the same stream, and
+    the training's random state is left as it was"""
+    initial_eval: str = ""
+    """a run directory whose step-0 evaluation this run reuses instead of evaluating again: the untrained
+    model's is the same for every method and seed (same model, held-out problems and evaluation settings,
+    which are checked)"""
+    time_budget: float = 0.0
+    """seconds this run may take (0: no limit): training stops early enough to checkpoint and run the final
+    evaluation in time (for a GPU lent for a fixed time)"""
+    save_model: bool = True
+    """write checkpoints and final/; --no-save-model keeps only metrics.jsonl, config.json and the log (a run
+    that cannot resume: for measurement runs whose multi-GB models would not be kept anyway)"""
     save_every: int = 25
     """checkpoint every N steps (and on Ctrl-C and at the end); 0: only then"""
     rollout: str = "auto"
@@ -160,10 +185,15 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
 
 
 # A run saved before these flags existed resumes with the behaviour it had.
-BEFORE_THESE_FLAGS = {"lr_schedule": "constant", "score_temperature": 1.0, "gate_group": 0, "lora_r": 0}
+BEFORE_THESE_FLAGS = {"lr_schedule": "constant", "score_temperature": 1.0, "gate_group": 0, "lora_r": 0,
+                      "group_size": 1, "eval_samples": 0}
+# What makes two runs' step-0 evaluations the same (--initial-eval): the model, the held-out problems and
+# how they are decoded and judged.
+EVAL_SETTINGS = ("model", "dtype", "device", "data", "eval_data", "eval_size", "max_new_tokens", "eval_batch_size",
+                 "eval_samples", "eval_temperature", "eval_top_p", "eval_top_k", "eval_seed", "rollout", "verifier")
 # Flags a resumed run cannot change: the weights it continues from, and (under a decaying schedule) the
 # length of the schedule it is part of.
-FIXED_ON_RESUME = ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+FIXED_ON_RESUME = ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "group_size")
 FIXED_UNDER_DECAY = ("steps", "lr_schedule", "warmup_steps")
 
 
@@ -193,6 +223,13 @@ def check_config(cfg: Config) -> None:
         ("chunk_size", cfg.chunk_size > 0, "> 0"), ("max_bad_steps", cfg.max_bad_steps > 0, "> 0"),
         ("regime_low", cfg.regime_low >= 0, "≥ 0"), ("regime_high", cfg.regime_high > cfg.regime_low, "> --regime-low"),
         ("dump_tokens", cfg.dump_tokens >= 0, "≥ 0"),
+        ("group_size", cfg.group_size > 0, "≥ 1"),
+        ("batch_size", cfg.batch_size % max(cfg.group_size, 1) == 0, f"a multiple of --group-size {cfg.group_size}"),
+        ("eval_samples", cfg.eval_samples >= 0, "≥ 0"), ("eval_temperature", cfg.eval_temperature > 0, "> 0"),
+        ("eval_top_p", 0 < cfg.eval_top_p <= 1, "in (0, 1]"), ("eval_top_k", cfg.eval_top_k >= 0, "≥ 0"),
+        ("time_budget", cfg.time_budget >= 0, "≥ 0 seconds (0: no limit)"),
+        ("initial_eval", not cfg.initial_eval or os.path.isfile(os.path.join(cfg.initial_eval, "config.json")),
+         "a run directory holding config.json"),
         ("lr_schedule", cfg.lr_schedule in SCHEDULES, ", ".join(SCHEDULES)), ("warmup_steps", cfg.warmup_steps >= 0, "≥ 0"),
         ("gate_group", cfg.gate_group >= 0, "≥ 0 (0: the whole batch)"),
         ("score_temperature", cfg.score_temperature >= 0, "≥ 0 (0: the rollout --temperature)"),
@@ -218,11 +255,26 @@ def check_config(cfg: Config) -> None:
                 why = "its decaying learning-rate schedule was laid out for" if name in FIXED_UNDER_DECAY else "it continues from"
                 sys.exit(f"--{name.replace('_', '-')}: a resumed run keeps {saved[name]!r}, as {why} it "
                          f"(got {getattr(cfg, name)!r}); start a new run to change it")
+    if cfg.initial_eval:
+        check_initial_eval(cfg)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("CUDA is not available on this machine. For a CPU smoke run:\n"
                  "    python train_min.py --model tiny --device cpu --steps 2 --output-dir runs/smoke")
     size = run_bytes(cfg)
     run_io.check_output_dir(cfg.output_dir, *(size or (None, "")))
+
+
+def check_initial_eval(cfg: Config) -> None:
+    """--initial-eval: the other run evaluated the same model on the same problems in the same way, and
+    wrote its step-0 evaluation."""
+    with open(os.path.join(cfg.initial_eval, "config.json")) as f:
+        other = {**BEFORE_THESE_FLAGS, **json.load(f)}
+    for name in EVAL_SETTINGS:
+        if other.get(name) != getattr(cfg, name):
+            sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with --{name.replace('_', '-')} {other.get(name)!r}, "
+                     f"this run with {getattr(cfg, name)!r}; its step-0 evaluation is not this run's")
+    if run_io.initial_eval_row(cfg.initial_eval) is None:
+        sys.exit(f"--initial-eval: {cfg.initial_eval}/metrics.jsonl holds no step-0 evaluation")
 
 
 def compute_dtype(cfg: Config) -> torch.dtype:

@@ -199,6 +199,13 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
+def initial_eval_row(run_dir: str) -> dict | None:
+    """The step-0 evaluation row of a run (the untrained model's), or None."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows = read_rows(path) if os.path.isfile(path) else []
+    return next((r for r in rows if r.get("kind") == "eval" and r.get("step") == 0), None)
+
+
 class StopOnSignal:
     """`with StopOnSignal() as stop:` the first Ctrl-C (or SIGTERM) sets `stop.requested`, so that the
     loop checkpoints and stops after the current step; a second one stops at once. On leaving the block

@@ -7,6 +7,7 @@ gsm_symbolic, whole templates held out for evaluation; data/make_gsm_symbolic.py
 The verifier reads the answer from the LAST `\\boxed{...}` of a completion and compares it numerically.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -28,6 +29,11 @@ class Problem:
     solution: str  # worked, step-by-step reference solution: the teacher's privileged context
     answer: str  # final answer as a string, e.g. "42", "-3", "2.5"
     template: int | None = None  # the generator's template (built-in problems), else None
+
+    @property
+    def id(self) -> str:
+        """A short hash of the question: runs pair their evaluations by problem, whatever the file's order."""
+        return hashlib.sha1(self.question.encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------- JSONL data files

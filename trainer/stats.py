@@ -1,0 +1,131 @@
+"""The statistics of `--compare`, made for what these runs are: a few hundred held-out problems drawn from a
+few templates, a handful of seeds, one reward per step.
+
+- Problems of one template succeed and fail together, so a mean over problems is treated as a mean over
+  templates: `clustered_mean` gives the cluster-robust standard error CR2 (Bell and McCaffrey, 2002) with
+  t(G − 1) degrees of freedom for G templates, the small-sample correction meant for few clusters (with
+  one problem per cluster it is the usual s/√n). A difference between runs is taken per problem first
+  (paired), then averaged.
+- Seeds: `seed_interval` is the t interval of a few values (one per seed).
+- `slope` is the least-squares slope of y on x with one intercept per run (seeds pooled on a common slope)
+  and its classical t interval.
+- `detectable` is the smallest true difference that a design with this standard error finds at the 95%
+  level with 80% power.
+
+Pure Python (math only): no SciPy. `t_quantile` inverts the t distribution's CDF, written with the
+regularised incomplete beta function (a continued fraction, as in Numerical Recipes §6.4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function, for 0 ≤ x ≤ 1."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):  # the continued fraction converges fast below this point
+        return 1 - _incomplete_beta(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 500):  # Lentz's method: even and odd steps of the continued fraction
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + numerator * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return front * result
+
+
+def t_cdf(x: float, df: float) -> float:
+    """P(T ≤ x) for Student's t with `df` degrees of freedom (df = inf: the normal distribution)."""
+    if math.isinf(df):
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+    tail = 0.5 * _incomplete_beta(df / 2, 0.5, df / (df + x * x))
+    return 1 - tail if x >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """x with P(T ≤ x) = p, by bisection (to 1e-12)."""
+    if not 0 < p < 1:
+        raise ValueError(f"p: expected in (0, 1), got {p}")
+    if not df > 0:
+        raise ValueError(f"df: expected > 0, got {df}")
+    low, high = -1.0, 1.0
+    while t_cdf(low, df) > p:
+        low *= 2
+    while t_cdf(high, df) < p:
+        high *= 2
+    while high - low > 1e-12 * max(1.0, abs(high)):
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_cdf(middle, df) < p else (low, middle)
+    return (low + high) / 2
+
+
+def clustered_mean(values: list[float], clusters: list) -> tuple[float, float, int]:
+    """(mean, CR2 standard error, degrees of freedom G − 1) of `values`, whose entries with the same
+    cluster label are correlated. For the mean alone (an intercept-only regression) CR2 reduces to
+
+        Var = Σ_g (Σ_{i in g} e_i)² / (n² (1 − n_g / n)),   e_i = x_i − mean.
+
+    Needs at least two clusters (one cluster carries no information about its own spread)."""
+    if len(values) != len(clusters) or not values:
+        raise ValueError(f"values, clusters: expected two non-empty lists of one length, got {len(values)} and {len(clusters)}")
+    n = len(values)
+    mean = sum(values) / n
+    sums, sizes = defaultdict(float), defaultdict(int)
+    for x, g in zip(values, clusters):
+        sums[g] += x - mean
+        sizes[g] += 1
+    if len(sums) < 2:
+        raise ValueError(f"clusters: expected at least two different clusters, got {len(sums)}")
+    variance = sum(sums[g] ** 2 / (1 - sizes[g] / n) for g in sums) / n**2
+    return mean, math.sqrt(variance), len(sums) - 1
+
+
+def interval(mean: float, se: float, df: float, level: float = 0.95) -> tuple[float, float]:
+    half = t_quantile(0.5 + level / 2, df) * se
+    return mean - half, mean + half
+
+
+def detectable(se: float, df: float, level: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true difference found (two-sided, at `level`) with probability `power`."""
+    return (t_quantile(0.5 + level / 2, df) + t_quantile(power, df)) * se
+
+
+def seed_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of a few values, one per seed: the t interval with n − 1 degrees of freedom; with
+    one value the interval is unknown (NaN)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    se = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1) / n)
+    return (mean, *interval(mean, se, n - 1, level))
+
+
+def slope(points: list[tuple[float, float, object]]) -> tuple[float, float, int]:
+    """(slope, standard error, degrees of freedom) of y on x from (x, y, run) points: least squares with one
+    intercept per run and a common slope (for one run, the ordinary fit), classical errors."""
+    by_run = defaultdict(list)
+    for x, y, run in points:
+        by_run[run].append((x, y))
+    centred = [(x - mx, y - my) for rows in by_run.values()
+               for mx, my in [(sum(x for x, _ in rows) / len(rows), sum(y for _, y in rows) / len(rows))]
+               for x, y in rows]
+    sxx = sum(x * x for x, _ in centred)
+    df = len(centred) - len(by_run) - 1
+    if sxx == 0 or df < 1:
+        raise ValueError(f"points: expected at least {len(by_run) + 2} points with two different x per run, got {len(points)}")
+    b = sum(x * y for x, y in centred) / sxx
+    residual = sum((y - b * x) ** 2 for x, y in centred) / df
+    return b, math.sqrt(residual / sxx), df

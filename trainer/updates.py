@@ -1,0 +1,59 @@
+"""Whether an update reached the model: two diagnostics of every step, for runs that seem not to learn.
+
+- `relative_update`: ‖θ_after − θ_before‖ / ‖θ_before‖ over the trained parameters (with LoRA the adapter's).
+  Adam moves each weight by about the learning rate a step, so this is roughly lr / typical |θ|.
+- `sampler_share_changed`: the share of the sampling model's weights, in the dtype it samples with, that
+  the step changed. Full fine-tuning keeps float32 master weights and samples from a bfloat16 copy on a
+  GPU: a bfloat16 weight w only moves once the float32 one has moved by half its spacing (2⁻⁹·|w|, 6.1e-5
+  at |w| = 2⁻⁶ = 0.016), so at lr 1e-6 most updates never reach the rollouts. In float32 the sampler is the
+  student itself and the share is simply the share of weights that moved. With LoRA the adapter is applied
+  unmerged, in its own dtype; the share is then that of the merged weights W + s·B·A in the base's dtype
+  (the adapted linear layers only): what a merged bfloat16 sampler would see.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of the trained parameters, taken before the optimizer step."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def relative_update(model, before: dict[str, torch.Tensor]) -> float:
+    params = dict(model.named_parameters())
+    moved = sum(float((params[name].float() - old.float()).square().sum()) for name, old in before.items())
+    size = sum(float(old.float().square().sum()) for old in before.values())
+    return math.sqrt(moved / size) if size else math.nan
+
+
+def _adapted_layers(model):
+    """(layer, adapter name, parameter name prefix) of each active LoRA adapter of a peft model."""
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    yield module, adapter, f"{name}.lora_{{}}.{adapter}.weight"
+
+
+@torch.no_grad()
+def sampler_share_changed(sampler, before: dict[str, torch.Tensor], lora: bool) -> float:
+    """Share of the sampler's weights changed by the step; `before` is the `snapshot` of the student taken
+    before it (with full fine-tuning the sampler held those weights rounded to its own dtype)."""
+    changed = total = 0
+    if not lora:
+        for name, p in sampler.named_parameters():
+            changed += int((p != before[name].to(p.dtype)).sum())
+            total += p.numel()
+    else:
+        for layer, adapter, key in _adapted_layers(sampler):
+            weight, scale = layer.base_layer.weight, layer.scaling[adapter]
+            new = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
+            old = before[key.format("B")].float() @ before[key.format("A")].float()
+            changed += int(((weight.float() + scale * new).to(weight.dtype) != (weight.float() + scale * old).to(weight.dtype)).sum())
+            total += weight.numel()
+    return changed / total if total else math.nan
