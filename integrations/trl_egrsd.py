@@ -465,14 +465,20 @@ def load_datasets(data: DataArguments, evaluate: bool):
     return dataset_from_problems(train), None if held_out is None else dataset_from_problems(held_out)
 
 
-def build_trainer(argv=None) -> EGRSDTrainer:
-    """The trainer of the command line `argv` (None: sys.argv), every flag given to it as TRL's GRPO script gives it."""
-    from trl import TrlParser, get_peft_config, get_quantization_config
+def parse(argv=None) -> tuple[DataArguments, EGRSDConfig, EGRSDModelConfig]:
+    """The command line `argv` (None: sys.argv), and a --config YAML file, as TRL's scripts read them."""
+    from trl import TrlParser
 
-    data, args, model_args = TrlParser((DataArguments, EGRSDConfig, EGRSDModelConfig)).parse_args_and_config(argv)
+    return TrlParser((DataArguments, EGRSDConfig, EGRSDModelConfig)).parse_args_and_config(argv)
+
+
+def build_trainer(data: DataArguments, args: EGRSDConfig, model_args: EGRSDModelConfig) -> EGRSDTrainer:
+    """The trainer of a command line, every flag given to it as TRL's GRPO script (trl/scripts/grpo.py) gives it."""
+    from trl import get_peft_config, get_quantization_config
+
     if not model_args.model_name_or_path:
         raise ValueError("--model_name_or_path: expected a hub name or a local model directory, got None")
-    # the model flags reach the policy and the teacher through model_init_kwargs, as in trl/scripts/grpo.py
+    # the model flags reach the policy and the teacher through model_init_kwargs, as in TRL's script
     args.model_init_kwargs = {**dict(revision=model_args.model_revision, trust_remote_code=args.trust_remote_code,
                                      attn_implementation=model_args.attn_implementation, dtype=model_args.dtype),
                               **(args.model_init_kwargs or {})}
@@ -483,10 +489,15 @@ def build_trainer(argv=None) -> EGRSDTrainer:
 
 
 def main(argv=None) -> None:
-    """accelerate launch integrations/trl_egrsd.py --model_name_or_path ... (README: "Scaling out with TRL")."""
-    trainer = build_trainer(argv)
-    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-    trainer.save_model(trainer.args.output_dir)
+    """accelerate launch integrations/trl_egrsd.py --model_name_or_path ... (README: "Scaling out with TRL");
+    trains, saves and pushes as TRL's GRPO script does."""
+    data, args, model_args = parse(argv)
+    trainer = build_trainer(data, args, model_args)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    if args.push_to_hub:
+        trainer.push_to_hub(dataset_name=data.dataset_name)
+    trainer.end()  # the trackers finished and the process group destroyed, after everything that needs them
 
 
 if __name__ == "__main__":

@@ -195,11 +195,11 @@ def test_the_command_lines_model_and_dataset_flags_reach_the_policy_and_the_teac
     loads = []
     load = trl_egrsd.create_model_from_path
     monkeypatch.setattr(trl_egrsd, "create_model_from_path", lambda name, **kwargs: loads.append(kwargs) or load(name, **kwargs))
-    trainer = trl_egrsd.build_trainer([
+    trainer = trl_egrsd.build_trainer(*trl_egrsd.parse([
         "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "run"), "--use_cpu", "--report_to", "none",
         "--dtype", "bfloat16", "--attn_implementation", "eager", "--model_revision", "main", "--max_completion_length", "8",
         "--dataset_name", str(dataset), "--problem_column", "q", "--solution_column", "s", "--answer_column", "a",
-        "--eval_strategy", "steps", "--eval_steps", "1", "--per_device_train_batch_size", "2"])
+        "--eval_strategy", "steps", "--eval_steps", "1", "--per_device_train_batch_size", "2"]))
     for model in (trainer.model, trainer.teacher):
         assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
     loaded_with = dict(revision="main", dtype="bfloat16", attn_implementation="eager")
