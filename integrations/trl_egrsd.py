@@ -24,7 +24,7 @@ What this subclass changes, and nothing else:
    rewards of every process, so that its state is the same on each and does not depend on how many
    processes share the batch). The frozen teacher scores each completion with the privileged prompt of the
    dataset column `teacher_prompt_column`; the policy's log-probs are TRL's own where it has computed them
-   (vLLM's importance sampling), else one pass of the policy that sampled; and Â = `egrsd.token_advantages`
+   (for vLLM's importance sampling), else one pass of the policy that sampled; and Â = `egrsd.token_advantages`
    replaces GRPO's advantages. The entropy normaliser (Eq. 5) is the maximum over the global batch
    (gathered from every process), unless `gate_group` asks for groups of rows. The logs show what is
    trained: the completions table's advantage is A_i (with each completion's mean Â and gate), and GRPO's
@@ -33,6 +33,7 @@ What this subclass changes, and nothing else:
    by TRL's importance-sampling ratio (sampler against trainer), as GRPO's per-token loss is. It logs TRL's
    `entropy` (the policy's).
 4. The running advantage's state is saved in TRL's checkpoints (`egrsd_state.json`) and restored on resume.
+5. The model card names EGRSD and its paper (arXiv 2605.13255), not GRPO's.
 
 One rollout per prompt, as in the paper, cannot be had: GRPOConfig requires `num_generations` ≥ 2 for its
 group baseline. With `num_generations=2` (the default here) the two rollouts of a prompt are simply two
