@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import egrsd
 import train_min
-from trainer import config, views
+from trainer import config, stats, views
 from trainer.config import METHODS
 from trainer.offline_models import build_tiny_model, build_tiny_tokenizer
 from trainer.tasks import Problem, built_in_problems, load_problems, student_messages, teacher_messages
@@ -467,27 +467,72 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
-def test_compare_prints_the_accuracy_length_table_from_metrics_alone(tmp_path, capsys, monkeypatch):
+def write_run(run_dir, method, seed, start, end, ids, templates, order=None, steps=3):
+    """A run's config.json and metrics.jsonl as train_min writes them: greedy 0/1 per problem at steps 0 and
+    10, avg@4 equal to greedy, and a training reward that rises by 0.01 a step; `order` permutes the
+    problems in the end row (runs pair by id, not by position)."""
+    order = order or list(range(len(ids)))
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({**vars(config.Config()), "method": method, "seed": seed,
+                                                     "output_dir": str(run_dir)}))
+
+    def evaluation(step, correct, order):
+        correct, chosen = [correct[i] for i in order], [ids[i] for i in order]
+        return {"kind": "eval", "step": step, "method": method, "eval_accuracy": sum(correct) / len(correct),
+                "eval_length": 400.0 + step, "eval_acc_per_1k_tokens": 1.0, "eval_truncated": 0.0, "eval_correct": correct,
+                "eval_lengths": [400 + step] * len(correct), "eval_ids": chosen, "eval_templates": [templates[i] for i in order],
+                "eval_samples": 4, "eval_sampled_accuracy": sum(correct) / len(correct), "eval_sampled_correct": correct}
+    rows = [evaluation(0, start, list(range(len(ids))))]
+    rows += [{"kind": "train", "step": k, "method": method, "reward": 0.2 + 0.01 * k + 0.001 * (k % 2), "step_s": 2.0,
+              "peak_gpu_mem_gb": 4.0} for k in range(1, steps + 1)]
+    rows.append(evaluation(10, end, order))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_compare_pools_seeds_and_pairs_by_problem_with_template_clustered_intervals(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
-    start = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
-    for name, method, end in (("a", "grpo", [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]), ("b", "cl-egrsd", [1, 1, 1, 1, 1, 1, 0, 0, 0, 0])):
-        (tmp_path / name).mkdir()
-        rows = [{"kind": "eval", "step": 0, "method": method, "eval_accuracy": 0.30, "eval_length": 400.0,
-                 "eval_acc_per_1k_tokens": 0.75, "eval_truncated": 0.1, "eval_correct": start},
-                {"kind": "train", "step": 1, "method": method, "step_s": 9.0, "peak_gpu_mem_gb": 3.0},  # warm-up: not timed
-                {"kind": "train", "step": 2, "method": method, "step_s": 2.0, "peak_gpu_mem_gb": 4.0},
-                {"kind": "train", "step": 3, "method": method, "step_s": 4.0, "peak_gpu_mem_gb": 3.5},
-                {"kind": "eval", "step": 10, "method": method, "eval_accuracy": 0.0, "eval_length": 1.0,
-                 "eval_acc_per_1k_tokens": 0.0},  # then resumed: the last row of a step wins
-                {"kind": "eval", "step": 10, "method": method, "eval_accuracy": sum(end) / 10, "eval_length": 500.0,
-                 "eval_acc_per_1k_tokens": sum(end) / 5, "eval_truncated": 0.0, "eval_correct": end}]
-        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train_min.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
-    table = capsys.readouterr().out.splitlines()
-    assert table[2].split() == ["a", "grpo", "10", "0.300", "0.400", "400", "500", "+25.0%", "0.800", "0.000", "3.00", "4.0"]
-    # b − a on the same ten problems: +2 of 10, differences (0 ×8, +1 ×2): sd 0.42, 95% interval ±1.96·0.42/√10
-    assert table[3].split()[:12] == ["b", "cl-egrsd", "10", "0.300", "0.600", "400", "500", "+25.0%", "1.200", "0.000", "3.00", "4.0"]
-    assert " ".join(table[3].split()[12:]) == "+20.0 [-6.1, +46.1] points (no detectable difference)"
+    ids, templates = [f"p{i}" for i in range(12)], [i // 3 for i in range(12)]  # 4 templates of 3 problems
+    start = [0] * 12
+    ends = {"grpo": [[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+            "egrsd": [[1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0], [1, 1, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0]]}
+    dirs = []
+    for method, per_seed in ends.items():
+        for seed, end in enumerate(per_seed):
+            order = list(reversed(range(12))) if seed == 1 else None
+            write_run(tmp_path / f"{method}-s{seed}", method, seed, start, end, ids, templates, order)
+            dirs.append(str(tmp_path / f"{method}-s{seed}"))
+    train_min.main(["--compare", *dirs])
+    out = capsys.readouterr().out.splitlines()
+    grpo, egrsd_row = out[2].split(), out[3].split()
+    assert grpo[:4] == ["grpo", "grpo", "3", "10"] and egrsd_row[:4] == ["egrsd", "egrsd", "3", "10"]
+    accuracy, low, high = stats.seed_interval([sum(e) / 12 for e in ends["egrsd"]])
+    assert egrsd_row[5:8] == [f"{accuracy:.3f}", f"[{low:.3f},", f"{high:.3f}]"]
+    # egrsd minus grpo: per problem, the seeds' mean; then CR2 over the 4 templates
+    difference = [sum(e[i] for e in ends["egrsd"]) / 3 - sum(g[i] for g in ends["grpo"]) / 3 for i in range(12)]
+    mean, se, df = stats.clustered_mean(difference, templates)
+    low, high = stats.interval(mean, se, df)
+    last = out[-1]
+    assert last.startswith("  egrsd") and f"greedy {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points" in last
+    assert "G = 4" in last and df == 3
+    change = [l for l in out if l.startswith("  grpo ") and "reward slope" in l][0]
+    assert "reward slope +1.000" in change, "0.01 a step is +1.000 per 100 steps"
+
+
+def test_compare_refuses_an_empty_list_and_names_runs_without_evaluations(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="one or more run directories"):
+        train_min.main(["--compare"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    train_min.main(["--compare", str(tmp_path / "empty")])
+    assert "empty            (no evaluation rows yet)" in capsys.readouterr().out
+
+
+def test_rows_without_problem_ids_are_matched_to_their_held_out_file_in_order():
+    """The runs of docs/real_runs predate ids in evaluation rows: their first 128 held-out problems."""
+    run = views.load_run(str(ROOT / "docs/real_runs/grpo"))
+    problems = load_problems(ROOT / "data/gsm_symbolic_eval.jsonl")[:128]
+    assert run.evals[0]["eval_ids"] == [p.id for p in problems]
+    assert run.evals[0]["eval_templates"] == [p.template for p in problems]
 
 
 def test_the_curves_of_runs_are_drawn_from_their_metrics_alone(tmp_path):

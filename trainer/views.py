@@ -6,18 +6,24 @@
   and the regime on hover.
 - `regime_stats(...)`: what the gate did this step, per token regime (the metrics of train_min.py);
   `dump_tokens(...)` writes the token view of a step's first rollouts.
-- `compare_table(run_dirs)`: the accuracy–length table of several runs from their metrics.jsonl alone
-  (`python train_min.py --compare runs/a runs/b`), without loading any model.
+- `compare_table(run_dirs)`: the accuracy–length table of several runs from their metrics.jsonl and
+  config.json alone (`python train_min.py --compare runs/a runs/b`), without loading any model: seeds of
+  one setting pooled, differences paired by problem with intervals clustered by template.
 """
 
 from __future__ import annotations
 
 import functools
 import html
+import json
+import math
 import os
+import re
+from dataclasses import dataclass
 
 import egrsd
-from trainer import run_io
+from trainer import run_io, stats
+from trainer.tasks import load_problems
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
@@ -121,46 +127,180 @@ def read_rows(run_dir: str) -> list[dict]:
     return sorted(rows.values(), key=lambda r: (r["step"], r.get("kind") != "eval"))
 
 
-def paired_difference(a: list, b: list) -> tuple[float, float, float]:
-    """Mean of a − b over the same problems (0/1 each) and its 95% interval (normal approximation)."""
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    se = (sum((x - mean) ** 2 for x in d) / max(n - 1, 1) / n) ** 0.5
-    return mean, mean - 1.96 * se, mean + 1.96 * se
+# ----------------------------------------------------------------------------------------------------
+# --compare: runs of one setting (they differ only in --seed) are pooled into one row; every difference is
+# paired by problem and its interval clustered by template (trainer/stats.py).
+
+# Flags that change neither what is trained nor how it is evaluated: runs that differ only in these (and
+# in --seed) are seeds of one setting.
+NOT_A_SETTING = {"seed", "output_dir", "resume", "initial_eval", "time_budget", "save_model", "save_every",
+                 "eval_every", "dump_tokens", "micro_batch_size", "eval_batch_size", "chunk_size", "rollout"}
+
+
+@dataclass
+class Run:
+    name: str
+    config: dict
+    train: list[dict]
+    evals: list[dict]
+
+
+def load_run(run_dir: str) -> Run:
+    config_path = os.path.join(run_dir, "config.json")
+    config = {}
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+    rows = read_rows(run_dir)
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    for row in evals:
+        if "eval_ids" not in row and "eval_correct" in row:
+            row |= problem_labels(config, len(row["eval_correct"]))
+    return Run(os.path.basename(os.path.normpath(run_dir)), config,
+               [r for r in rows if r.get("kind") == "train"], evals)
+
+
+def problem_labels(config: dict, n: int) -> dict:
+    """The ids and templates of a run's held-out problems, for rows written before evaluations recorded
+    them: the first n problems of its --eval-data file (or, failing that, positions and no templates)."""
+    path = config.get("eval_data", "")
+    for candidate in (path, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)):
+        if path and os.path.isfile(candidate):
+            problems = load_problems(candidate, numeric=False)[:n]
+            if len(problems) == n:
+                return {"eval_ids": [p.id for p in problems], "eval_templates": [p.template for p in problems]}
+    return {"eval_ids": list(range(n)), "eval_templates": [None] * n}
+
+
+def group_runs(runs: list[Run]) -> list[list[Run]]:
+    """Runs of one setting, in the order given: the same config but for NOT_A_SETTING (without a
+    config.json, a run is a setting of its own)."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        key = json.dumps({k: v for k, v in run.config.items() if k not in NOT_A_SETTING}, sort_keys=True) if run.config else run.name
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def per_problem(runs: list[Run], which: int, key: str) -> dict:
+    """{problem id: (template, mean over the runs of `key` at evaluation `which`)} over the problems that
+    every run evaluated."""
+    tables = [{i: (t, x) for i, t, x in zip(r.evals[which]["eval_ids"], r.evals[which]["eval_templates"], r.evals[which][key])}
+              for r in runs if key in r.evals[which]]
+    if not tables:
+        return {}
+    common = set.intersection(*(set(t) for t in tables))
+    return {i: (tables[0][i][0], sum(t[i][1] for t in tables) / len(tables)) for i in common}
+
+
+def paired(a: dict, b: dict) -> tuple[float, float, int] | None:
+    """(mean, se, df) of a − b over their common problems, CR2 clustered by template (a problem without a
+    template is its own cluster); None with fewer than two clusters."""
+    common = sorted(set(a) & set(b))
+    clusters = [a[i][0] if a[i][0] is not None else f"problem {i}" for i in common]
+    if len(set(clusters)) < 2:
+        return None
+    return stats.clustered_mean([a[i][1] - b[i][1] for i in common], clusters)
+
+
+def describe(result, scale: float = 100.0, unit: str = "points", p: float | None = None) -> str:
+    if result is None:
+        return "n/a (fewer than two templates)"
+    mean, se, df = result
+    low, high = stats.interval(mean, se, df) if se > 0 else (mean, mean)
+    verdict = "no detectable difference" if low <= 0 <= high else "excludes 0"
+    holm = f", p {p:.3f} Holm" if p is not None else ""
+    return (f"{scale * mean:+.1f} [{scale * low:+.1f}, {scale * high:+.1f}] {unit} ({verdict}; G = {df + 1}, "
+            f"detectable ±{scale * stats.detectable(se, df):.1f}{holm})")
+
+
+def p_value(result) -> float:
+    mean, se, df = result
+    return 1.0 if se == 0 else 2 * (1 - stats.t_cdf(abs(mean / se), df))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of several p-values (family-wise error over the comparisons)."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def mean(xs: list) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def label(group: list[Run]) -> str:
+    names = [re.sub(r"[-_]?s(?:eed)?\d+$", "", r.name) for r in group]
+    return names[0] if len(group) == 1 or len(set(names)) == 1 else group[0].name
 
 
 def compare_table(run_dirs: list[str]) -> str:
-    """Per run: method, steps, held-out accuracy and mean length before → after, Acc/(length/1000), the
-    relative change of length (the paper's accuracy–length trade-off), the truncated share at the end,
-    seconds per step, peak GPU memory, and the paired accuracy difference to the first run on the same
-    held-out problems with its 95% interval."""
-    header = f"{'run':<16} {'method':<9} {'steps':>5} {'acc start':>9} {'acc end':>8} {'len start':>9} " \
-             f"{'len end':>8} {'Δlen':>7} {'acc/(len/1k)':>12} {'trunc':>6} {'s/step':>6} {'peak GiB':>8}  Δacc vs first run [95%]"
-    lines, first_correct = [header, "-" * len(header)], None
-    for run_dir in run_dirs:
-        rows = read_rows(run_dir)
-        evals = [r for r in rows if r.get("kind") == "eval"]
-        train = [r for r in rows if r.get("kind") == "train"]
-        name = os.path.basename(os.path.normpath(run_dir))
-        if not evals:
-            lines.append(f"{name:<16} (no evaluation rows yet)")
-            continue
-        first, last = evals[0], evals[-1]
-        change = (last["eval_length"] / first["eval_length"] - 1) * 100 if first["eval_length"] else 0.0
-        timed = train[1:] or train  # the first step pays for warm-up and compilation
-        seconds = sum(r["step_s"] for r in timed) / len(timed) if timed else float("nan")
-        peak = max((r["peak_gpu_mem_gb"] for r in train), default=float("nan"))
-        paired = ""
-        correct = last.get("eval_correct")
-        if first_correct is None:
-            first_correct = correct
-        elif correct and len(correct) == len(first_correct):
-            mean, low, high = paired_difference(correct, first_correct)
-            verdict = " (no detectable difference)" if low <= 0 <= high else ""
-            paired = f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points{verdict}"
-        lines.append(f"{name:<16} {last['method']:<9} {last['step']:>5} "
-                     f"{first['eval_accuracy']:>9.3f} {last['eval_accuracy']:>8.3f} {first['eval_length']:>9.0f} "
-                     f"{last['eval_length']:>8.0f} {change:>+6.1f}% {last['eval_acc_per_1k_tokens']:>12.3f} "
-                     f"{last.get('eval_truncated', float('nan')):>6.3f} {seconds:>6.2f} {peak:>8.1f}  {paired}")
+    """The accuracy–length table of runs, from their metrics.jsonl (and config.json) alone.
+
+    One row per setting, seeds pooled (mean over seeds; the end accuracy's 95% interval across seeds):
+    held-out accuracy greedy and avg@K before → after, mean length, its change, Acc/(length/1000), the
+    truncated share, seconds per step, peak GPU memory. Below it, with 95% intervals paired by problem and
+    clustered by template (CR2, t(G − 1)) and the smallest difference the design could detect (80% power):
+    each setting's change from its own step 0 and training-reward slope, then each setting minus the first
+    in accuracy (Holm-adjusted p over the comparisons) and in length."""
+    if not run_dirs:
+        raise SystemExit("--compare: expected one or more run directories (python train_min.py --compare RUN_DIR ...)")
+    runs = [load_run(d) for d in run_dirs]
+    groups = [[r for r in g if r.evals] for g in group_runs(runs)]
+    missing = [r.name for r in runs if not r.evals]
+    groups = [g for g in groups if g]
+    header = (f"{'run':<16} {'method':<9} {'seeds':>5} {'steps':>5} {'acc start':>9} {'acc end [95% seeds]':>21} "
+              f"{'avg@K':>11} {'len start':>9} {'len end':>7} {'Δlen':>7} {'acc/(len/1k)':>12} {'trunc':>6} {'s/step':>6} {'peak GiB':>8}")
+    lines = [header, "-" * len(header)]
+    for group in groups:
+        first, last = [r.evals[0] for r in group], [r.evals[-1] for r in group]
+        end, low, high = stats.seed_interval([e["eval_accuracy"] for e in last])
+        end = f"{end:.3f}" + (f" [{low:.3f}, {high:.3f}]" if len(group) > 1 else "")
+        sampled = [e for e in last if e.get("eval_samples")]
+        avg = (f"{mean([e['eval_sampled_accuracy'] for e in sampled]):.3f}@{sampled[0]['eval_samples']}"
+               if len(sampled) == len(last) else "")
+        length0, length1 = mean([e["eval_length"] for e in first]), mean([e["eval_length"] for e in last])
+        timed = [r for run in group for r in (run.train[1:] or run.train)]  # the first step pays for warm-up
+        steps = sorted({e["step"] for e in last})
+        lines.append(f"{label(group):<16} {group[0].evals[-1]['method']:<9} {len(group):>5} {'/'.join(map(str, steps)):>5} "
+                     f"{mean([e['eval_accuracy'] for e in first]):>9.3f} {end:>21} {avg:>11} {length0:>9.0f} "
+                     f"{length1:>7.0f} {(length1 / length0 - 1) * 100 if length0 else 0:>+6.1f}% "
+                     f"{mean([e['eval_acc_per_1k_tokens'] for e in last]):>12.3f} "
+                     f"{mean([e.get('eval_truncated', math.nan) for e in last]):>6.3f} "
+                     f"{mean([r['step_s'] for r in timed if 'step_s' in r]):>6.2f} "
+                     f"{max((r.get('peak_gpu_mem_gb', math.nan) for run in group for r in run.train), default=math.nan):>8.1f}")
+    lines += [f"{name:<16} (no evaluation rows yet)" for name in missing]
+    lines += ["", "Change from step 0, paired by problem, 95% intervals clustered by template (CR2, t(G − 1)); reward slope per 100 steps:"]
+    for group in groups:
+        parts = []
+        for key, what in (("eval_correct", "greedy"), ("eval_sampled_correct", "avg@K")):
+            start, end = per_problem(group, 0, key), per_problem(group, -1, key)
+            if start and end and len(group[0].evals) > 1:
+                parts.append(f"{what} {describe(paired(end, start))}")
+        points = [(r["step"], r["reward"], run.name) for run in group for r in run.train if "reward" in r]
+        try:
+            b, se, df = stats.slope(points)
+            low, high = stats.interval(b, se, df)
+            parts.append(f"reward slope {100 * b:+.3f} [{100 * low:+.3f}, {100 * high:+.3f}]")
+        except ValueError:
+            parts.append("reward slope n/a (too few steps)")
+        lines.append(f"  {label(group):<14} " + "; ".join(parts))
+    if len(groups) > 1:
+        reference = groups[0]
+        lines += ["", f"Minus {label(reference)} at the end, paired by problem, seeds averaged per problem, 95% intervals clustered by template:"]
+        results = {key: [paired(per_problem(g, -1, key), per_problem(reference, -1, key)) for g in groups[1:]]
+                   for key in ("eval_correct", "eval_sampled_correct", "eval_lengths")}
+        tested = [r for r in results["eval_correct"] if r is not None]
+        adjusted = iter(holm([p_value(r) for r in tested]))
+        for g, greedy, sampled, length in zip(groups[1:], *results.values()):
+            parts = [f"greedy {describe(greedy, p=next(adjusted) if greedy is not None else None)}"]
+            if sampled is not None:
+                parts.append(f"avg@K {describe(sampled)}")
+            if length is not None:
+                parts.append(f"length {describe(length, scale=1.0, unit='tokens')}")
+            lines.append(f"  {label(g):<14} " + "; ".join(parts))
     return "\n".join(lines)

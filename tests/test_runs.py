@@ -1,0 +1,107 @@
+"""What runs on a lent GPU need, on the tiny model: sampled evaluation (avg@K) from its own seeded stream,
+one step-0 evaluation shared by every arm, a time budget that leaves room for the final evaluation,
+G rollouts per problem with GRPO's group advantage, and the one-call runner of several arms."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+
+import egrsd
+import train_min
+from test_trainer import ROOT, TINY, read_metrics, without_timings
+
+
+def evaluations(run_dir) -> list[dict]:
+    return [without_timings(r) for r in read_metrics(run_dir) if r["kind"] == "eval"]
+
+
+def test_sampled_evaluation_draws_its_own_stream_and_leaves_training_as_it_was(tmp_path, monkeypatch):
+    """avg@K at the paper's evaluation settings from --eval-seed: two runs with different training seeds
+    evaluate the untrained model identically, and a run with avg@K trains exactly as one without it."""
+    calls, generate = [], train_min.generate
+
+    def spy(*args, greedy=False, sampling=None):
+        calls.append((greedy, sampling))
+        return generate(*args, greedy=greedy, sampling=sampling)
+
+    monkeypatch.setattr(train_min, "generate", spy)
+    flags = TINY + ["--steps", "2", "--eval-every", "1", "--no-save-model", "--max-new-tokens", "12"]
+    for name, extra in {"a": ["--seed", "0"], "b": ["--seed", "1"], "greedy": ["--seed", "0", "--eval-samples", "0"]}.items():
+        train_min.main(flags + extra + ["--output-dir", str(tmp_path / name)])
+    a, b, greedy = (read_metrics(tmp_path / n) for n in ("a", "b", "greedy"))
+    first = [r for r in a if r["kind"] == "eval"][0]
+    assert first["eval_samples"] == 4 and len(first["eval_sampled_correct"]) == len(first["eval_ids"]) == 4
+    assert all(0 <= x <= 1 for x in first["eval_sampled_correct"])
+    assert {k: v for k, v in without_timings(first).items()} == without_timings([r for r in b if r["kind"] == "eval"][0])
+    assert [without_timings(r) for r in a if r["kind"] == "train"] == [without_timings(r) for r in greedy if r["kind"] == "train"]
+    assert (False, {"temperature": 1.0, "top_k": 0, "top_p": 0.95}) in calls, "sampled at temperature 1, top-p 0.95"
+
+
+def test_a_run_reuses_the_step_0_evaluation_of_another_only_when_it_would_be_the_same(tmp_path):
+    flags = TINY + ["--no-save-model", "--max-new-tokens", "12"]
+    train_min.main(flags + ["--steps", "0", "--output-dir", str(tmp_path / "initial")])
+    train_min.main(flags + ["--steps", "1", "--method", "grpo", "--initial-eval", str(tmp_path / "initial"),
+                            "--output-dir", str(tmp_path / "reused")])
+    train_min.main(flags + ["--steps", "1", "--method", "grpo", "--output-dir", str(tmp_path / "own")])
+    initial, reused, own = (evaluations(tmp_path / n)[0] for n in ("initial", "reused", "own"))
+    assert reused["reused_from"] == str(tmp_path / "initial") and reused["method"] == "grpo"
+    drop = lambda row: {k: v for k, v in row.items() if k not in ("method", "reused_from")}  # noqa: E731
+    assert drop(reused) == drop(initial) == drop(own), "the reused evaluation is the one the run would have made"
+    with pytest.raises(SystemExit, match="--initial-eval: .* --eval-top-p 0.95"):
+        train_min.main(flags + ["--steps", "1", "--eval-top-p", "0.9", "--initial-eval", str(tmp_path / "initial"),
+                                "--output-dir", str(tmp_path / "other")])
+
+
+def test_the_time_budget_stops_training_in_time_for_the_final_evaluation(tmp_path, capsys):
+    train_min.main(TINY + ["--steps", "50", "--time-budget", "1e-3", "--no-save-model", "--output-dir", str(tmp_path)])
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 1], "evaluated where it stopped"
+    assert "time budget" in capsys.readouterr().out
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "final").exists(), "--no-save-model"
+
+
+def test_group_size_samples_each_problem_g_times_with_the_group_advantage(tmp_path, monkeypatch):
+    seen = []
+    group_advantages = egrsd.group_advantages
+
+    def spy_verify(tokenizer, completion, mask, finished, problems, cfg):
+        seen.append([p.id for p in problems])
+        return torch.arange(len(problems)) % 3 == 0  # some groups mixed, some not
+
+    def spy_group(rewards, group_size, **kw):
+        advantages = group_advantages(rewards, group_size, **kw)
+        seen.append(advantages.reshape(-1, group_size).sum(dim=1))
+        return advantages
+
+    monkeypatch.setattr(train_min, "verify", spy_verify)
+    monkeypatch.setattr(train_min.egrsd, "group_advantages", spy_group)
+    train_min.main(TINY + ["--steps", "1", "--eval-size", "0", "--group-size", "2", "--batch-size", "4",
+                           "--no-save-model", "--output-dir", str(tmp_path)])
+    ids, sums = seen
+    assert ids[0] == ids[1] and ids[2] == ids[3] and ids[0] != ids[2], "2 problems × 2 rollouts, side by side"
+    assert torch.allclose(sums, torch.zeros(2), atol=1e-6)
+    with pytest.raises(SystemExit, match="--batch-size: expected a multiple of --group-size 3"):
+        train_min.main(TINY + ["--group-size", "3", "--output-dir", str(tmp_path / "bad")])
+
+
+def test_the_runner_starts_arms_side_by_side_and_packs_their_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out)}
+    command = [sys.executable, str(ROOT / "tools/run_arms.py"), "--out", str(tmp_path / "runs"), "--budget", "120",
+               "--common", " ".join(TINY + ["--steps", "1", "--max-new-tokens", "6"]),
+               "--arm", "grpo=--method grpo", "--arm", "egrsd=--method egrsd --gamma 0.3"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with tarfile.open(out / "runs.tar.gz") as archive:
+        names = set(archive.getnames())
+    assert {"runs/grpo/metrics.jsonl", "runs/egrsd/config.json", "runs/grpo/log.txt", "runs/commands.sh"} <= names
+    assert not any("checkpoint" in n or "final" in n for n in names)
+    assert "egrsd" in (out / "compare.txt").read_text()
+    assert json.loads((tmp_path / "runs" / "egrsd" / "config.json").read_text())["initial_eval"].endswith("initial")

@@ -1,0 +1,67 @@
+"""trainer/updates.py: the two diagnostics of whether an update reached the model that samples, against
+their definitions, and in a bfloat16 run where a small learning rate does not reach the sampler."""
+
+import json
+
+import pytest
+import torch
+
+import train_min
+from trainer import updates
+from trainer.offline_models import build_tiny_model, build_tiny_tokenizer
+
+from test_trainer import TINY
+
+
+def test_relative_update_is_the_norm_of_the_change_over_the_norm_before():
+    model = torch.nn.Linear(3, 2)
+    before = updates.snapshot(model)
+    with torch.no_grad():
+        model.weight.add_(0.5)
+    expected = (0.5**2 * 6) ** 0.5 / torch.cat([before["weight"].flatten(), before["bias"]]).norm()
+    assert updates.relative_update(model, before) == pytest.approx(float(expected))
+
+
+def test_a_bf16_sampler_sees_only_the_changes_that_survive_its_rounding():
+    """w = 1 has a bfloat16 spacing of 2⁻⁷: a float32 step of 2⁻¹⁰ rounds back to 1, one of 2⁻⁶ does not."""
+    student = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+    sampler = torch.nn.Linear(4, 1, bias=False).to(torch.bfloat16)
+    before = updates.snapshot(student)
+    with torch.no_grad():
+        student.weight.add_(torch.tensor([[2**-10, 2**-10, 2**-10, 2**-6]]))
+        sampler.weight.copy_(student.weight)
+    assert updates.sampler_share_changed(sampler, before, lora=False) == 0.25
+    assert updates.sampler_share_changed(student, before, lora=False) == 1.0, "in float32 every moved weight counts"
+
+
+def test_with_lora_the_share_is_that_of_the_merged_weights_in_the_bases_dtype():
+    peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    tokenizer = build_tiny_tokenizer()
+    base = build_tiny_model(tokenizer, dtype=torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    before = updates.snapshot(model)
+    assert all("lora_" in name for name in before), "only the adapter is trained"
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    weight = layer.base_layer.weight
+    adapted = sum(m.base_layer.weight.numel() for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    shares = []
+    for value in (1e-9, 1.0):  # an adapter update far below the bf16 spacing of the weights, and one far above
+        with torch.no_grad():
+            layer.lora_B["default"].weight.fill_(value)
+        merged = (weight.float() + 2.0 * layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()).to(weight.dtype)
+        shares.append(updates.sampler_share_changed(model, before, lora=True))
+        assert shares[-1] == pytest.approx(int((merged != weight).sum()) / adapted)
+    assert shares[0] < 0.01 * shares[1]
+
+
+def test_a_bf16_run_shows_at_step_1_when_its_updates_do_not_reach_the_sampler(tmp_path):
+    shares = {}
+    for lr in ("1e-7", "1e-2"):
+        train_min.main(TINY + ["--dtype", "bfloat16", "--steps", "1", "--eval-size", "0", "--lr", lr,
+                               "--lr-schedule", "constant", "--no-save-model", "--output-dir", str(tmp_path / lr)])
+        row = json.loads((tmp_path / lr / "metrics.jsonl").read_text().splitlines()[0])
+        shares[lr] = row["sampler_changed"]
+        assert 0 < row["update_rel"] < 1
+    assert shares["1e-7"] < 0.05 < 0.5 < shares["1e-2"]

@@ -1,0 +1,130 @@
+"""Several training runs ("arms") side by side on one GPU, within a fixed time, for one call of a lent GPU.
+
+    python tools/run_arms.py --out /tmp/runs --budget 540 \
+        --common "--model /tmp/w/hf --device cuda --steps 40 ..." \
+        --arm grpo="--method grpo" --arm egrsd="--method egrsd --gamma 0.3"
+
+1. Writes every arm's whole command line to OUT/commands.sh (the common flags, then the arm's: later flags win).
+2. Evaluates the untrained model once (`--steps 0`, into OUT/initial): the step-0 evaluation is the same for
+   every arm, and each arm reuses it (`--initial-eval`), so the card does it once, not once per arm.
+3. Starts the arms as separate processes (one log each, OUT/NAME/log.txt), each with `--time-budget` set to
+   what is left of --budget and `--no-save-model` (only metrics, config and log are kept), so that each
+   stops training in time for its final evaluation. A process still running --grace seconds after the
+   budget gets SIGTERM (it checkpoints nothing and stops after its step), and SIGKILL --grace seconds later:
+   by its PID, never by name.
+4. Packs OUT's metrics, configs and logs (no models) into $OUT/runs.tar.gz (or --pack DIR), and writes the
+   `--compare` table of the arms to compare.txt there and to the log: at most 2 files, within the GPU
+   tool's 8.
+
+Exits 1 if an arm failed (the archive is written all the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_UP = 15  # seconds an arm spends importing before its --time-budget clock starts
+sys.path.insert(0, ROOT)
+
+from trainer.views import compare_table  # noqa: E402
+
+
+def command(flags: list[str], out: str, name: str) -> list[str]:
+    return [sys.executable, "-u", os.path.join(ROOT, "train_min.py"), *flags, "--output-dir", os.path.join(out, name)]
+
+
+def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dict[str, list[str]], pack: str) -> int:
+    started = time.monotonic()
+    os.makedirs(out, exist_ok=True)
+    initial = command(common + ["--steps", "0", "--no-save-model"], out, "initial")
+    arm_commands = {name: command(common + flags + ["--initial-eval", os.path.join(out, "initial"), "--no-save-model"], out, name)
+                    for name, flags in arms.items()}
+    with open(os.path.join(out, "commands.sh"), "w") as f:
+        f.write("# the arms of tools/run_arms.py, each also given --time-budget (what was left of the budget)\n")
+        f.writelines(shlex.join(c) + "\n" for c in [initial, *arm_commands.values()])
+    print(f"[run_arms] initial evaluation: {shlex.join(initial)}", flush=True)
+    status = subprocess.run(initial, cwd=ROOT).returncode
+    if status:
+        print(f"[run_arms] the initial evaluation failed (exit {status})", flush=True)
+        return finish(out, pack, arms, 1)
+    left = budget - (time.monotonic() - started)
+    processes = {}
+    for name, cmd in arm_commands.items():
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        with open(os.path.join(out, name, "log.txt"), "w") as log:
+            processes[name] = subprocess.Popen(cmd + ["--time-budget", f"{max(left - START_UP, 1):.0f}"], cwd=ROOT, stdout=log,
+                                               stderr=subprocess.STDOUT)
+        print(f"[run_arms] {name}: pid {processes[name].pid}, {left:.0f} s left", flush=True)
+    deadline = time.monotonic() + left + grace
+    failed = False
+    for name, process in processes.items():
+        failed |= wait(name, process, deadline, grace) != 0
+    return finish(out, pack, arms, int(failed))
+
+
+def wait(name: str, process: subprocess.Popen, deadline: float, grace: float) -> int:
+    """The arm's exit status; past the deadline SIGTERM, then SIGKILL after `grace` seconds."""
+    try:
+        return process.wait(timeout=max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        print(f"[run_arms] {name} (pid {process.pid}) overran its budget: SIGTERM", flush=True)
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        print(f"[run_arms] {name} (pid {process.pid}) still running: SIGKILL", flush=True)
+        process.kill()
+        return process.wait()
+
+
+def finish(out: str, pack: str, arms: dict, status: int) -> int:
+    """Pack metrics, configs and logs (never checkpoints or models) and write the comparison."""
+    os.makedirs(pack, exist_ok=True)
+    with tarfile.open(os.path.join(pack, "runs.tar.gz"), "w:gz") as archive:
+        for folder, dirs, files in os.walk(out):
+            dirs[:] = [d for d in dirs if d not in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "final", "final.tmp")]
+            for file in files:
+                path = os.path.join(folder, file)
+                archive.add(path, arcname=os.path.join(os.path.basename(os.path.normpath(out)), os.path.relpath(path, out)))
+    evaluated = [os.path.join(out, n) for n in arms if os.path.isfile(os.path.join(out, n, "metrics.jsonl"))]
+    table = compare_table(evaluated) if evaluated else "(no arm wrote metrics)"
+    with open(os.path.join(pack, "compare.txt"), "w") as f:
+        f.write(table + "\n")
+    print(table, flush=True)
+    return status
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder of the runs (OUT/initial, OUT/NAME for each arm)")
+    parser.add_argument("--budget", type=float, required=True, help="seconds for everything, initial evaluation included")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds past the budget before SIGTERM, then SIGKILL")
+    parser.add_argument("--common", default="", help="train_min.py flags of every arm, one string")
+    parser.add_argument("--arm", action="append", default=[], metavar="NAME=FLAGS", help="an arm: its name and its own flags")
+    parser.add_argument("--pack", default=os.environ.get("OUT", ""), help="where runs.tar.gz and compare.txt go (default: $OUT)")
+    args = parser.parse_args(argv)
+    arms = {}
+    for spec in args.arm:
+        name, _, flags = spec.partition("=")
+        if not name or not name.replace("-", "").replace("_", "").isalnum() or name in arms or name == "initial":
+            parser.error(f"--arm: expected NAME=FLAGS with a new name of letters, digits, - and _, got {spec!r}")
+        arms[name] = shlex.split(flags)
+    if not arms:
+        parser.error("--arm: expected at least one arm")
+    if not args.pack:
+        parser.error("--pack: expected a folder (or $OUT set)")
+    if args.budget <= 0:
+        parser.error(f"--budget: expected > 0 seconds, got {args.budget}")
+    return run_arms(args.out, args.budget, args.grace, shlex.split(args.common), arms, args.pack)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
