@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Real weights (1 of 2): find a setting in which train_min.py learns. One call of a lent GPU:
+#
+#   bash docs/real_runs/setting1.sh MODEL_DIR [SEED]        # writes $OUT/runs.tar.gz and $OUT/compare.txt
+#
+# MODEL_DIR: a Hugging Face folder of Qwen2.5-0.5B-architecture weights (we use Qwen2.5-Coder-0.5B-Instruct).
+# Three arms of GRPO side by side (tools/run_arms.py), from the same weights, data, seed and evaluation, and
+# one step-0 evaluation shared by all: each arm moves the model in another way.
+#   lora      the paper's LoRA (r 64, α 128, dropout 0, all seven projections) at a learning rate at which the
+#             adapter moves: its effect is applied unmerged, so bf16 rounding of the base cannot swallow it;
+#   full      full fine-tuning at 10× the old 1e-6, so that most steps reach the bf16 sampler (sampler_changed);
+#   lora-g8   the positive control: the LoRA arm with 8 rollouts per problem and GRPO's group advantage
+#             (4 problems × 8 rollouts = 32), as TRL's GRPO runs by default.
+# A constant learning rate, so that a run stopped by the time budget saw the schedule it was meant to see.
+# Every flag is written out (later flags win); BUDGET (seconds, default 540), STEPS (40) and EVAL_SAMPLES (0:
+# greedy only, which fits three arms in one call) come from the environment, and FLAGS is added to the common
+# flags (the CPU dry run: FLAGS="--device cpu --model tiny --batch-size 8 --max-new-tokens 16 --eval-size 8"). A run *learns* when its held-out
+# accuracy rises from step 0 with a template-clustered interval that excludes 0 and its reward slope is
+# positive with an interval that excludes 0 (python train_min.py --compare on the unpacked runs).
+set -euo pipefail
+model=$1 seed=${2:-0}
+cd "$(dirname "$0")/../.."
+sha256sum data/gsm_symbolic_train.jsonl data/gsm_symbolic_eval.jsonl
+git rev-parse HEAD 2>/dev/null || true
+common="--model $model --data data/gsm_symbolic_train.jsonl --eval-data data/gsm_symbolic_eval.jsonl
+  --device cuda --dtype auto --seed $seed --steps ${STEPS:-40} --batch-size 32 --micro-batch-size 8
+  --max-new-tokens 512 --temperature 1.1 --top-p 0.95 --top-k 20 --score-temperature 0
+  --lr-schedule constant --warmup-steps 0 --weight-decay 0.0 --grad-clip 0.1
+  --method grpo --gamma 0.3 --window 3 --eps 0.2 --floor 0.1 --min-denominator 1.0 --denominator raw --gate-group 0
+  --beta-length 0.5 --advantage-warmup 10 --verifier builtin
+  --eval-size 400 --eval-every 0 --eval-batch-size 64 --eval-samples ${EVAL_SAMPLES:-0}
+  --eval-temperature 1.0 --eval-top-p 0.95 --eval-top-k 0 --eval-seed 0 --save-every 0
+  --rollout auto --chunk-size 1024 --gradient-checkpointing --max-bad-steps 3 --regime-low 0.2 --regime-high 0.5
+  --dump-tokens 0 ${FLAGS:-}"
+lora="--lora-r 64 --lora-alpha 128 --lora-dropout 0 --lora-target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+python tools/run_arms.py --out "/tmp/runs/setting1-s$seed" --budget "${BUDGET:-540}" --common "$common" \
+  --arm lora="$lora --lr 2e-5 --group-size 1" \
+  --arm full="--lora-r 0 --lr 1e-5 --group-size 1" \
+  --arm lora-g8="$lora --lr 2e-5 --group-size 8"
