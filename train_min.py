@@ -11,7 +11,7 @@ reward, advantage and optimizer; only the per-token weight differs (docs/METHOD.
 Run:
     python train_min.py                                      # EGRSD, Qwen2.5-0.5B-Instruct, one CUDA GPU
     python train_min.py --method cl-egrsd --window 3 --output-dir runs/cl
-    python train_min.py --model tiny --device cpu --steps 2 --output-dir runs/smoke   # CPU smoke run
+    python train_min.py --model tiny --device cpu --steps 2 --batch-size 8 --max-new-tokens 64 --eval-size 16 --output-dir runs/smoke  # CPU smoke run
     python train_min.py --resume runs/cl                     # continue an interrupted run
     python train_min.py --compare runs/egrsd runs/cl         # accuracy-length table of runs, no model
 
@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM
 
 import egrsd
 from trainer import decoding, lora, run_io, updates, views
-from trainer.config import Config, check_config, compute_dtype, parse_args
+from trainer.config import Config, check_config, compare_dirs, compute_dtype, parse_args
 from trainer.offline_models import enable_activation_checkpointing, eos_list, load_model_and_tokenizer
 from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, load_problems, student_messages, teacher_messages
 
@@ -122,7 +122,8 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[
 # Rollouts and the verifier.
 
 
-def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False, sampling: dict | None = None):
+def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False, sampling: dict | None = None,
+             progress: str = "rollout tokens"):
     """Sample completions: ids (B, T), mask (B, T) bool up to and including the first EOS, finished (B,).
     Every EOS id of the model's generation config ends a row (Qwen2.5-Instruct: <|im_end|>, <|endoftext|>).
     `sampling` (temperature, top_k, top_p) defaults to the rollouts' settings."""
@@ -132,7 +133,8 @@ def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: boo
     if cfg.rollout in ("hf-static", "hf-dynamic"):
         completion = decoding.hf_generate(*args, **sampling, static=cfg.rollout == "hf-static")
     else:  # decoding.py; auto: CUDA graphs on CUDA unless a capture fails there
-        completion = decoding.generate(*args, **sampling, graph={"auto": None, "graph": True, "eager": False}[cfg.rollout])
+        completion = decoding.generate(*args, **sampling, graph={"auto": None, "graph": True, "eager": False}[cfg.rollout],
+                                       progress=progress)
     return (completion, *completion_mask(completion, eos_ids))
 
 
@@ -279,10 +281,11 @@ def solve(model, tokenizer, problems: list, cfg: Config, prefix: str, per: int =
     """Complete and verify each problem: accuracy, mean length, Acc/(length/1000) and the truncated share,
     and per problem (averaged over its `per` consecutive copies) the correct share and mean length."""
     correct, lengths, finished = [], [], []
-    for start in range(0, len(problems), cfg.eval_batch_size):
+    starts = range(0, len(problems), cfg.eval_batch_size)
+    for start in run_io.progress(starts, f"evaluation ({prefix.strip('_')}), batches", len(starts)):
         batch = problems[start : start + cfg.eval_batch_size]
         ids, attention = encode_prompts(tokenizer, [student_messages(p) for p in batch], cfg.device)
-        completion, mask, done = generate(model, tokenizer, ids, attention, cfg, **how)
+        completion, mask, done = generate(model, tokenizer, ids, attention, cfg, progress="", **how)
         correct += verify(tokenizer, completion, mask, done, batch, cfg).int().tolist()
         lengths += mask.sum(dim=1).tolist()
         finished += done.tolist()
@@ -497,8 +500,8 @@ def out_of_budget(cfg: Config, started: float, step_seconds: float, eval_seconds
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--compare"]:  # python train_min.py --compare RUN_DIR [RUN_DIR ...]
-        return print(views.compare_table(argv[1:]))
+    if "--compare" in argv:  # python train_min.py --compare RUN_DIR [RUN_DIR ...]: a table, no model
+        return print(views.compare_table(compare_dirs(argv)))
     cfg = parse_args(argv, description=__doc__)
     check_config(cfg)
     return train(cfg)

@@ -34,3 +34,12 @@ def test_the_spec_runs_in_a_folder_that_holds_only_egrsd_and_itself(tmp_path):
                           "naive_reference or bad_input"], cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == ["egrsd.py", "test_egrsd.py"]
+
+
+def test_ci_runs_exactly_the_install_and_test_commands_of_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Install and test", 1)[1].split("\n## ", 1)[0]
+    commands = [line.strip().split("  #")[0].strip() for line in section.splitlines() if line.startswith("    ")]
+    ci = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci == commands

@@ -25,9 +25,9 @@ def test_sampled_evaluation_draws_its_own_stream_and_leaves_training_as_it_was(t
     evaluate the untrained model identically, and a run with avg@K trains exactly as one without it."""
     calls, generate = [], train_min.generate
 
-    def spy(*args, greedy=False, sampling=None):
+    def spy(*args, greedy=False, sampling=None, **kwargs):
         calls.append((greedy, sampling))
-        return generate(*args, greedy=greedy, sampling=sampling)
+        return generate(*args, greedy=greedy, sampling=sampling, **kwargs)
 
     monkeypatch.setattr(train_min, "generate", spy)
     flags = TINY + ["--steps", "2", "--eval-every", "1", "--no-save-model", "--max-new-tokens", "12"]
@@ -105,3 +105,10 @@ def test_the_runner_starts_arms_side_by_side_and_packs_their_files(tmp_path):
     assert not any("checkpoint" in n or "final" in n for n in names)
     assert "egrsd" in (out / "compare.txt").read_text()
     assert json.loads((tmp_path / "runs" / "egrsd" / "config.json").read_text())["initial_eval"].endswith("initial")
+
+
+def test_long_work_reports_progress_in_a_log_file(capsys):
+    from trainer import run_io
+
+    assert list(run_io.progress(range(3), "evaluation (greedy), batches", 3, every=0)) == [0, 1, 2]
+    assert capsys.readouterr().err.splitlines()[-1].startswith("evaluation (greedy), batches: 3/3 (")

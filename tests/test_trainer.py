@@ -263,8 +263,8 @@ def test_a_constant_schedule_can_be_extended_on_resume_and_a_decaying_one_cannot
     train_min.main(flags + ["--lr-schedule", "linear", "--output-dir", str(tmp_path / "linear")])
     with pytest.raises(SystemExit, match="--steps: a resumed run keeps 1, as its decaying learning-rate schedule"):
         train_min.main(["--resume", str(tmp_path / "linear"), "--steps", "2"])
-    with pytest.raises(SystemExit, match="--lora-r: a resumed run keeps 0"):
-        train_min.main(["--resume", str(tmp_path / "linear"), "--lora-r", "4"])
+    with pytest.raises(SystemExit, match="--model: a resumed run keeps 'tiny'"):
+        train_min.main(["--resume", str(tmp_path / "linear"), "--model", "random-0.5b"])
 
 
 def test_ctrl_c_checkpoints_after_the_current_step_and_the_run_resumes(tmp_path):
@@ -336,7 +336,7 @@ def test_help_lists_every_flag_with_its_meaning(capsys):
     assert stop.value.code == 0
     for field in fields(config.Config):
         assert "--" + field.name.replace("_", "-") in text, field.name
-    assert "math-verify" in text and "%" in text
+    assert "math-verify" in text and "%" in text and "--compare RUN_DIR" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
@@ -344,7 +344,8 @@ def test_the_default_command_without_cuda_shows_the_cpu_smoke_command(monkeypatc
     monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as stop:
         train_min.main([])
-    assert "--model tiny --device cpu" in str(stop.value.code)
+    assert config.SMOKE in str(stop.value.code)
+    assert config.SMOKE in (ROOT / "README.md").read_text(), "the README's smoke command is the one the trainer shows"
 
 
 def test_resume_refuses_another_output_dir_before_any_model_loads(tmp_path, monkeypatch):
@@ -518,12 +519,14 @@ def test_compare_pools_seeds_and_pairs_by_problem_with_template_clustered_interv
     assert "reward slope +1.000" in change, "0.01 a step is +1.000 per 100 steps"
 
 
-def test_compare_refuses_an_empty_list_and_names_runs_without_evaluations(tmp_path, capsys):
+def test_compare_stands_anywhere_refuses_an_empty_list_or_other_flags_and_names_runs_without_evaluations(tmp_path, capsys):
     with pytest.raises(SystemExit, match="one or more run directories"):
         train_min.main(["--compare"])
+    with pytest.raises(SystemExit, match="--compare: expected run directories only, got --steps"):
+        train_min.main(["--compare", str(tmp_path), "--steps", "3"])
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
-    train_min.main(["--compare", str(tmp_path / "empty")])
+    train_min.main([str(tmp_path / "empty"), "--compare"])
     assert "empty            (no evaluation rows yet)" in capsys.readouterr().out
 
 

@@ -389,7 +389,8 @@ def main() -> None:
     if unknown := [p for p in parts if p not in runners]:
         parser.error(f"--only: expected parts among {', '.join(runners)}, got {', '.join(unknown)}")
     failed = []
-    for part in parts:
+    for number, part in enumerate(parts, start=1):
+        print(f"[{number}/{len(parts)} {part} ...]", flush=True)  # the parts take minutes: say which one runs
         start = time.perf_counter()
         try:
             save(part, runners[part]())

@@ -21,6 +21,8 @@ import torch
 from trainer import run_io
 
 METHODS = ("grpo", "opsd", "rlsd", "egrsd", "cl-egrsd")
+SMOKE = ("python train_min.py --model tiny --device cpu --steps 2 --batch-size 8 --max-new-tokens 64 --eval-size 16 "
+         "--output-dir runs/smoke")
 SCHEDULES = ("constant", "linear", "cosine")
 ROLLOUTS = ("auto", "graph", "eager", "hf-static", "hf-dynamic")
 
@@ -167,6 +169,19 @@ def field_docs(cls) -> dict[str, str]:
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def compare_dirs(argv: list[str]) -> list[str]:
+    """The run directories of `--compare RUN_DIR ...`, wherever --compare stands; any other flag is refused."""
+    flags = [a for a in argv if a.startswith("--") and a != "--compare"]
+    if flags:
+        sys.exit(f"--compare: expected run directories only, got {flags[0]} (--compare prints a table; it trains nothing)")
+    return [a for a in argv if a != "--compare"]
+
+
 def parse_args(argv=None, description: str = __doc__) -> Config:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
@@ -175,13 +190,17 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
         types = {"int": int, "float": float, "str": str}
         kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=types[f.type], metavar=f.type.upper())
         parser.add_argument("--" + f.name.replace("_", "-"), help=f"{docs[f.name]} (default: {f.default})".replace("%", "%%"), **kind)
+    parser.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                        help="print the accuracy-length table of these runs and exit, no model loaded: seeds of one "
+                             "setting pooled, differences paired by problem, 95%% intervals clustered by template")
     given = vars(parser.parse_args(argv))  # only the flags on the command line
+    given.pop("compare", None)  # (train_min.main answers --compare before the settings are parsed)
     saved = {}
     if given.get("resume"):
         path = os.path.join(given["resume"], "config.json")
         if not os.path.isfile(path):
             sys.exit(f"--resume: expected a run directory holding config.json, got {given['resume']!r}")
-        saved = {**BEFORE_THESE_FLAGS, **json.load(open(path)), "output_dir": given["resume"]}
+        saved = {**BEFORE_THESE_FLAGS, **read_json(path), "output_dir": given["resume"]}
     return Config(**{**saved, **given})
 
 
@@ -249,7 +268,7 @@ def check_config(cfg: Config) -> None:
         done = run_io.checkpoint_step(run_io.find_checkpoint(cfg.resume))  # stops now if there is none
         if cfg.steps < done:
             sys.exit(f"--steps: expected ≥ {done}, the step of the checkpoint in {cfg.resume!r}, got {cfg.steps}")
-        saved = {**BEFORE_THESE_FLAGS, **json.load(open(os.path.join(cfg.resume, "config.json")))}
+        saved = {**BEFORE_THESE_FLAGS, **read_json(os.path.join(cfg.resume, "config.json"))}
         fixed = FIXED_ON_RESUME + (FIXED_UNDER_DECAY if saved["lr_schedule"] != "constant" else ())
         for name in fixed:
             if getattr(cfg, name) != saved.get(name, getattr(cfg, name)):
@@ -259,8 +278,7 @@ def check_config(cfg: Config) -> None:
     if cfg.initial_eval:
         check_initial_eval(cfg)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("CUDA is not available on this machine. For a CPU smoke run:\n"
-                 "    python train_min.py --model tiny --device cpu --steps 2 --output-dir runs/smoke")
+        sys.exit(f"CUDA is not available on this machine. For a CPU smoke run:\n    {SMOKE}")
     size = run_bytes(cfg) if cfg.save_model else None  # --no-save-model writes metrics only
     run_io.check_output_dir(cfg.output_dir, *(size or (None, "")))
 
@@ -268,8 +286,7 @@ def check_config(cfg: Config) -> None:
 def check_initial_eval(cfg: Config) -> None:
     """--initial-eval: the other run evaluated the same model on the same problems in the same way, and
     wrote its step-0 evaluation."""
-    with open(os.path.join(cfg.initial_eval, "config.json")) as f:
-        other = {**BEFORE_THESE_FLAGS, **json.load(f)}
+    other = {**BEFORE_THESE_FLAGS, **read_json(os.path.join(cfg.initial_eval, "config.json"))}
     for name in EVAL_SETTINGS:
         if other.get(name) != getattr(cfg, name):
             sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with --{name.replace('_', '-')} {other.get(name)!r}, "

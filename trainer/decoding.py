@@ -41,6 +41,8 @@ import weakref
 import torch
 from transformers import AttentionInterface
 
+from trainer import run_io
+
 TIE_MARGIN = 32  # extra candidates taken so that logits tied with the k-th one are kept, as HF keeps them
 no_graphs: weakref.WeakSet = weakref.WeakSet()  # models whose capture failed: graph=None stops trying them
 
@@ -291,7 +293,7 @@ class _Decoder:
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
              eos_id: int | list[int], pad_id: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, graph: bool | None = None, check_every: int = 32) -> torch.Tensor:
+             top_p: float = 1.0, graph: bool | None = None, check_every: int = 32, progress: str = "") -> torch.Tensor:
     """Complete left-padded prompts (B, P): returns the completions (B, T), T ≤ max_new_tokens, with `pad_id`
     after each row's EOS and T the longest row (up to its EOS), as HF `generate` returns after the prompt.
 
@@ -302,6 +304,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     and the prompts run again). Sampling uses torch's default generator of the device, so
     `torch.manual_seed` makes it reproducible.
     check_every: steps between two reads of "has every row finished?" (each read waits for the GPU).
+    progress: a description to show the decode steps' progress under (`run_io.progress`); "" shows none.
     A model that `unsupported` rejects is decoded by `hf_generate` instead (one warning per model), where
     `graph` and `check_every` do not apply.
     """
@@ -347,7 +350,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
                 no_graphs.add(model)
                 warnings.warn(f"decoding: CUDA graph capture failed, decoding this model without graphs from now on ({error})")
             decoder.prefill(prompt_ids, prompt_mask)  # the warm-up moved the state on: start again
-        for step in range(1, max_new_tokens):
+        steps = range(1, max_new_tokens)
+        for step in run_io.progress(steps, progress, len(steps)) if progress else steps:
             if step % check_every == 0 and bool(decoder.finished.all()):
                 break
             replay()

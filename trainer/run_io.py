@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 
 import torch
 
@@ -204,6 +205,23 @@ def initial_eval_row(run_dir: str) -> dict | None:
     path = os.path.join(run_dir, "metrics.jsonl")
     rows = read_rows(path) if os.path.isfile(path) else []
     return next((r for r in rows if r.get("kind") == "eval" and r.get("step") == 0), None)
+
+
+def progress(iterable, description: str, total: int | None = None, every: float = 60.0):
+    """Yield from `iterable`, showing that long work moves: a tqdm bar on a terminal; in a log file (no
+    terminal) a line such as `evaluation (greedy): 3/7 (95 s)` at most every `every` seconds."""
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm  # (tqdm comes with transformers)
+
+        yield from tqdm(iterable, desc=description, total=total, leave=False, dynamic_ncols=True)
+        return
+    start = last = time.monotonic()
+    for done, item in enumerate(iterable, start=1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every:
+            print(f"{description}: {done}/{total if total is not None else '?'} ({now - start:.0f} s)", file=sys.stderr, flush=True)
+            last = now
 
 
 class StopOnSignal:
