@@ -1,4 +1,4 @@
-"""On-policy self-distillation with EGRSD / CL-EGRSD, minimal: one GPU, full fine-tuning.
+"""On-policy self-distillation with EGRSD / CL-EGRSD, minimal: one GPU, full fine-tuning or LoRA.
 
 Every step: sample one rollout per problem from the student, verify it, score every completion token
 with a frozen copy of the initial model whose prompt also holds the reference solution (the privileged
@@ -11,7 +11,8 @@ reward, advantage and optimizer; only the per-token weight differs (docs/METHOD.
 Run:
     python train_min.py                                      # EGRSD, Qwen2.5-0.5B-Instruct, one CUDA GPU
     python train_min.py --method cl-egrsd --window 3 --output-dir runs/cl
-    python train_min.py --model tiny --device cpu --steps 2 --batch-size 8 --max-new-tokens 64 --eval-size 16 --output-dir runs/smoke  # CPU smoke run
+    python train_min.py --model tiny --device cpu --steps 2 --batch-size 8 --max-new-tokens 64 --eval-size 16 \
+        --output-dir runs/smoke                              # a smoke run on CPU, the tiny model built in code
     python train_min.py --resume runs/cl                     # continue an interrupted run
     python train_min.py --compare runs/egrsd runs/cl         # accuracy-length table of runs, no model
 
@@ -26,24 +27,26 @@ the full-vocabulary quantities are computed from hidden states in chunks (never 
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import functools
 import json
 import math
 import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 import egrsd
 from trainer import decoding, lora, run_io, updates, views
-from trainer.config import Config, check_config, compare_dirs, compute_dtype, parse_args
+from trainer.config import Config, check_config, compare_dirs, compute_dtype, learning_rate_factor, parse_args
 from trainer.offline_models import enable_activation_checkpointing, eos_list, load_model_and_tokenizer
-from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, load_problems, student_messages, teacher_messages
+from trainer.tasks import batch_problems, is_correct, is_correct_symbolic, load_data, student_messages, teacher_messages
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -80,35 +83,15 @@ class TokenWeights:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: a fixed order of problems that a resumed run can find again from the step alone.
+# Rollouts and the verifier (the problems and their order: trainer/tasks.py).
 
 
-def load_data(cfg: Config) -> tuple[list, list]:
-    """(training problems, held-out problems) from --data / --eval-data, or the built-in problems."""
-    if cfg.data:
-        problems = load_problems(cfg.data, numeric=cfg.verifier == "builtin")
-        split = 0 if cfg.eval_data or not cfg.eval_size else max(1, min(cfg.eval_size, len(problems) // 5))
-        eval_problems, train_problems = problems[:split], problems[split:]
-    else:
-        train_problems, eval_problems = built_in_problems(cfg.train_size, cfg.eval_size)
-    if cfg.eval_data:
-        eval_problems = load_problems(cfg.eval_data, numeric=cfg.verifier == "builtin")[: cfg.eval_size]
-    if not train_problems:
-        sys.exit(f"--data: {cfg.data} leaves no training problem after the held-out split")
-    print(f"data: {len(train_problems)} training problems ({cfg.data or 'built-in'}), {len(eval_problems)} held-out "
-          f"({cfg.eval_data or cfg.data or 'built-in'})")
-    return train_problems, eval_problems
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-def batch_problems(problems: list, step: int, batch_size: int, seed: int) -> list:
-    """Problems of `step`: the next slice of a seeded permutation per epoch, found from the step alone."""
-    positions = (divmod(p, len(problems)) for p in range(step * batch_size, (step + 1) * batch_size))
-    return [problems[epoch_order(len(problems), seed, epoch)[i]] for epoch, i in positions]
+def rollouts(sampler, tokenizer, problems: list, cfg: Config) -> Rollouts:
+    """The problems as the student and the teacher see them, and the student's completions."""
+    student_ids, student_mask = encode_prompts(tokenizer, [student_messages(p) for p in problems], cfg.device)
+    teacher_ids, teacher_mask = encode_prompts(tokenizer, [teacher_messages(p) for p in problems], cfg.device)
+    completion, mask, finished = generate(sampler, tokenizer, student_ids, student_mask, cfg)
+    return Rollouts(student_ids, student_mask, teacher_ids, teacher_mask, completion, mask, finished)
 
 
 def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,10 +99,6 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Rollouts and the verifier.
 
 
 def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False, sampling: dict | None = None,
@@ -302,8 +281,8 @@ def solve(model, tokenizer, problems: list, cfg: Config, prefix: str, per: int =
 
 
 def autocast(cfg: Config):
-    """The student's update: bf16 compute with float32 master weights (updates of lr ~1e-6 would vanish
-    in bf16 weights)."""
+    """The student's update: bf16 compute with float32 master weights (bf16 weights would round updates of
+    lr ~1e-6 away; so does the bf16 sampler, which `updates.sampler_share_changed` measures)."""
     device_type = torch.device(cfg.device).type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=compute_dtype(cfg) == torch.bfloat16)
 
@@ -316,24 +295,32 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def learning_rate_factor(cfg: Config):
-    """The schedule as a factor of --lr after `step` optimizer steps, as HF's schedulers: warm-up from 0,
-    then constant, or a linear or cosine decay that reaches 0 at --steps."""
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return step / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return {"constant": 1.0, "linear": max(0.0, 1.0 - progress),
-                "cosine": 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))}[cfg.lr_schedule]
-    return factor
-
-
 # ----------------------------------------------------------------------------------------------------
 # The loop.
 
 
-def train(cfg: Config):
-    """The whole run; returns the (student, teacher) models at the end."""
+@dataclass
+class Run:
+    """What a run holds from step to step: the settings, the data, the three roles of the model, the optimizer
+    and its schedule, the running advantage, the metrics file and where the run starts."""
+    cfg: Config
+    train_problems: list
+    eval_problems: list
+    tokenizer: object
+    teacher: torch.nn.Module  # the initial weights, frozen (with LoRA: the base with the adapter off)
+    student: torch.nn.Module  # the trained weights (float32 master weights, or the adapter)
+    sampler: torch.nn.Module  # the student in the compute dtype: rollouts, evaluation, pre-update log-probs
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    advantage: egrsd.RunningAdvantage
+    metrics: object  # metrics.jsonl, open for appending
+    start_step: int
+    started: float  # time.perf_counter() at the start, for --time-budget
+
+
+def setup(cfg: Config) -> Run:
+    """Seeds, data, models, optimizer; on --resume the checkpoint's weights, optimizer, schedule, advantage
+    statistics and random state; then config.json and the metrics file."""
     started = time.perf_counter()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -367,6 +354,7 @@ def train(cfg: Config):
         for group in optimizer.param_groups:
             group.update(lr=cfg.lr * learning_rate_factor(cfg)(schedule.last_epoch), weight_decay=cfg.weight_decay)
         advantage.warmup_steps = cfg.advantage_warmup
+        run_io.set_rng_states(state["rng"])  # the sampling continues as if never interrupted
         start_step = state["step"]
         print(f"resumed {cfg.output_dir} at step {start_step}")
     if cfg.gradient_checkpointing:
@@ -375,127 +363,125 @@ def train(cfg: Config):
     with run_io.writing("the run's settings", os.path.join(cfg.output_dir, "config.json"), cfg.output_dir):
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(asdict(cfg) | {"resume": ""}, f, indent=1)
-    metrics = run_io.open_metrics(cfg.output_dir)
-    bad_steps = 0
+    return Run(cfg, train_problems, eval_problems, tokenizer, teacher, student, sampler, optimizer, schedule, advantage,
+               run_io.open_metrics(cfg.output_dir), start_step, started)
 
-    def save(step: int) -> None:
-        if not cfg.save_model:
-            return
-        state = {"step": step, "optimizer": optimizer.state_dict(), "advantage": advantage.state_dict(),
-                 "schedule": schedule.state_dict()}
-        run_io.save_checkpoint(cfg.output_dir, student, tokenizer, state)
 
-    def run_eval(at_step: int) -> float:
-        reused = at_step == 0 and cfg.initial_eval  # the untrained model's evaluation, made once for every arm
-        result = run_io.initial_eval_row(cfg.initial_eval) if reused else evaluate(sampler, tokenizer, eval_problems, cfg)
-        row = result | {"kind": "eval", "step": at_step, "method": cfg.method, "reused_from": cfg.initial_eval or None}
-        run_io.append_row(metrics, row)
-        sampled = f", avg@{cfg.eval_samples} {row['eval_sampled_accuracy']:.3f}" if cfg.eval_samples else ""
-        print(f"eval step {at_step}{' (reused)' if reused else ''}: accuracy {row['eval_accuracy']:.3f}{sampled}, "
-              f"length {row['eval_length']:.0f}, acc/(len/1000) {row['eval_acc_per_1k_tokens']:.3f}", flush=True)
-        return row.get("eval_s", 0.0)
-
-    eval_seconds = 0.0  # the last evaluation's: --time-budget keeps room for the final one
-    if start_step == 0 and eval_problems:
-        eval_seconds = run_eval(0)
-    with run_io.StopOnSignal() as stop:
-        for step in range(start_step, cfg.steps):
+def train(cfg: Config):
+    """The whole run; returns the (student, teacher) models at the end."""
+    run = setup(cfg)
+    student, tokenizer, bad_steps = run.student, run.tokenizer, 0
+    eval_seconds = evaluate_and_log(run, 0) if run.start_step == 0 and run.eval_problems else 0.0
+    with contextlib.closing(run.metrics), run_io.StopOnSignal() as stop:
+        for step in range(run.start_step, cfg.steps):
             t0 = time.perf_counter()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            problems = batch_problems(train_problems, step, cfg.batch_size // cfg.group_size, cfg.seed)
-            problems = [p for p in problems for _ in range(cfg.group_size)]  # G rollouts of a problem, side by side
-            student_ids, student_mask = encode_prompts(tokenizer, [student_messages(p) for p in problems], cfg.device)
-            teacher_ids, teacher_mask = encode_prompts(tokenizer, [teacher_messages(p) for p in problems], cfg.device)
 
             # 1. Rollouts from the current student, and the verifier.
-            completion, mask, finished = generate(sampler, tokenizer, student_ids, student_mask, cfg)
-            batch = Rollouts(student_ids, student_mask, teacher_ids, teacher_mask, completion, mask, finished)
-            lengths = mask.sum(dim=1)
-            correct = verify(tokenizer, completion, mask, finished, problems, cfg)
+            problems = batch_problems(run.train_problems, step, cfg.batch_size // cfg.group_size, cfg.seed)
+            problems = [p for p in problems for _ in range(cfg.group_size)]  # G rollouts of a problem, side by side
+            batch = rollouts(run.sampler, tokenizer, problems, cfg)
+            lengths = batch.mask.sum(dim=1)
+            correct = verify(tokenizer, batch.completion, batch.mask, batch.finished, problems, cfg)
             t1 = time.perf_counter()
 
-            # 2. ALGO LOGIC: reward (length-shaped, 0 unless correct and finished), running advantage,
-            #    teacher scoring and the per-token weights.
+            # 2. ALGO LOGIC: reward (length-shaped, 0 unless correct and finished), advantage (running, or
+            #    GRPO's per group), teacher scoring and the per-token weights.
             rewards = egrsd.length_shaped_reward(correct, lengths.cpu(), cfg.max_new_tokens, beta=cfg.beta_length)
-            advantages = (egrsd.group_advantages(rewards, cfg.group_size) if cfg.group_size > 1 else advantage(rewards)).to(cfg.device)
-            scores = score(sampler, teacher, batch, cfg)
-            weights = weight_tokens(advantages, scores, mask, cfg)
+            advantages = egrsd.group_advantages(rewards, cfg.group_size) if cfg.group_size > 1 else run.advantage(rewards)
+            scores = score(run.sampler, run.teacher, batch, cfg)
+            weights = weight_tokens(advantages.to(cfg.device), scores, batch.mask, cfg)
             t2 = time.perf_counter()
 
-            # 3. One optimizer step on the batch; a non-finite step is skipped, not applied.
-            lr = optimizer.param_groups[0]["lr"]
+            # 3. One optimizer step on the batch (a non-finite step is skipped, not applied), and whether it
+            #    reached the model that samples (bf16 rounds away updates much below 2⁻⁹·|w|).
+            lr = run.optimizer.param_groups[0]["lr"]
             before = updates.snapshot(student)
-            loss, grad_norm = update(student, teacher, optimizer, batch, scores, weights.advantage, cfg)
-            schedule.step()
-            copy_weights(student, sampler)
-            # Did the step reach the model that samples? (bf16 rounds away updates much below 2⁻⁹·|w|)
+            loss, grad_norm = update(student, run.teacher, run.optimizer, batch, scores, weights.advantage, cfg)
+            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            with warnings.catch_warnings():  # (a skipped first step steps the schedule before the optimizer)
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+                run.schedule.step()
+            copy_weights(student, run.sampler)
             reach = {"update_rel": updates.relative_update(student, before),
-                     "sampler_changed": updates.sampler_share_changed(sampler, before, lora=bool(cfg.lora_r))}
+                     "sampler_changed": updates.sampler_share_changed(run.sampler, before, lora=bool(cfg.lora_r))}
             del before
             t3 = time.perf_counter()
-            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-            bad_steps = bad_steps + 1 if skipped else 0
 
-            new_tokens = int(lengths.sum())
-            row = {"kind": "train", "step": step + 1, "method": cfg.method, "reward": rewards.mean().item(),
+            # 4. The metrics row and the step line.
+            done, bad_steps = step + 1, bad_steps + 1 if skipped else 0
+            row = {"kind": "train", "step": done, "method": cfg.method, "reward": rewards.mean().item(),
                    "accuracy": correct.float().mean().item(), "length_mean": lengths.float().mean().item(),
-                   "length_max": int(lengths.max()), "truncated": (~finished).float().mean().item(),
+                   "length_max": int(lengths.max()), "truncated": (~batch.finished).float().mean().item(),
                    "loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": skipped, **reach,
-                   **views.regime_stats(scores, weights, mask, cfg),
-                   "rollout_tokens_per_s": new_tokens / (t1 - t0), "generate_s": t1 - t0, "score_s": t2 - t1,
+                   **views.regime_stats(scores, weights, batch.mask, cfg),
+                   "rollout_tokens_per_s": int(lengths.sum()) / (t1 - t0), "generate_s": t1 - t0, "score_s": t2 - t1,
                    "update_s": t3 - t2, "step_s": t3 - t0,
                    "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
-            run_io.append_row(metrics, row)
-            print(f"step {step + 1}/{cfg.steps} | reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | "
+            run_io.append_row(run.metrics, row)
+            print(f"step {done}/{cfg.steps} | reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | "
                   f"len {row['length_mean']:.0f} | loss {loss:.4f} | gnorm {grad_norm:.3f} | "
                   f"Δθ/θ {reach['update_rel']:.1e} | sampler Δ {100 * reach['sampler_changed']:.1f}% | "
                   f"{row['rollout_tokens_per_s']:.0f} tok/s | gen {t1 - t0:.1f}s score {t2 - t1:.1f}s "
                   f"update {t3 - t2:.1f}s{' | SKIPPED (non-finite)' if skipped else ''}", flush=True)
-
-            done = step + 1
             if cfg.dump_tokens and done % cfg.dump_tokens == 0:
                 page = os.path.join(cfg.output_dir, "tokens", f"step_{done}.html")
                 with run_io.writing("the token view", page, cfg.output_dir):
                     views.dump_tokens(page, done, tokenizer, batch, scores, weights, rewards.tolist(), correct.tolist(), cfg)
+
+            # 5. Stop, checkpoint, evaluate: checkpoint first, so that a second Ctrl-C during a long
+            #    evaluation loses no step.
             if bad_steps >= cfg.max_bad_steps:
-                save(done)
+                save_checkpoint(run, done)
                 sys.exit(f"stopped: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {grad_norm}); "
                          f"the last good state is in {cfg.output_dir}/checkpoint (lower --lr?)")
-            out_of_time = cfg.time_budget and out_of_budget(cfg, started, (t3 - t0), eval_seconds, done)
-            # checkpoint first, then evaluate: a second Ctrl-C during a long evaluation loses no step
+            out_of_time = done < cfg.steps and run_io.out_of_time(cfg.time_budget, run.started, t3 - t0, eval_seconds)
             if (cfg.save_every and done % cfg.save_every == 0) or stop.requested or out_of_time or done == cfg.steps:
-                save(done)
-            if eval_problems and ((cfg.eval_every and done % cfg.eval_every == 0) or out_of_time or done == cfg.steps):
-                eval_seconds = run_eval(done)
+                save_checkpoint(run, done)
+            if run.eval_problems and ((cfg.eval_every and done % cfg.eval_every == 0) or out_of_time or done == cfg.steps):
+                eval_seconds = evaluate_and_log(run, done)
             if (stop.requested or out_of_time) and done < cfg.steps:
                 print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}"
                       if cfg.save_model else f"stopped at step {done} (--no-save-model: no checkpoint to resume from)")
-                return student, teacher
+                return student, run.teacher
+    save_final(run)
+    return student, run.teacher
 
-    if not cfg.save_model:
-        return student, teacher
-    final = os.path.join(cfg.output_dir, "final")
-    with run_io.writing("the final model", final, cfg.output_dir):
-        if cfg.lora_r:
-            lora.save_final(student, tokenizer, final)
+
+def evaluate_and_log(run: Run, step: int) -> float:
+    """Evaluate the sampler (at step 0 with --initial-eval: reuse that run's evaluation), append the row,
+    print it; returns the seconds the evaluation took."""
+    cfg = run.cfg
+    reused = step == 0 and cfg.initial_eval  # the untrained model's evaluation, made once for every arm
+    result = run_io.initial_eval_row(cfg.initial_eval) if reused else evaluate(run.sampler, run.tokenizer, run.eval_problems, cfg)
+    row = result | {"kind": "eval", "step": step, "method": cfg.method, "reused_from": cfg.initial_eval or None}
+    run_io.append_row(run.metrics, row)
+    sampled = f", avg@{cfg.eval_samples} {row['eval_sampled_accuracy']:.3f}" if cfg.eval_samples else ""
+    print(f"eval step {step}{' (reused)' if reused else ''}: accuracy {row['eval_accuracy']:.3f}{sampled}, "
+          f"length {row['eval_length']:.0f}, acc/(len/1000) {row['eval_acc_per_1k_tokens']:.3f}", flush=True)
+    return row.get("eval_s", 0.0)
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    if run.cfg.save_model:
+        state = {"step": step, "optimizer": run.optimizer.state_dict(), "advantage": run.advantage.state_dict(),
+                 "schedule": run.schedule.state_dict()}
+        run_io.save_checkpoint(run.cfg.output_dir, run.student, run.tokenizer, state)
+
+
+def save_final(run: Run) -> None:
+    """final/: the sampler's weights in the compute dtype (with LoRA: the merged model and the adapter)."""
+    if not run.cfg.save_model:
+        return
+    final = os.path.join(run.cfg.output_dir, "final")
+    with run_io.writing("the final model", final, run.cfg.output_dir):
+        if run.cfg.lora_r:
+            lora.save_final(run.student, run.tokenizer, final)
         else:
-            sampler.save_pretrained(final)  # in the compute dtype
-            tokenizer.save_pretrained(final)
-    print(f"saved {cfg.output_dir}/final")
-    return student, teacher
-
-
-def out_of_budget(cfg: Config, started: float, step_seconds: float, eval_seconds: float, done: int) -> bool:
-    """--time-budget: whether another step, then the final evaluation (with a quarter more for longer
-    answers of the trained model), would overrun it."""
-    left = cfg.time_budget - (time.perf_counter() - started)
-    needed = step_seconds + 1.25 * eval_seconds
-    if left < needed and done < cfg.steps:
-        print(f"time budget: {left:.0f} s left, a step takes {step_seconds:.0f} s and the evaluation {eval_seconds:.0f} s: "
-              f"stopping after step {done} of {cfg.steps}", flush=True)
-        return True
-    return False
+            run.sampler.save_pretrained(final)
+            run.tokenizer.save_pretrained(final)
+    print(f"saved {run.cfg.output_dir}/final")
 
 
 def main(argv=None):
@@ -504,6 +490,7 @@ def main(argv=None):
         return print(views.compare_table(compare_dirs(argv)))
     cfg = parse_args(argv, description=__doc__)
     check_config(cfg)
+    transformers.logging.disable_progress_bar()  # bars for loading and writing a few files: noise in a run's log
     return train(cfg)
 
 

@@ -8,6 +8,21 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# Warnings that libraries raise about their own calls (TRL and the HF Trainer call transformers' renamed
+# gradient-checkpointing API; the TRL tests pass rollout_func, which TRL marks experimental): not ours to fix.
+LIBRARY_WARNINGS = [
+    "ignore:`gradient_checkpointing` is deprecated:FutureWarning",
+    "ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning",
+    "ignore:`gradient_checkpointing_disable` is deprecated:FutureWarning",
+    "ignore:You are using 'rollout_func', which is an experimental feature:UserWarning",
+]
+
+
+def pytest_configure(config):
+    for line in LIBRARY_WARNINGS:
+        config.addinivalue_line("filterwarnings", line)
+
+
 settings.register_profile("egrsd", derandomize=True, database=None, deadline=None, max_examples=50,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("egrsd")

@@ -183,6 +183,7 @@ class Payload:
         return os.system, ("echo owned > /dev/null",)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")  # the planted file: pickled by hand
 def test_a_checkpoint_state_that_holds_code_is_refused(tmp_path):
     train_min.main(FLAGS + ["--steps", "1", "--output-dir", str(tmp_path)])
     state = tmp_path / "checkpoint" / run_io.STATE_FILE

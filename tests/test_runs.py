@@ -112,3 +112,26 @@ def test_long_work_reports_progress_in_a_log_file(capsys):
 
     assert list(run_io.progress(range(3), "evaluation (greedy), batches", 3, every=0)) == [0, 1, 2]
     assert capsys.readouterr().err.splitlines()[-1].startswith("evaluation (greedy), batches: 3/3 (")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_a_llama_or_mistral_shaped_checkpoint_trains_with_the_default_rollout_engine(family, tmp_path, recwarn):
+    """Users try SmolLM2 (a Llama) or a Mistral: a tiny random one, saved as a checkpoint, trains two steps with
+    --rollout auto, in the project's own decoder (no fallback notice)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.offline_models import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.pad_token_id}
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                  max_position_embeddings=2048, tie_word_embeddings=True, **ids)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    student, _ = train_min.main(["--model", str(tmp_path / "model")] + TINY[2:] + [
+        "--steps", "2", "--rollout", "auto", "--method", "cl-egrsd", "--no-save-model", "--output-dir", str(tmp_path / "run")])
+    assert student.config.model_type == family
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"] == [1, 2]
+    assert not [w for w in recwarn if "HF generate" in str(w.message)], "decoded by the project's engine"

@@ -12,6 +12,7 @@ import ast
 import importlib.util
 import inspect
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -293,6 +294,18 @@ def check_initial_eval(cfg: Config) -> None:
                      f"this run with {getattr(cfg, name)!r}; its step-0 evaluation is not this run's")
     if run_io.initial_eval_row(cfg.initial_eval) is None:
         sys.exit(f"--initial-eval: {cfg.initial_eval}/metrics.jsonl holds no step-0 evaluation")
+
+
+def learning_rate_factor(cfg: Config):
+    """The schedule as a factor of --lr after `step` optimizer steps, as HF's schedulers: warm-up from 0,
+    then constant, or a linear or cosine decay that reaches 0 at --steps."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return step / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return {"constant": 1.0, "linear": max(0.0, 1.0 - progress),
+                "cosine": 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))}[cfg.lr_schedule]
+    return factor
 
 
 def compute_dtype(cfg: Config) -> torch.dtype:

@@ -12,17 +12,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 
 
 def attach(base, cfg, checkpoint: str | None = None):
     """The student: `base` with a new adapter as configured, or with the adapter saved in `checkpoint`."""
     import peft
 
-    if checkpoint:
-        return peft.PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
-    config = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                             target_modules=cfg.lora_target_modules.split(","), task_type="CAUSAL_LM")
-    return peft.get_peft_model(base, config)
+    with warnings.catch_warnings():  # peft asks transformers 5.2x for a renamed attribute: its warning, not ours
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        if checkpoint:
+            return peft.PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
+        config = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=cfg.lora_target_modules.split(","), task_type="CAUSAL_LM")
+        return peft.get_peft_model(base, config)
 
 
 def adapter_parameters(base, cfg) -> int:

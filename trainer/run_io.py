@@ -144,7 +144,8 @@ def checkpoint_step(checkpoint: str) -> int:
 
 def load_state(checkpoint: str) -> dict:
     """The state saved with the checkpoint, read with torch.load(weights_only=True): tensors and plain
-    types only, so a state file from someone else cannot run code. Its random states are restored."""
+    types only, so a state file from someone else cannot run code. Its random states are under "rng"
+    (`set_rng_states` restores them)."""
     path = os.path.join(checkpoint, STATE_FILE)
     try:
         state = torch.load(path, weights_only=True)
@@ -152,7 +153,6 @@ def load_state(checkpoint: str) -> dict:
         sys.exit(f"--resume: {path} holds more than tensors and plain types ({str(error).splitlines()[0]}); "
                  "refusing to load it, since unpickling it could run code. A checkpoint written by train_min.py "
                  "never does: this one was changed or made elsewhere.")
-    set_rng_states(state["rng"])
     return state
 
 
@@ -222,6 +222,18 @@ def progress(iterable, description: str, total: int | None = None, every: float 
         if now - last >= every:
             print(f"{description}: {done}/{total if total is not None else '?'} ({now - start:.0f} s)", file=sys.stderr, flush=True)
             last = now
+
+
+def out_of_time(budget: float, started: float, step_seconds: float, eval_seconds: float) -> bool:
+    """--time-budget: whether another step, then the final evaluation (with a quarter more for the longer
+    answers of a trained model), would overrun `budget` seconds from `started` (time.perf_counter())."""
+    left = budget - (time.perf_counter() - started)
+    needed = step_seconds + 1.25 * eval_seconds
+    if budget and left < needed:
+        print(f"time budget: {left:.0f} s left, a step takes {step_seconds:.0f} s and the evaluation "
+              f"{eval_seconds:.0f} s: stopping now", flush=True)
+        return True
+    return False
 
 
 class StopOnSignal:

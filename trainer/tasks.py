@@ -7,12 +7,16 @@ gsm_symbolic, whole templates held out for evaluation; data/make_gsm_symbolic.py
 The verifier reads the answer from the LAST `\\boxed{...}` of a completion and compares it numerically.
 """
 
+import functools
 import hashlib
 import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
+
+import torch
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -92,6 +96,37 @@ def built_in_problems(n_train: int, n_eval: int) -> tuple[list[Problem], list[Pr
     """The first `n_train` training and `n_eval` held-out problems shipped in data/ (2,000 and 400 at most);
     no held-out problem shares a template with a training one."""
     return load_problems(BUILT_IN["train"])[:n_train], load_problems(BUILT_IN["eval"])[:n_eval]
+
+
+# ---------------------------------------------------------------- the data of a run, in a fixed order that a
+# resumed run finds again from the step alone
+
+def load_data(cfg) -> tuple[list, list]:
+    """(training problems, held-out problems) from --data / --eval-data, or the built-in problems."""
+    if cfg.data:
+        problems = load_problems(cfg.data, numeric=cfg.verifier == "builtin")
+        split = 0 if cfg.eval_data or not cfg.eval_size else max(1, min(cfg.eval_size, len(problems) // 5))
+        eval_problems, train_problems = problems[:split], problems[split:]
+    else:
+        train_problems, eval_problems = built_in_problems(cfg.train_size, cfg.eval_size)
+    if cfg.eval_data:
+        eval_problems = load_problems(cfg.eval_data, numeric=cfg.verifier == "builtin")[: cfg.eval_size]
+    if not train_problems:
+        sys.exit(f"--data: {cfg.data} leaves no training problem after the held-out split")
+    print(f"data: {len(train_problems)} training problems ({cfg.data or 'built-in'}), {len(eval_problems)} held-out "
+          f"({cfg.eval_data or cfg.data or 'built-in'})")
+    return train_problems, eval_problems
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def batch_problems(problems: list, step: int, batch_size: int, seed: int) -> list:
+    """Problems of `step`: the next slice of a seeded permutation per epoch, found from the step alone."""
+    positions = (divmod(p, len(problems)) for p in range(step * batch_size, (step + 1) * batch_size))
+    return [problems[epoch_order(len(problems), seed, epoch)[i]] for epoch, i in positions]
 
 
 # ---------------------------------------------------------------- verifier

@@ -34,6 +34,6 @@ common="--model $model --data data/gsm_symbolic_train.jsonl --eval-data data/gsm
   --dump-tokens 0 ${FLAGS:-}"
 lora="--lora-r 64 --lora-alpha 128 --lora-dropout 0 --lora-target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 python tools/run_arms.py --out "/tmp/runs/setting1-s$seed" --budget "${BUDGET:-540}" --common "$common" \
-  --arm lora="$lora --lr 2e-5 --group-size 1" \
+  --arm lora="$lora --lr 5e-5 --group-size 1" \
   --arm full="--lora-r 0 --lr 1e-5 --group-size 1" \
-  --arm lora-g8="$lora --lr 2e-5 --group-size 8"
+  --arm lora-g8="$lora --lr 5e-5 --group-size 8"
