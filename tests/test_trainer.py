@@ -545,6 +545,20 @@ def test_the_curves_of_runs_are_drawn_from_their_metrics_alone(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_tradeoff_figure_pools_seeds_into_one_point_per_setting(tmp_path):
+    pytest.importorskip("matplotlib", reason="the optional extra matplotlib is not installed")
+    ids, templates = [f"p{i}" for i in range(6)], [i // 2 for i in range(6)]
+    dirs = []
+    for method in ("grpo", "egrsd"):
+        for seed in range(2):
+            write_run(tmp_path / f"{method}-s{seed}", method, seed, [0] * 6, [seed, 1, 0, 0, 1, 0], ids, templates)
+            dirs.append(str(tmp_path / f"{method}-s{seed}"))
+    subprocess.run([sys.executable, str(ROOT / "tools/plot_runs.py"), "--tradeoff", str(tmp_path / "figure1.png"), *dirs],
+                   check=True)
+    assert (tmp_path / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(views.group_runs([views.load_run(d) for d in dirs])) == 2, "two settings of two seeds each"
+
+
 def test_the_real_runs_compare_table_is_the_readmes():
     """docs/real_runs holds the GPU runs of the README; --compare reads them, no model needed."""
     table = views.compare_table([str(ROOT / "docs/real_runs/egrsd"), str(ROOT / "docs/real_runs/grpo")])

@@ -1,10 +1,16 @@
-"""The reward and length curves of runs, from their metrics.jsonl alone: one small PNG.
+"""Pictures of runs, from their metrics.jsonl (and config.json) alone: one small PNG each.
 
     pip install matplotlib                     # an optional extra (requirements-extras.txt), for this script only
     python tools/plot_runs.py docs/real_runs/curves.png docs/real_runs/egrsd docs/real_runs/grpo
+    python tools/plot_runs.py --tradeoff figure1.png RUN_DIR [RUN_DIR ...]
 
-Left: the mean reward of each step's rollouts; middle: their mean length in tokens; right: held-out greedy
-accuracy at each evaluation. Thin lines are the steps, thick ones a moving average over 5 steps.
+Curves (the default): left, the mean reward of each step's rollouts; middle, their mean length in tokens;
+right, held-out greedy accuracy at each evaluation. Thin lines are the steps, thick ones a moving average
+over 5 steps.
+
+--tradeoff: the paper's Figure 1 at this scale: held-out accuracy (avg@K where every run has it, else
+greedy) against mean response length at the end of training, one point per setting (seeds pooled as
+`--compare` pools them, with 95% intervals across seeds on both axes), and the untrained model's point.
 """
 
 import os
@@ -17,7 +23,8 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from trainer.views import read_rows  # noqa: E402
+from trainer import stats  # noqa: E402
+from trainer.views import group_runs, label, load_run, read_rows  # noqa: E402
 
 
 def moving_average(values: list, width: int = 5) -> list:
@@ -46,7 +53,36 @@ def plot(path: str, run_dirs: list[str]) -> None:
     figure.savefig(path)
 
 
+def tradeoff(path: str, run_dirs: list[str]) -> None:
+    groups = [[r for r in g if r.evals] for g in group_runs([load_run(d) for d in run_dirs])]
+    groups = [g for g in groups if g]
+    if not groups:
+        sys.exit("--tradeoff: no run has an evaluation yet")
+    sampled = all("eval_sampled_accuracy" in r.evals[-1] for g in groups for r in g)
+    key = "eval_sampled_accuracy" if sampled else "eval_accuracy"
+    figure, ax = plt.subplots(figsize=(5.5, 4.0), dpi=110)
+    start = groups[0][0].evals[0]
+    ax.plot(start["eval_length"], start[key], "k*", markersize=12, label="untrained")
+    for group, colour in zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
+        (x, x_low, x_high), (y, y_low, y_high) = (stats.seed_interval([r.evals[-1][k] for r in group])
+                                                  for k in ("eval_length", key))
+        error = ([[x - x_low], [x_high - x]], [[y - y_low], [y_high - y]]) if len(group) > 1 else (None, None)
+        ax.errorbar(x, y, xerr=error[0], yerr=error[1], fmt="o", color=colour, capsize=3,
+                    label=f"{label(group)} ({len(group)} seed{'s' if len(group) > 1 else ''})")
+    ax.set_xlabel("mean response length (tokens)")
+    ax.set_ylabel(("avg@%d" % groups[0][0].evals[-1]["eval_samples"] if sampled else "greedy") + " held-out accuracy")
+    ax.set_title("accuracy against length at the end (95% across seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit("usage: python tools/plot_runs.py OUT.png RUN_DIR [RUN_DIR ...]")
-    plot(sys.argv[1], sys.argv[2:])
+    arguments = sys.argv[1:]
+    draw = plot
+    if arguments[:1] == ["--tradeoff"]:
+        draw, arguments = tradeoff, arguments[1:]
+    if len(arguments) < 2:
+        sys.exit("usage: python tools/plot_runs.py [--tradeoff] OUT.png RUN_DIR [RUN_DIR ...]")
+    draw(arguments[0], arguments[1:])

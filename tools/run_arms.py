@@ -5,8 +5,9 @@
         --arm grpo="--method grpo" --arm egrsd="--method egrsd --gamma 0.3"
 
 1. Writes every arm's whole command line to OUT/commands.sh (the common flags, then the arm's: later flags win).
-2. Evaluates the untrained model once (`--steps 0`, into OUT/initial): the step-0 evaluation is the same for
-   every arm, and each arm reuses it (`--initial-eval`), so the card does it once, not once per arm.
+2. Evaluates the untrained model once (`--steps 0`, into OUT/initial or --initial, unless that folder holds
+   it already): the step-0 evaluation is the same for every arm, and each arm reuses it (`--initial-eval`,
+   which checks that it is), so the card does it once, not once per arm.
 3. Starts the arms as separate processes (one log each, OUT/NAME/log.txt), each with `--time-budget` set to
    what is left of --budget and `--no-save-model` (only metrics, config and log are kept), so that each
    stops training in time for its final evaluation. A process still running --grace seconds after the
@@ -41,17 +42,20 @@ def command(flags: list[str], out: str, name: str) -> list[str]:
     return [sys.executable, "-u", os.path.join(ROOT, "train_min.py"), *flags, "--output-dir", os.path.join(out, name)]
 
 
-def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dict[str, list[str]], pack: str) -> int:
+def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dict[str, list[str]], pack: str,
+             initial_dir: str = "") -> int:
     started = time.monotonic()
     os.makedirs(out, exist_ok=True)
-    initial = command(common + ["--steps", "0", "--no-save-model"], out, "initial")
-    arm_commands = {name: command(common + flags + ["--initial-eval", os.path.join(out, "initial"), "--no-save-model"], out, name)
+    initial_dir = initial_dir or os.path.join(out, "initial")
+    initial = command(common + ["--steps", "0", "--no-save-model"], os.path.dirname(initial_dir), os.path.basename(initial_dir))
+    arm_commands = {name: command(common + flags + ["--initial-eval", initial_dir, "--no-save-model"], out, name)
                     for name, flags in arms.items()}
-    with open(os.path.join(out, "commands.sh"), "w") as f:
-        f.write("# the arms of tools/run_arms.py, each also given --time-budget (what was left of the budget)\n")
+    with open(os.path.join(out, "commands.sh"), "a") as f:  # appended: several calls may share OUT
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: tools/run_arms.py, each arm also given --time-budget\n")
         f.writelines(shlex.join(c) + "\n" for c in [initial, *arm_commands.values()])
-    print(f"[run_arms] initial evaluation: {shlex.join(initial)}", flush=True)
-    status = subprocess.run(initial, cwd=ROOT).returncode
+    reuse = os.path.isfile(os.path.join(initial_dir, "metrics.jsonl"))  # made by an earlier call: the same for every arm
+    print(f"[run_arms] initial evaluation: {'reused from ' + initial_dir if reuse else shlex.join(initial)}", flush=True)
+    status = 0 if reuse else subprocess.run(initial, cwd=ROOT).returncode
     if status:
         print(f"[run_arms] the initial evaluation failed (exit {status})", flush=True)
         return finish(out, pack, arms, 1)
@@ -90,7 +94,8 @@ def finish(out: str, pack: str, arms: dict, status: int) -> int:
     os.makedirs(pack, exist_ok=True)
     with tarfile.open(os.path.join(pack, "runs.tar.gz"), "w:gz") as archive:
         for folder, dirs, files in os.walk(out):
-            dirs[:] = [d for d in dirs if d not in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "final", "final.tmp")]
+            dirs[:] = [d for d in dirs if d not in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "final", "final.tmp")
+                       and os.path.abspath(os.path.join(folder, d)) != os.path.abspath(pack)]
             for file in files:
                 path = os.path.join(folder, file)
                 archive.add(path, arcname=os.path.join(os.path.basename(os.path.normpath(out)), os.path.relpath(path, out)))
@@ -110,6 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--common", default="", help="train_min.py flags of every arm, one string")
     parser.add_argument("--arm", action="append", default=[], metavar="NAME=FLAGS", help="an arm: its name and its own flags")
     parser.add_argument("--pack", default=os.environ.get("OUT", ""), help="where runs.tar.gz and compare.txt go (default: $OUT)")
+    parser.add_argument("--initial", default="", help="folder of the step-0 evaluation, reused if it is there already "
+                                                       "(several calls with the same evaluation); default OUT/initial")
     args = parser.parse_args(argv)
     arms = {}
     for spec in args.arm:
@@ -123,7 +130,7 @@ def main(argv=None) -> int:
         parser.error("--pack: expected a folder (or $OUT set)")
     if args.budget <= 0:
         parser.error(f"--budget: expected > 0 seconds, got {args.budget}")
-    return run_arms(args.out, args.budget, args.grace, shlex.split(args.common), arms, args.pack)
+    return run_arms(args.out, args.budget, args.grace, shlex.split(args.common), arms, args.pack, args.initial)
 
 
 if __name__ == "__main__":
