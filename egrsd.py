@@ -15,28 +15,33 @@ by token. Each completion token gets the token advantage (Eq. 7)
 
 and the loss is −Σ m · Â · log p_θ / Σ m. γ = 0 gives RLSD; γ = 0 and ε → 0 gives GRPO's A_i.
 
-The file reads in the paper's order: reward and advantage, log-probs and the magnitude, the teacher's
-entropy, the gate and its lookahead, Â, the losses, the token regimes. Below them, under their own
-headers, are the chunked full-vocabulary kernels and the input checks: machinery a reader of the method
-can skip.
+The file reads in the paper's order: the settings and their ranges (one table), reward and advantage,
+log-probs and the magnitude, the teacher's entropy, the gate and its lookahead, Â, the losses, the token
+regimes, and GateSettings, the settings in one object for a trainer. Each public function shows its
+equation's arithmetic in its own body, after its checks. Below them, under their own headers, are the
+chunked full-vocabulary kernels and the input checks: machinery a reader of the method can skip.
 
 Conventions: per-token tensors are (B, T), `mask` is a (B, T) bool tensor (True on completion tokens
 that count, EOS included), per-sequence tensors are (B,). Tensors, the mask and `window` are positional;
 every other setting is keyword-only. Arithmetic is in float32 or wider whatever the input dtype. Every
 per-token output is exactly 0 where `mask` is False, and every weight or advantage is detached. Each
-public call checks its input once, then computes; bad input raises ValueError naming the argument. This
-file depends on torch only: copy it into your trainer.
+public call checks its input, then computes (a function that uses another equation calls that equation's
+function, which checks its own input again); bad input raises ValueError naming the argument. This file
+depends on torch only: copy it into your trainer.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import Callable, NamedTuple
 
 import torch
 
 __all__ = [
+    "SETTINGS",
+    "check_settings",
     "length_shaped_reward",
     "RunningAdvantage",
     "group_advantages",
@@ -55,9 +60,50 @@ __all__ = [
     "linear_opsd_loss",
     "REGIMES",
     "token_regimes",
+    "GateSettings",
+    "Gates",
 ]
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of logits processed at once: extra memory is O(chunk_size × V)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The method's settings: what each may be, in one table, checked by one call.
+
+
+class Setting(NamedTuple):
+    """One row of SETTINGS: a setting of the method, what it may be and what it means."""
+
+    expected: str  # what an error message says is allowed
+    allowed: Callable[[object], bool]  # the test of a value
+    meaning: str
+
+
+SETTINGS = {
+    "gamma": Setting("a number in [0.0, inf]", lambda x: _is_number(x) and x >= 0,
+                     "γ, the strength of the entropy gate ω (Eq. 6); 0 gives RLSD"),
+    "eps": Setting("a number in (0.0, 1.0)", lambda x: _is_number(x) and 0 < x < 1,
+                   "ε, the clip range of the magnitude w (Eq. 2)"),
+    "floor": Setting("a number in [0.0, 1.0]", lambda x: _is_number(x) and 0 <= x <= 1,
+                     "the lower bound of the gate ω (Eq. 6): every token keeps a nonzero weight"),
+    "min_denominator": Setting("a number in (0.0, inf]", lambda x: _is_number(x) and x > 0,
+                               "the floor, in nats, of the entropy normaliser (Eq. 5)"),
+    "window": Setting("a non-negative int", lambda x: _is_int(x) and x >= 0,
+                      "W, the causal lookahead of CL-EGRSD (Eq. 8); 0 is EGRSD"),
+    "denominator": Setting("'raw' (Eq. 8) or 'filtered' (Algorithm 1)", lambda x: x in ("raw", "filtered"),
+                           "what the lookahead entropy is normalised by: the largest raw or filtered entropy"),
+    "group": Setting("None (the whole batch) or a positive int (rows per normaliser)",
+                     lambda x: x is None or (_is_int(x) and x >= 1),
+                     "rows [0, g), [g, 2g), ... that share one entropy normaliser (Eq. 5); None: the whole batch"),
+}
+
+
+def check_settings(**settings) -> None:
+    """Raise ValueError "name: expected ..., got ..." for the first of `settings` (names of SETTINGS) that
+    SETTINGS does not allow."""
+    for name, value in settings.items():
+        if not SETTINGS[name].allowed(value):
+            _fail(name, SETTINGS[name].expected, repr(value))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,12 +117,10 @@ def length_shaped_reward(correct: torch.Tensor, lengths: torch.Tensor, max_lengt
     lengths (B,) completion lengths in tokens, in [0, max_length]; max_length > 0 is the completion cap.
     Wrong answers get 0; there are no negative rewards.
     """
-    _tensor("correct", correct, dims=1, floating=False)
-    if correct.dtype != torch.bool:
-        _fail("correct", "a bool tensor", f"dtype {correct.dtype}")
+    _per_seq("correct", correct, floating=False, bool_=True)
     _per_seq("lengths", lengths, batch=correct.shape[0], floating=False)
     _all_finite(lengths=lengths)
-    if not isinstance(max_length, Integral) or isinstance(max_length, bool) or max_length <= 0:
+    if not (_is_int(max_length) and max_length > 0):
         _fail("max_length", "a positive int", repr(max_length))
     if lengths.numel() and (float(lengths.min()) < 0 or float(lengths.max()) > max_length):
         _fail("lengths", f"values in [0, max_length={max_length}]", f"[{lengths.min().item()}, {lengths.max().item()}]")
@@ -95,7 +139,7 @@ class RunningAdvantage:
     """
 
     def __init__(self, warmup_steps: int = 10, warmup_baseline: float = 0.5):
-        if not isinstance(warmup_steps, Integral) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+        if not (_is_int(warmup_steps) and warmup_steps >= 0):
             _fail("warmup_steps", "a non-negative int", repr(warmup_steps))
         self.warmup_steps = int(warmup_steps)
         self.warmup_baseline = _number("warmup_baseline", warmup_baseline, -math.inf, math.inf)
@@ -146,7 +190,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-
     and the running advantage instead; this serves as the control that users of TRL know.
     rewards (B,) with B a multiple of `group_size` ≥ 2 → A (B,), float32 or wider, detached."""
     _all_finite(rewards=_per_seq("rewards", rewards))
-    if not isinstance(group_size, Integral) or isinstance(group_size, bool) or group_size < 2:
+    if not (_is_int(group_size) and group_size >= 2):
         _fail("group_size", "an int ≥ 2 (rollouts per problem)", repr(group_size))
     if len(rewards) % group_size:
         _fail("rewards", f"a length that is a multiple of group_size = {group_size}", f"length {len(rewards)}")
@@ -204,11 +248,7 @@ def ratio_magnitude(
     if not bool(((direction == -1) | (direction == 0) | (direction == 1)).all()):
         _fail("direction", "values in {-1, 0, +1} (the sign of the advantage)", f"{direction.tolist()}")
     mask = _mask(mask, teacher_logp.shape)
-    eps = _number("eps", eps, 0.0, 1.0, low_open=True, high_open=True)
-    return _magnitude(teacher_logp, student_logp, direction, mask, eps)
-
-
-def _magnitude(teacher_logp, student_logp, direction, mask, eps: float) -> torch.Tensor:
+    check_settings(eps=eps)
     dtype = _float_dtype(torch.promote_types(teacher_logp.dtype, student_logp.dtype))
     delta = teacher_logp.detach().to(dtype) - student_logp.detach().to(dtype)
     w = torch.exp(direction.detach().to(dtype)[:, None] * delta).clamp(1.0 - eps, 1.0 + eps)
@@ -276,19 +316,18 @@ def normalised_entropy(
     open choice: one normaliser over the 32 rollouts of a step (the default) or per GPU, 4 of them on each
     of its 8 GPUs (group=4), which normalises by a smaller maximum and so gates more strongly.
     """
-    entropy, mask = _entropy_and_mask(entropy, mask)
-    return _normalised(entropy, mask, _window(window), _min_denominator(min_denominator), _denominator(denominator),
-                       _group(group))
-
-
-def _normalised(entropy, mask, window: int, min_denominator: float, denominator: str, group: int | None) -> torch.Tensor:
-    numerator = _lookahead_min(entropy, mask, window)  # 0 off the mask
-    source = numerator if denominator == "filtered" else entropy.detach().to(numerator.dtype)
-    pad = functools.partial(torch.nn.functional.pad, value=-math.inf)  # −inf: no valid token (then floored)
-    row_max = pad(source.masked_fill(~mask, -math.inf), (0, 1)).amax(dim=1)  # (B,)
+    _check_entropy(entropy, mask)
+    check_settings(min_denominator=min_denominator, denominator=denominator, group=group)
+    numerator = lookahead_min(entropy, mask, window)  # H' (H itself for window = 0), 0 off the mask
+    source = numerator if denominator == "filtered" else entropy.detach().to(numerator.dtype).masked_fill(~mask, 0.0)
+    # the largest valid value of each row (0 for a row without one: below the floor min_denominator > 0) ...
+    row_max = torch.nn.functional.pad(source, (0, 1)).amax(dim=1)  # (B,)
+    # ... and of each group of rows, which is every row's normaliser
     size = group or max(len(row_max), 1)  # rows per normaliser
-    group_max = pad(row_max, (0, -len(row_max) % size)).view(-1, size).amax(dim=1).repeat_interleave(size)
-    return numerator / torch.clamp(group_max[: len(row_max)], min=min_denominator)[:, None]
+    group_max = torch.empty_like(row_max)
+    for start in range(0, len(row_max), size):
+        group_max[start : start + size] = row_max[start : start + size].max()
+    return numerator / group_max.clamp(min=min_denominator)[:, None]
 
 
 def entropy_gate(
@@ -309,14 +348,8 @@ def entropy_gate(
     nats. Since Ĥ ≤ 1 (raw denominator), every valid token keeps a weight ≥ max(floor, 1 − γ), nonzero
     unless floor = 0 and γ ≥ 1; ω = 1 where H' = 0 and everywhere when γ = 0; 0 off the mask.
     """
-    entropy, mask = _entropy_and_mask(entropy, mask)
-    return _gate(entropy, mask, _window(window), _gamma(gamma), _floor(floor), _min_denominator(min_denominator),
-                 _denominator(denominator), _group(group))
-
-
-def _gate(entropy, mask, window: int, gamma: float, floor: float, min_denominator: float, denominator: str,
-          group: int | None) -> torch.Tensor:
-    h_hat = _normalised(entropy, mask, window, min_denominator, denominator, group)
+    check_settings(gamma=gamma, floor=floor)
+    h_hat = normalised_entropy(entropy, mask, window, min_denominator=min_denominator, denominator=denominator, group=group)
     return torch.clamp(1.0 - gamma * h_hat, min=floor, max=1.0).masked_fill(~mask, 0.0)
 
 
@@ -327,11 +360,8 @@ def lookahead_min(entropy: torch.Tensor, mask: torch.Tensor, window: int) -> tor
     outside the mask are skipped inside the window and are 0 in the output. Always ≤ entropy on
     valid positions, so the CL gate is never below the plain gate (with the raw denominator).
     """
-    entropy, mask = _entropy_and_mask(entropy, mask)
-    return _lookahead_min(entropy, mask, _window(window))
-
-
-def _lookahead_min(entropy, mask, window: int) -> torch.Tensor:
+    _check_entropy(entropy, mask)
+    check_settings(window=window)
     h = entropy.detach().to(_float_dtype(entropy.dtype))
     h = h.masked_fill(~mask, math.inf)  # invalid positions never win the min
     padded = torch.nn.functional.pad(h, (0, window), value=math.inf)  # (B, T + W)
@@ -373,9 +403,9 @@ def token_advantages(
     _all_finite(teacher_logp=teacher_logp, student_logp=student_logp, teacher_entropy=teacher_entropy, advantages=advantages)
     mask = _mask(mask, teacher_logp.shape)
     adv = advantages.detach()
-    w = _magnitude(teacher_logp, student_logp, torch.sign(adv), mask, _eps(eps))
-    omega = _gate(teacher_entropy, mask, _window(window), _gamma(gamma), _floor(floor), _min_denominator(min_denominator),
-                  _denominator(denominator), _group(group))
+    w = ratio_magnitude(teacher_logp, student_logp, torch.sign(adv), mask, eps=eps)  # Eq. 2
+    omega = entropy_gate(teacher_entropy, mask, window, gamma=gamma, floor=floor, min_denominator=min_denominator,
+                         denominator=denominator, group=group)  # Eq. 6 (8)
     dtype = torch.promote_types(w.dtype, _float_dtype(adv.dtype))
     return (adv.to(dtype)[:, None] * w.to(dtype) * omega.to(dtype)).masked_fill(~mask, 0.0)
 
@@ -474,18 +504,104 @@ def token_regimes(
       mid   (2)  every other valid token.
     Needs 0 ≤ τ_low < τ_high; then every valid token is in exactly one regime, and window = 0 has no pivots.
     """
-    entropy, mask = _entropy_and_mask(entropy, mask)
-    window, min_denominator, group = _window(window), _min_denominator(min_denominator), _group(group)
     tau_low = _number("tau_low", tau_low, 0.0, math.inf)
     tau_high = _number("tau_high", tau_high, tau_low, math.inf, low_open=True)
-    h_hat = _normalised(entropy, mask, 0, min_denominator, "raw", group)
-    h_cl = _normalised(entropy, mask, window, min_denominator, "raw", group)
+    h_hat, h_cl = (normalised_entropy(entropy, mask, w, min_denominator=min_denominator, group=group) for w in (0, window))
     codes = torch.full(h_hat.shape, 2, dtype=torch.long, device=h_hat.device)  # mid
     high = h_hat >= tau_high
     codes[h_hat <= tau_low] = 1
     codes[high & (h_cl <= tau_low)] = 3
     codes[high & (h_cl >= tau_high)] = 4
     return codes.masked_fill(~mask, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The settings in one object, for a trainer: built once from its flags, handed to everything that weights
+# tokens or reports on the gate.
+
+
+@dataclass(frozen=True)
+class Gates:
+    """What the gate makes of one batch, computed once (`GateSettings.gates`): the trainer applies `plain`
+    (EGRSD) or `lookahead` (CL-EGRSD), its metrics and token view read all four. Each (B, T), 0 off the mask."""
+
+    plain: torch.Tensor  # ω with W = 0 (Eq. 6)
+    lookahead: torch.Tensor  # ω with the settings' W (Eq. 8)
+    normalised: torch.Tensor  # Ĥ^CL, the lookahead entropy over its normaliser (Eq. 8), with the settings' denominator
+    regimes: torch.Tensor  # token_regimes codes at the settings' W
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """The keyword settings of ratio_magnitude, entropy_gate, token_advantages and token_regimes, and W, in
+    one object, checked against SETTINGS when it is made:
+
+        settings = GateSettings(gamma=1.0, window=5, group=4)     # or GateSettings.from_flags(cfg)
+        token_adv = settings.token_advantages(A, teacher_logp, student_logp, teacher_entropy, mask)
+        gates = settings.gates(teacher_entropy, mask)              # ω at W = 0 and at W, Ĥ^CL, the regimes
+
+    `window` is the configured W: a method without the lookahead (EGRSD) passes window=0 to `gate` and
+    `token_advantages`, while `gates` and `regimes` report what the lookahead would do at W."""
+
+    # in the order of the equations: w (Eq. 2), ω (Eq. 6), its normaliser (Eq. 5), the lookahead (Eq. 8)
+    eps: float = 0.2
+    gamma: float = 0.3
+    floor: float = 0.1
+    min_denominator: float = 1.0
+    denominator: str = "raw"
+    group: int | None = None
+    window: int = 0
+
+    def __post_init__(self):
+        check_settings(**vars(self))
+
+    @classmethod
+    def from_flags(cls, flags) -> GateSettings:
+        """From a trainer's flags (train_min's Config, the TRL config): the same names, and gate_group for
+        `group`, 0 meaning the whole batch."""
+        return cls(gamma=flags.gamma, window=flags.window, eps=flags.eps, floor=flags.floor,
+                   min_denominator=flags.min_denominator, denominator=flags.denominator, group=flags.gate_group or None)
+
+    @staticmethod
+    def flag_rules(flags) -> list[tuple[str, bool, str]]:
+        """(flag, allowed, what is expected) for each flag `from_flags` reads, from SETTINGS: a trainer's
+        check of its flags, before it stops with its own words."""
+        names = ("gamma", "window", "eps", "floor", "min_denominator", "denominator")
+        rules = [(name, SETTINGS[name].allowed(getattr(flags, name)), SETTINGS[name].expected) for name in names]
+        return rules + [("gate_group", SETTINGS["group"].allowed(flags.gate_group or None), "≥ 0 (0: the whole batch)")]
+
+    @property
+    def normaliser(self) -> dict:
+        """The keyword settings of normalised_entropy (Eq. 5)."""
+        return dict(min_denominator=self.min_denominator, denominator=self.denominator, group=self.group)
+
+    def magnitude(self, teacher_logp, student_logp, direction, mask) -> torch.Tensor:
+        """w (Eq. 2): `ratio_magnitude` with ε."""
+        return ratio_magnitude(teacher_logp, student_logp, direction, mask, eps=self.eps)
+
+    def gate(self, entropy, mask, window: int | None = None) -> torch.Tensor:
+        """ω (Eq. 6, 8): `entropy_gate` at `window` (None: the settings' W)."""
+        window = self.window if window is None else window
+        return entropy_gate(entropy, mask, window, gamma=self.gamma, floor=self.floor, **self.normaliser)
+
+    def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask,
+                         window: int | None = None) -> torch.Tensor:
+        """Â (Eq. 7): `token_advantages` at `window` (None: the settings' W)."""
+        window = self.window if window is None else window
+        return token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, window, gamma=self.gamma,
+                                eps=self.eps, floor=self.floor, **self.normaliser)
+
+    def regimes(self, entropy, mask, *, tau_low: float = 0.2, tau_high: float = 0.5) -> torch.Tensor:
+        """`token_regimes` at the settings' W, with their normaliser."""
+        return token_regimes(entropy, mask, self.window, tau_low=tau_low, tau_high=tau_high,
+                             min_denominator=self.min_denominator, group=self.group)
+
+    def gates(self, entropy, mask, *, tau_low: float = 0.2, tau_high: float = 0.5) -> Gates:
+        """The gate of one batch at W = 0 and at W, Ĥ^CL and the regimes: computed once a step, then handed
+        to whatever applies or reports them."""
+        return Gates(plain=self.gate(entropy, mask, 0), lookahead=self.gate(entropy, mask),
+                     normalised=normalised_entropy(entropy, mask, self.window, **self.normaliser),
+                     regimes=self.regimes(entropy, mask, tau_low=tau_low, tau_high=tau_high))
 
 
 # ====================================================================================================
@@ -681,9 +797,11 @@ def _per_token(name: str, x, shape: torch.Size | None = None) -> torch.Tensor:
     return x
 
 
-def _per_seq(name: str, x, batch: int | None = None, floating: bool = True) -> torch.Tensor:
-    """A (B,) tensor (of length `batch`); the caller checks it is finite (`_all_finite`)."""
+def _per_seq(name: str, x, batch: int | None = None, floating: bool = True, bool_: bool = False) -> torch.Tensor:
+    """A (B,) tensor (of length `batch`, bool if `bool_`); the caller checks it is finite (`_all_finite`)."""
     _tensor(name, x, dims=1, floating=floating)
+    if bool_ and x.dtype != torch.bool:
+        _fail(name, "a bool tensor", f"dtype {x.dtype}")
     if batch is not None and x.shape[0] != batch:
         _fail(name, f"shape ({batch},) (B,) matching the per-token tensors", f"shape {tuple(x.shape)}")
     return x
@@ -698,57 +816,30 @@ def _mask(mask, shape: torch.Size) -> torch.Tensor:
     return mask
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
 def _number(name: str, x, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
-    ok = isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
-    ok = ok and (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
-    if not ok:
+    """A finite number between low and high (a setting outside the table SETTINGS)."""
+    if not (_is_number(x) and (x > low if low_open else x >= low) and (x < high if high_open else x <= high)):
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         _fail(name, f"a number in {interval}", repr(x))
     return float(x)
 
 
-def _window(window) -> int:
-    if not isinstance(window, Integral) or isinstance(window, bool) or window < 0:
-        _fail("window", "a non-negative int", repr(window))
-    return int(window)
-
-
-def _entropy_and_mask(entropy, mask) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_entropy(entropy, mask) -> None:
     _per_token("entropy", entropy)
     _all_finite(entropy=entropy)
-    return entropy, _mask(mask, entropy.shape)
-
-
-def _gamma(gamma) -> float:
-    return _number("gamma", gamma, 0.0, math.inf)
-
-
-def _floor(floor) -> float:
-    return _number("floor", floor, 0.0, 1.0)
-
-
-def _eps(eps) -> float:
-    return _number("eps", eps, 0.0, 1.0, low_open=True, high_open=True)
-
-
-def _min_denominator(min_denominator) -> float:
-    return _number("min_denominator", min_denominator, 0.0, math.inf, low_open=True)
-
-
-def _group(group) -> int | None:
-    if group is not None and (not isinstance(group, Integral) or isinstance(group, bool) or group < 1):
-        _fail("group", "None (the whole batch) or a positive int (rows per normaliser)", repr(group))
-    return None if group is None else int(group)
-
-
-def _denominator(denominator) -> str:
-    if denominator not in ("raw", "filtered"):
-        _fail("denominator", "'raw' (Eq. 8) or 'filtered' (Algorithm 1)", repr(denominator))
-    return denominator
+    _mask(mask, entropy.shape)
 
 
 def _chunk_size(chunk_size) -> int:
-    if not isinstance(chunk_size, Integral) or isinstance(chunk_size, bool) or chunk_size < 1:
+    if not (_is_int(chunk_size) and chunk_size >= 1):
         _fail("chunk_size", "a positive int", repr(chunk_size))
     return int(chunk_size)
 

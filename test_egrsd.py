@@ -9,7 +9,8 @@ Four kinds of test, in this order:
 3. contract (docs/METHOD.md §3): weights and advantages come back detached, and each kind of bad input
    raises a ValueError that names the argument;
 4. beyond the contract: the hidden-state (`linear_*`) functions equal the plain computation, also under
-   bf16 autocast, and the token regimes hold their definitions.
+   bf16 autocast; the token regimes hold their definitions; GateSettings computes what the functions do,
+   and a bad setting is refused in the words of the table SETTINGS wherever it is given.
 The trainer's tests (train_min.py end to end, rollouts, verifier) are in tests/.
 
 The hypothesis profile is fixed (derandomized, no example database), so a run is reproducible and CI never
@@ -18,6 +19,7 @@ flakes. Run: python -m pytest -q test_egrsd.py
 import copy
 import inspect
 import math
+import re
 import statistics
 from dataclasses import dataclass, fields
 
@@ -684,13 +686,18 @@ def run(function, **overrides):
     return call(getattr(egrsd, function), arguments)
 
 
-FUNCTIONS = ["token_logprobs", "token_entropy", "length_shaped_reward", "RunningAdvantage", "group_advantages", "lookahead_min",
-             "normalised_entropy", "entropy_gate", "ratio_magnitude", "token_advantages", "policy_loss", "opsd_loss"]
+OUTPUT_SHAPES = {  # of each function on the valid batch: (B, T) per token, (B,) per sequence, () a loss
+    "token_logprobs": (2, 3), "token_entropy": (2, 3), "length_shaped_reward": (2,), "RunningAdvantage": (2,),
+    "group_advantages": (2,), "lookahead_min": (2, 3), "normalised_entropy": (2, 3), "entropy_gate": (2, 3),
+    "ratio_magnitude": (2, 3), "token_advantages": (2, 3), "policy_loss": (), "opsd_loss": ()}
 
 
-@pytest.mark.parametrize("function", FUNCTIONS)
+@pytest.mark.parametrize("function", OUTPUT_SHAPES)
 def test_valid_arguments_are_accepted(function):
-    run(function)
+    """The control of the bad-input tests below: the same calls with nothing replaced return finite values
+    of the right shape, so that each bad-input case fails for its one bad argument alone."""
+    out = run(function)
+    assert out.shape == OUTPUT_SHAPES[function] and bool(torch.isfinite(out).all())
 
 
 @pytest.mark.parametrize("function", [
@@ -796,7 +803,7 @@ def test_bad_input_raises_value_error_naming_the_argument(function, argument, ba
 
 
 # --------------------------------------------------------------------------------------------------------
-# 4. Beyond the contract: scoring from hidden states, and the token regimes
+# 4. Beyond the contract: scoring from hidden states, the token regimes, GateSettings
 # --------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -945,14 +952,14 @@ def test_linear_functions_reject_bad_input_naming_the_argument(function, argumen
         getattr(egrsd, function)(*arguments(h, w, t))
 
 
-def naive_token_regimes(entropy, mask, window, tau_low, tau_high):
-    """Each valid token's regime from the definitions, one at a time; 0 off the mask."""
-    valid = [entropy[b, t].item() for b in range(len(mask)) for t in range(len(mask[b])) if mask[b, t]]
-    normaliser = max(valid + [1.0])
+def naive_token_regimes(entropy, mask, window, tau_low, tau_high, min_denominator=1.0, group=None):
+    """Each valid token's regime from the definitions, one at a time, over its row's raw denominator (Eq. 5);
+    0 off the mask."""
+    normaliser = naive_denominator(entropy, mask, window, min_denominator, "raw", group)
     lookahead = naive_lookahead_min(entropy, mask, window)
     codes = torch.zeros(mask.shape, dtype=torch.long)
-    for b, t in zip(*torch.nonzero(mask, as_tuple=True)):
-        h, h_cl = entropy[b, t].item() / normaliser, lookahead[b, t].item() / normaliser
+    for b, t in mask.nonzero().tolist():
+        h, h_cl = entropy[b, t].item() / normaliser[b], lookahead[b, t].item() / normaliser[b]
         codes[b, t] = 1 if h <= tau_low else 3 if h >= tau_high and h_cl <= tau_low else \
             4 if h >= tau_high and h_cl >= tau_high else 2
     return codes
@@ -961,10 +968,11 @@ def naive_token_regimes(entropy, mask, window, tau_low, tau_high):
 THRESHOLDS = st.sampled_from([(0.2, 0.5), (0.1, 0.9), (0.45, 0.5)]).map(lambda t: dict(tau_low=t[0], tau_high=t[1]))
 
 
-@given(batches(), WINDOWS, THRESHOLDS)
-def test_token_regimes_match_naive_reference(batch, window, thresholds):
-    got = egrsd.token_regimes(batch.entropy, batch.mask, window, **thresholds)
-    assert torch.equal(got, naive_token_regimes(batch.entropy, batch.mask, window, **thresholds))
+@given(batches(), WINDOWS, THRESHOLDS, st.sampled_from([1.0, 0.5, 4.0]), GROUPS)
+def test_token_regimes_match_naive_reference(batch, window, thresholds, min_denominator, group):
+    got = egrsd.token_regimes(batch.entropy, batch.mask, window, **thresholds, min_denominator=min_denominator, group=group)
+    assert torch.equal(got, naive_token_regimes(batch.entropy, batch.mask, window, **thresholds,
+                                                min_denominator=min_denominator, group=group))
 
 
 @given(batches(), WINDOWS, THRESHOLDS)
@@ -982,29 +990,49 @@ def test_every_valid_token_is_in_the_one_regime_its_normalised_entropies_define(
     assert (codes[~batch.mask] == 0).all()
 
 
-@given(batches(), WINDOWS, THRESHOLDS)
-def test_the_lookahead_reclassifies_only_forks(batch, window, thresholds):
-    """W = 0 has no pivots; a lock or mid token keeps its regime at every W, and a pivot at W was a fork."""
-    plain = egrsd.token_regimes(batch.entropy, batch.mask, 0, **thresholds)
-    ahead = egrsd.token_regimes(batch.entropy, batch.mask, window, **thresholds)
-    code = {name: 1 + i for i, name in enumerate(egrsd.REGIMES)}
-    assert not (plain == code["pivot"]).any()
-    kept = (plain == code["lock"]) | (plain == code["mid"])
-    assert torch.equal(ahead[kept], plain[kept])
-    assert (plain[ahead == code["pivot"]] == code["fork"]).all()
-    assume((plain == code["fork"]).any())  # a batch without forks would check nothing of the last line
+@pytest.mark.parametrize("window, expected", [
+    (0, ["fork", "fork", "lock", "fork", "fork", "fork", "mid"]),  # W = 0: no pivots
+    (1, ["fork", "pivot", "lock", "fork", "fork", "mid", "mid"]),
+    (2, ["pivot", "pivot", "lock", "fork", "mid", "mid", "mid"]),
+])
+def test_a_spike_resolved_within_the_window_is_a_pivot_and_a_sustained_span_a_fork(window, expected):
+    """Worked by hand: H = [4, 4, 0, 4, 4, 4, 1.2] nats, so Ĥ = H / 4 (the largest), τ = (0.2, 0.5). A
+    confident token within W tokens AFTER an uncertain one makes it a pivot; the token after that confident
+    one stays a fork (the lookahead is causal, it never looks back); one only partly resolved is mid."""
+    entropy, mask = torch.tensor([[4.0, 4.0, 0.0, 4.0, 4.0, 4.0, 1.2]]), torch.ones(1, 7, dtype=torch.bool)
+    codes = egrsd.token_regimes(entropy, mask, window, tau_low=0.2, tau_high=0.5)
+    assert [egrsd.REGIMES[c - 1] for c in codes[0].tolist()] == expected
 
 
-@given(batches(), WINDOWS, THRESHOLDS, st.floats(0, 1))
-def test_raising_a_later_entropy_never_turns_a_fork_into_a_pivot(batch, window, thresholds, fraction):
-    """With the batch normaliser fixed: raising an entropy past the batch max rescales every token."""
-    fork, pivot = 1 + egrsd.REGIMES.index("fork"), 1 + egrsd.REGIMES.index("pivot")
-    before = egrsd.token_regimes(batch.entropy, batch.mask, window, **thresholds)
-    assume((before == fork).any() and window > 0)  # else there is nothing to check
-    normaliser = max([1.0] + batch.entropy[batch.mask].tolist())
-    for b, t in torch.nonzero(before == fork).tolist():
-        for later in range(t + 1, min(batch.entropy.shape[1], t + window + 2)):  # the window, and one past it
-            if batch.mask[b, later]:
-                raised = batch.entropy.clone()
-                raised[b, later] += fraction * (normaliser - raised[b, later])
-                assert egrsd.token_regimes(raised, batch.mask, window, **thresholds)[b, t] != pivot
+@given(batches(), gate_settings(), THRESHOLDS)
+def test_gate_settings_compute_what_the_functions_compute(batch, settings, thresholds):
+    """GateSettings is the functions with its settings filled in, and `gates` is each of them once."""
+    gate = egrsd.GateSettings(**settings)
+    keywords = {name: value for name, value in settings.items() if name != "window"}
+    window = settings["window"]
+    assert torch.equal(gate.magnitude(batch.teacher_logp, batch.student_logp, batch.direction, batch.mask),
+                       call(egrsd.ratio_magnitude, batch.arguments, **settings))
+    assert torch.equal(gate.token_advantages(batch.advantages, batch.teacher_logp, batch.student_logp, batch.entropy,
+                                             batch.mask, 0), call(egrsd.token_advantages, batch.arguments, **keywords))
+    gates = gate.gates(batch.entropy, batch.mask, **thresholds)
+    assert torch.equal(gates.plain, call(egrsd.entropy_gate, batch.arguments, **keywords, window=0))
+    assert torch.equal(gates.lookahead, call(egrsd.entropy_gate, batch.arguments, **settings))
+    assert torch.equal(gates.normalised, call(egrsd.normalised_entropy, batch.arguments, **settings))
+    assert torch.equal(gates.regimes, egrsd.token_regimes(batch.entropy, batch.mask, window, **thresholds,
+                                                          min_denominator=settings["min_denominator"], group=settings["group"]))
+
+
+SETTING_CASES = [(name, bad) for name, values in {
+    "gamma": [-0.1, math.inf, "0.3"], "eps": [0.0, 1.0, -0.1, 1.5], "floor": [-0.1, 1.5, math.nan],
+    "min_denominator": [0.0, -1.0], "window": [-1, 1.5, True], "denominator": ["max", None],
+    "group": [0, -1, 1.5, True]}.items() for bad in values]
+
+
+@pytest.mark.parametrize("name, bad", SETTING_CASES)
+def test_a_setting_out_of_range_is_refused_in_the_words_of_the_table_everywhere(name, bad):
+    """check_settings, GateSettings and the functions say the same thing of a bad setting: the table's."""
+    message = rf"^{name}: expected {re.escape(egrsd.SETTINGS[name].expected)}, got {re.escape(repr(bad))}$"
+    for refuse in (lambda: egrsd.check_settings(**{name: bad}), lambda: egrsd.GateSettings(**{name: bad}),
+                   lambda: run("token_advantages", **{name: bad})):
+        with pytest.raises(ValueError, match=message):
+            refuse()
