@@ -44,9 +44,9 @@ from transformers import AutoModelForCausalLM
 
 import egrsd
 from trainer import decoding, lora, run_io, updates, views
-from trainer.config import Config, check_config, compare_dirs, compute_dtype, learning_rate_factor, parse_args
+from trainer.config import Config, check_config, checked_data, compare_dirs, compute_dtype, learning_rate_factor, parse_args
 from trainer.offline_models import enable_activation_checkpointing, eos_list, load_model_and_tokenizer
-from trainer.tasks import batch_problems, is_correct, is_correct_symbolic, load_data, student_messages, teacher_messages
+from trainer.tasks import batch_problems, is_correct, is_correct_symbolic, student_messages, teacher_messages
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ class Scores:
     """What the frozen teacher and the policy that sampled say of each completion token; no gradient."""
     teacher_logp: torch.Tensor  # (B, T) log p_T(y_t | x, s*, y_<t), 0 off the mask
     teacher_entropy: torch.Tensor  # (B, T) H_T in nats (Eq. 4)
-    student_logp: torch.Tensor  # (B, T) log p_S(y_t | x, y_<t) before the update
+    student_logp: torch.Tensor | None  # (B, T) log p_S(y_t | x, y_<t) before the update (None: the update's)
     teacher_hidden: list[torch.Tensor]  # per micro-batch, (N, D) at its valid tokens: OPSD's teacher
 
 
@@ -166,63 +166,76 @@ def copy_weights(source, target) -> None:
 
 @torch.no_grad()
 def score(policy, teacher, batch: Rollouts, cfg: Config) -> Scores:
-    """The teacher's log-probs and entropy and the log-probs of `policy`, the model that sampled (the
-    bf16 sampler, or in float32 and with LoRA the student itself), at every completion token, from logits
-    divided by the score temperature (dividing the hidden states divides the logits)."""
+    """The teacher's log-probs and entropy at every completion token, from logits divided by the score
+    temperature (dividing the hidden states divides the logits), and those of `policy` (the model that
+    sampled) where one is given. Training passes None: the update's own forward gives the student's."""
     completion, mask, temperature = batch.completion, batch.mask, score_temperature(cfg)
-    policy.eval()  # as it sampled (in float32 the sampler is the student, left in train mode)
+    teacher.eval()  # (with LoRA the teacher is the student, left in train mode by the last update)
     rows = {"teacher_logp": [], "teacher_entropy": [], "student_logp": [], "teacher_hidden": []}
     for mb in micro_batches(len(completion), cfg.micro_batch_size):
         m, tokens = mask[mb], completion[mb][mask[mb]]
         with lora.adapter_off(teacher):  # with LoRA the teacher is the student's own base model
             h_t = completion_hidden(teacher, batch.teacher_ids[mb], batch.teacher_mask[mb], completion[mb], m)[m] / temperature
-        h_s = completion_hidden(policy, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m)[m] / temperature
         logp_t, entropy_t = egrsd.linear_token_logprobs_and_entropy(h_t, lm_head(teacher), tokens, chunk_size=cfg.chunk_size)
         rows["teacher_hidden"].append(h_t)
         rows["teacher_logp"].append(logp_t)
         rows["teacher_entropy"].append(entropy_t)  # Eq. 4, from the same pass over the teacher's logits
-        rows["student_logp"].append(egrsd.linear_token_logprobs(h_s, lm_head(policy), tokens, chunk_size=cfg.chunk_size))
-    return Scores(**{k: v if k == "teacher_hidden" else to_grid(mask, torch.cat(v)) for k, v in rows.items()})
+        if policy is not None:
+            policy.eval()
+            h_s = completion_hidden(policy, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m)[m] / temperature
+            rows["student_logp"].append(egrsd.linear_token_logprobs(h_s, lm_head(policy), tokens, chunk_size=cfg.chunk_size))
+    return Scores(**{k: v if k == "teacher_hidden" else to_grid(mask, torch.cat(v)) if v else None for k, v in rows.items()})
 
 
-def weight_tokens(advantages, scores: Scores, mask, cfg: Config) -> TokenWeights:
+def weight_tokens(advantages, scores: Scores, mask, cfg: Config, gate=None) -> TokenWeights:
     """# ALGO LOGIC: Eq. 7, Â = A_i · w · ω (B, T), the only thing that differs between the methods:
     GRPO and OPSD use neither factor (OPSD's loss is the KL), RLSD w only, EGRSD both, CL-EGRSD both
-    with the lookahead gate (Eq. 8)."""
-    ones = mask.float()
-    magnitude, gate = ones, ones
+    with the lookahead gate (Eq. 8). `gate`: ω of these rows if already known (it is normalised over the
+    whole batch, so the update, which weights a micro-batch at a time, computes it first)."""
+    magnitude = mask.float()
     if cfg.method in ("rlsd", "egrsd", "cl-egrsd"):  # Eq. 2
         magnitude = egrsd.ratio_magnitude(scores.teacher_logp, scores.student_logp, torch.sign(advantages), mask, eps=cfg.eps)
-    if cfg.method in ("egrsd", "cl-egrsd"):  # Eq. 5, 6 (8)
-        window = cfg.window if cfg.method == "cl-egrsd" else 0
-        gate = egrsd.entropy_gate(scores.teacher_entropy, mask, window, gamma=cfg.gamma, floor=cfg.floor,
-                                  min_denominator=cfg.min_denominator, denominator=cfg.denominator,
-                                  group=cfg.gate_group or None)
+    gate = token_gate(scores.teacher_entropy, mask, cfg) if gate is None else gate
     return TokenWeights(magnitude, gate, advantages[:, None] * magnitude * gate)
+
+
+def token_gate(teacher_entropy, mask, cfg: Config) -> torch.Tensor:
+    """ω (B, T): Eq. 5, 6 (8) for egrsd and cl-egrsd, 1 for the other methods."""
+    if cfg.method not in ("egrsd", "cl-egrsd"):
+        return mask.float()
+    return egrsd.entropy_gate(teacher_entropy, mask, cfg.window if cfg.method == "cl-egrsd" else 0, gamma=cfg.gamma,
+                              floor=cfg.floor, min_denominator=cfg.min_denominator, denominator=cfg.denominator,
+                              group=cfg.gate_group or None)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The update.
 
 
-def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, token_adv, cfg: Config) -> tuple[float, float]:
-    """One AdamW step on the whole batch (gradient accumulation over micro-batches). Returns
-    (loss, grad norm); a non-finite one means the step was skipped and nothing was applied."""
+def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, advantages, cfg: Config):
+    """One AdamW step on the whole batch (gradient accumulation over micro-batches), each micro-batch's
+    tokens weighted from the log-probs of this forward itself (δ and w need the student's log-probs before
+    the step: these are they, so no separate scoring pass). Returns (loss, grad norm, TokenWeights); a
+    non-finite loss or norm means the step was skipped and nothing was applied."""
     student.train()
     mask, completion, total = batch.mask, batch.completion, batch.mask.sum().clamp(min=1)
-    loss_sum = 0.0
+    gate, parts, loss_sum = token_gate(scores.teacher_entropy, mask, cfg), [], 0.0
     for i, mb in enumerate(micro_batches(len(completion), cfg.micro_batch_size)):
         m = mask[mb]
         with autocast(cfg):
             h = completion_hidden(student, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m)[m] / score_temperature(cfg)
             if not bool(torch.isfinite(h).all()):  # a non-finite forward (bf16 overflow): skip the step
                 optimizer.zero_grad(set_to_none=True)
-                return math.nan, math.nan
+                nan = torch.full(mask.shape, math.nan, device=mask.device)
+                return math.nan, math.nan, TokenWeights(nan, gate, nan)
+            logp = None if cfg.method == "opsd" else to_grid(
+                m, egrsd.linear_token_logprobs(h, lm_head(student), completion[mb][m], chunk_size=cfg.chunk_size))
+            mine = Scores(scores.teacher_logp[mb], scores.teacher_entropy[mb], None if logp is None else logp.detach(), [])
+            parts.append(weight_tokens(advantages[mb], mine, m, cfg, gate=gate[mb]))
             if cfg.method == "opsd":  # Eq. 1: token mean of the full-vocabulary KL(p_T ‖ p_θ)
                 loss = egrsd.linear_opsd_loss(h, lm_head(student), scores.teacher_hidden[i], lm_head(teacher), chunk_size=cfg.chunk_size)
             else:  # Eq. 7: −Σ m · Â · log p_θ / Σ m
-                logp = to_grid(m, egrsd.linear_token_logprobs(h, lm_head(student), completion[mb][m], chunk_size=cfg.chunk_size))
-                loss = egrsd.policy_loss(logp, token_adv[mb], m)
+                loss = egrsd.policy_loss(logp, parts[-1].advantage, m)
         loss = loss * (m.sum() / total)  # micro-batch mean → batch token mean
         loss.backward()
         loss_sum += loss.item()
@@ -230,7 +243,8 @@ def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, token_a
     if math.isfinite(loss_sum) and math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    weights = TokenWeights(*(torch.cat([getattr(w, k) for w in parts]) for k in ("magnitude", "gate", "advantage")))
+    return loss_sum, grad_norm, weights
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,7 +338,7 @@ def setup(cfg: Config) -> Run:
     started = time.perf_counter()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    train_problems, eval_problems = load_data(cfg)
+    train_problems, eval_problems = checked_data(cfg)  # each prompt fits the model's positions
 
     # Full fine-tuning: the teacher is the initial weights, frozen (the paper's); the student holds trainable
     # float32 master weights (the checkpoint's when resuming); the sampler is the student in the compute
@@ -390,16 +404,17 @@ def train(cfg: Config):
             #    GRPO's per group), teacher scoring and the per-token weights.
             rewards = egrsd.length_shaped_reward(correct, lengths.cpu(), cfg.max_new_tokens, beta=cfg.beta_length)
             advantages = egrsd.group_advantages(rewards, cfg.group_size) if cfg.group_size > 1 else run.advantage(rewards)
-            scores = score(run.sampler, run.teacher, batch, cfg)
-            weights = weight_tokens(advantages.to(cfg.device), scores, batch.mask, cfg)
+            scores = score(None, run.teacher, batch, cfg)  # the teacher's; the student's come from the update
             t2 = time.perf_counter()
 
-            # 3. One optimizer step on the batch (a non-finite step is skipped, not applied), and whether it
-            #    reached the model that samples (bf16 rounds away updates much below 2⁻⁹·|w|).
+            # 3. One optimizer step on the batch, its tokens weighted (Eq. 7) from the update's own forward (a
+            #    non-finite step is skipped, not applied), and whether it reached the model that samples (bf16
+            #    rounds away updates much below 2⁻⁹·|w|).
             lr = run.optimizer.param_groups[0]["lr"]
             before = updates.snapshot(student)
-            loss, grad_norm = update(student, run.teacher, run.optimizer, batch, scores, weights.advantage, cfg)
-            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            loss, grad_norm, weights = update(student, run.teacher, run.optimizer, batch, scores, advantages.to(cfg.device), cfg)
+            # A finite step can still overflow the weights (a huge --lr): it is undone and counts as skipped.
+            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm)) or run_io.undo_if_blown_up(student, before)
             with warnings.catch_warnings():  # (a skipped first step steps the schedule before the optimizer)
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
                 run.schedule.step()
@@ -442,7 +457,7 @@ def train(cfg: Config):
             if run.eval_problems and ((cfg.eval_every and done % cfg.eval_every == 0) or out_of_time or done == cfg.steps):
                 eval_seconds = evaluate_and_log(run, done)
             if (stop.requested or out_of_time) and done < cfg.steps:
-                print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}"
+                print(f"checkpoint saved at step {done}; continue with: {run_io.resume_command(cfg.output_dir)}"
                       if cfg.save_model else f"stopped at step {done} (--no-save-model: no checkpoint to resume from)")
                 return student, run.teacher
     save_final(run)
@@ -467,21 +482,16 @@ def save_checkpoint(run: Run, step: int) -> None:
     if run.cfg.save_model:
         state = {"step": step, "optimizer": run.optimizer.state_dict(), "advantage": run.advantage.state_dict(),
                  "schedule": run.schedule.state_dict()}
-        run_io.save_checkpoint(run.cfg.output_dir, run.student, run.tokenizer, state)
+        run_io.save_checkpoint(run.cfg.output_dir, run.student, run.tokenizer, state, asdict(run.cfg) | {"resume": ""})
 
 
 def save_final(run: Run) -> None:
-    """final/: the sampler's weights in the compute dtype (with LoRA: the merged model and the adapter)."""
-    if not run.cfg.save_model:
-        return
-    final = os.path.join(run.cfg.output_dir, "final")
-    with run_io.writing("the final model", final, run.cfg.output_dir):
-        if run.cfg.lora_r:
-            lora.save_final(run.student, run.tokenizer, final)
-        else:
-            run.sampler.save_pretrained(final)
-            run.tokenizer.save_pretrained(final)
-    print(f"saved {run.cfg.output_dir}/final")
+    """final/: the sampler's weights in the compute dtype (with LoRA: the merged model and the adapter),
+    written beside it and renamed into place."""
+    if run.cfg.save_model:
+        run_io.save_final(run.cfg.output_dir, lambda path: lora.save_final(run.student, run.tokenizer, path) if run.cfg.lora_r
+                          else [m.save_pretrained(path) for m in (run.sampler, run.tokenizer)])
+        print(f"saved {run.cfg.output_dir}/final")
 
 
 def main(argv=None):
@@ -491,7 +501,8 @@ def main(argv=None):
     cfg = parse_args(argv, description=__doc__)
     check_config(cfg)
     transformers.logging.disable_progress_bar()  # bars for loading and writing a few files: noise in a run's log
-    return train(cfg)
+    with run_io.owning(cfg.output_dir, cfg.resume):  # one process and one run per folder
+        return train(cfg)
 
 
 if __name__ == "__main__":

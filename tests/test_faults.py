@@ -2,14 +2,18 @@
 checkpoint write, a full disk or a permission error at each kind of write, too little free space, an
 unwritable --output-dir, a torn metrics line, and a checkpoint state file that holds more than data."""
 import errno
+import fcntl
+import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -129,7 +133,7 @@ def test_a_failed_final_save_and_token_view_name_what_and_why(tmp_path, monkeypa
     save = transformers.PreTrainedModel.save_pretrained
 
     def no_permission_for_final(self, path, *args, **kwargs):
-        if str(path).endswith("final"):
+        if str(path).endswith("final.tmp"):  # final/ is written beside and renamed into place
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return save(self, path, *args, **kwargs)
 
@@ -138,6 +142,7 @@ def test_a_failed_final_save_and_token_view_name_what_and_why(tmp_path, monkeypa
         train_min.main(FLAGS + ["--output-dir", str(tmp_path / "final_run")])
     assert str(stop.value.code).startswith(f"could not write the final model to {tmp_path}/final_run/final: permission denied")
     assert "(step 3)" in str(stop.value.code)
+    assert not (tmp_path / "final_run" / "final.tmp").exists() and not (tmp_path / "final_run" / "final").exists()
     monkeypatch.undo()
     monkeypatch.setattr(views, "dump_tokens", lambda path, *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     with pytest.raises(SystemExit, match="could not write the token view to .*step_3.html: no space left"):
@@ -189,5 +194,154 @@ def test_a_checkpoint_state_that_holds_code_is_refused(tmp_path):
     state = tmp_path / "checkpoint" / run_io.STATE_FILE
     with open(state, "wb") as f:
         pickle.dump({"step": 1, "payload": Payload()}, f)
+    os.remove(tmp_path / "checkpoint" / run_io.MANIFEST)  # (else its checksum refuses the file first) a checkpoint
+    # from before manifests, or one whose manifest was rewritten to match: the state is still read as data only
     with pytest.raises(SystemExit, match="holds more than tensors and plain types.*refusing to load it"):
         train_min.main(["--resume", str(tmp_path), "--steps", "1"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Round 2: a folder that belongs to one run, checked checkpoints and run files, a guard over the whole step,
+# bounded sizes, failed writes of any exception type, and user errors that end with their message alone.
+
+ONE_STEP = FLAGS[:-6] + ["--steps", "1", "--eval-size", "0", "--lr-schedule", "constant"]
+
+
+def no_model(monkeypatch):
+    monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+
+
+def test_a_run_folder_belongs_to_one_process_and_one_run(tmp_path, monkeypatch):
+    run_dir = tmp_path / "my run"  # a space: the printed resume command must paste as one argument
+    run_dir.mkdir()
+    with open(run_dir / run_io.LOCK_FILE, "a") as lock, monkeypatch.context() as m:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process's run (flock locks are per open file, even in one process)
+        no_model(m)
+        with pytest.raises(SystemExit, match="is in use by another running process"):
+            train_min.main(ONE_STEP + ["--output-dir", str(run_dir)])
+    train_min.main(ONE_STEP + ["--output-dir", str(run_dir)])  # the lock went with its holder
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    no_model(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        train_min.main(ONE_STEP + ["--output-dir", str(run_dir)])
+    assert f"--output-dir: {run_dir} holds another run" in str(stop.value.code)
+    assert f"python train_min.py --resume '{run_dir}'" in str(stop.value.code)
+    assert (run_dir / "metrics.jsonl").read_bytes() == before, "the other run's rows are untouched"
+
+
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory):
+    """A finished one-step run (constant schedule: it can be extended), copied by each test that breaks it."""
+    run_dir = tmp_path_factory.mktemp("one_step") / "run"
+    train_min.main(ONE_STEP + ["--output-dir", str(run_dir)])
+    return run_dir
+
+
+def broken_copy(one_step, tmp_path, path: str, change) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_step, run_dir)
+    change(run_dir / path)
+    return run_dir
+
+
+def edit_json(**changes):
+    return lambda path: path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("path, change, message", [
+    ("checkpoint/trainer_state.pt", flip_a_byte, "trainer_state.pt does not match its SHA-256 in .*manifest.json"),
+    ("checkpoint/model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000]),
+     "model.safetensors has 1000 bytes, expected [0-9]+ .*truncated"),
+    ("checkpoint/manifest.json", edit_json(kind="lora"), "holds a lora checkpoint; this run trains full"),
+    ("checkpoint/manifest.json", lambda p: p.write_text(p.read_text().replace('"hidden_size": 64', '"hidden_size": 96')),
+     "holds a model with hidden_size 96; this run's model has 64"),
+    ("config.json", lambda p: p.write_text("{not json"), "config.json: expected the JSON object of a run's settings"),
+    ("config.json", edit_json(bogus=1), "config.json: unknown key 'bogus'"),
+    ("config.json", edit_json(batch_size="4"), "config.json: key 'batch_size': expected a int, got '4'"),
+    ("config.json", edit_json(method="grpo"), "--method: a resumed run keeps 'egrsd'"),
+    ("checkpoint/step.json", lambda p: p.write_text("garbage"), 'step.json: expected {"step": N}'),
+    ("checkpoint/step.json", lambda p: p.write_text('{"step": "1"}'), "step.json: key 'step': expected an integer ≥ 0, got '1'"),
+])
+def test_resume_checks_the_checkpoint_and_run_files_before_any_model_loads(path, change, message, one_step, tmp_path,
+                                                                           monkeypatch):
+    run_dir = broken_copy(one_step, tmp_path, path, change)
+    no_model(monkeypatch)
+    with pytest.raises(SystemExit, match=message):
+        train_min.main(["--resume", str(run_dir), "--steps", "2"])
+
+
+def test_a_checkpoint_saved_before_manifests_resumes_after_a_notice(one_step, tmp_path, capsys):
+    run_dir = broken_copy(one_step, tmp_path, "checkpoint/manifest.json", os.remove)
+    train_min.main(["--resume", str(run_dir), "--steps", "2"])
+    assert "has no manifest.json (saved before checkpoints carried one)" in capsys.readouterr().err
+    assert [r["step"] for r in views.read_rows(str(run_dir)) if r["kind"] == "train"] == [1, 2]
+
+
+def test_a_huge_learning_rate_never_saves_non_finite_weights_and_an_infinite_one_is_refused(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        no_model(m)
+        with pytest.raises(SystemExit, match="--lr: expected a finite number, got inf"):
+            train_min.main(ONE_STEP + ["--lr", "inf", "--output-dir", str(tmp_path / "inf")])
+    train_min.main(ONE_STEP + ["--lr", "1e30", "--output-dir", str(tmp_path / "huge")])
+    assert [r["skipped"] for r in views.read_rows(str(tmp_path / "huge")) if r["kind"] == "train"] == [True]
+    for saved in ("checkpoint", "final"):
+        weights = safetensors.torch.load_file(tmp_path / "huge" / saved / "model.safetensors")
+        initial = train_min.load_model_and_tokenizer("tiny", "cpu", torch.float32)[0].state_dict()
+        assert all(torch.equal(w, initial[k]) for k, w in weights.items()), f"{saved}: the blown-up step was undone"
+
+
+def test_sizes_are_bounded_before_any_model_loads_naming_the_problem_that_does_not_fit(tmp_path, monkeypatch):
+    no_model(monkeypatch)
+    row = {"problem": "What is 1 + 1?", "solution": "1 + 1 = 2.", "answer": "2"}
+    long = row | {"problem": "What is 9 + 1?", "solution": "Add nine and one. " * 150}  # fits the student's prompt, not the teacher's
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [row | {"problem": f"What is {i} + 1?"} for i in range(3)] + [long]))
+    with pytest.raises(SystemExit) as stop:
+        train_min.main(FLAGS + ["--data", str(data), "--max-new-tokens", "1024", "--output-dir", str(tmp_path / "run")])
+    assert str(stop.value.code).startswith(f"--max-new-tokens: the teacher's prompt (its question and solution) of the "
+                                           f"problem at {data}:4 is ")
+    for flag, value in [("--seed", "-1"), ("--seed", str(2**40)), ("--batch-size", str(10**9)), ("--steps", str(2**40))]:
+        with pytest.raises(SystemExit, match=f"^{flag}: expected"):
+            train_min.main(FLAGS + [flag, value, "--output-dir", str(tmp_path / "run")])
+
+
+def test_a_real_file_size_limit_at_each_kind_of_checkpoint_write_stops_with_the_reason_and_cleans_up(tmp_path):
+    """RLIMIT_FSIZE in a subprocess (SIGXFSZ ignored, so a write fails with EFBIG): a limit between the
+    tokenizer and the model makes safetensors fail (its own error type), one between the model and the
+    state file makes torch.save fail (a RuntimeError without errno)."""
+    driver = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import train_min
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        for limit in (200_000, 600_000):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            try:
+                train_min.main({ONE_STEP!r} + ["--output-dir", {str(tmp_path)!r} + f"/run_{{limit}}"])
+            except SystemExit as stop:
+                print("STOP", limit, stop.code)
+    """)
+    done = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (f"STOP 200000 could not write the checkpoint to {tmp_path}/run_200000/checkpoint.tmp: file too large: over "
+            "the file-size limit (ulimit -f)") in done.stdout
+    assert (f"STOP 600000 could not write the checkpoint to {tmp_path}/run_600000/checkpoint.tmp: RuntimeError: ") in done.stdout
+    assert "(the file-size limit (ulimit -f) is 600000 bytes)" in done.stdout
+    for limit in (200_000, 600_000):
+        assert not (tmp_path / f"run_{limit}" / "checkpoint.tmp").exists(), "the half-written checkpoint is removed"
+
+
+def test_compare_and_a_data_file_stop_with_file_and_line_alone(tmp_path, monkeypatch):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "step": 0}\n[1, 2]\n')
+    with pytest.raises(SystemExit, match=f"{tmp_path}/metrics.jsonl:2: expected a metrics row of train_min.py"):
+        train_min.main(["--compare", str(tmp_path)])
+    (tmp_path / "data.jsonl").write_text('{"problem": "1 + 1?", "solution": "2", "answer": "2"}\n{"problem": 3}\n')
+    no_model(monkeypatch)
+    with pytest.raises(SystemExit, match=f"^--data: {tmp_path}/data.jsonl:2: field 'problem' must be a string"):
+        train_min.main(FLAGS + ["--data", str(tmp_path / "data.jsonl"), "--output-dir", str(tmp_path / "run")])

@@ -170,9 +170,18 @@ def field_docs(cls) -> dict[str, str]:
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
-def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def read_config(path: str) -> dict:
+    """A run's config.json, checked: a JSON object whose every key is a flag of Config holding a value of
+    that flag's type; else a stop that names the file, the key and what was expected."""
+    saved = run_io.read_json_file(path, "the JSON object of a run's settings that train_min.py writes")
+    kinds = {f.name: f.type for f in fields(Config)}
+    types = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+    for key, value in saved.items():
+        if key not in kinds:
+            sys.exit(f"{path}: unknown key {key!r} (expected only flags of train_min.py, as --help lists them)")
+        if not isinstance(value, types[kinds[key]]) or (isinstance(value, bool) and kinds[key] != "bool"):
+            sys.exit(f"{path}: key {key!r}: expected a {kinds[key]}, got {value!r}")
+    return saved
 
 
 def compare_dirs(argv: list[str]) -> list[str]:
@@ -201,7 +210,7 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
         path = os.path.join(given["resume"], "config.json")
         if not os.path.isfile(path):
             sys.exit(f"--resume: expected a run directory holding config.json, got {given['resume']!r}")
-        saved = {**BEFORE_THESE_FLAGS, **read_json(path), "output_dir": given["resume"]}
+        saved = {**BEFORE_THESE_FLAGS, **read_config(path), "output_dir": given["resume"]}
     return Config(**{**saved, **given})
 
 
@@ -212,10 +221,21 @@ BEFORE_THESE_FLAGS = {"lr_schedule": "constant", "score_temperature": 1.0, "gate
 # how they are decoded and judged.
 EVAL_SETTINGS = ("model", "dtype", "device", "data", "eval_data", "eval_size", "max_new_tokens", "eval_batch_size",
                  "eval_samples", "eval_temperature", "eval_top_p", "eval_top_k", "eval_seed", "rollout", "verifier")
-# Flags a resumed run cannot change: the weights it continues from, and (under a decaying schedule) the
-# length of the schedule it is part of.
-FIXED_ON_RESUME = ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "group_size")
+# Flags a resumed run cannot change: the weights it continues from, what its steps mean (the method and its
+# constants, the reward, the sampling, the data and its order), and (under a decaying schedule) the length
+# of the schedule it is part of. --lr, --weight-decay, --grad-clip, --advantage-warmup and the evaluation
+# and output flags may change.
+FIXED_ON_RESUME = ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "method", "gamma", "window",
+                   "eps", "floor", "min_denominator", "denominator", "gate_group", "score_temperature", "beta_length",
+                   "group_size", "batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "verifier", "data",
+                   "train_size", "seed")
 FIXED_UNDER_DECAY = ("steps", "lr_schedule", "warmup_steps")
+# Upper bounds of the integer flags (their lower bounds are in check_config's rules): sizes allocated at once
+# are bounded where no run could use more (--max-new-tokens also by the model's positions, check_lengths),
+# seeds by what torch and Python take, every other count by 2³¹ − 1.
+INT_MAX = {"batch_size": 2**16, "micro_batch_size": 2**16, "eval_batch_size": 2**16, "group_size": 2**16,
+           "chunk_size": 2**20, "max_new_tokens": 2**20, "eval_samples": 2**10, "window": 2**16, "lora_r": 2**16,
+           "seed": 2**32 - 1, "eval_seed": 2**32 - 1}
 
 
 def check_config(cfg: Config) -> None:
@@ -243,7 +263,7 @@ def check_config(cfg: Config) -> None:
         ("eval_batch_size", cfg.eval_batch_size > 0, "> 0"), ("save_every", cfg.save_every >= 0, "≥ 0"),
         ("chunk_size", cfg.chunk_size > 0, "> 0"), ("max_bad_steps", cfg.max_bad_steps > 0, "> 0"),
         ("regime_low", cfg.regime_low >= 0, "≥ 0"), ("regime_high", cfg.regime_high > cfg.regime_low, "> --regime-low"),
-        ("dump_tokens", cfg.dump_tokens >= 0, "≥ 0"),
+        ("dump_tokens", cfg.dump_tokens >= 0, "≥ 0"), ("seed", cfg.seed >= 0, "≥ 0"), ("eval_seed", cfg.eval_seed >= 0, "≥ 0"),
         ("group_size", cfg.group_size > 0, "≥ 1"),
         ("batch_size", cfg.batch_size % max(cfg.group_size, 1) == 0, f"a multiple of --group-size {cfg.group_size}"),
         ("eval_samples", cfg.eval_samples >= 0, "≥ 0"), ("eval_temperature", cfg.eval_temperature > 0, "> 0"),
@@ -260,22 +280,29 @@ def check_config(cfg: Config) -> None:
         ("lora_r", not cfg.lora_r or importlib.util.find_spec("peft") is not None,
          "peft installed for LoRA (pip install -r requirements-extras.txt)"),
     ]
+    rules += [(f.name, getattr(cfg, f.name) <= INT_MAX.get(f.name, 2**31 - 1), f"≤ {INT_MAX.get(f.name, 2**31 - 1)}")
+              for f in fields(Config) if f.type == "int"]
+    rules += [(f.name, math.isfinite(getattr(cfg, f.name)), "a finite number") for f in fields(Config) if f.type == "float"]
     for name, ok, allowed in rules:
         if not ok:
             sys.exit(f"--{name.replace('_', '-')}: expected {allowed}, got {getattr(cfg, name)!r}")
     if cfg.resume:
         if os.path.abspath(cfg.output_dir) != os.path.abspath(cfg.resume):
             sys.exit(f"--output-dir: a resumed run writes to its own directory {cfg.resume!r}, got {cfg.output_dir!r}")
-        done = run_io.checkpoint_step(run_io.find_checkpoint(cfg.resume))  # stops now if there is none
+        checkpoint = run_io.find_checkpoint(cfg.resume)  # stops now if there is none
+        done = run_io.checkpoint_step(checkpoint)
         if cfg.steps < done:
             sys.exit(f"--steps: expected ≥ {done}, the step of the checkpoint in {cfg.resume!r}, got {cfg.steps}")
-        saved = {**BEFORE_THESE_FLAGS, **read_json(os.path.join(cfg.resume, "config.json"))}
+        manifest = run_io.verify_checkpoint(checkpoint, bool(cfg.lora_r), model_shape(cfg.model))
+        # The checkpoint's own record of the settings, where it has one: an edited config.json cannot change them.
+        saved = manifest["settings"] if manifest else {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.resume, "config.json"))}
         fixed = FIXED_ON_RESUME + (FIXED_UNDER_DECAY if saved["lr_schedule"] != "constant" else ())
         for name in fixed:
             if getattr(cfg, name) != saved.get(name, getattr(cfg, name)):
                 why = "its decaying learning-rate schedule was laid out for" if name in FIXED_UNDER_DECAY else "it continues from"
                 sys.exit(f"--{name.replace('_', '-')}: a resumed run keeps {saved[name]!r}, as {why} it "
-                         f"(got {getattr(cfg, name)!r}); start a new run to change it")
+                         f"(got {getattr(cfg, name)!r}, from the command line or an edited config.json); start a "
+                         "new run to change it")
     if cfg.initial_eval:
         check_initial_eval(cfg)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -287,13 +314,77 @@ def check_config(cfg: Config) -> None:
 def check_initial_eval(cfg: Config) -> None:
     """--initial-eval: the other run evaluated the same model on the same problems in the same way, and
     wrote its step-0 evaluation."""
-    other = {**BEFORE_THESE_FLAGS, **read_json(os.path.join(cfg.initial_eval, "config.json"))}
+    other = {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.initial_eval, "config.json"))}
     for name in EVAL_SETTINGS:
         if other.get(name) != getattr(cfg, name):
             sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with --{name.replace('_', '-')} {other.get(name)!r}, "
                      f"this run with {getattr(cfg, name)!r}; its step-0 evaluation is not this run's")
     if run_io.initial_eval_row(cfg.initial_eval) is None:
         sys.exit(f"--initial-eval: {cfg.initial_eval}/metrics.jsonl holds no step-0 evaluation")
+
+
+def model_shape(name: str) -> dict | None:
+    """The shape a checkpoint of model `name` must have (run_io.SHAPE_KEYS), or None where its config
+    cannot be read before loading (an offline hub name: the model load will tell)."""
+    from trainer import offline_models
+
+    try:
+        return run_io.shape_of(offline_models.model_config(name))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def checked_data(cfg: Config) -> tuple[list, list]:
+    """(training, held-out problems) of tasks.load_data, before any model loads: a malformed data file stops
+    with its message alone (file:line: what is wrong), and every prompt must fit (check_lengths)."""
+    from trainer import tasks
+
+    try:
+        train_problems, eval_problems = tasks.load_data(cfg)
+    except ValueError as error:  # load_problems: "FILE:LINE: what is wrong"
+        sys.exit(f"--{'eval-data' if cfg.eval_data and cfg.eval_data in str(error) else 'data'}: {error}")
+    check_lengths(cfg, train_problems + eval_problems)
+    return train_problems, eval_problems
+
+
+def check_lengths(cfg: Config, problems: list) -> None:
+    """Before any model loads: every prompt, the student's (the question) and the teacher's (which holds the
+    solution too), plus --max-new-tokens fits the model's positions; else stop naming the problem's file and
+    line. Skipped where the model's config or tokenizer cannot be read before loading."""
+    from transformers import AutoTokenizer
+
+    from trainer import offline_models, tasks
+
+    try:
+        positions = offline_models.model_config(cfg.model).max_position_embeddings
+        built_in = cfg.model == "tiny" or cfg.model in offline_models.RANDOM_SHAPES
+        tokenizer = offline_models.build_tiny_tokenizer() if built_in else AutoTokenizer.from_pretrained(cfg.model)
+    except Exception:  # noqa: BLE001 (an offline hub name, say: the model load will tell)
+        return
+    tokenizer.chat_template = tokenizer.chat_template or offline_models.CHATML_TEMPLATE  # as the model load does
+    for who, messages in (("student", tasks.student_messages), ("teacher", tasks.teacher_messages)):
+        texts = [tokenizer.apply_chat_template(messages(p), tokenize=False, add_generation_prompt=True) for p in problems]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        longest = max(range(len(problems)), key=lengths.__getitem__)
+        if lengths[longest] + cfg.max_new_tokens > positions:
+            n, solution = lengths[longest], " (its question and solution)" if who == "teacher" else ""
+            sys.exit(f"--max-new-tokens: the {who}'s prompt{solution} of the problem at {problem_line(cfg, problems[longest])} "
+                     f"is {n} tokens; with --max-new-tokens {cfg.max_new_tokens} it needs {n + cfg.max_new_tokens} "
+                     f"positions, and {cfg.model} has {positions}: expected --max-new-tokens ≤ {positions - n}, or "
+                     "leave that problem out")
+
+
+def problem_line(cfg: Config, problem) -> str:
+    """file:line of a problem in the run's data files (found again by its question)."""
+    from trainer import tasks
+
+    for path in (cfg.data, cfg.eval_data, *tasks.BUILT_IN.values()):
+        with open(path or os.devnull, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                row = json.loads(line) if line.strip() else {}
+                if problem.question in (row.get("problem"), row.get("question")):
+                    return f"{path}:{number}"
+    return "(not found in the data files)"
 
 
 def learning_rate_factor(cfg: Config):

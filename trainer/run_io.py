@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import json
+import math
 import os
 import pickle
 import random
+import re
+import resource
+import shlex
 import shutil
 import signal
 import sys
@@ -18,6 +24,11 @@ import time
 import torch
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
+# What makes a checkpoint's weights fit a model: its family and every dimension of its tensors.
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
 
 
 def on_stage(stage: str) -> None:
@@ -43,8 +54,29 @@ def gib(n: float) -> str:
 def why(error: OSError, path: str) -> str:
     reasons = {errno.ENOSPC: f"no space left on the device ({gib(free_bytes(path))} free)",
                errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-               errno.EROFS: "read-only file system", errno.ENOTDIR: "a part of the path is a file, not a folder"}
+               errno.EROFS: "read-only file system", errno.ENOTDIR: "a part of the path is a file, not a folder",
+               errno.EFBIG: "file too large: over the file-size limit (ulimit -f) or the file system's largest file"}
     return reasons.get(error.errno, error.strerror or str(error))
+
+
+def cause(error: Exception, path: str) -> str:
+    """Why a write failed, whatever it surfaced as: an OSError, safetensors' error ("os error 27"), or
+    torch.save's RuntimeError, which keeps no errno ("unexpected pos ..."): then the file-size limit if one
+    is set, else the free space, the two usual causes."""
+    code = error.errno if isinstance(error, OSError) else None
+    found = re.search(r"os error (\d+)|\[Errno (\d+)\]", str(error))
+    code = code or (int(found.group(1) or found.group(2)) if found else None)
+    if code:
+        return why(OSError(code, os.strerror(code)), path)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    context = (f"the file-size limit (ulimit -f) is {limit} bytes" if limit != resource.RLIM_INFINITY
+               else f"{gib(free_bytes(path))} free")
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]} ({context})"
+
+
+def resume_command(run_dir: str) -> str:
+    """The command that continues a run, quoted for the shell (a path with spaces pastes as one argument)."""
+    return f"python train_min.py --resume {shlex.quote(run_dir)}"
 
 
 def last_good(run_dir: str) -> str:
@@ -53,18 +85,42 @@ def last_good(run_dir: str) -> str:
     if checkpoint is None:
         return "No checkpoint was complete yet: start the run again once the cause is fixed."
     return (f"The last complete checkpoint is {checkpoint} (step {checkpoint_step(checkpoint)}); once the cause is "
-            f"fixed, continue with:\n    python train_min.py --resume {run_dir}")
+            f"fixed, continue with:\n    {resume_command(run_dir)}")
 
 
 @contextlib.contextmanager
 def writing(what: str, path: str, run_dir: str):
-    """A write of the run: if it fails (a full disk, no permission), remove a half-written checkpoint and
-    stop with what was written, where, why, the intact checkpoint and the command that continues."""
+    """A write of the run: if it fails (a full disk, no permission, a file-size limit), remove a half-written
+    checkpoint or final model and stop with what was written, where, why, the intact checkpoint and the
+    command that continues. Any exception counts: torch.save and safetensors raise their own types for a
+    failed write, and the block holds writes only."""
     try:
         yield
-    except OSError as error:
-        shutil.rmtree(os.path.join(run_dir, "checkpoint.tmp"), ignore_errors=True)
-        sys.exit(f"could not write {what} to {path}: {why(error, path)}.\n{last_good(run_dir)}")
+    except Exception as error:  # noqa: BLE001 (see above)
+        for name in ("checkpoint.tmp", "final.tmp"):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+        sys.exit(f"could not write {what} to {path}: {cause(error, path)}.\n{last_good(run_dir)}")
+
+
+@contextlib.contextmanager
+def owning(run_dir: str, resume: bool):
+    """Inside this block the run directory belongs to this process and to this run: an exclusive flock on
+    run_dir/.lock (the kernel drops it when the process ends, however it ends, so a crashed run leaves no
+    stale lock), and a new run (no --resume) refuses a folder that already holds a run's files."""
+    with open(os.path.join(run_dir, LOCK_FILE), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f"--output-dir: {run_dir} is in use by another running process; wait for it to end, or "
+                     "choose another --output-dir")
+        held = [n for n in ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "final")
+                if os.path.exists(os.path.join(run_dir, n))]
+        if held and not resume:
+            checkpoint = complete_checkpoint(run_dir)
+            how = (f"continue it with\n    {resume_command(run_dir)}\nor" if checkpoint else "it has no checkpoint to "
+                   "resume from; remove the folder to start over, or")
+            sys.exit(f"--output-dir: {run_dir} holds another run ({', '.join(held)}); {how} choose another --output-dir")
+        yield
 
 
 def check_output_dir(run_dir: str, needed: int | None, detail: str) -> None:
@@ -99,10 +155,22 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(run_dir: str, model, tokenizer, state: dict) -> None:
-    """run_dir/checkpoint/: the model (with LoRA the adapter) and tokenizer (safetensors) and `state` plus
-    the RNG states (tensors and plain types only), written to checkpoint.tmp/ and renamed into place, so a
-    crash mid-write never leaves a broken one; a failed write stops the run (`writing`)."""
+def shape_of(model_config) -> dict:
+    """The SHAPE_KEYS of a transformers config: what a checkpoint's weights must match."""
+    return {key: getattr(model_config, key, None) for key in SHAPE_KEYS}
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_checkpoint(run_dir: str, model, tokenizer, state: dict, settings: dict) -> None:
+    """run_dir/checkpoint/: the model (with LoRA the adapter) and tokenizer (safetensors), `state` plus
+    the RNG states (tensors and plain types only), and manifest.json: every file's size and SHA-256, the
+    kind (lora or full), the model's shape and the run's `settings`, which resume checks against. Written
+    to checkpoint.tmp/ and renamed into place, so a crash mid-write never leaves a broken one; a failed
+    write stops the run (`writing`)."""
     final = os.path.join(run_dir, "checkpoint")
     tmp, old = final + ".tmp", final + ".old"
     with writing("the checkpoint", tmp, run_dir):
@@ -112,6 +180,12 @@ def save_checkpoint(run_dir: str, model, tokenizer, state: dict) -> None:
         on_stage("model")
         torch.save({**state, "rng": rng_states()}, os.path.join(tmp, STATE_FILE))
         on_stage("state")
+        files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": sha256(os.path.join(tmp, name))}
+                 for name in sorted(os.listdir(tmp))}
+        manifest = {"kind": "lora" if hasattr(model, "peft_config") else "full", "shape": shape_of(model.config),
+                    "settings": settings, "files": files}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
         with open(os.path.join(tmp, "step.json"), "w") as f:  # written last: the rest is complete
             json.dump({"step": state["step"]}, f)
         if os.path.isdir(final):
@@ -137,9 +211,55 @@ def find_checkpoint(run_dir: str) -> str:
     return checkpoint
 
 
+def read_json_file(path: str, what: str) -> dict:
+    """A JSON object from `path`, or a stop that names the file and what was expected there."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError) as error:
+        sys.exit(f"{path}: expected {what}, could not read it ({error})")
+    if not isinstance(data, dict):
+        sys.exit(f"{path}: expected {what}, got {type(data).__name__}")
+    return data
+
+
 def checkpoint_step(checkpoint: str) -> int:
-    with open(os.path.join(checkpoint, "step.json")) as f:
-        return json.load(f)["step"]
+    path = os.path.join(checkpoint, "step.json")
+    step = read_json_file(path, '{"step": N}').get("step")
+    if type(step) is not int or step < 0:
+        sys.exit(f"--resume: {path}: key 'step': expected an integer ≥ 0, got {step!r}")
+    return step
+
+
+def verify_checkpoint(checkpoint: str, lora: bool, shape: dict | None) -> dict | None:
+    """Before any model loads: every file the manifest lists has its size and SHA-256 (a truncated or
+    corrupted file is named), the checkpoint is of this run's kind (LoRA or full) and of the model's shape
+    (None: the shape could not be read before loading). Returns the manifest, or None for a checkpoint
+    saved before manifests existed, which loads as before, after a notice."""
+    path = os.path.join(checkpoint, MANIFEST)
+    if not os.path.isfile(path):
+        print(f"notice: {checkpoint} has no {MANIFEST} (saved before checkpoints carried one): its files are not "
+              "checked before loading", file=sys.stderr)
+        return None
+    manifest = read_json_file(path, "the manifest train_min.py writes")
+    for name, entry in manifest.get("files", {}).items():
+        file = os.path.join(checkpoint, name)
+        if not os.path.isfile(file):
+            sys.exit(f"--resume: {file} is missing (listed in {path}): the checkpoint is incomplete")
+        if os.path.getsize(file) != entry["bytes"]:
+            sys.exit(f"--resume: {file} has {os.path.getsize(file)} bytes, expected {entry['bytes']} ({path}): "
+                     "truncated or changed since it was saved")
+        if sha256(file) != entry["sha256"]:
+            sys.exit(f"--resume: {file} does not match its SHA-256 in {path}: corrupted or changed since it was saved")
+    kind = "lora" if lora else "full"
+    if manifest.get("kind") != kind:
+        sys.exit(f"--resume: {checkpoint} holds a {manifest.get('kind')} checkpoint; this run trains {kind} "
+                 f"(--lora-r {'> 0' if lora else '0'})")
+    for key, value in (shape or {}).items():
+        if manifest.get("shape", {}).get(key) != value:
+            sys.exit(f"--resume: {checkpoint} holds a model with {key} {manifest['shape'].get(key)!r}; this run's "
+                     f"model has {value!r}: the checkpoint is of another model")
+    return manifest
 
 
 def load_state(checkpoint: str) -> dict:
@@ -182,21 +302,54 @@ def append_row(metrics_file, row: dict) -> None:
         os.fsync(metrics_file.fileno())
 
 
+def save_final(run_dir: str, write) -> None:
+    """final/: `write(folder)` writes the model into final.tmp/ beside it, which is then renamed into place,
+    so that a failed or killed write never leaves a half-written final/ (the previous one stays until then)."""
+    final, tmp = os.path.join(run_dir, "final"), os.path.join(run_dir, "final.tmp")
+    with writing("the final model", final, run_dir):
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+
+@torch.no_grad()
+def undo_if_blown_up(model, before: dict) -> bool:
+    """After an optimizer step: if a trained parameter is no longer finite, or moved by more than the
+    largest weight's magnitude (a huge learning rate; weights still finite then overflow the next forward),
+    put back the parameters of `before` (updates.snapshot) and return True: the step counts as skipped, and
+    such weights are never sampled from, checkpointed or saved. A sane step moves a weight by about the
+    learning rate, orders of magnitude less."""
+    params = dict(model.named_parameters())
+    largest = max(float(old.abs().amax()) for old in before.values())
+    moved = max(float((params[name] - old).abs().amax()) for name, old in before.items())
+    if math.isfinite(moved) and moved <= largest:
+        return False
+    for name, old in before.items():
+        params[name].copy_(old)
+    return True
+
+
 def read_rows(path: str) -> list[dict]:
     """Every row of a metrics.jsonl. A torn line (a JSON object cut off by a crash or a full disk) is
-    reported once with its file and line and skipped; any other malformed line stops with file:line."""
+    reported once with its file and line and skipped; any other malformed line, or a row that is not a
+    train or eval row with an integer step (another program's file), stops with file:line."""
     rows = []
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError as error:
                 if line.lstrip().startswith(b"{"):  # the start of a row whose write was cut off
                     print(f"{path}:{number}: a torn line (a write cut off), skipped", file=sys.stderr)
                     continue
                 sys.exit(f"{path}:{number}: not a JSON row ({error})")
+            if not isinstance(row, dict) or row.get("kind") not in ("train", "eval") or type(row.get("step")) is not int:
+                sys.exit(f"{path}:{number}: expected a metrics row of train_min.py (a JSON object with \"kind\" train "
+                         f"or eval and an integer \"step\"), got {line[:80].decode(errors='replace').strip()!r}")
+            rows.append(row)
     return rows
 
 
