@@ -176,6 +176,32 @@ def test_teacher_and_student_score_the_same_completion_tokens_at_the_same_positi
                 torch.testing.assert_close(scores.teacher_entropy[b][mask[b]], plain_entropy[-len(tokens) - 1 : -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method, dtype", [("cl-egrsd", torch.float32), ("rlsd", torch.float32), ("cl-egrsd", torch.bfloat16)])
+def test_the_update_weights_tokens_as_a_separate_scoring_pass_of_the_sampler_would(method, dtype):
+    """δ and w take the student's log-probs from the update's own forward. In float32 the sampler is the
+    student and the weights equal those of a separate scoring pass; in bf16 the update computes over float32
+    master weights under autocast and the bf16 sampler differs only by rounding (w within 1%)."""
+    tokenizer = build_tiny_tokenizer()
+    teacher = build_tiny_model(tokenizer, seed=2, dtype=dtype)
+    student = build_tiny_model(tokenizer, seed=1).float()
+    sampler = student if dtype == torch.float32 else build_tiny_model(tokenizer, seed=1, dtype=dtype)
+    train_min.copy_weights(student, sampler)
+    cfg = train_min.Config(model="tiny", device="cpu", dtype=str(dtype).removeprefix("torch."), method=method,
+                           max_new_tokens=10, micro_batch_size=2, gate_group=2)
+    torch.manual_seed(0)
+    batch = train_min.rollouts(sampler, tokenizer, built_in_problems(4, 1)[0], cfg)
+    advantages = torch.tensor([1.0, -0.5, 0.25, -2.0])
+    separate = train_min.weight_tokens(advantages, train_min.score(sampler, teacher, batch, cfg), batch.mask, cfg)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    _, _, weights = train_min.update(student, teacher, optimizer, batch, train_min.score(None, teacher, batch, cfg), advantages, cfg)
+    if dtype == torch.float32:
+        for k in ("magnitude", "gate", "advantage"):
+            torch.testing.assert_close(getattr(weights, k), getattr(separate, k), atol=1e-6, rtol=1e-6)
+    else:
+        torch.testing.assert_close(weights.magnitude, separate.magnitude, atol=0.01, rtol=0)
+        assert torch.equal(weights.gate, separate.gate), "the gate is the teacher's alone"
+
+
 @pytest.fixture(scope="module")
 def format_trained_model(tmp_path_factory):
     """A tiny model taught the answer format only: one random digit, then EOS. Correct 1 time in 10."""
