@@ -44,9 +44,9 @@ from transformers import AutoModelForCausalLM
 
 import egrsd
 from trainer import decoding, lora, run_io, updates, views
-from trainer.config import Config, check_config, compare_dirs, compute_dtype, learning_rate_factor, parse_args
+from trainer.config import Config, check_config, checked_data, compare_dirs, compute_dtype, learning_rate_factor, parse_args
 from trainer.offline_models import enable_activation_checkpointing, eos_list, load_model_and_tokenizer
-from trainer.tasks import batch_problems, is_correct, is_correct_symbolic, load_data, student_messages, teacher_messages
+from trainer.tasks import batch_problems, is_correct, is_correct_symbolic, student_messages, teacher_messages
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def setup(cfg: Config) -> Run:
     started = time.perf_counter()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    train_problems, eval_problems = load_data(cfg)
+    train_problems, eval_problems = checked_data(cfg)  # each prompt fits the model's positions
 
     # Full fine-tuning: the teacher is the initial weights, frozen (the paper's); the student holds trainable
     # float32 master weights (the checkpoint's when resuming); the sampler is the student in the compute
@@ -413,7 +413,8 @@ def train(cfg: Config):
             lr = run.optimizer.param_groups[0]["lr"]
             before = updates.snapshot(student)
             loss, grad_norm, weights = update(student, run.teacher, run.optimizer, batch, scores, advantages.to(cfg.device), cfg)
-            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            # A finite step can still overflow the weights (a huge --lr): it is undone and counts as skipped.
+            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm)) or run_io.undo_if_blown_up(student, before)
             with warnings.catch_warnings():  # (a skipped first step steps the schedule before the optimizer)
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
                 run.schedule.step()
@@ -456,7 +457,7 @@ def train(cfg: Config):
             if run.eval_problems and ((cfg.eval_every and done % cfg.eval_every == 0) or out_of_time or done == cfg.steps):
                 eval_seconds = evaluate_and_log(run, done)
             if (stop.requested or out_of_time) and done < cfg.steps:
-                print(f"checkpoint saved at step {done}; continue with: python train_min.py --resume {cfg.output_dir}"
+                print(f"checkpoint saved at step {done}; continue with: {run_io.resume_command(cfg.output_dir)}"
                       if cfg.save_model else f"stopped at step {done} (--no-save-model: no checkpoint to resume from)")
                 return student, run.teacher
     save_final(run)
@@ -481,21 +482,16 @@ def save_checkpoint(run: Run, step: int) -> None:
     if run.cfg.save_model:
         state = {"step": step, "optimizer": run.optimizer.state_dict(), "advantage": run.advantage.state_dict(),
                  "schedule": run.schedule.state_dict()}
-        run_io.save_checkpoint(run.cfg.output_dir, run.student, run.tokenizer, state)
+        run_io.save_checkpoint(run.cfg.output_dir, run.student, run.tokenizer, state, asdict(run.cfg) | {"resume": ""})
 
 
 def save_final(run: Run) -> None:
-    """final/: the sampler's weights in the compute dtype (with LoRA: the merged model and the adapter)."""
-    if not run.cfg.save_model:
-        return
-    final = os.path.join(run.cfg.output_dir, "final")
-    with run_io.writing("the final model", final, run.cfg.output_dir):
-        if run.cfg.lora_r:
-            lora.save_final(run.student, run.tokenizer, final)
-        else:
-            run.sampler.save_pretrained(final)
-            run.tokenizer.save_pretrained(final)
-    print(f"saved {run.cfg.output_dir}/final")
+    """final/: the sampler's weights in the compute dtype (with LoRA: the merged model and the adapter),
+    written beside it and renamed into place."""
+    if run.cfg.save_model:
+        run_io.save_final(run.cfg.output_dir, lambda path: lora.save_final(run.student, run.tokenizer, path) if run.cfg.lora_r
+                          else [m.save_pretrained(path) for m in (run.sampler, run.tokenizer)])
+        print(f"saved {run.cfg.output_dir}/final")
 
 
 def main(argv=None):
@@ -505,7 +501,8 @@ def main(argv=None):
     cfg = parse_args(argv, description=__doc__)
     check_config(cfg)
     transformers.logging.disable_progress_bar()  # bars for loading and writing a few files: noise in a run's log
-    return train(cfg)
+    with run_io.owning(cfg.output_dir, cfg.resume):  # one process and one run per folder
+        return train(cfg)
 
 
 if __name__ == "__main__":
