@@ -346,9 +346,32 @@ def bench_step(device: str, s: dict, profile: str = "") -> dict:
     last = rows[-1]  # the second step: compilation and warm-up are behind it
     tokens = last["length_mean"] * s["step_batch"]
     keys = ("generate_s", "score_s", "update_s", "step_s", "length_mean", "length_max", "peak_gpu_mem_gb")
-    return {"model": s["step_model"], "batch": s["step_batch"], "flags": s["step_flags"] or "defaults", **{k: last[k] for k in keys},
-            "completion_tokens": tokens, **{f"{phase}_tokens_per_s": tokens / last[f"{phase}_s"] for phase in ("generate", "score", "update")},
-            "score_plus_update_share": (last["score_s"] + last["update_s"]) / last["step_s"]}
+    out = {"model": s["step_model"], "batch": s["step_batch"], "flags": s["step_flags"] or "defaults", **{k: last[k] for k in keys},
+           "completion_tokens": tokens, **{f"{phase}_tokens_per_s": tokens / last[f"{phase}_s"] for phase in ("generate", "score", "update")},
+           "score_plus_update_share": (last["score_s"] + last["update_s"]) / last["step_s"]}
+    return out | flop_floor(s["step_model"], tokens, last["score_s"] + last["update_s"], device)
+
+
+# Dense bf16 tensor-core peak of a card (its data sheet, without sparsity), for the FLOP floor.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def flop_floor(model: str, completion_tokens: float, seconds: float, device: str) -> dict:
+    """The least time score + update could take at the card's bf16 peak: 2 FLOPs a parameter a token for
+    each forward pass over the completion tokens, five passes (the teacher's forward, the update's forward,
+    its backward counted as two, and the recomputation of gradient checkpointing); prompts not counted, so
+    this floor is a little low. NaN where the card's peak is not known (and on CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.offline_models import model_config
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config(model)).parameters())
+    name = torch.cuda.get_device_name() if device == "cuda" else ""
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), math.nan)
+    floor = 2 * params * completion_tokens * 5 / peak
+    return {"score_update_flops": 2 * params * completion_tokens * 5, "score_update_floor_s": floor,
+            "score_update_over_floor": seconds / floor}
 
 
 def _profile_one_more_step(flags: list, run_dir: str, device: str, path: str) -> None:
@@ -443,7 +466,8 @@ def report(r: dict) -> str:
         for phase in ("generate", "score", "update"):
             lines.append(f"   {phase:<9} {st[f'{phase}_s']:7.2f} s {100 * st[f'{phase}_s'] / st['step_s']:4.0f}%  "
                          f"{st[f'{phase}_tokens_per_s']:9.0f} tokens/s")
-        lines.append(f"   step      {st['step_s']:7.2f} s; score + update = {100 * st['score_plus_update_share']:.0f}%")
+        lines.append(f"   step      {st['step_s']:7.2f} s; score + update = {100 * st['score_plus_update_share']:.0f}%, "
+                     f"{st.get('score_update_over_floor', math.nan):.1f}× its FLOP floor of {st.get('score_update_floor_s', math.nan):.2f} s")
     if "finetune" in r:
         ft = r["finetune"]
         lines.append("\n5. full fine-tuning against LoRA (r = 64, α = 128), two steps each: the second's time, the run's peak")
