@@ -528,7 +528,7 @@ def test_compare_pools_seeds_and_pairs_by_problem_with_template_clustered_interv
             order = list(reversed(range(12))) if seed == 1 else None
             write_run(tmp_path / f"{method}-s{seed}", method, seed, start, end, ids, templates, order)
             dirs.append(str(tmp_path / f"{method}-s{seed}"))
-    train_min.main(["--compare", *dirs])
+    train_min.main(["--compare", *dirs, dirs[0]])  # a folder named twice counts once
     out = capsys.readouterr().out.splitlines()
     grpo, egrsd_row = out[2].split(), out[3].split()
     assert grpo[:4] == ["grpo", "grpo", "3", "10"] and egrsd_row[:4] == ["egrsd", "egrsd", "3", "10"]

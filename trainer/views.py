@@ -248,10 +248,11 @@ def compare_table(run_dirs: list[str]) -> str:
     truncated share, seconds per step, peak GPU memory. Below it, with 95% intervals paired by problem and
     clustered by template (CR2, t(G − 1)) and the smallest difference the design could detect (80% power):
     each setting's change from its own step 0 and training-reward slope, then each setting minus the first
-    in accuracy (Holm-adjusted p over the comparisons) and in length."""
+    in accuracy (Holm-adjusted p over the comparisons) and in length: name the reference first
+    (`--compare runs/grpo-s* runs/*-s*`; a folder named twice counts once)."""
     if not run_dirs:
         raise SystemExit("--compare: expected one or more run directories (python train_min.py --compare RUN_DIR ...)")
-    runs = [load_run(d) for d in run_dirs]
+    runs = [load_run(d) for d in dict.fromkeys(os.path.normpath(d) for d in run_dirs)]  # a folder named twice counts once
     groups = [[r for r in g if r.evals] for g in group_runs(runs)]
     missing = [r.name for r in runs if not r.evals]
     groups = [g for g in groups if g]
