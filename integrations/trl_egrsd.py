@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import json
 import os
@@ -88,7 +89,8 @@ from trl.models import prepare_deepspeed, prepare_fsdp  # noqa: E402
 from trl.trainer.utils import (add_fused_lm_head, create_model_from_path, disable_dropout_in_model,  # noqa: E402
                                get_config_model_id, pad, use_adapter)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not __package__:  # run as a script (accelerate launch integrations/trl_egrsd.py): the repository root is not on
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the path, only this folder
 import egrsd  # noqa: E402
 
 STATE_FILE = "egrsd_state.json"
@@ -134,10 +136,7 @@ class EGRSDConfig(GRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         rules = [("method", self.method in ("egrsd", "cl-egrsd", "rlsd"), "egrsd, cl-egrsd or rlsd"),
-                 ("gamma", self.gamma >= 0, "≥ 0"), ("window", self.window >= 0, "≥ 0"),
-                 ("eps", 0 < self.eps < 1, "in (0, 1)"), ("floor", 0 <= self.floor <= 1, "in [0, 1]"),
-                 ("min_denominator", self.min_denominator > 0, "> 0"), ("denominator", self.denominator in ("raw", "filtered"), "raw or filtered"),
-                 ("gate_group", self.gate_group >= 0, "≥ 0"), ("beta_length", self.beta_length >= 0, "≥ 0"),
+                 *egrsd.GateSettings.flag_rules(self), ("beta_length", self.beta_length >= 0, "≥ 0"),
                  ("advantage_warmup", self.advantage_warmup >= 0, "≥ 0"),
                  ("score_temperature", self.score_temperature in (0, self.temperature), f"0 or temperature ({self.temperature})"),
                  ("beta", self.beta == 0, "0 (EGRSD has no KL term)"), ("num_iterations", self.num_iterations == 1, "1 (on-policy)")]
@@ -240,7 +239,7 @@ class EGRSDTrainer(GRPOTrainer):
         student_logp = self.policy_logps(output) if student_logp is None else student_logp.masked_fill(~mask, 0.0)
         settings = self.gate_settings(teacher_entropy, mask)  # one gather of the normaliser for both
         output["advantages"] = self.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, settings)
-        magnitude = egrsd.ratio_magnitude(teacher_logp, student_logp, torch.sign(advantages), mask, eps=self.args.eps)
+        magnitude = settings.magnitude(teacher_logp, student_logp, torch.sign(advantages), mask)
         self._log_signals(mode, rewards, batch_advantages, output["advantages"], magnitude, teacher_entropy, mask, settings)
         return output
 
@@ -269,17 +268,18 @@ class EGRSDTrainer(GRPOTrainer):
                                                              batch_size=self.args.per_device_train_batch_size)
         return logp.masked_fill(~output["completion_mask"].bool(), 0.0)
 
-    def gate_settings(self, teacher_entropy, mask) -> dict:
-        """The keyword settings of egrsd.entropy_gate for this batch. The entropy normaliser is that of the
-        global batch: its maximum over every process, passed as the normaliser's floor (egrsd then divides
-        by exactly it); with `gate_group`, each process's groups of rows."""
+    def gate_settings(self, teacher_entropy, mask) -> egrsd.GateSettings:
+        """The method's settings for this batch (egrsd.GateSettings of the flags, γ = 0 for rlsd). The entropy
+        normaliser is that of the global batch: its maximum over every process, passed as the normaliser's
+        floor (egrsd then divides by exactly it); with `gate_group`, each process's groups of rows."""
         a = self.args
-        settings = dict(gamma=0.0 if a.method == "rlsd" else a.gamma, floor=a.floor, min_denominator=a.min_denominator,
-                        denominator=a.denominator, group=a.gate_group or None)
-        if settings["group"] is None:
+        settings = egrsd.GateSettings.from_flags(a)
+        if a.method == "rlsd":
+            settings = dataclasses.replace(settings, gamma=0.0)
+        if settings.group is None:
             source = teacher_entropy if a.denominator == "raw" else egrsd.lookahead_min(teacher_entropy, mask, self.window)
             local_max = source.masked_fill(~mask, 0.0).amax() if mask.numel() else source.new_zeros(())
-            settings["min_denominator"] = max(a.min_denominator, gather(local_max[None]).max().item())
+            settings = dataclasses.replace(settings, min_denominator=max(a.min_denominator, gather(local_max[None]).max().item()))
         return settings
 
     @property
@@ -290,18 +290,14 @@ class EGRSDTrainer(GRPOTrainer):
     def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask, settings=None) -> torch.Tensor:
         """Â = A · w · ω from egrsd.token_advantages, with the gate of the global batch (`gate_settings`)."""
         settings = settings or self.gate_settings(teacher_entropy, mask)
-        return egrsd.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, self.window,
-                                      eps=self.args.eps, **settings)
+        return settings.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, self.window)
 
     def _log_signals(self, mode, rewards, batch_advantages, token_adv, magnitude, teacher_entropy, mask, settings) -> None:
         """What was trained, over every process: the signals train_min.py logs (gate mean and min, magnitude,
         teacher entropy, regime shares), Â's mean, min and max; in the completions table, A_i as the
         advantage and each completion's mean Â and gate. GRPO's group diagnostics are dropped: there is no
         group baseline here."""
-        a = self.args
-        gate = egrsd.entropy_gate(teacher_entropy, mask, self.window, **settings)
-        regimes = egrsd.token_regimes(teacher_entropy, mask, a.window, min_denominator=settings["min_denominator"],
-                                      group=settings["group"])
+        gate, regimes = settings.gate(teacher_entropy, mask, self.window), settings.regimes(teacher_entropy, mask)
         sums = [gate[mask].sum(), magnitude[mask].sum(), teacher_entropy[mask].sum(), token_adv[mask].sum(),
                 *((regimes == c).sum() for c in range(1, 5)), mask.sum()]
         totals = gather(torch.stack([s.float() for s in sums])[None]).sum(dim=0).tolist()

@@ -145,7 +145,7 @@ def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_pa
     assert {name: ours.get(name) for name in shared} == {name: theirs[name] for name in shared}
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     for name, value in [("loss_type", "grpo"), ("scale_rewards", "batch"), ("top_entropy_quantile", 0.2),
-                        ("disable_dropout", False), ("eps", 1.5)]:
+                        ("disable_dropout", False), ("eps", 1.5), ("window", -1), ("denominator", "max"), ("gate_group", -1)]:
         with pytest.raises(ValueError, match=f"^{name}: expected"):
             trl_egrsd.EGRSDConfig(**base, **{name: value})
     peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
