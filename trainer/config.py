@@ -293,7 +293,7 @@ def check_config(cfg: Config) -> None:
         done = run_io.checkpoint_step(checkpoint)
         if cfg.steps < done:
             sys.exit(f"--steps: expected ≥ {done}, the step of the checkpoint in {cfg.resume!r}, got {cfg.steps}")
-        manifest = run_io.verify_checkpoint(checkpoint, bool(cfg.lora_r), model_shape(cfg.model))
+        manifest = run_io.verify_checkpoint(checkpoint)
         # The checkpoint's own record of the settings, where it has one: an edited config.json cannot change them.
         saved = manifest["settings"] if manifest else {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.resume, "config.json"))}
         fixed = FIXED_ON_RESUME + (FIXED_UNDER_DECAY if saved["lr_schedule"] != "constant" else ())
@@ -303,6 +303,8 @@ def check_config(cfg: Config) -> None:
                 sys.exit(f"--{name.replace('_', '-')}: a resumed run keeps {saved[name]!r}, as {why} it "
                          f"(got {getattr(cfg, name)!r}, from the command line or an edited config.json); start a "
                          "new run to change it")
+        if manifest:
+            run_io.check_model(checkpoint, manifest, bool(cfg.lora_r), model_shape(cfg.model))
     if cfg.initial_eval:
         check_initial_eval(cfg)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

@@ -231,11 +231,10 @@ def checkpoint_step(checkpoint: str) -> int:
     return step
 
 
-def verify_checkpoint(checkpoint: str, lora: bool, shape: dict | None) -> dict | None:
+def verify_checkpoint(checkpoint: str) -> dict | None:
     """Before any model loads: every file the manifest lists has its size and SHA-256 (a truncated or
-    corrupted file is named), the checkpoint is of this run's kind (LoRA or full) and of the model's shape
-    (None: the shape could not be read before loading). Returns the manifest, or None for a checkpoint
-    saved before manifests existed, which loads as before, after a notice."""
+    corrupted file is named). Returns the manifest, or None for a checkpoint saved before manifests
+    existed, which loads as before, after a notice."""
     path = os.path.join(checkpoint, MANIFEST)
     if not os.path.isfile(path):
         print(f"notice: {checkpoint} has no {MANIFEST} (saved before checkpoints carried one): its files are not "
@@ -251,6 +250,12 @@ def verify_checkpoint(checkpoint: str, lora: bool, shape: dict | None) -> dict |
                      "truncated or changed since it was saved")
         if sha256(file) != entry["sha256"]:
             sys.exit(f"--resume: {file} does not match its SHA-256 in {path}: corrupted or changed since it was saved")
+    return manifest
+
+
+def check_model(checkpoint: str, manifest: dict, lora: bool, shape: dict | None) -> None:
+    """The checkpoint is of this run's kind (LoRA or full) and of its model's shape (None: the shape could
+    not be read before loading)."""
     kind = "lora" if lora else "full"
     if manifest.get("kind") != kind:
         sys.exit(f"--resume: {checkpoint} holds a {manifest.get('kind')} checkpoint; this run trains {kind} "
@@ -259,7 +264,6 @@ def verify_checkpoint(checkpoint: str, lora: bool, shape: dict | None) -> dict |
         if manifest.get("shape", {}).get(key) != value:
             sys.exit(f"--resume: {checkpoint} holds a model with {key} {manifest['shape'].get(key)!r}; this run's "
                      f"model has {value!r}: the checkpoint is of another model")
-    return manifest
 
 
 def load_state(checkpoint: str) -> dict:
