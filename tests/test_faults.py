@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -338,9 +339,13 @@ def test_a_real_file_size_limit_at_each_kind_of_checkpoint_write_stops_with_the_
 
 
 def test_compare_and_a_data_file_stop_with_file_and_line_alone(tmp_path, monkeypatch):
-    (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "step": 0}\n[1, 2]\n')
-    with pytest.raises(SystemExit, match=f"{tmp_path}/metrics.jsonl:2: expected a metrics row of train_min.py"):
-        train_min.main(["--compare", str(tmp_path)])
+    row = {"kind": "eval", "step": 0, "method": "egrsd", "eval_accuracy": 0.5, "eval_length": 100.0, "eval_acc_per_1k_tokens": 5.0}
+    for lines, problem in [([row, [1, 2]], "2: not a metrics row of train_min.py: expected a JSON object"),
+                           ([row | {"eval_accuracy": None}], "1: not a metrics row of train_min.py: key 'eval_accuracy': "
+                                                             "expected int or float, got None")]:
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        with pytest.raises(SystemExit, match=re.escape(f"{tmp_path}/metrics.jsonl:{problem}")):
+            train_min.main(["--compare", str(tmp_path)])
     (tmp_path / "data.jsonl").write_text('{"problem": "1 + 1?", "solution": "2", "answer": "2"}\n{"problem": 3}\n')
     no_model(monkeypatch)
     with pytest.raises(SystemExit, match=f"^--data: {tmp_path}/data.jsonl:2: field 'problem' must be a string"):

@@ -334,6 +334,26 @@ def undo_if_blown_up(model, before: dict) -> bool:
     return True
 
 
+# What readers of metrics.jsonl (--compare, --initial-eval, tools/plot_runs.py) take from a row: keys every row
+# of its kind holds, and the type of keys that only some rows hold (older runs, --eval-samples 0).
+NUMBER = (int, float)
+ROW_KEYS = {"eval": {"method": str, "eval_accuracy": NUMBER, "eval_length": NUMBER, "eval_acc_per_1k_tokens": NUMBER},
+            "train": {}}
+OPTIONAL_KEYS = {"reward": NUMBER, "step_s": NUMBER, "peak_gpu_mem_gb": NUMBER, "eval_samples": int,
+                 "eval_sampled_accuracy": NUMBER, "eval_truncated": NUMBER, "eval_correct": list,
+                 "eval_sampled_correct": list, "eval_lengths": list, "eval_ids": list, "eval_templates": list}
+
+
+def row_problem(row) -> str | None:
+    """What makes a parsed line no metrics row of train_min.py, or None."""
+    if not isinstance(row, dict) or row.get("kind") not in ROW_KEYS or type(row.get("step")) is not int:
+        return 'expected a JSON object with "kind" train or eval and an integer "step"'
+    for key, kind in ROW_KEYS[row["kind"]].items() | {k: v for k, v in OPTIONAL_KEYS.items() if k in row}.items():
+        if key not in row or not isinstance(row[key], kind) or isinstance(row[key], bool):
+            return f"key {key!r}: expected {' or '.join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))}, got {row.get(key)!r}"
+    return None
+
+
 def read_rows(path: str) -> list[dict]:
     """Every row of a metrics.jsonl. A torn line (a JSON object cut off by a crash or a full disk) is
     reported once with its file and line and skipped; any other malformed line, or a row that is not a
@@ -350,9 +370,9 @@ def read_rows(path: str) -> list[dict]:
                     print(f"{path}:{number}: a torn line (a write cut off), skipped", file=sys.stderr)
                     continue
                 sys.exit(f"{path}:{number}: not a JSON row ({error})")
-            if not isinstance(row, dict) or row.get("kind") not in ("train", "eval") or type(row.get("step")) is not int:
-                sys.exit(f"{path}:{number}: expected a metrics row of train_min.py (a JSON object with \"kind\" train "
-                         f"or eval and an integer \"step\"), got {line[:80].decode(errors='replace').strip()!r}")
+            problem = row_problem(row)
+            if problem:
+                sys.exit(f"{path}:{number}: not a metrics row of train_min.py: {problem}")
             rows.append(row)
     return rows
 
