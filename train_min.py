@@ -195,31 +195,35 @@ def weight_tokens(advantages, scores: Scores, mask, cfg: Config, gate=None) -> T
     magnitude = mask.float()
     if cfg.method in ("rlsd", "egrsd", "cl-egrsd"):  # Eq. 2
         magnitude = egrsd.ratio_magnitude(scores.teacher_logp, scores.student_logp, torch.sign(advantages), mask, eps=cfg.eps)
-    gate = token_gate(scores.teacher_entropy, mask, cfg) if gate is None else gate
+    gate = token_gate(step_gates(scores.teacher_entropy, mask, cfg), mask, cfg) if gate is None else gate
     return TokenWeights(magnitude, gate, advantages[:, None] * magnitude * gate)
 
 
-def token_gate(teacher_entropy, mask, cfg: Config) -> torch.Tensor:
-    """ω (B, T): Eq. 5, 6 (8) for egrsd and cl-egrsd, 1 for the other methods."""
-    if cfg.method not in ("egrsd", "cl-egrsd"):
-        return mask.float()
-    return egrsd.entropy_gate(teacher_entropy, mask, cfg.window if cfg.method == "cl-egrsd" else 0, gamma=cfg.gamma,
-                              floor=cfg.floor, min_denominator=cfg.min_denominator, denominator=cfg.denominator,
-                              group=cfg.gate_group or None)
+def step_gates(teacher_entropy, mask, cfg: Config) -> egrsd.Gates:
+    """The gate of the step's batch, computed once (Eq. 5, 6, 8): ω at W = 0 and at --window, Ĥ^CL and the
+    token regimes, for the update (token_gate), the metrics and the token view."""
+    settings = egrsd.GateSettings.from_flags(cfg)
+    return settings.gates(teacher_entropy, mask, tau_low=cfg.regime_low, tau_high=cfg.regime_high)
+
+
+def token_gate(gates: egrsd.Gates, mask, cfg: Config) -> torch.Tensor:
+    """ω (B, T): Eq. 5, 6 for egrsd, with the lookahead (Eq. 8) for cl-egrsd, 1 for the other methods."""
+    return {"egrsd": gates.plain, "cl-egrsd": gates.lookahead}.get(cfg.method, mask.float())
 
 
 # ----------------------------------------------------------------------------------------------------
 # The update.
 
 
-def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, advantages, cfg: Config):
+def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, advantages, cfg: Config, gates: egrsd.Gates = None):
     """One AdamW step on the whole batch (gradient accumulation over micro-batches), each micro-batch's
     tokens weighted from the log-probs of this forward itself (δ and w need the student's log-probs before
     the step: these are they, so no separate scoring pass). Returns (loss, grad norm, TokenWeights); a
     non-finite loss or norm means the step was skipped and nothing was applied."""
     student.train()
     mask, completion, total = batch.mask, batch.completion, batch.mask.sum().clamp(min=1)
-    gate, parts, loss_sum = token_gate(scores.teacher_entropy, mask, cfg), [], 0.0
+    gates = step_gates(scores.teacher_entropy, mask, cfg) if gates is None else gates
+    gate, parts, loss_sum = token_gate(gates, mask, cfg), [], 0.0
     for i, mb in enumerate(micro_batches(len(completion), cfg.micro_batch_size)):
         m = mask[mb]
         with autocast(cfg):
@@ -405,6 +409,7 @@ def train(cfg: Config):
             rewards = egrsd.length_shaped_reward(correct, lengths.cpu(), cfg.max_new_tokens, beta=cfg.beta_length)
             advantages = egrsd.group_advantages(rewards, cfg.group_size) if cfg.group_size > 1 else run.advantage(rewards)
             scores = score(None, run.teacher, batch, cfg)  # the teacher's; the student's come from the update
+            gates = step_gates(scores.teacher_entropy, batch.mask, cfg)  # ω at 0 and W, Ĥ^CL, regimes: once
             t2 = time.perf_counter()
 
             # 3. One optimizer step on the batch, its tokens weighted (Eq. 7) from the update's own forward (a
@@ -412,7 +417,7 @@ def train(cfg: Config):
             #    rounds away updates much below 2⁻⁹·|w|).
             lr = run.optimizer.param_groups[0]["lr"]
             before = updates.snapshot(student)
-            loss, grad_norm, weights = update(student, run.teacher, run.optimizer, batch, scores, advantages.to(cfg.device), cfg)
+            loss, grad_norm, weights = update(student, run.teacher, run.optimizer, batch, scores, advantages.to(cfg.device), cfg, gates)
             # A finite step can still overflow the weights (a huge --lr): it is undone and counts as skipped.
             skipped = not (math.isfinite(loss) and math.isfinite(grad_norm)) or run_io.undo_if_blown_up(student, before)
             with warnings.catch_warnings():  # (a skipped first step steps the schedule before the optimizer)
@@ -430,7 +435,7 @@ def train(cfg: Config):
                    "accuracy": correct.float().mean().item(), "length_mean": lengths.float().mean().item(),
                    "length_max": int(lengths.max()), "truncated": (~batch.finished).float().mean().item(),
                    "loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": skipped, **reach,
-                   **views.regime_stats(scores, weights, batch.mask, cfg),
+                   **views.regime_stats(scores, weights, batch.mask, gates),
                    "rollout_tokens_per_s": int(lengths.sum()) / (t1 - t0), "generate_s": t1 - t0, "score_s": t2 - t1,
                    "update_s": t3 - t2, "step_s": t3 - t0,
                    "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
@@ -443,7 +448,7 @@ def train(cfg: Config):
             if cfg.dump_tokens and done % cfg.dump_tokens == 0:
                 page = os.path.join(cfg.output_dir, "tokens", f"step_{done}.html")
                 with run_io.writing("the token view", page, cfg.output_dir):
-                    views.dump_tokens(page, done, tokenizer, batch, scores, weights, rewards.tolist(), correct.tolist(), cfg)
+                    views.dump_tokens(page, done, tokenizer, batch, scores, weights, rewards.tolist(), correct.tolist(), gates)
 
             # 5. Stop, checkpoint, evaluate: checkpoint first, so that a second Ctrl-C during a long
             #    evaluation loses no step.

@@ -22,7 +22,7 @@ import train_min
 from trainer import config, stats, views
 from trainer.config import METHODS
 from trainer.offline_models import build_tiny_model, build_tiny_tokenizer
-from trainer.tasks import Problem, built_in_problems, load_problems, student_messages, teacher_messages
+from trainer.tasks import Problem, built_in_problems, load_data, load_problems, student_messages, teacher_messages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -405,11 +405,11 @@ def test_eval_data_is_a_held_out_file_and_data_is_then_all_training(tmp_path, ca
     (tmp_path / "train.jsonl").write_text(rows(10, "train"))
     (tmp_path / "eval.jsonl").write_text(rows(3, "eval"))
     cfg = train_min.Config(data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "eval.jsonl"), eval_size=2)
-    train, held_out = train_min.load_data(cfg)
+    train, held_out = load_data(cfg)
     assert [p.question for p in train] == [f"train {i}" for i in range(10)] and [p.question for p in held_out] == ["eval 0", "eval 1"]
-    train, held_out = train_min.load_data(train_min.Config(data=str(tmp_path / "train.jsonl"), eval_size=2))
+    train, held_out = load_data(train_min.Config(data=str(tmp_path / "train.jsonl"), eval_size=2))
     assert len(train) == 8 and [p.question for p in held_out] == ["train 0", "train 1"]  # without it: split off --data
-    train, held_out = train_min.load_data(train_min.Config(train_size=5, eval_size=3))  # the built-in files
+    train, held_out = load_data(train_min.Config(train_size=5, eval_size=3))  # the built-in files
     assert (train, held_out) == built_in_problems(5, 3)
 
 

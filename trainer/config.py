@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+import egrsd
 from trainer import run_io
 
 METHODS = ("grpo", "opsd", "rlsd", "egrsd", "cl-egrsd")
@@ -245,7 +246,6 @@ def check_config(cfg: Config) -> None:
         ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
         ("rollout", cfg.rollout in ROLLOUTS, ", ".join(ROLLOUTS)),
         ("rollout", cfg.rollout != "graph" or cfg.device.startswith("cuda"), "graph only with a CUDA --device"),
-        ("denominator", cfg.denominator in ("raw", "filtered"), "raw or filtered"),
         ("verifier", cfg.verifier in ("builtin", "math-verify"), "builtin or math-verify"),
         ("verifier", cfg.verifier != "math-verify" or importlib.util.find_spec("math_verify") is not None,
          "math-verify installed (pip install -r requirements-extras.txt)"),
@@ -255,9 +255,8 @@ def check_config(cfg: Config) -> None:
         ("micro_batch_size", cfg.micro_batch_size > 0, "> 0"), ("max_new_tokens", cfg.max_new_tokens > 0, "> 0"),
         ("temperature", cfg.temperature > 0, "> 0"), ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
         ("top_k", cfg.top_k >= 0, "≥ 0"), ("lr", cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, "≥ 0"),
-        ("grad_clip", cfg.grad_clip > 0, "> 0"), ("gamma", cfg.gamma >= 0, "≥ 0"), ("window", cfg.window >= 0, "≥ 0"),
-        ("eps", 0 < cfg.eps < 1, "in (0, 1)"), ("floor", 0 <= cfg.floor <= 1, "in [0, 1]"),
-        ("min_denominator", cfg.min_denominator > 0, "> 0"), ("beta_length", cfg.beta_length >= 0, "≥ 0"),
+        ("grad_clip", cfg.grad_clip > 0, "> 0"), ("beta_length", cfg.beta_length >= 0, "≥ 0"),
+        *egrsd.GateSettings.flag_rules(cfg),  # γ, W, ε, floor, min_denominator, denominator, gate_group: egrsd.SETTINGS
         ("advantage_warmup", cfg.advantage_warmup >= 0, "≥ 0"), ("train_size", cfg.train_size > 0, "> 0"),
         ("eval_size", cfg.eval_size >= 0, "≥ 0"), ("eval_every", cfg.eval_every >= 0, "≥ 0"),
         ("eval_batch_size", cfg.eval_batch_size > 0, "> 0"), ("save_every", cfg.save_every >= 0, "≥ 0"),
@@ -272,7 +271,6 @@ def check_config(cfg: Config) -> None:
         ("initial_eval", not cfg.initial_eval or os.path.isfile(os.path.join(cfg.initial_eval, "config.json")),
          "a run directory holding config.json"),
         ("lr_schedule", cfg.lr_schedule in SCHEDULES, ", ".join(SCHEDULES)), ("warmup_steps", cfg.warmup_steps >= 0, "≥ 0"),
-        ("gate_group", cfg.gate_group >= 0, "≥ 0 (0: the whole batch)"),
         ("score_temperature", cfg.score_temperature >= 0, "≥ 0 (0: the rollout --temperature)"),
         ("lora_r", cfg.lora_r >= 0, "≥ 0 (0: full fine-tuning)"), ("lora_alpha", cfg.lora_alpha > 0, "> 0"),
         ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
