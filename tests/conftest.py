@@ -8,12 +8,13 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Warnings that libraries raise about their own calls (TRL and the HF Trainer call transformers' renamed
+# Warnings that libraries raise about their own calls (TRL, peft and the HF Trainer call transformers' renamed
 # gradient-checkpointing API; the TRL tests pass rollout_func, which TRL marks experimental): not ours to fix.
 LIBRARY_WARNINGS = [
     "ignore:`gradient_checkpointing` is deprecated:FutureWarning",
     "ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning",
     "ignore:`gradient_checkpointing_disable` is deprecated:FutureWarning",
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",  # peft's call (trainer/lora.py hides it in runs)
     "ignore:You are using 'rollout_func', which is an experimental feature:UserWarning",
 ]
 
