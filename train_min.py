@@ -327,7 +327,7 @@ class Run:
     tokenizer: object
     teacher: torch.nn.Module  # the initial weights, frozen (with LoRA: the base with the adapter off)
     student: torch.nn.Module  # the trained weights (float32 master weights, or the adapter)
-    sampler: torch.nn.Module  # the student in the compute dtype: rollouts, evaluation, pre-update log-probs
+    sampler: torch.nn.Module  # the student in the compute dtype: rollouts and evaluation
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     advantage: egrsd.RunningAdvantage
@@ -346,8 +346,8 @@ def setup(cfg: Config) -> Run:
 
     # Full fine-tuning: the teacher is the initial weights, frozen (the paper's); the student holds trainable
     # float32 master weights (the checkpoint's when resuming); the sampler is the student in the compute
-    # dtype, refreshed after each update, for rollouts and the pre-update log-probs (decoding float32
-    # weights would halve its speed). LoRA: one base model in the compute dtype plays all three roles, the
+    # dtype, refreshed after each update, for rollouts and evaluation (decoding float32 weights would
+    # halve its speed). LoRA: one base model in the compute dtype plays all three roles, the
     # teacher being the base with the adapter switched off (trainer/lora.py).
     checkpoint = run_io.find_checkpoint(cfg.output_dir) if cfg.resume else None
     teacher, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, compute_dtype(cfg))
