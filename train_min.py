@@ -176,6 +176,9 @@ def score(policy, teacher, batch: Rollouts, cfg: Config) -> Scores:
         m, tokens = mask[mb], completion[mb][mask[mb]]
         with lora.adapter_off(teacher):  # with LoRA the teacher is the student's own base model
             h_t = completion_hidden(teacher, batch.teacher_ids[mb], batch.teacher_mask[mb], completion[mb], m)[m] / temperature
+        if not bool(torch.isfinite(h_t).all()):  # the frozen teacher overflowed: every step would, so stop
+            sys.exit(f"the frozen teacher's forward is not finite (an overflow in {compute_dtype(cfg)}? try --dtype float32); "
+                     f"nothing of this step was applied.\n{run_io.last_good(cfg.output_dir)}")
         logp_t, entropy_t = egrsd.linear_token_logprobs_and_entropy(h_t, lm_head(teacher), tokens, chunk_size=cfg.chunk_size)
         rows["teacher_hidden"].append(h_t)
         rows["teacher_logp"].append(logp_t)
@@ -187,8 +190,9 @@ def score(policy, teacher, batch: Rollouts, cfg: Config) -> Scores:
     return Scores(**{k: v if k == "teacher_hidden" else to_grid(mask, torch.cat(v)) if v else None for k, v in rows.items()})
 
 
+# ALGO LOGIC: the per-token weights, the only thing that differs between the methods.
 def weight_tokens(advantages, scores: Scores, mask, cfg: Config, gate=None) -> TokenWeights:
-    """# ALGO LOGIC: Eq. 7, Â = A_i · w · ω (B, T), the only thing that differs between the methods:
+    """Eq. 7, Â = A_i · w · ω (B, T):
     GRPO and OPSD use neither factor (OPSD's loss is the KL), RLSD w only, EGRSD both, CL-EGRSD both
     with the lookahead gate (Eq. 8). `gate`: ω of these rows if already known (it is normalised over the
     whole batch, so the update, which weights a micro-batch at a time, computes it first)."""
@@ -282,10 +286,10 @@ def solve(model, tokenizer, problems: list, cfg: Config, prefix: str, per: int =
     for start in run_io.progress(starts, f"evaluation ({prefix.strip('_')}), batches", len(starts)):
         batch = problems[start : start + cfg.eval_batch_size]
         ids, attention = encode_prompts(tokenizer, [student_messages(p) for p in batch], cfg.device)
-        completion, mask, done = generate(model, tokenizer, ids, attention, cfg, progress="", **how)
-        correct += verify(tokenizer, completion, mask, done, batch, cfg).int().tolist()
+        completion, mask, ended = generate(model, tokenizer, ids, attention, cfg, progress="", **how)
+        correct += verify(tokenizer, completion, mask, ended, batch, cfg).int().tolist()
         lengths += mask.sum(dim=1).tolist()
-        finished += done.tolist()
+        finished += ended.tolist()
     n = max(len(correct), 1)
     accuracy, length = sum(correct) / n, sum(lengths) / n
 

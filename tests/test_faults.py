@@ -4,6 +4,7 @@ unwritable --output-dir, a torn metrics line, and a checkpoint state file that h
 import errno
 import fcntl
 import json
+import math
 import os
 import pickle
 import re
@@ -350,3 +351,16 @@ def test_compare_and_a_data_file_stop_with_file_and_line_alone(tmp_path, monkeyp
     no_model(monkeypatch)
     with pytest.raises(SystemExit, match=f"^--data: {tmp_path}/data.jsonl:2: field 'problem' must be a string"):
         train_min.main(FLAGS + ["--data", str(tmp_path / "data.jsonl"), "--output-dir", str(tmp_path / "run")])
+
+
+def test_a_non_finite_teacher_stops_with_the_message_alone_and_applies_nothing(tmp_path, monkeypatch):
+    """The frozen teacher overflowing (say in bf16) would overflow at every step: the run stops at once with the
+    reason and the intact checkpoint, and nothing of that step is written."""
+    train_min.main(FLAGS + ["--steps", "1", "--lr-schedule", "constant", "--output-dir", str(tmp_path)])
+    hidden = train_min.completion_hidden
+    monkeypatch.setattr(train_min, "completion_hidden", lambda model, *a: hidden(model, *a) * (1.0 if model.training else math.inf))
+    with pytest.raises(SystemExit) as stop:
+        train_min.main(["--resume", str(tmp_path), "--steps", "2"])
+    assert str(stop.value.code).startswith("the frozen teacher's forward is not finite")
+    assert "(step 1)" in str(stop.value.code)
+    assert [r["step"] for r in rows_of(tmp_path) if r["kind"] == "train"] == [1]

@@ -75,18 +75,11 @@ def _mean(x, chosen):
     return x[chosen].mean().item() if chosen.any() else None
 
 
-def _gates_from_config(entropy, mask, cfg) -> egrsd.Gates:
-    """Transitional, for a caller that still passes train_min's Config: the step's Gates from its flags."""
-    return egrsd.GateSettings.from_flags(cfg).gates(entropy, mask, tau_low=cfg.regime_low, tau_high=cfg.regime_high)
-
-
 def regime_stats(scores, weights, mask, gates: egrsd.Gates) -> dict:
     """Per step: the means of the signals, and per regime (lock, mid, pivot, fork) its share of the
     tokens, its mean gate (the gate the method applied: 1 without one), and restored_*, the weight the
     lookahead gives back, ω(W) − ω(0) at this γ and W: applied by cl-egrsd, what it would give back for
     the other methods. `gates`: this step's, as computed once (egrsd.GateSettings.gates)."""
-    if not isinstance(gates, egrsd.Gates):  # train_min's Config, until it passes the step's Gates
-        gates = _gates_from_config(scores.teacher_entropy, mask, gates)
     entropy, gate, regimes = scores.teacher_entropy, weights.gate, gates.regimes
     restored = gates.lookahead - gates.plain
     stats = {"gate_mean": _mean(gate, mask), "gate_min": gate[mask].min().item() if mask.any() else None,
@@ -103,8 +96,6 @@ def dump_tokens(path: str, step: int, tokenizer, batch, scores, weights, rewards
     """The token view of the first `count` rollouts of this step (train_min's Rollouts, Scores, TokenWeights,
     and the step's egrsd.Gates)."""
     entropy, mask = scores.teacher_entropy, batch.mask
-    if not isinstance(gates, egrsd.Gates):  # train_min's Config, until it passes the step's Gates
-        gates = _gates_from_config(entropy, mask, gates)
     entropy_cl, regimes = gates.normalised, gates.regimes
     shown = []
     for b in range(min(count, len(mask))):
