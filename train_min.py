@@ -44,6 +44,7 @@ from transformers import AutoModelForCausalLM
 
 import egrsd
 from trainer import decoding, lora, run_io, updates, views
+from trainer.modeling import copy_weights, lm_head, micro_batches, to_grid, trainable
 from trainer.config import Config, check_config, checked_data, compare_dirs, compute_dtype, learning_rate_factor, parse_args
 from trainer.offline_models import enable_activation_checkpointing, eos_list, load_model_and_tokenizer
 from trainer.tasks import batch_problems, is_correct, is_correct_symbolic, student_messages, teacher_messages
@@ -142,26 +143,6 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion, mask) -> torch
     body = (model.get_base_model() if lora.is_adapted(model) else model).base_model  # the decoder stack, no LM head
     hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
     return hidden[:, prompt_ids.shape[1] - 1 : -1]  # position P − 1 + t predicts completion token t
-
-
-def lm_head(model) -> torch.Tensor:
-    return model.get_output_embeddings().weight  # (V, D)
-
-
-def micro_batches(batch_size: int, size: int) -> list[slice]:
-    return [slice(start, start + size) for start in range(0, batch_size, size)]
-
-
-def to_grid(mask, rows) -> torch.Tensor:
-    """Values of the valid tokens (N,), in row-major order, back into a zero-padded (B, T) grid."""
-    return torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device).masked_scatter(mask, rows)
-
-
-@torch.no_grad()
-def copy_weights(source, target) -> None:
-    if source is not target:
-        for t, s in zip(target.parameters(), source.parameters()):
-            t.copy_(s)
 
 
 @torch.no_grad()
@@ -311,10 +292,6 @@ def autocast(cfg: Config):
 
 def score_temperature(cfg: Config) -> float:
     return cfg.score_temperature or cfg.temperature
-
-
-def trainable(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 # ----------------------------------------------------------------------------------------------------
