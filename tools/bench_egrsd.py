@@ -1,6 +1,6 @@
 """Speed and memory of EGRSD-min side by side with the plain baselines, all in one run.
 
-    python tools/bench_egrsd.py                      # CPU, small sizes (about 2 minutes on 2 cores)
+    python tools/bench_egrsd.py                      # CPU, small sizes (2 to 6 minutes on 2 cores, quiet to busy)
     python tools/bench_egrsd.py --device cuda        # one GPU, Qwen2.5-0.5B architecture, random weights
     python tools/bench_egrsd.py --json bench.json    # also write every number as JSON
     python tools/bench_egrsd.py --only rollouts      # some parts only (scoring, lookahead, step, rollouts)
