@@ -9,8 +9,9 @@
    it already): the step-0 evaluation is the same for every arm, and each arm reuses it (`--initial-eval`,
    which checks that it is), so the card does it once, not once per arm.
 3. Starts the arms as separate processes (one log each, OUT/NAME/log.txt), each with `--time-budget` set to
-   what is left of --budget and `--no-save-model` (only metrics, config and log are kept), so that each
-   stops training in time for its final evaluation. A process still running --grace seconds after the
+   what is left of --budget (less the time their final evaluations lose to each other on one card) and
+   `--no-save-model` (only metrics, config and log are kept), so that each stops training in time for its
+   final evaluation. A process still running --grace seconds after the
    budget gets SIGTERM (it checkpoints nothing and stops after its step), and SIGKILL --grace seconds later:
    by its PID, never by name.
 4. Packs OUT's metrics, configs and logs (no models) into $OUT/runs.tar.gz (or --pack DIR), and writes the
@@ -35,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_UP = 15  # seconds an arm spends importing before its --time-budget clock starts
 sys.path.insert(0, ROOT)
 
+from trainer import run_io  # noqa: E402
 from trainer.views import compare_table  # noqa: E402
 
 
@@ -60,6 +62,10 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
         print(f"[run_arms] the initial evaluation failed (exit {status})", flush=True)
         return finish(out, pack, arms, 1)
     left = budget - (time.monotonic() - started)
+    # Each arm keeps room for 1.25 evaluations of its own; side by side, the arms' final evaluations share the
+    # card and take about one evaluation per arm: the rest comes off their budgets.
+    row = run_io.initial_eval_row(initial_dir) or {}
+    left -= max(len(arms) - 1.25, 0) * row.get("eval_s", 0.0)
     processes = {}
     for name, cmd in arm_commands.items():
         os.makedirs(os.path.join(out, name), exist_ok=True)
