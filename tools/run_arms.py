@@ -73,7 +73,7 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
             processes[name] = subprocess.Popen(cmd + ["--time-budget", f"{max(left - START_UP, 1):.0f}"], cwd=ROOT, stdout=log,
                                                stderr=subprocess.STDOUT)
         print(f"[run_arms] {name}: pid {processes[name].pid}, {left:.0f} s left", flush=True)
-    deadline = time.monotonic() + left + grace
+    deadline = started + budget + grace  # the whole budget, then SIGTERM
     failed = False
     for name, process in processes.items():
         failed |= wait(name, process, deadline, grace) != 0
