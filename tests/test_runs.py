@@ -93,6 +93,8 @@ def test_group_size_samples_each_problem_g_times_with_the_group_advantage(tmp_pa
 def test_the_runner_starts_arms_side_by_side_and_packs_their_files(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (tmp_path / "runs" / "initial").mkdir(parents=True)  # an initial evaluation cut off before it evaluated
+    (tmp_path / "runs" / "initial" / "metrics.jsonl").write_text("")
     env = {**os.environ, "OUT": str(out)}
     command = [sys.executable, str(ROOT / "tools/run_arms.py"), "--out", str(tmp_path / "runs"), "--budget", "120",
                "--common", " ".join(TINY + ["--steps", "1", "--max-new-tokens", "6"]),
@@ -105,6 +107,7 @@ def test_the_runner_starts_arms_side_by_side_and_packs_their_files(tmp_path):
     assert not any("checkpoint" in n or "final" in n for n in names)
     assert "egrsd" in (out / "compare.txt").read_text()
     assert json.loads((tmp_path / "runs" / "egrsd" / "config.json").read_text())["initial_eval"].endswith("initial")
+    assert '"step": 0' in (tmp_path / "runs" / "initial" / "metrics.jsonl").read_text(), "made again, not reused"
 
 
 def test_long_work_reports_progress_in_a_log_file(capsys):

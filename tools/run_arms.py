@@ -1,22 +1,23 @@
 """Several training runs ("arms") side by side on one GPU, within a fixed time, for one call of a lent GPU.
 
-    python tools/run_arms.py --out /tmp/runs --budget 540 \
+    python tools/run_arms.py --out /tmp/runs --budget 480 \
         --common "--model /tmp/w/hf --device cuda --steps 40 ..." \
         --arm grpo="--method grpo" --arm egrsd="--method egrsd --gamma 0.3"
 
-1. Writes every arm's whole command line to OUT/commands.sh (the common flags, then the arm's: later flags win).
-2. Evaluates the untrained model once (`--steps 0`, into OUT/initial or --initial, unless that folder holds
-   it already): the step-0 evaluation is the same for every arm, and each arm reuses it (`--initial-eval`,
-   which checks that it is), so the card does it once, not once per arm.
-3. Starts the arms as separate processes (one log each, OUT/NAME/log.txt), each with `--time-budget` set to
-   what is left of --budget (less the time their final evaluations lose to each other on one card) and
-   `--no-save-model` (only metrics, config and log are kept), so that each stops training in time for its
-   final evaluation. A process still running --grace seconds after the
-   budget gets SIGTERM (it checkpoints nothing and stops after its step), and SIGKILL --grace seconds later:
-   by its PID, never by name.
-4. Packs OUT's metrics, configs and logs (no models) into $OUT/runs.tar.gz (or --pack DIR), and writes the
-   `--compare` table of the arms to compare.txt there and to the log: at most 2 files, within the GPU
-   tool's 8.
+RUNS below is the --out folder; PACK is --pack (default: the GPU tool's $OUT, whose files come back).
+1. Appends every arm's whole command line to RUNS/commands.sh (the common flags, then the arm's: later
+   flags win).
+2. Evaluates the untrained model once (`--steps 0`, into RUNS/initial or --initial, unless that folder holds
+   its evaluation already): the step-0 evaluation is the same for every arm, and each arm reuses it
+   (`--initial-eval`, which checks that it is), so the card does it once, not once per arm.
+3. Starts the arms as separate processes (one log each, RUNS/NAME/log.txt), each with `--time-budget` set
+   to what is left of --budget, less their start-up and the time their final evaluations lose to each
+   other on one card, and `--no-save-model` (only metrics, config and log are kept), so that each stops
+   training in time for its final evaluation. A process still running --grace seconds after the budget
+   gets SIGTERM (it checkpoints nothing and stops after its step), and SIGKILL --grace seconds later: by its
+   PID, never by name.
+4. Packs RUNS's metrics, configs and logs (no models) into PACK/runs.tar.gz, and writes the `--compare`
+   table of the arms to PACK/compare.txt and to the log: 2 files, within the GPU tool's 8.
 
 Exits 1 if an arm failed (the archive is written all the same).
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,7 +57,9 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
     with open(os.path.join(out, "commands.sh"), "a") as f:  # appended: several calls may share OUT
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: tools/run_arms.py, each arm also given --time-budget\n")
         f.writelines(shlex.join(c) + "\n" for c in [initial, *arm_commands.values()])
-    reuse = os.path.isfile(os.path.join(initial_dir, "metrics.jsonl"))  # made by an earlier call: the same for every arm
+    reuse = run_io.initial_eval_row(initial_dir) is not None  # made by an earlier call: the same for every arm
+    if not reuse:
+        shutil.rmtree(initial_dir, ignore_errors=True)  # an earlier attempt cut off before its evaluation
     print(f"[run_arms] initial evaluation: {'reused from ' + initial_dir if reuse else shlex.join(initial)}", flush=True)
     status = 0 if reuse else subprocess.run(initial, cwd=ROOT).returncode
     if status:
@@ -65,12 +69,15 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
     # Each arm keeps room for 1.25 evaluations of its own; side by side, the arms' final evaluations share the
     # card and take about one evaluation per arm: the rest comes off their budgets.
     row = run_io.initial_eval_row(initial_dir) or {}
-    left -= max(len(arms) - 1.25, 0) * row.get("eval_s", 0.0)
+    left -= max(len(arms) - 1.25, 0) * row.get("eval_s", 0.0) + START_UP
+    if left <= 0:
+        print(f"[run_arms] no time left for the arms ({left:.0f} s): raise --budget", flush=True)
+        return finish(out, pack, arms, 1)
     processes = {}
     for name, cmd in arm_commands.items():
         os.makedirs(os.path.join(out, name), exist_ok=True)
         with open(os.path.join(out, name, "log.txt"), "w") as log:
-            processes[name] = subprocess.Popen(cmd + ["--time-budget", f"{max(left - START_UP, 1):.0f}"], cwd=ROOT, stdout=log,
+            processes[name] = subprocess.Popen(cmd + ["--time-budget", f"{left:.0f}"], cwd=ROOT, stdout=log,
                                                stderr=subprocess.STDOUT)
         print(f"[run_arms] {name}: pid {processes[name].pid}, {left:.0f} s left", flush=True)
     deadline = started + budget + grace  # the whole budget, then SIGTERM
@@ -102,7 +109,7 @@ def finish(out: str, pack: str, arms: dict, status: int) -> int:
         for folder, dirs, files in os.walk(out):
             dirs[:] = [d for d in dirs if d not in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "final", "final.tmp")
                        and os.path.abspath(os.path.join(folder, d)) != os.path.abspath(pack)]
-            for file in files:
+            for file in (f for f in files if f != ".lock"):  # (the run folder's lock: nothing to read)
                 path = os.path.join(folder, file)
                 archive.add(path, arcname=os.path.join(os.path.basename(os.path.normpath(out)), os.path.relpath(path, out)))
     evaluated = [os.path.join(out, n) for n in arms if os.path.isfile(os.path.join(out, n, "metrics.jsonl"))]

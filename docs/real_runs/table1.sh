@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real weights (2 of 2): the paper's Table 1 at 0.5B, every method and seed, on one GPU, one command:
 #
-#   bash docs/real_runs/table1.sh MODEL_DIR OUT_DIR          # then: python train_min.py --compare OUT_DIR/*-s*
+#   bash docs/real_runs/table1.sh MODEL_DIR OUT_DIR   # then: python train_min.py --compare OUT_DIR/grpo-s* OUT_DIR/*-s*
 #
 # MODEL_DIR: a Hugging Face folder of Qwen2.5-0.5B-architecture weights (we use Qwen2.5-Coder-0.5B-Instruct).
 # Seven settings, each with SEEDS (default 0 1 2), all from the same weights, data and evaluation (greedy and
@@ -18,7 +18,7 @@ model=$1 out=$2
 cd "$(dirname "$0")/../.."
 seeds=${SEEDS:-0 1 2}
 setting=${SETTING:---lora-r 64 --lora-alpha 128 --lora-dropout 0 --lr 5e-5 --group-size 1}
-common="--model $model --data data/gsm_symbolic_train.jsonl --eval-data data/gsm_symbolic_eval.jsonl
+common="--model $(printf %q "$model") --data data/gsm_symbolic_train.jsonl --eval-data data/gsm_symbolic_eval.jsonl
   --device cuda --dtype auto --steps ${STEPS:-40} --batch-size 32 --micro-batch-size 8
   --max-new-tokens 512 --temperature 1.1 --top-p 0.95 --top-k 20 --score-temperature 0
   --lr-schedule constant --warmup-steps 0 --weight-decay 0.0 --grad-clip 0.1
@@ -46,6 +46,7 @@ for seed in $seeds; do
     if [ -f "$out/$run/metrics.jsonl" ] && grep -q '"kind": "eval", "step": [1-9]' "$out/$run/metrics.jsonl"; then
       echo "[table1] $run is done already"; continue
     fi
+    rm -rf "${out:?}/$run"  # a run cut off before its final evaluation: --no-save-model runs cannot resume
     runs+=("$run")
   done
 done
@@ -61,6 +62,7 @@ for ((i = 0; i < ${#runs[@]}; i += per_call)); do
     arms+=(--arm "$run=${methods[$name]} --seed $seed")
   done
   python tools/run_arms.py --out "$out" --initial "$out/initial" --budget "${BUDGET:-86400}" --common "$common" "${arms[@]}" \
-    --pack "${OUT:-$out/packed}"
+    --pack "${OUT:-$out/packed}" || failed=1  # the other batches still run
 done
-echo "[table1] ${#runs[@]} runs in $(( $(date +%s) - start )) s on $card"
+echo "[table1] ${#runs[@]} runs in $(( $(date +%s) - start )) s on $card${failed:+ (some failed: see their log.txt)}"
+exit "${failed:-0}"
