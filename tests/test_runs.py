@@ -4,6 +4,7 @@ G rollouts per problem with GRPO's group advantage, and the one-call runner of s
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -43,11 +44,11 @@ def test_sampled_evaluation_draws_its_own_stream_and_leaves_training_as_it_was(t
 
 
 def test_a_run_reuses_the_step_0_evaluation_of_another_only_when_it_would_be_the_same(tmp_path):
-    flags = TINY + ["--no-save-model", "--max-new-tokens", "12"]
-    train_min.main(flags + ["--steps", "0", "--output-dir", str(tmp_path / "initial")])
+    flags = TINY + ["--max-new-tokens", "12", "--lr-schedule", "constant"]
+    train_min.main(flags + ["--steps", "0", "--no-save-model", "--output-dir", str(tmp_path / "initial")])
     train_min.main(flags + ["--steps", "1", "--method", "grpo", "--initial-eval", str(tmp_path / "initial"),
                             "--output-dir", str(tmp_path / "reused")])
-    train_min.main(flags + ["--steps", "1", "--method", "grpo", "--output-dir", str(tmp_path / "own")])
+    train_min.main(flags + ["--steps", "1", "--method", "grpo", "--no-save-model", "--output-dir", str(tmp_path / "own")])
     initial, reused, own = (evaluations(tmp_path / n)[0] for n in ("initial", "reused", "own"))
     assert reused["reused_from"] == str(tmp_path / "initial") and reused["method"] == "grpo"
     drop = lambda row: {k: v for k, v in row.items() if k not in ("method", "reused_from")}  # noqa: E731
@@ -55,6 +56,9 @@ def test_a_run_reuses_the_step_0_evaluation_of_another_only_when_it_would_be_the
     with pytest.raises(SystemExit, match="--initial-eval: .* --eval-top-p 0.95"):
         train_min.main(flags + ["--steps", "1", "--eval-top-p", "0.9", "--initial-eval", str(tmp_path / "initial"),
                                 "--output-dir", str(tmp_path / "other")])
+    shutil.rmtree(tmp_path / "initial")  # a resumed run is past its step-0 evaluation: it needs it no more
+    train_min.main(["--resume", str(tmp_path / "reused"), "--steps", "2", "--eval-size", "3"])
+    assert [r["step"] for r in read_metrics(tmp_path / "reused") if r["kind"] == "train"] == [1, 2]
 
 
 def test_the_time_budget_stops_training_in_time_for_the_final_evaluation(tmp_path, capsys):

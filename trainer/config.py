@@ -268,7 +268,7 @@ def check_config(cfg: Config) -> None:
         ("eval_samples", cfg.eval_samples >= 0, "≥ 0"), ("eval_temperature", cfg.eval_temperature > 0, "> 0"),
         ("eval_top_p", 0 < cfg.eval_top_p <= 1, "in (0, 1]"), ("eval_top_k", cfg.eval_top_k >= 0, "≥ 0"),
         ("time_budget", cfg.time_budget >= 0, "≥ 0 seconds (0: no limit)"),
-        ("initial_eval", not cfg.initial_eval or os.path.isfile(os.path.join(cfg.initial_eval, "config.json")),
+        ("initial_eval", not cfg.initial_eval or cfg.resume or os.path.isfile(os.path.join(cfg.initial_eval, "config.json")),
          "a run directory holding config.json"),
         ("lr_schedule", cfg.lr_schedule in SCHEDULES, ", ".join(SCHEDULES)), ("warmup_steps", cfg.warmup_steps >= 0, "≥ 0"),
         ("score_temperature", cfg.score_temperature >= 0, "≥ 0 (0: the rollout --temperature)"),
@@ -303,7 +303,7 @@ def check_config(cfg: Config) -> None:
                          "new run to change it")
         if manifest:
             run_io.check_model(checkpoint, manifest, bool(cfg.lora_r), model_shape(cfg.model))
-    if cfg.initial_eval:
+    if cfg.initial_eval and not cfg.resume:  # (a resumed run is past its step-0 evaluation)
         check_initial_eval(cfg)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"CUDA is not available on this machine. For a CPU smoke run:\n    {SMOKE}")
