@@ -508,7 +508,8 @@ def write_run(run_dir, method, seed, start, end, ids, templates, order=None, ste
         return {"kind": "eval", "step": step, "method": method, "eval_accuracy": sum(correct) / len(correct),
                 "eval_length": 400.0 + step, "eval_acc_per_1k_tokens": 1.0, "eval_truncated": 0.0, "eval_correct": correct,
                 "eval_lengths": [400 + step] * len(correct), "eval_ids": chosen, "eval_templates": [templates[i] for i in order],
-                "eval_samples": 4, "eval_sampled_accuracy": sum(correct) / len(correct), "eval_sampled_correct": correct}
+                "eval_samples": 4, "eval_sampled_accuracy": sum(correct) / len(correct), "eval_sampled_correct": correct,
+                "eval_sampled_length": 410.0 + step}
     rows = [evaluation(0, start, list(range(len(ids))))]
     rows += [{"kind": "train", "step": k, "method": method, "reward": 0.2 + 0.01 * k + 0.001 * (k % 2), "step_s": 2.0,
               "peak_gpu_mem_gb": 4.0} for k in range(1, steps + 1)]
@@ -579,7 +580,7 @@ def test_the_tradeoff_figure_pools_seeds_into_one_point_per_setting(tmp_path):
         for seed in range(2):
             write_run(tmp_path / f"{method}-s{seed}", method, seed, [0] * 6, [seed, 1, 0, 0, 1, 0], ids, templates)
             dirs.append(str(tmp_path / f"{method}-s{seed}"))
-    subprocess.run([sys.executable, str(ROOT / "tools/plot_runs.py"), "--tradeoff", str(tmp_path / "figure1.png"), *dirs],
+    subprocess.run([sys.executable, str(ROOT / "tools/plot_runs.py"), "--tradeoff", str(tmp_path / "figure1.png"), *dirs, dirs[0]],
                    check=True)
     assert (tmp_path / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(views.group_runs([views.load_run(d) for d in dirs])) == 2, "two settings of two seeds each"

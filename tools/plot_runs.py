@@ -9,8 +9,9 @@ right, held-out greedy accuracy at each evaluation. Thin lines are the steps, th
 over 5 steps.
 
 --tradeoff: the paper's Figure 1 at this scale: held-out accuracy (avg@K where every run has it, else
-greedy) against mean response length at the end of training, one point per setting (seeds pooled as
-`--compare` pools them, with 95% intervals across seeds on both axes), and the untrained model's point.
+greedy) against the mean length of the same completions at the end of training, one point per setting
+(seeds pooled as `--compare` pools them, a folder named twice counted once, with 95% intervals across seeds
+on both axes), and the untrained model's point.
 """
 
 import os
@@ -54,22 +55,23 @@ def plot(path: str, run_dirs: list[str]) -> None:
 
 
 def tradeoff(path: str, run_dirs: list[str]) -> None:
-    groups = [[r for r in g if r.evals] for g in group_runs([load_run(d) for d in run_dirs])]
+    runs = [load_run(d) for d in dict.fromkeys(os.path.normpath(d) for d in run_dirs)]  # a folder named twice: once
+    groups = [[r for r in g if len(r.evals) > 1] for g in group_runs(runs)]  # evaluated after training
     groups = [g for g in groups if g]
     if not groups:
-        sys.exit("--tradeoff: no run has an evaluation yet")
+        sys.exit("--tradeoff: no run has an evaluation after training yet")
     sampled = all("eval_sampled_accuracy" in r.evals[-1] for g in groups for r in g)
-    key = "eval_sampled_accuracy" if sampled else "eval_accuracy"
+    key, length = ("eval_sampled_accuracy", "eval_sampled_length") if sampled else ("eval_accuracy", "eval_length")
     figure, ax = plt.subplots(figsize=(5.5, 4.0), dpi=110)
     start = groups[0][0].evals[0]
-    ax.plot(start["eval_length"], start[key], "k*", markersize=12, label="untrained")
+    ax.plot(start[length], start[key], "k*", markersize=12, label="untrained")
     for group, colour in zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
         (x, x_low, x_high), (y, y_low, y_high) = (stats.seed_interval([r.evals[-1][k] for r in group])
-                                                  for k in ("eval_length", key))
+                                                  for k in (length, key))
         error = ([[x - x_low], [x_high - x]], [[y - y_low], [y_high - y]]) if len(group) > 1 else (None, None)
         ax.errorbar(x, y, xerr=error[0], yerr=error[1], fmt="o", color=colour, capsize=3,
                     label=f"{label(group)} ({len(group)} seed{'s' if len(group) > 1 else ''})")
-    ax.set_xlabel("mean response length (tokens)")
+    ax.set_xlabel(("sampled" if sampled else "greedy") + " mean response length (tokens)")
     ax.set_ylabel(("avg@%d" % groups[0][0].evals[-1]["eval_samples"] if sampled else "greedy") + " held-out accuracy")
     ax.set_title("accuracy against length at the end (95% across seeds)", fontsize=10)
     ax.grid(alpha=0.3)
