@@ -80,13 +80,13 @@ class Setting(NamedTuple):
 
 
 SETTINGS = {
-    "gamma": Setting("a number in [0.0, inf]", lambda x: _is_number(x) and x >= 0,
+    "gamma": Setting("a finite number ≥ 0", lambda x: _is_number(x) and x >= 0,
                      "γ, the strength of the entropy gate ω (Eq. 6); 0 gives RLSD"),
     "eps": Setting("a number in (0.0, 1.0)", lambda x: _is_number(x) and 0 < x < 1,
                    "ε, the clip range of the magnitude w (Eq. 2)"),
     "floor": Setting("a number in [0.0, 1.0]", lambda x: _is_number(x) and 0 <= x <= 1,
                      "the lower bound of the gate ω (Eq. 6): every token keeps a nonzero weight"),
-    "min_denominator": Setting("a number in (0.0, inf]", lambda x: _is_number(x) and x > 0,
+    "min_denominator": Setting("a finite number > 0", lambda x: _is_number(x) and x > 0,
                                "the floor, in nats, of the entropy normaliser (Eq. 5)"),
     "window": Setting("a non-negative int", lambda x: _is_int(x) and x >= 0,
                       "W, the causal lookahead of CL-EGRSD (Eq. 8); 0 is EGRSD"),

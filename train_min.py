@@ -1,8 +1,8 @@
 """On-policy self-distillation with EGRSD / CL-EGRSD, minimal: one GPU, full fine-tuning or LoRA.
 
-Every step: sample one rollout per problem from the student, verify it, score every completion token
-with a frozen copy of the initial model whose prompt also holds the reference solution (the privileged
-teacher), weight each token (egrsd.py) and take one AdamW step. Five methods share the same rollouts,
+Every step: sample rollouts from the student (one per problem, or G with --group-size), verify them, score
+every completion token with a frozen copy of the initial model whose prompt also holds the reference
+solution (the privileged teacher), weight each token (egrsd.py) and take one AdamW step. Five methods share the same rollouts,
 reward, advantage and optimizer; only the per-token weight differs (docs/METHOD.md, egrsd.py):
 
     grpo      Â = A_i                        rlsd      Â = A_i · w            (EGRSD with γ = 0)
@@ -11,7 +11,7 @@ reward, advantage and optimizer; only the per-token weight differs (docs/METHOD.
 Run:
     python train_min.py                                      # EGRSD, Qwen2.5-0.5B-Instruct, one CUDA GPU
     python train_min.py --method cl-egrsd --window 3 --output-dir runs/cl
-    python train_min.py --model tiny --device cpu --steps 2 --batch-size 8 --max-new-tokens 64 --eval-size 16 \
+    python train_min.py --model tiny --device cpu --steps 2 --batch-size 8 --max-new-tokens 64 --eval-size 16 \\
         --output-dir runs/smoke                              # a smoke run on CPU, the tiny model built in code
     python train_min.py --resume runs/cl                     # continue an interrupted run
     python train_min.py --compare runs/egrsd runs/cl         # accuracy-length table of runs, no model

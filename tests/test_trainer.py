@@ -554,7 +554,7 @@ def test_compare_stands_anywhere_refuses_an_empty_list_or_other_flags_and_names_
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     train_min.main([str(tmp_path / "empty"), "--compare"])
-    assert "empty            (no evaluation rows yet)" in capsys.readouterr().out
+    assert "empty            (no evaluation after training yet)" in capsys.readouterr().out
 
 
 def test_rows_without_problem_ids_are_matched_to_their_held_out_file_in_order():

@@ -55,7 +55,7 @@ class Config:
     steps: int = 100
     """optimizer steps (the paper: 100)"""
     batch_size: int = 32
-    """rollouts per step (the paper: 32 prompts × 1 rollout); with --group-size G, 32 / G problems"""
+    """rollouts per step (the paper: 32 prompts × 1 rollout); with --group-size G, --batch-size / G problems"""
     group_size: int = 1
     """G, rollouts per problem: 1 (the paper) uses the running advantage; G ≥ 2 GRPO's group-normalised one,
     (r − group mean) / (group std + 1e-4), for every method (TRL's num_generations); divides --batch-size"""
@@ -140,8 +140,9 @@ class Config:
     model's is the same for every method and seed (same model, held-out problems and evaluation settings,
     which are checked)"""
     time_budget: float = 0.0
-    """seconds this run may take (0: no limit): training stops early enough to checkpoint and run the final
-    evaluation in time (for a GPU lent for a fixed time)"""
+    """seconds this run may take from its start (0: no limit): training stops when another step and the
+    final evaluation would not fit (checkpoint writes not counted: use it with --no-save-model); a resumed
+    run counts it again from its restart (for a GPU lent for a fixed time)"""
     save_model: bool = True
     """write checkpoints and final/; --no-save-model keeps only metrics.jsonl, config.json and the log (a run
     that cannot resume: for measurement runs whose multi-GB models would not be kept anyway)"""

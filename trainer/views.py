@@ -209,7 +209,9 @@ def describe(result, scale: float = 100.0, unit: str = "points", p: float | None
 
 def p_value(result) -> float:
     mean, se, df = result
-    return 1.0 if se == 0 else 2 * (1 - stats.t_cdf(abs(mean / se), df))
+    if se == 0:  # every paired difference the same
+        return 1.0 if mean == 0 else 0.0
+    return 2 * (1 - stats.t_cdf(abs(mean / se), df))
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -240,12 +242,15 @@ def compare_table(run_dirs: list[str]) -> str:
     clustered by template (CR2, t(G − 1)) and the smallest difference the design could detect (80% power):
     each setting's change from its own step 0 and training-reward slope, then each setting minus the first
     in accuracy (Holm-adjusted p over the comparisons) and in length: name the reference first
-    (`--compare runs/grpo-s* runs/*-s*`; a folder named twice counts once)."""
+    (`--compare runs/grpo-s* runs/*-s*`; a folder named twice counts once). These paired intervals take the
+    trained runs as given (problems vary, seeds do not): a seed's luck moves every problem alike, so the
+    spread between seeds is in the end accuracy's interval across seeds, not in them. A run without an
+    evaluation after training is listed apart, not pooled."""
     if not run_dirs:
         raise SystemExit("--compare: expected one or more run directories (python train_min.py --compare RUN_DIR ...)")
     runs = [load_run(d) for d in dict.fromkeys(os.path.normpath(d) for d in run_dirs)]  # a folder named twice counts once
-    groups = [[r for r in g if r.evals] for g in group_runs(runs)]
-    missing = [r.name for r in runs if not r.evals]
+    groups = [[r for r in g if len(r.evals) > 1] for g in group_runs(runs)]  # evaluated before and after training
+    missing = [r.name for r in runs if len(r.evals) < 2]
     groups = [g for g in groups if g]
     header = (f"{'run':<16} {'method':<9} {'seeds':>5} {'steps':>5} {'acc start':>9} {'acc end [95% seeds]':>21} "
               f"{'avg@K':>11} {'len start':>9} {'len end':>7} {'Δlen':>7} {'acc/(len/1k)':>12} {'trunc':>6} {'s/step':>6} {'peak GiB':>8}")
@@ -267,15 +272,15 @@ def compare_table(run_dirs: list[str]) -> str:
                      f"{mean([e.get('eval_truncated', math.nan) for e in last]):>6.3f} "
                      f"{mean([r['step_s'] for r in timed if 'step_s' in r]):>6.2f} "
                      f"{max((r.get('peak_gpu_mem_gb', math.nan) for run in group for r in run.train), default=math.nan):>8.1f}")
-    lines += [f"{name:<16} (no evaluation rows yet)" for name in missing]
+    lines += [f"{name:<16} (no evaluation after training yet)" for name in missing]
     lines += ["", "Change from step 0, paired by problem, 95% intervals clustered by template (CR2, t(G − 1)); reward slope per 100 steps:"]
     for group in groups:
         parts = []
         for key, what in (("eval_correct", "greedy"), ("eval_sampled_correct", "avg@K")):
             start, end = per_problem(group, 0, key), per_problem(group, -1, key)
-            if start and end and len(group[0].evals) > 1:
+            if start and end:
                 parts.append(f"{what} {describe(paired(end, start))}")
-        points = [(r["step"], r["reward"], run.name) for run in group for r in run.train if "reward" in r]
+        points = [(r["step"], r["reward"], id(run)) for run in group for r in run.train if "reward" in r]
         try:
             b, se, df = stats.slope(points)
             low, high = stats.interval(b, se, df)
