@@ -172,12 +172,12 @@ def test_an_unwritable_output_dir_stops_before_any_model_loads(where, tmp_path, 
 
 
 def test_compare_skips_a_torn_last_line_and_names_any_other_malformed_line(tmp_path, capsys):
-    rows = '{"kind": "eval", "step": 0, "method": "egrsd", "eval_accuracy": 0.5, "eval_length": 100.0, ' \
-           '"eval_acc_per_1k_tokens": 5.0}\n'
+    rows = "".join('{"kind": "eval", "step": %d, "method": "egrsd", "eval_accuracy": 0.5, "eval_length": 100.0, '
+                   '"eval_acc_per_1k_tokens": 5.0}\n' % step for step in (0, 2))  # evaluated before and after training
     (tmp_path / "metrics.jsonl").write_text(rows + '{"kind": "train", "step": 1, "rew')
     train_min.main(["--compare", str(tmp_path)])
     output = capsys.readouterr()
-    assert "0.500" in output.out and output.err.count(f"{tmp_path}/metrics.jsonl:2: a torn line") == 1
+    assert "0.500" in output.out and output.err.count(f"{tmp_path}/metrics.jsonl:3: a torn line") == 1
     (tmp_path / "metrics.jsonl").write_text(rows + "not json\n" + rows)
     with pytest.raises(SystemExit, match=f"{tmp_path}/metrics.jsonl:2: not a JSON row"):
         train_min.main(["--compare", str(tmp_path)])
