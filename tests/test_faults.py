@@ -179,7 +179,7 @@ def test_compare_skips_a_torn_last_line_and_names_any_other_malformed_line(tmp_p
     output = capsys.readouterr()
     assert "0.500" in output.out and output.err.count(f"{tmp_path}/metrics.jsonl:3: a torn line") == 1
     (tmp_path / "metrics.jsonl").write_text(rows + "not json\n" + rows)
-    with pytest.raises(SystemExit, match=f"{tmp_path}/metrics.jsonl:2: not a JSON row"):
+    with pytest.raises(SystemExit, match=f"{tmp_path}/metrics.jsonl:3: not a JSON row"):
         train_min.main(["--compare", str(tmp_path)])
 
 
