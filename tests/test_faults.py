@@ -364,3 +364,15 @@ def test_a_non_finite_teacher_stops_with_the_message_alone_and_applies_nothing(t
     assert str(stop.value.code).startswith("the frozen teacher's forward is not finite")
     assert "(step 1)" in str(stop.value.code)
     assert [r["step"] for r in rows_of(tmp_path) if r["kind"] == "train"] == [1]
+
+
+def test_a_non_finite_weight_is_undone_wherever_it_stands_among_the_parameters():
+    """undo_if_blown_up compares on the device: a NaN in a later tensor is not lost (Python's max of floats
+    returns 0.5 for [0.5, nan])."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        model[1].bias[0] = math.nan
+    assert run_io.undo_if_blown_up(model, before)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters()), "put back"
+    assert not run_io.undo_if_blown_up(model, before), "an unchanged model is left alone"

@@ -325,8 +325,10 @@ def undo_if_blown_up(model, before: dict) -> bool:
     such weights are never sampled from, checkpointed or saved. A sane step moves a weight by about the
     learning rate, orders of magnitude less."""
     params = dict(model.named_parameters())
-    largest = max(float(old.abs().amax()) for old in before.values())
-    moved = max(float((params[name] - old).abs().amax()) for name, old in before.items())
+    # torch's max propagates NaN (Python's max of floats can skip one that is not first), read back once
+    largest = torch.stack([old.abs().amax().float() for old in before.values()]).max()
+    moved = torch.stack([(params[name] - old).abs().amax().float() for name, old in before.items()]).max()
+    largest, moved = torch.stack([largest, moved]).tolist()
     if math.isfinite(moved) and moved <= largest:
         return False
     for name, old in before.items():

@@ -26,8 +26,10 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def relative_update(model, before: dict[str, torch.Tensor]) -> float:
     params = dict(model.named_parameters())
-    moved = sum(float((params[name].float() - old.float()).square().sum()) for name, old in before.items())
-    size = sum(float(old.float().square().sum()) for old in before.values())
+    # summed on the device, read back once (not once per parameter tensor: a host sync each on a GPU)
+    moved = torch.stack([(params[name].float() - old.float()).square().sum() for name, old in before.items()]).sum()
+    size = torch.stack([old.float().square().sum() for old in before.values()]).sum()
+    moved, size = torch.stack([moved, size]).tolist()
     return math.sqrt(moved / size) if size else math.nan
 
 
@@ -44,16 +46,16 @@ def _adapted_layers(model):
 def sampler_share_changed(sampler, before: dict[str, torch.Tensor], lora: bool) -> float:
     """Share of the sampler's weights changed by the step; `before` is the `snapshot` of the student taken
     before it (with full fine-tuning the sampler held those weights rounded to its own dtype)."""
-    changed = total = 0
+    changed, total = [], 0  # counts kept on the device and read back once
     if not lora:
         for name, p in sampler.named_parameters():
-            changed += int((p != before[name].to(p.dtype)).sum())
+            changed.append((p != before[name].to(p.dtype)).sum())
             total += p.numel()
     else:
         for layer, adapter, key in _adapted_layers(sampler):
             weight, scale = layer.base_layer.weight, layer.scaling[adapter]
             new = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
             old = before[key.format("B")].float() @ before[key.format("A")].float()
-            changed += int(((weight.float() + scale * new).to(weight.dtype) != (weight.float() + scale * old).to(weight.dtype)).sum())
+            changed.append(((weight.float() + scale * new).to(weight.dtype) != (weight.float() + scale * old).to(weight.dtype)).sum())
             total += weight.numel()
-    return changed / total if total else math.nan
+    return int(torch.stack(changed).sum()) / total if total else math.nan

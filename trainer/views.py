@@ -140,10 +140,7 @@ class Run:
 
 def load_run(run_dir: str) -> Run:
     config_path = os.path.join(run_dir, "config.json")
-    config = {}
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
+    config = run_io.read_json_file(config_path, "a run's settings") if os.path.isfile(config_path) else {}
     rows = read_rows(run_dir)
     evals = [r for r in rows if r.get("kind") == "eval"]
     for row in evals:
