@@ -316,6 +316,22 @@ def test_prefill_leaves_no_query_without_keys_and_hides_padding():
     assert not visible[:, :, p:].any(), "no prompt query sees a completion slot"
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_lm_head_reads_contiguous_hidden_states_of_a_frozen_model(family):
+    """A strided (B, 1, D) view of the prompt's last position, times a weight that needs no gradient, makes
+    torch's matmul expand the LM head to (B, D, V) and copy it: seconds per prefill at Qwen2.5's vocabulary.
+    The sampler and a LoRA base are frozen, so the head must get a contiguous input every step."""
+    tokenizer = build_tiny_tokenizer()
+    model = family_model(family).requires_grad_(False)
+    seen = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    try:
+        decoding.generate(model, *left_padded_prompts(tokenizer), 3, eos_id=-1, pad_id=tokenizer.pad_token_id, greedy=True)
+    finally:
+        hook.remove()
+    assert seen == [True] * 3, seen
+
+
 @pytest.mark.parametrize("max_new_tokens", [2, 3, 40])
 def test_prefill_resets_every_state_a_step_moved_on(max_new_tokens):
     """The CUDA-graph path runs a warm-up step and then prefills again: what follows must equal a fresh
