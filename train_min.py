@@ -328,13 +328,15 @@ def setup(cfg: Config) -> Run:
     # Full fine-tuning: the teacher is the initial weights, frozen (the paper's); the student holds trainable
     # float32 master weights (the checkpoint's when resuming); the sampler is the student in the compute
     # dtype, refreshed after each update, for rollouts and evaluation (decoding float32 weights would
-    # halve its speed). LoRA: one base model in the compute dtype plays all three roles, the
-    # teacher being the base with the adapter switched off (trainer/lora.py).
+    # halve its speed). LoRA: one base model in the compute dtype serves all three roles: the student
+    # trains an adapter on it, the teacher is it with the adapter switched off, and the sampler shares its
+    # weights and adds the adapter, unmerged, in the compute dtype (trainer/lora.py).
     checkpoint = run_io.find_checkpoint(cfg.output_dir) if cfg.resume else None
     teacher, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, compute_dtype(cfg))
     teacher.eval().requires_grad_(False)
     if cfg.lora_r:
-        student = sampler = teacher = lora.attach(teacher, cfg, checkpoint)
+        student = teacher = lora.attach(teacher, cfg, checkpoint)
+        sampler = lora.sampler(student)
     else:
         student = (AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True).to(cfg.device)
                    if checkpoint else copy.deepcopy(teacher).float().requires_grad_(True))
@@ -404,9 +406,10 @@ def train(cfg: Config):
             with warnings.catch_warnings():  # (a skipped first step steps the schedule before the optimizer)
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
                 run.schedule.step()
-            copy_weights(student, run.sampler)
+            (lora.refresh if cfg.lora_r else copy_weights)(student, run.sampler)
             reach = {"update_rel": updates.relative_update(student, before),
-                     "sampler_changed": updates.sampler_share_changed(run.sampler, before, lora=bool(cfg.lora_r))}
+                     "sampler_changed": updates.sampler_share_changed(student if cfg.lora_r else run.sampler, before,
+                                                                      lora=bool(cfg.lora_r))}
             del before
             t3 = time.perf_counter()
 

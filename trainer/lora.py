@@ -2,9 +2,9 @@
 
 The paper trains Qwen3-4B/8B with LoRA. Then one copy of the base weights plays every role: the student is
 the base model with a trainable adapter, the frozen teacher is the same model with the adapter switched
-off (`adapter_off`), and the student samples its own rollouts. Checkpoints hold the adapter (and, beside
-it, the optimizer state of the adapter only); `final/` holds the adapter and a merged model that plain
-`from_pretrained` loads.
+off (`adapter_off`), and the student samples its own rollouts through `sampler`, which shares those base
+weights. Checkpoints hold the adapter (and, beside it, the optimizer state of the adapter only); `final/`
+holds the adapter and a merged model that plain `from_pretrained` loads.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import contextlib
 import copy
 import os
 import warnings
+
+import torch
 
 
 def attach(base, cfg, checkpoint: str | None = None):
@@ -49,3 +51,58 @@ def save_final(student, tokenizer, path: str) -> None:
     merged = copy.deepcopy(student).merge_and_unload()  # a copy: the returned student keeps its adapter
     merged.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+class LowRankLinear(torch.nn.Module):
+    """A frozen linear layer and an unmerged low-rank update in the layer's own dtype, for sampling only:
+    y = x Wᵀ + b + (x Aᵀ)(s·B)ᵀ, two kernels more than the layer alone (a matmul, and a matmul that adds into
+    the layer's output), where peft's forward takes six (a cast of x to the float32 adapter, its two matmuls,
+    the scaling, the add and the cast back). Unmerged, a small adapter stays visible in bfloat16:
+    merged, W + s·B·A rounds every change below half a bfloat16 spacing of W away, for good; here the update
+    is added to outputs that differ token by token, so the rounding is as often up as down."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int):
+        super().__init__()
+        self.base = base  # the student's layer itself: its weight is shared, not copied
+        weight = base.weight
+        self.register_buffer("A", torch.zeros(rank, weight.shape[1], dtype=weight.dtype, device=weight.device))
+        self.register_buffer("sB", torch.zeros(weight.shape[0], rank, dtype=weight.dtype, device=weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        low = torch.nn.functional.linear(x, self.A)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), self.sB.t()).view(y.shape)
+
+
+def _lora_layers(model):
+    """(name, peft LoRA layer) of each layer of `model` that carries the default adapter."""
+    return [(name, module) for name, module in model.named_modules()
+            if hasattr(module, "lora_A") and hasattr(module, "base_layer") and "default" in module.lora_A]
+
+
+def sampler(student):
+    """The model that samples the student's rollouts and evaluations: the student's base model with every
+    adapted layer a `LowRankLinear` over the same (shared) base weights, the adapter copied into the base's
+    dtype. Call `refresh(student, sampler)` after each update. Its logits are the student's up to the
+    rounding of the adapter to that dtype (in float32: equal); it holds no gradient and never trains."""
+    base = student.get_base_model()
+    shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    model = copy.deepcopy(base, memo=shared)  # the modules copied, every weight shared
+    for name, layer in _lora_layers(model):
+        model.set_submodule(name, LowRankLinear(layer.base_layer, layer.lora_A["default"].weight.shape[0]))
+    left = [name for name, p in model.named_parameters() if p.requires_grad]
+    if left:  # an adapter this sampler does not know (on an embedding, say): it would share trained weights
+        raise ValueError(f"student: expected LoRA on linear layers only, got a trainable {left[0]}")
+    refresh(student, model)
+    return model
+
+
+@torch.no_grad()
+def refresh(student, sampler) -> None:
+    """Copy the student's adapter (A, and B times its scale α/r) into the sampler's layers."""
+    layers = dict(_lora_layers(student.get_base_model()))
+    for name, module in sampler.named_modules():
+        if isinstance(module, LowRankLinear):
+            layer = layers[name]
+            module.A.copy_(layer.lora_A["default"].weight)
+            module.sB.copy_(layer.lora_B["default"].weight * layer.scaling["default"])

@@ -6,9 +6,10 @@
   the step changed. Full fine-tuning keeps float32 master weights and samples from a bfloat16 copy on a
   GPU: a bfloat16 weight w only moves once the float32 one has moved by half its spacing (2⁻⁹·|w|, 6.1e-5
   at |w| = 2⁻⁶ = 0.016), so at lr 1e-6 most updates never reach the rollouts. In float32 the sampler is the
-  student itself and the share is simply the share of weights that moved. With LoRA the adapter is applied
-  unmerged, in its own dtype; the share is then that of the merged weights W + s·B·A in the base's dtype
-  (the adapted linear layers only): what a merged bfloat16 sampler would see.
+  student itself and the share is simply the share of weights that moved. With LoRA the sampler applies
+  the adapter unmerged (trainer/lora.py); the share is then that of the merged weights W + s·B·A in the
+  base's dtype (the adapted linear layers only): what a merged bfloat16 sampler would see. Pass the
+  student (the peft model) as `sampler` then.
 """
 
 from __future__ import annotations

@@ -1,0 +1,132 @@
+"""The LoRA sampler (trainer/lora.py): the student's forward through fewer kernels, its base weights shared,
+and an adapter too small to survive merging into bfloat16 weights still visible."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from trainer import decoding
+from trainer.config import Config
+from trainer.offline_models import build_tiny_model, build_tiny_tokenizer
+
+peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
+from trainer import lora  # noqa: E402  (imports peft inside its functions only)
+
+IDS = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+
+
+def student(dtype=torch.float32, r=4):
+    """The tiny model with a LoRA adapter on every projection, B random (peft starts it at 0)."""
+    model = lora.attach(build_tiny_model(build_tiny_tokenizer(), dtype=dtype), Config(lora_r=r, lora_alpha=2 * r))
+    randomize_adapter(model, seed=0)
+    return model
+
+
+@torch.no_grad()
+def randomize_adapter(model, seed, scale=0.1):
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale)
+
+
+@torch.no_grad()
+def logits(model):
+    return model(input_ids=IDS).logits
+
+
+def test_the_sampler_is_the_students_forward_in_float64_and_follows_it_after_refresh():
+    trained = student(torch.float64)
+    fast = lora.sampler(trained)
+    torch.testing.assert_close(logits(fast), logits(trained), rtol=1e-12, atol=1e-12)
+    randomize_adapter(trained, seed=1)  # an update
+    assert not torch.allclose(logits(fast), logits(trained)), "a stale sampler differs (else this test proves nothing)"
+    lora.refresh(trained, fast)
+    torch.testing.assert_close(logits(fast), logits(trained), rtol=1e-12, atol=1e-12)
+    tokenizer = build_tiny_tokenizer()
+    mask = torch.ones_like(IDS)
+    ours, theirs = (decoding.generate(m, IDS, mask, 12, eos_id=-1, pad_id=tokenizer.pad_token_id, greedy=True)
+                    for m in (fast, trained))
+    assert torch.equal(ours, theirs)
+
+
+def test_the_sampler_shares_the_base_weights_and_holds_only_the_adapter_beside_them():
+    trained = student()
+    fast = lora.sampler(trained)
+    base = {p.data_ptr() for name, p in trained.named_parameters() if "lora_" not in name}
+    assert {p.data_ptr() for p in fast.parameters()} == base, "every weight of the sampler is the student's base"
+    adapter = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    assert sum(b.numel() for name, b in fast.named_buffers() if name.endswith((".A", ".sB"))) == adapter
+    assert not any(p.requires_grad for p in fast.parameters())
+
+
+class CountKernels(TorchDispatchMode):
+    """The ATen operations that compute something (views and metadata changes are not kernels)."""
+    VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "slice", "unsqueeze", "alias", "detach",
+             "as_strided", "reshape", "select", "permute", "split", "squeeze", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in self.VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def kernels(model) -> int:
+    with torch.no_grad(), CountKernels() as counter:
+        model(input_ids=IDS[:, :1])  # one decode step's forward
+    return counter.count
+
+
+def test_the_sampler_adds_two_kernels_per_adapted_layer_where_peft_adds_more():
+    trained = student(torch.bfloat16)
+    base = build_tiny_model(build_tiny_tokenizer(), dtype=torch.bfloat16)
+    adapted = len(lora._lora_layers(trained.get_base_model()))
+    assert adapted == 2 * 7, "all seven projections of both layers"
+    assert kernels(lora.sampler(trained)) - kernels(base) == 2 * adapted
+    assert kernels(trained) - kernels(base) >= 4 * adapted  # peft: casts, two matmuls, the scaling, the add
+
+
+@torch.no_grad()
+def test_an_adapter_that_merging_rounds_away_stays_visible_to_the_bf16_sampler():
+    """Adapted weights of magnitude 0.25 to 0.5 (half a bfloat16 spacing there is 2⁻¹⁰ ≈ 1e-3) and s·B·A of
+    about 1e-4: merged into the weights the adapter vanishes, unmerged it moves the sampler's logits."""
+    trained = student(torch.bfloat16)
+    generator = torch.Generator().manual_seed(3)
+    for _, layer in lora._lora_layers(trained.get_base_model()):
+        weight = layer.base_layer.weight
+        magnitude = 0.25 + 0.25 * torch.rand(weight.shape, generator=generator)
+        weight.copy_(torch.where(torch.rand(weight.shape, generator=generator) < 0.5, -magnitude, magnitude))
+    randomize_adapter(trained, seed=2, scale=0.005)
+    with trained.disable_adapter():
+        base = logits(trained)
+    before = [p.clone() for p in trained.get_base_model().parameters() if not p.requires_grad]
+    merged = copy.deepcopy(trained).merge_and_unload()
+    assert all(torch.equal(a, b) for a, b in zip(merged.parameters(), before)), "merging rounds it all away"
+    assert torch.equal(logits(merged), base)
+    assert not torch.equal(logits(lora.sampler(trained)), base), "the sampler sees the adapter"
+
+
+def test_a_lora_run_samples_every_step_from_the_adapter_as_last_updated(tmp_path, monkeypatch):
+    import train_min
+    from test_trainer import TINY
+
+    students, seen = [], []
+    attach, rollouts = lora.attach, train_min.rollouts
+    monkeypatch.setattr(lora, "attach", lambda *args, **kwargs: students.append(attach(*args, **kwargs)) or students[-1])
+
+    def checked(sampler, *args):
+        with torch.no_grad():
+            seen.append(logits(sampler) - logits(students[-1]))
+        return rollouts(sampler, *args)
+
+    monkeypatch.setattr(train_min, "rollouts", checked)
+    train_min.main(TINY + ["--steps", "3", "--lora-r", "4", "--lr", "1e-3", "--eval-size", "0", "--output-dir", str(tmp_path)])
+    assert len(seen) == 3 and all(d.abs().max() < 1e-5 for d in seen), [d.abs().max() for d in seen]
+    with torch.no_grad(), students[-1].disable_adapter():
+        base = logits(students[-1])
+    assert (logits(students[-1]) - base).abs().max() > 1e-3, "the adapter moved, so a stale sampler would differ"
