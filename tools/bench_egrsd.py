@@ -11,7 +11,8 @@
 2. Rollouts: each engine of `train_min.generate`: HF `generate` with a dynamic cache (the baseline) and
    a static cache (compiled on CUDA), trainer/decoding.py eager and, on CUDA, with one CUDA graph per
    decode step (the trainer's default there): new tokens per second at batch 32 and 128, best of 5 (CPU)
-   or 3 (CUDA) after a warm-up, and whether each engine's greedy tokens equal decoding.py's.
+   or 3 (CUDA) after a warm-up, and whether each engine's greedy tokens equal decoding.py's. Then the
+   same model with a LoRA adapter, through peft's forward and through train_min's sampler (`lora.sampler`).
 3. `lookahead_min`: a Python loop vs the vectorised version.
 4. Two training steps of train_min.py at its defaults (CUDA) or small sizes (CPU); the second, split into
    generate / score / update with tokens per second and share of the step; `--profile FILE` adds a third
@@ -32,6 +33,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import resource
 import sys
 import tempfile
@@ -47,7 +49,7 @@ import egrsd  # noqa: E402
 def sizes(device: str) -> dict:
     if device == "cuda":  # the issue's sizes: Qwen2.5-0.5B, 16 × 1024 tokens scored, 64 + 256 tokens rolled out
         return dict(layers=24, score_batch=16, score_length=1024, chunk_size=1024, rollout_layers=24, prompt=64,
-                    new_tokens=256, batches=(32, 128), repeats=3, step_model="random-0.5b", step_batch=32, step_flags=[],
+                    new_tokens=256, batches=(32, 128), repeats=3, lora_rank=64, step_model="random-0.5b", step_batch=32, step_flags=[],
                     finetune=[("qwen2.5-0.5b full", "random-0.5b", []), ("qwen2.5-0.5b lora", "random-0.5b", LORA),
                               ("qwen3-4b lora", "random-qwen3-4b", LORA)])  # the paper's batch and length
     # CPU: the real vocabulary and width with 2 layers for scoring (4 chunks instead of 16), and the tiny
@@ -55,7 +57,7 @@ def sizes(device: str) -> dict:
     # and a 2-layer model of that width and vocabulary for full fine-tuning against LoRA
     small = ["--batch-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "32", "--dtype", "float32"]
     return dict(layers=2, score_batch=4, score_length=256, chunk_size=256, rollout_layers=0, prompt=64,
-                new_tokens=64, batches=(32, 128), repeats=5, step_model="tiny", step_batch=8, step_flags=["--max-new-tokens", "64"],
+                new_tokens=64, batches=(32, 128), repeats=5, lora_rank=8, step_model="tiny", step_batch=8, step_flags=["--max-new-tokens", "64"],
                 finetune=[("2-layer full", "2-layer", small), ("2-layer lora", "2-layer", small + LORA)])
 
 
@@ -244,6 +246,38 @@ def bench_rollouts(device: str, s: dict, save=lambda partial: None) -> dict:
                 out[f"speedup_batch{batch}" + ("" if baseline == "hf-dynamic" else "_vs_static")] = (
                     out[f"{ours}_batch{batch}_tokens_per_s"] / out[f"{baseline}_batch{batch}_tokens_per_s"])
         save(out)
+    out |= lora_rollouts(model, tokenizer, s, configs[ours], ours)
+    save(out)
+    return out
+
+
+def lora_rollouts(model, tokenizer, s: dict, cfg, engine: str) -> dict:
+    """The project's engine at the first batch size on the same model with a LoRA adapter (rank
+    `lora_rank`, B random so that it acts): through peft's forward, and through train_min's sampler
+    (`lora.sampler`); new tokens per second, and each as a share of the plain model's rate."""
+    import copy
+
+    import train_min
+    from trainer import lora
+    from trainer.config import Config
+
+    batch = s["batches"][0]
+    out = {"lora_rank": s["lora_rank"], "lora_batch": batch}
+    try:
+        adapted = lora.attach(copy.deepcopy(model), Config(lora_r=s["lora_rank"], lora_alpha=2 * s["lora_rank"]))
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.01)
+        prompts = torch.randint(3, len(tokenizer), (batch, s["prompt"]), generator=torch.Generator().manual_seed(batch))
+        prompts = prompts.to(next(model.parameters()).device)
+        for label, variant in (("lora_peft", adapted), ("lora_sampler", lora.sampler(adapted))):
+            run = lambda: train_min.generate(variant, tokenizer, prompts, torch.ones_like(prompts), cfg)[0]  # noqa: E731
+            run()  # warm-up
+            seconds, _ = best_of(s["repeats"], run, cfg.device)
+            out[f"{label}_batch{batch}_tokens_per_s"] = batch * s["new_tokens"] / seconds
+    except Exception as error:  # noqa: BLE001 (peft missing, say: recorded)
+        out["lora_error"] = f"{type(error).__name__}: {error}"[:2000]
     return out
 
 
@@ -276,7 +310,7 @@ def memory_estimates(lora_r: int = 64) -> dict:
     the parameter counts (models built on the meta device, no memory): an ESTIMATE, without activations,
     KV cache or logits chunks. Full: float32 master weights, gradients and two AdamW moments, and the bf16
     teacher and sampler copies (20 bytes a parameter). LoRA: one bf16 base (2 bytes a parameter) and a
-    float32 adapter with its gradient and moments (16 bytes an adapter parameter)."""
+    float32 adapter with its gradient and moments and the sampler's bf16 copy (18 bytes an adapter parameter)."""
     from transformers import AutoModelForCausalLM
 
     from trainer import lora
@@ -291,7 +325,7 @@ def memory_estimates(lora_r: int = 64) -> dict:
         params = sum(p.numel() for p in model.parameters())
         trainable = lora.adapter_parameters(model, Config(lora_r=lora_r, lora_alpha=2 * lora_r))  # train_min's targets
         out[name] = {"parameters": params, "adapter_parameters": trainable, "full_gib": 20 * params / 2**30,
-                     "lora_gib": (2 * params + 16 * trainable) / 2**30}
+                     "lora_gib": (2 * params + 18 * trainable) / 2**30}
     return out
 
 
@@ -449,12 +483,19 @@ def report(r: dict) -> str:
         ro = r["rollouts"]
         lines.append("\n2. rollouts, new tokens/s   " + "".join(f"{e:>12}" for e in ro["engines"])
                      + f"   {ro['project_engine']} / hf-dynamic, / hf-static")
-        for batch in sorted({int(k.split("batch")[1].split("_")[0]) for k in ro if "_batch" in k}):
+        for batch in sorted({int(m.group(1)) for k in ro if (m := re.search(r"_batch(\d+)_", k))}):
             rate = lambda e: ro.get(f"{e}_batch{batch}_tokens_per_s", math.nan)  # noqa: E731 (nan: not measured)
             lines.append(f"   batch {batch:>4}              " + "".join(f"{rate(e):12.0f}" for e in ro["engines"])
                          + f"   {ro.get(f'speedup_batch{batch}', math.nan):.2f}×, {ro.get(f'speedup_batch{batch}_vs_static', math.nan):.2f}×")
         same = ro.get("greedy_rows_equal_to_eager", {})
         lines.append("   greedy rows equal to eager " + "".join(f"{same.get(e, math.nan):12.2f}" for e in ro["engines"]))
+        if "lora_batch" in ro:
+            batch = ro["lora_batch"]
+            plain = ro.get(f"{ro['project_engine']}_batch{batch}_tokens_per_s", math.nan)
+            rates = [ro.get(f"{label}_batch{batch}_tokens_per_s", math.nan) for label in ("lora_peft", "lora_sampler")]
+            lines.append(f"   LoRA r {ro['lora_rank']}, batch {batch}, {ro['project_engine']}: through peft {rates[0]:.0f} "
+                         f"({rates[0] / plain:.2f} of the plain model's rate), through lora.sampler {rates[1]:.0f} ({rates[1] / plain:.2f})"
+                         + (f"; {ro['lora_error'][:100]}" if "lora_error" in ro else ""))
     if "lookahead" in r:
         la = r["lookahead"]
         lines.append(f"\n3. lookahead_min {la['shape']} W={la['window']}: loop {la['loop_s'] * 1000:.0f} ms, vectorised "
