@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM
 
 import egrsd
 from trainer import decoding, lora, run_io, updates, views
-from trainer.modeling import copy_weights, lm_head, micro_batches, to_grid, trainable
+from trainer.modeling import checkpointing_if_needed, copy_weights, lm_head, micro_batches, to_grid, trainable
 from trainer.config import Config, check_config, checked_data, compare_dirs, compute_dtype, learning_rate_factor, parse_args
 from trainer.offline_models import enable_activation_checkpointing, eos_list, load_model_and_tokenizer
 from trainer.tasks import batch_problems, is_correct, is_correct_symbolic, student_messages, teacher_messages
@@ -315,6 +315,7 @@ class Run:
     metrics: object  # metrics.jsonl, open for appending
     start_step: int
     started: float  # time.perf_counter() at the start, for --time-budget
+    checkpointing: bool  # whether the student recomputes its activations in the backward (--gradient-checkpointing)
 
 
 def setup(cfg: Config) -> Run:
@@ -326,11 +327,10 @@ def setup(cfg: Config) -> Run:
     train_problems, eval_problems = checked_data(cfg)  # each prompt fits the model's positions
 
     # Full fine-tuning: the teacher is the initial weights, frozen (the paper's); the student holds trainable
-    # float32 master weights (the checkpoint's when resuming); the sampler is the student in the compute
-    # dtype, refreshed after each update, for rollouts and evaluation (decoding float32 weights would
-    # halve its speed). LoRA: one base model in the compute dtype serves all three roles: the student
-    # trains an adapter on it, the teacher is it with the adapter switched off, and the sampler shares its
-    # weights and adds the adapter, unmerged, in the compute dtype (trainer/lora.py).
+    # float32 master weights (the checkpoint's when resuming); the sampler, a copy in the compute dtype
+    # refreshed after each update, rolls out and evaluates (decoding float32 would halve its speed). LoRA: one
+    # base model in the compute dtype: the student trains an adapter on it, the teacher is it with the adapter
+    # off, and the sampler shares its weights and adds the adapter unmerged (trainer/lora.py).
     checkpoint = run_io.find_checkpoint(cfg.output_dir) if cfg.resume else None
     teacher, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, compute_dtype(cfg))
     teacher.eval().requires_grad_(False)
@@ -358,14 +358,14 @@ def setup(cfg: Config) -> Run:
         run_io.set_rng_states(state["rng"])  # the sampling continues as if never interrupted
         start_step = state["step"]
         print(f"resumed {cfg.output_dir} at step {start_step}")
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing == "on":
         enable_activation_checkpointing(student)
     os.makedirs(cfg.output_dir, exist_ok=True)
     with run_io.writing("the run's settings", os.path.join(cfg.output_dir, "config.json"), cfg.output_dir):
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(asdict(cfg) | {"resume": ""}, f, indent=1)
     return Run(cfg, train_problems, eval_problems, tokenizer, teacher, student, sampler, optimizer, schedule, advantage,
-               run_io.open_metrics(cfg.output_dir), start_step, started)
+               run_io.open_metrics(cfg.output_dir), start_step, started, cfg.gradient_checkpointing == "on")
 
 
 def train(cfg: Config):
@@ -400,16 +400,18 @@ def train(cfg: Config):
             #    rounds away updates much below 2⁻⁹·|w|).
             lr = run.optimizer.param_groups[0]["lr"]
             before = updates.snapshot(student)
-            loss, grad_norm, weights = update(student, run.teacher, run.optimizer, batch, scores, advantages.to(cfg.device), cfg, gates)
+            (loss, grad_norm, weights), switched = checkpointing_if_needed(  # --gradient-checkpointing auto
+                lambda: update(student, run.teacher, run.optimizer, batch, scores, advantages.to(cfg.device), cfg, gates),
+                student, run.optimizer, may_switch=cfg.gradient_checkpointing == "auto" and not run.checkpointing)
+            run.checkpointing |= switched
             # A finite step can still overflow the weights (a huge --lr): it is undone and counts as skipped.
             skipped = not (math.isfinite(loss) and math.isfinite(grad_norm)) or run_io.undo_if_blown_up(student, before)
             with warnings.catch_warnings():  # (a skipped first step steps the schedule before the optimizer)
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
                 run.schedule.step()
             (lora.refresh if cfg.lora_r else copy_weights)(student, run.sampler)
-            reach = {"update_rel": updates.relative_update(student, before),
-                     "sampler_changed": updates.sampler_share_changed(student if cfg.lora_r else run.sampler, before,
-                                                                      lora=bool(cfg.lora_r))}
+            reach = {"update_rel": updates.relative_update(student, before), "sampler_changed": updates.sampler_share_changed(
+                student if cfg.lora_r else run.sampler, before, lora=bool(cfg.lora_r))}
             del before
             t3 = time.perf_counter()
 
@@ -419,6 +421,7 @@ def train(cfg: Config):
                    "accuracy": correct.float().mean().item(), "length_mean": lengths.float().mean().item(),
                    "length_max": int(lengths.max()), "truncated": (~batch.finished).float().mean().item(),
                    "loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": skipped, **reach,
+                   "gradient_checkpointing": run.checkpointing,
                    **views.regime_stats(scores, weights, batch.mask, gates),
                    "rollout_tokens_per_s": int(lengths.sum()) / (t1 - t0), "generate_s": t1 - t0, "score_s": t2 - t1,
                    "update_s": t3 - t2, "step_s": t3 - t0,
@@ -475,8 +478,7 @@ def save_checkpoint(run: Run, step: int) -> None:
 
 
 def save_final(run: Run) -> None:
-    """final/: the sampler's weights in the compute dtype (with LoRA: the merged model and the adapter),
-    written beside it and renamed into place."""
+    """final/: the sampler's weights in the compute dtype (LoRA: the merged model and the adapter)."""
     if run.cfg.save_model:
         run_io.save_final(run.cfg.output_dir, lambda path: lora.save_final(run.student, run.tokenizer, path) if run.cfg.lora_r
                           else [m.save_pretrained(path) for m in (run.sampler, run.tokenizer)])

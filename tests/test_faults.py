@@ -285,6 +285,53 @@ def test_a_checkpoint_saved_before_manifests_resumes_after_a_notice(one_step, tm
     assert [r["step"] for r in views.read_rows(str(run_dir)) if r["kind"] == "train"] == [1, 2]
 
 
+def test_a_run_saved_when_gradient_checkpointing_was_on_or_off_resumes_with_it(one_step, tmp_path):
+    run_dir = broken_copy(one_step, tmp_path, "config.json", edit_json(gradient_checkpointing=False))
+    train_min.main(["--resume", str(run_dir), "--steps", "2"])
+    assert json.loads((run_dir / "config.json").read_text())["gradient_checkpointing"] == "off"
+    assert [r["gradient_checkpointing"] for r in views.read_rows(str(run_dir)) if r["kind"] == "train"] == [False, False]
+
+
+def out_of_memory_at(call: int, monkeypatch) -> list:
+    """The student's forward in the update runs out of device memory at its `call`-th call (counted from 1),
+    once; returns the list of calls, each with whether the student then recomputed its activations."""
+    calls, hidden = [], train_min.completion_hidden
+
+    def maybe_out_of_memory(model, *args):
+        if torch.is_grad_enabled():
+            calls.append(bool(getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False))))
+            if len(calls) == call:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return hidden(model, *args)
+
+    monkeypatch.setattr(train_min, "completion_hidden", maybe_out_of_memory)
+    return calls
+
+
+def test_auto_checkpointing_switches_on_when_an_update_runs_out_of_memory_and_takes_it_again_exactly(tmp_path, monkeypatch):
+    """The second micro-batch of the first update runs out: the first one's gradients are already accumulated,
+    so an update taken again without dropping them would differ from a run with checkpointing on throughout."""
+    flags = ONE_STEP[:-6] + ["--steps", "2", "--eval-size", "0", "--micro-batch-size", "2"]
+    with monkeypatch.context() as m:
+        calls = out_of_memory_at(2, m)
+        auto, _ = train_min.main(flags + ["--gradient-checkpointing", "auto", "--output-dir", str(tmp_path / "auto")])
+    assert calls[:2] == [False, False] and all(calls[2:]) and len(calls) == 2 + 2 * 2, calls
+    always, _ = train_min.main(flags + ["--gradient-checkpointing", "on", "--output-dir", str(tmp_path / "on")])
+    rows = {name: [r for r in views.read_rows(str(tmp_path / name)) if r["kind"] == "train"] for name in ("auto", "on")}
+    assert [r["gradient_checkpointing"] for r in rows["auto"]] == [True, True]
+    for a, b in zip(rows["auto"], rows["on"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+    for p, q in zip(auto.parameters(), always.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_out_of_memory_under_a_fixed_checkpointing_setting_is_raised(setting, tmp_path, monkeypatch):
+    out_of_memory_at(1, monkeypatch)
+    with pytest.raises(torch.OutOfMemoryError):
+        train_min.main(ONE_STEP + ["--gradient-checkpointing", setting, "--output-dir", str(tmp_path)])
+
+
 def test_a_huge_learning_rate_never_saves_non_finite_weights_and_an_infinite_one_is_refused(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         no_model(m)

@@ -235,7 +235,7 @@ def test_on_policy_training_raises_the_reward_on_a_learnable_task(format_trained
     train_min.main(["--model", str(folder / "model"), "--data", str(folder / "data.jsonl"), "--method", "egrsd",
                     "--device", "cpu", "--steps", "25", "--batch-size", "32", "--micro-batch-size", "32",
                     "--max-new-tokens", "4", "--lr", "2e-3", "--eval-size", "0", "--save-every", "0",
-                    "--advantage-warmup", "5", "--no-gradient-checkpointing", "--output-dir", str(tmp_path)])
+                    "--advantage-warmup", "5", "--gradient-checkpointing", "off", "--output-dir", str(tmp_path)])
     rewards = [r["reward"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
     assert first < 0.5 and last > first + 0.5, rewards  # from chance (1 in 10 × 1.25) to mostly right

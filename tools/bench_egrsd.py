@@ -366,35 +366,43 @@ def bench_lookahead(batch: int = 32, length: int = 1024, window: int = 3) -> dic
 
 def bench_step(device: str, s: dict, profile: str = "") -> dict:
     """Two steps of train_min.py at its defaults (on CUDA: batch 32, up to 1,024 new tokens); the second is
-    reported: each phase's seconds, completion tokens per second and share of the step, peak memory. With
-    `profile`, a third step runs under torch.profiler and its busiest operators go to that text file."""
+    reported: each phase's seconds, completion tokens per second and share of the step, peak memory,
+    whether activations were recomputed (--gradient-checkpointing auto). Then the same two steps with
+    gradient checkpointing on, side by side (`checkpointing_on`). With `profile`, a third step of the
+    default run runs under torch.profiler and its busiest operators go to that text file."""
     import train_min
 
-    with tempfile.TemporaryDirectory() as run_dir:
-        flags = ["--model", s["step_model"], "--device", device, "--eval-size", "0", "--save-every", "0",
-                 "--batch-size", str(s["step_batch"]), "--output-dir", run_dir, *s["step_flags"]]
-        train_min.main(flags + ["--steps", "2"])
-        rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-        if profile:
-            _profile_one_more_step(flags, run_dir, device, profile)
-    last = rows[-1]  # the second step: compilation and warm-up are behind it
+    def two_steps(extra: list, profile: str = "") -> dict:
+        with tempfile.TemporaryDirectory() as run_dir:
+            flags = ["--model", s["step_model"], "--device", device, "--eval-size", "0", "--save-every", "0",
+                     "--batch-size", str(s["step_batch"]), "--output-dir", run_dir, *s["step_flags"], *extra]
+            train_min.main(flags + ["--steps", "2"])
+            rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+            if profile:
+                _profile_one_more_step(flags, run_dir, device, profile)
+        return rows[-1]  # the second step: compilation and warm-up are behind it
+
+    last = two_steps([], profile)
     tokens = last["length_mean"] * s["step_batch"]
-    keys = ("generate_s", "score_s", "update_s", "step_s", "length_mean", "length_max", "peak_gpu_mem_gb")
+    keys = ("generate_s", "score_s", "update_s", "step_s", "length_mean", "length_max", "peak_gpu_mem_gb", "gradient_checkpointing")
     out = {"model": s["step_model"], "batch": s["step_batch"], "flags": s["step_flags"] or "defaults", **{k: last[k] for k in keys},
            "completion_tokens": tokens, **{f"{phase}_tokens_per_s": tokens / last[f"{phase}_s"] for phase in ("generate", "score", "update")},
            "score_plus_update_share": (last["score_s"] + last["update_s"]) / last["step_s"]}
-    return out | flop_floor(s["step_model"], tokens, last["score_s"] + last["update_s"], device)
+    out |= flop_floor(s["step_model"], tokens, last["score_s"] + last["update_s"], device, last["gradient_checkpointing"])
+    on = two_steps(["--gradient-checkpointing", "on"])
+    out["checkpointing_on"] = {k: on[k] for k in ("score_s", "update_s", "step_s", "length_mean", "peak_gpu_mem_gb")}
+    return out
 
 
 # Dense bf16 tensor-core peak of a card (its data sheet, without sparsity), for the FLOP floor.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
-def flop_floor(model: str, completion_tokens: float, seconds: float, device: str) -> dict:
+def flop_floor(model: str, completion_tokens: float, seconds: float, device: str, recomputed: bool) -> dict:
     """The least time score + update could take at the card's bf16 peak: 2 FLOPs a parameter a token for
-    each forward pass over the completion tokens, five passes (the teacher's forward, the update's forward,
-    its backward counted as two, and the recomputation of gradient checkpointing); prompts not counted, so
-    this floor is a little low. NaN where the card's peak is not known (and on CPU)."""
+    each forward pass over the completion tokens, four passes (the teacher's forward, the update's forward,
+    its backward counted as two), five where gradient checkpointing recomputed the forward; prompts not
+    counted, so this floor is a little low. NaN where the card's peak is not known (and on CPU)."""
     from transformers import AutoModelForCausalLM
 
     from trainer.offline_models import model_config
@@ -403,8 +411,9 @@ def flop_floor(model: str, completion_tokens: float, seconds: float, device: str
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config(model)).parameters())
     name = torch.cuda.get_device_name() if device == "cuda" else ""
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), math.nan)
-    floor = 2 * params * completion_tokens * 5 / peak
-    return {"score_update_flops": 2 * params * completion_tokens * 5, "score_update_floor_s": floor,
+    flops = 2 * params * completion_tokens * (5 if recomputed else 4)
+    floor = flops / peak
+    return {"score_update_flops": flops, "score_update_floor_s": floor,
             "score_update_over_floor": seconds / floor}
 
 
@@ -508,7 +517,12 @@ def report(r: dict) -> str:
             lines.append(f"   {phase:<9} {st[f'{phase}_s']:7.2f} s {100 * st[f'{phase}_s'] / st['step_s']:4.0f}%  "
                          f"{st[f'{phase}_tokens_per_s']:9.0f} tokens/s")
         lines.append(f"   step      {st['step_s']:7.2f} s; score + update = {100 * st['score_plus_update_share']:.0f}%, "
-                     f"{st.get('score_update_over_floor', math.nan):.1f}× its FLOP floor of {st.get('score_update_floor_s', math.nan):.2f} s")
+                     f"{st.get('score_update_over_floor', math.nan):.1f}× its FLOP floor of {st.get('score_update_floor_s', math.nan):.2f} s; "
+                     f"gradient checkpointing {'on' if st.get('gradient_checkpointing') else 'off'} (auto)")
+        if "checkpointing_on" in st:
+            on = st["checkpointing_on"]
+            lines.append(f"   with gradient checkpointing on: score {on['score_s']:.2f} s, update {on['update_s']:.2f} s, "
+                         f"step {on['step_s']:.2f} s, peak GPU {on['peak_gpu_mem_gb']:.1f} GiB")
     if "finetune" in r:
         ft = r["finetune"]
         lines.append("\n5. full fine-tuning against LoRA (r = 64, α = 128), two steps each: the second's time, the run's peak")

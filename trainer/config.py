@@ -27,6 +27,7 @@ SMOKE = ("python train_min.py --model tiny --device cpu --steps 2 --batch-size 8
          "--output-dir runs/smoke")
 SCHEDULES = ("constant", "linear", "cosine")
 ROLLOUTS = ("auto", "graph", "eager", "hf-static", "hf-dynamic")
+CHECKPOINTING = ("auto", "on", "off")
 
 
 @dataclass
@@ -153,8 +154,9 @@ class Config:
     graph, eager (decoding.py without graphs), hf-static or hf-dynamic (HF generate with that cache)"""
     chunk_size: int = 1024
     """rows of logits alive at once when scoring (memory O(chunk × vocab))"""
-    gradient_checkpointing: bool = True
-    """recompute activations in the backward to save memory"""
+    gradient_checkpointing: str = "auto"
+    """recompute activations in the backward to save memory: on, off, or auto (off until an update runs out of
+    device memory; then on for the rest of the run, and that update taken again: nothing of it was applied)"""
     max_bad_steps: int = 3
     """stop after this many non-finite steps in a row (each is skipped, not applied)"""
     regime_low: float = 0.2
@@ -176,6 +178,8 @@ def read_config(path: str) -> dict:
     """A run's config.json, checked: a JSON object whose every key is a flag of Config holding a value of
     that flag's type; else a stop that names the file, the key and what was expected."""
     saved = run_io.read_json_file(path, "the JSON object of a run's settings that train_min.py writes")
+    if isinstance(saved.get("gradient_checkpointing"), bool):  # a run saved when the flag was on/off only
+        saved["gradient_checkpointing"] = "on" if saved["gradient_checkpointing"] else "off"
     kinds = {f.name: f.type for f in fields(Config)}
     types = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
     for key, value in saved.items():
@@ -247,6 +251,7 @@ def check_config(cfg: Config) -> None:
         ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
         ("rollout", cfg.rollout in ROLLOUTS, ", ".join(ROLLOUTS)),
         ("rollout", cfg.rollout != "graph" or cfg.device.startswith("cuda"), "graph only with a CUDA --device"),
+        ("gradient_checkpointing", cfg.gradient_checkpointing in CHECKPOINTING, ", ".join(CHECKPOINTING)),
         ("verifier", cfg.verifier in ("builtin", "math-verify"), "builtin or math-verify"),
         ("verifier", cfg.verifier != "math-verify" or importlib.util.find_spec("math_verify") is not None,
          "math-verify installed (pip install -r requirements-extras.txt)"),

@@ -1,10 +1,12 @@
 """Small helpers of train_min.py for models and token grids: the LM head's weight, micro-batches, the
-valid tokens of a batch back into its (B, T) grid, copying weights between two copies of a model, and the
-parameters an optimizer trains."""
+valid tokens of a batch back into its (B, T) grid, copying weights between two copies of a model, the
+parameters an optimizer trains, and gradient checkpointing switched on where memory needs it."""
 
 from __future__ import annotations
 
 import torch
+
+from trainer.offline_models import enable_activation_checkpointing
 
 
 def lm_head(model) -> torch.Tensor:
@@ -29,3 +31,22 @@ def copy_weights(source, target) -> None:
 
 def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def checkpointing_if_needed(update, model, optimizer, may_switch: bool):
+    """(update(), False); but if `update` runs out of device memory and `may_switch`, switch activation
+    checkpointing on for `model` and take the update again from the start: (update(), True). The optimizer
+    must not have stepped (train_min.update steps last); the gradients already accumulated are dropped. As
+    accelerate's find_executable_batch_size retries a smaller batch: recomputation only where memory needs it."""
+    try:
+        return update(), False
+    except torch.OutOfMemoryError:
+        if not may_switch:
+            raise
+    # (outside the except block: its traceback, which holds the failed update's tensors, is gone)
+    optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    enable_activation_checkpointing(model)
+    print("out of device memory without gradient checkpointing: on from now on, and this update taken again", flush=True)
+    return update(), True

@@ -30,7 +30,7 @@ for method in $methods; do
     --score-temperature 1.0 --lora-r 0 --verifier builtin \
     --beta-length 0.5 --advantage-warmup 10 \
     --eval-size 128 --eval-every 20 --eval-batch-size 64 --save-every 0 \
-    --rollout auto --chunk-size 1024 --gradient-checkpointing --max-bad-steps 3 \
+    --rollout auto --chunk-size 1024 --gradient-checkpointing on --max-bad-steps 3 \
     --regime-low 0.2 --regime-high 0.5 --dump-tokens "${DUMP_TOKENS:-0}" \
     ${FLAGS:-} > "$out/$method/log.txt" 2>&1 &
   pids+=($!)

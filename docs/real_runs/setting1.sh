@@ -19,6 +19,8 @@
 # bash docs/real_runs/setting1.sh tiny). A run *learns* when its held-out
 # accuracy rises from step 0 with a template-clustered interval that excludes 0 and its reward slope is
 # positive with an interval that excludes 0 (python train_min.py --compare on the unpacked runs).
+# --gradient-checkpointing on, not auto: the runs share one card, so one run's update could take the memory
+# that another's rollouts need, and auto recovers only an update that runs out.
 set -euo pipefail
 model=$1 seed=${2:-0}
 cd "$(dirname "$0")/../.."
@@ -32,7 +34,7 @@ common="--model $(printf %q "$model") --data data/gsm_symbolic_train.jsonl --eva
   --beta-length 0.5 --advantage-warmup 10 --verifier builtin
   --eval-size 400 --eval-every 0 --eval-batch-size 64 --eval-samples ${EVAL_SAMPLES:-0}
   --eval-temperature 1.0 --eval-top-p 0.95 --eval-top-k 0 --eval-seed 0 --save-every 0
-  --rollout auto --chunk-size 1024 --gradient-checkpointing --max-bad-steps 3 --regime-low 0.2 --regime-high 0.5
+  --rollout auto --chunk-size 1024 --gradient-checkpointing on --max-bad-steps 3 --regime-low 0.2 --regime-high 0.5
   --dump-tokens 0 ${FLAGS:-}"
 lora="--lora-r 64 --lora-alpha 128 --lora-dropout 0 --lora-target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 python tools/run_arms.py --out "/tmp/runs/setting1-s$seed" --budget "${BUDGET:-480}" --common "$common" \

@@ -13,6 +13,8 @@
 # by side (tools/run_arms.py), each batch within BUDGET seconds (default: no limit worth the name); ONLY (a list
 # of NAME-sSEED) runs a part of the table, so that a lent GPU with minutes to spare can finish whole runs, call
 # by call, into the same OUT_DIR. Prints how long it took, and on which card.
+# --gradient-checkpointing on, not auto: the runs share one card, so one run's update could take the memory
+# that another's rollouts need, and auto recovers only an update that runs out.
 set -euo pipefail
 model=$1 out=$2
 cd "$(dirname "$0")/../.."
@@ -26,7 +28,7 @@ common="--model $(printf %q "$model") --data data/gsm_symbolic_train.jsonl --eva
   --beta-length 0.5 --advantage-warmup 10 --verifier builtin
   --eval-size 400 --eval-every 0 --eval-batch-size 64 --eval-samples ${EVAL_SAMPLES:-4}
   --eval-temperature 1.0 --eval-top-p 0.95 --eval-top-k 0 --eval-seed 0 --save-every 0
-  --rollout auto --chunk-size 1024 --gradient-checkpointing --max-bad-steps 3 --regime-low 0.2 --regime-high 0.5
+  --rollout auto --chunk-size 1024 --gradient-checkpointing on --max-bad-steps 3 --regime-low 0.2 --regime-high 0.5
   --lora-target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --dump-tokens 0 $setting ${FLAGS:-}"
 declare -A methods=(
   [grpo]="--method grpo --gamma 0.3 --window 3"
