@@ -360,15 +360,22 @@ def test_prefill_resets_every_state_a_step_moved_on(max_new_tokens):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "lora sampler"])
 def test_the_decode_step_has_no_host_sync(family):
     """CUDA graphs replay GPU work only: a step that reads a value back to Python (.item(), a branch on a
     tensor) or keeps a Python counter would be captured wrongly. Dynamo with fullgraph=True fails on the
     first, and with error_on_recompile on the second (its guard on the counter fails); checked on CPU.
-    Mistral with a sliding window as long as the sequence: HF's sliding cache layers count in Python."""
+    Mistral with a sliding window as long as the sequence: HF's sliding cache layers count in Python. The
+    LoRA sampler: a Qwen2 whose linear layers carry the adapter (trainer/lora.py)."""
     tokenizer = build_tiny_tokenizer()
     ids, mask = left_padded_prompts(tokenizer)
-    model = build_tiny_model(tokenizer).eval() if family == "qwen2" else family_model(family, sliding_window=ids.shape[1] + 6)
+    if family == "lora sampler":
+        pytest.importorskip("peft", reason="the optional extra peft is not installed")
+        from trainer import lora
+
+        model = lora.sampler(lora.attach(build_tiny_model(tokenizer), train_min.Config(lora_r=4))).eval()
+    else:
+        model = build_tiny_model(tokenizer).eval() if family == "qwen2" else family_model(family, sliding_window=ids.shape[1] + 6)
     for greedy in (False, True):
         decoder = decoding._Decoder(model, ids, mask, 6, eos_ids=[40], pad_id=tokenizer.pad_token_id,
                                    pick=lambda logits: decoding.next_tokens(logits, greedy, 1.1, 20, 0.95))
