@@ -512,7 +512,9 @@ def write_run(run_dir, method, seed, start, end, ids, templates, order=None, ste
                 "eval_sampled_length": 410.0 + step}
     rows = [evaluation(0, start, list(range(len(ids))))]
     rows += [{"kind": "train", "step": k, "method": method, "reward": 0.2 + 0.01 * k + 0.001 * (k % 2), "step_s": 2.0,
-              "peak_gpu_mem_gb": 4.0} for k in range(1, steps + 1)]
+              "peak_gpu_mem_gb": 4.0, "gate_mean": 0.9 + 0.01 * k + 0.1 * seed, "gate_min": 0.5 - 0.1 * k,
+              "magnitude_mean": 1.0, "teacher_entropy_mean": 0.3, "share_lock": 0.8, "share_mid": 0.15 + 0.01 * seed,
+              "share_pivot": 0.05 - 0.01 * seed, "share_fork": 0.0} for k in range(1, steps + 1)]
     rows.append(evaluation(10, end, order))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -544,6 +546,17 @@ def test_compare_pools_seeds_and_pairs_by_problem_with_template_clustered_interv
     assert "G = 4" in last and df == 3
     change = [l for l in out if l.startswith("  grpo ") and "reward slope" in l][0]
     assert "reward slope +1.000" in change, "0.01 a step is +1.000 per 100 steps"
+
+
+def test_compare_shows_what_the_gate_did_over_every_step_of_every_seed(tmp_path):
+    ids, templates = [f"p{i}" for i in range(4)], [0, 0, 1, 1]
+    dirs = [tmp_path / f"egrsd-s{seed}" for seed in (0, 1)]
+    for seed, run_dir in enumerate(dirs):
+        write_run(run_dir, "egrsd", seed, [0] * 4, [1, 0, 0, 1], ids, templates, steps=3)
+    out = views.compare_table([str(d) for d in dirs]).splitlines()
+    row = out[out.index(next(l for l in out if l.startswith("in training"))) + 1].split()
+    # gate mean over steps 1..3 of seeds 0 and 1: 0.92 and 1.02 → 0.970; its minimum 0.5 − 0.3 = 0.2
+    assert row == ["egrsd", "0.970", "0.200", "1.000", "0.300", "80.0", "15.5", "4.5", "0.0"], row
 
 
 def test_compare_stands_anywhere_refuses_an_empty_list_or_other_flags_and_names_runs_without_evaluations(tmp_path, capsys):

@@ -230,12 +230,30 @@ def label(group: list[Run]) -> str:
     return names[0] if len(group) == 1 or len(set(names)) == 1 else group[0].name
 
 
+def gate_table(groups: list[list[Run]]) -> str:
+    """What the weights did in training, per setting (every step of every seed): the gate ω's mean and its
+    smallest value, the magnitude w's mean, the mean teacher entropy, and the token regimes' shares."""
+    def over_steps(group, key, reduce=mean):
+        values = [r[key] for run in group for r in run.train if r.get(key) is not None]
+        return reduce(values) if values else math.nan
+
+    header = (f"{'in training':<16} {'gate mean':>9} {'gate min':>8} {'w mean':>7} {'H mean':>7} "
+              + " ".join(f"{name + ' %':>7}" for name in egrsd.REGIMES))
+    lines = [header]
+    for group in groups:
+        lines.append(f"{label(group):<16} {over_steps(group, 'gate_mean'):>9.3f} {over_steps(group, 'gate_min', min):>8.3f} "
+                     f"{over_steps(group, 'magnitude_mean'):>7.3f} {over_steps(group, 'teacher_entropy_mean'):>7.3f} "
+                     + " ".join(f"{100 * over_steps(group, f'share_{name}'):>7.1f}" for name in egrsd.REGIMES))
+    return "\n".join(lines)
+
+
 def compare_table(run_dirs: list[str]) -> str:
     """The accuracy–length table of runs, from their metrics.jsonl (and config.json) alone.
 
     One row per setting, seeds pooled (mean over seeds; the end accuracy's 95% interval across seeds):
     held-out accuracy greedy and avg@K before → after, mean length, its change, Acc/(length/1000), the
-    truncated share, seconds per step, peak GPU memory. Below it, with 95% intervals paired by problem and
+    truncated share, seconds per step, peak GPU memory; then what the weights did in training (`gate_table`).
+    Below it, with 95% intervals paired by problem and
     clustered by template (CR2, t(G − 1)) and the smallest difference the design could detect (80% power):
     each setting's change from its own step 0 and training-reward slope, then each setting minus the first
     in accuracy (Holm-adjusted p over the comparisons) and in length: name the reference first
@@ -270,6 +288,7 @@ def compare_table(run_dirs: list[str]) -> str:
                      f"{mean([r['step_s'] for r in timed if 'step_s' in r]):>6.2f} "
                      f"{max((r.get('peak_gpu_mem_gb', math.nan) for run in group for r in run.train), default=math.nan):>8.1f}")
     lines += [f"{name:<16} (no evaluation after training yet)" for name in missing]
+    lines += ["", gate_table(groups)]
     lines += ["", "Change from step 0, paired by problem, 95% intervals clustered by template (CR2, t(G − 1)); reward slope per 100 steps:"]
     for group in groups:
         parts = []
