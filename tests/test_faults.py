@@ -332,6 +332,25 @@ def test_out_of_memory_under_a_fixed_checkpointing_setting_is_raised(setting, tm
         train_min.main(ONE_STEP + ["--gradient-checkpointing", setting, "--output-dir", str(tmp_path)])
 
 
+def test_out_of_memory_in_the_optimizer_step_is_raised_not_retried(tmp_path, monkeypatch):
+    """Once the optimizer has begun its step, a retry could apply part of it twice (and recomputing
+    activations frees nothing there)."""
+    import importlib
+
+    adam = importlib.import_module("torch.optim.adam")  # AdamW's step calls this module's adam()
+    calls, step = [], adam.adam
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # (a retry would then succeed)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(adam, "adam", out_of_memory_once)
+    with pytest.raises(torch.OutOfMemoryError):
+        train_min.main(ONE_STEP + ["--gradient-checkpointing", "auto", "--output-dir", str(tmp_path)])
+
+
 def test_a_huge_learning_rate_never_saves_non_finite_weights_and_an_infinite_one_is_refused(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         no_model(m)

@@ -34,15 +34,20 @@ def trainable(model) -> list[torch.nn.Parameter]:
 
 
 def checkpointing_if_needed(update, model, optimizer, may_switch: bool):
-    """(update(), False); but if `update` runs out of device memory and `may_switch`, switch activation
-    checkpointing on for `model` and take the update again from the start: (update(), True). The optimizer
-    must not have stepped (train_min.update steps last); the gradients already accumulated are dropped. As
+    """(update(), False); but if `update` runs out of device memory in its forward or backward and
+    `may_switch`, switch activation checkpointing on for `model` and take the update again from the start:
+    (update(), True). The gradients already accumulated are dropped. Out of memory once `optimizer.step`
+    has begun is raised: the step may have moved some state, and recomputing activations would not help. As
     accelerate's find_executable_batch_size retries a smaller batch: recomputation only where memory needs it."""
+    stepping = []
+    hook = optimizer.register_step_pre_hook(lambda *args: stepping.append(True))
     try:
         return update(), False
     except torch.OutOfMemoryError:
-        if not may_switch:
+        if not may_switch or stepping:
             raise
+    finally:
+        hook.remove()
     # (outside the except block: its traceback, which holds the failed update's tensors, is gone)
     optimizer.zero_grad(set_to_none=True)
     if torch.cuda.is_available():
