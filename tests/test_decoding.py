@@ -414,13 +414,25 @@ def test_graph_rollouts_equal_eager_rollouts_on_cuda(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_llama_and_mistral_decode_steps_are_captured_as_graphs_on_cuda(family, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "mistral", "lora sampler"])
+def test_llama_mistral_and_lora_sampler_decode_steps_are_captured_as_graphs_on_cuda(family, monkeypatch):
     """graph=True raises if capture fails; the graph's tokens are the eager loop's. Mistral keeps its
-    config's default sliding window (4,096), longer than the rollout."""
+    config's default sliding window (4,096), longer than the rollout. The LoRA sampler (trainer/lora.py):
+    a Qwen2 whose adapted layers add the adapter, B random so that it acts."""
     monkeypatch.setattr(decoding, "no_graphs", type(decoding.no_graphs)())
     tokenizer = build_tiny_tokenizer()
-    model = family_model(family).cuda()
+    if family == "lora sampler":
+        pytest.importorskip("peft", reason="the optional extra peft is not installed")
+        from trainer import lora
+
+        adapted = lora.attach(sharp_tiny_model(tokenizer), train_min.Config(lora_r=4))
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.3)
+        model = lora.sampler(adapted).cuda()
+    else:
+        model = family_model(family).cuda()
     ids, mask = (t.cuda() for t in left_padded_prompts(tokenizer))
     run = lambda graph: decoding.generate(model, ids, mask, 20, -1, tokenizer.pad_token_id, greedy=True, graph=graph)  # noqa: E731
     assert torch.equal(run(False), run(True))
