@@ -2,8 +2,8 @@
 
 Every step: sample rollouts from the student (one per problem, or G with --group-size), verify them, score
 every completion token with a frozen copy of the initial model whose prompt also holds the reference
-solution (the privileged teacher), weight each token (egrsd.py) and take one AdamW step. Five methods share the same rollouts,
-reward, advantage and optimizer; only the per-token weight differs (docs/METHOD.md, egrsd.py):
+solution (the privileged teacher), weight each token (egrsd.py) and take one AdamW step. Five methods share
+the same rollouts, reward, advantage and optimizer; only the per-token weight differs (docs/METHOD.md):
 
     grpo      Â = A_i                        rlsd      Â = A_i · w            (EGRSD with γ = 0)
     opsd      loss = KL(p_T ‖ p_θ) per token egrsd     Â = A_i · w · ω        cl-egrsd  ω with lookahead W
@@ -16,13 +16,12 @@ Run:
     python train_min.py --resume runs/cl                     # continue an interrupted run
     python train_min.py --compare runs/egrsd runs/cl         # accuracy-length table of runs, no model
 
-Settings: trainer/config.py (`--help` lists them with their meaning). The trainer's machinery (rollouts,
-problems and verifier, run files, views) is in trainer/; this file is the algorithm, top to bottom.
+Settings: trainer/config.py (`--help`); machinery (rollouts, tasks, run files, views): trainer/. Here: the algorithm.
 
-Simplified on purpose: rollouts from trainer/decoding.py (a static KV cache and a CUDA graph per decode step, or
-HF `generate` with --rollout hf-dynamic); one optimizer step per batch (fully on-policy, so
-no importance ratio or clipping of the policy); the teacher scores only the completion positions, and
-the full-vocabulary quantities are computed from hidden states in chunks (never a (tokens × V) tensor).
+Simplified on purpose: rollouts from trainer/decoding.py (a static KV cache and a CUDA graph per decode step,
+or HF `generate` with --rollout hf-dynamic); one optimizer step per batch (fully on-policy, so no importance
+ratio or clipping of the policy); the teacher scores only the completion positions, and the full-vocabulary
+quantities are computed from hidden states in chunks (never a (tokens × V) tensor).
 """
 
 from __future__ import annotations
@@ -345,7 +344,7 @@ def setup(cfg: Config) -> Run:
     optimizer = torch.optim.AdamW(trainable(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(cfg))
     advantage = egrsd.RunningAdvantage(warmup_steps=cfg.advantage_warmup)
-    start_step = 0
+    start_step, recompute = 0, cfg.gradient_checkpointing == "on"
     if checkpoint:
         state = run_io.load_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
@@ -357,15 +356,16 @@ def setup(cfg: Config) -> Run:
         advantage.warmup_steps = cfg.advantage_warmup
         run_io.set_rng_states(state["rng"])  # the sampling continues as if never interrupted
         start_step = state["step"]
+        recompute |= cfg.gradient_checkpointing == "auto" and state.get("gradient_checkpointing", False)  # auto's switch
         print(f"resumed {cfg.output_dir} at step {start_step}")
-    if cfg.gradient_checkpointing == "on":
+    if recompute:
         enable_activation_checkpointing(student)
     os.makedirs(cfg.output_dir, exist_ok=True)
     with run_io.writing("the run's settings", os.path.join(cfg.output_dir, "config.json"), cfg.output_dir):
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(asdict(cfg) | {"resume": ""}, f, indent=1)
     return Run(cfg, train_problems, eval_problems, tokenizer, teacher, student, sampler, optimizer, schedule, advantage,
-               run_io.open_metrics(cfg.output_dir), start_step, started, cfg.gradient_checkpointing == "on")
+               run_io.open_metrics(cfg.output_dir), start_step, started, recompute)
 
 
 def train(cfg: Config):
@@ -473,7 +473,7 @@ def evaluate_and_log(run: Run, step: int) -> float:
 def save_checkpoint(run: Run, step: int) -> None:
     if run.cfg.save_model:
         state = {"step": step, "optimizer": run.optimizer.state_dict(), "advantage": run.advantage.state_dict(),
-                 "schedule": run.schedule.state_dict()}
+                 "schedule": run.schedule.state_dict(), "gradient_checkpointing": run.checkpointing}
         run_io.save_checkpoint(run.cfg.output_dir, run.student, run.tokenizer, state, asdict(run.cfg) | {"resume": ""})
 
 

@@ -425,12 +425,12 @@ def test_llama_mistral_and_lora_sampler_decode_steps_are_captured_as_graphs_on_c
         pytest.importorskip("peft", reason="the optional extra peft is not installed")
         from trainer import lora
 
-        adapted = lora.attach(sharp_tiny_model(tokenizer), train_min.Config(lora_r=4))
-        with torch.no_grad():
+        adapted = lora.attach(sharp_tiny_model(tokenizer).cuda(), train_min.Config(lora_r=4))  # (the sampler
+        with torch.no_grad():  # shares the student's weights: it is built on the device, never moved there)
             for name, p in adapted.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0.0, 0.3)
-        model = lora.sampler(adapted).cuda()
+        model = lora.sampler(adapted)
     else:
         model = family_model(family).cuda()
     ids, mask = (t.cuda() for t in left_padded_prompts(tokenizer))

@@ -308,10 +308,15 @@ def out_of_memory_at(call: int, monkeypatch) -> list:
     return calls
 
 
-def test_auto_checkpointing_switches_on_when_an_update_runs_out_of_memory_and_takes_it_again_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--lora-r", "4", "--lora-dropout", "0.3"]])
+def test_auto_checkpointing_switches_on_when_an_update_runs_out_of_memory_and_takes_it_again_exactly(extra, tmp_path,
+                                                                                                    monkeypatch):
     """The second micro-batch of the first update runs out: the first one's gradients are already accumulated,
-    so an update taken again without dropping them would differ from a run with checkpointing on throughout."""
-    flags = ONE_STEP[:-6] + ["--steps", "2", "--eval-size", "0", "--micro-batch-size", "2"]
+    so an update taken again without dropping them would differ from a run with checkpointing on throughout;
+    with LoRA dropout, so would one that drew other dropout masks."""
+    if extra:
+        pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    flags = ONE_STEP[:-6] + ["--steps", "2", "--eval-size", "0", "--micro-batch-size", "2"] + extra
     with monkeypatch.context() as m:
         calls = out_of_memory_at(2, m)
         auto, _ = train_min.main(flags + ["--gradient-checkpointing", "auto", "--output-dir", str(tmp_path / "auto")])
@@ -323,6 +328,16 @@ def test_auto_checkpointing_switches_on_when_an_update_runs_out_of_memory_and_ta
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
     for p, q in zip(auto.parameters(), always.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_resumed_auto_run_keeps_the_checkpointing_it_switched_on(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        out_of_memory_at(1, m)
+        train_min.main(ONE_STEP + ["--gradient-checkpointing", "auto", "--output-dir", str(tmp_path)])
+    calls = out_of_memory_at(0, monkeypatch)  # (0: never out of memory; records the calls)
+    train_min.main(["--resume", str(tmp_path), "--steps", "2"])
+    assert calls and all(calls), "the resumed run recomputes from its first update"
+    assert [r["gradient_checkpointing"] for r in views.read_rows(str(tmp_path)) if r["kind"] == "train"] == [True, True]
 
 
 @pytest.mark.parametrize("setting", ["on", "off"])

@@ -60,6 +60,7 @@ def test_the_sampler_shares_the_base_weights_and_holds_only_the_adapter_beside_t
     adapter = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     assert sum(b.numel() for name, b in fast.named_buffers() if name.endswith((".A", ".sB"))) == adapter
     assert not any(p.requires_grad for p in fast.parameters())
+    assert not lora.is_adapted(fast), "a plain model: no adapter to switch off"
 
 
 class CountKernels(TorchDispatchMode):

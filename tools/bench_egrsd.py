@@ -265,19 +265,23 @@ def lora_rollouts(model, tokenizer, s: dict, cfg, engine: str) -> dict:
     out = {"lora_rank": s["lora_rank"], "lora_batch": batch}
     try:
         adapted = lora.attach(copy.deepcopy(model), Config(lora_r=s["lora_rank"], lora_alpha=2 * s["lora_rank"]))
-        with torch.no_grad():
-            for name, p in adapted.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0.0, 0.01)
-        prompts = torch.randint(3, len(tokenizer), (batch, s["prompt"]), generator=torch.Generator().manual_seed(batch))
-        prompts = prompts.to(next(model.parameters()).device)
-        for label, variant in (("lora_peft", adapted), ("lora_sampler", lora.sampler(adapted))):
-            run = lambda: train_min.generate(variant, tokenizer, prompts, torch.ones_like(prompts), cfg)[0]  # noqa: E731
+    except Exception as error:  # noqa: BLE001 (peft missing, say: recorded)
+        return out | {"lora_error": f"{type(error).__name__}: {error}"[:2000]}
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.01)
+    prompts = torch.randint(3, len(tokenizer), (batch, s["prompt"]), generator=torch.Generator().manual_seed(batch))
+    prompts = prompts.to(next(model.parameters()).device)
+    for label, variant in (("lora_peft", lambda: adapted), ("lora_sampler", lambda: lora.sampler(adapted))):
+        try:  # each on its own: a failure of one (a graph capture, say) is recorded and the other still runs
+            sampler = variant()
+            run = lambda: train_min.generate(sampler, tokenizer, prompts, torch.ones_like(prompts), cfg)[0]  # noqa: E731
             run()  # warm-up
             seconds, _ = best_of(s["repeats"], run, cfg.device)
             out[f"{label}_batch{batch}_tokens_per_s"] = batch * s["new_tokens"] / seconds
-    except Exception as error:  # noqa: BLE001 (peft missing, say: recorded)
-        out["lora_error"] = f"{type(error).__name__}: {error}"[:2000]
+        except Exception as error:  # noqa: BLE001
+            out["lora_error"] = (out.get("lora_error", "") + f"{label}: {type(error).__name__}: {error}; ")[:2000]
     return out
 
 
@@ -389,8 +393,11 @@ def bench_step(device: str, s: dict, profile: str = "") -> dict:
            "completion_tokens": tokens, **{f"{phase}_tokens_per_s": tokens / last[f"{phase}_s"] for phase in ("generate", "score", "update")},
            "score_plus_update_share": (last["score_s"] + last["update_s"]) / last["step_s"]}
     out |= flop_floor(s["step_model"], tokens, last["score_s"] + last["update_s"], device, last["gradient_checkpointing"])
-    on = two_steps(["--gradient-checkpointing", "on"])
-    out["checkpointing_on"] = {k: on[k] for k in ("score_s", "update_s", "step_s", "length_mean", "peak_gpu_mem_gb")}
+    try:  # (out of memory, say: the default step's numbers are kept)
+        on = two_steps(["--gradient-checkpointing", "on"])
+        out["checkpointing_on"] = {k: on[k] for k in ("score_s", "update_s", "step_s", "length_mean", "peak_gpu_mem_gb")}
+    except Exception as error:  # noqa: BLE001
+        out["checkpointing_on_error"] = f"{type(error).__name__}: {error}"[:2000]
     return out
 
 
@@ -519,6 +526,8 @@ def report(r: dict) -> str:
         lines.append(f"   step      {st['step_s']:7.2f} s; score + update = {100 * st['score_plus_update_share']:.0f}%, "
                      f"{st.get('score_update_over_floor', math.nan):.1f}× its FLOP floor of {st.get('score_update_floor_s', math.nan):.2f} s; "
                      f"gradient checkpointing {'on' if st.get('gradient_checkpointing') else 'off'} (auto)")
+        if "checkpointing_on_error" in st:
+            lines.append(f"   with gradient checkpointing on: {st['checkpointing_on_error'][:100]}")
         if "checkpointing_on" in st:
             on = st["checkpointing_on"]
             lines.append(f"   with gradient checkpointing on: score {on['score_s']:.2f} s, update {on['update_s']:.2f} s, "

@@ -155,8 +155,9 @@ class Config:
     chunk_size: int = 1024
     """rows of logits alive at once when scoring (memory O(chunk × vocab))"""
     gradient_checkpointing: str = "auto"
-    """recompute activations in the backward to save memory: on, off, or auto (off until an update runs out of
-    device memory; then on for the rest of the run, and that update taken again: nothing of it was applied)"""
+    """recompute activations in the backward to save memory: on, off, or auto (off until an update's forward or
+    backward raises torch.OutOfMemoryError; then on for the rest of the run, resumes included, and that update
+    taken again: nothing of it was applied. Out of memory elsewhere still stops the run)"""
     max_bad_steps: int = 3
     """stop after this many non-finite steps in a row (each is skipped, not applied)"""
     regime_low: float = 0.2

@@ -83,11 +83,14 @@ def _lora_layers(model):
 def sampler(student):
     """The model that samples the student's rollouts and evaluations: the student's base model with every
     adapted layer a `LowRankLinear` over the same (shared) base weights, the adapter copied into the base's
-    dtype. Call `refresh(student, sampler)` after each update. Its logits are the student's up to the
-    rounding of the adapter to that dtype (in float32: equal); it holds no gradient and never trains."""
+    dtype. Call `refresh(student, sampler)` after each update. Its logits are the student's up to rounding
+    (float64: equal to 1e-12, tested; float32: within about 1e-5; bf16: the adapter rounded to bf16); it
+    holds no gradient and never trains. Its parameters ARE the student's: moving or casting the sampler
+    (`.to`, `.cuda`, `.half`) moves or casts the student's base weights with it."""
     base = student.get_base_model()
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
     model = copy.deepcopy(base, memo=shared)  # the modules copied, every weight shared
+    model.__dict__.pop("peft_config", None)  # (peft marks the base model it wraps; the sampler is a plain model)
     for name, layer in _lora_layers(model):
         model.set_submodule(name, LowRankLinear(layer.base_layer, layer.lora_A["default"].weight.shape[0]))
     left = [name for name, p in model.named_parameters() if p.requires_grad]

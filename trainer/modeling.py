@@ -36,10 +36,13 @@ def trainable(model) -> list[torch.nn.Parameter]:
 def checkpointing_if_needed(update, model, optimizer, may_switch: bool):
     """(update(), False); but if `update` runs out of device memory in its forward or backward and
     `may_switch`, switch activation checkpointing on for `model` and take the update again from the start:
-    (update(), True). The gradients already accumulated are dropped. Out of memory once `optimizer.step`
-    has begun is raised: the step may have moved some state, and recomputing activations would not help. As
-    accelerate's find_executable_batch_size retries a smaller batch: recomputation only where memory needs it."""
+    (update(), True). The gradients already accumulated are dropped and the random state is put back (dropout
+    draws the same masks again), so the update taken again is the one a run with checkpointing on would take.
+    Only torch.OutOfMemoryError is caught, and out of memory once `optimizer.step` has begun is raised: the
+    step may have moved some state, and recomputing activations would not help. As accelerate's
+    find_executable_batch_size retries a smaller batch: recomputation only where memory needs it."""
     stepping = []
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     hook = optimizer.register_step_pre_hook(lambda *args: stepping.append(True))
     try:
         return update(), False
@@ -50,7 +53,9 @@ def checkpointing_if_needed(update, model, optimizer, may_switch: bool):
         hook.remove()
     # (outside the except block: its traceback, which holds the failed update's tensors, is gone)
     optimizer.zero_grad(set_to_none=True)
-    if torch.cuda.is_available():
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
         torch.cuda.empty_cache()
     enable_activation_checkpointing(model)
     print("out of device memory without gradient checkpointing: on from now on, and this update taken again", flush=True)

@@ -232,9 +232,10 @@ def label(group: list[Run]) -> str:
 
 def gate_table(groups: list[list[Run]]) -> str:
     """What the weights did in training, per setting (every step of every seed): the gate ω's mean and its
-    smallest value, the magnitude w's mean, the mean teacher entropy, and the token regimes' shares."""
+    smallest value, the magnitude w's mean, the mean teacher entropy, and the token regimes' shares. A
+    skipped (non-finite) step's NaN is left out."""
     def over_steps(group, key, reduce=mean):
-        values = [r[key] for run in group for r in run.train if r.get(key) is not None]
+        values = [r[key] for run in group for r in run.train if r.get(key) is not None and math.isfinite(r[key])]
         return reduce(values) if values else math.nan
 
     header = (f"{'in training':<16} {'gate mean':>9} {'gate min':>8} {'w mean':>7} {'H mean':>7} "
