@@ -254,14 +254,14 @@ def compare_table(run_dirs: list[str]) -> str:
     One row per setting, seeds pooled (mean over seeds; the end accuracy's 95% interval across seeds):
     held-out accuracy greedy and avg@K before → after, mean length, its change, Acc/(length/1000), the
     truncated share, seconds per step, peak GPU memory; then what the weights did in training (`gate_table`).
-    Below it, with 95% intervals paired by problem and
-    clustered by template (CR2, t(G − 1)) and the smallest difference the design could detect (80% power):
-    each setting's change from its own step 0 and training-reward slope, then each setting minus the first
-    in accuracy (Holm-adjusted p over the comparisons) and in length: name the reference first
-    (`--compare runs/grpo-s* runs/*-s*`; a folder named twice counts once). These paired intervals take the
-    trained runs as given (problems vary, seeds do not): a seed's luck moves every problem alike, so the
-    spread between seeds is in the end accuracy's interval across seeds, not in them. A run without an
-    evaluation after training is listed apart, not pooled."""
+    Below them, with 95% intervals paired by problem and clustered by template (CR2, t(G − 1)) and the
+    smallest difference the design could detect (80% power): each setting's change from its own step 0 and
+    training-reward slope, then each setting minus the first in accuracy (Holm-adjusted p over the
+    comparisons) and in length: name the reference first (`--compare runs/grpo-s* runs/*-s*`; a folder
+    named twice counts once). These paired intervals take the trained runs as given (problems vary, seeds
+    do not): a seed's luck moves every problem alike, so the spread between seeds is in the end accuracy's
+    interval across seeds, not in them. A run without an evaluation after training is listed apart, not
+    pooled."""
     if not run_dirs:
         raise SystemExit("--compare: expected one or more run directories (python train_min.py --compare RUN_DIR ...)")
     runs = [load_run(d) for d in dict.fromkeys(os.path.normpath(d) for d in run_dirs)]  # a folder named twice counts once
