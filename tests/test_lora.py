@@ -7,12 +7,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer import decoding
+from trainer import decoding, lora
 from trainer.config import Config
 from trainer.offline_models import build_tiny_model, build_tiny_tokenizer
 
-peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
-from trainer import lora  # noqa: E402  (imports peft inside its functions only)
+pytest.importorskip("peft", reason="the optional extra peft is not installed")
 
 IDS = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
 
