@@ -85,7 +85,7 @@ def kernels(model) -> int:
 def test_the_sampler_adds_two_kernels_per_adapted_layer_where_peft_adds_more():
     trained = student(torch.bfloat16)
     base = build_tiny_model(build_tiny_tokenizer(), dtype=torch.bfloat16)
-    adapted = len(lora._lora_layers(trained.get_base_model()))
+    adapted = len(lora.adapted_layers(trained.get_base_model()))
     assert adapted == 2 * 7, "all seven projections of both layers"
     assert kernels(lora.sampler(trained)) - kernels(base) == 2 * adapted
     assert kernels(trained) - kernels(base) >= 4 * adapted  # peft: casts, two matmuls, the scaling, the add
@@ -97,7 +97,7 @@ def test_an_adapter_that_merging_rounds_away_stays_visible_to_the_bf16_sampler()
     about 1e-4: merged into the weights the adapter vanishes, unmerged it moves the sampler's logits."""
     trained = student(torch.bfloat16)
     generator = torch.Generator().manual_seed(3)
-    for _, layer in lora._lora_layers(trained.get_base_model()):
+    for _, layer in lora.adapted_layers(trained.get_base_model()):
         weight = layer.base_layer.weight
         magnitude = 0.25 + 0.25 * torch.rand(weight.shape, generator=generator)
         weight.copy_(torch.where(torch.rand(weight.shape, generator=generator) < 0.5, -magnitude, magnitude))

@@ -74,8 +74,9 @@ class LowRankLinear(torch.nn.Module):
         return torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), self.sB.t()).view(y.shape)
 
 
-def _lora_layers(model):
-    """(name, peft LoRA layer) of each layer of `model` that carries the default adapter."""
+def adapted_layers(model):
+    """(name, peft LoRA layer) of each layer of `model` that carries the default adapter (the one `attach`
+    makes), names relative to `model`."""
     return [(name, module) for name, module in model.named_modules()
             if hasattr(module, "lora_A") and hasattr(module, "base_layer") and "default" in module.lora_A]
 
@@ -91,7 +92,7 @@ def sampler(student):
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
     model = copy.deepcopy(base, memo=shared)  # the modules copied, every weight shared
     model.__dict__.pop("peft_config", None)  # (peft marks the base model it wraps; the sampler is a plain model)
-    for name, layer in _lora_layers(model):
+    for name, layer in adapted_layers(model):
         model.set_submodule(name, LowRankLinear(layer.base_layer, layer.lora_A["default"].weight.shape[0]))
     left = [name for name, p in model.named_parameters() if p.requires_grad]
     if left:  # an adapter this sampler does not know (on an embedding, say): it would share trained weights
@@ -103,7 +104,7 @@ def sampler(student):
 @torch.no_grad()
 def refresh(student, sampler) -> None:
     """Copy the student's adapter (A, and B times its scale α/r) into the sampler's layers."""
-    layers = dict(_lora_layers(student.get_base_model()))
+    layers = dict(adapted_layers(student.get_base_model()))
     for name, module in sampler.named_modules():
         if isinstance(module, LowRankLinear):
             layer = layers[name]

@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from trainer import lora
+
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
@@ -182,7 +184,7 @@ def save_checkpoint(run_dir: str, model, tokenizer, state: dict, settings: dict)
         on_stage("state")
         files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": sha256(os.path.join(tmp, name))}
                  for name in sorted(os.listdir(tmp))}
-        manifest = {"kind": "lora" if hasattr(model, "peft_config") else "full", "shape": shape_of(model.config),
+        manifest = {"kind": "lora" if lora.is_adapted(model) else "full", "shape": shape_of(model.config),
                     "settings": settings, "files": files}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
@@ -253,13 +255,13 @@ def verify_checkpoint(checkpoint: str) -> dict | None:
     return manifest
 
 
-def check_model(checkpoint: str, manifest: dict, lora: bool, shape: dict | None) -> None:
+def check_model(checkpoint: str, manifest: dict, adapter: bool, shape: dict | None) -> None:
     """The checkpoint is of this run's kind (LoRA or full) and of its model's shape (None: the shape could
     not be read before loading)."""
-    kind = "lora" if lora else "full"
+    kind = "lora" if adapter else "full"
     if manifest.get("kind") != kind:
         sys.exit(f"--resume: {checkpoint} holds a {manifest.get('kind')} checkpoint; this run trains {kind} "
-                 f"(--lora-r {'> 0' if lora else '0'})")
+                 f"(--lora-r {'> 0' if adapter else '0'})")
     for key, value in (shape or {}).items():
         if manifest.get("shape", {}).get(key) != value:
             sys.exit(f"--resume: {checkpoint} holds a model with {key} {manifest['shape'].get(key)!r}; this run's "

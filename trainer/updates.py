@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from trainer.lora import adapted_layers
+
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     """A copy of the trained parameters, taken before the optimizer step."""
@@ -34,15 +36,6 @@ def relative_update(model, before: dict[str, torch.Tensor]) -> float:
     return math.sqrt(moved / size) if size else math.nan
 
 
-def _adapted_layers(model):
-    """(layer, adapter name, parameter name prefix) of each active LoRA adapter of a peft model."""
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    yield module, adapter, f"{name}.lora_{{}}.{adapter}.weight"
-
-
 @torch.no_grad()
 def sampler_share_changed(sampler, before: dict[str, torch.Tensor], lora: bool) -> float:
     """Share of the sampler's weights changed by the step; `before` is the `snapshot` of the student taken
@@ -53,10 +46,10 @@ def sampler_share_changed(sampler, before: dict[str, torch.Tensor], lora: bool) 
             changed.append((p != before[name].to(p.dtype)).sum())
             total += p.numel()
     else:
-        for layer, adapter, key in _adapted_layers(sampler):
-            weight, scale = layer.base_layer.weight, layer.scaling[adapter]
-            new = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
-            old = before[key.format("B")].float() @ before[key.format("A")].float()
+        for name, layer in adapted_layers(sampler):
+            weight, scale = layer.base_layer.weight, layer.scaling["default"]
+            new = layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()
+            old = before[f"{name}.lora_B.default.weight"].float() @ before[f"{name}.lora_A.default.weight"].float()
             changed.append(((weight.float() + scale * new).to(weight.dtype) != (weight.float() + scale * old).to(weight.dtype)).sum())
             total += weight.numel()
     return int(torch.stack(changed).sum()) / total if total else math.nan
