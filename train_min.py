@@ -43,7 +43,8 @@ from transformers import AutoModelForCausalLM
 
 import egrsd
 from trainer import decoding, lora, run_io, updates, views
-from trainer.modeling import checkpointing_if_needed, copy_weights, lm_head, micro_batches, to_grid, trainable
+from trainer.modeling import (checkpointing_if_needed, copy_weights, in_batch_order, lm_head, micro_batches, rows_to_grid,
+                              to_grid, trainable, without_shared_padding)
 from trainer.config import Config, check_config, checked_data, compare_dirs, compute_dtype, learning_rate_factor, parse_args
 from trainer.offline_models import enable_activation_checkpointing, eos_list, load_model_and_tokenizer
 from trainer.tasks import batch_problems, is_correct, is_correct_symbolic, student_messages, teacher_messages
@@ -135,13 +136,15 @@ def verify(tokenizer, completion, mask, finished, problems, cfg: Config) -> torc
 
 
 def completion_hidden(model, prompt_ids, prompt_mask, completion, mask) -> torch.Tensor:
-    """Final hidden states of the positions that predict each completion token: (B, T, D)."""
+    """Final hidden states of the positions that predict the valid completion tokens: (N, D), row-major in
+    `mask`, from a forward without the padding that all the rows share."""
+    prompt_ids, prompt_mask, completion, mask = without_shared_padding(prompt_ids, prompt_mask, completion, mask)
     ids = torch.cat([prompt_ids, completion], dim=1)
     attention = torch.cat([prompt_mask, mask.long()], dim=1)
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # left padding: positions as in generate
     body = (model.get_base_model() if lora.is_adapted(model) else model).base_model  # the decoder stack, no LM head
     hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
-    return hidden[:, prompt_ids.shape[1] - 1 : -1]  # position P − 1 + t predicts completion token t
+    return hidden[:, prompt_ids.shape[1] - 1 : -1][mask]  # position P − 1 + t predicts completion token t
 
 
 @torch.no_grad()
@@ -152,10 +155,11 @@ def score(policy, teacher, batch: Rollouts, cfg: Config) -> Scores:
     completion, mask, temperature = batch.completion, batch.mask, score_temperature(cfg)
     teacher.eval()  # (with LoRA the teacher is the student, left in train mode by the last update)
     rows = {"teacher_logp": [], "teacher_entropy": [], "student_logp": [], "teacher_hidden": []}
-    for mb in micro_batches(len(completion), cfg.micro_batch_size):
+    micro = micro_batches(mask, cfg.micro_batch_size)
+    for mb in micro:
         m, tokens = mask[mb], completion[mb][mask[mb]]
         with lora.adapter_off(teacher):  # with LoRA the teacher is the student's own base model
-            h_t = completion_hidden(teacher, batch.teacher_ids[mb], batch.teacher_mask[mb], completion[mb], m)[m] / temperature
+            h_t = completion_hidden(teacher, batch.teacher_ids[mb], batch.teacher_mask[mb], completion[mb], m) / temperature
         if not bool(torch.isfinite(h_t).all()):  # the frozen teacher overflowed: every step would, so stop
             sys.exit(f"the frozen teacher's forward is not finite (an overflow in {compute_dtype(cfg)}? try --dtype float32); "
                      f"nothing of this step was applied.\n{run_io.last_good(cfg.output_dir)}")
@@ -165,9 +169,9 @@ def score(policy, teacher, batch: Rollouts, cfg: Config) -> Scores:
         rows["teacher_entropy"].append(entropy_t)  # Eq. 4, from the same pass over the teacher's logits
         if policy is not None:
             policy.eval()
-            h_s = completion_hidden(policy, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m)[m] / temperature
+            h_s = completion_hidden(policy, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m) / temperature
             rows["student_logp"].append(egrsd.linear_token_logprobs(h_s, lm_head(policy), tokens, chunk_size=cfg.chunk_size))
-    return Scores(**{k: v if k == "teacher_hidden" else to_grid(mask, torch.cat(v)) if v else None for k, v in rows.items()})
+    return Scores(**{k: v if k == "teacher_hidden" else rows_to_grid(mask, micro, v) if v else None for k, v in rows.items()})
 
 
 # ALGO LOGIC: the per-token weights, the only thing that differs between the methods.
@@ -208,10 +212,11 @@ def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, advanta
     mask, completion, total = batch.mask, batch.completion, batch.mask.sum().clamp(min=1)
     gates = step_gates(scores.teacher_entropy, mask, cfg) if gates is None else gates
     gate, parts, loss_sum = token_gate(gates, mask, cfg), [], 0.0
-    for i, mb in enumerate(micro_batches(len(completion), cfg.micro_batch_size)):
+    micro = micro_batches(mask, cfg.micro_batch_size)
+    for i, mb in enumerate(micro):
         m = mask[mb]
         with autocast(cfg):
-            h = completion_hidden(student, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m)[m] / score_temperature(cfg)
+            h = completion_hidden(student, batch.student_ids[mb], batch.student_mask[mb], completion[mb], m) / score_temperature(cfg)
             if not bool(torch.isfinite(h).all()):  # a non-finite forward (bf16 overflow): skip the step
                 optimizer.zero_grad(set_to_none=True)
                 nan = torch.full(mask.shape, math.nan, device=mask.device)
@@ -224,14 +229,15 @@ def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, advanta
                 loss = egrsd.linear_opsd_loss(h, lm_head(student), scores.teacher_hidden[i], lm_head(teacher), chunk_size=cfg.chunk_size)
             else:  # Eq. 7: −Σ m · Â · log p_θ / Σ m
                 loss = egrsd.policy_loss(logp, parts[-1].advantage, m)
-        loss = loss * (m.sum() / total)  # micro-batch mean → batch token mean
+        loss = loss * m.sum() / total  # micro-batch mean → batch token mean (in the loss's dtype)
         loss.backward()
         loss_sum += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable(student), cfg.grad_clip).item()
     if math.isfinite(loss_sum) and math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    weights = TokenWeights(*(torch.cat([getattr(w, k) for w in parts]) for k in ("magnitude", "gate", "advantage")))
+    per_factor = zip(*((w.magnitude, w.gate, w.advantage) for w in parts))
+    weights = TokenWeights(*(in_batch_order(micro, torch.cat(rows)) for rows in per_factor))
     return loss_sum, grad_norm, weights
 
 

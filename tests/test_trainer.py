@@ -176,6 +176,66 @@ def test_teacher_and_student_score_the_same_completion_tokens_at_the_same_positi
                 torch.testing.assert_close(scores.teacher_entropy[b][mask[b]], plain_entropy[-len(tokens) - 1 : -1], atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=50, deadline=None)
+@given(lengths=st.lists(st.integers(0, 6), min_size=1, max_size=12), size=st.integers(1, 5))
+def test_micro_batches_take_every_row_once_longest_first_and_go_back_to_the_batch_order(lengths, size):
+    mask = torch.arange(6) < torch.tensor(lengths)[:, None]  # True up to each row's EOS
+    micro = train_min.micro_batches(mask, size)
+    order = torch.cat(micro)
+    assert sorted(order.tolist()) == list(range(len(lengths))), "a partition of the rows"
+    assert [len(rows) for rows in micro[:-1]] == [size] * (len(micro) - 1) and 0 < len(micro[-1]) <= size
+    assert mask[order].sum(dim=1).tolist() == sorted(lengths, reverse=True), "longest first"
+    values = torch.arange(len(lengths))[:, None] * 10 + torch.arange(6)  # (B, T), each entry its own
+    torch.testing.assert_close(train_min.in_batch_order(micro, values[order]), values, rtol=0, atol=0)
+    tokens = [values[rows][mask[rows]] for rows in micro]
+    torch.testing.assert_close(train_min.rows_to_grid(mask, micro, tokens), values * mask, rtol=0, atol=0)
+
+
+def test_an_update_in_micro_batches_of_like_length_is_the_whole_batchs_gradient():
+    """Rows of different prompt and completion lengths, in micro-batches that drop the padding they share
+    (the forward sees fewer columns), give the gradient and the token weights of one plain forward of each
+    unpadded [prompt ‖ completion], in float64."""
+    tokenizer = build_tiny_tokenizer()
+    student, teacher = build_tiny_model(tokenizer, seed=1).double(), build_tiny_model(tokenizer, seed=2).double()
+    cfg = train_min.Config(model="tiny", device="cpu", dtype="float32", method="cl-egrsd", max_new_tokens=8,
+                           micro_batch_size=2, gate_group=0, grad_clip=1e9, score_temperature=1.3)
+    problems = built_in_problems(5, 1)[0]
+    torch.manual_seed(0)
+    batch = train_min.rollouts(student, tokenizer, problems, cfg)
+    for row, length in enumerate([8, 3, 8, 1, 5]):  # as if rows had met their EOS at these lengths
+        batch.mask[row, length:] = False
+    advantages = torch.tensor([1.0, -0.5, 0.25, -2.0, 0.75], dtype=torch.float64)
+
+    def plain_logp(model, ids, attention):  # (B, T) log-probs of each row alone, at the score temperature
+        rows = []
+        for b in range(len(problems)):
+            prompt, tokens = ids[b][attention[b].bool()], batch.completion[b][batch.mask[b]]
+            logits = model(torch.cat([prompt, tokens])[None]).logits[0, len(prompt) - 1 : -1] / 1.3
+            rows.append((torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1), egrsd.token_entropy(logits)))
+        return [train_min.to_grid(batch.mask, torch.cat(r)) for r in zip(*rows)]
+
+    with torch.no_grad():
+        teacher_logp, teacher_entropy = plain_logp(teacher, batch.teacher_ids, batch.teacher_mask)
+    student_logp, _ = plain_logp(student, batch.student_ids, batch.student_mask)
+    want = train_min.weight_tokens(advantages, train_min.Scores(teacher_logp, teacher_entropy, student_logp.detach(), []),
+                                   batch.mask, cfg)
+    egrsd.policy_loss(student_logp, want.advantage, batch.mask).backward()
+    want_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad(set_to_none=True)
+
+    widths, forward = [], student.model.forward
+    student.model.forward = lambda input_ids, **kw: widths.append(input_ids.shape[1]) or forward(input_ids=input_ids, **kw)
+    before = [p.detach().clone() for p in student.parameters()]
+    scores = train_min.score(None, teacher, batch, cfg)
+    _, _, got = train_min.update(student, teacher, torch.optim.SGD(student.parameters(), lr=1.0), batch, scores, advantages, cfg)
+    for k in ("magnitude", "gate", "advantage"):
+        torch.testing.assert_close(getattr(got, k), getattr(want, k), rtol=1e-10, atol=1e-12, msg=k)
+    for p, b, g in zip(student.parameters(), before, want_grads):
+        torch.testing.assert_close(b - p.detach(), g, rtol=1e-9, atol=1e-12)
+    full = batch.student_ids.shape[1] + batch.completion.shape[1]
+    assert widths == sorted(widths, reverse=True) and widths[-1] < full, f"micro-batches of like length: {widths} of {full}"
+
+
 @pytest.mark.parametrize("method, dtype", [("cl-egrsd", torch.float32), ("rlsd", torch.float32), ("cl-egrsd", torch.bfloat16)])
 def test_the_update_weights_tokens_as_a_separate_scoring_pass_of_the_sampler_would(method, dtype):
     """δ and w take the student's log-probs from the update's own forward. In float32 the sampler is the

@@ -66,7 +66,7 @@ def test_token_advantages_and_loss_in_trl_are_the_trainers(method, tmp_path):
     assert logged["egrsd/token_advantage_max"] == pytest.approx([expected[mask].max().item()], rel=1e-5, abs=1e-6)
     assert "reward_std" not in logged and "frac_reward_zero_std" not in logged
     model.train()
-    hidden = train_min.completion_hidden(model, output["prompt_ids"], output["prompt_mask"], completion, mask)[mask] / 1.1
+    hidden = train_min.completion_hidden(model, output["prompt_ids"], output["prompt_mask"], completion, mask) / 1.1
     logp = train_min.to_grid(mask, egrsd.linear_token_logprobs(hidden, train_min.lm_head(model), completion[mask]))
     trainer.current_gradient_accumulation_steps = 1  # as TRL's training loop sets it
     loss = trainer._compute_loss(trainer.model, output)

@@ -3,7 +3,7 @@
     python tools/bench_egrsd.py                      # CPU, small sizes (2 to 6 minutes on 2 cores, quiet to busy)
     python tools/bench_egrsd.py --device cuda        # one GPU, Qwen2.5-0.5B architecture, random weights
     python tools/bench_egrsd.py --json bench.json    # also write every number as JSON
-    python tools/bench_egrsd.py --only rollouts      # some parts only (scoring, lookahead, step, rollouts)
+    python tools/bench_egrsd.py --only rollouts      # some parts only (scoring, lookahead, step, rollouts, ...)
 
 1. Student scoring step (forward, log-probs of the sampled tokens, backward): plain (full logits, float32
    log-softmax) vs the project's (`egrsd.linear_token_logprobs` from hidden states in chunks): peak
@@ -20,6 +20,11 @@
 5. Full fine-tuning against LoRA: time per step and peak memory (CPU: a 2-layer model of Qwen2.5-0.5B's
    width; CUDA: Qwen2.5-0.5B both ways and Qwen3-4B with LoRA at the paper's batch and length), and an
    estimate from parameter counts of what Qwen2.5-0.5B, Qwen3-4B and Qwen3-8B need either way.
+6. Score + update of one batch whose completions have the real model's lengths (its greedy lengths in
+   docs/real_runs, 512-token cap): the trainer's micro-batches (rows of like length, without the padding
+   they all share) against the baseline (rows in order, every micro-batch as wide as the batch), the same
+   weights and batch, side by side (CUDA: Qwen2.5-0.5B, 32 rows, micro-batches of 8; CPU: the 2-layer model,
+   8 rows of lengths scaled to 128 tokens, micro-batches of 2).
 
 Peak memory is torch.cuda.max_memory_allocated on CUDA; on CPU each variant runs in its own process
 and reports its peak resident memory above what it held before the variant started.
@@ -33,6 +38,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import re
 import resource
 import sys
@@ -50,6 +56,7 @@ def sizes(device: str) -> dict:
     if device == "cuda":  # the issue's sizes: Qwen2.5-0.5B, 16 × 1024 tokens scored, 64 + 256 tokens rolled out
         return dict(layers=24, score_batch=16, score_length=1024, chunk_size=1024, rollout_layers=24, prompt=64,
                     new_tokens=256, batches=(32, 128), repeats=3, lora_rank=64, step_model="random-0.5b", step_batch=32, step_flags=[],
+                    padding=dict(model="random-0.5b", batch=32, micro=8, cap=512, dtype="bfloat16", repeats=3),  # the real runs' step
                     finetune=[("qwen2.5-0.5b full", "random-0.5b", []), ("qwen2.5-0.5b lora", "random-0.5b", LORA),
                               ("qwen3-4b lora", "random-qwen3-4b", LORA)])  # the paper's batch and length
     # CPU: the real vocabulary and width with 2 layers for scoring (4 chunks instead of 16), and the tiny
@@ -58,6 +65,7 @@ def sizes(device: str) -> dict:
     small = ["--batch-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "32", "--dtype", "float32"]
     return dict(layers=2, score_batch=4, score_length=256, chunk_size=256, rollout_layers=0, prompt=64,
                 new_tokens=64, batches=(32, 128), repeats=5, lora_rank=8, step_model="tiny", step_batch=8, step_flags=["--max-new-tokens", "64"],
+                padding=dict(model="2-layer", batch=8, micro=2, cap=128, dtype="float32", repeats=1),
                 finetune=[("2-layer full", "2-layer", small), ("2-layer lora", "2-layer", small + LORA)])
 
 
@@ -296,12 +304,8 @@ def finetune_step(label: str, device: str, model: str, flags: list) -> dict:
 
     before = rss_bytes()
     with tempfile.TemporaryDirectory() as run_dir:
-        if model == "2-layer":  # Qwen2.5-0.5B's vocabulary and width, 2 layers, saved as a model folder
-            from trainer.offline_models import build_tiny_tokenizer
-
-            qwen05b(2, "cpu", torch.float32).save_pretrained(os.path.join(run_dir, "model"))
-            build_tiny_tokenizer().save_pretrained(os.path.join(run_dir, "model"))
-            model = os.path.join(run_dir, "model")
+        if model == "2-layer":
+            model = saved_two_layer_model(os.path.join(run_dir, "model"))
         train_min.main(["--model", model, "--device", device, "--steps", "2", "--eval-size", "0", "--save-every", "0",
                         "--output-dir", os.path.join(run_dir, "run"), *flags])
         last = [json.loads(line) for line in open(os.path.join(run_dir, "run", "metrics.jsonl"))][-1]
@@ -343,6 +347,72 @@ def bench_finetune(device: str, s: dict, save=lambda partial: None) -> dict:
         except Exception as error:  # noqa: BLE001 (out of memory, say: recorded, the others still run)
             out[label] = {"error": f"{type(error).__name__}: {error}"[:2000]}
         save(out)
+    return out
+
+
+def saved_two_layer_model(folder: str) -> str:
+    """Qwen2.5-0.5B's vocabulary and width with 2 layers, random weights, saved as a model folder."""
+    from trainer.offline_models import build_tiny_tokenizer
+
+    qwen05b(2, "cpu", torch.float32).save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+REAL_LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "real_runs", "grpo", "metrics.jsonl")
+
+
+def bench_padding(device: str, s: dict) -> dict:
+    """Score + update of one batch (the teacher's scoring pass and the AdamW step), the trainer's micro-batches
+    against the baseline, each from the same fresh start: the best of 3 (CPU: 1) timed calls after an untimed
+    one, the untimed call's gradient norm (equal up to rounding: the same loss), and the tokens the student's
+    forwards ran over."""
+    import train_min
+    from trainer import modeling
+
+    p = s["padding"]
+    eval_lengths = next(json.loads(line) for line in open(REAL_LENGTHS) if '"kind": "eval"' in line)["eval_lengths"]
+    pool = [min(p["cap"], max(1, round(n * p["cap"] / 512))) for n in eval_lengths]
+    lengths = torch.tensor(random.Random(0).sample(pool, p["batch"]))
+    baseline = {"micro_batches": lambda mask, size: list(torch.arange(len(mask), device=mask.device).split(size)),
+                "without_shared_padding": lambda *tensors: tensors}
+    out = {"model": p["model"], "batch": p["batch"], "micro_batch": p["micro"], "cap": p["cap"],
+           "length_mean": lengths.float().mean().item(), "length_max": int(lengths.max())}
+    with tempfile.TemporaryDirectory() as folder:
+        model = saved_two_layer_model(os.path.join(folder, "model")) if p["model"] == "2-layer" else p["model"]
+        cfg = train_min.parse_args(["--model", model, "--device", device, "--dtype", p["dtype"], "--batch-size", str(p["batch"]),
+                                    "--micro-batch-size", str(p["micro"]), "--max-new-tokens", str(p["cap"]),
+                                    "--method", "cl-egrsd", "--output-dir", os.path.join(folder, "run")])
+        for variant in ("baseline", "like_length"):
+            run = train_min.setup(cfg)
+            run.metrics.close()
+            problems = run.train_problems[: p["batch"]]
+            prompts = [train_min.encode_prompts(run.tokenizer, [who(q) for q in problems], device)
+                       for who in (train_min.student_messages, train_min.teacher_messages)]
+            mask = (torch.arange(p["cap"]) < lengths[:, None]).to(device)
+            completion = torch.randint(0, run.tokenizer.vocab_size, mask.shape, generator=torch.Generator().manual_seed(0))
+            completion = completion.to(device).masked_fill(~mask, run.tokenizer.pad_token_id)
+            batch = train_min.Rollouts(*prompts[0], *prompts[1], completion, mask, torch.ones(len(mask), dtype=torch.bool, device=device))
+            advantages = torch.randn(len(mask), generator=torch.Generator().manual_seed(1)).to(device)
+            saved = {name: getattr(train_min, name) for name in baseline}
+            if variant == "baseline":
+                vars(train_min).update(baseline)
+            try:
+                def score_and_update():
+                    scores = train_min.score(None, run.teacher, batch, cfg)
+                    return train_min.update(run.student, run.teacher, run.optimizer, batch, scores, advantages, cfg)[1]
+                grad_norm = score_and_update()
+                seconds, _ = best_of(p["repeats"], score_and_update, device)
+                micro = train_min.micro_batches(mask, p["micro"])
+                widths = [train_min.without_shared_padding(batch.student_ids[rows], batch.student_mask[rows], completion[rows], mask[rows])
+                          for rows in micro]
+            finally:
+                vars(train_min).update(saved)
+            out[variant] = {"seconds": seconds, "first_grad_norm": grad_norm,
+                            "forward_tokens": sum(w[0].numel() + w[2].numel() for w in widths)}
+            del run
+    out["speedup"] = out["baseline"]["seconds"] / out["like_length"]["seconds"]
+    out["valid_tokens"] = int(batch.student_mask.sum() + mask.sum())  # what a forward without any padding would run over
     return out
 
 
@@ -441,7 +511,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to measure (default: cpu)")
     parser.add_argument("--json", default="", help="also write the results to this JSON file (after each part)")
-    parser.add_argument("--only", default="scoring,lookahead,step,rollouts,finetune", help="comma-separated parts to run, in this order")
+    parser.add_argument("--only", default="scoring,lookahead,step,rollouts,finetune,padding", help="comma-separated parts to run, in this order")
     parser.add_argument("--profile", default="", help="also profile a third training step; write its operator table here")
     args = parser.parse_args()
     s, parts = sizes(args.device), args.only.split(",")
@@ -458,7 +528,8 @@ def main() -> None:
     runners = {"scoring": lambda: bench_scoring(args.device, s),
                "rollouts": lambda: bench_rollouts(args.device, s, lambda partial: save("rollouts", partial)),
                "lookahead": bench_lookahead, "step": lambda: bench_step(args.device, s, args.profile),
-               "finetune": lambda: bench_finetune(args.device, s, lambda partial: save("finetune", partial))}
+               "finetune": lambda: bench_finetune(args.device, s, lambda partial: save("finetune", partial)),
+               "padding": lambda: bench_padding(args.device, s)}
     if unknown := [p for p in parts if p not in runners]:
         parser.error(f"--only: expected parts among {', '.join(runners)}, got {', '.join(unknown)}")
     failed = []
@@ -543,6 +614,14 @@ def report(r: dict) -> str:
         for name, row in ft["estimate"].items():
             lines.append(f"   {name:<13} {row['parameters'] / 1e9:5.2f}B parameters, adapter {row['adapter_parameters'] / 1e6:5.1f}M: "
                          f"full {row['full_gib']:6.1f} GiB, LoRA {row['lora_gib']:5.1f} GiB")
+    if "padding" in r:
+        pd = r["padding"]
+        lines.append(f"\n6. score + update, {pd['batch']} rows of the real model's lengths (mean {pd['length_mean']:.0f}, max "
+                     f"{pd['length_max']} of {pd['cap']}), micro-batches of {pd['micro_batch']}: seconds, student forward tokens, grad norm")
+        for variant, label in (("baseline", "rows in order, full width"), ("like_length", "rows of like length, trimmed")):
+            v = pd[variant]
+            lines.append(f"   {label:<30} {v['seconds']:7.2f} s  {v['forward_tokens']:8d}  {v['first_grad_norm']:.6f}")
+        lines.append(f"   speedup {pd['speedup']:.2f}×; without any padding a forward would run over {pd['valid_tokens']} tokens")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
-"""Small helpers of train_min.py for models and token grids: the LM head's weight, micro-batches, the
-valid tokens of a batch back into its (B, T) grid, copying weights between two copies of a model, the
-parameters an optimizer trains, and gradient checkpointing switched on where memory needs it."""
+"""Small helpers of train_min.py for models and token grids: the LM head's weight, micro-batches of rows of
+like length without the padding they all share, the valid tokens of a batch back into its (B, T) grid,
+copying weights between two copies of a model, the parameters an optimizer trains, and gradient
+checkpointing switched on where memory needs it."""
 
 from __future__ import annotations
 
@@ -13,13 +14,39 @@ def lm_head(model) -> torch.Tensor:
     return model.get_output_embeddings().weight  # (V, D)
 
 
-def micro_batches(batch_size: int, size: int) -> list[slice]:
-    return [slice(start, start + size) for start in range(0, batch_size, size)]
+def micro_batches(mask, size: int) -> list[torch.Tensor]:
+    """The rows of a batch (mask (B, T): its valid completion tokens) in micro-batches of `size` rows, the
+    longest completions first: row indices (n,), every row once. Rows of like length share a micro-batch,
+    so each pads to little more than its own rows (see completion_hidden), and the first micro-batch is the
+    largest, so running out of memory shows at once."""
+    return list(mask.sum(dim=1).argsort(descending=True, stable=True).split(size))
+
+
+def without_shared_padding(prompt_ids, prompt_mask, completion, mask) -> tuple[torch.Tensor, ...]:
+    """The rows' left-padded prompts and their completions (mask: True up to the first EOS) less the columns
+    that are padding in every row: the prompts' common left padding, the completions' columns after every
+    row's EOS. In a causal model those columns change nothing the rows compute; they only cost compute."""
+    prompt_length, length = torch.stack([prompt_mask.sum(dim=1).max(), mask.sum(dim=1).max()]).tolist()
+    return prompt_ids[:, -prompt_length:], prompt_mask[:, -prompt_length:], completion[:, :length], mask[:, :length]
+
+
+def in_batch_order(micro: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """`rows` (B, ...), the micro-batches' rows one micro-batch after another, back in the batch's order."""
+    out = torch.empty_like(rows)
+    out[torch.cat(micro)] = rows
+    return out
 
 
 def to_grid(mask, rows) -> torch.Tensor:
     """Values of the valid tokens (N,), in row-major order, back into a zero-padded (B, T) grid."""
     return torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device).masked_scatter(mask, rows)
+
+
+def rows_to_grid(mask, micro: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    """Values of the valid tokens of each micro-batch (`values[i]` (N_i,) for the rows `micro[i]`, row-major)
+    into one zero-padded (B, T) grid in the batch's order."""
+    order = torch.cat(micro)
+    return in_batch_order(micro, to_grid(mask[order], torch.cat(values)))
 
 
 @torch.no_grad()
