@@ -513,8 +513,10 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the results to this JSON file (after each part)")
     parser.add_argument("--only", default="scoring,lookahead,step,rollouts,finetune,padding", help="comma-separated parts to run, in this order")
     parser.add_argument("--profile", default="", help="also profile a third training step; write its operator table here")
+    parser.add_argument("--padding-model", default="", help="part 6 on this model (a folder or hub name) instead of random weights")
     args = parser.parse_args()
     s, parts = sizes(args.device), args.only.split(",")
+    s["padding"]["model"] = args.padding_model or s["padding"]["model"]
     machine = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     results = {"device": machine, "torch": torch.__version__, "transformers": transformers.__version__}
 
