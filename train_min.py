@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import random
@@ -236,8 +235,7 @@ def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, advanta
     if math.isfinite(loss_sum) and math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    per_factor = zip(*((w.magnitude, w.gate, w.advantage) for w in parts))
-    weights = TokenWeights(*(in_batch_order(micro, torch.cat(rows)) for rows in per_factor))
+    weights = TokenWeights(*(in_batch_order(micro, [getattr(w, k) for w in parts]) for k in ("magnitude", "gate", "advantage")))
     return loss_sum, grad_norm, weights
 
 
@@ -366,10 +364,7 @@ def setup(cfg: Config) -> Run:
         print(f"resumed {cfg.output_dir} at step {start_step}")
     if recompute:
         enable_activation_checkpointing(student)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    with run_io.writing("the run's settings", os.path.join(cfg.output_dir, "config.json"), cfg.output_dir):
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg) | {"resume": ""}, f, indent=1)
+    run_io.write_config(cfg.output_dir, asdict(cfg) | {"resume": ""})
     return Run(cfg, train_problems, eval_problems, tokenizer, teacher, student, sampler, optimizer, schedule, advantage,
                run_io.open_metrics(cfg.output_dir), start_step, started, recompute)
 
@@ -427,8 +422,7 @@ def train(cfg: Config):
                    "accuracy": correct.float().mean().item(), "length_mean": lengths.float().mean().item(),
                    "length_max": int(lengths.max()), "truncated": (~batch.finished).float().mean().item(),
                    "loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": skipped, **reach,
-                   "gradient_checkpointing": run.checkpointing,
-                   **views.regime_stats(scores, weights, batch.mask, gates),
+                   "gradient_checkpointing": run.checkpointing, **views.regime_stats(scores, weights, batch.mask, gates),
                    "rollout_tokens_per_s": int(lengths.sum()) / (t1 - t0), "generate_s": t1 - t0, "score_s": t2 - t1,
                    "update_s": t3 - t2, "step_s": t3 - t0,
                    "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}

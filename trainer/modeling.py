@@ -30,8 +30,10 @@ def without_shared_padding(prompt_ids, prompt_mask, completion, mask) -> tuple[t
     return prompt_ids[:, -prompt_length:], prompt_mask[:, -prompt_length:], completion[:, :length], mask[:, :length]
 
 
-def in_batch_order(micro: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """`rows` (B, ...), the micro-batches' rows one micro-batch after another, back in the batch's order."""
+def in_batch_order(micro: list[torch.Tensor], parts: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor (B, ...) in the batch's order from one part per micro-batch (`parts[i]` holds the rows
+    `micro[i]`)."""
+    rows = torch.cat(parts)
     out = torch.empty_like(rows)
     out[torch.cat(micro)] = rows
     return out
@@ -45,8 +47,7 @@ def to_grid(mask, rows) -> torch.Tensor:
 def rows_to_grid(mask, micro: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
     """Values of the valid tokens of each micro-batch (`values[i]` (N_i,) for the rows `micro[i]`, row-major)
     into one zero-padded (B, T) grid in the batch's order."""
-    order = torch.cat(micro)
-    return in_batch_order(micro, to_grid(mask[order], torch.cat(values)))
+    return in_batch_order(micro, [to_grid(mask[rows], v) for rows, v in zip(micro, values)])
 
 
 @torch.no_grad()

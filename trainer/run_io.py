@@ -104,6 +104,14 @@ def writing(what: str, path: str, run_dir: str):
         sys.exit(f"could not write {what} to {path}: {cause(error, path)}.\n{last_good(run_dir)}")
 
 
+def write_config(run_dir: str, settings: dict) -> None:
+    """config.json: the run's settings, which --resume and --compare read back."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.json")
+    with writing("the run's settings", path, run_dir), open(path, "w") as f:
+        json.dump(settings, f, indent=1)
+
+
 @contextlib.contextmanager
 def owning(run_dir: str, resume: bool):
     """Inside this block the run directory belongs to this process and to this run: an exclusive flock on
