@@ -191,13 +191,14 @@ def test_micro_batches_take_every_row_once_longest_first_and_go_back_to_the_batc
     torch.testing.assert_close(train_min.rows_to_grid(mask, micro, tokens), values * mask, rtol=0, atol=0)
 
 
-def test_an_update_in_micro_batches_of_like_length_is_the_whole_batchs_gradient():
-    """Rows of different prompt and completion lengths, in micro-batches that drop the padding they share
-    (the forward sees fewer columns), give the gradient and the token weights of one plain forward of each
-    unpadded [prompt ‖ completion], in float64."""
+@pytest.mark.parametrize("method", ["cl-egrsd", "opsd"])
+def test_an_update_in_micro_batches_of_like_length_is_the_whole_batchs_gradient(method):
+    """Rows of different prompt and completion lengths, in micro-batches each as wide as its own longest
+    prompt and completion, give the gradient and the token weights of one plain forward of each unpadded
+    [prompt ‖ completion], in float64 (OPSD: the teacher's states pair with the student's by micro-batch)."""
     tokenizer = build_tiny_tokenizer()
     student, teacher = build_tiny_model(tokenizer, seed=1).double(), build_tiny_model(tokenizer, seed=2).double()
-    cfg = train_min.Config(model="tiny", device="cpu", dtype="float32", method="cl-egrsd", max_new_tokens=8,
+    cfg = train_min.Config(model="tiny", device="cpu", dtype="float32", method=method, max_new_tokens=8,
                            micro_batch_size=2, gate_group=0, grad_clip=1e9, score_temperature=1.3)
     problems = built_in_problems(5, 1)[0]
     torch.manual_seed(0)
@@ -206,20 +207,25 @@ def test_an_update_in_micro_batches_of_like_length_is_the_whole_batchs_gradient(
         batch.mask[row, length:] = False
     advantages = torch.tensor([1.0, -0.5, 0.25, -2.0, 0.75], dtype=torch.float64)
 
-    def plain_logp(model, ids, attention):  # (B, T) log-probs of each row alone, at the score temperature
-        rows = []
+    def plain_logits(model, ids, attention):  # (B, T, V): each row alone, unpadded, at the score temperature
+        grid = torch.zeros(*batch.mask.shape, model.config.vocab_size, dtype=torch.float64)
         for b in range(len(problems)):
             prompt, tokens = ids[b][attention[b].bool()], batch.completion[b][batch.mask[b]]
-            logits = model(torch.cat([prompt, tokens])[None]).logits[0, len(prompt) - 1 : -1] / 1.3
-            rows.append((torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1), egrsd.token_entropy(logits)))
-        return [train_min.to_grid(batch.mask, torch.cat(r)) for r in zip(*rows)]
+            grid[b, : len(tokens)] = model(torch.cat([prompt, tokens])[None]).logits[0, len(prompt) - 1 : -1] / 1.3
+        return grid
+
+    def sampled(logits):
+        return torch.log_softmax(logits, -1).gather(-1, batch.completion[..., None]).squeeze(-1) * batch.mask
 
     with torch.no_grad():
-        teacher_logp, teacher_entropy = plain_logp(teacher, batch.teacher_ids, batch.teacher_mask)
-    student_logp, _ = plain_logp(student, batch.student_ids, batch.student_mask)
-    want = train_min.weight_tokens(advantages, train_min.Scores(teacher_logp, teacher_entropy, student_logp.detach(), []),
-                                   batch.mask, cfg)
-    egrsd.policy_loss(student_logp, want.advantage, batch.mask).backward()
+        teacher_logits = plain_logits(teacher, batch.teacher_ids, batch.teacher_mask)
+    student_logits = plain_logits(student, batch.student_ids, batch.student_mask)
+    scores = train_min.Scores(sampled(teacher_logits), egrsd.token_entropy(teacher_logits) * batch.mask,
+                              sampled(student_logits).detach(), [])
+    want = train_min.weight_tokens(advantages, scores, batch.mask, cfg)
+    loss = (egrsd.opsd_loss(student_logits, teacher_logits, batch.mask) if method == "opsd"
+            else egrsd.policy_loss(sampled(student_logits), want.advantage, batch.mask))
+    loss.backward()
     want_grads = [p.grad.clone() for p in student.parameters()]
     student.zero_grad(set_to_none=True)
 
@@ -232,8 +238,10 @@ def test_an_update_in_micro_batches_of_like_length_is_the_whole_batchs_gradient(
         torch.testing.assert_close(getattr(got, k), getattr(want, k), rtol=1e-10, atol=1e-12, msg=k)
     for p, b, g in zip(student.parameters(), before, want_grads):
         torch.testing.assert_close(b - p.detach(), g, rtol=1e-9, atol=1e-12)
+    own = [int(batch.student_mask[rows].sum(dim=1).max() + batch.mask[rows].sum(dim=1).max())
+           for rows in train_min.micro_batches(batch.mask, 2)]
     full = batch.student_ids.shape[1] + batch.completion.shape[1]
-    assert widths == sorted(widths, reverse=True) and widths[-1] < full, f"micro-batches of like length: {widths} of {full}"
+    assert widths == own and min(own) < full, f"each micro-batch as wide as its own rows: {widths}, {own} of {full}"
 
 
 @pytest.mark.parametrize("method, dtype", [("cl-egrsd", torch.float32), ("rlsd", torch.float32), ("cl-egrsd", torch.bfloat16)])

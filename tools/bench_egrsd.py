@@ -24,7 +24,7 @@
    docs/real_runs, 512-token cap): the trainer's micro-batches (rows of like length, without the padding
    they all share) against the baseline (rows in order, every micro-batch as wide as the batch), the same
    weights and batch, side by side (CUDA: Qwen2.5-0.5B, 32 rows, micro-batches of 8; CPU: the 2-layer model,
-   8 rows of lengths scaled to 128 tokens, micro-batches of 2).
+   8 rows of lengths scaled to a 128-token cap, micro-batches of 2; `--padding-model` for other weights).
 
 Peak memory is torch.cuda.max_memory_allocated on CUDA; on CPU each variant runs in its own process
 and reports its peak resident memory above what it held before the variant started.
@@ -65,7 +65,7 @@ def sizes(device: str) -> dict:
     small = ["--batch-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "32", "--dtype", "float32"]
     return dict(layers=2, score_batch=4, score_length=256, chunk_size=256, rollout_layers=0, prompt=64,
                 new_tokens=64, batches=(32, 128), repeats=5, lora_rank=8, step_model="tiny", step_batch=8, step_flags=["--max-new-tokens", "64"],
-                padding=dict(model="2-layer", batch=8, micro=2, cap=128, dtype="float32", repeats=1),
+                padding=dict(model="2-layer", batch=8, micro=2, cap=128, dtype="float32", repeats=2),
                 finetune=[("2-layer full", "2-layer", small), ("2-layer lora", "2-layer", small + LORA)])
 
 
@@ -364,11 +364,11 @@ REAL_LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "d
 
 def bench_padding(device: str, s: dict) -> dict:
     """Score + update of one batch (the teacher's scoring pass and the AdamW step), the trainer's micro-batches
-    against the baseline, each from the same fresh start: the best of 3 (CPU: 1) timed calls after an untimed
-    one, the untimed call's gradient norm (equal up to rounding: the same loss), and the tokens the student's
-    forwards ran over."""
+    against the baseline (the micro-batching train_min used until 2026-12-01, put back for the call), on one model
+    and batch: first an untimed call of each that takes no step (SGD at lr 0), so both see the same weights
+    and their gradient norms must agree up to rounding; then timed calls, alternating which goes first
+    (ABBA...), best of `repeats` each; and the positions the student's forwards ran over."""
     import train_min
-    from trainer import modeling
 
     p = s["padding"]
     eval_lengths = next(json.loads(line) for line in open(REAL_LENGTHS) if '"kind": "eval"' in line)["eval_lengths"]
@@ -376,41 +376,50 @@ def bench_padding(device: str, s: dict) -> dict:
     lengths = torch.tensor(random.Random(0).sample(pool, p["batch"]))
     baseline = {"micro_batches": lambda mask, size: list(torch.arange(len(mask), device=mask.device).split(size)),
                 "without_shared_padding": lambda *tensors: tensors}
-    out = {"model": p["model"], "batch": p["batch"], "micro_batch": p["micro"], "cap": p["cap"],
+    variants = ("baseline", "like_length")
+    out = {"model": p["model"], "batch": p["batch"], "micro_batch": p["micro"], "cap": p["cap"], "repeats": p["repeats"],
            "length_mean": lengths.float().mean().item(), "length_max": int(lengths.max())}
     with tempfile.TemporaryDirectory() as folder:
         model = saved_two_layer_model(os.path.join(folder, "model")) if p["model"] == "2-layer" else p["model"]
         cfg = train_min.parse_args(["--model", model, "--device", device, "--dtype", p["dtype"], "--batch-size", str(p["batch"]),
                                     "--micro-batch-size", str(p["micro"]), "--max-new-tokens", str(p["cap"]),
                                     "--method", "cl-egrsd", "--output-dir", os.path.join(folder, "run")])
-        for variant in ("baseline", "like_length"):
-            run = train_min.setup(cfg)
-            run.metrics.close()
-            problems = run.train_problems[: p["batch"]]
-            prompts = [train_min.encode_prompts(run.tokenizer, [who(q) for q in problems], device)
-                       for who in (train_min.student_messages, train_min.teacher_messages)]
-            mask = (torch.arange(p["cap"]) < lengths[:, None]).to(device)
-            completion = torch.randint(0, run.tokenizer.vocab_size, mask.shape, generator=torch.Generator().manual_seed(0))
-            completion = completion.to(device).masked_fill(~mask, run.tokenizer.pad_token_id)
-            batch = train_min.Rollouts(*prompts[0], *prompts[1], completion, mask, torch.ones(len(mask), dtype=torch.bool, device=device))
-            advantages = torch.randn(len(mask), generator=torch.Generator().manual_seed(1)).to(device)
+        run = train_min.setup(cfg)
+        run.metrics.close()
+        problems = run.train_problems[: p["batch"]]
+        prompts = [train_min.encode_prompts(run.tokenizer, [who(q) for q in problems], device)
+                   for who in (train_min.student_messages, train_min.teacher_messages)]
+        mask = (torch.arange(int(lengths.max())) < lengths[:, None]).to(device)  # as wide as the longest row, as generate returns
+        completion = torch.randint(0, run.tokenizer.vocab_size, mask.shape, generator=torch.Generator().manual_seed(0))
+        completion = completion.to(device).masked_fill(~mask, run.tokenizer.pad_token_id)
+        batch = train_min.Rollouts(*prompts[0], *prompts[1], completion, mask, torch.ones(len(mask), dtype=torch.bool, device=device))
+        advantages = torch.randn(len(mask), generator=torch.Generator().manual_seed(1)).to(device)
+
+        def score_and_update(variant: str, optimizer) -> float:
             saved = {name: getattr(train_min, name) for name in baseline}
             if variant == "baseline":
                 vars(train_min).update(baseline)
             try:
-                def score_and_update():
-                    scores = train_min.score(None, run.teacher, batch, cfg)
-                    return train_min.update(run.student, run.teacher, run.optimizer, batch, scores, advantages, cfg)[1]
-                grad_norm = score_and_update()
-                seconds, _ = best_of(p["repeats"], score_and_update, device)
-                micro = train_min.micro_batches(mask, p["micro"])
-                widths = [train_min.without_shared_padding(batch.student_ids[rows], batch.student_mask[rows], completion[rows], mask[rows])
-                          for rows in micro]
+                scores = train_min.score(None, run.teacher, batch, cfg)
+                return train_min.update(run.student, run.teacher, optimizer, batch, scores, advantages, cfg)[1]
             finally:
                 vars(train_min).update(saved)
-            out[variant] = {"seconds": seconds, "first_grad_norm": grad_norm,
-                            "forward_tokens": sum(w[0].numel() + w[2].numel() for w in widths)}
-            del run
+
+        still = torch.optim.SGD(train_min.trainable(run.student), lr=0.0)
+        grad_norms = {v: score_and_update(v, still) for v in variants}
+        seconds = dict.fromkeys(variants, math.inf)
+        for repeat in range(p["repeats"]):
+            for v in variants if repeat % 2 == 0 else variants[::-1]:
+                sync(device)
+                start = time.perf_counter()
+                score_and_update(v, run.optimizer)
+                sync(device)
+                seconds[v] = min(seconds[v], time.perf_counter() - start)
+        micro = {"baseline": baseline["micro_batches"](mask, p["micro"]), "like_length": train_min.micro_batches(mask, p["micro"])}
+        for v in variants:
+            trim = baseline["without_shared_padding"] if v == "baseline" else train_min.without_shared_padding
+            kept = [trim(batch.student_ids[rows], batch.student_mask[rows], completion[rows], mask[rows]) for rows in micro[v]]
+            out[v] = {"seconds": seconds[v], "grad_norm": grad_norms[v], "forward_tokens": sum(k[0].numel() + k[2].numel() for k in kept)}
     out["speedup"] = out["baseline"]["seconds"] / out["like_length"]["seconds"]
     out["valid_tokens"] = int(batch.student_mask.sum() + mask.sum())  # what a forward without any padding would run over
     return out
@@ -622,7 +631,7 @@ def report(r: dict) -> str:
                      f"{pd['length_max']} of {pd['cap']}), micro-batches of {pd['micro_batch']}: seconds, student forward tokens, grad norm")
         for variant, label in (("baseline", "rows in order, full width"), ("like_length", "rows of like length, trimmed")):
             v = pd[variant]
-            lines.append(f"   {label:<30} {v['seconds']:7.2f} s  {v['forward_tokens']:8d}  {v['first_grad_norm']:.6f}")
+            lines.append(f"   {label:<30} {v['seconds']:7.2f} s  {v['forward_tokens']:8d}  {v['grad_norm']:.6f}")
         lines.append(f"   speedup {pd['speedup']:.2f}×; without any padding a forward would run over {pd['valid_tokens']} tokens")
     return "\n".join(lines)
 

@@ -17,17 +17,20 @@ def lm_head(model) -> torch.Tensor:
 def micro_batches(mask, size: int) -> list[torch.Tensor]:
     """The rows of a batch (mask (B, T): its valid completion tokens) in micro-batches of `size` rows, the
     longest completions first: row indices (n,), every row once. Rows of like length share a micro-batch,
-    so each pads to little more than its own rows (see completion_hidden), and the first micro-batch is the
-    largest, so running out of memory shows at once."""
+    so each pads to little more than its own rows (see without_shared_padding)."""
     return list(mask.sum(dim=1).argsort(descending=True, stable=True).split(size))
 
 
 def without_shared_padding(prompt_ids, prompt_mask, completion, mask) -> tuple[torch.Tensor, ...]:
-    """The rows' left-padded prompts and their completions (mask: True up to the first EOS) less the columns
-    that are padding in every row: the prompts' common left padding, the completions' columns after every
-    row's EOS. In a causal model those columns change nothing the rows compute; they only cost compute."""
-    prompt_length, length = torch.stack([prompt_mask.sum(dim=1).max(), mask.sum(dim=1).max()]).tolist()
-    return prompt_ids[:, -prompt_length:], prompt_mask[:, -prompt_length:], completion[:, :length], mask[:, :length]
+    """The rows' prompts and completions less the columns that are padding in every row: the prompts'
+    leading ones, the completions' trailing ones. In a causal model those columns change nothing the rows
+    compute; they only cost compute. Every column in which some row has a token is kept, so this holds for
+    any padding; for left-padded prompts and masks True up to the EOS (as here) it leaves each micro-batch
+    exactly as wide as its longest prompt and its longest completion."""
+    in_prompt, in_completion = prompt_mask.bool().any(dim=0), mask.any(dim=0)
+    stop = len(in_completion) - in_completion.flip(0).int().argmax()  # one past the last column with a token
+    start, stop = torch.stack([in_prompt.int().argmax(), stop]).tolist()
+    return prompt_ids[:, start:], prompt_mask[:, start:], completion[:, :stop], mask[:, :stop]
 
 
 def in_batch_order(micro: list[torch.Tensor], parts: list[torch.Tensor]) -> torch.Tensor:
