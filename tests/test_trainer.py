@@ -612,8 +612,20 @@ def test_compare_pools_seeds_and_pairs_by_problem_with_template_clustered_interv
     last = out[-1]
     assert last.startswith("  egrsd") and f"greedy {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points" in last
     assert "G = 4" in last and df == 3
+    assert f"detectable ±{100 * stats.detectable(se, df):.1f}, p {views.p_value((mean, se, df)):.3f} Holm)" in last, "one comparison: p as is"
     change = [l for l in out if l.startswith("  grpo ") and "reward slope" in l][0]
     assert "reward slope +1.000" in change, "0.01 a step is +1.000 per 100 steps"
+
+
+def test_holm_adjusts_several_p_values_and_the_verdict_follows_it():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 → running maximum 0.02, 0.03, 0.06, 0.06
+    assert views.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert views.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0]) and views.holm([0.02]) == pytest.approx([0.02])
+    results = [(0.1, 0.04, 10), None, (0.1, 0.2, 10)]  # t = 2.5 on 10 df: p = 0.031 alone
+    assert views.holm_adjusted(results) == pytest.approx([2 * views.p_value(results[0]), None, views.p_value(results[2])])
+    assert "(excludes 0;" in views.describe(results[0]) and "(excludes 0;" in views.describe(results[0], p=0.031)
+    assert "(no detectable difference after Holm's adjustment;" in views.describe(results[0], p=0.062)
+    assert "(no detectable difference;" in views.describe(results[2], p=1.0)
 
 
 def test_compare_shows_what_the_gate_did_over_every_step_of_every_seed(tmp_path):

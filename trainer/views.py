@@ -194,11 +194,15 @@ def paired(a: dict, b: dict) -> tuple[float, float, int] | None:
 
 
 def describe(result, scale: float = 100.0, unit: str = "points", p: float | None = None) -> str:
+    """A paired result as "mean [95% interval] unit (verdict; G, the detectable difference[, p])". With `p`,
+    a Holm-adjusted p-value of one of several comparisons, the verdict follows it: an unadjusted interval
+    that excludes 0 counts as a difference only where the adjusted p is below 0.05."""
     if result is None:
         return "n/a (fewer than two templates)"
     mean, se, df = result
     low, high = stats.interval(mean, se, df) if se > 0 else (mean, mean)
-    verdict = "no detectable difference" if low <= 0 <= high else "excludes 0"
+    verdict = ("no detectable difference" if low <= 0 <= high else
+               "no detectable difference after Holm's adjustment" if p is not None and p >= 0.05 else "excludes 0")
     holm = f", p {p:.3f} Holm" if p is not None else ""
     return (f"{scale * mean:+.1f} [{scale * low:+.1f}, {scale * high:+.1f}] {unit} ({verdict}; G = {df + 1}, "
             f"detectable ±{scale * stats.detectable(se, df):.1f}{holm})")
@@ -219,6 +223,12 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+def holm_adjusted(results: list) -> list[float | None]:
+    """The Holm-adjusted p-value of each paired result, over those that are not None (None stays None)."""
+    adjusted = iter(holm([p_value(r) for r in results if r is not None]))
+    return [None if r is None else next(adjusted) for r in results]
 
 
 def mean(xs: list) -> float:
@@ -256,8 +266,8 @@ def compare_table(run_dirs: list[str]) -> str:
     truncated share, seconds per step, peak GPU memory; then what the weights did in training (`gate_table`).
     Below them, with 95% intervals paired by problem and clustered by template (CR2, t(G − 1)) and the
     smallest difference the design could detect (80% power): each setting's change from its own step 0 and
-    training-reward slope, then each setting minus the first in accuracy (Holm-adjusted p over the
-    comparisons) and in length: name the reference first (`--compare runs/grpo-s* runs/*-s*`; a folder
+    training-reward slope, then each setting minus the first in accuracy and in length (each measure's p
+    Holm-adjusted over the comparisons, and the verdict following it): name the reference first (`--compare runs/grpo-s* runs/*-s*`; a folder
     named twice counts once). These paired intervals take the trained runs as given (problems vary, seeds
     do not): a seed's luck moves every problem alike, so the spread between seeds is in the end accuracy's
     interval across seeds, not in them. A run without an evaluation after training is listed apart, not
@@ -307,16 +317,17 @@ def compare_table(run_dirs: list[str]) -> str:
         lines.append(f"  {label(group):<14} " + "; ".join(parts))
     if len(groups) > 1:
         reference = groups[0]
-        lines += ["", f"Minus {label(reference)} at the end, paired by problem, seeds averaged per problem, 95% intervals clustered by template:"]
+        lines += ["", f"Minus {label(reference)} at the end, paired by problem, seeds averaged per problem, 95% intervals clustered by "
+                      f"template; p Holm-adjusted over the {len(groups) - 1} comparison(s) of each measure:"]
         results = {key: [paired(per_problem(g, -1, key), per_problem(reference, -1, key)) for g in groups[1:]]
                    for key in ("eval_correct", "eval_sampled_correct", "eval_lengths")}
-        tested = [r for r in results["eval_correct"] if r is not None]
-        adjusted = iter(holm([p_value(r) for r in tested]))
-        for g, greedy, sampled, length in zip(groups[1:], *results.values()):
-            parts = [f"greedy {describe(greedy, p=next(adjusted) if greedy is not None else None)}"]
+        p = {key: holm_adjusted(rs) for key, rs in results.items()}
+        for i, g in enumerate(groups[1:]):
+            (greedy, sampled, length), (p_greedy, p_sampled, p_length) = [[v[i] for v in d.values()] for d in (results, p)]
+            parts = [f"greedy {describe(greedy, p=p_greedy)}"]
             if sampled is not None:
-                parts.append(f"avg@K {describe(sampled)}")
+                parts.append(f"avg@K {describe(sampled, p=p_sampled)}")
             if length is not None:
-                parts.append(f"length {describe(length, scale=1.0, unit='tokens')}")
+                parts.append(f"length {describe(length, scale=1.0, unit='tokens', p=p_length)}")
             lines.append(f"  {label(g):<14} " + "; ".join(parts))
     return "\n".join(lines)
