@@ -267,11 +267,11 @@ def compare_table(run_dirs: list[str]) -> str:
     Below them, with 95% intervals paired by problem and clustered by template (CR2, t(G − 1)) and the
     smallest difference the design could detect (80% power): each setting's change from its own step 0 and
     training-reward slope, then each setting minus the first in accuracy and in length (each measure's p
-    Holm-adjusted over the comparisons, and the verdict following it): name the reference first (`--compare runs/grpo-s* runs/*-s*`; a folder
-    named twice counts once). These paired intervals take the trained runs as given (problems vary, seeds
-    do not): a seed's luck moves every problem alike, so the spread between seeds is in the end accuracy's
-    interval across seeds, not in them. A run without an evaluation after training is listed apart, not
-    pooled."""
+    Holm-adjusted over the comparisons, and the verdict following it): name the reference first (`--compare
+    runs/grpo-s* runs/*-s*`; a folder named twice counts once). These paired intervals take the trained runs
+    as given (problems vary, seeds do not): a seed's luck moves every problem alike, so the spread between
+    seeds is in the end accuracy's interval across seeds, not in them. A run without an evaluation after
+    training is listed apart, not pooled."""
     if not run_dirs:
         raise SystemExit("--compare: expected one or more run directories (python train_min.py --compare RUN_DIR ...)")
     runs = [load_run(d) for d in dict.fromkeys(os.path.normpath(d) for d in run_dirs)]  # a folder named twice counts once
@@ -322,8 +322,7 @@ def compare_table(run_dirs: list[str]) -> str:
         results = {key: [paired(per_problem(g, -1, key), per_problem(reference, -1, key)) for g in groups[1:]]
                    for key in ("eval_correct", "eval_sampled_correct", "eval_lengths")}
         p = {key: holm_adjusted(rs) for key, rs in results.items()}
-        for i, g in enumerate(groups[1:]):
-            (greedy, sampled, length), (p_greedy, p_sampled, p_length) = [[v[i] for v in d.values()] for d in (results, p)]
+        for g, greedy, sampled, length, p_greedy, p_sampled, p_length in zip(groups[1:], *results.values(), *p.values()):
             parts = [f"greedy {describe(greedy, p=p_greedy)}"]
             if sampled is not None:
                 parts.append(f"avg@K {describe(sampled, p=p_sampled)}")
