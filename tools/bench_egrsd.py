@@ -359,7 +359,7 @@ def saved_two_layer_model(folder: str) -> str:
     return folder
 
 
-REAL_LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "real_runs", "grpo", "metrics.jsonl")
+REAL_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "real_runs", "grpo")  # its lengths at step 0
 
 
 def bench_padding(device: str, s: dict) -> dict:
@@ -369,9 +369,10 @@ def bench_padding(device: str, s: dict) -> dict:
     and their gradient norms must agree up to rounding; then timed calls, alternating which goes first
     (ABBA...), best of `repeats` each; and the positions the student's forwards ran over."""
     import train_min
+    from trainer import run_io
 
     p = s["padding"]
-    eval_lengths = next(json.loads(line) for line in open(REAL_LENGTHS) if '"kind": "eval"' in line)["eval_lengths"]
+    eval_lengths = run_io.initial_eval_row(REAL_RUN)["eval_lengths"]
     pool = [min(p["cap"], max(1, round(n * p["cap"] / 512))) for n in eval_lengths]
     lengths = torch.tensor(random.Random(0).sample(pool, p["batch"]))
     baseline = {"micro_batches": lambda mask, size: list(torch.arange(len(mask), device=mask.device).split(size)),

@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from trainer import stats  # noqa: E402
-from trainer.views import group_runs, label, load_run, read_rows  # noqa: E402
+from trainer.views import evaluated_settings, label, read_rows  # noqa: E402
 
 
 def moving_average(values: list, width: int = 5) -> list:
@@ -55,9 +55,7 @@ def plot(path: str, run_dirs: list[str]) -> None:
 
 
 def tradeoff(path: str, run_dirs: list[str]) -> None:
-    runs = [load_run(d) for d in dict.fromkeys(os.path.normpath(d) for d in run_dirs)]  # a folder named twice: once
-    groups = [[r for r in g if len(r.evals) > 1] for g in group_runs(runs)]  # evaluated after training
-    groups = [g for g in groups if g]
+    groups, _ = evaluated_settings(run_dirs)
     if not groups:
         sys.exit("--tradeoff: no run has an evaluation after training yet")
     sampled = all("eval_sampled_accuracy" in r.evals[-1] for g in groups for r in g)

@@ -57,7 +57,8 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
     with open(os.path.join(out, "commands.sh"), "a") as f:  # appended: several calls may share OUT
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: tools/run_arms.py, each arm also given --time-budget\n")
         f.writelines(shlex.join(c) + "\n" for c in [initial, *arm_commands.values()])
-    reuse = run_io.initial_eval_row(initial_dir) is not None  # made by an earlier call: the same for every arm
+    row = run_io.initial_eval_row(initial_dir)  # made by an earlier call: the same for every arm
+    reuse = row is not None
     if not reuse:
         shutil.rmtree(initial_dir, ignore_errors=True)  # an earlier attempt cut off before its evaluation
     print(f"[run_arms] initial evaluation: {'reused from ' + initial_dir if reuse else shlex.join(initial)}", flush=True)
@@ -66,10 +67,10 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
         print(f"[run_arms] the initial evaluation failed (exit {status})", flush=True)
         return finish(out, pack, arms, 1)
     left = budget - (time.monotonic() - started)
-    # Each arm keeps room for 1.25 evaluations of its own; side by side, the arms' final evaluations share the
-    # card and take about one evaluation per arm: the rest comes off their budgets.
-    row = run_io.initial_eval_row(initial_dir) or {}
-    left -= max(len(arms) - 1.25, 0) * row.get("eval_s", 0.0) + START_UP
+    # Each arm keeps room for EVALUATION_ROOM evaluations of its own; side by side, the arms' final evaluations
+    # share the card and take about one evaluation per arm: the rest comes off their budgets.
+    row = row or run_io.initial_eval_row(initial_dir) or {}
+    left -= max(len(arms) - run_io.EVALUATION_ROOM, 0) * row.get("eval_s", 0.0) + START_UP
     if left <= 0:
         print(f"[run_arms] no time left for the arms ({left:.0f} s): raise --budget", flush=True)
         return finish(out, pack, arms, 1)
@@ -109,7 +110,7 @@ def finish(out: str, pack: str, arms: dict, status: int) -> int:
         for folder, dirs, files in os.walk(out):
             dirs[:] = [d for d in dirs if d not in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "final", "final.tmp")
                        and os.path.abspath(os.path.join(folder, d)) != os.path.abspath(pack)]
-            for file in (f for f in files if f != ".lock"):  # (the run folder's lock: nothing to read)
+            for file in (f for f in files if f != run_io.LOCK_FILE):  # (the run folder's lock: nothing to read)
                 path = os.path.join(folder, file)
                 archive.add(path, arcname=os.path.join(os.path.basename(os.path.normpath(out)), os.path.relpath(path, out)))
     evaluated = [os.path.join(out, n) for n in arms if os.path.isfile(os.path.join(out, n, "metrics.jsonl"))]

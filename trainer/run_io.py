@@ -413,11 +413,14 @@ def progress(iterable, description: str, total: int | None = None, every: float 
             last = now
 
 
+EVALUATION_ROOM = 1.25  # a final evaluation may take a quarter longer than the last: a trained model's answers are longer
+
+
 def out_of_time(budget: float, started: float, step_seconds: float, eval_seconds: float) -> bool:
-    """--time-budget: whether another step, then the final evaluation (with a quarter more for the longer
-    answers of a trained model), would overrun `budget` seconds from `started` (time.perf_counter())."""
+    """--time-budget: whether another step, then the final evaluation (EVALUATION_ROOM times the last one),
+    would overrun `budget` seconds from `started` (time.perf_counter())."""
     left = budget - (time.perf_counter() - started)
-    needed = step_seconds + 1.25 * eval_seconds
+    needed = step_seconds + EVALUATION_ROOM * eval_seconds
     if budget and left < needed:
         print(f"time budget: {left:.0f} s left, a step takes {step_seconds:.0f} s and the evaluation "
               f"{eval_seconds:.0f} s: stopping now", flush=True)

@@ -172,6 +172,14 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
     return list(groups.values())
 
 
+def evaluated_settings(run_dirs: list[str]) -> tuple[list[list[Run]], list[str]]:
+    """(the runs grouped by setting, each with an evaluation before and after training; the names of the
+    runs without one yet). A folder named twice counts once."""
+    runs = [load_run(d) for d in dict.fromkeys(os.path.normpath(d) for d in run_dirs)]
+    groups = [[r for r in g if len(r.evals) > 1] for g in group_runs(runs)]
+    return [g for g in groups if g], [r.name for r in runs if len(r.evals) < 2]
+
+
 def per_problem(runs: list[Run], which: int, key: str) -> dict:
     """{problem id: (template, mean over the runs of `key` at evaluation `which`)} over the problems that
     every run evaluated."""
@@ -274,10 +282,7 @@ def compare_table(run_dirs: list[str]) -> str:
     training is listed apart, not pooled."""
     if not run_dirs:
         raise SystemExit("--compare: expected one or more run directories (python train_min.py --compare RUN_DIR ...)")
-    runs = [load_run(d) for d in dict.fromkeys(os.path.normpath(d) for d in run_dirs)]  # a folder named twice counts once
-    groups = [[r for r in g if len(r.evals) > 1] for g in group_runs(runs)]  # evaluated before and after training
-    missing = [r.name for r in runs if len(r.evals) < 2]
-    groups = [g for g in groups if g]
+    groups, missing = evaluated_settings(run_dirs)
     header = (f"{'run':<16} {'method':<9} {'seeds':>5} {'steps':>5} {'acc start':>9} {'acc end [95% seeds]':>21} "
               f"{'avg@K':>11} {'len start':>9} {'len end':>7} {'Δlen':>7} {'acc/(len/1k)':>12} {'trunc':>6} {'s/step':>6} {'peak GiB':>8}")
     lines = [header, "-" * len(header)]
