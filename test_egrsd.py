@@ -681,8 +681,6 @@ def run(function, **overrides):
     arguments = {**valid_arguments(), **overrides}
     if function == "RunningAdvantage":
         return egrsd.RunningAdvantage()(arguments["rewards"])
-    if function == "group_advantages":
-        return egrsd.group_advantages(arguments["rewards"], arguments["group_size"], eps=arguments.get("eps", 1e-4))
     return call(getattr(egrsd, function), arguments)
 
 

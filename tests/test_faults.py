@@ -316,7 +316,7 @@ def test_auto_checkpointing_switches_on_when_an_update_runs_out_of_memory_and_ta
     with LoRA dropout, so would one that drew other dropout masks."""
     if extra:
         pytest.importorskip("peft", reason="the optional extra peft is not installed")
-    flags = ONE_STEP[:-6] + ["--steps", "2", "--eval-size", "0", "--micro-batch-size", "2"] + extra
+    flags = FLAGS[:-6] + ["--steps", "2", "--eval-size", "0"] + extra  # (FLAGS: micro-batches of 2)
     with monkeypatch.context() as m:
         calls = out_of_memory_at(2, m)
         auto, _ = train_min.main(flags + ["--gradient-checkpointing", "auto", "--output-dir", str(tmp_path / "auto")])
@@ -373,9 +373,9 @@ def test_a_huge_learning_rate_never_saves_non_finite_weights_and_an_infinite_one
             train_min.main(ONE_STEP + ["--lr", "inf", "--output-dir", str(tmp_path / "inf")])
     train_min.main(ONE_STEP + ["--lr", "1e30", "--output-dir", str(tmp_path / "huge")])
     assert [r["skipped"] for r in views.read_rows(str(tmp_path / "huge")) if r["kind"] == "train"] == [True]
+    initial = train_min.load_model_and_tokenizer("tiny", "cpu", torch.float32)[0].state_dict()
     for saved in ("checkpoint", "final"):
         weights = safetensors.torch.load_file(tmp_path / "huge" / saved / "model.safetensors")
-        initial = train_min.load_model_and_tokenizer("tiny", "cpu", torch.float32)[0].state_dict()
         assert all(torch.equal(w, initial[k]) for k, w in weights.items()), f"{saved}: the blown-up step was undone"
 
 
