@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -358,17 +359,15 @@ def check_lengths(cfg: Config, problems: list) -> None:
     """Before any model loads: every prompt, the student's (the question) and the teacher's (which holds the
     solution too), plus --max-new-tokens fits the model's positions; else stop naming the problem's file and
     line. Skipped where the model's config or tokenizer cannot be read before loading."""
-    from transformers import AutoTokenizer
-
     from trainer import offline_models, tasks
 
     try:
         positions = offline_models.model_config(cfg.model).max_position_embeddings
-        built_in = cfg.model == "tiny" or cfg.model in offline_models.RANDOM_SHAPES
-        tokenizer = offline_models.build_tiny_tokenizer() if built_in else AutoTokenizer.from_pretrained(cfg.model)
+        with warnings.catch_warnings():  # (its fallbacks' warnings: the model load gives them)
+            warnings.simplefilter("ignore")
+            tokenizer = offline_models.load_tokenizer(cfg.model)
     except Exception:  # noqa: BLE001 (an offline hub name, say: the model load will tell)
         return
-    tokenizer.chat_template = tokenizer.chat_template or offline_models.CHATML_TEMPLATE  # as the model load does
     for who, messages in (("student", tasks.student_messages), ("teacher", tasks.teacher_messages)):
         texts = [tokenizer.apply_chat_template(messages(p), tokenize=False, add_generation_prompt=True) for p in problems]
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -6,7 +6,7 @@
 - `build_random_model(name, tokenizer, dtype)`: Qwen2.5-0.5B's (`random-0.5b`) or Qwen3-4B's
   (`random-qwen3-4b`) exact architecture with random weights, for timing and memory runs only.
 - `load_model_and_tokenizer(name, device, dtype)`: "tiny", "random-0.5b", "random-qwen3-4b", or a hub name
-  / local folder.
+  / local folder; `load_tokenizer(name)` its tokenizer alone.
 - `make_arithmetic_problems(n, seed)`: the tiny tokenizer's corpus, short generated word problems.
 """
 
@@ -133,8 +133,11 @@ def model_config(name: str):
     return AutoConfig.from_pretrained(name)
 
 
-def _load_pretrained(name: str, dtype: torch.dtype):
-    """A hub model or local folder, with the pad and chat-template fallbacks it may need."""
+def load_tokenizer(name: str):
+    """The tokenizer of the model `name` names: the tiny one for "tiny" and the RANDOM_SHAPES names, else a
+    hub model's or local folder's, with the pad and chat-template fallbacks it may need."""
+    if name == "tiny" or name in RANDOM_SHAPES:
+        return build_tiny_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         # Fallback: pad with EOS. Padding is masked by the attention mask, so only the mask tells them apart.
@@ -143,20 +146,18 @@ def _load_pretrained(name: str, dtype: torch.dtype):
     if tokenizer.chat_template is None:
         warnings.warn(f"{name}: tokenizer has no chat template; using a plain ChatML one")
         tokenizer.chat_template = CHATML_TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
-    return model, tokenizer
+    return tokenizer
 
 
 def load_model_and_tokenizer(name: str, device, dtype: torch.dtype):
     """(model on `device` in `dtype`, tokenizer): "tiny", a RANDOM_SHAPES name (tiny tokenizer), or a hub name."""
+    tokenizer = load_tokenizer(name)
     if name == "tiny":
-        tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer, dtype=dtype)
     elif name in RANDOM_SHAPES:
-        tokenizer = build_tiny_tokenizer()
         model = build_random_model(name, tokenizer, dtype, device)
     else:
-        model, tokenizer = _load_pretrained(name, dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
     # A clean generation config. A checkpoint's own sampling defaults (Qwen2.5-Instruct ships a
     # repetition penalty, temperature, top-p and top-k) would fill every setting the trainer leaves unset,
     # and rollouts would no longer come from the policy whose log-probs are trained. It keeps every EOS
