@@ -319,17 +319,14 @@ def memory_estimates(lora_r: int = 64) -> dict:
     KV cache or logits chunks. Full: float32 master weights, gradients and two AdamW moments, and the bf16
     teacher and sampler copies (20 bytes a parameter). LoRA: one bf16 base (2 bytes a parameter) and a
     float32 adapter with its gradient and moments and the sampler's bf16 copy (18 bytes an adapter parameter)."""
-    from transformers import AutoModelForCausalLM
-
     from trainer import lora
     from trainer.config import Config
-    from trainer.offline_models import build_tiny_tokenizer, qwen25_05b_config, qwen3_config
+    from trainer.offline_models import build_tiny_tokenizer, meta_model, qwen25_05b_config, qwen3_config
 
     tokenizer, out = build_tiny_tokenizer(), {}
     for name, config in (("Qwen2.5-0.5B", qwen25_05b_config(tokenizer)), ("Qwen3-4B", qwen3_config("4b", tokenizer)),
                          ("Qwen3-8B", qwen3_config("8b", tokenizer))):
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        model = meta_model(config)
         params = sum(p.numel() for p in model.parameters())
         trainable = lora.adapter_parameters(model, Config(lora_r=lora_r, lora_alpha=2 * lora_r))  # train_min's targets
         out[name] = {"parameters": params, "adapter_parameters": trainable, "full_gib": 20 * params / 2**30,
@@ -490,12 +487,9 @@ def flop_floor(model: str, completion_tokens: float, seconds: float, device: str
     each forward pass over the completion tokens, four passes (the teacher's forward, the update's forward,
     its backward counted as two), five where gradient checkpointing recomputed the forward; prompts not
     counted, so this floor is a little low. NaN where the card's peak is not known (and on CPU)."""
-    from transformers import AutoModelForCausalLM
+    from trainer.offline_models import meta_model, model_config
 
-    from trainer.offline_models import model_config
-
-    with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config(model)).parameters())
+    params = sum(p.numel() for p in meta_model(model_config(model)).parameters())
     name = torch.cuda.get_device_name() if device == "cuda" else ""
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), math.nan)
     flops = 2 * params * completion_tokens * (5 if recomputed else 4)

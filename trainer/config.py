@@ -418,13 +418,10 @@ def run_bytes(cfg: Config) -> tuple[int, str] | None:
     float32 weights and their two AdamW moments (12 bytes a parameter), with LoRA only the adapter's;
     final/ holds the model in the compute dtype (with LoRA also the adapter). None where the model's
     config cannot be read before loading it."""
-    from transformers import AutoModelForCausalLM
-
     from trainer import lora, offline_models
 
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(offline_models.model_config(cfg.model))
+        model = offline_models.meta_model(offline_models.model_config(cfg.model))
     except Exception as error:  # noqa: BLE001 (an offline hub name, say: the model load will tell)
         print(f"free-space check skipped: the config of {cfg.model!r} could not be read ({type(error).__name__})")
         return None

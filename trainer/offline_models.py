@@ -133,6 +133,12 @@ def model_config(name: str):
     return AutoConfig.from_pretrained(name)
 
 
+def meta_model(config):
+    """The causal LM of a transformers `config` on the meta device: its shapes and parameter counts, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_tokenizer(name: str):
     """The tokenizer of the model `name` names: the tiny one for "tiny" and the RANDOM_SHAPES names, else a
     hub model's or local folder's, with the pad and chat-template fallbacks it may need."""
