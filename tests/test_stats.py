@@ -20,21 +20,29 @@ def test_t_quantiles_are_the_printed_tables(df, q975, q80):
 
 
 def naive_cr2(values, clusters):
-    """CR2 by its definition: V = (X'X)⁻¹ Σ_g X_g' A_g e_g e_g' A_g X_g (X'X)⁻¹, A_g = (I − H_gg)^(−1/2),
-    for the intercept-only regression X = 1."""
+    """CR2 by its definition, V = (X'X)⁻¹ Σ_g X_g' A_g e_g e_g' A_g X_g (X'X)⁻¹, A_g = (I − H_gg)^(−1/2), for
+    the intercept-only regression X = 1; and Bell and McCaffrey's degrees of freedom by theirs: V = y' Ω y
+    with Ω = (I − H) C (I − H), C = Σ_g c_g c_g', c_g = (X'X)⁻¹ X_g' A_g on cluster g's rows, so that
+    df = tr(Ω)² / tr(Ω²) (the errors independent and of one variance). Returns (se, df)."""
     y = np.asarray(values, dtype=np.float64)
-    x = np.ones((len(y), 1))
+    n = len(y)
+    x = np.ones((n, 1))
     bread = np.linalg.inv(x.T @ x)
-    e = y - x @ (bread @ x.T @ y)
-    meat = np.zeros((1, 1))
+    hat = x @ bread @ x.T
+    e = y - hat @ y
+    meat, c = np.zeros((1, 1)), np.zeros((n, n))
     for g in set(clusters):
-        rows = [i for i, c in enumerate(clusters) if c == g]
+        rows = [i for i, k in enumerate(clusters) if k == g]
         xg = x[rows]
         w, v = np.linalg.eigh(np.eye(len(rows)) - xg @ bread @ xg.T)
         a = v @ np.diag(w ** -0.5) @ v.T
         u = xg.T @ a @ e[rows]
         meat += np.outer(u, u)
-    return math.sqrt((bread @ meat @ bread)[0, 0])
+        cg = np.zeros(n)
+        cg[rows] = (bread @ xg.T @ a)[0]
+        c += np.outer(cg, cg)
+    omega = (np.eye(n) - hat) @ c @ (np.eye(n) - hat)
+    return math.sqrt((bread @ meat @ bread)[0, 0]), np.trace(omega) ** 2 / np.trace(omega @ omega)
 
 
 CLUSTERED = st.integers(2, 6).flatmap(lambda g: st.lists(
@@ -43,19 +51,28 @@ CLUSTERED = st.integers(2, 6).flatmap(lambda g: st.lists(
 
 
 @given(CLUSTERED)
-def test_cr2_equals_its_matrix_definition_in_float64(rows):
+def test_cr2_and_its_degrees_of_freedom_equal_their_matrix_definitions_in_float64(rows):
     values, clusters = [v for v, _ in rows], [c for _, c in rows]
-    mean, se, df = stats.clustered_mean(values, clusters)
-    assert mean == pytest.approx(float(np.mean(values)))
-    assert se == pytest.approx(naive_cr2(values, clusters), rel=1e-9, abs=1e-12)
-    assert df == len(set(clusters)) - 1
+    result = stats.clustered_mean(values, clusters)
+    se, df = naive_cr2(values, clusters)
+    assert result.mean == pytest.approx(float(np.mean(values)))
+    assert result.se == pytest.approx(se, rel=1e-9, abs=1e-12)
+    assert result.df == pytest.approx(df, rel=1e-9) and result.df <= len(set(clusters)) - 1
+    assert (result.clusters, result.n, result.seeds) == (len(set(clusters)), len(values), ())
+
+
+def test_clusters_of_one_size_give_g_minus_1_and_unequal_ones_fewer():
+    values = [float(i % 3 == 0) for i in range(24)]
+    assert stats.clustered_mean(values, [i // 6 for i in range(24)]).df == pytest.approx(3)  # 4 templates of 6
+    one_large = stats.clustered_mean(values, [min(i, 5) for i in range(24)])  # five problems alone, 19 in one
+    assert one_large.df == pytest.approx(naive_cr2(values, [min(i, 5) for i in range(24)])[1]) and one_large.df < 1.5
 
 
 def test_one_problem_per_cluster_gives_the_usual_standard_error():
     values = [0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
-    mean, se, df = stats.clustered_mean(values, list(range(len(values))))
-    assert se == pytest.approx(np.std(values, ddof=1) / math.sqrt(len(values)))
-    assert df == len(values) - 1
+    result = stats.clustered_mean(values, list(range(len(values))))
+    assert result.se == pytest.approx(np.std(values, ddof=1) / math.sqrt(len(values)))
+    assert result.df == pytest.approx(len(values) - 1)
 
 
 def test_correlated_problems_widen_the_interval_and_reduce_the_degrees_of_freedom():
@@ -63,10 +80,17 @@ def test_correlated_problems_widen_the_interval_and_reduce_the_degrees_of_freedo
     rng = random.Random(0)
     template_outcome = [rng.random() < 0.5 for _ in range(10)]
     values = [float(template_outcome[t]) for t in range(10) for _ in range(10)]
-    clusters = [t for t in range(10) for _ in range(10)]
-    _, clustered, df = stats.clustered_mean(values, clusters)
-    _, independent, _ = stats.clustered_mean(values, list(range(100)))
-    assert df == 9 and clustered > 2.5 * independent
+    clustered = stats.clustered_mean(values, [t for t in range(10) for _ in range(10)])
+    independent = stats.clustered_mean(values, list(range(100)))
+    assert clustered.df == pytest.approx(9) and clustered.se > 2.5 * independent.se
+
+
+@pytest.mark.parametrize("values", [[0.1] * 10, [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]])
+def test_no_spread_between_clusters_gives_a_standard_error_of_exactly_0(values):
+    """Every cluster's mean the same (0.1 up to rounding; or two templates of 4 problems that gain half each
+    although single problems differ): exactly 0, not a rounding residue that a t test would read as p = 0."""
+    clusters = [0, 0, 1, 1, 2, 2, 2, 3, 3, 3] if len(values) == 10 else [i // 4 for i in range(8)]
+    assert stats.clustered_mean(values, clusters).se == 0.0
 
 
 def test_the_clustered_interval_covers_the_truth_at_about_its_level():
@@ -77,10 +101,60 @@ def test_the_clustered_interval_covers_the_truth_at_about_its_level():
     for _ in range(400):
         effects = [rng.gauss(0, 0.3) for _ in range(12)]
         values = [effects[t] + rng.gauss(0, 0.5) for t in range(12) for _ in range(8)]
-        mean, se, df = stats.clustered_mean(values, [t for t in range(12) for _ in range(8)])
-        low, high = stats.interval(mean, se, df)
+        result = stats.clustered_mean(values, [t for t in range(12) for _ in range(8)])
+        low, high = stats.interval(result.mean, result.se, result.df)
         covered += low <= 0 <= high  # the templates' effects are drawn around 0
     assert 0.92 <= covered / 400 <= 0.98
+
+
+def test_unequal_templates_keep_the_interval_at_its_level_where_g_minus_1_would_not():
+    """Five problems alone and 40 in one template, no template effect: t(G − 1) = t(5), as an earlier version
+    of this module had it, covers the truth far less than 95%; Bell and McCaffrey's degrees of freedom (1.2
+    here) cover it at least that often (they err wide with such unequal clusters)."""
+    rng = random.Random(4)
+    clusters = [min(i, 5) for i in range(45)]
+    covered = {"bell-mccaffrey": 0, "g - 1": 0}
+    for _ in range(1000):
+        result = stats.clustered_mean([rng.gauss(0, 1) for _ in clusters], clusters)
+        for name, df in (("bell-mccaffrey", result.df), ("g - 1", result.clusters - 1)):
+            low, high = stats.interval(result.mean, result.se, df)
+            covered[name] += low <= 0 <= high
+    assert covered["g - 1"] / 1000 < 0.9 and covered["bell-mccaffrey"] / 1000 >= 0.94
+
+
+def test_the_spread_between_seeds_adds_its_variance_on_welch_satterthwaite_degrees_of_freedom():
+    clustered = stats.clustered_mean([0.1, 0.3, 0.0, 0.2, 0.4, 0.1], [0, 0, 1, 1, 2, 2])
+    a, b = [0.30, 0.36, 0.27], [0.20, 0.22]
+    result = stats.with_seed_spread(clustered, [a, b])
+    parts = [(clustered.se ** 2, clustered.df), (np.var(a, ddof=1) / 3, 2), (np.var(b, ddof=1) / 2, 1)]
+    total = sum(v for v, _ in parts)
+    assert result.se == pytest.approx(math.sqrt(total))
+    assert result.df == pytest.approx(total ** 2 / sum(v * v / d for v, d in parts))
+    assert (result.mean, result.clusters, result.n, result.seeds) == (clustered.mean, 3, 6, (3, 2))
+    with pytest.raises(ValueError, match="samples"):
+        stats.with_seed_spread(clustered, [a, [0.2]])
+
+
+def test_a_seed_shift_that_moves_every_problem_alike_is_in_the_interval_with_seeds():
+    """Two settings of one method (no true difference), 3 seeds each; a seed's luck adds 4 points to all of
+    its problems. Clustering by problem alone says "excludes 0" far more often than 5%; with the spread
+    between seeds added it is near 5% or below (it errs wide)."""
+    rng = random.Random(5)
+    templates = [t for t in range(17) for _ in range(8)]
+    outside = {"templates only": 0, "with seeds": 0}
+    for _ in range(300):
+        effect = [rng.gauss(0, 0.15) for _ in range(17)]
+
+        def setting():  # (per-problem means over 3 seeds, per-seed means over problems)
+            seeds = [[effect[t] + shift + rng.gauss(0, 0.3) for t in templates] for shift in (rng.gauss(0, 0.04) for _ in range(3))]
+            return [sum(s[i] for s in seeds) / 3 for i in range(len(templates))], [sum(s) / len(s) for s in seeds]
+
+        (a, seeds_a), (b, seeds_b) = setting(), setting()
+        clustered = stats.clustered_mean([x - y for x, y in zip(a, b)], templates)
+        for name, result in (("templates only", clustered), ("with seeds", stats.with_seed_spread(clustered, [seeds_a, seeds_b]))):
+            low, high = stats.interval(result.mean, result.se, result.df)
+            outside[name] += not low <= 0 <= high
+    assert outside["templates only"] / 300 > 0.15 and outside["with seeds"] / 300 <= 0.07
 
 
 def test_a_single_cluster_is_refused_naming_it():

@@ -604,14 +604,16 @@ def test_compare_pools_seeds_and_pairs_by_problem_with_template_clustered_interv
     assert grpo[:4] == ["grpo", "grpo", "3", "10"] and egrsd_row[:4] == ["egrsd", "egrsd", "3", "10"]
     accuracy, low, high = stats.seed_interval([sum(e) / 12 for e in ends["egrsd"]])
     assert egrsd_row[5:8] == [f"{accuracy:.3f}", f"[{low:.3f},", f"{high:.3f}]"]
-    # egrsd minus grpo: per problem, the seeds' mean; then CR2 over the 4 templates
+    # egrsd minus grpo: per problem, the seeds' mean; then CR2 over the 4 templates, and the seeds' spread
     difference = [sum(e[i] for e in ends["egrsd"]) / 3 - sum(g[i] for g in ends["grpo"]) / 3 for i in range(12)]
-    mean, se, df = stats.clustered_mean(difference, templates)
-    low, high = stats.interval(mean, se, df)
+    clustered = stats.clustered_mean(difference, templates)
+    result = stats.with_seed_spread(clustered, [[sum(e) / 12 for e in ends["egrsd"]], [sum(g) / 12 for g in ends["grpo"]]])
+    assert result.se > clustered.se and result.df != clustered.df
+    low, high = stats.interval(result.mean, result.se, result.df)
     last = out[-1]
-    assert last.startswith("  egrsd") and f"greedy {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points" in last
-    assert "G = 4" in last and df == 3
-    assert f"detectable ±{100 * stats.detectable(se, df):.1f}, p {views.p_value((mean, se, df)):.3f} Holm)" in last, "one comparison: p as is"
+    assert last.startswith("  egrsd") and f"greedy {100 * result.mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points" in last
+    assert "G = 4, n = 12, seeds 3/3, " in last
+    assert f"detectable ±{100 * stats.detectable(result.se, result.df):.1f}, p {views.p_value(result):.3f} Holm)" in last, "one comparison: p as is"
     change = [l for l in out if l.startswith("  grpo ") and "reward slope" in l][0]
     assert "reward slope +1.000" in change, "0.01 a step is +1.000 per 100 steps"
 
@@ -620,11 +622,28 @@ def test_holm_adjusts_several_p_values_and_the_verdict_follows_it():
     # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 → running maximum 0.02, 0.03, 0.06, 0.06
     assert views.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert views.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0]) and views.holm([0.02]) == pytest.approx([0.02])
-    results = [(0.1, 0.04, 10), None, (0.1, 0.2, 10)]  # t = 2.5 on 10 df: p = 0.031 alone
-    assert views.holm_adjusted(results) == pytest.approx([2 * views.p_value(results[0]), None, views.p_value(results[2])])
+    def result(mean, se):
+        return stats.Clustered(mean, se, df=10, clusters=11, n=40)
+
+    results = [result(0.1, 0.04), "fewer than two templates", result(0.1, 0.2), result(0.1, 0.0)]  # t = 2.5 on 10 df: p = 0.031 alone
+    # the results without an interval (no templates to cluster by, no spread between them) are not compared
+    assert views.holm_adjusted(results) == pytest.approx([2 * views.p_value(results[0]), None, views.p_value(results[2]), None])
+    assert views.describe(results[1]) == "n/a (fewer than two templates)"
+    assert views.describe(results[3]) == "+10.0 points (no interval: no spread between templates; G = 11, n = 40)"
     assert "(excludes 0;" in views.describe(results[0]) and "(excludes 0;" in views.describe(results[0], p=0.031)
     assert "(no detectable difference after Holm's adjustment;" in views.describe(results[0], p=0.062)
     assert "(no detectable difference;" in views.describe(results[2], p=1.0)
+
+
+def test_runs_with_different_held_out_sets_pair_over_their_common_problems_by_id_and_say_how_many():
+    a = {f"p{i}": (i // 2, float(i % 2)) for i in range(8)}  # 8 problems of 4 templates
+    b = {f"p{i}": (i // 2, 0.25 * i) for i in reversed(range(2, 8))}  # the last 6, listed backwards
+    expected = stats.clustered_mean([a[f"p{i}"][1] - b[f"p{i}"][1] for i in range(2, 8)], [i // 2 for i in range(2, 8)])
+    result = views.paired(a, b)
+    assert result[:5] == pytest.approx(expected[:5]) and "G = 3, n = 6, detectable" in views.describe(result)
+    assert views.describe(views.paired(a, {"q1": (0, 1.0)})) == "n/a (no held-out problem in common)"
+    untemplated = views.paired({i: (None, x) for i, x in enumerate([1.0, 0.0, 1.0, 1.0, 0.0])}, {i: (None, 0.0) for i in range(5)})
+    assert untemplated.clusters == 5 and untemplated.se == pytest.approx(math.sqrt(0.3 / 5))  # s² = 0.3
 
 
 def test_compare_shows_what_the_gate_did_over_every_step_of_every_seed(tmp_path):

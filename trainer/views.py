@@ -180,47 +180,84 @@ def evaluated_settings(run_dirs: list[str]) -> tuple[list[list[Run]], list[str]]
     return [g for g in groups if g], [r.name for r in runs if len(r.evals) < 2]
 
 
+def _evaluated(runs: list[Run], which: int, key: str) -> list[dict]:
+    return [r.evals[which] for r in runs if key in r.evals[which]]
+
+
 def per_problem(runs: list[Run], which: int, key: str) -> dict:
     """{problem id: (template, mean over the runs of `key` at evaluation `which`)} over the problems that
     every run evaluated."""
-    tables = [{i: (t, x) for i, t, x in zip(r.evals[which]["eval_ids"], r.evals[which]["eval_templates"], r.evals[which][key])}
-              for r in runs if key in r.evals[which]]
+    tables = [{i: (t, x) for i, t, x in zip(e["eval_ids"], e["eval_templates"], e[key])} for e in _evaluated(runs, which, key)]
     if not tables:
         return {}
     common = set.intersection(*(set(t) for t in tables))
     return {i: (tables[0][i][0], sum(t[i][1] for t in tables) / len(tables)) for i in common}
 
 
-def paired(a: dict, b: dict) -> tuple[float, float, int] | None:
-    """(mean, se, df) of a − b over their common problems, CR2 clustered by template (a problem without a
-    template is its own cluster); None with fewer than two clusters."""
-    common = sorted(set(a) & set(b))
+def per_seed(runs: list[Run], which: int, key: str, ids) -> list[float]:
+    """Each run's mean of `key` at evaluation `which` over the problems `ids`, in the order of `runs`."""
+    out = []
+    for e in _evaluated(runs, which, key):
+        table = dict(zip(e["eval_ids"], e[key]))
+        out.append(sum(table[i] for i in ids) / len(ids))
+    return out
+
+
+def paired(a: dict, b: dict) -> stats.Clustered | str:
+    """a − b over their common problems (`per_problem` tables), CR2 clustered by template (a problem without a
+    template is its own cluster); where there is none, the reason, as a string."""
+    common = sorted(set(a) & set(b), key=str)
+    if not common:
+        return "no held-out problem in common"
     clusters = [a[i][0] if a[i][0] is not None else f"problem {i}" for i in common]
     if len(set(clusters)) < 2:
-        return None
+        return "fewer than two templates"
     return stats.clustered_mean([a[i][1] - b[i][1] for i in common], clusters)
 
 
-def describe(result, scale: float = 100.0, unit: str = "points", p: float | None = None) -> str:
-    """A paired result as "mean [95% interval] unit (verdict; G, the detectable difference[, p])". With `p`,
-    a Holm-adjusted p-value of one of several comparisons, the verdict follows it: an unadjusted interval
-    that excludes 0 counts as a difference only where the adjusted p is below 0.05."""
-    if result is None:
-        return "n/a (fewer than two templates)"
-    mean, se, df = result
-    low, high = stats.interval(mean, se, df) if se > 0 else (mean, mean)
+def compared(a_runs: list[Run], b_runs: list[Run], key: str, a_at: int = -1, b_at: int = -1) -> stats.Clustered | str | None:
+    """`key` of a_runs at evaluation `a_at` minus that of b_runs at `b_at`: paired by problem (seeds averaged
+    per problem), clustered by template, and, where each side has two or more seeds, widened by the spread
+    between seeds (`stats.with_seed_spread`; one setting against its own start: the spread of each seed's
+    change). None where a side never recorded `key` (avg@K without --eval-samples)."""
+    a, b = per_problem(a_runs, a_at, key), per_problem(b_runs, b_at, key)
+    if not a or not b:
+        return None
+    result = paired(a, b)
+    if isinstance(result, str):
+        return result
+    ids = set(a) & set(b)
+    seeds_a, seeds_b = per_seed(a_runs, a_at, key, ids), per_seed(b_runs, b_at, key, ids)
+    if a_runs is b_runs:  # one setting against its own start: each seed's change
+        samples = [[x - y for x, y in zip(seeds_a, seeds_b)]] if len(seeds_a) == len(seeds_b) else [[]]
+    else:
+        samples = [seeds_a, seeds_b]
+    return stats.with_seed_spread(result, samples) if all(len(s) > 1 for s in samples) else result
+
+
+def describe(result: stats.Clustered | str | None, scale: float = 100.0, unit: str = "points", p: float | None = None) -> str:
+    """A paired result as "mean [95% interval] unit (verdict; G templates, n problems, seeds, the detectable
+    difference[, p])". With `p`, a Holm-adjusted p-value of one of several comparisons, the verdict follows
+    it: an unadjusted interval that excludes 0 counts as a difference only where the adjusted p is below 0.05.
+    Where every template's mean is the same (no spread: a standard error of 0), there is no interval."""
+    if result is None or isinstance(result, str):
+        return f"n/a ({result or 'not recorded'})"
+    basis = f"G = {result.clusters}, n = {result.n}" + (f", seeds {'/'.join(map(str, result.seeds))}" if result.seeds else "")
+    if result.se == 0:
+        return f"{scale * result.mean:+.1f} {unit} (no interval: no spread between templates; {basis})"
+    low, high = stats.interval(result.mean, result.se, result.df)
     verdict = ("no detectable difference" if low <= 0 <= high else
                "no detectable difference after Holm's adjustment" if p is not None and p >= 0.05 else "excludes 0")
     holm = f", p {p:.3f} Holm" if p is not None else ""
-    return (f"{scale * mean:+.1f} [{scale * low:+.1f}, {scale * high:+.1f}] {unit} ({verdict}; G = {df + 1}, "
-            f"detectable ±{scale * stats.detectable(se, df):.1f}{holm})")
+    return (f"{scale * result.mean:+.1f} [{scale * low:+.1f}, {scale * high:+.1f}] {unit} ({verdict}; {basis}, "
+            f"detectable ±{scale * stats.detectable(result.se, result.df):.1f}{holm})")
 
 
-def p_value(result) -> float:
-    mean, se, df = result
-    if se == 0:  # every paired difference the same
-        return 1.0 if mean == 0 else 0.0
-    return 2 * (1 - stats.t_cdf(abs(mean / se), df))
+def p_value(result: stats.Clustered | str | None) -> float | None:
+    """The two-sided p of a paired result; None where it has no interval (see `describe`)."""
+    if not isinstance(result, stats.Clustered) or result.se == 0:
+        return None
+    return 2 * (1 - stats.t_cdf(abs(result.mean / result.se), result.df))
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -234,9 +271,10 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 def holm_adjusted(results: list) -> list[float | None]:
-    """The Holm-adjusted p-value of each paired result, over those that are not None (None stays None)."""
-    adjusted = iter(holm([p_value(r) for r in results if r is not None]))
-    return [None if r is None else next(adjusted) for r in results]
+    """The Holm-adjusted p-value of each paired result, over those that have one (the others get None)."""
+    raw = [p_value(r) for r in results]
+    adjusted = iter(holm([p for p in raw if p is not None]))
+    return [None if p is None else next(adjusted) for p in raw]
 
 
 def mean(xs: list) -> float:
@@ -272,14 +310,14 @@ def compare_table(run_dirs: list[str]) -> str:
     One row per setting, seeds pooled (mean over seeds; the end accuracy's 95% interval across seeds):
     held-out accuracy greedy and avg@K before → after, mean length, its change, Acc/(length/1000), the
     truncated share, seconds per step, peak GPU memory; then what the weights did in training (`gate_table`).
-    Below them, with 95% intervals paired by problem and clustered by template (CR2, t(G − 1)) and the
-    smallest difference the design could detect (80% power): each setting's change from its own step 0 and
-    training-reward slope, then each setting minus the first in accuracy and in length (each measure's p
-    Holm-adjusted over the comparisons, and the verdict following it): name the reference first (`--compare
-    runs/grpo-s* runs/*-s*`; a folder named twice counts once). These paired intervals take the trained runs
-    as given (problems vary, seeds do not): a seed's luck moves every problem alike, so the spread between
-    seeds is in the end accuracy's interval across seeds, not in them. A run without an evaluation after
-    training is listed apart, not pooled."""
+    Below them, with 95% intervals paired by problem and clustered by template (`compared`: CR2 on its
+    Bell–McCaffrey degrees of freedom, the spread between seeds added where each side has two or more), the
+    templates (G), problems (n) and seeds they rest on, and the smallest difference the design could detect
+    (80% power): each setting's change from its own step 0 and training-reward slope, then each setting minus
+    the first in accuracy and in length (each measure's p Holm-adjusted over the comparisons, and the
+    verdict following it): name the reference first (`--compare runs/grpo-s* runs/*-s*`; a folder named twice
+    counts once). With one seed a side, a seed's luck, which moves every problem alike, is not in the
+    interval. A run without an evaluation after training is listed apart, not pooled."""
     if not run_dirs:
         raise SystemExit("--compare: expected one or more run directories (python train_min.py --compare RUN_DIR ...)")
     groups, missing = evaluated_settings(run_dirs)
@@ -305,13 +343,14 @@ def compare_table(run_dirs: list[str]) -> str:
                      f"{max((r.get('peak_gpu_mem_gb', math.nan) for run in group for r in run.train), default=math.nan):>8.1f}")
     lines += [f"{name:<16} (no evaluation after training yet)" for name in missing]
     lines += ["", gate_table(groups)]
-    lines += ["", "Change from step 0, paired by problem, 95% intervals clustered by template (CR2, t(G − 1)); reward slope per 100 steps:"]
+    lines += ["", "Change from step 0, paired by problem, 95% intervals clustered by template (CR2) with the spread of seeds' changes "
+                  "where a setting has two or more; reward slope per 100 steps:"]
     for group in groups:
         parts = []
         for key, what in (("eval_correct", "greedy"), ("eval_sampled_correct", "avg@K")):
-            start, end = per_problem(group, 0, key), per_problem(group, -1, key)
-            if start and end:
-                parts.append(f"{what} {describe(paired(end, start))}")
+            change = compared(group, group, key, -1, 0)
+            if change is not None:
+                parts.append(f"{what} {describe(change)}")
         points = [(r["step"], r["reward"], id(run)) for run in group for r in run.train if "reward" in r]
         try:
             b, se, df = stats.slope(points)
@@ -323,8 +362,9 @@ def compare_table(run_dirs: list[str]) -> str:
     if len(groups) > 1:
         reference = groups[0]
         lines += ["", f"Minus {label(reference)} at the end, paired by problem, seeds averaged per problem, 95% intervals clustered by "
-                      f"template; p Holm-adjusted over the {len(groups) - 1} comparison(s) of each measure:"]
-        results = {key: [paired(per_problem(g, -1, key), per_problem(reference, -1, key)) for g in groups[1:]]
+                      f"template (CR2) with the spread between seeds where both settings have two or more; p Holm-adjusted over "
+                      f"the {len(groups) - 1} comparison(s) of each measure:"]
+        results = {key: [compared(g, reference, key) for g in groups[1:]]
                    for key in ("eval_correct", "eval_sampled_correct", "eval_lengths")}
         p = {key: holm_adjusted(rs) for key, rs in results.items()}
         for g, greedy, sampled, length, p_greedy, p_sampled, p_length in zip(groups[1:], *results.values(), *p.values()):
