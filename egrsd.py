@@ -196,7 +196,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-
         _fail("rewards", f"a length that is a multiple of group_size = {group_size}", f"length {len(rewards)}")
     eps = _number("eps", eps, 0.0, math.inf, low_open=True)
     r = rewards.detach().to(_float_dtype(rewards.dtype)).reshape(-1, group_size)  # (problems, G)
-    return ((r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)).reshape(-1)
+    advantages = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)
+    # Equal rewards whose mean rounds (0.1, or a float32 length-shaped reward) leave one ulp over a std of about
+    # one ulp: a common sign of 1e-3 for the whole group. Such a group has no direction: exactly 0.
+    equal = (r == r[:, :1]).all(dim=1, keepdim=True)
+    return advantages.masked_fill(equal, 0.0).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import math
 import re
 import statistics
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -628,6 +629,14 @@ def test_policy_loss_is_zero_with_zero_gradient_on_empty_mask(batch):
     assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros_like(logp))
 
 
+def test_policy_loss_sends_no_gradient_to_the_token_advantages():
+    """Â is a constant of the loss (Eq. 7): a caller's Â that still carries a graph gets no gradient from it."""
+    arguments = valid_arguments()
+    logp, advantages = arguments["student_logp"].requires_grad_(), arguments["token_advantages"].requires_grad_()
+    egrsd.policy_loss(logp, advantages, arguments["mask"]).backward()
+    assert advantages.grad is None and logp.grad is not None
+
+
 @given(graded_rollouts())
 def test_reward_is_zero_when_wrong_and_one_when_correct_at_the_length_cap(rollouts):
     reward, correct = egrsd.length_shaped_reward(**rollouts), rollouts["correct"]
@@ -645,15 +654,32 @@ def test_group_advantages_sum_to_zero_in_each_group_and_vanish_where_its_rewards
     assert (advantages[~equal].abs().amax(dim=1) > 0).all(), "a group with a better rollout has a direction"
 
 
+@given(st.integers(2, 16), st.integers(1, 2048), st.data())
+def test_a_group_of_equal_rewards_has_no_direction_also_in_float32(group_size, max_length, data):
+    """The rewards a trainer hands over are length_shaped_reward's float32, whose group mean may round: equal
+    ones still give A = 0, not one ulp over a std of one ulp (a common sign of about 1e-3)."""
+    length = data.draw(st.integers(0, max_length))
+    rewards = egrsd.length_shaped_reward(torch.ones(group_size, dtype=torch.bool), torch.full((group_size,), length), max_length)
+    assert (egrsd.group_advantages(rewards, group_size) == 0).all()
+    assert (egrsd.group_advantages(as_float64([0.1] * group_size), group_size) == 0).all()
+
+
 @given(WARMUPS, REWARD_STEPS, st.integers(0, 14))
 def test_running_advantage_resumes_from_its_state_dict(warmup, steps, saved_after):
     running = egrsd.RunningAdvantage(**warmup)
     for rewards in map(as_float64, steps[:saved_after]):
         running(rewards)
-    resumed = egrsd.RunningAdvantage(**warmup)
+    resumed = egrsd.RunningAdvantage()  # made with the defaults: the state carries the warm-up settings too
     resumed.load_state_dict(copy.deepcopy(running.state_dict()))  # as if saved to disk and loaded
     for rewards in map(as_float64, steps[saved_after:]):
         assert torch.equal(resumed(rewards), running(rewards))
+
+
+def test_running_advantage_where_earlier_rewards_are_all_equal_is_reward_minus_their_mean():
+    """σ_r = 0 after the warm-up: A = r − r̄ (not r, not a division by 0)."""
+    running = egrsd.RunningAdvantage(warmup_steps=1)
+    running(as_float64([1.25, 1.25]))  # the warm-up call; r̄ = 1.25, σ_r = 0
+    assert torch.equal(running(as_float64([0.0, 1.25, 1.5])), as_float64([-1.25, 0.0, 0.25]))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -687,7 +713,7 @@ def run(function, **overrides):
 OUTPUT_SHAPES = {  # of each function on the valid batch: (B, T) per token, (B,) per sequence, () a loss
     "token_logprobs": (2, 3), "token_entropy": (2, 3), "length_shaped_reward": (2,), "RunningAdvantage": (2,),
     "group_advantages": (2,), "lookahead_min": (2, 3), "normalised_entropy": (2, 3), "entropy_gate": (2, 3),
-    "ratio_magnitude": (2, 3), "token_advantages": (2, 3), "policy_loss": (), "opsd_loss": ()}
+    "ratio_magnitude": (2, 3), "token_advantages": (2, 3), "policy_loss": (), "opsd_loss": (), "token_regimes": (2, 3)}
 
 
 @pytest.mark.parametrize("function", OUTPUT_SHAPES)
@@ -778,8 +804,11 @@ BAD_INPUTS = [
       for group in [0, -1, 1.5, True]],
     *[case("token_logprobs", "tokens", first_entry(token), token) for token in [-1, 5]],
     case("token_logprobs", "tokens", torch.Tensor.float, "float ids"),
-    case("opsd_loss", "student_logits", lambda x: x.index_put((torch.tensor(0), torch.tensor(2)), torch.tensor(math.nan)),
-         "NaN in a padded row"),
+    *[case("opsd_loss", argument, lambda x: x.index_put((torch.tensor(0), torch.tensor(2)), torch.tensor(math.nan)),
+           "NaN in a padded row") for argument in ["student_logits", "teacher_logits"]],
+    *[case("ratio_magnitude", "direction", first_entry(d), d) for d in [0.5, 2.0]],  # not a sign
+    *[case("token_regimes", "tau_high", tau) for tau in [0.2, 0.1]],  # not above tau_low = 0.2
+    case("token_regimes", "tau_low", -0.1),
     case("normalised_entropy", "mask", torch.Tensor.float, "float"),
     case("normalised_entropy", "window", -1),
     case("normalised_entropy", "denominator", "max"),
@@ -876,6 +905,13 @@ def test_the_fused_teacher_pass_equals_the_naive_log_probs_and_entropy(dtype, da
     assert_close_to_scale(entropy, naive_token_entropy(logits), dtype)
     separate = egrsd.linear_token_logprobs(batch.teacher_hidden, batch.teacher_weight, batch.tokens, **chunking)
     assert torch.equal(logp, separate.detach()), "the same chunks, the same rounding"
+
+
+def test_the_fused_teacher_pass_gives_a_minus_inf_logit_p_log_p_0_as_linear_token_entropy_does():
+    """A logit that overflows to −inf (hidden · weight beyond float32) has p = 0 and adds 0, not 0 · (−inf) = NaN."""
+    hidden, weight, tokens = torch.tensor([[1e30]]), torch.tensor([[-1e30], [1.0]]), torch.tensor([1])  # logits [−inf, 1e30]
+    logp, entropy = egrsd.linear_token_logprobs_and_entropy(hidden, weight, tokens)
+    assert logp.item() == 0.0 and entropy.item() == 0.0 and torch.equal(entropy, egrsd.linear_token_entropy(hidden, weight))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -1002,6 +1038,16 @@ def test_a_spike_resolved_within_the_window_is_a_pivot_and_a_sustained_span_a_fo
     assert [egrsd.REGIMES[c - 1] for c in codes[0].tolist()] == expected
 
 
+@pytest.mark.parametrize("window, expected", [(0, ["fork", "lock", "fork", "fork", "lock"]),
+                                              (1, ["pivot", "lock", "fork", "pivot", "lock"])])
+def test_regime_thresholds_are_inclusive(window, expected):
+    """Ĥ exactly at τ: H ≤ 0.5 nat, so Ĥ = H / 1 nat exactly (binary fractions); Ĥ = τ_low is lock, Ĥ = τ_high
+    is high, Ĥ^CL = τ_low makes a pivot and Ĥ^CL = τ_high a fork (≤ and ≥ as the definitions say)."""
+    entropy, mask = torch.tensor([[0.5, 0.25, 0.5, 0.5, 0.25]]), torch.ones(1, 5, dtype=torch.bool)
+    codes = egrsd.token_regimes(entropy, mask, window, tau_low=0.25, tau_high=0.5)
+    assert [egrsd.REGIMES[c - 1] for c in codes[0].tolist()] == expected
+
+
 @given(batches(), gate_settings(), THRESHOLDS)
 def test_gate_settings_compute_what_the_functions_compute(batch, settings, thresholds):
     """GateSettings is the functions with its settings filled in, and `gates` is each of them once."""
@@ -1034,3 +1080,32 @@ def test_a_setting_out_of_range_is_refused_in_the_words_of_the_table_everywhere(
                    lambda: run("token_advantages", **{name: bad})):
         with pytest.raises(ValueError, match=message):
             refuse()
+
+
+PAPER_DEFAULTS = {  # docs/METHOD.md §2-3: called without settings, every function uses the paper's
+    "length_shaped_reward": {"beta": 0.5}, "group_advantages": {"eps": 1e-4}, "ratio_magnitude": {"eps": 0.2},
+    "RunningAdvantage": {"warmup_steps": 10, "warmup_baseline": 0.5},
+    "normalised_entropy": {"window": 0, "min_denominator": 1.0, "denominator": "raw", "group": None},
+    "entropy_gate": {"window": 0, "gamma": 0.3, "floor": 0.1, "min_denominator": 1.0, "denominator": "raw", "group": None},
+    "token_advantages": {"window": 0, "gamma": 0.3, "eps": 0.2, "floor": 0.1, "min_denominator": 1.0,
+                         "denominator": "raw", "group": None},
+    "token_regimes": {"tau_low": 0.2, "tau_high": 0.5, "min_denominator": 1.0, "group": None},
+    "GateSettings": {"eps": 0.2, "gamma": 0.3, "floor": 0.1, "min_denominator": 1.0, "denominator": "raw",
+                     "group": None, "window": 0},
+}
+
+
+@pytest.mark.parametrize("function", PAPER_DEFAULTS)
+def test_the_defaults_are_the_papers_settings(function):
+    parameters = inspect.signature(getattr(egrsd, function)).parameters
+    assert {name: parameters[name].default for name in PAPER_DEFAULTS[function]} == PAPER_DEFAULTS[function]
+
+
+def test_gate_settings_from_flags_reads_each_flag_and_gate_group_zero_as_the_whole_batch():
+    flags = dict(gamma=1.0, window=5, eps=0.1, floor=0.2, min_denominator=2.0, denominator="filtered", gate_group=0)
+    settings = dict(gamma=1.0, window=5, eps=0.1, floor=0.2, min_denominator=2.0, denominator="filtered")
+    assert egrsd.GateSettings.from_flags(SimpleNamespace(**flags)) == egrsd.GateSettings(**settings, group=None)
+    assert egrsd.GateSettings.from_flags(SimpleNamespace(**flags | {"gate_group": 4})) == egrsd.GateSettings(**settings, group=4)
+    assert all(allowed for _, allowed, _ in egrsd.GateSettings.flag_rules(SimpleNamespace(**flags)))
+    assert [name for name, allowed, _ in egrsd.GateSettings.flag_rules(SimpleNamespace(**flags | {"gate_group": -1}))
+            if not allowed] == ["gate_group"]
