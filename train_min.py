@@ -373,7 +373,8 @@ def train(cfg: Config):
     """The whole run; returns the (student, teacher) models at the end."""
     run = setup(cfg)
     student, tokenizer, bad_steps = run.student, run.tokenizer, 0
-    eval_seconds = evaluate_and_log(run, 0) if run.start_step == 0 and run.eval_problems else 0.0
+    owed = run_io.evaluation_owed(cfg, run.start_step) and run.eval_problems  # step 0's, or one a kill cut off
+    eval_seconds = evaluate_and_log(run, run.start_step) if owed else 0.0
     with contextlib.closing(run.metrics), run_io.StopOnSignal() as stop:
         for step in range(run.start_step, cfg.steps):
             t0 = time.perf_counter()
@@ -431,18 +432,17 @@ def train(cfg: Config):
                   f"len {row['length_mean']:.0f} | loss {loss:.4f} | gnorm {grad_norm:.3f} | "
                   f"Δθ/θ {reach['update_rel']:.1e} | sampler Δ {100 * reach['sampler_changed']:.1f}% | "
                   f"{row['rollout_tokens_per_s']:.0f} tok/s | gen {t1 - t0:.1f}s score {t2 - t1:.1f}s "
-                  f"update {t3 - t2:.1f}s{' | SKIPPED (non-finite)' if skipped else ''}", flush=True)
+                  f"update {t3 - t2:.1f}s{' | SKIPPED (non-finite or blown up)' if skipped else ''}", flush=True)
             if cfg.dump_tokens and done % cfg.dump_tokens == 0:
                 page = os.path.join(cfg.output_dir, "tokens", f"step_{done}.html")
                 with run_io.writing("the token view", page, cfg.output_dir):
                     views.dump_tokens(page, done, tokenizer, batch, scores, weights, rewards.tolist(), correct.tolist(), gates)
 
-            # 5. Stop, checkpoint, evaluate: checkpoint first, so that a second Ctrl-C during a long
-            #    evaluation loses no step.
+            # 5. Stop, checkpoint, evaluate: checkpoint first (a kill during the evaluation loses no step).
             if bad_steps >= cfg.max_bad_steps:
                 save_checkpoint(run, done)
-                sys.exit(f"stopped: {bad_steps} non-finite steps in a row (loss {loss}, grad norm {grad_norm}); "
-                         f"the last good state is in {cfg.output_dir}/checkpoint (lower --lr?)")
+                sys.exit(f"stopped: {bad_steps} skipped steps in a row, non-finite or blown up (loss {loss}, grad norm "
+                         f"{grad_norm}); the last good state is in {cfg.output_dir}/checkpoint (lower --lr?)")
             out_of_time = done < cfg.steps and run_io.out_of_time(cfg.time_budget, run.started, t3 - t0, eval_seconds)
             if (cfg.save_every and done % cfg.save_every == 0) or stop.requested or out_of_time or done == cfg.steps:
                 save_checkpoint(run, done)
@@ -487,8 +487,8 @@ def save_final(run: Run) -> None:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "--compare" in argv:  # python train_min.py --compare RUN_DIR [RUN_DIR ...]: a table, no model
-        return print(views.compare_table(compare_dirs(argv)))
+    if (run_dirs := compare_dirs(argv)) is not None:  # python train_min.py --compare RUN_DIR ...: a table, no model
+        return print(views.compare_table(run_dirs))
     cfg = parse_args(argv, description=__doc__)
     check_config(cfg)
     transformers.logging.disable_progress_bar()  # bars for loading and writing a few files: noise in a run's log

@@ -71,6 +71,32 @@ def test_a_kill_at_each_stage_of_a_checkpoint_write_loses_nothing(stage, straigh
     assert rows_of(tmp_path) == straight
 
 
+class Killed(BaseException):
+    """A kill, raised in the process (it unwinds like SIGKILL's aftermath: nothing after it is written)."""
+
+
+@pytest.mark.parametrize("step", [2, 3])
+def test_a_kill_during_an_evaluation_is_made_good_on_resume(step, straight, tmp_path, monkeypatch):
+    """A step's checkpoint is written before its evaluation: killed during the evaluation of step 2 (due by
+    --eval-every) or of the last step 3, the resumed run evaluates that step first and ends exactly as the
+    uninterrupted one (before, the evaluation was lost for good, the final one included)."""
+    evaluate, steps = train_min.evaluate, []
+
+    def killed_at_step(*args):
+        steps.append([0, 2, 3][len(steps)])  # the steps this run evaluates
+        if steps[-1] == step:
+            raise Killed
+        return evaluate(*args)
+
+    monkeypatch.setattr(train_min, "evaluate", killed_at_step)
+    with pytest.raises(Killed):
+        train_min.main(FLAGS + ["--output-dir", str(tmp_path)])
+    monkeypatch.undo()
+    assert step not in [r["step"] for r in views.read_rows(str(tmp_path)) if r["kind"] == "eval"]
+    run_then_resume(tmp_path)
+    assert rows_of(tmp_path) == straight
+
+
 def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_the_run_resumes_exactly(straight, tmp_path, monkeypatch):
     save, calls = torch.save, []
 
@@ -278,6 +304,27 @@ def test_resume_checks_the_checkpoint_and_run_files_before_any_model_loads(path,
         train_min.main(["--resume", str(run_dir), "--steps", "2"])
 
 
+def test_resume_keeps_the_compute_dtype_and_a_split_of_data_before_any_model_loads(one_step, tmp_path, monkeypatch):
+    no_model(monkeypatch)
+    with pytest.raises(SystemExit, match=r"^--dtype: a resumed run keeps computing in float32, as it did on --device cpu "
+                                         r"\(got --dtype bfloat16 on --device cpu: bfloat16\); pass --dtype float32"):
+        train_min.main(["--resume", str(one_step), "--steps", "2", "--dtype", "bfloat16"])
+    monkeypatch.undo()
+    data = tmp_path / "data.jsonl"  # no --eval-data: the held-out problems are the first --eval-size of --data
+    data.write_text("".join(line for line, _ in zip(open(ROOT / "data/gsm_symbolic_train.jsonl"), range(30))))
+    train_min.main(ONE_STEP + ["--data", str(data), "--eval-size", "4", "--output-dir", str(tmp_path / "run")])
+    no_model(monkeypatch)
+    for flag, value in (("--eval-size", "2"), ("--eval-data", str(data))):
+        with pytest.raises(SystemExit, match=f"^{flag}: a resumed run keeps .* its training problems are what --data left"):
+            train_min.main(["--resume", str(tmp_path / "run"), "--steps", "2", flag, value])
+
+
+def test_resume_stops_at_a_malformed_metrics_line_with_file_and_line(one_step, tmp_path):
+    run_dir = broken_copy(one_step, tmp_path, "metrics.jsonl", lambda p: p.write_text(p.read_text() + "hello\n"))
+    with pytest.raises(SystemExit, match=re.escape(f"{run_dir}/metrics.jsonl:2: not a JSON row")):
+        train_min.main(["--resume", str(run_dir), "--steps", "2"])
+
+
 def test_a_checkpoint_saved_before_manifests_resumes_after_a_notice(one_step, tmp_path, capsys):
     run_dir = broken_copy(one_step, tmp_path, "checkpoint/manifest.json", os.remove)
     train_min.main(["--resume", str(run_dir), "--steps", "2"])
@@ -432,6 +479,27 @@ def test_compare_and_a_data_file_stop_with_file_and_line_alone(tmp_path, monkeyp
     no_model(monkeypatch)
     with pytest.raises(SystemExit, match=f"^--data: {tmp_path}/data.jsonl:2: field 'problem' must be a string"):
         train_min.main(FLAGS + ["--data", str(tmp_path / "data.jsonl"), "--output-dir", str(tmp_path / "run")])
+    # an --eval-data whose name ends the --data's path: the error is still the --data file's
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "data.jsonl").write_text('{"problem": "1 + 1?", "solution": "2", "answer": "2", "template": [1]}\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=f"^--data: {tmp_path}/sub/data.jsonl:1: field 'template' must be a string or an "
+                                         "integer, got list"):
+        train_min.main(FLAGS + ["--data", str(tmp_path / "sub" / "data.jsonl"), "--eval-data", "data.jsonl",
+                                "--output-dir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "meta"], "--device: expected cpu, cuda or cuda:N, got 'meta'"),
+    (["--model", "/no/such/model"], "--model: expected a Hugging Face model name .*, got '/no/such/model'"),
+    (["--lora-r", "4", "--lora-target-modules", "q_proj,foo_proj"], r"--lora-target-modules: expected names of the "
+                                                                     r"model's linear layers \(down_proj, .*\), got foo_proj"),
+])
+def test_a_device_model_or_lora_target_that_cannot_be_is_refused_before_any_model_loads(flags, message, tmp_path, monkeypatch):
+    no_model(monkeypatch)
+    with pytest.raises(SystemExit, match=f"^{message}$"):
+        train_min.main(ONE_STEP + flags + ["--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists(), "nothing written: the corrected command runs into the same folder"
 
 
 def test_a_non_finite_teacher_stops_with_the_message_alone_and_applies_nothing(tmp_path, monkeypatch):

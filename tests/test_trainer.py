@@ -392,7 +392,7 @@ def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, lora, tmp_pat
         monkeypatch.setattr(egrsd, "policy_loss", lambda logp, adv, mask: (logp * float("nan")).sum())
     else:
         monkeypatch.setattr(train_min, "completion_hidden", nan_forward(train_min.completion_hidden))
-    with pytest.raises(SystemExit, match="non-finite steps in a row"):
+    with pytest.raises(SystemExit, match="skipped steps in a row, non-finite or blown up"):
         train_min.main(TINY + ["--steps", "5", "--max-bad-steps", "2", "--eval-size", "0", "--output-dir", str(tmp_path)]
                        + (["--lora-r", "4"] if lora else []))
     rows = read_metrics(tmp_path)
@@ -666,6 +666,10 @@ def test_compare_stands_anywhere_refuses_an_empty_list_or_other_flags_and_names_
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     train_min.main([str(tmp_path / "empty"), "--compare"])
     assert "empty            (no evaluation after training yet)" in capsys.readouterr().out
+    train_min.main([f"--compare={tmp_path / 'empty'}"])
+    assert "empty            (no evaluation after training yet)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="^--compare: write it out"):  # an abbreviation trains nothing either
+        train_min.main(["--comp", str(tmp_path / "empty")])
 
 
 def test_rows_without_problem_ids_are_matched_to_their_held_out_file_in_order():

@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, fields
@@ -192,12 +193,16 @@ def read_config(path: str) -> dict:
     return saved
 
 
-def compare_dirs(argv: list[str]) -> list[str]:
-    """The run directories of `--compare RUN_DIR ...`, wherever --compare stands; any other flag is refused."""
-    flags = [a for a in argv if a.startswith("--") and a != "--compare"]
+def compare_dirs(argv: list[str]) -> list[str] | None:
+    """The run directories of `--compare RUN_DIR ...` (or `--compare=RUN_DIR ...`), wherever --compare stands;
+    any other flag is refused. None where the command line does not ask to compare."""
+    if not any(a == "--compare" or a.startswith("--compare=") for a in argv):
+        return None
+    argv = [a.removeprefix("--compare=") for a in argv if a != "--compare"]
+    flags = [a for a in argv if a.startswith("--")]
     if flags:
         sys.exit(f"--compare: expected run directories only, got {flags[0]} (--compare prints a table; it trains nothing)")
-    return [a for a in argv if a != "--compare"]
+    return argv
 
 
 def parse_args(argv=None, description: str = __doc__) -> Config:
@@ -212,7 +217,8 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
                         help="print the accuracy-length table of these runs and exit, no model loaded: seeds of one "
                              "setting pooled, differences paired by problem, 95%% intervals clustered by template")
     given = vars(parser.parse_args(argv))  # only the flags on the command line
-    given.pop("compare", None)  # (train_min.main answers --compare before the settings are parsed)
+    if "compare" in given:  # train_min.main answers --compare itself; an abbreviation of it gets here
+        sys.exit("--compare: write it out (python train_min.py --compare RUN_DIR ...); it prints a table and trains nothing")
     saved = {}
     if given.get("resume"):
         path = os.path.join(given["resume"], "config.json")
@@ -231,13 +237,15 @@ EVAL_SETTINGS = ("model", "dtype", "device", "data", "eval_data", "eval_size", "
                  "eval_samples", "eval_temperature", "eval_top_p", "eval_top_k", "eval_seed", "rollout", "verifier")
 # Flags a resumed run cannot change: the weights it continues from, what its steps mean (the method and its
 # constants, the reward, the sampling, the data and its order), and (under a decaying schedule) the length
-# of the schedule it is part of. --lr, --weight-decay, --grad-clip, --advantage-warmup and the evaluation
-# and output flags may change.
+# of the schedule it is part of, and the compute dtype (`--dtype`, or `auto` on another `--device`). --lr,
+# --weight-decay, --grad-clip, --advantage-warmup and the evaluation and output flags may change (--eval-size
+# and --eval-data not where the held-out problems are split off --data).
 FIXED_ON_RESUME = ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "method", "gamma", "window",
                    "eps", "floor", "min_denominator", "denominator", "gate_group", "score_temperature", "beta_length",
                    "group_size", "batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "verifier", "data",
                    "train_size", "seed")
 FIXED_UNDER_DECAY = ("steps", "lr_schedule", "warmup_steps")
+FIXED_WITH_A_SPLIT = ("eval_size", "eval_data")  # where the held-out problems are the first of --data's
 # Upper bounds of the integer flags (their lower bounds are in check_config's rules): sizes allocated at once
 # are bounded where no run could use more (--max-new-tokens also by the model's positions, check_lengths),
 # seeds by what torch and Python take, every other count by 2³¹ − 1.
@@ -250,6 +258,9 @@ def check_config(cfg: Config) -> None:
     """Stop on an impossible flag before any model is loaded, naming the flag and what is allowed."""
     rules = [
         ("method", cfg.method in METHODS, f"one of {', '.join(METHODS)}"),
+        ("device", re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, "cpu, cuda or cuda:N"),
+        ("model", not looks_like_a_folder(cfg.model) or os.path.isfile(os.path.join(cfg.model, "config.json")),
+         "a Hugging Face model name (org/name), tiny, or a folder holding config.json"),
         ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
         ("rollout", cfg.rollout in ROLLOUTS, ", ".join(ROLLOUTS)),
         ("rollout", cfg.rollout != "graph" or cfg.device.startswith("cuda"), "graph only with a CUDA --device"),
@@ -302,21 +313,59 @@ def check_config(cfg: Config) -> None:
         manifest = run_io.verify_checkpoint(checkpoint)
         # The checkpoint's own record of the settings, where it has one: an edited config.json cannot change them.
         saved = manifest["settings"] if manifest else {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.resume, "config.json"))}
-        fixed = FIXED_ON_RESUME + (FIXED_UNDER_DECAY if saved["lr_schedule"] != "constant" else ())
+        carved = saved.get("data") and not saved.get("eval_data")  # the held-out split decides the training problems
+        fixed = (FIXED_ON_RESUME + (FIXED_UNDER_DECAY if saved["lr_schedule"] != "constant" else ())
+                 + (FIXED_WITH_A_SPLIT if carved else ()))
         for name in fixed:
             if getattr(cfg, name) != saved.get(name, getattr(cfg, name)):
-                why = "its decaying learning-rate schedule was laid out for" if name in FIXED_UNDER_DECAY else "it continues from"
+                why = ("its decaying learning-rate schedule was laid out for" if name in FIXED_UNDER_DECAY else
+                       "its training problems are what --data left after the held-out split of" if name in FIXED_WITH_A_SPLIT
+                       else "it continues from")
                 sys.exit(f"--{name.replace('_', '-')}: a resumed run keeps {saved[name]!r}, as {why} it "
                          f"(got {getattr(cfg, name)!r}, from the command line or an edited config.json); start a "
                          "new run to change it")
+        if "dtype" in saved and compute_dtype(cfg) != compute_dtype(saved):  # --device moves --dtype auto too
+            name = str(compute_dtype(saved)).removeprefix("torch.")
+            sys.exit(f"--dtype: a resumed run keeps computing in {name}, as it did on --device {saved['device']} (got --dtype "
+                     f"{cfg.dtype} on --device {cfg.device}: {str(compute_dtype(cfg)).removeprefix('torch.')}); pass "
+                     f"--dtype {name}, or start a new run")
         if manifest:
             run_io.check_model(checkpoint, manifest, bool(cfg.lora_r), model_shape(cfg.model))
+    if cfg.lora_r:
+        check_lora_targets(cfg)
     if cfg.initial_eval and not cfg.resume:  # (a resumed run is past its step-0 evaluation)
         check_initial_eval(cfg)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"CUDA is not available on this machine. For a CPU smoke run:\n    {SMOKE}")
     size = run_bytes(cfg) if cfg.save_model else None  # --no-save-model writes metrics only
     run_io.check_output_dir(cfg.output_dir, *(size or (None, "")))
+
+
+def looks_like_a_folder(model: str) -> bool:
+    """Whether --model names a local folder rather than a hub model (org/name) or a model built in code: an
+    absolute or ./ path, one deeper than org/name, or one that exists."""
+    from trainer.offline_models import RANDOM_SHAPES
+
+    if model == "tiny" or model in RANDOM_SHAPES:
+        return False
+    return os.path.isabs(model) or model.startswith(".") or model.count("/") > 1 or os.path.exists(model)
+
+
+def check_lora_targets(cfg: Config) -> None:
+    """Every --lora-target-modules name ends the name of one of the model's linear layers (as peft matches
+    them), from its config on the meta device; skipped where the config cannot be read before loading."""
+    from trainer import offline_models
+
+    try:
+        model = offline_models.meta_model(offline_models.model_config(cfg.model))
+    except Exception:  # noqa: BLE001 (an offline hub name, say: the model load will tell)
+        return
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    missing = [t for t in cfg.lora_target_modules.split(",") if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        sys.exit(f"--lora-target-modules: expected names of the model's linear layers ({', '.join(names)}), got "
+                 f"{', '.join(missing)}")
 
 
 def check_initial_eval(cfg: Config) -> None:
@@ -350,7 +399,7 @@ def checked_data(cfg: Config) -> tuple[list, list]:
     try:
         train_problems, eval_problems = tasks.load_data(cfg)
     except ValueError as error:  # load_problems: "FILE:LINE: what is wrong"
-        sys.exit(f"--{'eval-data' if cfg.eval_data and cfg.eval_data in str(error) else 'data'}: {error}")
+        sys.exit(f"--{'eval-data' if cfg.eval_data and str(error).startswith(f'{cfg.eval_data}:') else 'data'}: {error}")
     check_lengths(cfg, train_problems + eval_problems)
     return train_problems, eval_problems
 
@@ -405,11 +454,12 @@ def learning_rate_factor(cfg: Config):
     return factor
 
 
-def compute_dtype(cfg: Config) -> torch.dtype:
-    """bfloat16 on CUDA and float32 on CPU for --dtype auto."""
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if torch.device(cfg.device).type == "cuda" else torch.float32
-    return getattr(torch, cfg.dtype)
+def compute_dtype(cfg) -> torch.dtype:
+    """bfloat16 on CUDA and float32 on CPU for --dtype auto (`cfg`: a Config, or a run's saved settings)."""
+    dtype, device = (cfg["dtype"], cfg["device"]) if isinstance(cfg, dict) else (cfg.dtype, cfg.device)
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, dtype)
 
 
 def run_bytes(cfg: Config) -> tuple[int, str] | None:

@@ -85,7 +85,8 @@ def last_good(run_dir: str) -> str:
     """Which checkpoint a run directory holds intact, and how to continue from it."""
     checkpoint = complete_checkpoint(run_dir)
     if checkpoint is None:
-        return "No checkpoint was complete yet: start the run again once the cause is fixed."
+        return (f"No checkpoint was complete yet: once the cause is fixed, remove {shlex.quote(run_dir)} (its metrics "
+                "rows are those of a run with nothing to resume) and start the run again.")
     return (f"The last complete checkpoint is {checkpoint} (step {checkpoint_step(checkpoint)}); once the cause is "
             f"fixed, continue with:\n    {resume_command(run_dir)}")
 
@@ -387,6 +388,16 @@ def read_rows(path: str) -> list[dict]:
                 sys.exit(f"{path}:{number}: not a metrics row of train_min.py: {problem}")
             rows.append(row)
     return rows
+
+
+def evaluation_owed(cfg, step: int) -> bool:
+    """Whether a run that starts at `step` owes that step's evaluation: one is due (at step 0, by --eval-every,
+    or at the last step) and metrics.jsonl has none; a resumed run owes one where a kill cut it off after
+    the checkpoint was written. Reads (and so checks) every row of the run's metrics.jsonl."""
+    due = step in (0, cfg.steps) or (cfg.eval_every and step % cfg.eval_every == 0)
+    path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    rows = read_rows(path) if os.path.isfile(path) else []
+    return bool(due) and not any(r["kind"] == "eval" and r["step"] == step for r in rows)
 
 
 def initial_eval_row(run_dir: str) -> dict | None:

@@ -56,8 +56,11 @@ def _parse_row(row, where: str, numeric: bool) -> Problem:
     if not isinstance(row, dict):
         raise ValueError(f"{where}expected a JSON object per line, got {type(row).__name__}")
     if "problem" in row:
+        template = row.get("template")
+        if template is not None and (isinstance(template, bool) or not isinstance(template, (str, int))):
+            raise ValueError(f"{where}field 'template' must be a string or an integer, got {type(template).__name__}")
         problem = Problem(_field(row, "problem", where), _field(row, "solution", where),
-                          _field(row, "answer", where).strip(), row.get("template"))
+                          _field(row, "answer", where).strip(), template)
     elif "question" in row:
         question, text = _field(row, "question", where), _field(row, "answer", where)
         if "#### " not in text:
