@@ -363,7 +363,7 @@ def compare_table(run_dirs: list[str]) -> str:
         reference = groups[0]
         lines += ["", f"Minus {label(reference)} at the end, paired by problem, seeds averaged per problem, 95% intervals clustered by "
                       f"template (CR2) with the spread between seeds where both settings have two or more; p Holm-adjusted over "
-                      f"the {len(groups) - 1} comparison(s) of each measure:"]
+                      f"the comparisons of each measure that have one:"]
         results = {key: [compared(g, reference, key) for g in groups[1:]]
                    for key in ("eval_correct", "eval_sampled_correct", "eval_lengths")}
         p = {key: holm_adjusted(rs) for key, rs in results.items()}
