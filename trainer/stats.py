@@ -94,9 +94,9 @@ def clustered_mean(values: list[float], clusters: list) -> Clustered:
     and its degrees of freedom (Bell and McCaffrey's Satterthwaite approximation, as Imbens and Kolesár
     (2016) recommend with few clusters) to (tr B)² / Σ B² = 1 / (n² Σ B²), with the G × G matrix
     B = diag(n_g k_g²) / n² − u uᵀ / n³, k_g = 1 / √(1 − n_g / n), u_g = n_g k_g: G − 1 for clusters of one
-    size, fewer for unequal ones. A standard error
-    within rounding of 0 is returned as exactly 0: every cluster's mean is then the same, and no interval
-    can be had. Needs at least two clusters (one cluster carries no information about its own spread)."""
+    size, fewer for unequal ones. A standard error within rounding of 0 is returned as exactly 0: every
+    cluster's mean is then the same, and no interval can be had. Needs at least two clusters (one cluster
+    carries no information about its own spread)."""
     if len(values) != len(clusters) or not values:
         raise ValueError(f"values, clusters: expected two non-empty lists of one length, got {len(values)} and {len(clusters)}")
     n = len(values)
