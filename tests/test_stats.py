@@ -93,6 +93,14 @@ def test_no_spread_between_clusters_gives_a_standard_error_of_exactly_0(values):
     assert stats.clustered_mean(values, clusters).se == 0.0
 
 
+def test_no_spread_is_exactly_0_also_where_the_mean_is_0_or_one_template_holds_nearly_every_problem():
+    """Each template's differences sum to 0 up to rounding, so the mean is a rounding residue (~1e-17) too: the
+    threshold is relative to the values, not to their mean. And one problem beside 1,499 in one template: that
+    template's leverage 1 / (1 − n_g / n) of about n must not lift its rounding residue past the threshold."""
+    assert stats.clustered_mean([0.1, 0.2, -0.3, 0.3, -0.1, -0.2], [0, 0, 0, 1, 1, 1]).se == 0.0
+    assert stats.clustered_mean([0.1] * 1500, [0] + [1] * 1499).se == 0.0
+
+
 def test_the_clustered_interval_covers_the_truth_at_about_its_level():
     """Simulated paired differences with a template effect: the 95% interval covers the true mean 0 in
     about 95% of 400 replications (binomial spread: 0.92-0.98)."""

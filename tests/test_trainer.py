@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
+from statistics import fmean
 
 import pytest
 import torch
@@ -632,7 +633,94 @@ def test_holm_adjusts_several_p_values_and_the_verdict_follows_it():
     assert views.describe(results[3]) == "+10.0 points (no interval: no spread between templates; G = 11, n = 40)"
     assert "(excludes 0;" in views.describe(results[0]) and "(excludes 0;" in views.describe(results[0], p=0.031)
     assert "(no detectable difference after Holm's adjustment;" in views.describe(results[0], p=0.062)
+    assert "(no detectable difference after Holm's adjustment;" in views.describe(results[0], p=0.05), "below 0.05 only"
     assert "(no detectable difference;" in views.describe(results[2], p=1.0)
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=8))
+def test_holm_is_the_running_maximum_of_its_step_down_bonferroni_factors_capped_at_1(p):
+    m = len(p)
+    naive = [min(1.0, max((m - sum(q < pj for q in p)) * pj for pj in p if pj <= pi)) for pi in p]
+    assert views.holm(p) == pytest.approx(naive)
+
+
+def held_out_row(problems, values, key="eval_correct"):
+    """An evaluation row over problem numbers `problems` (ids p0, p1, ...; two problems a template), with
+    values[i] for problem i."""
+    return {"eval_ids": [f"p{i}" for i in problems], "eval_templates": [i // 2 for i in problems],
+            key: [values[i] for i in problems]}
+
+
+def in_memory(name, *rows_per_seed):
+    return [views.Run(f"{name}-s{seed}", {}, [], list(rows)) for seed, rows in enumerate(rows_per_seed)]
+
+
+def test_compare_takes_each_seeds_mean_over_the_problems_both_settings_share():
+    """Seeds of one setting evaluated on different held-out sets: per problem the mean over the seeds that
+    recorded the measure (a2 did not), and each seed's mean over the common problems p2..p7 only."""
+    key = "eval_sampled_correct"
+    a_ends = [[1, 1, 0, 1, 1, 0, 1, 0, 1, 1], [1, 1, 1, 1, 0, 0, 1, 1, 1, 1]]
+    b_ends = [[0, 0, 0, 1, 0, 0, 1, 0, 0, 0], [1, 1, 1, 0, 0, 1, 0, 0, 1, 0]]
+    a = in_memory("a", [held_out_row(range(8), a_ends[0], key)], [held_out_row(range(8), a_ends[1], key)],
+                  [held_out_row(range(8), [1] * 10)])  # a2: greedy only
+    b = in_memory("b", [held_out_row(range(8), b_ends[0], key)], [held_out_row(range(2, 10), b_ends[1], key)])
+    common = range(2, 8)
+    difference = [fmean([e[i] for e in a_ends]) - fmean([e[i] for e in b_ends]) for i in common]
+    clustered = stats.clustered_mean(difference, [i // 2 for i in common])
+    expected = stats.with_seed_spread(clustered, [[fmean([e[i] for i in common]) for e in ends] for ends in (a_ends, b_ends)])
+    result = views.compared(a, b, key)
+    assert result[:3] == pytest.approx(expected[:3]) and result[3:] == (3, 6, (2, 2))
+
+
+def test_compare_of_a_setting_with_its_start_adds_the_spread_of_each_seeds_change():
+    """Seeds that start apart and gain alike: the spread of their changes, not of their starts and ends
+    taken as two independent samples."""
+    starts = [[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1], [1, 0, 1, 0, 1, 0]]
+    ends = [[1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 0]]
+    runs = in_memory("a", *[[held_out_row(range(6), s), held_out_row(range(6), e)] for s, e in zip(starts, ends)])
+    clustered = stats.clustered_mean([fmean([e[i] for e in ends]) - fmean([s[i] for s in starts]) for i in range(6)],
+                                     [i // 2 for i in range(6)])
+    expected = stats.with_seed_spread(clustered, [[fmean(e) - fmean(s) for s, e in zip(starts, ends)]])
+    result = views.compared(runs, runs, "eval_correct", -1, 0)
+    assert result[:3] == pytest.approx(expected[:3]) and result.seeds == (3,)
+
+
+def test_compare_without_two_seeds_a_side_one_template_or_the_measure_says_so_instead_of_failing():
+    one = in_memory("one", [held_out_row(range(6), [1, 0, 1, 1, 0, 0])])
+    two = in_memory("two", [held_out_row(range(6), [0, 0, 1, 0, 1, 0])], [held_out_row(range(6), [1, 0, 0, 0, 1, 1])])
+    assert views.compared(two, one, "eval_correct") == views.paired(views.per_problem(two, -1, "eval_correct"),
+                                                                    views.per_problem(one, -1, "eval_correct"))
+    assert views.compared(two, one, "eval_correct").seeds == ()  # one seed a side: no spread between seeds to add
+    assert views.compared(two, one, "eval_sampled_correct") is None
+    sampled = in_memory("b", [held_out_row(range(6), [1] * 6, "eval_sampled_correct")])
+    assert views.compared(two, sampled, "eval_sampled_correct") is None
+    one_template = {f"p{i}": (0, float(i % 2)) for i in range(4)}
+    assert views.paired(one_template, {i: (0, 0.0) for i in one_template}) == "fewer than two templates"
+
+
+def test_compare_holm_adjusts_over_the_settings_and_fits_each_settings_slope_with_one_intercept_a_seed(tmp_path):
+    ids, templates = [f"p{i}" for i in range(8)], [i // 2 for i in range(8)]
+    ends = {("grpo", 0): [0, 0, 1, 0, 0, 0, 0, 1], ("grpo", 1): [0, 1, 0, 0, 1, 0, 0, 0],
+            ("egrsd", 0): [1, 1, 1, 0, 1, 1, 1, 1], ("cl-egrsd", 0): [1, 0, 1, 0, 1, 1, 0, 1]}
+    dirs = []
+    for (method, seed), end in ends.items():
+        write_run(tmp_path / f"{method}-s{seed}", method, seed, [0] * 8, end, ids, templates)
+        dirs.append(str(tmp_path / f"{method}-s{seed}"))
+    out = views.compare_table(dirs).splitlines()
+    reference = [(ends["grpo", 0][i] + ends["grpo", 1][i]) / 2 for i in range(8)]
+    raw = []
+    for method in ("egrsd", "cl-egrsd"):
+        r = stats.clustered_mean([ends[method, 0][i] - reference[i] for i in range(8)], templates)
+        raw.append(2 * (1 - stats.t_cdf(abs(r.mean / r.se), r.df)))
+    smaller = min(1.0, 2 * min(raw))
+    adjusted = [smaller if p == min(raw) else max(smaller, p) for p in raw]
+    for method, p in zip(("egrsd", "cl-egrsd"), adjusted):
+        line = next(l for l in out if l.startswith(f"  {method} ") and "Holm" in l)
+        assert "G = 4, n = 8, detectable" in line and f"p {p:.3f} Holm)" in line.split("; length")[0], (line, raw)
+    b, se, df = stats.slope([(k, 0.2 + 0.01 * k + 0.001 * (k % 2), seed) for seed in (0, 1) for k in (1, 2, 3)])
+    low, high = stats.interval(b, se, df)
+    change = next(l for l in out if l.startswith("  grpo ") and "reward slope" in l)
+    assert f"reward slope {100 * b:+.3f} [{100 * low:+.3f}, {100 * high:+.3f}]" in change, change
 
 
 def test_runs_with_different_held_out_sets_pair_over_their_common_problems_by_id_and_say_how_many():

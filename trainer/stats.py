@@ -100,7 +100,7 @@ def clustered_mean(values: list[float], clusters: list) -> Clustered:
     if len(values) != len(clusters) or not values:
         raise ValueError(f"values, clusters: expected two non-empty lists of one length, got {len(values)} and {len(clusters)}")
     n = len(values)
-    mean = sum(values) / n
+    mean = math.fsum(values) / n
     sums, sizes = defaultdict(float), defaultdict(int)
     for x, g in zip(values, clusters):
         sums[g] += x - mean
@@ -108,7 +108,8 @@ def clustered_mean(values: list[float], clusters: list) -> Clustered:
     if len(sums) < 2:
         raise ValueError(f"clusters: expected at least two different clusters, got {len(sums)}")
     variance = sum(sums[g] ** 2 / (1 - sizes[g] / n) for g in sums) / n**2
-    if math.sqrt(variance) <= 1e-12 * max(abs(x) for x in values):  # rounding: the sums of e_i are all 0
+    # Rounding: the sums of e_i are all 0 (tested before the leverage 1 / (1 − n_g / n), which can reach n)
+    if math.sqrt(sum(x * x for x in sums.values())) / n <= 1e-12 * max(abs(x) for x in values):
         variance = 0.0
     k2 = [1 / (1 - size / n) for size in sizes.values()]
     diagonal = [size * k / n**2 for size, k in zip(sizes.values(), k2)]
