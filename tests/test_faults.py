@@ -304,6 +304,18 @@ def test_resume_checks_the_checkpoint_and_run_files_before_any_model_loads(path,
         train_min.main(["--resume", str(run_dir), "--steps", "2"])
 
 
+def test_a_resumed_run_keeps_room_for_the_evaluation_it_made_before(tmp_path, monkeypatch):
+    """--time-budget stops training where another step and the final evaluation would not fit: a resumed run
+    that owes no evaluation takes the last one's seconds from metrics.jsonl (before, 0 until it evaluated)."""
+    train_min.main(FLAGS + ["--steps", "2", "--lr-schedule", "constant", "--output-dir", str(tmp_path)])
+    last = [r for r in views.read_rows(str(tmp_path)) if r["kind"] == "eval"][-1]
+    seen, out_of_time = [], run_io.out_of_time
+    monkeypatch.setattr(run_io, "out_of_time", lambda budget, started, step_s, eval_s: seen.append(eval_s) or out_of_time(
+        budget, started, step_s, eval_s))
+    train_min.main(["--resume", str(tmp_path), "--steps", "4"])
+    assert last["step"] == 2 and last["eval_s"] > 0 and seen[0] == last["eval_s"]
+
+
 def test_resume_keeps_the_compute_dtype_and_a_split_of_data_before_any_model_loads(one_step, tmp_path, monkeypatch):
     no_model(monkeypatch)
     with pytest.raises(SystemExit, match=r"^--dtype: a resumed run keeps computing in float32, as it did on --device cpu "
@@ -525,3 +537,27 @@ def test_a_non_finite_weight_is_undone_wherever_it_stands_among_the_parameters()
     assert run_io.undo_if_blown_up(model, before)
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters()), "put back"
     assert not run_io.undo_if_blown_up(model, before), "an unchanged model is left alone"
+
+
+def test_a_step_is_undone_only_when_it_moves_a_weight_by_more_than_the_largest_weight():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -0.5]]))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        model.weight[0, 1] += 1.0  # by exactly the largest |w|: kept
+    assert not run_io.undo_if_blown_up(model, before)
+    assert torch.equal(model.weight, torch.tensor([[1.0, 0.5]]))
+    with torch.no_grad():
+        model.weight[0, 1] += 0.25  # by more: put back
+    assert run_io.undo_if_blown_up(model, before)
+    assert torch.equal(model.weight, before["weight"])
+
+
+def test_a_metrics_row_holds_every_key_of_its_kind_with_its_type():
+    good = {"kind": "eval", "step": 0, "method": "egrsd", "eval_accuracy": 0.5, "eval_length": 100.0, "eval_acc_per_1k_tokens": 5.0}
+    assert run_io.row_problem(good) is None and run_io.row_problem({"kind": "train", "step": 1, "loss": math.nan}) is None
+    without_method = {k: v for k, v in good.items() if k != "method"}
+    for bad in ([good], good | {"kind": "test"}, good | {"step": True}, good | {"step": 1.0}, without_method,
+                good | {"eval_accuracy": True}, good | {"eval_correct": "1"}):
+        assert run_io.row_problem(bad), bad

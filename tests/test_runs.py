@@ -8,12 +8,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 import torch
 
 import egrsd
 import train_min
+from trainer import run_io
 from test_trainer import ROOT, TINY, read_metrics, without_timings
 
 
@@ -142,3 +144,11 @@ def test_a_llama_or_mistral_shaped_checkpoint_trains_with_the_default_rollout_en
     assert student.config.model_type == family
     assert [r["step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"] == [1, 2]
     assert not [w for w in recwarn if "HF generate" in str(w.message)], "decoded by the project's engine"
+
+
+def test_out_of_time_keeps_room_for_a_step_and_a_quarter_more_than_the_last_evaluation():
+    now = time.perf_counter()
+    assert not run_io.out_of_time(100.0, now, 10.0, 60.0)  # 10 + 1.25 · 60 = 85 s of the 100 left
+    assert run_io.out_of_time(100.0, now, 10.0, 80.0)  # 110 s: stop now
+    assert run_io.out_of_time(100.0, now - 95.0, 10.0, 0.0)  # 95 s gone: not even a step fits
+    assert not run_io.out_of_time(0.0, now - 1e6, 10.0, 80.0)  # 0: no budget

@@ -795,3 +795,45 @@ def test_the_real_runs_compare_table_is_the_readmes():
     readme = (ROOT / "README.md").read_text()
     for line in table.splitlines()[2:]:
         assert line.strip() in readme, line
+
+
+def test_copy_weights_copies_every_parameter_into_the_targets_dtype():
+    tokenizer = build_tiny_tokenizer()
+    source, target = build_tiny_model(tokenizer, seed=1), build_tiny_model(tokenizer, seed=2, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.rand_like(p))  # the norms too, at 1 in both models as built
+    train_min.copy_weights(source, target)
+    expected = {name: p.to(torch.bfloat16) for name, p in source.named_parameters()}
+    assert all(torch.equal(p, expected[name]) for name, p in target.named_parameters())
+
+
+def test_only_skipped_steps_in_a_row_stop_the_run_and_checkpoints_come_every_save_every_steps(tmp_path, monkeypatch):
+    """Steps 1 and 3 non-finite, step 2 good: the count starts again at step 2, so --max-bad-steps 2 is never
+    reached; --save-every 2 of 3 steps saves at 2 and at the end."""
+    steps, saved = [], []
+    append_row, hidden, save = train_min.run_io.append_row, train_min.completion_hidden, train_min.save_checkpoint
+    monkeypatch.setattr(train_min.run_io, "append_row", lambda metrics, row: append_row(metrics, row) or steps.append(row["step"]))
+    monkeypatch.setattr(train_min, "completion_hidden",
+                        lambda model, *args: hidden(model, *args) * (math.nan if model.training and len(steps) != 1 else 1.0))
+    monkeypatch.setattr(train_min, "save_checkpoint", lambda run, step: saved.append(step) or save(run, step))
+    train_min.main(TINY + ["--steps", "3", "--max-bad-steps", "2", "--save-every", "2", "--eval-size", "0",
+                           "--no-save-model", "--output-dir", str(tmp_path)])
+    assert [r["skipped"] for r in read_metrics(tmp_path)] == [True, False, True]
+    assert saved == [2, 3]
+
+
+def test_scores_are_those_of_the_models_in_eval_mode_whatever_mode_the_update_left_them_in():
+    """A model with dropout (the tiny one has none: here 0.5 on its attention) scores deterministically."""
+    tokenizer = build_tiny_tokenizer()
+    student, teacher = build_tiny_model(tokenizer, seed=1), build_tiny_model(tokenizer, seed=2)
+    for layer in (*student.model.layers, *teacher.model.layers):
+        layer.self_attn.attention_dropout = 0.5
+    cfg = train_min.Config(model="tiny", device="cpu", max_new_tokens=6, micro_batch_size=2)
+    torch.manual_seed(0)
+    batch = train_min.rollouts(student.eval(), tokenizer, built_in_problems(3, 1)[0], cfg)
+    want = train_min.score(student, teacher.eval(), batch, cfg)
+    got = train_min.score(student.train(), teacher.train(), batch, cfg)
+    for k in ("teacher_logp", "teacher_entropy", "student_logp"):
+        assert torch.equal(getattr(got, k), getattr(want, k)), k

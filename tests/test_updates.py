@@ -65,3 +65,36 @@ def test_a_bf16_run_shows_at_step_1_when_its_updates_do_not_reach_the_sampler(tm
         shares[lr] = row["sampler_changed"]
         assert 0 < row["update_rel"] < 1
     assert shares["1e-7"] < 0.05 < 0.5 < shares["1e-2"]
+
+
+def test_a_float32_weight_between_bf16_numbers_counts_only_when_the_samplers_rounding_moves():
+    """Master weights are seldom bfloat16 numbers: 1 + 2⁻¹⁰ is 1 to the sampler before a step of 2⁻¹² and
+    after it, so that step changed nothing the sampler holds; a step of 2⁻⁶ moved it to 1 + 2⁻⁶."""
+    student = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        student.weight.fill_(1 + 2**-10)
+    sampler = torch.nn.Linear(2, 1, bias=False).to(torch.bfloat16)
+    before = updates.snapshot(student)
+    with torch.no_grad():
+        student.weight.add_(torch.tensor([[2**-12, 2**-6]]))
+        sampler.weight.copy_(student.weight)
+    assert updates.sampler_share_changed(sampler, before, lora=False) == 0.5
+
+
+def test_the_lora_share_scales_the_adapter_and_counts_a_step_of_a_as_one_of_b():
+    """Weights 1 (bfloat16 spacing 2⁻⁷: a change under 2⁻⁸ rounds away), r = 2, s = α/r = 2, B = 2⁻¹²: A from
+    1 to 6 in the first layer moves s·B·A from 2⁻¹⁰ to 6·2⁻¹⁰, past 2⁻⁸ (unscaled, 3·2⁻¹¹, it would not)."""
+    peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    base = build_tiny_model(build_tiny_tokenizer(), dtype=torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    with torch.no_grad():
+        for layer in layers:
+            layer.base_layer.weight.fill_(1.0)
+            layer.lora_A["default"].weight.fill_(1.0)
+            layer.lora_B["default"].weight.fill_(2**-12)
+    before = updates.snapshot(model)
+    with torch.no_grad():
+        layers[0].lora_A["default"].weight.fill_(6.0)
+    total = sum(layer.base_layer.weight.numel() for layer in layers)
+    assert updates.sampler_share_changed(model, before, lora=True) == layers[0].base_layer.weight.numel() / total

@@ -390,14 +390,16 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
-def evaluation_owed(cfg, step: int) -> bool:
-    """Whether a run that starts at `step` owes that step's evaluation: one is due (at step 0, by --eval-every,
-    or at the last step) and metrics.jsonl has none; a resumed run owes one where a kill cut it off after
-    the checkpoint was written. Reads (and so checks) every row of the run's metrics.jsonl."""
+def evaluations_so_far(cfg, step: int) -> tuple[bool, float]:
+    """(whether a run that starts at `step` owes that step's evaluation, the seconds its last evaluation took).
+    One is owed where it is due (at step 0, by --eval-every, or at the last step) and metrics.jsonl has none: a
+    resumed run owes one where a kill cut it off after the checkpoint was written. The seconds are what
+    --time-budget keeps room for until the run evaluates again (0 where it never did). Reads (and so checks)
+    every row of the run's metrics.jsonl."""
     due = step in (0, cfg.steps) or (cfg.eval_every and step % cfg.eval_every == 0)
     path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    rows = read_rows(path) if os.path.isfile(path) else []
-    return bool(due) and not any(r["kind"] == "eval" and r["step"] == step for r in rows)
+    evals = [r for r in (read_rows(path) if os.path.isfile(path) else []) if r["kind"] == "eval"]
+    return bool(due) and all(r["step"] != step for r in evals), (evals[-1].get("eval_s", 0.0) if evals else 0.0)
 
 
 def initial_eval_row(run_dir: str) -> dict | None:
