@@ -374,7 +374,7 @@ def train(cfg: Config):
     run = setup(cfg)
     student, tokenizer, bad_steps = run.student, run.tokenizer, 0
     owed, eval_seconds = run_io.evaluations_so_far(cfg, run.start_step)  # step 0's, or one a kill cut off
-    eval_seconds = evaluate_and_log(run, run.start_step) if owed and run.eval_problems else eval_seconds
+    eval_seconds = (evaluate_and_log(run, run.start_step) if owed else eval_seconds) if run.eval_problems else 0.0
     with contextlib.closing(run.metrics), run_io.StopOnSignal() as stop:
         for step in range(run.start_step, cfg.steps):
             t0 = time.perf_counter()

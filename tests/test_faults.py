@@ -314,6 +314,9 @@ def test_a_resumed_run_keeps_room_for_the_evaluation_it_made_before(tmp_path, mo
         budget, started, step_s, eval_s))
     train_min.main(["--resume", str(tmp_path), "--steps", "4"])
     assert last["step"] == 2 and last["eval_s"] > 0 and seen[0] == last["eval_s"]
+    before = len(seen)
+    train_min.main(["--resume", str(tmp_path), "--steps", "6", "--eval-size", "0"])  # no evaluation to come
+    assert seen[before:] == [0.0]
 
 
 def test_resume_keeps_the_compute_dtype_and_a_split_of_data_before_any_model_loads(one_step, tmp_path, monkeypatch):
@@ -329,6 +332,11 @@ def test_resume_keeps_the_compute_dtype_and_a_split_of_data_before_any_model_loa
     for flag, value in (("--eval-size", "2"), ("--eval-data", str(data))):
         with pytest.raises(SystemExit, match=f"^{flag}: a resumed run keeps .* its training problems are what --data left"):
             train_min.main(["--resume", str(tmp_path / "run"), "--steps", "2", flag, value])
+    monkeypatch.undo()  # and the other way: a run with --eval-data may not drop it and split --data instead
+    train_min.main(ONE_STEP + ["--data", str(data), "--eval-data", str(data), "--output-dir", str(tmp_path / "run2")])
+    no_model(monkeypatch)
+    with pytest.raises(SystemExit, match="^--eval-data: a resumed run keeps .* its training problems are what --data left"):
+        train_min.main(["--resume", str(tmp_path / "run2"), "--steps", "2", "--eval-data", ""])
 
 
 def test_resume_stops_at_a_malformed_metrics_line_with_file_and_line(one_step, tmp_path):

@@ -85,11 +85,11 @@ def test_correlated_problems_widen_the_interval_and_reduce_the_degrees_of_freedo
     assert clustered.df == pytest.approx(9) and clustered.se > 2.5 * independent.se
 
 
-@pytest.mark.parametrize("values", [[0.1] * 10, [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]])
-def test_no_spread_between_clusters_gives_a_standard_error_of_exactly_0(values):
+@pytest.mark.parametrize("values, clusters", [([0.1] * 10, [0, 0, 1, 1, 2, 2, 2, 3, 3, 3]),
+                                              ([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0], [i // 4 for i in range(8)])])
+def test_no_spread_between_clusters_gives_a_standard_error_of_exactly_0(values, clusters):
     """Every cluster's mean the same (0.1 up to rounding; or two templates of 4 problems that gain half each
     although single problems differ): exactly 0, not a rounding residue that a t test would read as p = 0."""
-    clusters = [0, 0, 1, 1, 2, 2, 2, 3, 3, 3] if len(values) == 10 else [i // 4 for i in range(8)]
     assert stats.clustered_mean(values, clusters).se == 0.0
 
 

@@ -685,6 +685,19 @@ def test_compare_of_a_setting_with_its_start_adds_the_spread_of_each_seeds_chang
     assert result[:3] == pytest.approx(expected[:3]) and result.seeds == (3,)
 
 
+def test_a_seeds_change_from_its_start_is_taken_only_from_seeds_that_recorded_both():
+    """avg@K missing at the start of s0 and at the end of s1 (--eval-samples may change on resume): the seeds'
+    changes are s2's and s3's, never s0's end minus s1's start."""
+    key, start = "eval_sampled_correct", [0, 0, 1, 0, 0, 0]
+    ends = [[1, 0, 0, 1, 0, 0], [0, 0, 1, 1, 0, 1], [1, 1, 1, 1, 0, 1], [0, 1, 1, 0, 1, 1]]
+    runs = in_memory("a", *[[held_out_row(range(6), start, key if seed != 0 else "eval_correct"),
+                             held_out_row(range(6), end, key if seed != 1 else "eval_correct")] for seed, end in enumerate(ends)])
+    clustered = views.paired(views.per_problem(runs, -1, key), views.per_problem(runs, 0, key))
+    expected = stats.with_seed_spread(clustered, [[fmean(ends[seed]) - fmean(start) for seed in (2, 3)]])
+    result = views.compared(runs, runs, key, -1, 0)
+    assert result[:3] == pytest.approx(expected[:3]) and result.seeds == (2,)
+
+
 def test_compare_without_two_seeds_a_side_one_template_or_the_measure_says_so_instead_of_failing():
     one = in_memory("one", [held_out_row(range(6), [1, 0, 1, 1, 0, 0])])
     two = in_memory("two", [held_out_row(range(6), [0, 0, 1, 0, 1, 0])], [held_out_row(range(6), [1, 0, 0, 0, 1, 1])])

@@ -161,7 +161,7 @@ class Config:
     backward raises torch.OutOfMemoryError; then on for the rest of the run, resumes included, and that update
     taken again: nothing of it was applied. Out of memory elsewhere still stops the run)"""
     max_bad_steps: int = 3
-    """stop after this many non-finite steps in a row (each is skipped, not applied)"""
+    """stop after this many skipped steps in a row (non-finite, or weights that blew up: each is skipped, not applied)"""
     regime_low: float = 0.2
     """τ_low: a token with normalised teacher entropy ≤ τ_low is a "lock" (metrics and token view)"""
     regime_high: float = 0.5
@@ -236,10 +236,10 @@ BEFORE_THESE_FLAGS = {"lr_schedule": "constant", "score_temperature": 1.0, "gate
 EVAL_SETTINGS = ("model", "dtype", "device", "data", "eval_data", "eval_size", "max_new_tokens", "eval_batch_size",
                  "eval_samples", "eval_temperature", "eval_top_p", "eval_top_k", "eval_seed", "rollout", "verifier")
 # Flags a resumed run cannot change: the weights it continues from, what its steps mean (the method and its
-# constants, the reward, the sampling, the data and its order), and (under a decaying schedule) the length
-# of the schedule it is part of, and the compute dtype (`--dtype`, or `auto` on another `--device`). --lr,
-# --weight-decay, --grad-clip, --advantage-warmup and the evaluation and output flags may change (--eval-size
-# and --eval-data not where the held-out problems are split off --data).
+# constants, the reward, the sampling, the data and its order), the compute dtype (`--dtype`, or `auto` on
+# another `--device`, checked apart), and, under a decaying schedule, the length of the schedule it is part
+# of. --lr, --weight-decay, --grad-clip, --advantage-warmup and the evaluation and output flags may change
+# (--eval-size and --eval-data not where, before or after, the held-out problems are split off --data).
 FIXED_ON_RESUME = ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "method", "gamma", "window",
                    "eps", "floor", "min_denominator", "denominator", "gate_group", "score_temperature", "beta_length",
                    "group_size", "batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "verifier", "data",
@@ -313,7 +313,8 @@ def check_config(cfg: Config) -> None:
         manifest = run_io.verify_checkpoint(checkpoint)
         # The checkpoint's own record of the settings, where it has one: an edited config.json cannot change them.
         saved = manifest["settings"] if manifest else {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.resume, "config.json"))}
-        carved = saved.get("data") and not saved.get("eval_data")  # the held-out split decides the training problems
+        # the held-out problems split off --data (in the saved run or in this call) decide the training problems
+        carved = saved.get("data") and not (saved.get("eval_data") and cfg.eval_data)
         fixed = (FIXED_ON_RESUME + (FIXED_UNDER_DECAY if saved["lr_schedule"] != "constant" else ())
                  + (FIXED_WITH_A_SPLIT if carved else ()))
         for name in fixed:

@@ -128,7 +128,7 @@ def with_seed_spread(result: Clustered, samples: list[list[float]]) -> Clustered
         raise ValueError(f"samples: expected one or more lists of at least two per-seed values, got sizes {[len(s) for s in samples]}")
     parts = [(result.se**2, result.df)]
     for values in samples:
-        m = sum(values) / len(values)
+        m = math.fsum(values) / len(values)
         parts.append((sum((x - m) ** 2 for x in values) / (len(values) - 1) / len(values), len(values) - 1))
     total = sum(v for v, _ in parts)
     df = total**2 / sum(v * v / d for v, d in parts if v > 0) if total > 0 else result.df

@@ -181,6 +181,7 @@ def evaluated_settings(run_dirs: list[str]) -> tuple[list[list[Run]], list[str]]
 
 
 def _evaluated(runs: list[Run], which: int, key: str) -> list[dict]:
+    """The evaluation `which` of each run that recorded `key` in it."""
     return [r.evals[which] for r in runs if key in r.evals[which]]
 
 
@@ -227,11 +228,11 @@ def compared(a_runs: list[Run], b_runs: list[Run], key: str, a_at: int = -1, b_a
     if isinstance(result, str):
         return result
     ids = set(a) & set(b)
-    seeds_a, seeds_b = per_seed(a_runs, a_at, key, ids), per_seed(b_runs, b_at, key, ids)
-    if a_runs is b_runs:  # one setting against its own start: each seed's change
-        samples = [[x - y for x, y in zip(seeds_a, seeds_b)]] if len(seeds_a) == len(seeds_b) else [[]]
+    if a_runs is b_runs:  # one setting against its own start: each seed's change, of the seeds that recorded both
+        both = [r for r in a_runs if key in r.evals[a_at] and key in r.evals[b_at]]
+        samples = [[x - y for x, y in zip(per_seed(both, a_at, key, ids), per_seed(both, b_at, key, ids))]]
     else:
-        samples = [seeds_a, seeds_b]
+        samples = [per_seed(a_runs, a_at, key, ids), per_seed(b_runs, b_at, key, ids)]
     return stats.with_seed_spread(result, samples) if all(len(s) > 1 for s in samples) else result
 
 
