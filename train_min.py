@@ -446,7 +446,7 @@ def train(cfg: Config):
             out_of_time = done < cfg.steps and run_io.out_of_time(cfg.time_budget, run.started, t3 - t0, eval_seconds)
             if (cfg.save_every and done % cfg.save_every == 0) or stop.requested or out_of_time or done == cfg.steps:
                 save_checkpoint(run, done)
-            if run.eval_problems and ((cfg.eval_every and done % cfg.eval_every == 0) or out_of_time or done == cfg.steps):
+            if run.eval_problems and (run_io.evaluation_due(cfg, done) or out_of_time):
                 eval_seconds = evaluate_and_log(run, done)
             if (stop.requested or out_of_time) and done < cfg.steps:
                 print(f"checkpoint saved at step {done}; continue with: {run_io.resume_command(cfg.output_dir)}"

@@ -345,9 +345,9 @@ def check_config(cfg: Config) -> None:
 def looks_like_a_folder(model: str) -> bool:
     """Whether --model names a local folder rather than a hub model (org/name) or a model built in code: an
     absolute or ./ path, one deeper than org/name, or one that exists."""
-    from trainer.offline_models import RANDOM_SHAPES
+    from trainer.offline_models import is_built_in
 
-    if model == "tiny" or model in RANDOM_SHAPES:
+    if is_built_in(model):
         return False
     return os.path.isabs(model) or model.startswith(".") or model.count("/") > 1 or os.path.exists(model)
 

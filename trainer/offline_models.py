@@ -139,10 +139,15 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
+def is_built_in(name: str) -> bool:
+    """Whether `name` is a model built in code ("tiny", a RANDOM_SHAPES name), not a hub name or a folder."""
+    return name == "tiny" or name in RANDOM_SHAPES
+
+
 def load_tokenizer(name: str):
-    """The tokenizer of the model `name` names: the tiny one for "tiny" and the RANDOM_SHAPES names, else a
-    hub model's or local folder's, with the pad and chat-template fallbacks it may need."""
-    if name == "tiny" or name in RANDOM_SHAPES:
+    """The tokenizer of the model `name` names: the tiny one for a model built in code, else a hub model's or
+    local folder's, with the pad and chat-template fallbacks it may need."""
+    if is_built_in(name):
         return build_tiny_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:

@@ -396,10 +396,16 @@ def evaluations_so_far(cfg, step: int) -> tuple[bool, float]:
     resumed run owes one where a kill cut it off after the checkpoint was written. The seconds are what
     --time-budget keeps room for until the run evaluates again (0 where it never did). Reads (and so checks)
     every row of the run's metrics.jsonl."""
-    due = step in (0, cfg.steps) or (cfg.eval_every and step % cfg.eval_every == 0)
     path = os.path.join(cfg.output_dir, "metrics.jsonl")
     evals = [r for r in (read_rows(path) if os.path.isfile(path) else []) if r["kind"] == "eval"]
-    return bool(due) and all(r["step"] != step for r in evals), (evals[-1].get("eval_s", 0.0) if evals else 0.0)
+    owed = evaluation_due(cfg, step) and all(r["step"] != step for r in evals)
+    return owed, (evals[-1].get("eval_s", 0.0) if evals else 0.0)
+
+
+def evaluation_due(cfg, step: int) -> bool:
+    """Whether the run evaluates at `step`: at step 0, every --eval-every steps, and at the last step (and
+    where --time-budget stops it early, which the training loop adds)."""
+    return step in (0, cfg.steps) or bool(cfg.eval_every and step % cfg.eval_every == 0)
 
 
 def initial_eval_row(run_dir: str) -> dict | None:
