@@ -102,12 +102,12 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[
 
 
 def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: bool = False, sampling: dict | None = None,
-             progress: str = "rollout tokens"):
+             max_new_tokens: int = 0, progress: str = "rollout tokens"):
     """Sample completions: ids (B, T), mask (B, T) bool up to and including the first EOS, finished (B,).
     Every EOS id of the model's generation config ends a row (Qwen2.5-Instruct: <|im_end|>, <|endoftext|>).
-    `sampling` (temperature, top_k, top_p) defaults to the rollouts' settings."""
+    `sampling` (temperature, top_k, top_p) and `max_new_tokens` (0) default to the rollouts' settings."""
     eos_ids = eos_list(model)
-    args = (model, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_ids, tokenizer.pad_token_id)
+    args = (model, prompt_ids, prompt_mask, max_new_tokens or cfg.max_new_tokens, eos_ids, tokenizer.pad_token_id)
     sampling = dict(greedy=greedy, **(sampling or dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)))
     if cfg.rollout in ("hf-static", "hf-dynamic"):
         completion = decoding.hf_generate(*args, **sampling, static=cfg.rollout == "hf-static")
@@ -265,12 +265,12 @@ def evaluate(model, tokenizer, problems: list, cfg: Config) -> dict:
 def solve(model, tokenizer, problems: list, cfg: Config, prefix: str, per: int = 1, **how) -> dict:
     """Complete and verify each problem: accuracy, mean length, Acc/(length/1000) and the truncated share,
     and per problem (averaged over its `per` consecutive copies) the correct share and mean length."""
-    correct, lengths, finished = [], [], []
+    correct, lengths, finished, cap = [], [], [], run_io.eval_cap(vars(cfg))  # the evaluation's cap
     starts = range(0, len(problems), cfg.eval_batch_size)
     for start in run_io.progress(starts, f"evaluation ({prefix.strip('_')}), batches", len(starts)):
         batch = problems[start : start + cfg.eval_batch_size]
         ids, attention = encode_prompts(tokenizer, [student_messages(p) for p in batch], cfg.device)
-        completion, mask, ended = generate(model, tokenizer, ids, attention, cfg, progress="", **how)
+        completion, mask, ended = generate(model, tokenizer, ids, attention, cfg, max_new_tokens=cap, progress="", **how)
         correct += verify(tokenizer, completion, mask, ended, batch, cfg).int().tolist()
         lengths += mask.sum(dim=1).tolist()
         finished += ended.tolist()
@@ -303,8 +303,7 @@ def score_temperature(cfg: Config) -> float:
 
 @dataclass
 class Run:
-    """What a run holds from step to step: the settings, the data, the three roles of the model, the optimizer
-    and its schedule, the running advantage, the metrics file and where the run starts."""
+    """What a run holds from step to step: settings, data, the model's three roles, optimizer, advantage, metrics."""
     cfg: Config
     train_problems: list
     eval_problems: list
@@ -478,10 +477,10 @@ def save_checkpoint(run: Run, step: int) -> None:
 
 
 def save_final(run: Run) -> None:
-    """final/: the sampler's weights in the compute dtype (LoRA: the merged model and the adapter)."""
+    """final/: the sampler's weights in the compute dtype (LoRA: merged, and the adapter); the model's generation config."""
     if run.cfg.save_model:
         run_io.save_final(run.cfg.output_dir, lambda path: lora.save_final(run.student, run.tokenizer, path) if run.cfg.lora_r
-                          else [m.save_pretrained(path) for m in (run.sampler, run.tokenizer)])
+                          else [m.save_pretrained(path) for m in (run.sampler, run.tokenizer)], run.cfg.model)
         print(f"saved {run.cfg.output_dir}/final")
 
 

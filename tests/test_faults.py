@@ -456,6 +456,13 @@ def test_sizes_are_bounded_before_any_model_loads_naming_the_problem_that_does_n
         train_min.main(FLAGS + ["--data", str(data), "--max-new-tokens", "1024", "--output-dir", str(tmp_path / "run")])
     assert str(stop.value.code).startswith(f"--max-new-tokens: the teacher's prompt (its question and solution) of the "
                                            f"problem at {data}:4 is ")
+    short, held_out = tmp_path / "short.jsonl", tmp_path / "held_out.jsonl"  # prompts of 46 (teacher 71) and 238 tokens
+    short.write_text(json.dumps(row) + "\n")
+    held_out.write_text(json.dumps(row) + "\n" + json.dumps(row | {"problem": "What is 2 + 2? " * 20}) + "\n")
+    for cap, flag in ((["--max-new-tokens", "1900"], "--max-new-tokens"), (["--eval-max-new-tokens", "1900"], "--eval-max-new-tokens")):
+        with pytest.raises(SystemExit) as stop:  # a held-out problem: the student's prompt and the evaluation's cap
+            train_min.main(FLAGS + cap + ["--data", str(short), "--eval-data", str(held_out), "--output-dir", str(tmp_path / "run")])
+        assert str(stop.value.code).startswith(f"{flag}: the student's prompt of the problem at {held_out}:2 is "), stop.value.code
     for flag, value in [("--seed", "-1"), ("--seed", str(2**40)), ("--batch-size", str(10**9)), ("--steps", str(2**40))]:
         with pytest.raises(SystemExit, match=f"^{flag}: expected"):
             train_min.main(FLAGS + [flag, value, "--output-dir", str(tmp_path / "run")])

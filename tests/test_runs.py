@@ -46,8 +46,11 @@ def test_sampled_evaluation_draws_its_own_stream_and_leaves_training_as_it_was(t
 
 
 def test_a_run_reuses_the_step_0_evaluation_of_another_only_when_it_would_be_the_same(tmp_path):
-    flags = TINY + ["--max-new-tokens", "12", "--lr-schedule", "constant"]
-    train_min.main(flags + ["--steps", "0", "--no-save-model", "--output-dir", str(tmp_path / "initial")])
+    """Also: evaluation completes up to --eval-max-new-tokens and training up to --max-new-tokens, so a run
+    that trains at 8 new tokens and evaluates at 12 makes the evaluation of one that does both at 12."""
+    flags = TINY + ["--lr-schedule", "constant"]
+    train_min.main(flags + ["--max-new-tokens", "12", "--steps", "0", "--no-save-model", "--output-dir", str(tmp_path / "initial")])
+    flags += ["--max-new-tokens", "8", "--eval-max-new-tokens", "12"]
     train_min.main(flags + ["--steps", "1", "--method", "grpo", "--initial-eval", str(tmp_path / "initial"),
                             "--output-dir", str(tmp_path / "reused")])
     train_min.main(flags + ["--steps", "1", "--method", "grpo", "--no-save-model", "--output-dir", str(tmp_path / "own")])
@@ -55,9 +58,11 @@ def test_a_run_reuses_the_step_0_evaluation_of_another_only_when_it_would_be_the
     assert reused["reused_from"] == str(tmp_path / "initial") and reused["method"] == "grpo"
     drop = lambda row: {k: v for k, v in row.items() if k not in ("method", "reused_from")}  # noqa: E731
     assert drop(reused) == drop(initial) == drop(own), "the reused evaluation is the one the run would have made"
-    with pytest.raises(SystemExit, match="--initial-eval: .* --eval-top-p 0.95"):
-        train_min.main(flags + ["--steps", "1", "--eval-top-p", "0.9", "--initial-eval", str(tmp_path / "initial"),
-                                "--output-dir", str(tmp_path / "other")])
+    assert max(own["eval_lengths"]) > 8 and max(r["length_max"] for r in read_metrics(tmp_path / "own") if r["kind"] == "train") <= 8
+    for extra, refused in ((["--eval-top-p", "0.9"], "--eval-top-p 0.95"), (["--eval-max-new-tokens", "16"], "--eval-max-new-tokens 12")):
+        with pytest.raises(SystemExit, match=f"--initial-eval: .* {refused}, this run with"):
+            train_min.main(flags + extra + ["--steps", "1", "--initial-eval", str(tmp_path / "initial"),
+                                            "--output-dir", str(tmp_path / "other")])
     shutil.rmtree(tmp_path / "initial")  # a resumed run is past its step-0 evaluation: it needs it no more
     train_min.main(["--resume", str(tmp_path / "reused"), "--steps", "2", "--eval-size", "3"])
     assert [r["step"] for r in read_metrics(tmp_path / "reused") if r["kind"] == "train"] == [1, 2]

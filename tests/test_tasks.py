@@ -19,6 +19,12 @@ from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, lo
     ("3 + 4 = 7", "7", True), ("3 + 4 = 7", "8", False),  # else the last number
     ("\\boxed{-3}", "-3", True), ("\\boxed{-3}", "3", False),
     ("no number at all", "7", False), ("\\boxed{seven}", "7", False),
+    # a model that thinks first (Qwen3's thinking mode): only what follows the last </think> is the answer
+    ("<think>\nmaybe \\boxed{37}? no.\n</think>\n\nThe answer is **22**.", "22", True),
+    ("<think>\n22 + 15 = 37\n#### 37\n</think>\n\nThe answer is 22.", "37", False),
+    ("<think>\nso it is 22\n</think>\n\n", "22", False),  # no answer after the thinking
+    ("<think>\nso it is 22, then", "22", False),  # the thinking never closed
+    ("so it is 22\n</think>\n\n\\boxed{22}", "22", True),  # the prompt opened the thinking
 ])
 def test_the_verifier_reads_the_last_box_then_the_marker_then_the_last_number(completion, answer, correct):
     assert is_correct(completion, answer) is correct

@@ -16,7 +16,7 @@ from statistics import fmean
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import egrsd
 import train_min
@@ -57,6 +57,10 @@ def test_a_checkpoints_own_sampling_defaults_do_not_leak_into_rollouts(tmp_path)
         torch.manual_seed(0)
         outputs.append(train_min.generate(model, tokenizer, ids, attention, train_min.Config(max_new_tokens=24))[0])
     assert torch.equal(*outputs)
+    # final/ generates as the model trained would: with its own defaults again
+    train_min.main(["--model", str(tmp_path), "--device", "cpu", "--steps", "0", "--eval-size", "0", "--output-dir", str(tmp_path / "run")])
+    final = GenerationConfig.from_pretrained(tmp_path / "run" / "final")
+    assert (final.repetition_penalty, final.no_repeat_ngram_size, final.temperature) == (5.0, 2, 0.3)
 
 
 def test_the_clean_generation_config_keeps_every_eos_id_of_the_checkpoint(tmp_path):
@@ -577,7 +581,8 @@ def write_run(run_dir, method, seed, start, end, ids, templates, order=None, ste
                 "eval_length": 400.0 + step, "eval_acc_per_1k_tokens": 1.0, "eval_truncated": 0.0, "eval_correct": correct,
                 "eval_lengths": [400 + step] * len(correct), "eval_ids": chosen, "eval_templates": [templates[i] for i in order],
                 "eval_samples": 4, "eval_sampled_accuracy": sum(correct) / len(correct), "eval_sampled_correct": correct,
-                "eval_sampled_length": 410.0 + step}
+                "eval_sampled_lengths": [410 + step + 30 * c for c in correct],
+                "eval_sampled_length": 410.0 + step + 30 * sum(correct) / len(correct)}
     rows = [evaluation(0, start, list(range(len(ids))))]
     rows += [{"kind": "train", "step": k, "method": method, "reward": 0.2 + 0.01 * k + 0.001 * (k % 2), "step_s": 2.0,
               "peak_gpu_mem_gb": 4.0, "gate_mean": 0.9 + 0.01 * k + 0.1 * seed, "gate_min": 0.5 - 0.1 * k,
@@ -617,6 +622,13 @@ def test_compare_pools_seeds_and_pairs_by_problem_with_template_clustered_interv
     assert f"detectable ±{100 * stats.detectable(result.se, result.df):.1f}, p {views.p_value(result):.3f} Holm)" in last, "one comparison: p as is"
     change = [l for l in out if l.startswith("  grpo ") and "reward slope" in l][0]
     assert "reward slope +1.000" in change, "0.01 a step is +1.000 per 100 steps"
+    # the sampled completions' length (the paper's): its mean in the table, and its paired difference
+    sampled_length = fmean(410 + 10 + 30 * fmean(e) for e in ends["egrsd"])
+    assert out[0].split()[-4] == "len@K" and egrsd_row[-3] == f"{sampled_length:.0f}"
+    length = stats.with_seed_spread(stats.clustered_mean([30 * x for x in difference], templates),
+                                    [[30 * fmean(e) for e in ends[m]] for m in ("egrsd", "grpo")])
+    low, high = stats.interval(length.mean, length.se, length.df)
+    assert f"length@K {length.mean:+.1f} [{low:+.1f}, {high:+.1f}] tokens" in last
 
 
 def test_holm_adjusts_several_p_values_and_the_verdict_follows_it():
@@ -800,6 +812,14 @@ def test_the_tradeoff_figure_pools_seeds_into_one_point_per_setting(tmp_path):
                    check=True)
     assert (tmp_path / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(views.group_runs([views.load_run(d) for d in dirs])) == 2, "two settings of two seeds each"
+
+
+def test_runs_pool_into_one_setting_however_their_evaluation_cap_is_written():
+    """--eval-max-new-tokens 0 follows --max-new-tokens; a config.json from before the flag has neither."""
+    base = {k: v for k, v in vars(config.Config()).items() if k != "eval_max_new_tokens"} | {"max_new_tokens": 512}
+    caps = [{}, {"eval_max_new_tokens": 0}, {"eval_max_new_tokens": 512}, {"eval_max_new_tokens": 1024}]
+    runs = [views.Run(f"s{i}", base | cap | {"seed": i}, [], []) for i, cap in enumerate(caps)]
+    assert [[r.name for r in group] for group in views.group_runs(runs)] == [["s0", "s1", "s2"], ["s3"]]
 
 
 def test_the_real_runs_compare_table_is_the_readmes():

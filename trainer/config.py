@@ -126,6 +126,9 @@ class Config:
     """evaluate every N steps (and before and after training); 0: only before and after"""
     eval_batch_size: int = 64
     """completions per evaluation batch"""
+    eval_max_new_tokens: int = 0
+    """completion cap of held-out evaluation (the paper evaluates Qwen3 in thinking mode with up to 32,768);
+    0: --max-new-tokens. Each evaluation row holds one KV cache of prompt + this many tokens"""
     eval_samples: int = 4
     """K: besides the greedy completion, K sampled completions per held-out problem, reported as avg@K
     (the paper's avg@4); 0: greedy only"""
@@ -230,10 +233,10 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
 
 # A run saved before these flags existed resumes with the behaviour it had.
 BEFORE_THESE_FLAGS = {"lr_schedule": "constant", "score_temperature": 1.0, "gate_group": 0, "lora_r": 0,
-                      "group_size": 1, "eval_samples": 0}
+                      "group_size": 1, "eval_samples": 0, "eval_max_new_tokens": 0}
 # What makes two runs' step-0 evaluations the same (--initial-eval): the model, the held-out problems and
 # how they are decoded and judged.
-EVAL_SETTINGS = ("model", "dtype", "device", "data", "eval_data", "eval_size", "max_new_tokens", "eval_batch_size",
+EVAL_SETTINGS = ("model", "dtype", "device", "data", "eval_data", "eval_size", "eval_max_new_tokens", "eval_batch_size",
                  "eval_samples", "eval_temperature", "eval_top_p", "eval_top_k", "eval_seed", "rollout", "verifier")
 # Flags a resumed run cannot change: the weights it continues from, what its steps mean (the method and its
 # constants, the reward, the sampling, the data and its order), the compute dtype (`--dtype`, or `auto` on
@@ -250,8 +253,8 @@ FIXED_WITH_A_SPLIT = ("eval_size", "eval_data")  # where the held-out problems a
 # are bounded where no run could use more (--max-new-tokens also by the model's positions, check_lengths),
 # seeds by what torch and Python take, every other count by 2³¹ − 1.
 INT_MAX = {"batch_size": 2**16, "micro_batch_size": 2**16, "eval_batch_size": 2**16, "group_size": 2**16,
-           "chunk_size": 2**20, "max_new_tokens": 2**20, "eval_samples": 2**10, "window": 2**16, "lora_r": 2**16,
-           "seed": 2**32 - 1, "eval_seed": 2**32 - 1}
+           "chunk_size": 2**20, "max_new_tokens": 2**20, "eval_max_new_tokens": 2**20, "eval_samples": 2**10,
+           "window": 2**16, "lora_r": 2**16, "seed": 2**32 - 1, "eval_seed": 2**32 - 1}
 
 
 def check_config(cfg: Config) -> None:
@@ -284,6 +287,7 @@ def check_config(cfg: Config) -> None:
         ("dump_tokens", cfg.dump_tokens >= 0, "≥ 0"), ("seed", cfg.seed >= 0, "≥ 0"), ("eval_seed", cfg.eval_seed >= 0, "≥ 0"),
         ("group_size", cfg.group_size > 0, "≥ 1"),
         ("batch_size", cfg.batch_size % max(cfg.group_size, 1) == 0, f"a multiple of --group-size {cfg.group_size}"),
+        ("eval_max_new_tokens", cfg.eval_max_new_tokens >= 0, "≥ 0 (0: --max-new-tokens)"),
         ("eval_samples", cfg.eval_samples >= 0, "≥ 0"), ("eval_temperature", cfg.eval_temperature > 0, "> 0"),
         ("eval_top_p", 0 < cfg.eval_top_p <= 1, "in (0, 1]"), ("eval_top_k", cfg.eval_top_k >= 0, "≥ 0"),
         ("time_budget", cfg.time_budget >= 0, "≥ 0 seconds (0: no limit)"),
@@ -373,10 +377,12 @@ def check_initial_eval(cfg: Config) -> None:
     """--initial-eval: the other run evaluated the same model on the same problems in the same way, and
     wrote its step-0 evaluation."""
     other = {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.initial_eval, "config.json"))}
+    ours = {**vars(cfg), "eval_max_new_tokens": run_io.eval_cap(vars(cfg))}
+    other["eval_max_new_tokens"] = run_io.eval_cap(other)
     for name in EVAL_SETTINGS:
-        if other.get(name) != getattr(cfg, name):
+        if other.get(name) != ours[name]:
             sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with --{name.replace('_', '-')} {other.get(name)!r}, "
-                     f"this run with {getattr(cfg, name)!r}; its step-0 evaluation is not this run's")
+                     f"this run with {ours[name]!r}; its step-0 evaluation is not this run's")
     if run_io.initial_eval_row(cfg.initial_eval) is None:
         sys.exit(f"--initial-eval: {cfg.initial_eval}/metrics.jsonl holds no step-0 evaluation")
 
@@ -401,14 +407,15 @@ def checked_data(cfg: Config) -> tuple[list, list]:
         train_problems, eval_problems = tasks.load_data(cfg)
     except ValueError as error:  # load_problems: "FILE:LINE: what is wrong"
         sys.exit(f"--{'eval-data' if cfg.eval_data and str(error).startswith(f'{cfg.eval_data}:') else 'data'}: {error}")
-    check_lengths(cfg, train_problems + eval_problems)
+    check_lengths(cfg, train_problems, eval_problems)
     return train_problems, eval_problems
 
 
-def check_lengths(cfg: Config, problems: list) -> None:
-    """Before any model loads: every prompt, the student's (the question) and the teacher's (which holds the
-    solution too), plus --max-new-tokens fits the model's positions; else stop naming the problem's file and
-    line. Skipped where the model's config or tokenizer cannot be read before loading."""
+def check_lengths(cfg: Config, train_problems: list, eval_problems: list) -> None:
+    """Before any model loads: every prompt plus its completion cap fits the model's positions: the student's
+    (the question) and the teacher's (which holds the solution too) of a training problem with
+    --max-new-tokens, the student's of a held-out one with the evaluation's cap (run_io.eval_cap); else stop naming
+    the problem's file and line. Skipped where the model's config or tokenizer cannot be read before loading."""
     from trainer import offline_models, tasks
 
     try:
@@ -418,16 +425,21 @@ def check_lengths(cfg: Config, problems: list) -> None:
             tokenizer = offline_models.load_tokenizer(cfg.model)
     except Exception:  # noqa: BLE001 (an offline hub name, say: the model load will tell)
         return
-    for who, messages in (("student", tasks.student_messages), ("teacher", tasks.teacher_messages)):
+    eval_flag = "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens"
+    for who, messages, problems, flag, cap in (
+            ("student", tasks.student_messages, train_problems, "--max-new-tokens", cfg.max_new_tokens),
+            ("teacher", tasks.teacher_messages, train_problems, "--max-new-tokens", cfg.max_new_tokens),
+            ("student", tasks.student_messages, eval_problems, eval_flag, run_io.eval_cap(vars(cfg)))):
+        if not problems:
+            continue
         texts = [tokenizer.apply_chat_template(messages(p), tokenize=False, add_generation_prompt=True) for p in problems]
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         longest = max(range(len(problems)), key=lengths.__getitem__)
-        if lengths[longest] + cfg.max_new_tokens > positions:
+        if lengths[longest] + cap > positions:
             n, solution = lengths[longest], " (its question and solution)" if who == "teacher" else ""
-            sys.exit(f"--max-new-tokens: the {who}'s prompt{solution} of the problem at {problem_line(cfg, problems[longest])} "
-                     f"is {n} tokens; with --max-new-tokens {cfg.max_new_tokens} it needs {n + cfg.max_new_tokens} "
-                     f"positions, and {cfg.model} has {positions}: expected --max-new-tokens ≤ {positions - n}, or "
-                     "leave that problem out")
+            sys.exit(f"{flag}: the {who}'s prompt{solution} of the problem at {problem_line(cfg, problems[longest])} "
+                     f"is {n} tokens; with {flag} {cap} it needs {n + cap} positions, and {cfg.model} has "
+                     f"{positions}: expected {flag} ≤ {positions - n}, or leave that problem out")
 
 
 def problem_line(cfg: Config, problem) -> str:

@@ -181,6 +181,17 @@ def load_model_and_tokenizer(name: str, device, dtype: torch.dtype):
     return model.to(device), tokenizer
 
 
+def own_generation_config(name: str) -> GenerationConfig | None:
+    """The generation config that the model `name` ships (its sampling defaults, which the trainer clears for
+    its rollouts), for final/ to generate as that model would; None for a model built in code or without one."""
+    if is_built_in(name):
+        return None
+    try:
+        return GenerationConfig.from_pretrained(name)
+    except Exception:  # noqa: BLE001 (none in that folder or hub repository, or the hub out of reach: the clean one stays)
+        return None
+
+
 def enable_activation_checkpointing(model) -> None:
     """Recompute activations in the backward. transformers 5.2x renamed gradient_checkpointing_enable;
     5.17 has the old name only."""

@@ -145,8 +145,19 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+def answer_part(text: str) -> str:
+    """What a completion gives as its answer: after the last `</think>` where the model thought first (Qwen3's
+    thinking mode writes `<think> … </think>` and then the answer); nothing where a `<think>` is never closed
+    (the thinking was cut off); otherwise the whole text. A draft inside the thinking is not the answer."""
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    return "" if "<think>" in text else text
+
+
 def extract_answer(text: str) -> str | None:
-    """The last `\\boxed{}` content, else the number after the last `#### `, else the last number."""
+    """Of the answer part (`answer_part`): the last `\\boxed{}` content, else the number after the last
+    `#### `, else the last number."""
+    text = answer_part(text)
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed

@@ -163,11 +163,14 @@ def problem_labels(config: dict, n: int) -> dict:
 
 
 def group_runs(runs: list[Run]) -> list[list[Run]]:
-    """Runs of one setting, in the order given: the same config but for NOT_A_SETTING (without a
-    config.json, a run is a setting of its own)."""
+    """Runs of one setting, in the order given: the same config but for NOT_A_SETTING, and the same evaluation
+    cap however given (without a config.json, a run is a setting of its own)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        key = json.dumps({k: v for k, v in run.config.items() if k not in NOT_A_SETTING}, sort_keys=True) if run.config else run.name
+        setting = {k: v for k, v in run.config.items() if k not in NOT_A_SETTING}
+        if "max_new_tokens" in setting:
+            setting["eval_max_new_tokens"] = run_io.eval_cap(setting)
+        key = json.dumps(setting, sort_keys=True) if run.config else run.name
         groups.setdefault(key, []).append(run)
     return list(groups.values())
 
@@ -305,17 +308,21 @@ def gate_table(groups: list[list[Run]]) -> str:
     return "\n".join(lines)
 
 
+LENGTH = dict(scale=1.0, unit="tokens")  # `describe` of a difference in length
+
+
 def compare_table(run_dirs: list[str]) -> str:
     """The accuracy–length table of runs, from their metrics.jsonl (and config.json) alone.
 
     One row per setting, seeds pooled (mean over seeds; the end accuracy's 95% interval across seeds):
-    held-out accuracy greedy and avg@K before → after, mean length, its change, Acc/(length/1000), the
-    truncated share, seconds per step, peak GPU memory; then what the weights did in training (`gate_table`).
+    held-out accuracy greedy and avg@K before → after, the mean length of the greedy completions before →
+    after, its change, Acc/(length/1000), the truncated share, the mean length of the K sampled completions
+    (len@K, the paper's length, which `tools/plot_runs.py --tradeoff` plots), seconds per step, peak GPU memory; then what the weights did in training (`gate_table`).
     Below them, with 95% intervals paired by problem and clustered by template (`compared`: CR2 on its
     Bell–McCaffrey degrees of freedom, the spread between seeds added where each side has two or more), the
     templates (G), problems (n) and seeds they rest on, and the smallest difference the design could detect
     (80% power): each setting's change from its own step 0 and training-reward slope, then each setting minus
-    the first in accuracy and in length (each measure's p Holm-adjusted over the comparisons, and the
+    the first in accuracy and in length, greedy and avg@K (each measure's p Holm-adjusted over the comparisons, and the
     verdict following it): name the reference first (`--compare runs/grpo-s* runs/*-s*`; a folder named twice
     counts once). With one seed a side, a seed's luck, which moves every problem alike, is not in the
     interval. A run without an evaluation after training is listed apart, not pooled."""
@@ -323,15 +330,17 @@ def compare_table(run_dirs: list[str]) -> str:
         raise SystemExit("--compare: expected one or more run directories (python train_min.py --compare RUN_DIR ...)")
     groups, missing = evaluated_settings(run_dirs)
     header = (f"{'run':<16} {'method':<9} {'seeds':>5} {'steps':>5} {'acc start':>9} {'acc end [95% seeds]':>21} "
-              f"{'avg@K':>11} {'len start':>9} {'len end':>7} {'Δlen':>7} {'acc/(len/1k)':>12} {'trunc':>6} {'s/step':>6} {'peak GiB':>8}")
+              f"{'avg@K':>11} {'len start':>9} {'len end':>7} {'Δlen':>7} {'acc/(len/1k)':>12} {'trunc':>6} {'len@K':>6} {'s/step':>6} "
+              f"{'peak GiB':>8}")
     lines = [header, "-" * len(header)]
     for group in groups:
         first, last = [r.evals[0] for r in group], [r.evals[-1] for r in group]
         end, low, high = stats.seed_interval([e["eval_accuracy"] for e in last])
         end = f"{end:.3f}" + (f" [{low:.3f}, {high:.3f}]" if len(group) > 1 else "")
         sampled = [e for e in last if e.get("eval_samples")]
-        avg = (f"{mean([e['eval_sampled_accuracy'] for e in sampled]):.3f}@{sampled[0]['eval_samples']}"
-               if len(sampled) == len(last) else "")
+        every = len(sampled) == len(last)
+        avg = f"{mean([e['eval_sampled_accuracy'] for e in sampled]):.3f}@{sampled[0]['eval_samples']}" if every else ""
+        sampled_length = f"{mean([e['eval_sampled_length'] for e in sampled]):.0f}" if every else ""
         length0, length1 = mean([e["eval_length"] for e in first]), mean([e["eval_length"] for e in last])
         timed = [r for run in group for r in (run.train[1:] or run.train)]  # the first step pays for warm-up
         steps = sorted({e["step"] for e in last})
@@ -339,7 +348,7 @@ def compare_table(run_dirs: list[str]) -> str:
                      f"{mean([e['eval_accuracy'] for e in first]):>9.3f} {end:>21} {avg:>11} {length0:>9.0f} "
                      f"{length1:>7.0f} {(length1 / length0 - 1) * 100 if length0 else 0:>+6.1f}% "
                      f"{mean([e['eval_acc_per_1k_tokens'] for e in last]):>12.3f} "
-                     f"{mean([e.get('eval_truncated', math.nan) for e in last]):>6.3f} "
+                     f"{mean([e.get('eval_truncated', math.nan) for e in last]):>6.3f} {sampled_length:>6} "
                      f"{mean([r['step_s'] for r in timed if 'step_s' in r]):>6.2f} "
                      f"{max((r.get('peak_gpu_mem_gb', math.nan) for run in group for r in run.train), default=math.nan):>8.1f}")
     lines += [f"{name:<16} (no evaluation after training yet)" for name in missing]
@@ -366,13 +375,12 @@ def compare_table(run_dirs: list[str]) -> str:
                       f"template (CR2) with the spread between seeds where both settings have two or more; p Holm-adjusted over "
                       f"the comparisons of each measure that have one:"]
         results = {key: [compared(g, reference, key) for g in groups[1:]]
-                   for key in ("eval_correct", "eval_sampled_correct", "eval_lengths")}
+                   for key in ("eval_correct", "eval_sampled_correct", "eval_lengths", "eval_sampled_lengths")}
         p = {key: holm_adjusted(rs) for key, rs in results.items()}
-        for g, greedy, sampled, length, p_greedy, p_sampled, p_length in zip(groups[1:], *results.values(), *p.values()):
-            parts = [f"greedy {describe(greedy, p=p_greedy)}"]
-            if sampled is not None:
-                parts.append(f"avg@K {describe(sampled, p=p_sampled)}")
-            if length is not None:
-                parts.append(f"length {describe(length, scale=1.0, unit='tokens', p=p_length)}")
+        measures = {"eval_correct": "greedy", "eval_sampled_correct": "avg@K", "eval_lengths": "length",
+                    "eval_sampled_lengths": "length@K"}
+        for i, g in enumerate(groups[1:]):
+            parts = [f"{what} " + describe(results[key][i], p=p[key][i], **({} if "correct" in key else LENGTH))
+                     for key, what in measures.items() if key == "eval_correct" or results[key][i] is not None]
             lines.append(f"  {label(g):<14} " + "; ".join(parts))
     return "\n".join(lines)
