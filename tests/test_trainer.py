@@ -419,6 +419,7 @@ def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, lora, tmp_pat
     ("--eval-data", "/no/such/file.jsonl"), ("--verifier", "exact"),
     ("--lr-schedule", "step"), ("--warmup-steps", "-1"), ("--gate-group", "-1"), ("--score-temperature", "-1"),
     ("--lora-r", "-1"), ("--lora-alpha", "0"), ("--lora-dropout", "1"), ("--lora-target-modules", "q_proj,"),
+    ("--train-size", "2001"), ("--eval-max-new-tokens", "-1"),
 ])
 def test_a_bad_flag_stops_before_any_model_loads_naming_the_flag(flag, value, monkeypatch, tmp_path):
     monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))

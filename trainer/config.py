@@ -280,6 +280,7 @@ def check_config(cfg: Config) -> None:
         ("grad_clip", cfg.grad_clip > 0, "> 0"), ("beta_length", cfg.beta_length >= 0, "≥ 0"),
         *egrsd.GateSettings.flag_rules(cfg),  # γ, W, ε, floor, min_denominator, denominator, gate_group: egrsd.SETTINGS
         ("advantage_warmup", cfg.advantage_warmup >= 0, "≥ 0"), ("train_size", cfg.train_size > 0, "> 0"),
+        ("train_size", cfg.train_size <= 2000 or bool(cfg.data), "≤ 2000, the built-in training problems"),
         ("eval_size", cfg.eval_size >= 0, "≥ 0"), ("eval_every", cfg.eval_every >= 0, "≥ 0"),
         ("eval_batch_size", cfg.eval_batch_size > 0, "> 0"), ("save_every", cfg.save_every >= 0, "≥ 0"),
         ("chunk_size", cfg.chunk_size > 0, "> 0"), ("max_bad_steps", cfg.max_bad_steps > 0, "> 0"),
