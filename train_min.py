@@ -303,7 +303,8 @@ def score_temperature(cfg: Config) -> float:
 
 @dataclass
 class Run:
-    """What a run holds from step to step: settings, data, the model's three roles, optimizer, advantage, metrics."""
+    """What a run holds from step to step: the settings, the data, the three roles of the model, the optimizer
+    and its schedule, the running advantage, the metrics file and where the run starts."""
     cfg: Config
     train_problems: list
     eval_problems: list
@@ -477,10 +478,10 @@ def save_checkpoint(run: Run, step: int) -> None:
 
 
 def save_final(run: Run) -> None:
-    """final/: the sampler's weights in the compute dtype (LoRA: merged, and the adapter); the model's generation config."""
+    """final/: the sampler's weights in the compute dtype (LoRA: merged, and the adapter), the model's own generation config."""
     if run.cfg.save_model:
         run_io.save_final(run.cfg.output_dir, lambda path: lora.save_final(run.student, run.tokenizer, path) if run.cfg.lora_r
-                          else [m.save_pretrained(path) for m in (run.sampler, run.tokenizer)], run.cfg.model)
+                          else [m.save_pretrained(path) for m in (run.sampler, run.tokenizer)], run.teacher.own_generation_config)
         print(f"saved {run.cfg.output_dir}/final")
 
 

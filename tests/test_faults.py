@@ -463,6 +463,9 @@ def test_sizes_are_bounded_before_any_model_loads_naming_the_problem_that_does_n
         with pytest.raises(SystemExit) as stop:  # a held-out problem: the student's prompt and the evaluation's cap
             train_min.main(FLAGS + cap + ["--data", str(short), "--eval-data", str(held_out), "--output-dir", str(tmp_path / "run")])
         assert str(stop.value.code).startswith(f"{flag}: the student's prompt of the problem at {held_out}:2 is "), stop.value.code
+    with pytest.raises(pytest.fail.Exception, match="a model was loaded"):  # every check passed: the held-out prompts
+        train_min.main(FLAGS + ["--max-new-tokens", "1900", "--eval-max-new-tokens", "8", "--data", str(short),  # fit their cap
+                                "--eval-data", str(held_out), "--output-dir", str(tmp_path / "run")])
     for flag, value in [("--seed", "-1"), ("--seed", str(2**40)), ("--batch-size", str(10**9)), ("--steps", str(2**40))]:
         with pytest.raises(SystemExit, match=f"^{flag}: expected"):
             train_min.main(FLAGS + [flag, value, "--output-dir", str(tmp_path / "run")])

@@ -63,6 +63,8 @@ def test_a_run_reuses_the_step_0_evaluation_of_another_only_when_it_would_be_the
         with pytest.raises(SystemExit, match=f"--initial-eval: .* {refused}, this run with"):
             train_min.main(flags + extra + ["--steps", "1", "--initial-eval", str(tmp_path / "initial"),
                                             "--output-dir", str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match="^--eval-max-new-tokens: a resumed run keeps evaluating up to 12 new tokens"):
+        train_min.main(["--resume", str(tmp_path / "reused"), "--steps", "2", "--eval-max-new-tokens", "16"])
     shutil.rmtree(tmp_path / "initial")  # a resumed run is past its step-0 evaluation: it needs it no more
     train_min.main(["--resume", str(tmp_path / "reused"), "--steps", "2", "--eval-size", "3"])
     assert [r["step"] for r in read_metrics(tmp_path / "reused") if r["kind"] == "train"] == [1, 2]

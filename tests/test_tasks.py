@@ -24,6 +24,7 @@ from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, lo
     ("<think>\n22 + 15 = 37\n#### 37\n</think>\n\nThe answer is 22.", "37", False),
     ("<think>\nso it is 22\n</think>\n\n", "22", False),  # no answer after the thinking
     ("<think>\nso it is 22, then", "22", False),  # the thinking never closed
+    ("<think>\n1 + 1\n</think>\n\nThe answer is 22.\n<think>\nhmm, maybe 37", "22", True),  # nor the one after it
     ("so it is 22\n</think>\n\n\\boxed{22}", "22", True),  # the prompt opened the thinking
 ])
 def test_the_verifier_reads_the_last_box_then_the_marker_then_the_last_number(completion, answer, correct):

@@ -250,7 +250,7 @@ FIXED_ON_RESUME = ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_target
 FIXED_UNDER_DECAY = ("steps", "lr_schedule", "warmup_steps")
 FIXED_WITH_A_SPLIT = ("eval_size", "eval_data")  # where the held-out problems are the first of --data's
 # Upper bounds of the integer flags (their lower bounds are in check_config's rules): sizes allocated at once
-# are bounded where no run could use more (--max-new-tokens also by the model's positions, check_lengths),
+# are bounded where no run could use more (the completion caps also by the model's positions, check_lengths),
 # seeds by what torch and Python take, every other count by 2³¹ − 1.
 INT_MAX = {"batch_size": 2**16, "micro_batch_size": 2**16, "eval_batch_size": 2**16, "group_size": 2**16,
            "chunk_size": 2**20, "max_new_tokens": 2**20, "eval_max_new_tokens": 2**20, "eval_samples": 2**10,
@@ -330,6 +330,9 @@ def check_config(cfg: Config) -> None:
                 sys.exit(f"--{name.replace('_', '-')}: a resumed run keeps {saved[name]!r}, as {why} it "
                          f"(got {getattr(cfg, name)!r}, from the command line or an edited config.json); start a "
                          "new run to change it")
+        if run_io.eval_cap(vars(cfg)) != run_io.eval_cap(saved):  # so that a run's evaluations compare with each other
+            sys.exit(f"--eval-max-new-tokens: a resumed run keeps evaluating up to {run_io.eval_cap(saved)} new tokens, as its "
+                     f"evaluations so far did (got {run_io.eval_cap(vars(cfg))}); start a new run to change it")
         if "dtype" in saved and compute_dtype(cfg) != compute_dtype(saved):  # --device moves --dtype auto too
             name = str(compute_dtype(saved)).removeprefix("torch.")
             sys.exit(f"--dtype: a resumed run keeps computing in {name}, as it did on --device {saved['device']} (got --dtype "

@@ -175,21 +175,12 @@ def load_model_and_tokenizer(name: str, device, dtype: torch.dtype):
     # id: the tokenizer's and the checkpoint's (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>); a row that
     # ends on any of them is finished, and rewarded.
     eos_ids = [tokenizer.eos_token_id] + [i for i in eos_list(model) if i != tokenizer.eos_token_id]
+    model.own_generation_config = model.generation_config  # final/ is saved with it: it generates as this model would
+    model.own_generation_config.eos_token_id = eos_ids
     model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
     # Built and loaded in `dtype` already: a later .to(dtype) would also round buffers that transformers
     # keeps in float32, such as the rotary frequencies.
     return model.to(device), tokenizer
-
-
-def own_generation_config(name: str) -> GenerationConfig | None:
-    """The generation config that the model `name` ships (its sampling defaults, which the trainer clears for
-    its rollouts), for final/ to generate as that model would; None for a model built in code or without one."""
-    if is_built_in(name):
-        return None
-    try:
-        return GenerationConfig.from_pretrained(name)
-    except Exception:  # noqa: BLE001 (none in that folder or hub repository, or the hub out of reach: the clean one stays)
-        return None
 
 
 def enable_activation_checkpointing(model) -> None:

@@ -317,19 +317,16 @@ def append_row(metrics_file, row: dict) -> None:
         os.fsync(metrics_file.fileno())
 
 
-def save_final(run_dir: str, write, model_name: str = "") -> None:
+def save_final(run_dir: str, write, generation_config=None) -> None:
     """final/: `write(folder)` writes the model into final.tmp/ beside it, which is then renamed into place,
-    so that a failed or killed write never leaves a half-written final/ (the previous one stays until then).
-    Its generation config is then that of `model_name`, the model trained (`offline_models.own_generation_config`),
-    where it has one: final/ generates with the base model's own defaults."""
-    from trainer import offline_models
-
+    so that a failed or killed write never leaves a half-written final/ (the previous one stays until then);
+    `generation_config`, where given, replaces the one written."""
     final, tmp = os.path.join(run_dir, "final"), os.path.join(run_dir, "final.tmp")
     with writing("the final model", final, run_dir):
         shutil.rmtree(tmp, ignore_errors=True)
         write(tmp)
-        if (own := offline_models.own_generation_config(model_name)) is not None:
-            own.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
 
@@ -417,7 +414,7 @@ def evaluation_due(cfg, step: int) -> bool:
 def eval_cap(settings: dict) -> int:
     """The held-out evaluation's completion cap, of a run's settings (`vars(cfg)` or its config.json):
     --eval-max-new-tokens, or where that is 0 (or was not a flag yet) --max-new-tokens."""
-    return settings.get("eval_max_new_tokens") or settings["max_new_tokens"]
+    return settings.get("eval_max_new_tokens") or settings.get("max_new_tokens")
 
 
 def initial_eval_row(run_dir: str) -> dict | None:

@@ -4,7 +4,8 @@ A `Problem` is a question, a worked reference solution (the teacher's privileged
 final answer as a string ("42", "-3", "2.5"). Problems come from a JSONL file (GSM8K rows or
 problem/solution/answer rows); the built-in ones are the GSM8K-level files shipped in data/ (reasoning-gym's
 gsm_symbolic, whole templates held out for evaluation; data/make_gsm_symbolic.py regenerates them).
-The verifier reads the answer from the LAST `\\boxed{...}` of a completion and compares it numerically.
+The verifier reads the answer from the LAST `\\boxed{...}` of a completion's answer (after the model's thinking,
+where it thinks first) and compares it numerically.
 """
 
 import functools
@@ -146,12 +147,11 @@ def _last_boxed(text: str) -> str | None:
 
 
 def answer_part(text: str) -> str:
-    """What a completion gives as its answer: after the last `</think>` where the model thought first (Qwen3's
-    thinking mode writes `<think> … </think>` and then the answer); nothing where a `<think>` is never closed
-    (the thinking was cut off); otherwise the whole text. A draft inside the thinking is not the answer."""
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[1]
-    return "" if "<think>" in text else text
+    """What a completion gives as its answer, outside the model's thinking (Qwen3's thinking mode writes
+    `<think> … </think>` and then the answer): what follows the last `</think>` (all of it where there is
+    none), up to a `<think>` opened there and never closed. A draft inside the thinking is not the answer.
+    (A `</think>` written as text in the answer still ends the thinking, as Qwen's own parser reads it.)"""
+    return text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
 
 
 def extract_answer(text: str) -> str | None:

@@ -308,16 +308,14 @@ def gate_table(groups: list[list[Run]]) -> str:
     return "\n".join(lines)
 
 
-LENGTH = dict(scale=1.0, unit="tokens")  # `describe` of a difference in length
-
-
 def compare_table(run_dirs: list[str]) -> str:
     """The accuracy–length table of runs, from their metrics.jsonl (and config.json) alone.
 
     One row per setting, seeds pooled (mean over seeds; the end accuracy's 95% interval across seeds):
     held-out accuracy greedy and avg@K before → after, the mean length of the greedy completions before →
     after, its change, Acc/(length/1000), the truncated share, the mean length of the K sampled completions
-    (len@K, the paper's length, which `tools/plot_runs.py --tradeoff` plots), seconds per step, peak GPU memory; then what the weights did in training (`gate_table`).
+    (len@K, the paper's length, which `tools/plot_runs.py --tradeoff` plots), seconds per step, peak GPU
+    memory; then what the weights did in training (`gate_table`).
     Below them, with 95% intervals paired by problem and clustered by template (`compared`: CR2 on its
     Bell–McCaffrey degrees of freedom, the spread between seeds added where each side has two or more), the
     templates (G), problems (n) and seeds they rest on, and the smallest difference the design could detect
@@ -374,13 +372,13 @@ def compare_table(run_dirs: list[str]) -> str:
         lines += ["", f"Minus {label(reference)} at the end, paired by problem, seeds averaged per problem, 95% intervals clustered by "
                       f"template (CR2) with the spread between seeds where both settings have two or more; p Holm-adjusted over "
                       f"the comparisons of each measure that have one:"]
-        results = {key: [compared(g, reference, key) for g in groups[1:]]
-                   for key in ("eval_correct", "eval_sampled_correct", "eval_lengths", "eval_sampled_lengths")}
-        p = {key: holm_adjusted(rs) for key, rs in results.items()}
         measures = {"eval_correct": "greedy", "eval_sampled_correct": "avg@K", "eval_lengths": "length",
                     "eval_sampled_lengths": "length@K"}
+        results = {key: [compared(g, reference, key) for g in groups[1:]] for key in measures}
+        p = {key: holm_adjusted(rs) for key, rs in results.items()}
+        in_tokens = dict(scale=1.0, unit="tokens")
         for i, g in enumerate(groups[1:]):
-            parts = [f"{what} " + describe(results[key][i], p=p[key][i], **({} if "correct" in key else LENGTH))
+            parts = [f"{what} " + describe(results[key][i], p=p[key][i], **({} if "correct" in key else in_tokens))
                      for key, what in measures.items() if key == "eval_correct" or results[key][i] is not None]
             lines.append(f"  {label(g):<14} " + "; ".join(parts))
     return "\n".join(lines)
