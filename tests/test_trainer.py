@@ -624,8 +624,10 @@ def test_compare_pools_seeds_and_pairs_by_problem_with_template_clustered_interv
     change = [l for l in out if l.startswith("  grpo ") and "reward slope" in l][0]
     assert "reward slope +1.000" in change, "0.01 a step is +1.000 per 100 steps"
     # the sampled completions' length (the paper's): its mean in the table, and its paired difference
-    sampled_length = fmean(410 + 10 + 30 * fmean(e) for e in ends["egrsd"])
-    assert out[0].split()[-4] == "len@K" and egrsd_row[-3] == f"{sampled_length:.0f}"
+    sampled = out[out.index(next(l for l in out if l.startswith("sampled: avg@K"))) + 2].split()  # its egrsd row
+    accuracy, low, high = stats.seed_interval([sum(e) / 12 for e in ends["egrsd"]])  # avg@4 equals greedy here
+    assert sampled[:5] == ["egrsd", "4", "0.000", f"{accuracy:.3f}", f"[{low:.3f},"]
+    assert sampled[7] == f"{fmean(410 + 10 + 30 * fmean(e) for e in ends['egrsd']):.0f}", "the sampled completions' length"
     length = stats.with_seed_spread(stats.clustered_mean([30 * x for x in difference], templates),
                                     [[30 * fmean(e) for e in ends[m]] for m in ("egrsd", "grpo")])
     low, high = stats.interval(length.mean, length.se, length.df)
@@ -709,6 +711,15 @@ def test_a_seeds_change_from_its_start_is_taken_only_from_seeds_that_recorded_bo
     expected = stats.with_seed_spread(clustered, [[fmean(ends[seed]) - fmean(start) for seed in (2, 3)]])
     result = views.compared(runs, runs, key, -1, 0)
     assert result[:3] == pytest.approx(expected[:3]) and result.seeds == (2,)
+    # the table pools a measure only where every seed recorded it at that evaluation
+    rows = [{"eval_sampled_accuracy": fmean(row[key]), "eval_sampled_length": 100.0 + i} if key in row else {}
+            for run in runs for i, row in enumerate(run.evals)]
+    for run, (begin, end) in zip(runs, zip(rows[::2], rows[1::2])):
+        run.evals = [begin, end]
+    assert views.evaluation_columns(runs, "eval_sampled_").split()[:4] == ["n/a", "n/a", "n/a", "n/a"]
+    end, low, high = stats.seed_interval([fmean(ends[2]), fmean(ends[3])])
+    assert views.evaluation_columns(runs[2:], "eval_sampled_").split()[:6] == [
+        f"{fmean(start):.3f}", f"{end:.3f}", f"[{low:.3f},", f"{high:.3f}]", "100", "101"]
 
 
 def test_compare_without_two_seeds_a_side_one_template_or_the_measure_says_so_instead_of_failing():

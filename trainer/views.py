@@ -308,14 +308,40 @@ def gate_table(groups: list[list[Run]]) -> str:
     return "\n".join(lines)
 
 
+EVALUATION_COLUMNS = (f"{'acc start':>9} {'acc end [95% seeds]':>21} {'len start':>9} {'len end':>7} {'Δlen':>7} "
+                      f"{'acc/(len/1k)':>12} {'trunc':>6}")
+
+
+def evaluation_columns(group: list[Run], prefix: str) -> str:
+    """EVALUATION_COLUMNS of one setting, seeds pooled, for the greedy completions (`prefix` "eval_") or the K
+    sampled ones ("eval_sampled_"): held-out accuracy at the start and at the end (with its 95% interval
+    across seeds), mean length at both and its change, Acc/(length/1000) and the truncated share at the end.
+    A measure that some seed did not record at that evaluation is "n/a"."""
+    def pooled(at: int, name: str) -> float | None:
+        values = [run.evals[at].get(prefix + name) for run in group]
+        return None if None in values else mean(values)
+
+    def cell(value, width, spec):
+        return f"{'n/a' if value is None else format(value, spec):>{width}}"
+
+    accuracies = [run.evals[-1].get(prefix + "accuracy") for run in group]
+    end = None
+    if None not in accuracies:
+        end, low, high = stats.seed_interval(accuracies)
+        end = f"{end:.3f}" + (f" [{low:.3f}, {high:.3f}]" if len(group) > 1 else "")
+    length0, length1 = pooled(0, "length"), pooled(-1, "length")
+    change = (length1 / length0 - 1) * 100 if length0 and length1 is not None else None
+    return (f"{cell(pooled(0, 'accuracy'), 9, '.3f')} {cell(end, 21, '')} {cell(length0, 9, '.0f')} {cell(length1, 7, '.0f')} "
+            f"{cell(change, 6, '+.1f')}% {cell(pooled(-1, 'acc_per_1k_tokens'), 12, '.3f')} {cell(pooled(-1, 'truncated'), 6, '.3f')}")
+
+
 def compare_table(run_dirs: list[str]) -> str:
     """The accuracy–length table of runs, from their metrics.jsonl (and config.json) alone.
 
-    One row per setting, seeds pooled (mean over seeds; the end accuracy's 95% interval across seeds):
-    held-out accuracy greedy and avg@K before → after, the mean length of the greedy completions before →
-    after, its change, Acc/(length/1000), the truncated share, the mean length of the K sampled completions
-    (len@K, the paper's length, which `tools/plot_runs.py --tradeoff` plots), seconds per step, peak GPU
-    memory; then what the weights did in training (`gate_table`).
+    One row per setting, seeds pooled (mean over seeds; the end accuracy's 95% interval across seeds): the
+    `evaluation_columns` of the greedy completions, seconds per step, peak GPU memory; where runs sampled K
+    completions per problem, the same columns of those (avg@K: the paper's accuracy and length, which
+    `tools/plot_runs.py --tradeoff` plots); then what the weights did in training (`gate_table`).
     Below them, with 95% intervals paired by problem and clustered by template (`compared`: CR2 on its
     Bell–McCaffrey degrees of freedom, the spread between seeds added where each side has two or more), the
     templates (G), problems (n) and seeds they rest on, and the smallest difference the design could detect
@@ -327,28 +353,19 @@ def compare_table(run_dirs: list[str]) -> str:
     if not run_dirs:
         raise SystemExit("--compare: expected one or more run directories (python train_min.py --compare RUN_DIR ...)")
     groups, missing = evaluated_settings(run_dirs)
-    header = (f"{'run':<16} {'method':<9} {'seeds':>5} {'steps':>5} {'acc start':>9} {'acc end [95% seeds]':>21} "
-              f"{'avg@K':>11} {'len start':>9} {'len end':>7} {'Δlen':>7} {'acc/(len/1k)':>12} {'trunc':>6} {'len@K':>6} {'s/step':>6} "
-              f"{'peak GiB':>8}")
+    header = f"{'run':<16} {'method':<9} {'seeds':>5} {'steps':>5} {EVALUATION_COLUMNS} {'s/step':>6} {'peak GiB':>8}"
     lines = [header, "-" * len(header)]
     for group in groups:
-        first, last = [r.evals[0] for r in group], [r.evals[-1] for r in group]
-        end, low, high = stats.seed_interval([e["eval_accuracy"] for e in last])
-        end = f"{end:.3f}" + (f" [{low:.3f}, {high:.3f}]" if len(group) > 1 else "")
-        sampled = [e for e in last if e.get("eval_samples")]
-        every = len(sampled) == len(last)
-        avg = f"{mean([e['eval_sampled_accuracy'] for e in sampled]):.3f}@{sampled[0]['eval_samples']}" if every else ""
-        sampled_length = f"{mean([e['eval_sampled_length'] for e in sampled]):.0f}" if every else ""
-        length0, length1 = mean([e["eval_length"] for e in first]), mean([e["eval_length"] for e in last])
         timed = [r for run in group for r in (run.train[1:] or run.train)]  # the first step pays for warm-up
-        steps = sorted({e["step"] for e in last})
+        steps = sorted({run.evals[-1]["step"] for run in group})
         lines.append(f"{label(group):<16} {group[0].evals[-1]['method']:<9} {len(group):>5} {'/'.join(map(str, steps)):>5} "
-                     f"{mean([e['eval_accuracy'] for e in first]):>9.3f} {end:>21} {avg:>11} {length0:>9.0f} "
-                     f"{length1:>7.0f} {(length1 / length0 - 1) * 100 if length0 else 0:>+6.1f}% "
-                     f"{mean([e['eval_acc_per_1k_tokens'] for e in last]):>12.3f} "
-                     f"{mean([e.get('eval_truncated', math.nan) for e in last]):>6.3f} {sampled_length:>6} "
-                     f"{mean([r['step_s'] for r in timed if 'step_s' in r]):>6.2f} "
+                     f"{evaluation_columns(group, 'eval_')} {mean([r['step_s'] for r in timed if 'step_s' in r]):>6.2f} "
                      f"{max((r.get('peak_gpu_mem_gb', math.nan) for run in group for r in run.train), default=math.nan):>8.1f}")
+    if any(e.get("eval_samples") for g in groups for run in g for e in run.evals):
+        lines += ["", f"{'sampled: avg@K':<16} {'K':>3} {EVALUATION_COLUMNS}"]
+        for group in groups:
+            k = "/".join(map(str, sorted({run.evals[-1].get("eval_samples") or 0 for run in group})))
+            lines.append(f"{label(group):<16} {k:>3} {evaluation_columns(group, 'eval_sampled_')}")
     lines += [f"{name:<16} (no evaluation after training yet)" for name in missing]
     lines += ["", gate_table(groups)]
     lines += ["", "Change from step 0, paired by problem, 95% intervals clustered by template (CR2) with the spread of seeds' changes "
