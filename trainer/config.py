@@ -418,8 +418,8 @@ def checked_data(cfg: Config) -> tuple[list, list]:
 def check_lengths(cfg: Config, train_problems: list, eval_problems: list) -> None:
     """Before any model loads: every prompt plus its completion cap fits the model's positions: the student's
     (the question) and the teacher's (which holds the solution too) of a training problem with
-    --max-new-tokens, the student's of a held-out one with the evaluation's cap (run_io.eval_cap); else stop naming
-    the problem's file and line. Skipped where the model's config or tokenizer cannot be read before loading."""
+    --max-new-tokens, the student's of a held-out one with the evaluation's cap (run_io.eval_cap); else stop
+    naming the problem's file and line. Skipped where the model's config or tokenizer cannot be read before loading."""
     from trainer import offline_models, tasks
 
     try:

@@ -330,9 +330,9 @@ def evaluation_columns(group: list[Run], prefix: str) -> str:
         end, low, high = stats.seed_interval(accuracies)
         end = f"{end:.3f}" + (f" [{low:.3f}, {high:.3f}]" if len(group) > 1 else "")
     length0, length1 = pooled(0, "length"), pooled(-1, "length")
-    change = (length1 / length0 - 1) * 100 if length0 and length1 is not None else None
+    change = f"{(length1 / length0 - 1) * 100:+.1f}%" if length0 and length1 is not None else None
     return (f"{cell(pooled(0, 'accuracy'), 9, '.3f')} {cell(end, 21, '')} {cell(length0, 9, '.0f')} {cell(length1, 7, '.0f')} "
-            f"{cell(change, 6, '+.1f')}% {cell(pooled(-1, 'acc_per_1k_tokens'), 12, '.3f')} {cell(pooled(-1, 'truncated'), 6, '.3f')}")
+            f"{cell(change, 7, '')} {cell(pooled(-1, 'acc_per_1k_tokens'), 12, '.3f')} {cell(pooled(-1, 'truncated'), 6, '.3f')}")
 
 
 def compare_table(run_dirs: list[str]) -> str:
@@ -346,8 +346,8 @@ def compare_table(run_dirs: list[str]) -> str:
     Bell–McCaffrey degrees of freedom, the spread between seeds added where each side has two or more), the
     templates (G), problems (n) and seeds they rest on, and the smallest difference the design could detect
     (80% power): each setting's change from its own step 0 and training-reward slope, then each setting minus
-    the first in accuracy and in length, greedy and avg@K (each measure's p Holm-adjusted over the comparisons, and the
-    verdict following it): name the reference first (`--compare runs/grpo-s* runs/*-s*`; a folder named twice
+    the first in accuracy and in length, greedy and avg@K (each measure's p Holm-adjusted over the
+    comparisons, and the verdict following it): name the reference first (`--compare runs/grpo-s* runs/*-s*`; a folder named twice
     counts once). With one seed a side, a seed's luck, which moves every problem alike, is not in the
     interval. A run without an evaluation after training is listed apart, not pooled."""
     if not run_dirs:
