@@ -326,7 +326,7 @@ def test_resume_keeps_the_compute_dtype_and_a_split_of_data_before_any_model_loa
         train_min.main(["--resume", str(one_step), "--steps", "2", "--dtype", "bfloat16"])
     monkeypatch.undo()
     data = tmp_path / "data.jsonl"  # no --eval-data: the held-out problems are the first --eval-size of --data
-    data.write_text("".join(line for line, _ in zip(open(ROOT / "data/gsm_symbolic_train.jsonl"), range(30))))
+    data.write_text("".join((ROOT / "data/gsm_symbolic_train.jsonl").read_text().splitlines(keepends=True)[:30]))
     train_min.main(ONE_STEP + ["--data", str(data), "--eval-size", "4", "--output-dir", str(tmp_path / "run")])
     no_model(monkeypatch)
     for flag, value in (("--eval-size", "2"), ("--eval-data", str(data))):
@@ -579,3 +579,47 @@ def test_a_metrics_row_holds_every_key_of_its_kind_with_its_type():
     for bad in ([good], good | {"kind": "test"}, good | {"step": True}, good | {"step": 1.0}, without_method,
                 good | {"eval_accuracy": True}, good | {"eval_correct": "1"}):
         assert run_io.row_problem(bad), bad
+
+
+# ---- proposed by mutation testing -------------------------------------------------------------------------
+
+def test_training_prompts_meet_the_rollouts_cap_and_a_prompt_that_just_fits_passes(tmp_path, monkeypatch):
+    no_model(monkeypatch)
+    row = {"problem": "What is 1 + 1?", "solution": "1 + 1 = 2.", "answer": "2"}
+    short, question, solution = tmp_path / "short.jsonl", tmp_path / "question.jsonl", tmp_path / "solution.jsonl"
+    short.write_text(json.dumps(row) + "\n")
+    question.write_text(json.dumps(row | {"problem": "What is 2 + 2? " * 20}) + "\n")  # student's prompt: 238 tokens
+    solution.write_text(json.dumps(row | {"solution": "Add one and one. " * 100}) + "\n")  # only the teacher's is long
+    for data, who in ((question, "student's prompt"), (solution, "teacher's prompt (its question and solution)")):
+        with pytest.raises(SystemExit) as stop:  # a small evaluation cap does not excuse a training prompt
+            train_min.main(FLAGS + ["--max-new-tokens", "1900", "--eval-max-new-tokens", "8", "--data", str(data),
+                                    "--eval-data", str(short), "--output-dir", str(tmp_path / "run")])
+        assert str(stop.value.code).startswith(f"--max-new-tokens: the {who} of the problem at {data}:1 is "), stop.value.code
+    held_out = FLAGS + ["--data", str(short), "--eval-data", str(question), "--output-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as stop:
+        train_min.main(held_out + ["--eval-max-new-tokens", "1900"])
+    bound = int(re.search(r"expected --eval-max-new-tokens ≤ (\d+)", str(stop.value.code)).group(1))
+    with pytest.raises(pytest.fail.Exception, match="a model was loaded"):  # prompt + cap = the positions: it fits
+        train_min.main(held_out + ["--eval-max-new-tokens", str(bound)])
+    with pytest.raises(SystemExit, match=f"^--eval-max-new-tokens: .* expected --eval-max-new-tokens ≤ {bound}"):
+        train_min.main(held_out + ["--eval-max-new-tokens", str(bound + 1)])
+
+
+def test_the_evaluation_cap_is_bounded_like_the_rollouts_and_train_size_binds_only_the_built_in_problems(tmp_path, monkeypatch):
+    no_model(monkeypatch)
+    with pytest.raises(SystemExit, match=r"^--eval-max-new-tokens: expected ≤ 1048576"):  # before the positions' check
+        train_min.main(FLAGS + ["--eval-max-new-tokens", str(2**20 + 1), "--output-dir", str(tmp_path / "run")])
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(line for line, _ in zip(open(ROOT / "data/gsm_symbolic_train.jsonl"), range(30))))
+    with pytest.raises(pytest.fail.Exception, match="a model was loaded"):  # --train-size means nothing with --data
+        train_min.main(FLAGS + ["--data", str(data), "--train-size", "2001", "--output-dir", str(tmp_path / "run")])
+
+
+def test_a_resumed_run_may_name_its_evaluation_cap_but_not_change_it(one_step, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"  # one_step evaluates up to --max-new-tokens 8, without --eval-max-new-tokens
+    shutil.copytree(one_step, run_dir)
+    no_model(monkeypatch)
+    with pytest.raises(pytest.fail.Exception, match="a model was loaded"):
+        train_min.main(["--resume", str(run_dir), "--steps", "2", "--eval-max-new-tokens", "8"])
+    with pytest.raises(SystemExit, match="^--eval-max-new-tokens: a resumed run keeps evaluating up to 8 new tokens"):
+        train_min.main(["--resume", str(run_dir), "--steps", "2", "--eval-max-new-tokens", "4"])

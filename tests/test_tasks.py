@@ -26,6 +26,8 @@ from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, lo
     ("<think>\nso it is 22, then", "22", False),  # the thinking never closed
     ("<think>\n1 + 1\n</think>\n\nThe answer is 22.\n<think>\nhmm, maybe 37", "22", True),  # nor the one after it
     ("so it is 22\n</think>\n\n\\boxed{22}", "22", True),  # the prompt opened the thinking
+    ("<think>\na\n</think>\n\\boxed{37}\n<think>\nb\n</think>\n\n\\boxed{22}", "22", True),  # the LAST </think>
+    ("The answer is 22.\n<think>\nhmm 37\n<think>\nno", "22", True),  # up to the FIRST <think> opened after it
 ])
 def test_the_verifier_reads_the_last_box_then_the_marker_then_the_last_number(completion, answer, correct):
     assert is_correct(completion, answer) is correct

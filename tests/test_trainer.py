@@ -6,6 +6,7 @@ steps, bad flags, bf16 master weights, held-out data files, the token view and t
 import functools
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -882,3 +883,79 @@ def test_scores_are_those_of_the_models_in_eval_mode_whatever_mode_the_update_le
     got = train_min.score(student.train(), teacher.train(), batch, cfg)
     for k in ("teacher_logp", "teacher_entropy", "student_logp"):
         assert torch.equal(getattr(got, k), getattr(want, k)), k
+
+
+# ---- proposed by mutation testing -------------------------------------------------------------------------
+
+def test_final_keeps_the_checkpoints_own_generation_config_with_the_eos_ids_rollouts_end_on(tmp_path):
+    """The checkpoint lists only <pad> as EOS: final/'s config must list the tokenizer's EOS too, first."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    model.generation_config.update(eos_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.3)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, _ = train_min.load_model_and_tokenizer(str(tmp_path), "cpu", torch.float32)
+    expected = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    assert train_min.eos_list(loaded) == expected
+    assert loaded.own_generation_config.eos_token_id == expected and loaded.own_generation_config.temperature == 0.3
+
+
+def test_evaluation_completes_up_to_its_own_cap_below_or_above_the_rollouts():
+    model, tokenizer = train_min.load_model_and_tokenizer("tiny", "cpu", torch.float32)
+    problems = built_in_problems(1, 4)[1]
+    for rollout_cap, eval_cap in ((12, 4), (4, 12)):
+        cfg = train_min.Config(device="cpu", max_new_tokens=rollout_cap, eval_max_new_tokens=eval_cap, eval_batch_size=4)
+        lengths = train_min.solve(model, tokenizer, problems, cfg, "eval_", greedy=True)["eval_lengths"]
+        assert max(lengths) <= eval_cap and (eval_cap < rollout_cap or max(lengths) > rollout_cap), (rollout_cap, lengths)
+
+
+def test_a_length_change_reads_n_a_where_a_seed_recorded_the_start_but_not_the_end():
+    """--eval-samples may change on resume: every seed sampled at step 0, one not at the end."""
+    start = {"eval_sampled_accuracy": 0.5, "eval_sampled_length": 100.0}
+    runs = [views.Run(f"s{i}", {}, [], [start, end]) for i, end in enumerate([start | {"eval_sampled_length": 110.0}, {}])]
+    assert views.evaluation_columns(runs, "eval_sampled_").split() == ["0.500", "n/a", "100", "n/a", "n/a", "n/a", "n/a"]
+
+
+def test_compare_lists_every_measure_and_a_sampled_table_where_some_evaluation_did_not_sample(tmp_path):
+    ids, templates = [f"p{i}" for i in range(8)], [i // 2 for i in range(8)]
+    ends = {"grpo": [0, 1, 0, 0, 1, 0, 0, 1], "egrsd": [1, 1, 0, 1, 1, 0, 1, 1], "opsd": [1, 0, 0, 1, 1, 0, 1, 0]}
+    dirs = []
+    for method, end in ends.items():
+        for seed in (0, 1):
+            write_run(tmp_path / f"{method}-s{seed}", method, seed, [0] * 8, end, ids, templates)
+            dirs.append(tmp_path / f"{method}-s{seed}")
+    for run_dir in dirs[2:4]:  # egrsd: greedy only at step 0 (resumed with --eval-samples 4)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows[0] = {k: v for k, v in rows[0].items() if not k.startswith("eval_sampled_")} | {"eval_samples": 0}
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for run_dir in dirs[4:]:  # opsd: a run from before the per-problem greedy correctness was recorded
+        rows = [{k: v for k, v in json.loads(line).items() if k != "eval_correct"}
+                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = views.compare_table([str(d) for d in dirs]).splitlines()
+    sampled = out.index(next(l for l in out if l.startswith("sampled: avg@K")))
+    assert out[sampled + 2].split()[:3] == ["egrsd", "4", "n/a"], "K of the last evaluation; no avg@K at the start"
+    minus = {l.split()[0]: l.split(maxsplit=1)[1] for l in out[-2:]}
+    measures = lambda line: re.findall(r"(?:^|; )(greedy|avg@K|length|length@K) ", line)  # noqa: E731
+    assert measures(minus["egrsd"]) == ["greedy", "avg@K", "length", "length@K"]
+    assert measures(minus["opsd"]) == ["greedy", "avg@K", "length", "length@K"]
+    assert minus["opsd"].startswith("greedy n/a (not recorded)")
+
+
+def test_a_step_0_evaluation_is_reused_however_its_cap_was_written(tmp_path):
+    def other(name, **settings):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text(json.dumps(settings))
+        row = {"kind": "eval", "step": 0, "method": "grpo", "eval_accuracy": 0.0, "eval_length": 8.0, "eval_acc_per_1k_tokens": 0.0}
+        (run_dir / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+        return str(run_dir)
+
+    new = other("new", **vars(config.Config(max_new_tokens=12)))
+    old = other("old", **{k: v for k, v in vars(config.Config(max_new_tokens=12)).items()
+                          if k not in ("eval_max_new_tokens", "eval_samples")})  # from before those flags
+    for initial in (new, old):
+        for ours in (dict(max_new_tokens=12), dict(max_new_tokens=8, eval_max_new_tokens=12)):
+            config.check_initial_eval(config.Config(initial_eval=initial, eval_samples=0 if initial == old else 4, **ours))
+        with pytest.raises(SystemExit, match="--eval-max-new-tokens 12, this run with 16"):
+            config.check_initial_eval(config.Config(initial_eval=initial, eval_samples=0, max_new_tokens=12, eval_max_new_tokens=16))
