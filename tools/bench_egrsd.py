@@ -40,7 +40,6 @@ import multiprocessing
 import os
 import random
 import re
-import resource
 import sys
 import tempfile
 import time
@@ -94,6 +93,13 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that across
+    fork and exec, so a process spawned by a parent holding 4 GiB reports a peak of at least 4 GiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def best_of(repeats: int, run, device: str):
     """(the shortest time of `repeats` calls of run(), what the last call returned)."""
     best = math.inf
@@ -117,7 +123,7 @@ def measured(device: str):
     yield result
     sync(device)
     result["seconds"] = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     result["peak_gib"] = (peak - before) / 2**30
 
 
@@ -309,7 +315,7 @@ def finetune_step(label: str, device: str, model: str, flags: list) -> dict:
         train_min.main(["--model", model, "--device", device, "--steps", "2", "--eval-size", "0", "--save-every", "0",
                         "--output-dir", os.path.join(run_dir, "run"), *flags])
         last = [json.loads(line) for line in open(os.path.join(run_dir, "run", "metrics.jsonl"))][-1]
-    peak = last["peak_gpu_mem_gb"] if device == "cuda" else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**30
+    peak = last["peak_gpu_mem_gb"] if device == "cuda" else (peak_rss_bytes() - before) / 2**30
     return {"flags": flags, "step_s": last["step_s"], "peak_gib": peak, "length_mean": last["length_mean"]}
 
 
