@@ -380,9 +380,8 @@ def check_lora_targets(cfg: Config) -> None:
 def check_initial_eval(cfg: Config) -> None:
     """--initial-eval: the other run evaluated the same model on the same problems in the same way, and
     wrote its step-0 evaluation."""
-    other = {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.initial_eval, "config.json"))}
-    ours = {**vars(cfg), "eval_max_new_tokens": run_io.eval_cap(vars(cfg))}
-    other["eval_max_new_tokens"] = run_io.eval_cap(other)
+    other = run_io.with_eval_cap({**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.initial_eval, "config.json"))})
+    ours = run_io.with_eval_cap(vars(cfg))
     for name in EVAL_SETTINGS:
         if other.get(name) != ours[name]:
             sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with --{name.replace('_', '-')} {other.get(name)!r}, "

@@ -417,6 +417,12 @@ def eval_cap(settings: dict) -> int:
     return settings.get("eval_max_new_tokens") or settings.get("max_new_tokens")
 
 
+def with_eval_cap(settings: dict) -> dict:
+    """A copy of a run's settings whose --eval-max-new-tokens is the cap it evaluates with (`eval_cap`): two
+    runs evaluate alike whether the cap was given, followed --max-new-tokens, or predates the flag."""
+    return {**settings, "eval_max_new_tokens": eval_cap(settings)}
+
+
 def initial_eval_row(run_dir: str) -> dict | None:
     """The step-0 evaluation row of a run (the untrained model's), or None."""
     path = os.path.join(run_dir, "metrics.jsonl")

@@ -167,9 +167,7 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
     cap however given (without a config.json, a run is a setting of its own)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        setting = {k: v for k, v in run.config.items() if k not in NOT_A_SETTING}
-        if "max_new_tokens" in setting:
-            setting["eval_max_new_tokens"] = run_io.eval_cap(setting)
+        setting = run_io.with_eval_cap({k: v for k, v in run.config.items() if k not in NOT_A_SETTING})
         key = json.dumps(setting, sort_keys=True) if run.config else run.name
         groups.setdefault(key, []).append(run)
     return list(groups.values())
@@ -347,8 +345,8 @@ def compare_table(run_dirs: list[str]) -> str:
     templates (G), problems (n) and seeds they rest on, and the smallest difference the design could detect
     (80% power): each setting's change from its own step 0 and training-reward slope, then each setting minus
     the first in accuracy and in length, greedy and avg@K (each measure's p Holm-adjusted over the
-    comparisons, and the verdict following it): name the reference first (`--compare runs/grpo-s* runs/*-s*`; a folder named twice
-    counts once). With one seed a side, a seed's luck, which moves every problem alike, is not in the
+    comparisons, and the verdict following it): name the reference first (`--compare runs/grpo-s*
+    runs/*-s*`; a folder named twice counts once). With one seed a side, a seed's luck, which moves every problem alike, is not in the
     interval. A run without an evaluation after training is listed apart, not pooled."""
     if not run_dirs:
         raise SystemExit("--compare: expected one or more run directories (python train_min.py --compare RUN_DIR ...)")
