@@ -316,6 +316,8 @@ def check_config(cfg: Config) -> None:
         if cfg.steps < done:
             sys.exit(f"--steps: expected ≥ {done}, the step of the checkpoint in {cfg.resume!r}, got {cfg.steps}")
         manifest = run_io.verify_checkpoint(checkpoint)
+        if os.path.isfile(metrics := os.path.join(cfg.resume, "metrics.jsonl")):
+            run_io.read_rows(metrics, quiet=True)  # a malformed row stops now, not once the model has loaded
         # The checkpoint's own record of the settings, where it has one: an edited config.json cannot change them.
         saved = manifest["settings"] if manifest else {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.resume, "config.json"))}
         # the held-out problems split off --data (in the saved run or in this call) decide the training problems

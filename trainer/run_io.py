@@ -370,10 +370,11 @@ def row_problem(row) -> str | None:
     return None
 
 
-def read_rows(path: str) -> list[dict]:
+def read_rows(path: str, quiet: bool = False) -> list[dict]:
     """Every row of a metrics.jsonl. A torn line (a JSON object cut off by a crash or a full disk) is
-    reported once with its file and line and skipped; any other malformed line, or a row that is not a
-    train or eval row with an integer step (another program's file), stops with file:line."""
+    reported with its file and line (unless `quiet`: a check before the read that reports) and skipped;
+    any other malformed line, or a row that is not a train or eval row with an integer step (another
+    program's file), stops with file:line."""
     rows = []
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
@@ -383,7 +384,7 @@ def read_rows(path: str) -> list[dict]:
                 row = json.loads(line)
             except ValueError as error:
                 if line.lstrip().startswith(b"{"):  # the start of a row whose write was cut off
-                    print(f"{path}:{number}: a torn line (a write cut off), skipped", file=sys.stderr)
+                    quiet or print(f"{path}:{number}: a torn line (a write cut off), skipped", file=sys.stderr)
                     continue
                 sys.exit(f"{path}:{number}: not a JSON row ({error})")
             problem = row_problem(row)
