@@ -510,6 +510,58 @@ def test_bf16_runs_keep_float32_master_weights_and_a_synced_bf16_sampler(tmp_pat
     assert same_parameters(sampler, student.to(torch.bfloat16))
 
 
+def run_checking_the_sampler(flags: list, tmp_path, monkeypatch) -> list[dict]:
+    """Run TINY with `flags` (at least three steps); before each step's rollouts, check that the sampler holds
+    the student's weights as last updated, in its own dtype (full: the float32 master weights rounded; LoRA:
+    the adapter, B scaled by α/r). Returns the training rows."""
+    from trainer import lora
+
+    runs, seen, setup, rollouts = [], [], train_min.setup, train_min.rollouts
+    monkeypatch.setattr(train_min, "setup", lambda cfg: runs.append(setup(cfg)) or runs[-1])
+
+    def checked(sampler, *args):
+        student = runs[-1].student
+        if lora.is_adapted(student):
+            layers = dict(lora.adapted_layers(student.get_base_model()))
+            pairs = [(m.A, layers[name].lora_A["default"].weight) for name, m in sampler.named_modules() if name in layers]
+            pairs += [(m.sB, layers[name].lora_B["default"].weight * layers[name].scaling["default"])
+                      for name, m in sampler.named_modules() if name in layers]
+        else:
+            pairs = list(zip(sampler.parameters(), student.parameters()))
+        seen.append(bool(pairs) and all(torch.equal(ours, theirs.to(ours.dtype)) for ours, theirs in pairs))
+        return rollouts(sampler, *args)
+
+    monkeypatch.setattr(train_min, "rollouts", checked)
+    train_min.main(TINY + ["--output-dir", str(tmp_path)] + flags)
+    rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert len(seen) == len(rows) >= 3 and all(seen), seen
+    assert runs[-1].sampler.dtype == torch.bfloat16 and next(runs[-1].sampler.parameters()).device.type == runs[-1].cfg.device
+    assert all(r["update_rel"] > 0 and r["sampler_changed"] > 0 and not r["skipped"] for r in rows), rows
+    return rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU path of a run needs a GPU")
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_cuda_run_decodes_through_graphs_from_the_bf16_sampler_as_last_updated(lora, tmp_path, monkeypatch):
+    """The path of a GPU run, which the CPU suite cannot take: bf16 by --dtype auto, every rollout and
+    evaluation one CUDA graph per decode step (--rollout graph raises where a capture fails), each step
+    sampling from the weights of the update before it, and the peak memory recorded."""
+    if lora:
+        pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    rows = run_checking_the_sampler(["--device", "cuda", "--dtype", "auto", "--rollout", "graph", "--steps", "3", "--lr", "1e-3"]
+                                    + (["--lora-r", "4"] if lora else []), tmp_path, monkeypatch)
+    assert all(r["peak_gpu_mem_gb"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_bf16_run_on_cpu_samples_from_the_weights_as_last_updated(lora, tmp_path, monkeypatch):
+    """The CUDA test's check on the CPU path (no graphs), so that the check itself is known to work here."""
+    if lora:
+        pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    run_checking_the_sampler(["--dtype", "bfloat16", "--steps", "3", "--lr", "1e-3", "--eval-size", "0"]
+                             + (["--lora-r", "4"] if lora else []), tmp_path, monkeypatch)
+
+
 def span_texts(page: str) -> list[list[tuple[int, str]]]:
     """(token id, text) of each token span, per rollout, from the HTML of views.token_html."""
     from html.parser import HTMLParser
