@@ -90,8 +90,7 @@ def rollouts(sampler, tokenizer, problems: list, cfg: Config) -> Rollouts:
     """The problems as the student and the teacher see them, and the student's completions."""
     student_ids, student_mask = encode_prompts(tokenizer, [student_messages(p) for p in problems], cfg.device)
     teacher_ids, teacher_mask = encode_prompts(tokenizer, [teacher_messages(p) for p in problems], cfg.device)
-    completion, mask, finished = generate(sampler, tokenizer, student_ids, student_mask, cfg)
-    return Rollouts(student_ids, student_mask, teacher_ids, teacher_mask, completion, mask, finished)
+    return Rollouts(student_ids, student_mask, teacher_ids, teacher_mask, *generate(sampler, tokenizer, student_ids, student_mask, cfg))
 
 
 def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -461,7 +460,8 @@ def evaluate_and_log(run: Run, step: int) -> float:
     print it; returns the seconds the evaluation took."""
     cfg = run.cfg
     reused = step == 0 and cfg.initial_eval  # the untrained model's evaluation, made once for every arm
-    result = run_io.initial_eval_row(cfg.initial_eval) if reused else evaluate(run.sampler, run.tokenizer, run.eval_problems, cfg)
+    with run_io.evaluating(cfg, step):  # out of memory: what to pass instead, and the checkpoint to continue from
+        result = run_io.initial_eval_row(cfg.initial_eval) if reused else evaluate(run.sampler, run.tokenizer, run.eval_problems, cfg)
     row = result | {"kind": "eval", "step": step, "method": cfg.method, "reused_from": cfg.initial_eval or None}
     run_io.append_row(run.metrics, row)
     sampled = f", avg@{cfg.eval_samples} {row['eval_sampled_accuracy']:.3f}" if cfg.eval_samples else ""

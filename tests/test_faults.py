@@ -410,6 +410,32 @@ def test_out_of_memory_under_a_fixed_checkpointing_setting_is_raised(setting, tm
         train_min.main(ONE_STEP + ["--gradient-checkpointing", setting, "--output-dir", str(tmp_path)])
 
 
+def test_an_evaluation_out_of_memory_names_a_smaller_batch_and_the_run_resumes_with_it(tmp_path, monkeypatch):
+    """Training keeps memory the step-0 evaluation did not need (AdamW's state), so a later evaluation can run
+    out where the first did not: it stops with the flag to pass and the checkpoint written before it."""
+    calls, fail_at, evaluate = [], [2], train_min.evaluate
+
+    def short_of_memory(model, tokenizer, problems, cfg):
+        calls.append(cfg.eval_batch_size)
+        if len(calls) in fail_at:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return evaluate(model, tokenizer, problems, cfg)
+
+    monkeypatch.setattr(train_min, "evaluate", short_of_memory)
+    with pytest.raises(SystemExit) as stop:  # FLAGS: evaluations at steps 0, 2 and 3; a checkpoint every step
+        train_min.main(FLAGS + ["--output-dir", str(tmp_path)])
+    assert stop.value.code == (f"the evaluation of step 2 ran out of memory at --eval-batch-size 4: each batch holds the "
+                               f"KV cache of its prompts and 8 new tokens a row; pass a smaller one (--eval-batch-size 2, "
+                               f"say).\nThe last complete checkpoint is {tmp_path}/checkpoint (step 2); once the cause is "
+                               f"fixed, continue with:\n    python train_min.py --resume {tmp_path}")
+    train_min.main(["--resume", str(tmp_path), "--eval-batch-size", "2"])
+    assert calls == [4, 4, 2, 2] and [r["step"] for r in views.read_rows(str(tmp_path)) if r["kind"] == "eval"] == [0, 2, 3]
+    calls[:], fail_at[:] = [], [1]
+    with pytest.raises(SystemExit, match=r"^the evaluation of step 0 .* --eval-batch-size 1: .*; a smaller --eval-max-new-"
+                                         r"tokens, or a card with more memory\.\nNo checkpoint was complete yet"):
+        train_min.main(FLAGS + ["--eval-batch-size", "1", "--output-dir", str(tmp_path / "again")])
+
+
 def test_out_of_memory_in_the_optimizer_step_is_raised_not_retried(tmp_path, monkeypatch):
     """Once the optimizer has begun its step, a retry could apply part of it twice (and recomputing
     activations frees nothing there)."""

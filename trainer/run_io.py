@@ -92,6 +92,21 @@ def last_good(run_dir: str) -> str:
 
 
 @contextlib.contextmanager
+def evaluating(cfg, step: int):
+    """The evaluation of `step`: if it runs out of device memory (training holds memory that the step-0
+    evaluation did not need: AdamW's state), stop with what to pass instead and the last checkpoint (one
+    due at `step` is written before its evaluation)."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        size, cap = cfg.eval_batch_size, eval_cap(vars(cfg))
+        instead = (f"pass a smaller one (--eval-batch-size {size // 2}, say)" if size > 1 else
+                   "a smaller --eval-max-new-tokens, or a card with more memory")
+        sys.exit(f"the evaluation of step {step} ran out of memory at --eval-batch-size {size}: each batch holds the KV "
+                 f"cache of its prompts and {cap} new tokens a row; {instead}.\n{last_good(cfg.output_dir)}")
+
+
+@contextlib.contextmanager
 def writing(what: str, path: str, run_dir: str):
     """A write of the run: if it fails (a full disk, no permission, a file-size limit), remove a half-written
     checkpoint or final model and stop with what was written, where, why, the intact checkpoint and the
