@@ -244,10 +244,9 @@ def update(student, teacher, optimizer, batch: Rollouts, scores: Scores, advanta
 
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list, cfg: Config) -> dict:
-    """Held-out accuracy and mean completion length, the paper's trade-off: of the greedy completion, and
-    avg@K of K sampled ones per problem (--eval-samples) drawn from their own seeded stream (the same for
-    every run and evaluation; the training's random state is restored after). Per problem: its id and
-    template, so that runs pair by problem and intervals cluster by template."""
+    """Held-out accuracy and mean length (the paper's trade-off) of the greedy completion and avg@K of K sampled
+    ones (--eval-samples; their own seeded stream, the same for every run, the training's restored after); per
+    problem its id and template (runs pair by problem, intervals cluster by template); the settings used."""
     start = time.perf_counter()
     row = {"eval_ids": [p.id for p in problems], "eval_templates": [p.template for p in problems]}
     row |= solve(model, tokenizer, problems, cfg, "eval_", greedy=True)
@@ -258,7 +257,8 @@ def evaluate(model, tokenizer, problems: list, cfg: Config) -> dict:
             sampling = dict(temperature=cfg.eval_temperature, top_k=cfg.eval_top_k, top_p=cfg.eval_top_p)
             repeated = [p for p in problems for _ in range(cfg.eval_samples)]
             row |= solve(model, tokenizer, repeated, cfg, "eval_sampled_", sampling=sampling, per=cfg.eval_samples)
-    return row | {"eval_samples": cfg.eval_samples, "eval_s": time.perf_counter() - start}
+    return row | {"eval_samples": cfg.eval_samples, "evaluated_with": run_io.evaluation_settings(vars(cfg)),
+                  "eval_s": time.perf_counter() - start}
 
 
 def solve(model, tokenizer, problems: list, cfg: Config, prefix: str, per: int = 1, **how) -> dict:
@@ -460,7 +460,7 @@ def evaluate_and_log(run: Run, step: int) -> float:
     print it; returns the seconds the evaluation took."""
     cfg = run.cfg
     reused = step == 0 and cfg.initial_eval  # the untrained model's evaluation, made once for every arm
-    with run_io.evaluating(cfg, step):  # out of memory: what to pass instead, and the checkpoint to continue from
+    with run_io.evaluating(cfg, step, len(run.eval_problems), save=lambda: save_checkpoint(run, step)):  # out of memory
         result = run_io.initial_eval_row(cfg.initial_eval) if reused else evaluate(run.sampler, run.tokenizer, run.eval_problems, cfg)
     row = result | {"kind": "eval", "step": step, "method": cfg.method, "reused_from": cfg.initial_eval or None}
     run_io.append_row(run.metrics, row)

@@ -411,6 +411,12 @@ def test_graph_rollouts_equal_eager_rollouts_on_cuda(monkeypatch):
         warnings.simplefilter("error")
         run(greedy=True)
     assert len(captures) == 2, "no second attempt for the same model"
+    # out of memory in the capture is the card's state, not the model's: raised, and graphs stay on for others
+    monkeypatch.setattr(decoding, "no_graphs", type(decoding.no_graphs)())
+    monkeypatch.setattr(decoding._Decoder, "capture", lambda self: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")))
+    with pytest.raises(torch.OutOfMemoryError):
+        run(greedy=True)
+    assert model not in decoding.no_graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

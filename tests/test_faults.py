@@ -296,7 +296,7 @@ def flip_a_byte(path):
     ("config.json", edit_json(method="grpo"), "--method: a resumed run keeps 'egrsd'"),
     ("checkpoint/step.json", lambda p: p.write_text("garbage"), 'step.json: expected {"step": N}'),
     ("checkpoint/step.json", lambda p: p.write_text('{"step": "1"}'), "step.json: key 'step': expected an integer ≥ 0, got '1'"),
-    ("metrics.jsonl", lambda p: p.write_text(p.read_text() + "hello\n"), "metrics.jsonl:2: not a JSON row"),
+    ("metrics.jsonl", lambda p: p.write_text(p.read_text() + "hello\n"), "/run/metrics.jsonl:2: not a JSON row"),
 ])
 def test_resume_checks_the_checkpoint_and_run_files_before_any_model_loads(path, change, message, one_step, tmp_path,
                                                                            monkeypatch):
@@ -410,9 +410,11 @@ def test_out_of_memory_under_a_fixed_checkpointing_setting_is_raised(setting, tm
         train_min.main(ONE_STEP + ["--gradient-checkpointing", setting, "--output-dir", str(tmp_path)])
 
 
-def test_an_evaluation_out_of_memory_names_a_smaller_batch_and_the_run_resumes_with_it(tmp_path, monkeypatch):
-    """Training keeps memory the step-0 evaluation did not need (AdamW's state), so a later evaluation can run
-    out where the first did not: it stops with the flag to pass and the checkpoint written before it."""
+def test_an_evaluation_out_of_memory_checkpoints_names_a_smaller_batch_and_the_run_resumes_with_it(tmp_path, monkeypatch):
+    """Training holds memory that the step-0 evaluation did not need (AdamW's state), so a later evaluation can
+    run out where the first did not: what was trained since the last checkpoint is saved (--save-every 0
+    here: none was due), and the run stops with a batch size that halves the largest batch it made (4
+    problems × avg@4 = 16 rows, under --eval-batch-size 64) and the command that continues with it."""
     calls, fail_at, evaluate = [], [2], train_min.evaluate
 
     def short_of_memory(model, tokenizer, problems, cfg):
@@ -422,17 +424,20 @@ def test_an_evaluation_out_of_memory_names_a_smaller_batch_and_the_run_resumes_w
         return evaluate(model, tokenizer, problems, cfg)
 
     monkeypatch.setattr(train_min, "evaluate", short_of_memory)
-    with pytest.raises(SystemExit) as stop:  # FLAGS: evaluations at steps 0, 2 and 3; a checkpoint every step
-        train_min.main(FLAGS + ["--output-dir", str(tmp_path)])
-    assert stop.value.code == (f"the evaluation of step 2 ran out of memory at --eval-batch-size 4: each batch holds the "
-                               f"KV cache of its prompts and 8 new tokens a row; pass a smaller one (--eval-batch-size 2, "
-                               f"say).\nThe last complete checkpoint is {tmp_path}/checkpoint (step 2); once the cause is "
-                               f"fixed, continue with:\n    python train_min.py --resume {tmp_path}")
-    train_min.main(["--resume", str(tmp_path), "--eval-batch-size", "2"])
-    assert calls == [4, 4, 2, 2] and [r["step"] for r in views.read_rows(str(tmp_path)) if r["kind"] == "eval"] == [0, 2, 3]
+    with pytest.raises(SystemExit) as stop:  # FLAGS: evaluations at steps 0, 2 and 3
+        train_min.main(FLAGS + ["--save-every", "0", "--eval-batch-size", "64", "--output-dir", str(tmp_path)])
+    assert stop.value.code == (f"the evaluation of step 2 ran out of memory in batches of 16 rows (--eval-batch-size 64), "
+                               f"each holding the KV cache of its prompt and 8 new tokens. The checkpoint of step 2 is "
+                               f"{tmp_path}/checkpoint; continue in smaller batches with:\n"
+                               f"    python train_min.py --resume {tmp_path} --eval-batch-size 8")
+    train_min.main(["--resume", str(tmp_path), "--eval-batch-size", "8"])
+    evals = [r for r in views.read_rows(str(tmp_path)) if r["kind"] == "eval"]
+    assert calls == [64, 64, 8, 8] and [r["step"] for r in evals] == [0, 2, 3]
+    assert [r["evaluated_with"]["eval_batch_size"] for r in evals] == [64, 8, 8], "each row records how it was made"
     calls[:], fail_at[:] = [], [1]
-    with pytest.raises(SystemExit, match=r"^the evaluation of step 0 .* --eval-batch-size 1: .*; a smaller --eval-max-new-"
-                                         r"tokens, or a card with more memory\.\nNo checkpoint was complete yet"):
+    with pytest.raises(SystemExit, match=r"^the evaluation of step 0 .* batches of 1 rows .*; at one row a batch, a card "
+                                         r"with more memory helps, or a smaller --eval-max-new-tokens in a new run \(a "
+                                         r"resumed run keeps its cap\)\.\nThe last complete checkpoint is .* \(step 0\)"):
         train_min.main(FLAGS + ["--eval-batch-size", "1", "--output-dir", str(tmp_path / "again")])
 
 

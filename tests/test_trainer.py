@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import egrsd
 import train_min
-from trainer import config, stats, views
+from trainer import config, decoding, run_io, stats, views
 from trainer.config import METHODS
 from trainer.offline_models import build_tiny_model, build_tiny_tokenizer
 from trainer.tasks import Problem, built_in_problems, load_data, load_problems, student_messages, teacher_messages
@@ -527,7 +527,8 @@ def run_checking_the_sampler(flags: list, tmp_path, monkeypatch) -> list[dict]:
             pairs += [(m.sB, layers[name].lora_B["default"].weight * layers[name].scaling["default"])
                       for name, m in sampler.named_modules() if name in layers]
         else:
-            pairs = list(zip(sampler.parameters(), student.parameters()))
+            theirs = dict(student.named_parameters())
+            pairs = [(p, theirs[name]) for name, p in sampler.named_parameters()]
         seen.append(bool(pairs) and all(torch.equal(ours, theirs.to(ours.dtype)) for ours, theirs in pairs))
         return rollouts(sampler, *args)
 
@@ -535,7 +536,8 @@ def run_checking_the_sampler(flags: list, tmp_path, monkeypatch) -> list[dict]:
     train_min.main(TINY + ["--output-dir", str(tmp_path)] + flags)
     rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert len(seen) == len(rows) >= 3 and all(seen), seen
-    assert runs[-1].sampler.dtype == torch.bfloat16 and next(runs[-1].sampler.parameters()).device.type == runs[-1].cfg.device
+    device = torch.device(runs[-1].cfg.device).type
+    assert runs[-1].sampler.dtype == torch.bfloat16 and next(runs[-1].sampler.parameters()).device.type == device
     assert all(r["update_rel"] > 0 and r["sampler_changed"] > 0 and not r["skipped"] for r in rows), rows
     return rows
 
@@ -548,9 +550,13 @@ def test_a_cuda_run_decodes_through_graphs_from_the_bf16_sampler_as_last_updated
     sampling from the weights of the update before it, and the peak memory recorded."""
     if lora:
         pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    calls, captures, generate, capture = [], [], decoding.generate, decoding._Decoder.capture
+    monkeypatch.setattr(decoding, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    monkeypatch.setattr(decoding._Decoder, "capture", lambda self: captures.append(1) or capture(self))
     rows = run_checking_the_sampler(["--device", "cuda", "--dtype", "auto", "--rollout", "graph", "--steps", "3", "--lr", "1e-3"]
                                     + (["--lora-r", "4"] if lora else []), tmp_path, monkeypatch)
     assert all(r["peak_gpu_mem_gb"] > 0 for r in rows)
+    assert len(captures) == len(calls) >= 3 + 2 * 2, "every rollout and evaluation (greedy, avg@4) decoded through a graph"
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -992,6 +998,18 @@ def test_compare_lists_every_measure_and_a_sampled_table_where_some_evaluation_d
     assert measures(minus["egrsd"]) == ["greedy", "avg@K", "length", "length@K"]
     assert measures(minus["opsd"]) == ["greedy", "avg@K", "length", "length@K"]
     assert minus["opsd"].startswith("greedy n/a (not recorded)")
+
+
+def test_a_step_0_evaluation_is_judged_by_the_settings_its_row_records_not_by_a_rewritten_config(tmp_path):
+    """A resumed run rewrites config.json with the flags of its last call (--eval-batch-size 8, say), while its
+    step-0 evaluation was made with those of the first (64): --initial-eval goes by what the row records."""
+    (tmp_path / "config.json").write_text(json.dumps(vars(config.Config(max_new_tokens=12, eval_batch_size=8))))
+    row = {"kind": "eval", "step": 0, "method": "grpo", "eval_accuracy": 0.0, "eval_length": 8.0, "eval_acc_per_1k_tokens": 0.0,
+           "evaluated_with": run_io.evaluation_settings(vars(config.Config(max_new_tokens=12, eval_batch_size=64)))}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    config.check_initial_eval(config.Config(initial_eval=str(tmp_path), max_new_tokens=12, eval_batch_size=64))
+    with pytest.raises(SystemExit, match="--eval-batch-size 64, this run with 8"):
+        config.check_initial_eval(config.Config(initial_eval=str(tmp_path), max_new_tokens=12, eval_batch_size=8))
 
 
 def test_a_step_0_evaluation_is_reused_however_its_cap_was_written(tmp_path):

@@ -234,10 +234,6 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
 # A run saved before these flags existed resumes with the behaviour it had.
 BEFORE_THESE_FLAGS = {"lr_schedule": "constant", "score_temperature": 1.0, "gate_group": 0, "lora_r": 0,
                       "group_size": 1, "eval_samples": 0, "eval_max_new_tokens": 0}
-# What makes two runs' step-0 evaluations the same (--initial-eval): the model, the held-out problems and
-# how they are decoded and judged.
-EVAL_SETTINGS = ("model", "dtype", "device", "data", "eval_data", "eval_size", "eval_max_new_tokens", "eval_batch_size",
-                 "eval_samples", "eval_temperature", "eval_top_p", "eval_top_k", "eval_seed", "rollout", "verifier")
 # Flags a resumed run cannot change: the weights it continues from, what its steps mean (the method and its
 # constants, the reward, the sampling, the data and its order), the compute dtype (`--dtype`, or `auto` on
 # another `--device`, checked apart), and, under a decaying schedule, the length of the schedule it is part
@@ -315,9 +311,9 @@ def check_config(cfg: Config) -> None:
         done = run_io.checkpoint_step(checkpoint)
         if cfg.steps < done:
             sys.exit(f"--steps: expected ≥ {done}, the step of the checkpoint in {cfg.resume!r}, got {cfg.steps}")
-        manifest = run_io.verify_checkpoint(checkpoint)
         if os.path.isfile(metrics := os.path.join(cfg.resume, "metrics.jsonl")):
             run_io.read_rows(metrics, quiet=True)  # a malformed row stops now, not once the model has loaded
+        manifest = run_io.verify_checkpoint(checkpoint)
         # The checkpoint's own record of the settings, where it has one: an edited config.json cannot change them.
         saved = manifest["settings"] if manifest else {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.resume, "config.json"))}
         # the held-out problems split off --data (in the saved run or in this call) decide the training problems
@@ -382,14 +378,18 @@ def check_lora_targets(cfg: Config) -> None:
 def check_initial_eval(cfg: Config) -> None:
     """--initial-eval: the other run evaluated the same model on the same problems in the same way, and
     wrote its step-0 evaluation."""
-    other = run_io.with_eval_cap({**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.initial_eval, "config.json"))})
-    ours = run_io.with_eval_cap(vars(cfg))
-    for name in EVAL_SETTINGS:
+    row = run_io.initial_eval_row(cfg.initial_eval)
+    if row is None:
+        sys.exit(f"--initial-eval: {cfg.initial_eval}/metrics.jsonl holds no step-0 evaluation")
+    # what that evaluation was made with, as its row records it (a resumed run rewrites config.json with the
+    # flags of its last call, --eval-batch-size say); config.json for a row from before that record
+    other = row.get("evaluated_with") or run_io.evaluation_settings(
+        {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.initial_eval, "config.json"))})
+    ours = run_io.evaluation_settings(vars(cfg))
+    for name in run_io.EVAL_SETTINGS:
         if other.get(name) != ours[name]:
             sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with --{name.replace('_', '-')} {other.get(name)!r}, "
                      f"this run with {ours[name]!r}; its step-0 evaluation is not this run's")
-    if run_io.initial_eval_row(cfg.initial_eval) is None:
-        sys.exit(f"--initial-eval: {cfg.initial_eval}/metrics.jsonl holds no step-0 evaluation")
 
 
 def model_shape(name: str) -> dict | None:

@@ -349,6 +349,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
         if use_graph and max_new_tokens > 1:
             try:
                 replay = decoder.capture().replay
+            except torch.OutOfMemoryError:  # (a RuntimeError too): not the model's fault, so not a reason to stop graphs
+                raise
             except RuntimeError as error:  # a model or torch build whose step cannot be captured
                 if graph:
                     raise

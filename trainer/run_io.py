@@ -92,18 +92,31 @@ def last_good(run_dir: str) -> str:
 
 
 @contextlib.contextmanager
-def evaluating(cfg, step: int):
-    """The evaluation of `step`: if it runs out of device memory (training holds memory that the step-0
-    evaluation did not need: AdamW's state), stop with what to pass instead and the last checkpoint (one
-    due at `step` is written before its evaluation)."""
+def evaluating(cfg, step: int, problems: int, save):
+    """The evaluation of `step`, of `problems` held-out problems. If it runs out of device memory (training
+    holds memory that the step-0 evaluation did not need: AdamW's state), `save()` writes the checkpoint of
+    `step` where there is none yet (what was trained is intact: evaluating neither trains nor draws from the
+    training's random state), and the run stops with the batch size to pass and the command that continues."""
     try:
         yield
+        return
     except torch.OutOfMemoryError:
-        size, cap = cfg.eval_batch_size, eval_cap(vars(cfg))
-        instead = (f"pass a smaller one (--eval-batch-size {size // 2}, say)" if size > 1 else
-                   "a smaller --eval-max-new-tokens, or a card with more memory")
-        sys.exit(f"the evaluation of step {step} ran out of memory at --eval-batch-size {size}: each batch holds the KV "
-                 f"cache of its prompts and {cap} new tokens a row; {instead}.\n{last_good(cfg.output_dir)}")
+        pass  # (leaving this block frees the exception, and the evaluation's tensors that its frames hold)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    checkpoint = complete_checkpoint(cfg.output_dir)
+    if checkpoint is None or checkpoint_step(checkpoint) != step:
+        save()
+    rows = min(cfg.eval_batch_size, problems * max(1, cfg.eval_samples))  # the largest batch it makes
+    what = (f"the evaluation of step {step} ran out of memory in batches of {rows} rows (--eval-batch-size "
+            f"{cfg.eval_batch_size}), each holding the KV cache of its prompt and {eval_cap(vars(cfg))} new tokens")
+    checkpoint = complete_checkpoint(cfg.output_dir)
+    if rows > 1 and checkpoint:
+        sys.exit(f"{what}. The checkpoint of step {checkpoint_step(checkpoint)} is {checkpoint}; continue in smaller "
+                 f"batches with:\n    {resume_command(cfg.output_dir)} --eval-batch-size {rows // 2}")
+    instead = (f"pass --eval-batch-size {rows // 2}" if rows > 1 else "at one row a batch, a card with more memory "
+               "helps, or a smaller --eval-max-new-tokens in a new run (a resumed run keeps its cap)")
+    sys.exit(f"{what}; {instead}.\n{last_good(cfg.output_dir)}")
 
 
 @contextlib.contextmanager
@@ -372,7 +385,8 @@ ROW_KEYS = {"eval": {"method": str, "eval_accuracy": NUMBER, "eval_length": NUMB
             "train": {}}
 OPTIONAL_KEYS = {"reward": NUMBER, "step_s": NUMBER, "peak_gpu_mem_gb": NUMBER, "eval_samples": int,
                  "eval_sampled_accuracy": NUMBER, "eval_truncated": NUMBER, "eval_correct": list,
-                 "eval_sampled_correct": list, "eval_lengths": list, "eval_ids": list, "eval_templates": list}
+                 "eval_sampled_correct": list, "eval_lengths": list, "eval_ids": list, "eval_templates": list,
+                 "evaluated_with": dict}
 
 
 def row_problem(row) -> str | None:
@@ -437,6 +451,19 @@ def with_eval_cap(settings: dict) -> dict:
     """A copy of a run's settings whose --eval-max-new-tokens is the cap it evaluates with (`eval_cap`): two
     runs evaluate alike whether the cap was given, followed --max-new-tokens, or predates the flag."""
     return {**settings, "eval_max_new_tokens": eval_cap(settings)}
+
+
+# What makes two runs' step-0 evaluations the same (--initial-eval): the model, the held-out problems and
+# how they are decoded and judged.
+EVAL_SETTINGS = ("model", "dtype", "device", "data", "eval_data", "eval_size", "eval_max_new_tokens", "eval_batch_size",
+                 "eval_samples", "eval_temperature", "eval_top_p", "eval_top_k", "eval_seed", "rollout", "verifier")
+
+
+def evaluation_settings(settings: dict) -> dict:
+    """The EVAL_SETTINGS of a run's settings (`vars(cfg)` or its config.json), the cap as it evaluates
+    (`with_eval_cap`): what each evaluation row records as `evaluated_with`."""
+    capped = with_eval_cap(settings)
+    return {name: capped.get(name) for name in EVAL_SETTINGS}
 
 
 def initial_eval_row(run_dir: str) -> dict | None:
