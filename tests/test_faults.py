@@ -435,7 +435,7 @@ def test_an_evaluation_out_of_memory_checkpoints_names_a_smaller_batch_and_the_r
     assert calls == [64, 64, 8, 8] and [r["step"] for r in evals] == [0, 2, 3]
     assert [r["evaluated_with"]["eval_batch_size"] for r in evals] == [64, 8, 8], "each row records how it was made"
     calls[:], fail_at[:] = [], [1]
-    with pytest.raises(SystemExit, match=r"^the evaluation of step 0 .* batches of 1 rows .*; at one row a batch, a card "
+    with pytest.raises(SystemExit, match=r"^the evaluation of step 0 .* batches of 1 row .*; at one row a batch, a card "
                                          r"with more memory helps, or a smaller --eval-max-new-tokens in a new run \(a "
                                          r"resumed run keeps its cap\)\.\nThe last complete checkpoint is .* \(step 0\)"):
         train_min.main(FLAGS + ["--eval-batch-size", "1", "--output-dir", str(tmp_path / "again")])

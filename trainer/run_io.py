@@ -108,7 +108,7 @@ def evaluating(cfg, step: int, problems: int, save):
     if checkpoint is None or checkpoint_step(checkpoint) != step:
         save()
     rows = min(cfg.eval_batch_size, problems * max(1, cfg.eval_samples))  # the largest batch it makes
-    what = (f"the evaluation of step {step} ran out of memory in batches of {rows} rows (--eval-batch-size "
+    what = (f"the evaluation of step {step} ran out of memory in batches of {rows} row{'s' * (rows > 1)} (--eval-batch-size "
             f"{cfg.eval_batch_size}), each holding the KV cache of its prompt and {eval_cap(vars(cfg))} new tokens")
     checkpoint = complete_checkpoint(cfg.output_dir)
     if rows > 1 and checkpoint:
