@@ -249,7 +249,8 @@ def evaluate(model, tokenizer, problems: list, cfg: Config) -> dict:
     problem its id and template (runs pair by problem, intervals cluster by template); the settings used."""
     start = time.perf_counter()
     row = {"eval_ids": [p.id for p in problems], "eval_templates": [p.template for p in problems]}
-    row |= solve(model, tokenizer, problems, cfg, "eval_", greedy=True)
+    if cfg.eval_greedy:
+        row |= solve(model, tokenizer, problems, cfg, "eval_", greedy=True)
     if cfg.eval_samples:
         device = torch.device(cfg.device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -464,9 +465,7 @@ def evaluate_and_log(run: Run, step: int) -> float:
         result = run_io.initial_eval_row(cfg.initial_eval) if reused else evaluate(run.sampler, run.tokenizer, run.eval_problems, cfg)
     row = result | {"kind": "eval", "step": step, "method": cfg.method, "reused_from": cfg.initial_eval or None}
     run_io.append_row(run.metrics, row)
-    sampled = f", avg@{cfg.eval_samples} {row['eval_sampled_accuracy']:.3f}" if cfg.eval_samples else ""
-    print(f"eval step {step}{' (reused)' if reused else ''}: accuracy {row['eval_accuracy']:.3f}{sampled}, "
-          f"length {row['eval_length']:.0f}, acc/(len/1000) {row['eval_acc_per_1k_tokens']:.3f}", flush=True)
+    print(f"eval step {step}{' (reused)' if reused else ''}: {views.evaluation_line(row)}", flush=True)
     return row.get("eval_s", 0.0)
 
 

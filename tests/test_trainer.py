@@ -4,6 +4,7 @@ steps, bad flags, bf16 master weights, held-out data files, the token view and t
 """
 
 import functools
+import importlib.util
 import json
 import math
 import re
@@ -891,6 +892,11 @@ def test_runs_pool_into_one_setting_however_their_evaluation_cap_is_written():
     caps = [{}, {"eval_max_new_tokens": 0}, {"eval_max_new_tokens": 512}, {"eval_max_new_tokens": 1024}]
     runs = [views.Run(f"s{i}", base | cap | {"seed": i}, [], []) for i, cap in enumerate(caps)]
     assert [[r.name for r in group] for group in views.group_runs(runs)] == [["s0", "s1", "s2"], ["s3"]]
+    # a flag a run predates counts as it ran (config.BEFORE_THESE_FLAGS): greedy and no avg@K before those flags
+    older = {k: v for k, v in base.items() if k not in ("eval_greedy", "eval_samples")}
+    runs = [views.Run(name, settings, [], []) for name, settings in [("old", older), ("new", base | {"eval_samples": 0}),
+                                                                       ("k4", base | {"eval_samples": 4})]]
+    assert [[r.name for r in group] for group in views.group_runs(runs)] == [["old", "new"], ["k4"]]
 
 
 def test_the_real_runs_compare_table_is_the_readmes():
@@ -998,6 +1004,26 @@ def test_compare_lists_every_measure_and_a_sampled_table_where_some_evaluation_d
     assert measures(minus["egrsd"]) == ["greedy", "avg@K", "length", "length@K"]
     assert measures(minus["opsd"]) == ["greedy", "avg@K", "length", "length@K"]
     assert minus["opsd"].startswith("greedy n/a (not recorded)")
+
+
+def test_without_greedy_an_evaluation_is_avg_at_k_alone_and_the_step_line_compare_and_curves_read_it(tmp_path, capsys):
+    """--no-eval-greedy (Qwen3 in thinking mode): each evaluation samples K completions a problem and makes no
+    greedy one; --compare shows greedy as n/a and compares avg@K; the curves draw avg@K."""
+    flags = TINY + ["--steps", "1", "--eval-samples", "2"]
+    with pytest.raises(SystemExit, match=r"^--eval-samples: expected ≥ 1 under --no-eval-greedy"):
+        train_min.main(flags + ["--no-eval-greedy", "--eval-samples", "0", "--output-dir", str(tmp_path / "nothing")])
+    train_min.main(flags + ["--no-eval-greedy", "--output-dir", str(tmp_path / "sampled")])
+    evals = [r for r in read_metrics(tmp_path / "sampled") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 1] and not any("eval_accuracy" in r or "eval_correct" in r for r in evals)
+    assert all(len(r["eval_sampled_correct"]) == 4 and r["evaluated_with"]["eval_greedy"] is False for r in evals)
+    assert re.search(r"\neval step 1: avg@2 [0-9.]+, length [0-9]+, acc/\(len/1000\) [0-9.]+\n", capsys.readouterr().out)
+    train_min.main(flags + ["--output-dir", str(tmp_path / "both")])
+    table = views.compare_table([str(tmp_path / "both"), str(tmp_path / "sampled")]).splitlines()
+    assert table[3].split()[:5] == ["sampled", "egrsd", "1", "1", "n/a"], table[3]
+    assert table[-1].split(maxsplit=1)[1].startswith("greedy n/a (not recorded); avg@K ")
+    if importlib.util.find_spec("matplotlib"):
+        subprocess.run([sys.executable, str(ROOT / "tools/plot_runs.py"), str(tmp_path / "curves.png"),
+                        str(tmp_path / "both"), str(tmp_path / "sampled")], check=True)
 
 
 def test_a_step_0_evaluation_is_judged_by_the_settings_its_row_records_not_by_a_rewritten_config(tmp_path):

@@ -44,8 +44,10 @@ def plot(path: str, run_dirs: list[str]) -> None:
             values = [r[key] for r in train]
             ax.plot(steps, values, color=colour, alpha=0.3, linewidth=0.8)
             ax.plot(steps, moving_average(values), color=colour, linewidth=2, label=label)
-        axes[2].plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", color=colour, label=label)
-    for ax, title in zip(axes, ("rollout reward", "rollout length (tokens)", "held-out greedy accuracy")):
+        key = "eval_accuracy" if all("eval_accuracy" in r for r in evals) else "eval_sampled_accuracy"  # --no-eval-greedy
+        axes[2].plot([r["step"] for r in evals], [r.get(key) for r in evals], "o-" if key == "eval_accuracy" else "s--",
+                     color=colour, label=label)
+    for ax, title in zip(axes, ("rollout reward", "rollout length (tokens)", "held-out accuracy (greedy ○, avg@K □)")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -59,6 +61,8 @@ def tradeoff(path: str, run_dirs: list[str]) -> None:
     if not groups:
         sys.exit("--tradeoff: no run has an evaluation after training yet")
     sampled = all("eval_sampled_accuracy" in r.evals[-1] for g in groups for r in g)
+    if not sampled and not all("eval_accuracy" in r.evals[-1] for g in groups for r in g):
+        sys.exit("--tradeoff: the runs' last evaluations share no measure (some only avg@K, some only greedy)")
     key, length = ("eval_sampled_accuracy", "eval_sampled_length") if sampled else ("eval_accuracy", "eval_length")
     figure, ax = plt.subplots(figsize=(5.5, 4.0), dpi=110)
     start = groups[0][0].evals[0]

@@ -132,6 +132,10 @@ class Config:
     eval_samples: int = 4
     """K: besides the greedy completion, K sampled completions per held-out problem, reported as avg@K
     (the paper's avg@4); 0: greedy only"""
+    eval_greedy: bool = True
+    """evaluate the greedy completion too (the tables' and curves' first measure); --no-eval-greedy: avg@K
+    alone, as the paper reports, where greedy decoding is advised against (Qwen3 in thinking mode, whose greedy
+    completions may repeat themselves up to the cap and hold a whole batch there)"""
     eval_temperature: float = 1.0
     """sampling temperature of avg@K (the paper's evaluation: 1.0)"""
     eval_top_p: float = 0.95
@@ -233,7 +237,7 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
 
 # A run saved before these flags existed resumes with the behaviour it had.
 BEFORE_THESE_FLAGS = {"lr_schedule": "constant", "score_temperature": 1.0, "gate_group": 0, "lora_r": 0,
-                      "group_size": 1, "eval_samples": 0, "eval_max_new_tokens": 0}
+                      "group_size": 1, "eval_samples": 0, "eval_max_new_tokens": 0, "eval_greedy": True}
 # Flags a resumed run cannot change: the weights it continues from, what its steps mean (the method and its
 # constants, the reward, the sampling, the data and its order), the compute dtype (`--dtype`, or `auto` on
 # another `--device`, checked apart), and, under a decaying schedule, the length of the schedule it is part
@@ -286,6 +290,7 @@ def check_config(cfg: Config) -> None:
         ("batch_size", cfg.batch_size % max(cfg.group_size, 1) == 0, f"a multiple of --group-size {cfg.group_size}"),
         ("eval_max_new_tokens", cfg.eval_max_new_tokens >= 0, "≥ 0 (0: --max-new-tokens)"),
         ("eval_samples", cfg.eval_samples >= 0, "≥ 0"), ("eval_temperature", cfg.eval_temperature > 0, "> 0"),
+        ("eval_samples", cfg.eval_samples > 0 or cfg.eval_greedy, "≥ 1 under --no-eval-greedy (avg@K is then the only evaluation)"),
         ("eval_top_p", 0 < cfg.eval_top_p <= 1, "in (0, 1]"), ("eval_top_k", cfg.eval_top_k >= 0, "≥ 0"),
         ("time_budget", cfg.time_budget >= 0, "≥ 0 seconds (0: no limit)"),
         ("initial_eval", not cfg.initial_eval or cfg.resume or os.path.isfile(os.path.join(cfg.initial_eval, "config.json")),

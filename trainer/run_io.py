@@ -381,9 +381,11 @@ def undo_if_blown_up(model, before: dict) -> bool:
 # What readers of metrics.jsonl (--compare, --initial-eval, tools/plot_runs.py) take from a row: keys every row
 # of its kind holds, and the type of keys that only some rows hold (older runs, --eval-samples 0).
 NUMBER = (int, float)
-ROW_KEYS = {"eval": {"method": str, "eval_accuracy": NUMBER, "eval_length": NUMBER, "eval_acc_per_1k_tokens": NUMBER},
-            "train": {}}
+# An evaluation row holds the greedy measures (eval_accuracy ...), the sampled ones (eval_sampled_accuracy ...)
+# or both (--eval-greedy, --eval-samples).
+ROW_KEYS = {"eval": {"method": str}, "train": {}}
 OPTIONAL_KEYS = {"reward": NUMBER, "step_s": NUMBER, "peak_gpu_mem_gb": NUMBER, "eval_samples": int,
+                 "eval_accuracy": NUMBER, "eval_length": NUMBER, "eval_acc_per_1k_tokens": NUMBER,
                  "eval_sampled_accuracy": NUMBER, "eval_truncated": NUMBER, "eval_correct": list,
                  "eval_sampled_correct": list, "eval_lengths": list, "eval_ids": list, "eval_templates": list,
                  "evaluated_with": dict}
@@ -396,6 +398,8 @@ def row_problem(row) -> str | None:
     for key, kind in ROW_KEYS[row["kind"]].items() | {k: v for k, v in OPTIONAL_KEYS.items() if k in row}.items():
         if key not in row or not isinstance(row[key], kind) or isinstance(row[key], bool):
             return f"key {key!r}: expected {' or '.join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))}, got {row.get(key)!r}"
+    if row["kind"] == "eval" and "eval_accuracy" not in row and "eval_sampled_accuracy" not in row:
+        return "an evaluation row without eval_accuracy or eval_sampled_accuracy"
     return None
 
 
@@ -456,7 +460,8 @@ def with_eval_cap(settings: dict) -> dict:
 # What makes two runs' step-0 evaluations the same (--initial-eval): the model, the held-out problems and
 # how they are decoded and judged.
 EVAL_SETTINGS = ("model", "dtype", "device", "data", "eval_data", "eval_size", "eval_max_new_tokens", "eval_batch_size",
-                 "eval_samples", "eval_temperature", "eval_top_p", "eval_top_k", "eval_seed", "rollout", "verifier")
+                 "eval_greedy", "eval_samples", "eval_temperature", "eval_top_p", "eval_top_k", "eval_seed", "rollout",
+                 "verifier")
 
 
 def evaluation_settings(settings: dict) -> dict:

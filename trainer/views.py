@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import egrsd
 from trainer import run_io, stats
+from trainer.config import BEFORE_THESE_FLAGS
 from trainer.tasks import load_problems
 
 
@@ -110,6 +111,16 @@ def dump_tokens(path: str, step: int, tokenizer, batch, scores, weights, rewards
         f.write(token_html(step, shown))
 
 
+def evaluation_line(row: dict) -> str:
+    """An evaluation row in a line: greedy accuracy, avg@K, and the length and Acc/(length/1000) of the
+    greedy completions (of the sampled ones under --no-eval-greedy)."""
+    parts = [f"accuracy {row['eval_accuracy']:.3f}"] if "eval_accuracy" in row else []
+    if "eval_sampled_accuracy" in row:
+        parts.append(f"avg@{row.get('eval_samples')} {row['eval_sampled_accuracy']:.3f}")
+    prefix = "eval_" if "eval_accuracy" in row else "eval_sampled_"
+    return ", ".join(parts + [f"length {row[prefix + 'length']:.0f}", f"acc/(len/1000) {row[prefix + 'acc_per_1k_tokens']:.3f}"])
+
+
 def read_rows(run_dir: str) -> list[dict]:
     """The rows of a run's metrics.jsonl (torn lines skipped, run_io.read_rows); a step that appears twice
     (run again after a resume) keeps its last row."""
@@ -163,11 +174,12 @@ def problem_labels(config: dict, n: int) -> dict:
 
 
 def group_runs(runs: list[Run]) -> list[list[Run]]:
-    """Runs of one setting, in the order given: the same config but for NOT_A_SETTING, and the same evaluation
-    cap however given (without a config.json, a run is a setting of its own)."""
+    """Runs of one setting, in the order given: the same config but for NOT_A_SETTING, a flag that a run predates
+    taken as it ran (BEFORE_THESE_FLAGS), and the same evaluation cap however given (without a config.json, a
+    run is a setting of its own)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        setting = run_io.with_eval_cap({k: v for k, v in run.config.items() if k not in NOT_A_SETTING})
+        setting = run_io.with_eval_cap({k: v for k, v in {**BEFORE_THESE_FLAGS, **run.config}.items() if k not in NOT_A_SETTING})
         key = json.dumps(setting, sort_keys=True) if run.config else run.name
         groups.setdefault(key, []).append(run)
     return list(groups.values())

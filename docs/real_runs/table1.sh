@@ -26,7 +26,7 @@ common="--model $(printf %q "$model") --data data/gsm_symbolic_train.jsonl --eva
   --lr-schedule constant --warmup-steps 0 --weight-decay 0.0 --grad-clip 0.1
   --eps 0.2 --floor 0.1 --min-denominator 1.0 --denominator raw --gate-group 0
   --beta-length 0.5 --advantage-warmup 10 --verifier builtin
-  --eval-size 400 --eval-every 0 --eval-batch-size 64 --eval-max-new-tokens 0 --eval-samples ${EVAL_SAMPLES:-4}
+  --eval-size 400 --eval-every 0 --eval-batch-size 64 --eval-max-new-tokens 0 --eval-greedy --eval-samples ${EVAL_SAMPLES:-4}
   --eval-temperature 1.0 --eval-top-p 0.95 --eval-top-k 0 --eval-seed 0 --save-every 0
   --rollout auto --chunk-size 1024 --gradient-checkpointing on --max-bad-steps 3 --regime-low 0.2 --regime-high 0.5
   --lora-target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --dump-tokens 0 $setting ${FLAGS:-}"
