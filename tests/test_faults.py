@@ -530,7 +530,9 @@ def test_compare_and_a_data_file_stop_with_file_and_line_alone(tmp_path, monkeyp
                            ([row | {"eval_accuracy": None}], "1: not a metrics row of train_min.py: key 'eval_accuracy': "
                                                              "expected int or float, got None"),
                            ([{k: v for k, v in row.items() if k != "eval_accuracy"}], "1: not a metrics row of train_min.py: "
-                            "an evaluation row without eval_accuracy or eval_sampled_accuracy")]:
+                            "an evaluation row without eval_accuracy or eval_sampled_accuracy"),
+                           ([row | {"eval_sampled_accuracy": 0.5}], "1: not a metrics row of train_min.py: "
+                            "eval_sampled_accuracy without eval_sampled_length")]:
         (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
         with pytest.raises(SystemExit, match=re.escape(f"{tmp_path}/metrics.jsonl:{problem}")):
             train_min.main(["--compare", str(tmp_path)])

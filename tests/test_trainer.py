@@ -643,7 +643,7 @@ def write_run(run_dir, method, seed, start, end, ids, templates, order=None, ste
                 "eval_lengths": [400 + step] * len(correct), "eval_ids": chosen, "eval_templates": [templates[i] for i in order],
                 "eval_samples": 4, "eval_sampled_accuracy": sum(correct) / len(correct), "eval_sampled_correct": correct,
                 "eval_sampled_lengths": [410 + step + 30 * c for c in correct],
-                "eval_sampled_length": 410.0 + step + 30 * sum(correct) / len(correct)}
+                "eval_sampled_length": 410.0 + step + 30 * sum(correct) / len(correct), "eval_sampled_acc_per_1k_tokens": 1.0}
     rows = [evaluation(0, start, list(range(len(ids))))]
     rows += [{"kind": "train", "step": k, "method": method, "reward": 0.2 + 0.01 * k + 0.001 * (k % 2), "step_s": 2.0,
               "peak_gpu_mem_gb": 4.0, "gate_mean": 0.9 + 0.01 * k + 0.1 * seed, "gate_min": 0.5 - 0.1 * k,
@@ -1024,6 +1024,11 @@ def test_without_greedy_an_evaluation_is_avg_at_k_alone_and_the_step_line_compar
     if importlib.util.find_spec("matplotlib"):
         subprocess.run([sys.executable, str(ROOT / "tools/plot_runs.py"), str(tmp_path / "curves.png"),
                         str(tmp_path / "both"), str(tmp_path / "sampled")], check=True)
+    for run, flag in (("sampled", "--eval-greedy"), ("both", "--no-eval-greedy")):  # its evaluations compare
+        with pytest.raises(SystemExit, match=f"^{flag}: a resumed run keeps --(no-)?eval-greedy"):
+            train_min.main(["--resume", str(tmp_path / run), flag])
+    with pytest.raises(SystemExit, match=f"evaluated with --no-eval-greedy, this run with --eval-greedy;"):
+        train_min.main(flags + ["--initial-eval", str(tmp_path / "sampled"), "--output-dir", str(tmp_path / "reuse")])
 
 
 def test_a_step_0_evaluation_is_judged_by_the_settings_its_row_records_not_by_a_rewritten_config(tmp_path):
@@ -1034,8 +1039,11 @@ def test_a_step_0_evaluation_is_judged_by_the_settings_its_row_records_not_by_a_
            "evaluated_with": run_io.evaluation_settings(vars(config.Config(max_new_tokens=12, eval_batch_size=64)))}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     config.check_initial_eval(config.Config(initial_eval=str(tmp_path), max_new_tokens=12, eval_batch_size=64))
-    with pytest.raises(SystemExit, match="--eval-batch-size 64, this run with 8"):
+    with pytest.raises(SystemExit, match="--eval-batch-size 64, this run with --eval-batch-size 8"):
         config.check_initial_eval(config.Config(initial_eval=str(tmp_path), max_new_tokens=12, eval_batch_size=8))
+    row["evaluated_with"].pop("eval_greedy")  # a record from before that flag: greedy, as evaluations then were
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    config.check_initial_eval(config.Config(initial_eval=str(tmp_path), max_new_tokens=12, eval_batch_size=64))
 
 
 def test_a_step_0_evaluation_is_reused_however_its_cap_was_written(tmp_path):
@@ -1053,5 +1061,5 @@ def test_a_step_0_evaluation_is_reused_however_its_cap_was_written(tmp_path):
     for initial in (new, old):
         for ours in (dict(max_new_tokens=12), dict(max_new_tokens=8, eval_max_new_tokens=12)):
             config.check_initial_eval(config.Config(initial_eval=initial, eval_samples=0 if initial == old else 4, **ours))
-        with pytest.raises(SystemExit, match="--eval-max-new-tokens 12, this run with 16"):
+        with pytest.raises(SystemExit, match="--eval-max-new-tokens 12, this run with --eval-max-new-tokens 16"):
             config.check_initial_eval(config.Config(initial_eval=initial, eval_samples=0, max_new_tokens=12, eval_max_new_tokens=16))

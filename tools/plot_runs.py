@@ -5,8 +5,8 @@
     python tools/plot_runs.py --tradeoff figure1.png RUN_DIR [RUN_DIR ...]
 
 Curves (the default): left, the mean reward of each step's rollouts; middle, their mean length in tokens;
-right, held-out greedy accuracy at each evaluation. Thin lines are the steps, thick ones a moving average
-over 5 steps.
+right, held-out accuracy at each evaluation (greedy; avg@K for a run evaluated with --no-eval-greedy). Thin
+lines are the steps, thick ones a moving average over 5 steps.
 
 --tradeoff: the paper's Figure 1 at this scale: held-out accuracy (avg@K where every run has it, else
 greedy) against the mean length of the same completions at the end of training, one point per setting
@@ -65,8 +65,9 @@ def tradeoff(path: str, run_dirs: list[str]) -> None:
         sys.exit("--tradeoff: the runs' last evaluations share no measure (some only avg@K, some only greedy)")
     key, length = ("eval_sampled_accuracy", "eval_sampled_length") if sampled else ("eval_accuracy", "eval_length")
     figure, ax = plt.subplots(figsize=(5.5, 4.0), dpi=110)
-    start = groups[0][0].evals[0]
-    ax.plot(start[length], start[key], "k*", markersize=12, label="untrained")
+    start = next((r.evals[0] for g in groups for r in g if key in r.evals[0] and length in r.evals[0]), None)
+    if start is not None:  # (none where every run's step 0 lacks this measure)
+        ax.plot(start[length], start[key], "k*", markersize=12, label="untrained")
     for group, colour in zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
         (x, x_low, x_high), (y, y_low, y_high) = (stats.seed_interval([r.evals[-1][k] for r in group])
                                                   for k in (length, key))

@@ -130,12 +130,12 @@ class Config:
     """completion cap of held-out evaluation (the paper evaluates Qwen3 in thinking mode with up to 32,768);
     0: --max-new-tokens. Each evaluation row holds one KV cache of prompt + this many tokens"""
     eval_samples: int = 4
-    """K: besides the greedy completion, K sampled completions per held-out problem, reported as avg@K
-    (the paper's avg@4); 0: greedy only"""
+    """K: K sampled completions per held-out problem (besides the greedy one, unless --no-eval-greedy), reported
+    as avg@K (the paper's avg@4); 0: greedy only"""
     eval_greedy: bool = True
     """evaluate the greedy completion too (the tables' and curves' first measure); --no-eval-greedy: avg@K
     alone, as the paper reports, where greedy decoding is advised against (Qwen3 in thinking mode, whose greedy
-    completions may repeat themselves up to the cap and hold a whole batch there)"""
+    completions may repeat themselves up to the cap and hold a whole batch there); a resumed run keeps it"""
     eval_temperature: float = 1.0
     """sampling temperature of avg@K (the paper's evaluation: 1.0)"""
     eval_top_p: float = 0.95
@@ -333,6 +333,10 @@ def check_config(cfg: Config) -> None:
                 sys.exit(f"--{name.replace('_', '-')}: a resumed run keeps {saved[name]!r}, as {why} it "
                          f"(got {getattr(cfg, name)!r}, from the command line or an edited config.json); start a "
                          "new run to change it")
+        if cfg.eval_greedy != saved.get("eval_greedy", True):  # so that a run's evaluations compare with each other
+            sys.exit(f"--{'' if cfg.eval_greedy else 'no-'}eval-greedy: a resumed run keeps "
+                     f"{'--eval-greedy' if saved.get('eval_greedy', True) else '--no-eval-greedy'}, as its evaluations "
+                     "so far did; start a new run to change it")
         if run_io.eval_cap(vars(cfg)) != run_io.eval_cap(saved):  # so that a run's evaluations compare with each other
             sys.exit(f"--eval-max-new-tokens: a resumed run keeps evaluating up to {run_io.eval_cap(saved)} new tokens, as its "
                      f"evaluations so far did (got {run_io.eval_cap(vars(cfg))}); start a new run to change it")
@@ -388,13 +392,17 @@ def check_initial_eval(cfg: Config) -> None:
         sys.exit(f"--initial-eval: {cfg.initial_eval}/metrics.jsonl holds no step-0 evaluation")
     # what that evaluation was made with, as its row records it (a resumed run rewrites config.json with the
     # flags of its last call, --eval-batch-size say); config.json for a row from before that record
-    other = row.get("evaluated_with") or run_io.evaluation_settings(
-        {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.initial_eval, "config.json"))})
-    ours = run_io.evaluation_settings(vars(cfg))
+    recorded = row.get("evaluated_with") or read_config(os.path.join(cfg.initial_eval, "config.json"))
+    other, ours = run_io.evaluation_settings({**BEFORE_THESE_FLAGS, **recorded}), run_io.evaluation_settings(vars(cfg))
+
+    def flag(name, value):
+        name = name.replace("_", "-")
+        return f"--{'' if value else 'no-'}{name}" if isinstance(value, bool) else f"--{name} {value!r}"
+
     for name in run_io.EVAL_SETTINGS:
-        if other.get(name) != ours[name]:
-            sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with --{name.replace('_', '-')} {other.get(name)!r}, "
-                     f"this run with {ours[name]!r}; its step-0 evaluation is not this run's")
+        if other[name] != ours[name]:
+            sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with {flag(name, other[name])}, this run with "
+                     f"{flag(name, ours[name])}; its step-0 evaluation is not this run's")
 
 
 def model_shape(name: str) -> dict | None:

@@ -388,7 +388,8 @@ OPTIONAL_KEYS = {"reward": NUMBER, "step_s": NUMBER, "peak_gpu_mem_gb": NUMBER, 
                  "eval_accuracy": NUMBER, "eval_length": NUMBER, "eval_acc_per_1k_tokens": NUMBER,
                  "eval_sampled_accuracy": NUMBER, "eval_truncated": NUMBER, "eval_correct": list,
                  "eval_sampled_correct": list, "eval_lengths": list, "eval_ids": list, "eval_templates": list,
-                 "evaluated_with": dict}
+                 "evaluated_with": dict, "eval_sampled_length": NUMBER, "eval_sampled_acc_per_1k_tokens": NUMBER,
+                 "eval_sampled_truncated": NUMBER, "eval_sampled_lengths": list}
 
 
 def row_problem(row) -> str | None:
@@ -400,6 +401,10 @@ def row_problem(row) -> str | None:
             return f"key {key!r}: expected {' or '.join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))}, got {row.get(key)!r}"
     if row["kind"] == "eval" and "eval_accuracy" not in row and "eval_sampled_accuracy" not in row:
         return "an evaluation row without eval_accuracy or eval_sampled_accuracy"
+    for prefix in ("eval_", "eval_sampled_"):  # a measure's accuracy comes with its length and trade-off
+        missing = [prefix + k for k in ("length", "acc_per_1k_tokens") if prefix + "accuracy" in row and prefix + k not in row]
+        if missing:
+            return f"{prefix}accuracy without {missing[0]}"
     return None
 
 
