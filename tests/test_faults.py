@@ -296,13 +296,20 @@ def flip_a_byte(path):
     ("config.json", edit_json(method="grpo"), "--method: a resumed run keeps 'egrsd'"),
     ("checkpoint/step.json", lambda p: p.write_text("garbage"), 'step.json: expected {"step": N}'),
     ("checkpoint/step.json", lambda p: p.write_text('{"step": "1"}'), "step.json: key 'step': expected an integer ≥ 0, got '1'"),
-    ("metrics.jsonl", lambda p: p.write_text(p.read_text() + "hello\n"), "/run/metrics.jsonl:2: not a JSON row"),
 ])
 def test_resume_checks_the_checkpoint_and_run_files_before_any_model_loads(path, change, message, one_step, tmp_path,
                                                                            monkeypatch):
     run_dir = broken_copy(one_step, tmp_path, path, change)
     no_model(monkeypatch)
     with pytest.raises(SystemExit, match=message):
+        train_min.main(["--resume", str(run_dir), "--steps", "2"])
+
+
+def test_a_malformed_metrics_row_stops_a_resume_before_the_checkpoint_is_hashed(one_step, tmp_path, monkeypatch):
+    """Hashing a multi-GB checkpoint takes a while: the quick check of metrics.jsonl comes first."""
+    run_dir = broken_copy(one_step, tmp_path, "metrics.jsonl", lambda p: p.write_text(p.read_text() + "hello\n"))
+    monkeypatch.setattr(run_io, "verify_checkpoint", lambda checkpoint: pytest.fail("the checkpoint was hashed first"))
+    with pytest.raises(SystemExit, match=re.escape(f"{run_dir}/metrics.jsonl:2: not a JSON row")):
         train_min.main(["--resume", str(run_dir), "--steps", "2"])
 
 
