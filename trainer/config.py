@@ -334,9 +334,9 @@ def check_config(cfg: Config) -> None:
                          f"(got {getattr(cfg, name)!r}, from the command line or an edited config.json); start a "
                          "new run to change it")
         if cfg.eval_greedy != saved.get("eval_greedy", True):  # so that a run's evaluations compare with each other
-            sys.exit(f"--{'' if cfg.eval_greedy else 'no-'}eval-greedy: a resumed run keeps "
-                     f"{'--eval-greedy' if saved.get('eval_greedy', True) else '--no-eval-greedy'}, as its evaluations "
-                     "so far did; start a new run to change it")
+            sys.exit(f"{as_typed('eval_greedy', cfg.eval_greedy)}: a resumed run keeps "
+                     f"{as_typed('eval_greedy', saved.get('eval_greedy', True))}, as its evaluations so far did; start a "
+                     "new run to change it")
         if run_io.eval_cap(vars(cfg)) != run_io.eval_cap(saved):  # so that a run's evaluations compare with each other
             sys.exit(f"--eval-max-new-tokens: a resumed run keeps evaluating up to {run_io.eval_cap(saved)} new tokens, as its "
                      f"evaluations so far did (got {run_io.eval_cap(vars(cfg))}); start a new run to change it")
@@ -394,15 +394,16 @@ def check_initial_eval(cfg: Config) -> None:
     # flags of its last call, --eval-batch-size say); config.json for a row from before that record
     recorded = row.get("evaluated_with") or read_config(os.path.join(cfg.initial_eval, "config.json"))
     other, ours = run_io.evaluation_settings({**BEFORE_THESE_FLAGS, **recorded}), run_io.evaluation_settings(vars(cfg))
-
-    def flag(name, value):
-        name = name.replace("_", "-")
-        return f"--{'' if value else 'no-'}{name}" if isinstance(value, bool) else f"--{name} {value!r}"
-
     for name in run_io.EVAL_SETTINGS:
         if other[name] != ours[name]:
-            sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with {flag(name, other[name])}, this run with "
-                     f"{flag(name, ours[name])}; its step-0 evaluation is not this run's")
+            sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with {as_typed(name, other[name])}, this run "
+                     f"with {as_typed(name, ours[name])}; its step-0 evaluation is not this run's")
+
+
+def as_typed(name: str, value) -> str:
+    """A setting as it is typed on the command line: --name VALUE, and a boolean as --name or --no-name."""
+    flag = name.replace("_", "-")
+    return f"--{'' if value else 'no-'}{flag}" if isinstance(value, bool) else f"--{flag} {value!r}"
 
 
 def model_shape(name: str) -> dict | None:
