@@ -303,8 +303,7 @@ def score_temperature(cfg: Config) -> float:
 
 @dataclass
 class Run:
-    """What a run holds from step to step: the settings, the data, the three roles of the model, the optimizer
-    and its schedule, the running advantage, the metrics file and where the run starts."""
+    """What a run holds from step to step: settings, data, the model's three roles, optimizer, metrics file."""
     cfg: Config
     train_problems: list
     eval_problems: list
@@ -444,11 +443,13 @@ def train(cfg: Config):
                 sys.exit(f"stopped: {bad_steps} skipped steps in a row, non-finite or blown up (loss {loss}, grad norm "
                          f"{grad_norm}); the last good state is in {cfg.output_dir}/checkpoint (lower --lr?)")
             out_of_time = done < cfg.steps and run_io.out_of_time(cfg.time_budget, run.started, t3 - t0, eval_seconds)
-            if (cfg.save_every and done % cfg.save_every == 0) or stop.requested or out_of_time or done == cfg.steps:
+            if saved := (cfg.save_every and done % cfg.save_every == 0) or stop.requested or out_of_time or done == cfg.steps:
                 save_checkpoint(run, done)
             if run.eval_problems and (run_io.evaluation_due(cfg, done) or out_of_time):
                 eval_seconds = evaluate_and_log(run, done)
             if (stop.requested or out_of_time) and done < cfg.steps:
+                if not saved:  # Ctrl-C came during the evaluation (which changes neither weights nor random state)
+                    save_checkpoint(run, done)
                 print(f"checkpoint saved at step {done}; continue with: {run_io.resume_command(cfg.output_dir)}"
                       if cfg.save_model else f"stopped at step {done} (--no-save-model: no checkpoint to resume from)")
                 return student, run.teacher

@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -93,6 +94,27 @@ def test_a_kill_during_an_evaluation_is_made_good_on_resume(step, straight, tmp_
         train_min.main(FLAGS + ["--output-dir", str(tmp_path)])
     monkeypatch.undo()
     assert step not in [r["step"] for r in views.read_rows(str(tmp_path)) if r["kind"] == "eval"]
+    run_then_resume(tmp_path)
+    assert rows_of(tmp_path) == straight
+
+
+def test_ctrl_c_during_an_evaluation_between_checkpoints_checkpoints_that_step(straight, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the evaluation of step 2 (due by --eval-every) where no checkpoint is due (--save-every 0):
+    the run finishes the evaluation, then checkpoints step 2 (before, it printed that it had and saved none)
+    and the resumed run ends exactly as the uninterrupted one."""
+    evaluate, calls = train_min.evaluate, []
+
+    def interrupted_at_step_2(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the evaluations of steps 0, 2 and 3
+            signal.raise_signal(signal.SIGINT)
+        return evaluate(*args)
+
+    monkeypatch.setattr(train_min, "evaluate", interrupted_at_step_2)
+    train_min.main(FLAGS + ["--save-every", "0", "--output-dir", str(tmp_path)])
+    monkeypatch.undo()
+    assert "checkpoint saved at step 2; continue with" in capsys.readouterr().out
+    assert run_io.checkpoint_step(run_io.find_checkpoint(str(tmp_path))) == 2
     run_then_resume(tmp_path)
     assert rows_of(tmp_path) == straight
 
