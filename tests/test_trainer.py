@@ -1025,6 +1025,11 @@ def test_without_greedy_an_evaluation_is_avg_at_k_alone_and_the_step_line_compar
     table = views.compare_table([str(tmp_path / "both"), str(tmp_path / "sampled")]).splitlines()
     assert table[3].split()[:5] == ["sampled", "egrsd", "1", "1", "n/a"], table[3]
     assert table[-1].split(maxsplit=1)[1].startswith("greedy n/a (not recorded); avg@K ")
+    train_min.main(flags + ["--no-eval-greedy", "--method", "grpo", "--output-dir", str(tmp_path / "grpo")])
+    table = views.compare_table([str(tmp_path / "grpo"), str(tmp_path / "sampled")]).splitlines()
+    assert table[0].split() == ["run", "method", "seeds", "steps", "s/step", "peak", "GiB"], "no greedy: no columns"
+    assert table[5] == "(no greedy evaluation: --no-eval-greedy)" and table[7].startswith("sampled: avg@K"), table
+    assert table[-1].split(maxsplit=1)[1].startswith("avg@K "), "nor a greedy difference"
     if importlib.util.find_spec("matplotlib"):
         subprocess.run([sys.executable, str(ROOT / "tools/plot_runs.py"), str(tmp_path / "curves.png"),
                         str(tmp_path / "both"), str(tmp_path / "sampled")], check=True)

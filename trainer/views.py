@@ -349,7 +349,8 @@ def compare_table(run_dirs: list[str]) -> str:
     """The accuracy–length table of runs, from their metrics.jsonl (and config.json) alone.
 
     One row per setting, seeds pooled (mean over seeds; the end accuracy's 95% interval across seeds): the
-    `evaluation_columns` of the greedy completions, seconds per step, peak GPU memory; where runs sampled K
+    `evaluation_columns` of the greedy completions (left out where no run made any: --no-eval-greedy), seconds
+    per step, peak GPU memory; where runs sampled K
     completions per problem, the same columns of those (avg@K: the paper's accuracy and length, which
     `tools/plot_runs.py --tradeoff` plots); then what the weights did in training (`gate_table`).
     Below them, with 95% intervals paired by problem and clustered by template (`compared`: CR2 on its
@@ -363,15 +364,19 @@ def compare_table(run_dirs: list[str]) -> str:
     if not run_dirs:
         raise SystemExit("--compare: expected one or more run directories (python train_min.py --compare RUN_DIR ...)")
     groups, missing = evaluated_settings(run_dirs)
-    header = f"{'run':<16} {'method':<9} {'seeds':>5} {'steps':>5} {EVALUATION_COLUMNS} {'s/step':>6} {'peak GiB':>8}"
+    greedy = any("eval_accuracy" in e for g in groups for run in g for e in run.evals)  # none: all --no-eval-greedy
+    columns = EVALUATION_COLUMNS + " " if greedy else ""
+    header = f"{'run':<16} {'method':<9} {'seeds':>5} {'steps':>5} {columns}{'s/step':>6} {'peak GiB':>8}"
     lines = [header, "-" * len(header)]
     for group in groups:
         timed = [r for run in group for r in (run.train[1:] or run.train)]  # the first step pays for warm-up
         steps = sorted({run.evals[-1]["step"] for run in group})
         lines.append(f"{label(group):<16} {group[0].evals[-1]['method']:<9} {len(group):>5} {'/'.join(map(str, steps)):>5} "
-                     f"{evaluation_columns(group, 'eval_')} {mean([r['step_s'] for r in timed if 'step_s' in r]):>6.2f} "
+                     f"{evaluation_columns(group, 'eval_') + ' ' if greedy else ''}"
+                     f"{mean([r['step_s'] for r in timed if 'step_s' in r]):>6.2f} "
                      f"{max((r.get('peak_gpu_mem_gb', math.nan) for run in group for r in run.train), default=math.nan):>8.1f}")
     if any(e.get("eval_samples") for g in groups for run in g for e in run.evals):
+        lines += ["", "(no greedy evaluation: --no-eval-greedy)"] if not greedy else []
         lines += ["", f"{'sampled: avg@K':<16} {'K':>3} {EVALUATION_COLUMNS}"]
         for group in groups:
             k = "/".join(map(str, sorted({run.evals[-1].get("eval_samples") or 0 for run in group})))
@@ -406,6 +411,6 @@ def compare_table(run_dirs: list[str]) -> str:
         in_tokens = dict(scale=1.0, unit="tokens")
         for i, g in enumerate(groups[1:]):
             parts = [f"{what} " + describe(results[key][i], p=p[key][i], **({} if "correct" in key else in_tokens))
-                     for key, what in measures.items() if key == "eval_correct" or results[key][i] is not None]
+                     for key, what in measures.items() if (key == "eval_correct" and greedy) or results[key][i] is not None]
             lines.append(f"  {label(g):<14} " + "; ".join(parts))
     return "\n".join(lines)
