@@ -22,8 +22,9 @@ equation's arithmetic in its own body, after its checks. Below them, under their
 chunked full-vocabulary kernels and the input checks: machinery a reader of the method can skip.
 
 Conventions: per-token tensors are (B, T), `mask` is a (B, T) bool tensor (True on completion tokens
-that count, EOS included), per-sequence tensors are (B,). Tensors, the mask and `window` are positional;
-every other setting is keyword-only. Arithmetic is in float32 or wider whatever the input dtype. Every
+that count, EOS included), per-sequence tensors are (B,). Tensors and the mask come first, then the
+method's settings, positional or keyword (`entropy_gate(H, mask, 0.3, 3)` is γ = 0.3, W = 3); extras
+(`group`, `chunk_size`, `tau_low`, ...) are keyword-only. Arithmetic is in float32 or wider whatever the input dtype. Every
 per-token output is exactly 0 where `mask` is False, and every weight or advantage is detached. Each
 public call checks its input, then computes (a function that uses another equation calls that equation's
 function, which checks its own input again); bad input raises ValueError naming the argument. This file
@@ -85,7 +86,7 @@ SETTINGS = {
     "eps": Setting("a number in (0.0, 1.0)", lambda x: _is_number(x) and 0 < x < 1,
                    "ε, the clip range of the magnitude w (Eq. 2)"),
     "floor": Setting("a number in [0.0, 1.0]", lambda x: _is_number(x) and 0 <= x <= 1,
-                     "the lower bound of the gate ω (Eq. 6): every token keeps a nonzero weight"),
+                     "the lower bound of the gate ω (Eq. 6): above 0, every token keeps a nonzero weight"),
     "min_denominator": Setting("a finite number > 0", lambda x: _is_number(x) and x > 0,
                                "the floor, in nats, of the entropy normaliser (Eq. 5)"),
     "window": Setting("a non-negative int", lambda x: _is_int(x) and x >= 0,
@@ -110,12 +111,12 @@ def check_settings(**settings) -> None:
 # Reward and sequence-level advantage (App. B).
 
 
-def length_shaped_reward(correct: torch.Tensor, lengths: torch.Tensor, max_length: int, *, beta: float = 0.5) -> torch.Tensor:
+def length_shaped_reward(correct: torch.Tensor, lengths: torch.Tensor, max_length: int, beta: float = 0.5) -> torch.Tensor:
     """r_i = 1[correct_i] · (1 + β · (1 − lengths_i / max_length)), float32 (B,).
 
     correct (B,) bool: verified correct (a truncated rollout must be passed as not correct);
-    lengths (B,) completion lengths in tokens, in [0, max_length]; max_length > 0 is the completion cap.
-    Wrong answers get 0; there are no negative rewards.
+    lengths (B,) completion lengths in tokens, in [0, max_length]; max_length > 0 is the completion cap;
+    β ≥ 0 the bonus for brevity. Wrong answers get 0; there are no negative rewards.
     """
     _per_seq("correct", correct, floating=False, bool_=True)
     _per_seq("lengths", lengths, batch=correct.shape[0], floating=False)
@@ -124,7 +125,7 @@ def length_shaped_reward(correct: torch.Tensor, lengths: torch.Tensor, max_lengt
         _fail("max_length", "a positive int", repr(max_length))
     if lengths.numel() and (float(lengths.min()) < 0 or float(lengths.max()) > max_length):
         _fail("lengths", f"values in [0, max_length={max_length}]", f"[{lengths.min().item()}, {lengths.max().item()}]")
-    beta = _number("beta", beta, -math.inf, math.inf)
+    beta = _number("beta", beta, 0.0, math.inf)
     shaped = 1.0 + beta * (1.0 - lengths.to(torch.float64) / max_length)
     return torch.where(correct, shaped, 0.0).to(torch.float32)
 
@@ -237,7 +238,7 @@ def linear_token_logprobs(
 
 
 def ratio_magnitude(
-    teacher_logp: torch.Tensor, student_logp: torch.Tensor, direction: torch.Tensor, mask: torch.Tensor, *, eps: float = 0.2
+    teacher_logp: torch.Tensor, student_logp: torch.Tensor, direction: torch.Tensor, mask: torch.Tensor, eps: float = 0.2
 ) -> torch.Tensor:
     """Magnitude w (Eq. 2): w = clip(exp(D_i · δ_{i,t}), 1 − ε, 1 + ε), δ = log p_T − log p_S, (B, T).
 
@@ -337,12 +338,12 @@ def normalised_entropy(
 def entropy_gate(
     entropy: torch.Tensor,
     mask: torch.Tensor,
-    window: int = 0,
-    *,
     gamma: float = 0.3,
+    window: int = 0,
     floor: float = 0.1,
     min_denominator: float = 1.0,
     denominator: str = "raw",
+    *,
     group: int | None = None,
 ) -> torch.Tensor:
     """Confidence gate ω (Eq. 5, 6; Eq. 8 for window > 0): ω = clip(1 − γ · Ĥ, floor, 1), (B, T).
@@ -385,13 +386,13 @@ def token_advantages(
     student_logp: torch.Tensor,
     teacher_entropy: torch.Tensor,
     mask: torch.Tensor,
-    window: int = 0,
-    *,
     gamma: float = 0.3,
+    window: int = 0,
     eps: float = 0.2,
     floor: float = 0.1,
     min_denominator: float = 1.0,
     denominator: str = "raw",
+    *,
     group: int | None = None,
 ) -> torch.Tensor:
     """Token advantage (Eq. 7): Â_{i,t} = A_i · w_{i,t} · ω_{i,t}, (B, T), detached, 0 off the mask.
@@ -408,7 +409,7 @@ def token_advantages(
     mask = _mask(mask, teacher_logp.shape)
     adv = advantages.detach()
     w = ratio_magnitude(teacher_logp, student_logp, torch.sign(adv), mask, eps=eps)  # Eq. 2
-    omega = entropy_gate(teacher_entropy, mask, window, gamma=gamma, floor=floor, min_denominator=min_denominator,
+    omega = entropy_gate(teacher_entropy, mask, gamma=gamma, window=window, floor=floor, min_denominator=min_denominator,
                          denominator=denominator, group=group)  # Eq. 6 (8)
     dtype = torch.promote_types(w.dtype, _float_dtype(adv.dtype))
     return (adv.to(dtype)[:, None] * w.to(dtype) * omega.to(dtype)).masked_fill(~mask, 0.0)
@@ -586,14 +587,14 @@ class GateSettings:
     def gate(self, entropy, mask, window: int | None = None) -> torch.Tensor:
         """ω (Eq. 6, 8): `entropy_gate` at `window` (None: the settings' W)."""
         window = self.window if window is None else window
-        return entropy_gate(entropy, mask, window, gamma=self.gamma, floor=self.floor, **self.normaliser)
+        return entropy_gate(entropy, mask, gamma=self.gamma, window=window, floor=self.floor, **self.normaliser)
 
     def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask,
                          window: int | None = None) -> torch.Tensor:
         """Â (Eq. 7): `token_advantages` at `window` (None: the settings' W)."""
         window = self.window if window is None else window
-        return token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, window, gamma=self.gamma,
-                                eps=self.eps, floor=self.floor, **self.normaliser)
+        return token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, gamma=self.gamma,
+                                window=window, eps=self.eps, floor=self.floor, **self.normaliser)
 
     def regimes(self, entropy, mask, *, tau_low: float = 0.2, tau_high: float = 0.5) -> torch.Tensor:
         """`token_regimes` at the settings' W, with their normaliser."""

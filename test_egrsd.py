@@ -331,11 +331,14 @@ WEIGHTING = {  # library function: its naive reference
 
 
 @pytest.mark.parametrize("function", WEIGHTING, ids=lambda f: f.__name__)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @given(data=st.data())
 def test_weighting_matches_naive_reference(function, dtype, data):
+    """bfloat16 inputs too: the arithmetic is float32 (the reference reads the same rounded inputs in float64)."""
     batch, settings = data.draw(batches(dtype)), data.draw(gate_settings())
-    assert_close(call(function, batch.arguments, **settings), call(WEIGHTING[function], batch.arguments, **settings), dtype)
+    out = call(function, batch.arguments, **settings)
+    assert out.dtype in WIDE_FLOATS
+    assert_close(out, call(WEIGHTING[function], batch.arguments, **settings), torch.promote_types(dtype, torch.float32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -814,6 +817,7 @@ BAD_INPUTS = [
     case("normalised_entropy", "denominator", "max"),
     case("normalised_entropy", "min_denominator", 0.0),
     *[case("length_shaped_reward", "max_length", max_length) for max_length in [0, -5]],
+    case("length_shaped_reward", "beta", -0.1),  # a negative bonus: negative rewards
     *[case("group_advantages", "group_size", size) for size in [1, 0, 2.0, True]],
     case("group_advantages", "rewards", lambda x: torch.cat([x, x[:1]]), "not a multiple of group_size"),
     case("group_advantages", "rewards", first_entry(math.nan), "NaN"),
@@ -1099,6 +1103,26 @@ PAPER_DEFAULTS = {  # docs/METHOD.md §2-3: called without settings, every funct
 def test_the_defaults_are_the_papers_settings(function):
     parameters = inspect.signature(getattr(egrsd, function)).parameters
     assert {name: parameters[name].default for name in PAPER_DEFAULTS[function]} == PAPER_DEFAULTS[function]
+
+
+CONTRACT_ORDER = {  # docs/METHOD.md §3: what each function takes by position, in this order
+    "token_logprobs": ["logits", "tokens"], "token_entropy": ["logits"],
+    "length_shaped_reward": ["correct", "lengths", "max_length", "beta"],
+    "RunningAdvantage": ["warmup_steps", "warmup_baseline"], "lookahead_min": ["entropy", "mask", "window"],
+    "entropy_gate": ["entropy", "mask", "gamma", "window", "floor", "min_denominator", "denominator"],
+    "ratio_magnitude": ["teacher_logp", "student_logp", "direction", "mask", "eps"],
+    "token_advantages": ["advantages", "teacher_logp", "student_logp", "teacher_entropy", "mask", "gamma", "window", "eps",
+                         "floor", "min_denominator", "denominator"],
+    "policy_loss": ["student_logp", "token_advantages", "mask"], "opsd_loss": ["student_logits", "teacher_logits", "mask"],
+}
+
+
+@pytest.mark.parametrize("function", CONTRACT_ORDER)
+def test_a_call_in_the_contracts_order_means_what_it_says(function):
+    """The contract's positional order, so that entropy_gate(H, mask, 1) is γ = 1 (not W = 1 and γ = 0.3)."""
+    positional = [p.name for p in inspect.signature(getattr(egrsd, function)).parameters.values()
+                  if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert positional == CONTRACT_ORDER[function]
 
 
 def test_gate_settings_from_flags_reads_each_flag_and_gate_group_zero_as_the_whole_batch():
