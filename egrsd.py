@@ -213,13 +213,13 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, chunk_size: in
 
     logits (..., V), tokens (...) integer ids in [0, V). Differentiable w.r.t. `logits`. Computed in
     chunks of `chunk_size` rows with a stable log-sum-exp; the backward recomputes each chunk, so no
-    second full (..., V) float32 tensor is ever held. Entries of −inf (masked vocabulary) are allowed,
+    second full (..., V) float32 tensor is ever held (a shifted slice such as logits[:, :-1] is read where
+    it lies, not copied). Entries of −inf (masked vocabulary) are allowed,
     a whole row of them is not.
     """
     _logits("logits", logits)
     ids = _token_ids(tokens, logits.shape[-1], logits.shape[:-1])
-    flat = logits.reshape(-1, logits.shape[-1])
-    return _TokenLogprobs.apply(flat, None, ids, _chunk_size(chunk_size), "logits").reshape(tokens.shape)
+    return _TokenLogprobs.apply(_rows(logits), None, ids, _chunk_size(chunk_size), "logits").reshape(tokens.shape)
 
 
 def linear_token_logprobs(
@@ -233,8 +233,7 @@ def linear_token_logprobs(
     """
     _hidden_and_weight("hidden", hidden, "weight", weight)
     ids = _token_ids(tokens, weight.shape[0], hidden.shape[:-1])
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    return _TokenLogprobs.apply(flat, weight, ids, _chunk_size(chunk_size), "hidden").reshape(tokens.shape)
+    return _TokenLogprobs.apply(_rows(hidden), weight, ids, _chunk_size(chunk_size), "hidden").reshape(tokens.shape)
 
 
 def ratio_magnitude(
@@ -272,15 +271,13 @@ def token_entropy(logits: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE)
     Vocabulary entries at −inf have p = 0 and contribute 0.
     """
     _logits("logits", logits)
-    flat = logits.reshape(-1, logits.shape[-1])
-    return _entropy(flat, None, _chunk_size(chunk_size), "logits").reshape(logits.shape[:-1])
+    return _entropy(_rows(logits), None, _chunk_size(chunk_size), "logits").reshape(logits.shape[:-1])
 
 
 def linear_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """`token_entropy(hidden @ weight.T)` without ever holding the (..., V) logits; no gradient."""
     _hidden_and_weight("hidden", hidden, "weight", weight)
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    return _entropy(flat, weight, _chunk_size(chunk_size), "hidden").reshape(hidden.shape[:-1])
+    return _entropy(_rows(hidden), weight, _chunk_size(chunk_size), "hidden").reshape(hidden.shape[:-1])
 
 
 def linear_token_logprobs_and_entropy(
@@ -290,7 +287,7 @@ def linear_token_logprobs_and_entropy(
     each chunk computed once: what the frozen teacher needs (δ of Eq. 2, H of Eq. 4). No gradient."""
     _hidden_and_weight("hidden", hidden, "weight", weight)
     ids = _token_ids(tokens, weight.shape[0], hidden.shape[:-1])
-    logp, entropy = _logprobs_and_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, ids, _chunk_size(chunk_size), "hidden")
+    logp, entropy = _logprobs_and_entropy(_rows(hidden), weight, ids, _chunk_size(chunk_size), "hidden")
     return logp.reshape(tokens.shape), entropy.reshape(tokens.shape)
 
 
@@ -440,7 +437,7 @@ def opsd_loss(
     student_logits, teacher_logits (B, T, V); mask (B, T) bool. Returns a float32 scalar,
     differentiable w.r.t. `student_logits` only (the teacher is frozen). Only masked rows are read,
     `chunk_size` rows at a time; the backward recomputes each chunk. Exactly 0.0 (zero gradient) when
-    the mask is empty.
+    the mask is empty. Rows off the mask are checked for NaN only (their ±inf is never read).
     """
     _logits("student_logits", student_logits)
     _logits("teacher_logits", teacher_logits)
@@ -450,11 +447,10 @@ def opsd_loss(
         _fail("teacher_logits", f"shape {tuple(student_logits.shape)} like student_logits (same vocab)",
               f"shape {tuple(teacher_logits.shape)}")
     rows = _mask(mask, student_logits.shape[:2]).reshape(-1).nonzero().squeeze(-1)
-    vocab, chunk_size = student_logits.shape[-1], _chunk_size(chunk_size)
+    chunk_size = _chunk_size(chunk_size)
     _no_nan("student_logits", student_logits.detach(), chunk_size)
     _no_nan("teacher_logits", teacher_logits.detach(), chunk_size)
-    return _MeanKL.apply(student_logits.reshape(-1, vocab), None, teacher_logits.detach().reshape(-1, vocab), None,
-                         rows, chunk_size)
+    return _MeanKL.apply(student_logits, None, teacher_logits.detach(), None, rows, chunk_size)
 
 
 def linear_opsd_loss(
@@ -621,19 +617,34 @@ class GateSettings:
 # memory is O(chunk_size × V) whatever the number of rows.
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., V) with at least one leading dim; its rows are those of x.reshape(-1, V), in that order, but
+    read where they lie (`_at`): reshaping a slice such as logits[:, :-1] would copy all of it."""
+    return x if x.dim() > 1 else x[None]
+
+
+def _row_count(x: torch.Tensor) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def _at(x: torch.Tensor, idx: torch.Tensor) -> tuple:
+    """The index of rows `idx` (row-major over x's leading dims): x[_at(x, idx)] is (len(idx), V)."""
+    return (idx,) if x.dim() == 2 else torch.unravel_index(idx, x.shape[:-1])
+
+
 def _chunk_logits(x: torch.Tensor, weight: torch.Tensor | None, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows `idx` of the logits, in `dtype`: x[idx] itself, or x[idx] @ weightᵀ."""
-    rows = x[idx] if weight is None else x[idx] @ weight.T
-    return rows.to(dtype)
+    """Rows `idx` of the logits, in `dtype`: those rows of x itself, or of x @ weightᵀ."""
+    rows = x[_at(x, idx)]
+    return (rows if weight is None else rows @ weight.T).to(dtype)
 
 
 def _backprop_chunk(dz, x, weight, idx, grad_x, grad_w) -> None:
     """Accumulate d(loss)/d(logits rows) = dz into the gradients of x and weight."""
     dz = dz.to(x.dtype)
     if grad_x is not None:  # (the casts matter under autocast, which may run matmuls in lower precision)
-        grad_x[idx] = (dz if weight is None else dz @ weight).to(grad_x.dtype)
+        grad_x[_at(grad_x, idx)] = (dz if weight is None else dz @ weight).to(grad_x.dtype)
     if grad_w is not None:
-        grad_w += (dz.T @ x[idx]).to(grad_w.dtype)
+        grad_w += (dz.T @ x[_at(x, idx)]).to(grad_w.dtype)
 
 
 def _chunks(rows: torch.Tensor, chunk_size: int):
@@ -664,8 +675,8 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, tokens, chunk_size, name):
-        dtype, rows = _float_dtype(x.dtype), torch.arange(x.shape[0], device=x.device)
-        lse = torch.empty(x.shape[0], dtype=dtype, device=x.device)
+        dtype, rows = _float_dtype(x.dtype), torch.arange(_row_count(x), device=x.device)
+        lse = torch.empty(_row_count(x), dtype=dtype, device=x.device)
         picked = torch.empty_like(lse)
         for idx in _chunks(rows, chunk_size):
             z = _chunk_logits(x, weight, idx, dtype)
@@ -681,7 +692,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, tokens, lse = ctx.saved_tensors
         grad_x, grad_w = _grad_buffers(ctx, x, weight, lse.dtype)
-        for idx in _chunks(torch.arange(x.shape[0], device=x.device), ctx.chunk_size):
+        for idx in _chunks(torch.arange(_row_count(x), device=x.device), ctx.chunk_size):
             g = grad_out[idx, None].to(lse.dtype)
             with _autocast_as_forward(ctx):
                 z = _chunk_logits(x, weight, idx, lse.dtype)
@@ -731,8 +742,8 @@ class _MeanKL(torch.autograd.Function):
 @torch.no_grad()
 def _entropy(x: torch.Tensor, weight: torch.Tensor | None, chunk_size: int, name: str) -> torch.Tensor:
     dtype = _float_dtype(x.dtype)
-    out = torch.empty(x.shape[0], dtype=dtype, device=x.device)
-    for idx in _chunks(torch.arange(x.shape[0], device=x.device), chunk_size):
+    out = torch.empty(_row_count(x), dtype=dtype, device=x.device)
+    for idx in _chunks(torch.arange(_row_count(x), device=x.device), chunk_size):
         z = _chunk_logits(x, weight, idx, dtype)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         _check_lse(name, lse)
@@ -748,9 +759,9 @@ def _entropy(x: torch.Tensor, weight: torch.Tensor | None, chunk_size: int, name
 def _logprobs_and_entropy(x, weight, tokens, chunk_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(tokens) and H of each row from one pass over its chunk of logits."""
     dtype = _float_dtype(x.dtype)
-    logp = torch.empty(x.shape[0], dtype=dtype, device=x.device)
+    logp = torch.empty(_row_count(x), dtype=dtype, device=x.device)
     entropy = torch.empty_like(logp)
-    for idx in _chunks(torch.arange(x.shape[0], device=x.device), chunk_size):
+    for idx in _chunks(torch.arange(_row_count(x), device=x.device), chunk_size):
         z = _chunk_logits(x, weight, idx, dtype)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         _check_lse(name, lse)
@@ -885,8 +896,8 @@ def _token_ids(tokens, vocab: int, shape: torch.Size) -> torch.Tensor:
 
 def _no_nan(name: str, x: torch.Tensor, chunk_size: int) -> None:
     """NaN anywhere in x (..., V), also in rows that are not read, checked `chunk_size` rows at a time."""
-    for rows in x.reshape(-1, x.shape[-1]).split(chunk_size):
-        if bool(torch.isnan(rows).any()):
+    for idx in _chunks(torch.arange(_row_count(x), device=x.device), chunk_size):
+        if bool(torch.isnan(x[_at(x, idx)]).any()):
             _fail(name, "no NaN", "NaN in it")
 
 

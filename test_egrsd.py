@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode  # (torch's own hook on every op, for the memory test)
 
 import egrsd
 
@@ -431,6 +432,39 @@ def test_opsd_loss_matches_naive_reference_forward_and_backward(dtype, data):
 @given(batch=logit_batches(torch.float32))
 def test_chunking_changes_nothing(function, batch):
     assert_close(call(function, batch.arguments, chunk_size=1), call(function, batch.arguments), torch.float32)
+
+
+class LargestNewStorage(TorchDispatchMode):
+    """The largest storage that any op makes inside the block (views of the given tensors do not count)."""
+
+    def __init__(self, *existing):
+        super().__init__()
+        self.existing, self.largest = {t.untyped_storage().data_ptr() for t in existing}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.existing:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("function", [egrsd.token_logprobs, egrsd.token_entropy, egrsd.opsd_loss], ids=lambda f: f.__name__)
+def test_shifted_logits_are_read_where_they_lie_never_copied_whole(function):
+    """logits[:, :-1], the usual shift, is no contiguous tensor (a reshape copies it whole): the forward makes
+    no tensor larger than a chunk's rows (8 of 64 here), and the values and gradients are a copy's."""
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = (torch.randn(4, 17, 50, generator=generator, requires_grad=True) for _ in range(2))
+    arguments = dict(logits=student[:, :-1], student_logits=student[:, :-1], teacher_logits=teacher[:, :-1].detach(),
+                     tokens=torch.randint(50, (4, 16), generator=generator), mask=torch.ones(4, 16, dtype=torch.bool))
+    with LargestNewStorage(student, teacher) as allocations:
+        out = call(function, arguments, chunk_size=8)
+    assert 0 < allocations.largest <= 8 * 50 * 4, "at most a chunk of float32 logits at once"
+    copied = call(function, {k: v.contiguous() for k, v in arguments.items()}, chunk_size=8)
+    assert torch.equal(out, copied)
+    if out.requires_grad:
+        grads = [torch.autograd.grad(x.sum(), student)[0] for x in (out, copied)]
+        assert torch.equal(*grads)
 
 
 # --------------------------------------------------------------------------------------------------------
