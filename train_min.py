@@ -30,7 +30,6 @@ import contextlib
 import copy
 import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -324,8 +323,7 @@ def setup(cfg: Config) -> Run:
     """Seeds, data, models, optimizer; on --resume the checkpoint's weights, optimizer, schedule, advantage
     statistics and random state; then config.json and the metrics file."""
     started = time.perf_counter()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    transformers.set_seed(cfg.seed)  # Python's, NumPy's and torch's generators
     train_problems, eval_problems = checked_data(cfg)  # each prompt fits the model's positions
 
     # Full fine-tuning: the teacher is the initial weights, frozen (the paper's); the student holds trainable
@@ -441,17 +439,17 @@ def train(cfg: Config):
             if bad_steps >= cfg.max_bad_steps:
                 save_checkpoint(run, done)
                 sys.exit(f"stopped: {bad_steps} skipped steps in a row, non-finite or blown up (loss {loss}, grad norm "
-                         f"{grad_norm}); the last good state is in {cfg.output_dir}/checkpoint (lower --lr?)")
+                         f"{grad_norm}): lower --lr?\n{run_io.last_good(cfg.output_dir)}")
             out_of_time = done < cfg.steps and run_io.out_of_time(cfg.time_budget, run.started, t3 - t0, eval_seconds)
             if saved := (cfg.save_every and done % cfg.save_every == 0) or stop.requested or out_of_time or done == cfg.steps:
                 save_checkpoint(run, done)
             if run.eval_problems and (run_io.evaluation_due(cfg, done) or out_of_time):
-                eval_seconds = evaluate_and_log(run, done)
+                eval_seconds = evaluate_and_log(run, done)  # it took time: is there still room for a step and the last one?
+                out_of_time = out_of_time or done < cfg.steps and run_io.out_of_time(cfg.time_budget, run.started, t3 - t0, eval_seconds)
             if (stop.requested or out_of_time) and done < cfg.steps:
-                if not saved:  # Ctrl-C came during the evaluation (which changes neither weights nor random state)
+                if not saved:  # Ctrl-C, or the budget, came during the evaluation (it changes neither weights nor random state)
                     save_checkpoint(run, done)
-                print(f"checkpoint saved at step {done}; continue with: {run_io.resume_command(cfg.output_dir)}"
-                      if cfg.save_model else f"stopped at step {done} (--no-save-model: no checkpoint to resume from)")
+                print(run_io.stopped(cfg.output_dir, done, cfg.save_model))
                 return student, run.teacher
     save_final(run)
     return student, run.teacher
@@ -464,7 +462,7 @@ def evaluate_and_log(run: Run, step: int) -> float:
     reused = step == 0 and cfg.initial_eval  # the untrained model's evaluation, made once for every arm
     with run_io.evaluating(cfg, step, len(run.eval_problems), save=lambda: save_checkpoint(run, step)):  # out of memory
         result = run_io.initial_eval_row(cfg.initial_eval) if reused else evaluate(run.sampler, run.tokenizer, run.eval_problems, cfg)
-    row = result | {"kind": "eval", "step": step, "method": cfg.method, "reused_from": cfg.initial_eval or None}
+    row = result | {"kind": "eval", "step": step, "method": cfg.method, "reused_from": cfg.initial_eval if reused else None}
     run_io.append_row(run.metrics, row)
     print(f"eval step {step}{' (reused)' if reused else ''}: {views.evaluation_line(row)}", flush=True)
     return row.get("eval_s", 0.0)

@@ -288,6 +288,14 @@ def one_step(tmp_path_factory):
     return run_dir
 
 
+def test_a_run_stopped_early_says_which_checkpoint_it_can_continue_from(one_step, tmp_path):
+    """--time-budget or Ctrl-C: the checkpoint of this step, or under --no-save-model (which a resume may
+    add) an older one, or none (before, it said "no checkpoint" beside the checkpoint of step 1)."""
+    assert run_io.stopped(str(one_step), 1, True) == f"checkpoint saved at step 1; continue with: python train_min.py --resume {one_step}"
+    assert run_io.stopped(str(one_step), 3, False) == "stopped at step 3 (--no-save-model: the last checkpoint is of step 1)"
+    assert run_io.stopped(str(tmp_path), 3, False) == "stopped at step 3 (--no-save-model: no checkpoint to resume from)"
+
+
 def broken_copy(one_step, tmp_path, path: str, change) -> Path:
     run_dir = tmp_path / "run"
     shutil.copytree(one_step, run_dir)

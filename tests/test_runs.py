@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,6 +57,7 @@ def test_a_run_reuses_the_step_0_evaluation_of_another_only_when_it_would_be_the
     train_min.main(flags + ["--steps", "1", "--method", "grpo", "--no-save-model", "--output-dir", str(tmp_path / "own")])
     initial, reused, own = (evaluations(tmp_path / n)[0] for n in ("initial", "reused", "own"))
     assert reused["reused_from"] == str(tmp_path / "initial") and reused["method"] == "grpo"
+    assert evaluations(tmp_path / "reused")[1]["reused_from"] is None, "the evaluation after training is the run's own"
     drop = lambda row: {k: v for k, v in row.items() if k not in ("method", "reused_from")}  # noqa: E731
     assert drop(reused) == drop(initial) == drop(own), "the reused evaluation is the one the run would have made"
     assert max(own["eval_lengths"]) > 8 and max(r["length_max"] for r in read_metrics(tmp_path / "own") if r["kind"] == "train") <= 8
@@ -77,6 +79,32 @@ def test_the_time_budget_stops_training_in_time_for_the_final_evaluation(tmp_pat
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 1], "evaluated where it stopped"
     assert "time budget" in capsys.readouterr().out
     assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "final").exists(), "--no-save-model"
+
+
+def test_the_time_budget_counts_the_evaluation_due_at_a_step(tmp_path, monkeypatch, capsys):
+    """A step takes 1 s and an evaluation 10 s (a fake clock); --eval-every 2, a 26 s budget. After step 2's
+    evaluation (22 s) another step and the final evaluation (1 + 12.5 s) no longer fit: the run stops there,
+    that evaluation its last, and checkpoints step 2 (before, it took step 3 and evaluated again, to 33 s)."""
+    clock = SimpleNamespace(now=0.0)
+    fake_time = SimpleNamespace(perf_counter=lambda: clock.now, monotonic=time.monotonic, time=time.time)
+    for module in (train_min, run_io):
+        monkeypatch.setattr(module, "time", fake_time)
+    rollouts, evaluate = train_min.rollouts, train_min.evaluate
+
+    def tick(seconds, function):
+        def timed(*args):
+            clock.now += seconds
+            return function(*args)
+        return timed
+
+    monkeypatch.setattr(train_min, "rollouts", tick(1.0, rollouts))
+    monkeypatch.setattr(train_min, "evaluate", tick(10.0, lambda *args: evaluate(*args) | {"eval_s": 10.0}))
+    train_min.main(TINY + ["--steps", "10", "--eval-every", "2", "--time-budget", "26", "--output-dir", str(tmp_path)])
+    rows = read_metrics(tmp_path)
+    assert clock.now == 22.0 and [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2]
+    assert "checkpoint saved at step 2; continue with" in capsys.readouterr().out
+    assert run_io.checkpoint_step(run_io.find_checkpoint(str(tmp_path))) == 2
 
 
 def test_group_size_samples_each_problem_g_times_with_the_group_advantage(tmp_path, monkeypatch):

@@ -399,9 +399,13 @@ def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, lora, tmp_pat
         monkeypatch.setattr(egrsd, "policy_loss", lambda logp, adv, mask: (logp * float("nan")).sum())
     else:
         monkeypatch.setattr(train_min, "completion_hidden", nan_forward(train_min.completion_hidden))
-    with pytest.raises(SystemExit, match="skipped steps in a row, non-finite or blown up"):
-        train_min.main(TINY + ["--steps", "5", "--max-bad-steps", "2", "--eval-size", "0", "--output-dir", str(tmp_path)]
-                       + (["--lora-r", "4"] if lora else []))
+    flags = TINY + ["--steps", "5", "--max-bad-steps", "2", "--eval-size", "0"] + (["--lora-r", "4"] if lora else [])
+    with pytest.raises(SystemExit, match="skipped steps in a row, non-finite or blown up") as stop:
+        train_min.main(flags + ["--output-dir", str(tmp_path)])
+    assert f"The last complete checkpoint is {tmp_path}/checkpoint (step 2)" in str(stop.value.code)
+    if where == "loss" and not lora:  # --no-save-model: no checkpoint to name
+        with pytest.raises(SystemExit, match="(?s)blown up.*No checkpoint was complete yet"):
+            train_min.main(flags + ["--no-save-model", "--output-dir", str(tmp_path / "unsaved")])
     rows = read_metrics(tmp_path)
     assert [r["skipped"] for r in rows] == [True, True]
     initial = build_tiny_model(build_tiny_tokenizer())

@@ -81,6 +81,16 @@ def resume_command(run_dir: str) -> str:
     return f"python train_min.py --resume {shlex.quote(run_dir)}"
 
 
+def stopped(run_dir: str, step: int, saved: bool) -> str:
+    """What a run that stops before its last step (Ctrl-C, --time-budget) says: the command that continues
+    from the checkpoint of `step`, or (--no-save-model, none saved) which checkpoint, if any, the run has."""
+    if saved:
+        return f"checkpoint saved at step {step}; continue with: {resume_command(run_dir)}"
+    checkpoint = complete_checkpoint(run_dir)
+    return f"stopped at step {step} (--no-save-model: " + ("no checkpoint to resume from)" if checkpoint is None else
+                                                          f"the last checkpoint is of step {checkpoint_step(checkpoint)})")
+
+
 def last_good(run_dir: str) -> str:
     """Which checkpoint a run directory holds intact, and how to continue from it."""
     checkpoint = complete_checkpoint(run_dir)
