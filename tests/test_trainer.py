@@ -786,12 +786,15 @@ def test_a_seeds_change_from_its_start_is_taken_only_from_seeds_that_recorded_bo
         f"{fmean(start):.3f}", f"{end:.3f}", f"[{low:.3f},", f"{high:.3f}]", "100", "101"]
 
 
-def test_compare_without_two_seeds_a_side_one_template_or_the_measure_says_so_instead_of_failing():
+def test_compare_with_one_seed_a_side_one_template_or_no_measure_says_so_instead_of_failing():
     one = in_memory("one", [held_out_row(range(6), [1, 0, 1, 1, 0, 0])])
+    other = in_memory("other", [held_out_row(range(6), [0, 1, 1, 0, 1, 0])])
     two = in_memory("two", [held_out_row(range(6), [0, 0, 1, 0, 1, 0])], [held_out_row(range(6), [1, 0, 0, 0, 1, 1])])
-    assert views.compared(two, one, "eval_correct") == views.paired(views.per_problem(two, -1, "eval_correct"),
-                                                                    views.per_problem(one, -1, "eval_correct"))
-    assert views.compared(two, one, "eval_correct").seeds == ()  # one seed a side: no spread between seeds to add
+    plain = views.paired(views.per_problem(one, -1, "eval_correct"), views.per_problem(other, -1, "eval_correct"))
+    assert views.compared(one, other, "eval_correct") == plain and plain.seeds == ()  # no spread between seeds to add
+    pooled = views.compared(two, one, "eval_correct")  # one seed against two: it takes their spread
+    clustered = views.paired(views.per_problem(two, -1, "eval_correct"), views.per_problem(one, -1, "eval_correct"))
+    assert pooled == stats.with_seed_spread(clustered, [[2 / 6, 3 / 6], [3 / 6]]) and pooled.seeds == (2, 1)
     assert views.compared(two, one, "eval_sampled_correct") is None
     sampled = in_memory("b", [held_out_row(range(6), [1] * 6, "eval_sampled_correct")])
     assert views.compared(two, sampled, "eval_sampled_correct") is None
@@ -799,7 +802,7 @@ def test_compare_without_two_seeds_a_side_one_template_or_the_measure_says_so_in
     assert views.paired(one_template, {i: (0, 0.0) for i in one_template}) == "fewer than two templates"
 
 
-def test_compare_holm_adjusts_over_the_settings_and_fits_each_settings_slope_with_one_intercept_a_seed(tmp_path):
+def test_compare_holm_adjusts_over_the_settings_and_takes_a_settings_slope_across_its_seeds(tmp_path):
     ids, templates = [f"p{i}" for i in range(8)], [i // 2 for i in range(8)]
     ends = {("grpo", 0): [0, 0, 1, 0, 0, 0, 0, 1], ("grpo", 1): [0, 1, 0, 0, 1, 0, 0, 0],
             ("egrsd", 0): [1, 1, 1, 0, 1, 1, 1, 1], ("cl-egrsd", 0): [1, 0, 1, 0, 1, 1, 0, 1]}
@@ -810,18 +813,17 @@ def test_compare_holm_adjusts_over_the_settings_and_fits_each_settings_slope_wit
     out = views.compare_table(dirs).splitlines()
     reference = [(ends["grpo", 0][i] + ends["grpo", 1][i]) / 2 for i in range(8)]
     raw = []
-    for method in ("egrsd", "cl-egrsd"):
+    for method in ("egrsd", "cl-egrsd"):  # one seed against GRPO's two: the spread of GRPO's seeds, pooled
         r = stats.clustered_mean([ends[method, 0][i] - reference[i] for i in range(8)], templates)
+        r = stats.with_seed_spread(r, [[fmean(ends[method, 0])], [fmean(ends["grpo", seed]) for seed in (0, 1)]])
         raw.append(2 * (1 - stats.t_cdf(abs(r.mean / r.se), r.df)))
     smaller = min(1.0, 2 * min(raw))
     adjusted = [smaller if p == min(raw) else max(smaller, p) for p in raw]
     for method, p in zip(("egrsd", "cl-egrsd"), adjusted):
-        line = next(l for l in out if l.startswith(f"  {method} ") and "Holm" in l)
-        assert "G = 4, n = 8, detectable" in line and f"p {p:.3f} Holm)" in line.split("; length")[0], (line, raw)
-    b, se, df = stats.slope([(k, 0.2 + 0.01 * k + 0.001 * (k % 2), seed) for seed in (0, 1) for k in (1, 2, 3)])
-    low, high = stats.interval(b, se, df)
+        line = next(l for l in out if l.startswith(f"  {method} ") and "Holm" in l).split("; length")[0]
+        assert "G = 4, n = 8, seeds 1/2, detectable" in line and f" at 0.05/2, p {p:.3f} Holm)" in line, (line, raw)
     change = next(l for l in out if l.startswith("  grpo ") and "reward slope" in l)
-    assert f"reward slope {100 * b:+.3f} [{100 * low:+.3f}, {100 * high:+.3f}]" in change, change
+    assert "reward slope +1.000 [+1.000, +1.000]" in change, "two seeds of one slope: no spread across them"
 
 
 def test_runs_with_different_held_out_sets_pair_over_their_common_problems_by_id_and_say_how_many():

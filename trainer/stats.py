@@ -8,11 +8,12 @@ few templates, a handful of seeds, one reward per step.
   the usual s/√n on n − 1. A difference between runs is taken per problem first (paired), then averaged.
 - Seeds: `seed_interval` is the t interval of a few values (one per seed). `with_seed_spread` adds the
   spread between seeds to a clustered difference: a seed's luck moves every problem alike, which no
-  clustering by problem can see.
-- `slope` is the least-squares slope of y on x with one intercept per run (seeds pooled on a common slope)
-  and its classical t interval.
+  clustering by problem can see (a side of one seed is given the spread of the other's).
+- `slope` is the least-squares slope of y on x with its classical t interval for one run; for several runs
+  (seeds) the mean of their slopes with the t interval across them, since seeds' slopes differ by more
+  than the noise around each fit.
 - `detectable` is the smallest true difference that a design with this standard error finds at the 95%
-  level with 80% power (the usual approximation; below).
+  level (or a stricter one, for several comparisons) with 80% power (the usual approximation; below).
 
 Pure Python (math only): no SciPy. `t_quantile` inverts the t distribution's CDF, written with the
 regularised incomplete beta function (a continued fraction, as in Numerical Recipes §6.4).
@@ -122,14 +123,22 @@ def with_seed_spread(result: Clustered, samples: list[list[float]]) -> Clustered
     """`result` (a clustered difference a − b of settings' per-problem means over seeds) widened by the spread
     between seeds. `samples`: one list of per-seed means (over the same problems) for each independent side:
     [a's seeds, b's seeds] for two settings, or [each seed's change] for one setting against its own start.
-    The variances add, Var = se² + Σ s²_k / n_k, on Welch–Satterthwaite degrees of freedom. A seed's noise
-    on single problems counts in both parts, so this errs wide. Each sample needs at least two seeds."""
-    if not samples or any(len(s) < 2 for s in samples):
-        raise ValueError(f"samples: expected one or more lists of at least two per-seed values, got sizes {[len(s) for s in samples]}")
+    The variances add, Var = se² + Σ s²_k / n_k, on Welch–Satterthwaite degrees of freedom. A side of one seed
+    has no spread of its own: where any side has one, every side takes the variance pooled over the sides
+    with two or more, s²_pool · Σ 1 / n_k on Σ (n_k − 1) degrees of freedom (the seeds of both settings
+    assumed to vary alike). A seed's noise on single problems counts in both parts, so this errs wide. At
+    least one sample needs two or more seeds."""
+    if not samples or any(len(s) < 1 for s in samples) or all(len(s) < 2 for s in samples):
+        raise ValueError(f"samples: expected non-empty lists of per-seed values, one with two or more, got sizes "
+                         f"{[len(s) for s in samples]}")
+    spread = [(sum((x - math.fsum(s) / len(s)) ** 2 for x in s), len(s) - 1) for s in samples]  # (Σ (x − mean)², n − 1)
     parts = [(result.se**2, result.df)]
-    for values in samples:
-        m = math.fsum(values) / len(values)
-        parts.append((sum((x - m) ** 2 for x in values) / (len(values) - 1) / len(values), len(values) - 1))
+    if all(len(s) > 1 for s in samples):
+        parts += [(squares / df / (df + 1), df) for squares, df in spread]
+    else:
+        pooled_df = sum(df for _, df in spread)
+        pooled = sum(squares for squares, _ in spread) / pooled_df
+        parts.append((pooled * sum(1 / len(s) for s in samples), pooled_df))
     total = sum(v for v, _ in parts)
     df = total**2 / sum(v * v / d for v, d in parts if v > 0) if total > 0 else result.df
     return result._replace(se=math.sqrt(total), df=df, seeds=tuple(len(s) for s in samples))
@@ -141,8 +150,8 @@ def interval(mean: float, se: float, df: float, level: float = 0.95) -> tuple[fl
 
 
 def detectable(se: float, df: float, level: float = 0.95, power: float = 0.8) -> float:
-    """The smallest true difference found (two-sided, at `level`) with probability `power`: the usual
-    (t_{1−α/2} + t_{power})·se. With the standard error itself estimated, its power is about `power` from
+    """The smallest true difference found (two-sided, at `level`; for one of m comparisons under Holm's
+    adjustment, 1 − 0.05 / m: its first step) with probability `power`: the usual (t_{1−α/2} + t_{power})·se. With the standard error itself estimated, its power is about `power` from
     about 8 degrees of freedom on, and less below (at 80%: about 78% on 3, 77% on 2, 73% on 1)."""
     return (t_quantile(0.5 + level / 2, df) + t_quantile(power, df)) * se
 
@@ -159,19 +168,31 @@ def seed_interval(values: list[float], level: float = 0.95) -> tuple[float, floa
 
 
 def slope(points: list[tuple[float, float, object]]) -> tuple[float, float, int]:
-    """(slope, standard error, degrees of freedom) of y on x from (x, y, run) points: least squares with one
-    intercept per run and a common slope (for one run, the ordinary fit), classical errors."""
+    """(slope, standard error, degrees of freedom) of y on x from (x, y, run) points. One run: the least-squares
+    slope with its classical error on n − 2 degrees of freedom. Several runs (seeds of one setting): the mean of
+    each run's slope with the standard error across runs on runs − 1 (a pooled fit would describe these runs
+    alone, not the setting: seeds' slopes differ by more than the noise around each fit). A run with fewer than
+    two different x has no slope and is left out."""
     by_run = defaultdict(list)
     for x, y, run in points:
         by_run[run].append((x, y))
-    centred = [(x - mx, y - my) for rows in by_run.values()
-               for mx, my in [(sum(x for x, _ in rows) / len(rows), sum(y for _, y in rows) / len(rows))]
-               for x, y in rows]
-    sxx = sum(x * x for x, _ in centred)
-    df = len(centred) - len(by_run) - 1
-    if sxx == 0 or df < 1:
-        raise ValueError(f"points: expected at least {len(by_run) + 2} points ({len(by_run)} run(s)) and two different x "
-                         f"within a run, got {len(points)}")
-    b = sum(x * y for x, y in centred) / sxx
-    residual = sum((y - b * x) ** 2 for x, y in centred) / df
+    fits = [_fit(rows) for rows in by_run.values() if len({x for x, _ in rows}) > 1]
+    if len(fits) > 1:
+        slopes = [b for b, _, _ in fits]
+        mean = math.fsum(slopes) / len(slopes)
+        return mean, math.sqrt(sum((b - mean) ** 2 for b in slopes) / (len(slopes) - 1) / len(slopes)), len(slopes) - 1
+    if not fits or fits[0][2] < 1:
+        raise ValueError(f"points: expected a run of at least 3 points with two different x, or two runs of 2, got {len(points)} "
+                         f"point(s) in {len(by_run)} run(s)")
+    return fits[0]
+
+
+def _fit(rows: list[tuple[float, float]]) -> tuple[float, float, int]:
+    """The least-squares slope of one run's (x, y) rows, its classical standard error (NaN with two rows) and
+    n − 2 degrees of freedom."""
+    mx, my = sum(x for x, _ in rows) / len(rows), sum(y for _, y in rows) / len(rows)
+    sxx = sum((x - mx) ** 2 for x, _ in rows)
+    b = sum((x - mx) * (y - my) for x, y in rows) / sxx
+    df = len(rows) - 2
+    residual = sum((y - my - b * (x - mx)) ** 2 for x, y in rows) / df if df else math.nan
     return b, math.sqrt(residual / sxx), df

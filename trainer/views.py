@@ -231,9 +231,9 @@ def paired(a: dict, b: dict) -> stats.Clustered | str:
 
 def compared(a_runs: list[Run], b_runs: list[Run], key: str, a_at: int = -1, b_at: int = -1) -> stats.Clustered | str | None:
     """`key` of a_runs at evaluation `a_at` minus that of b_runs at `b_at`: paired by problem (seeds averaged
-    per problem), clustered by template, and, where each side has two or more seeds, widened by the spread
-    between seeds (`stats.with_seed_spread`; one setting against its own start: the spread of each seed's
-    change). None where a side never recorded `key` (avg@K without --eval-samples)."""
+    per problem), clustered by template, and, where a side has two or more seeds, widened by the spread
+    between seeds (`stats.with_seed_spread`, which gives a side of one seed the other's spread; one setting
+    against its own start: the spread of each seed's change). None where a side never recorded `key` (avg@K without --eval-samples)."""
     a, b = per_problem(a_runs, a_at, key), per_problem(b_runs, b_at, key)
     if not a or not b:
         return None
@@ -246,14 +246,16 @@ def compared(a_runs: list[Run], b_runs: list[Run], key: str, a_at: int = -1, b_a
         samples = [[x - y for x, y in zip(per_seed(both, a_at, key, ids), per_seed(both, b_at, key, ids))]]
     else:
         samples = [per_seed(a_runs, a_at, key, ids), per_seed(b_runs, b_at, key, ids)]
-    return stats.with_seed_spread(result, samples) if all(len(s) > 1 for s in samples) else result
+    return stats.with_seed_spread(result, samples) if any(len(s) > 1 for s in samples) else result
 
 
-def describe(result: stats.Clustered | str | None, scale: float = 100.0, unit: str = "points", p: float | None = None) -> str:
+def describe(result: stats.Clustered | str | None, scale: float = 100.0, unit: str = "points", p: float | None = None,
+             comparisons: int = 1) -> str:
     """A paired result as "mean [95% interval] unit (verdict; G templates, n problems, seeds, the detectable
-    difference[, p])". With `p`, a Holm-adjusted p-value of one of several comparisons, the verdict follows
-    it: an unadjusted interval that excludes 0 counts as a difference only where the adjusted p is below 0.05.
-    Where every template's mean is the same (no spread: a standard error of 0), there is no interval."""
+    difference[, p])". With `p`, a Holm-adjusted p-value of one of `comparisons`, the verdict follows it: an
+    unadjusted interval that excludes 0 counts as a difference only where the adjusted p is below 0.05, and the
+    detectable difference is that of Holm's first step, at 0.05 / comparisons. Where every template's mean is
+    the same (no spread: a standard error of 0), there is no interval."""
     if result is None or isinstance(result, str):
         return f"n/a ({result or 'not recorded'})"
     basis = f"G = {result.clusters}, n = {result.n}" + (f", seeds {'/'.join(map(str, result.seeds))}" if result.seeds else "")
@@ -263,8 +265,10 @@ def describe(result: stats.Clustered | str | None, scale: float = 100.0, unit: s
     verdict = ("no detectable difference" if low <= 0 <= high else
                "no detectable difference after Holm's adjustment" if p is not None and p >= 0.05 else "excludes 0")
     holm = f", p {p:.3f} Holm" if p is not None else ""
+    level = f" at 0.05/{comparisons}" if comparisons > 1 else ""
+    detectable = stats.detectable(result.se, result.df, level=1 - 0.05 / comparisons)
     return (f"{scale * result.mean:+.1f} [{scale * low:+.1f}, {scale * high:+.1f}] {unit} ({verdict}; {basis}, "
-            f"detectable ±{scale * stats.detectable(result.se, result.df):.1f}{holm})")
+            f"detectable ±{scale * detectable:.1f}{level}{holm})")
 
 
 def p_value(result: stats.Clustered | str | None) -> float | None:
@@ -354,13 +358,14 @@ def compare_table(run_dirs: list[str]) -> str:
     completions per problem, the same columns of those (avg@K: the paper's accuracy and length, which
     `tools/plot_runs.py --tradeoff` plots); then what the weights did in training (`gate_table`).
     Below them, with 95% intervals paired by problem and clustered by template (`compared`: CR2 on its
-    Bell–McCaffrey degrees of freedom, the spread between seeds added where each side has two or more), the
+    Bell–McCaffrey degrees of freedom, the spread between seeds added where a side has two or more), the
     templates (G), problems (n) and seeds they rest on, and the smallest difference the design could detect
-    (80% power): each setting's change from its own step 0 and training-reward slope, then each setting minus
-    the first in accuracy and in length, greedy and avg@K (each measure's p Holm-adjusted over the
-    comparisons, and the verdict following it): name the reference first (`--compare runs/grpo-s*
-    runs/*-s*`; a folder named twice counts once). With one seed a side, a seed's luck, which moves every problem alike, is not in the
-    interval. A run without an evaluation after training is listed apart, not pooled."""
+    (80% power): each setting's change from its own step 0 and training-reward slope (`stats.slope`: across
+    seeds where there are several), then each setting minus the first in accuracy and in length, greedy and
+    avg@K (each measure's p Holm-adjusted over the comparisons, the verdict following it, the detectable
+    difference at Holm's first step): name the reference first (`--compare runs/grpo-s* runs/*-s*`; a folder
+    named twice counts once). With one seed a side, a seed's luck, which moves every problem alike, is not in
+    the interval. A run without an evaluation after training is listed apart, not pooled."""
     if not run_dirs:
         raise SystemExit("--compare: expected one or more run directories (python train_min.py --compare RUN_DIR ...)")
     groups, missing = evaluated_settings(run_dirs)
@@ -402,15 +407,16 @@ def compare_table(run_dirs: list[str]) -> str:
     if len(groups) > 1:
         reference = groups[0]
         lines += ["", f"Minus {label(reference)} at the end, paired by problem, seeds averaged per problem, 95% intervals clustered by "
-                      f"template (CR2) with the spread between seeds where both settings have two or more; p Holm-adjusted over "
-                      f"the comparisons of each measure that have one:"]
+                      f"template (CR2) with the spread between seeds where a setting has two or more; p Holm-adjusted over "
+                      f"the comparisons of each measure that have one, and the detectable difference at Holm's first step:"]
         measures = {"eval_correct": "greedy", "eval_sampled_correct": "avg@K", "eval_lengths": "length",
                     "eval_sampled_lengths": "length@K"}
         results = {key: [compared(g, reference, key) for g in groups[1:]] for key in measures}
         p = {key: holm_adjusted(rs) for key, rs in results.items()}
         in_tokens = dict(scale=1.0, unit="tokens")
         for i, g in enumerate(groups[1:]):
-            parts = [f"{what} " + describe(results[key][i], p=p[key][i], **({} if "correct" in key else in_tokens))
+            parts = [f"{what} " + describe(results[key][i], p=p[key][i], comparisons=sum(x is not None for x in p[key]),
+                                           **({} if "correct" in key else in_tokens))
                      for key, what in measures.items() if (key == "eval_correct" and greedy) or results[key][i] is not None]
             lines.append(f"  {label(g):<14} " + "; ".join(parts))
     return "\n".join(lines)
