@@ -510,6 +510,14 @@ def test_gate_is_non_increasing_in_entropy(batch, settings, data):
     assert (after <= before).all()
 
 
+def test_raising_the_batchs_largest_entropy_lifts_every_other_gate():
+    """Eq. 5's denominator is the batch's largest entropy: H = [2, 1] → [4, 1] raises ω₁ (1 − 0.3·1/2 = 0.85 →
+    1 − 0.3·1/4 = 0.925), while the raised token's own gate stays 0.7."""
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    before, after = (egrsd.entropy_gate(torch.tensor([[h, 1.0]]), mask) for h in (2.0, 4.0))
+    assert torch.allclose(before, torch.tensor([[0.7, 0.85]])) and torch.allclose(after, torch.tensor([[0.7, 0.925]]))
+
+
 @given(batches(), EPS)
 def test_magnitude_lies_within_one_minus_eps_and_one_plus_eps(batch, eps):
     w = call(egrsd.ratio_magnitude, batch.arguments, eps=eps)[batch.mask]
