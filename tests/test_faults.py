@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import train_min
-from trainer import run_io, views
+from trainer import config, offline_models, run_io, views
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--model", "tiny", "--device", "cpu", "--batch-size", "4", "--micro-batch-size", "2", "--max-new-tokens", "8",
@@ -208,6 +208,10 @@ def test_too_little_free_space_stops_before_any_model_loads_with_the_numbers(tmp
     message = str(stop.value.code)
     assert message.startswith(f"--output-dir: {tmp_path} has 0.00 GiB free; this run needs about")
     assert "two checkpoints of" in message and "final/" in message
+    new, _ = config.run_bytes(config.Config(model="tiny"))  # a resumed run has its checkpoint on the disk already
+    resumed, detail = config.run_bytes(config.Config(model="tiny", resume=str(tmp_path)))
+    params = sum(p.numel() for p in offline_models.meta_model(offline_models.model_config("tiny")).parameters())
+    assert new - resumed == 12 * params and detail.startswith("one more checkpoint of")
 
 
 @pytest.mark.parametrize("where", ["/proc/egrsd-run", "below a file"])

@@ -496,7 +496,8 @@ def compute_dtype(cfg) -> torch.dtype:
 
 def run_bytes(cfg: Config) -> tuple[int, str] | None:
     """The disk a run needs, from the model's config on the meta device (no weights are read): two
-    checkpoints, since the last one stays until the next is complete, and final/. A checkpoint holds the
+    checkpoints, since the last one stays until the next is complete (one more for a resumed run, whose
+    checkpoint is on the disk already), and final/. A checkpoint holds the
     float32 weights and their two AdamW moments (12 bytes a parameter), with LoRA only the adapter's;
     final/ holds the model in the compute dtype (with LoRA also the adapter). None where the model's
     config cannot be read before loading it."""
@@ -511,5 +512,7 @@ def run_bytes(cfg: Config) -> tuple[int, str] | None:
     adapter = lora.adapter_parameters(model, cfg) if cfg.lora_r else 0
     checkpoint = 12 * (adapter or params)
     final = compute_dtype(cfg).itemsize * params + 4 * adapter
-    return 2 * checkpoint + final, (f"two checkpoints of {run_io.gib(checkpoint)}, {'the adapter' if adapter else 'the weights'} "
-                                    f"and its AdamW state, and final/ of {run_io.gib(final)}")
+    checkpoints = "one more checkpoint" if cfg.resume else "two checkpoints"
+    return (1 if cfg.resume else 2) * checkpoint + final, (
+        f"{checkpoints} of {run_io.gib(checkpoint)}, {'the adapter' if adapter else 'the weights'} and its AdamW state, "
+        f"and final/ of {run_io.gib(final)}")
