@@ -220,7 +220,8 @@ def test_the_slope_of_seeds_whose_slopes_differ_covers_the_settings_mean_slope()
         b, se, df = stats.slope(points)
         low, high = stats.interval(b, se, df)
         covered["across seeds"] += low <= 0.002 <= high
-        centred = [(x - 50.5, y - np.mean([v for _, v, r in points if r == run])) for x, y, run in points]
+        means = {run: np.mean([y for _, y, r in points if r == run]) for run in range(3)}
+        centred = [(x - 50.5, y - means[run]) for x, y, run in points]
         pooled = sum(x * y for x, y in centred) / sum(x * x for x, _ in centred)
         residual = sum((y - pooled * x) ** 2 for x, y in centred) / (len(points) - 4)
         low, high = stats.interval(pooled, math.sqrt(residual / sum(x * x for x, _ in centred)), len(points) - 4)
