@@ -594,8 +594,8 @@ def test_compare_and_a_data_file_stop_with_file_and_line_alone(tmp_path, monkeyp
 @pytest.mark.parametrize("flags, message", [
     (["--device", "meta"], "--device: expected cpu, cuda or cuda:N, got 'meta'"),
     (["--model", "/no/such/model"], "--model: expected a Hugging Face model name .*, got '/no/such/model'"),
-    (["--lora-r", "4", "--lora-target-modules", "q_proj,foo_proj"], r"--lora-target-modules: expected names of the "
-                                                                     r"model's linear layers \(down_proj, .*\), got foo_proj"),
+    *[(["--lora-r", "4", "--lora-target-modules", f"q_proj,{name}"], r"--lora-target-modules: expected names of the model's "
+       rf"linear layers below its LM head \(down_proj, .*\), got {name}") for name in ("foo_proj", "lm_head")],
 ])
 def test_a_device_model_or_lora_target_that_cannot_be_is_refused_before_any_model_loads(flags, message, tmp_path, monkeypatch):
     no_model(monkeypatch)

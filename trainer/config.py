@@ -369,19 +369,21 @@ def looks_like_a_folder(model: str) -> bool:
 
 def check_lora_targets(cfg: Config) -> None:
     """Every --lora-target-modules name ends the name of one of the model's linear layers (as peft matches
-    them), from its config on the meta device; skipped where the config cannot be read before loading."""
+    them), from its config on the meta device; skipped where the config cannot be read before loading. Not the
+    LM head: the log-probs read its weight directly (egrsd.linear_*), so an adapter there would never train."""
     from trainer import offline_models
 
     try:
         model = offline_models.meta_model(offline_models.model_config(cfg.model))
     except Exception:  # noqa: BLE001 (an offline hub name, say: the model load will tell)
         return
-    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    head = model.get_output_embeddings()
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and module is not head]
     missing = [t for t in cfg.lora_target_modules.split(",") if not any(n == t or n.endswith("." + t) for n in linear)]
     if missing:
         names = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        sys.exit(f"--lora-target-modules: expected names of the model's linear layers ({', '.join(names)}), got "
-                 f"{', '.join(missing)}")
+        sys.exit(f"--lora-target-modules: expected names of the model's linear layers below its LM head ({', '.join(names)}), "
+                 f"got {', '.join(missing)}")
 
 
 def check_initial_eval(cfg: Config) -> None:
