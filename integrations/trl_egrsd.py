@@ -136,8 +136,11 @@ class EGRSDConfig(GRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         rules = [("method", self.method in ("egrsd", "cl-egrsd", "rlsd"), "egrsd, cl-egrsd or rlsd"),
-                 *egrsd.GateSettings.flag_rules(self), ("beta_length", self.beta_length >= 0, "≥ 0"),
-                 ("advantage_warmup", self.advantage_warmup >= 0, "≥ 0"),
+                 *egrsd.GateSettings.flag_rules(self), ("beta_length", 0 <= self.beta_length < float("inf"), "finite, ≥ 0"),
+                 ("advantage_warmup", isinstance(self.advantage_warmup, int) and self.advantage_warmup >= 0, "an int ≥ 0"),
+                 ("steps_per_generation", self.gradient_accumulation_steps % self.steps_per_generation == 0,
+                  f"a divisor of gradient_accumulation_steps ({self.gradient_accumulation_steps}): each generation batch "
+                  "trained within one optimizer step (on-policy: EGRSD's loss has no ratio to an older policy)"),
                  ("score_temperature", self.score_temperature in (0, self.temperature), f"0 or temperature ({self.temperature})"),
                  ("beta", self.beta == 0, "0 (EGRSD has no KL term)"), ("num_iterations", self.num_iterations == 1, "1 (on-policy)")]
         rules += [(name, getattr(self, name) == default, f"{default!r} ({why})") for name, (default, why) in REPLACED.items()]
@@ -177,6 +180,10 @@ class EGRSDTrainer(GRPOTrainer):
     def __init__(self, *args, **kwargs):
         given = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
         check_no_lora_dropout(given.get("peft_config"), given["model"])  # before any weights load
+        for name in ("tools", "environment_factory"):  # their tokens are not sampled by the policy: TRL masks them
+            if given.get(name):
+                raise ValueError(f"{name}: expected None (EGRSD's weights and loss do not mask tool or environment "
+                                 f"tokens out), got {given[name]!r}")
         super().__init__(*args, **kwargs)
         self.running_advantage = egrsd.RunningAdvantage(warmup_steps=self.args.advantage_warmup)
         policy = self.accelerator.unwrap_model(self.model)
@@ -202,7 +209,8 @@ class EGRSDTrainer(GRPOTrainer):
             teacher = copy.deepcopy(policy)
         teacher.requires_grad_(False)
         disable_dropout_in_model(teacher)
-        add_fused_lm_head(teacher, temperature=self.temperature, outputs=("log_probs", "entropy"))
+        add_fused_lm_head(teacher, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
+                          outputs=("log_probs", "entropy"))  # (a bf16 head in float32 gives the policy's cast head's values)
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(teacher, self.accelerator)
         if self.is_fsdp_enabled:
@@ -218,6 +226,8 @@ class EGRSDTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
+        if "tool_mask" in output:  # a rollout_func's env_mask: tokens the policy did not sample
+            raise ValueError("rollout_func: expected no env_mask (EGRSD's weights and loss do not mask environment tokens out)")
         mode = "train" if self.model.training else "eval"
         completion, mask = output["completion_ids"], output["completion_mask"].bool()
         # ALGO LOGIC: the length-shaped reward and the running advantage, over the whole batch
@@ -317,7 +327,7 @@ class EGRSDTrainer(GRPOTrainer):
             metrics.pop(name, None)
         # GRPO has just appended its (unused) group advantages of this batch to the table: replace them
         table = self._logs["advantages"]
-        for _ in range(len(batch_advantages)):
+        for _ in range(min(len(batch_advantages), len(table))):  # (it keeps the last generation_batch_size only)
             table.pop()
         table.extend(batch_advantages.tolist())
         tokens = mask.sum(dim=1).clamp(min=1)

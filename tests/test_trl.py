@@ -145,9 +145,15 @@ def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_pa
     assert {name: ours.get(name) for name in shared} == {name: theirs[name] for name in shared}
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     for name, value in [("loss_type", "grpo"), ("scale_rewards", "batch"), ("top_entropy_quantile", 0.2),
-                        ("disable_dropout", False), ("eps", 1.5), ("window", -1), ("denominator", "max"), ("gate_group", -1)]:
+                        ("disable_dropout", False), ("eps", 1.5), ("window", -1), ("denominator", "max"), ("gate_group", -1),
+                        ("beta_length", float("inf")), ("advantage_warmup", 1.5)]:
         with pytest.raises(ValueError, match=f"^{name}: expected"):
             trl_egrsd.EGRSDConfig(**base, **{name: value})
+    with pytest.raises(ValueError, match=r"^steps_per_generation: expected a divisor of gradient_accumulation_steps \(1\)"):
+        trl_egrsd.EGRSDConfig(**base, steps_per_generation=4)  # one generation, 4 optimizer steps: off-policy
+    trl_egrsd.EGRSDConfig(**base, gradient_accumulation_steps=4, steps_per_generation=2)
+    with pytest.raises(ValueError, match="^tools: expected None"):  # tool tokens: not sampled, not masked out here
+        trl_egrsd.EGRSDTrainer(model="unused", reward_funcs=trl_egrsd.correctness_reward, tools=[len])
     peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
     with pytest.raises(ValueError, match="lora_dropout: expected 0 .*deterministic log-probs"):
         tiny_trainer(tmp_path, peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.05))
@@ -266,3 +272,33 @@ def test_the_readmes_command_trains_with_the_papers_lora_and_saves_the_adapter(t
     adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (64, 128, 0.0), "the paper's LoRA"
     assert "egrsd/token_advantage_mean" in done.stdout + done.stderr, "the first step was logged"
+
+
+def test_an_environment_mask_is_refused_and_an_evaluation_batch_larger_than_a_generation_batch_evaluates(tmp_path, monkeypatch):
+    """A rollout_func's env_mask marks tokens the policy did not sample, which EGRSD would train: refused. An
+    evaluation batch of 4 against a generation batch of 2 (GRPO's advantage table keeps 2) used to pop 4."""
+    import trl_run
+
+    def with_env_mask(prompts, trainer):
+        rollouts = fixed_rollouts(prompts, trainer)
+        return rollouts | {"env_mask": [[1] * len(c) for c in rollouts["completion_ids"]]}
+
+    trainer = tiny_trainer(tmp_path / "eval", per_device_train_batch_size=2, per_device_eval_batch_size=4, max_steps=1)
+    trainer.eval_dataset = trl_egrsd.dataset_from_problems(problems[:4])
+    assert "eval_loss" in trainer.evaluate()
+    monkeypatch.setattr(trl_run, "fixed_rollouts", with_env_mask)
+    with pytest.raises(ValueError, match="^rollout_func: expected no env_mask"):
+        tiny_trainer(tmp_path / "env").train()
+
+
+def test_a_teacher_loaded_from_the_policys_path_scores_as_the_policy_with_its_head_in_float32(tmp_path, model_dir):
+    """cast_lm_head_to_fp32 with bf16 weights: TRL casts the policy's LM head; the teacher, loaded from the same
+    path, must score the same tokens to the same log-probs before any step (before, its head ran in bf16)."""
+    args = trl_egrsd.EGRSDConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], cast_lm_head_to_fp32=True,
+                                 model_init_kwargs={"dtype": "bfloat16"}, per_device_train_batch_size=2, max_completion_length=8)
+    trainer = trl_egrsd.EGRSDTrainer(model=str(model_dir), reward_funcs=trl_egrsd.correctness_reward, args=args,
+                                     train_dataset=trl_egrsd.dataset_from_problems(problems), processing_class=tokenizer)
+    ids = torch.randint(3, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    policy, teacher = (trainer._get_per_token_logps_and_entropies(model, ids, torch.ones_like(ids), 6, batch_size=2)[0]
+                       for model in (trainer.model, trainer.teacher))
+    assert trainer.teacher.dtype == torch.bfloat16 and torch.equal(policy, teacher)
