@@ -39,7 +39,9 @@ One rollout per prompt, as in the paper, cannot be had: GRPOConfig requires `num
 group baseline. With `num_generations=2` (the default here) the two rollouts of a prompt are simply two
 samples: the running advantage replaces the group baseline, which is never used. GRPO settings that this
 loss or advantage replaces (`loss_type` other than dapo, `scale_rewards`, entropy masks and bonuses, …) are
-refused rather than ignored, and so is dropout (LoRA's or the model's): w compares two log-prob passes.
+refused rather than ignored, and so is dropout (LoRA's or the model's): w compares two log-prob passes. So are
+generation batches trained over several optimizer steps (off-policy) and tools or environments (tokens the
+policy did not sample, which TRL masks out of its loss and this one would train).
 
 The teacher is the initial weights, frozen: with PEFT the base model with the adapter switched off (no
 second copy); otherwise a copy loaded and prepared as TRL loads its reference model (the same
