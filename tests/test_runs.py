@@ -5,6 +5,7 @@ G rollouts per problem with GRPO's group advantage, and the one-call runner of s
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -136,6 +137,8 @@ def test_the_runner_starts_arms_side_by_side_and_packs_their_files(tmp_path):
     out.mkdir()
     (tmp_path / "runs" / "initial").mkdir(parents=True)  # an initial evaluation cut off before it evaluated
     (tmp_path / "runs" / "initial" / "metrics.jsonl").write_text("")
+    (tmp_path / "runs" / "grpo").mkdir()  # an arm of an earlier call (a folder holds one run: removed first)
+    (tmp_path / "runs" / "grpo" / "config.json").write_text("{}")
     env = {**os.environ, "OUT": str(out)}
     command = [sys.executable, str(ROOT / "tools/run_arms.py"), "--out", str(tmp_path / "runs"), "--budget", "120",
                "--common", " ".join(TINY + ["--steps", "1", "--max-new-tokens", "6"]),
@@ -149,6 +152,22 @@ def test_the_runner_starts_arms_side_by_side_and_packs_their_files(tmp_path):
     assert "egrsd" in (out / "compare.txt").read_text()
     assert json.loads((tmp_path / "runs" / "egrsd" / "config.json").read_text())["initial_eval"].endswith("initial")
     assert '"step": 0' in (tmp_path / "runs" / "initial" / "metrics.jsonl").read_text(), "made again, not reused"
+
+
+def test_arms_that_overrun_get_sigterm_together_then_sigkill_after_the_grace(tmp_path):
+    """Three arms that ignore SIGTERM (busy in a final evaluation, say): packed once at the deadline, then
+    SIGTERM to all at once and SIGKILL one grace later, 2 + 2 s in all (one after another it was 2 + 3 × 2)."""
+    from tools import run_arms
+
+    ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)"
+    processes = {f"arm{i}": subprocess.Popen([sys.executable, "-c", ignore], stdout=subprocess.PIPE) for i in range(3)}
+    for process in processes.values():
+        process.stdout.readline()  # the handler is in place
+    packed, start = [], time.monotonic()
+    statuses = run_arms.wait(processes, start + 2, 2, lambda: packed.append(time.monotonic() - start))
+    elapsed = time.monotonic() - start
+    assert statuses == {name: -signal.SIGKILL for name in processes} and len(packed) == 1 and packed[0] >= 2
+    assert 4 <= elapsed < 6, elapsed
 
 
 def test_long_work_reports_progress_in_a_log_file(capsys):

@@ -462,7 +462,8 @@ def bench_step(device: str, s: dict, profile: str = "") -> dict:
     def two_steps(extra: list, profile: str = "") -> dict:
         with tempfile.TemporaryDirectory() as run_dir:
             flags = ["--model", s["step_model"], "--device", device, "--eval-size", "0", "--save-every", "0",
-                     "--batch-size", str(s["step_batch"]), "--output-dir", run_dir, *s["step_flags"], *extra]
+                     "--batch-size", str(s["step_batch"]), "--output-dir", run_dir, *s["step_flags"], *extra,
+                     "--lr-schedule", "constant"]  # (the profiled third step extends the run: a decaying schedule refuses)
             train_min.main(flags + ["--steps", "2"])
             rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
             if profile:
@@ -550,7 +551,7 @@ def main() -> None:
         start = time.perf_counter()
         try:
             save(part, runners[part]())
-        except Exception as error:  # noqa: BLE001 (the other parts still run; the error is kept)
+        except (Exception, SystemExit) as error:  # noqa: BLE001 (the other parts still run; the error is kept)
             save(f"{part}_error", f"{type(error).__name__}: {error}"[:2000])
             failed.append(part)
         print(f"[{part}: {time.perf_counter() - start:.0f} s]", flush=True)

@@ -13,18 +13,22 @@ RUNS below is the --out folder; PACK is --pack (default: the GPU tool's $OUT, wh
 3. Starts the arms as separate processes (one log each, RUNS/NAME/log.txt), each with `--time-budget` set
    to what is left of --budget, less their start-up and the time their final evaluations lose to each
    other on one card, and `--no-save-model` (only metrics, config and log are kept), so that each stops
-   training in time for its final evaluation. A process still running --grace seconds after the budget
-   gets SIGTERM (it checkpoints nothing and stops after its step), and SIGKILL --grace seconds later: by its
-   PID, never by name.
+   training in time for its final evaluation. An arm folder left by an earlier call is removed first (a run
+   folder holds one run). If arms are still running --grace seconds after the budget, what they wrote so far
+   is packed (step 4), then they all get SIGTERM (each stops after its step or evaluation), and those still
+   running --grace seconds later SIGKILL: by PID, never by name. The worst case ends budget + 2 × grace
+   seconds after the start.
 4. Packs RUNS's metrics, configs and logs (no models) into PACK/runs.tar.gz, and writes the `--compare`
    table of the arms to PACK/compare.txt and to the log: 2 files, within the GPU tool's 8.
 
-Exits 1 if an arm failed (the archive is written all the same).
+Prints each arm's exit status (and the end of its log where it failed); exits 1 if an arm failed (the archive
+is written all the same).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
@@ -76,31 +80,44 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
         return finish(out, pack, arms, 1)
     processes = {}
     for name, cmd in arm_commands.items():
-        os.makedirs(os.path.join(out, name), exist_ok=True)
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)  # an earlier call's run: a folder holds one
+        os.makedirs(os.path.join(out, name))
         with open(os.path.join(out, name, "log.txt"), "w") as log:
             processes[name] = subprocess.Popen(cmd + ["--time-budget", f"{left:.0f}"], cwd=ROOT, stdout=log,
                                                stderr=subprocess.STDOUT)
         print(f"[run_arms] {name}: pid {processes[name].pid}, {left:.0f} s left", flush=True)
-    deadline = started + budget + grace  # the whole budget, then SIGTERM
-    failed = False
-    for name, process in processes.items():
-        failed |= wait(name, process, deadline, grace) != 0
-    return finish(out, pack, arms, int(failed))
+    statuses = wait(processes, started + budget + grace, grace, lambda: finish(out, pack, arms, 1))
+    for name, status in statuses.items():
+        print(f"[run_arms] {name}: exit {status}", flush=True)
+        if status:
+            with open(os.path.join(out, name, "log.txt"), errors="replace") as log:
+                print("".join(log.readlines()[-15:]), end="", flush=True)
+    return finish(out, pack, arms, int(any(statuses.values())))
 
 
-def wait(name: str, process: subprocess.Popen, deadline: float, grace: float) -> int:
-    """The arm's exit status; past the deadline SIGTERM, then SIGKILL after `grace` seconds."""
-    try:
-        return process.wait(timeout=max(deadline - time.monotonic(), 0))
-    except subprocess.TimeoutExpired:
-        print(f"[run_arms] {name} (pid {process.pid}) overran its budget: SIGTERM", flush=True)
-        process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        print(f"[run_arms] {name} (pid {process.pid}) still running: SIGKILL", flush=True)
-        process.kill()
-        return process.wait()
+def wait(processes: dict[str, subprocess.Popen], deadline: float, grace: float, before_signals) -> dict[str, int]:
+    """Each arm's exit status. At `deadline` (time.monotonic()), if arms still run: `before_signals()` (pack
+    what they wrote), SIGTERM to every one of them at once, and `grace` seconds later SIGKILL to those left."""
+    for process in processes.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(deadline - time.monotonic(), 0))
+    running = {name: process for name, process in processes.items() if process.poll() is None}
+    if running:
+        before_signals()
+        signal_all(running, signal.SIGTERM)
+        end = time.monotonic() + grace
+        for process in running.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(end - time.monotonic(), 0))
+        signal_all(running, signal.SIGKILL)
+    return {name: process.wait() for name, process in processes.items()}
+
+
+def signal_all(running: dict[str, subprocess.Popen], sig: signal.Signals) -> None:
+    for name, process in running.items():
+        if process.poll() is None:
+            print(f"[run_arms] {name} (pid {process.pid}) overran its budget: {sig.name}", flush=True)
+            process.send_signal(sig)
 
 
 def finish(out: str, pack: str, arms: dict, status: int) -> int:

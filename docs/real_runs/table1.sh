@@ -12,7 +12,9 @@
 # GPU"); until a GPU run confirms one, the default is setting1.sh's LoRA arm. Runs go PER_CALL at a time side
 # by side (tools/run_arms.py), each batch within BUDGET seconds (default: no limit worth the name); ONLY (a list
 # of NAME-sSEED) runs a part of the table, so that a lent GPU with minutes to spare can finish whole runs, call
-# by call, into the same OUT_DIR. Prints how long it took, and on which card.
+# by call, into the same OUT_DIR. A run counts as done once it has evaluated at its last step (STEPS): one that
+# BUDGET stopped early is run again, so choose STEPS and EVAL_SAMPLES that fit BUDGET. Prints how long it
+# took, and on which card.
 # --gradient-checkpointing on, not auto: the runs share one card, so one run's update could take the memory
 # that another's rollouts need, and auto recovers only an update that runs out.
 set -euo pipefail
@@ -45,10 +47,11 @@ for seed in $seeds; do
   for name in $order; do
     run="$name-s$seed"
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $run "* ]]; then continue; fi
-    if [ -f "$out/$run/metrics.jsonl" ] && grep -q '"kind": "eval", "step": [1-9]' "$out/$run/metrics.jsonl"; then
+    if [ -f "$out/$run/metrics.jsonl" ] && grep -qE "\"kind\": \"eval\", \"step\": ${STEPS:-40}[,}]" "$out/$run/metrics.jsonl"; then
       echo "[table1] $run is done already"; continue
     fi
-    rm -rf "${out:?}/$run"  # a run cut off before its final evaluation: --no-save-model runs cannot resume
+    # a run cut off before its final evaluation, or stopped early by BUDGET: --no-save-model runs cannot resume
+    rm -rf "${out:?}/$run"
     runs+=("$run")
   done
 done
