@@ -22,9 +22,11 @@ equation's arithmetic in its own body, after its checks. Below them, under their
 chunked full-vocabulary kernels and the input checks: machinery a reader of the method can skip.
 
 Conventions: per-token tensors are (B, T), `mask` is a (B, T) bool tensor (True on completion tokens
-that count, EOS included), per-sequence tensors are (B,). Tensors and the mask come first, then the
-method's settings, positional or keyword (`entropy_gate(H, mask, 0.3, 3)` is γ = 0.3, W = 3); extras
-(`group`, `chunk_size`, `tau_low`, ...) are keyword-only. Arithmetic is in float32 or wider whatever the input dtype. Every
+that count, EOS included), per-sequence tensors are (B,). Tensors and the mask come first. The functions of
+docs/METHOD.md §3's contract then take the method's settings in its order, positional or keyword
+(`entropy_gate(H, mask, 0.3, 3)` is γ = 0.3, W = 3); the others (`normalised_entropy`, `token_regimes`,
+`group_advantages`) take theirs after `window` by keyword only, and extras (`group`, `chunk_size`) are
+keyword-only everywhere. Arithmetic is in float32 or wider whatever the input dtype. Every
 per-token output is exactly 0 where `mask` is False, and every weight or advantage is detached. Each
 public call checks its input, then computes (a function that uses another equation calls that equation's
 function, which checks its own input again); bad input raises ValueError naming the argument. This file
@@ -580,12 +582,12 @@ class GateSettings:
         """w (Eq. 2): `ratio_magnitude` with ε."""
         return ratio_magnitude(teacher_logp, student_logp, direction, mask, eps=self.eps)
 
-    def gate(self, entropy, mask, window: int | None = None) -> torch.Tensor:
+    def gate(self, entropy, mask, *, window: int | None = None) -> torch.Tensor:
         """ω (Eq. 6, 8): `entropy_gate` at `window` (None: the settings' W)."""
         window = self.window if window is None else window
         return entropy_gate(entropy, mask, gamma=self.gamma, window=window, floor=self.floor, **self.normaliser)
 
-    def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask,
+    def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask, *,
                          window: int | None = None) -> torch.Tensor:
         """Â (Eq. 7): `token_advantages` at `window` (None: the settings' W)."""
         window = self.window if window is None else window
@@ -600,7 +602,7 @@ class GateSettings:
     def gates(self, entropy, mask, *, tau_low: float = 0.2, tau_high: float = 0.5) -> Gates:
         """The gate of one batch at W = 0 and at W, Ĥ^CL and the regimes: computed once a step, then handed
         to whatever applies or reports them."""
-        return Gates(plain=self.gate(entropy, mask, 0), lookahead=self.gate(entropy, mask),
+        return Gates(plain=self.gate(entropy, mask, window=0), lookahead=self.gate(entropy, mask),
                      normalised=normalised_entropy(entropy, mask, self.window, **self.normaliser),
                      regimes=self.regimes(entropy, mask, tau_low=tau_low, tau_high=tau_high))
 

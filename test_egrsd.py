@@ -1103,7 +1103,7 @@ def test_gate_settings_compute_what_the_functions_compute(batch, settings, thres
     assert torch.equal(gate.magnitude(batch.teacher_logp, batch.student_logp, batch.direction, batch.mask),
                        call(egrsd.ratio_magnitude, batch.arguments, **settings))
     assert torch.equal(gate.token_advantages(batch.advantages, batch.teacher_logp, batch.student_logp, batch.entropy,
-                                             batch.mask, 0), call(egrsd.token_advantages, batch.arguments, **keywords))
+                                             batch.mask, window=0), call(egrsd.token_advantages, batch.arguments, **keywords))
     gates = gate.gates(batch.entropy, batch.mask, **thresholds)
     assert torch.equal(gates.plain, call(egrsd.entropy_gate, batch.arguments, **keywords, window=0))
     assert torch.equal(gates.lookahead, call(egrsd.entropy_gate, batch.arguments, **settings))

@@ -302,14 +302,14 @@ class EGRSDTrainer(GRPOTrainer):
     def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask, settings=None) -> torch.Tensor:
         """Â = A · w · ω from egrsd.token_advantages, with the gate of the global batch (`gate_settings`)."""
         settings = settings or self.gate_settings(teacher_entropy, mask)
-        return settings.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, self.window)
+        return settings.token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, window=self.window)
 
     def _log_signals(self, mode, rewards, batch_advantages, token_adv, magnitude, teacher_entropy, mask, settings) -> None:
         """What was trained, over every process: the signals train_min.py logs (gate mean and min, magnitude,
         teacher entropy, regime shares), Â's mean, min and max; in the completions table, A_i as the
         advantage and each completion's mean Â and gate. GRPO's group diagnostics are dropped: there is no
         group baseline here."""
-        gate, regimes = settings.gate(teacher_entropy, mask, self.window), settings.regimes(teacher_entropy, mask)
+        gate, regimes = settings.gate(teacher_entropy, mask, window=self.window), settings.regimes(teacher_entropy, mask)
         sums = [gate[mask].sum(), magnitude[mask].sum(), teacher_entropy[mask].sum(), token_adv[mask].sum(),
                 *((regimes == c).sum() for c in range(1, 5)), mask.sum()]
         totals = gather(torch.stack([s.float() for s in sums])[None]).sum(dim=0).tolist()

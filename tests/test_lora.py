@@ -129,3 +129,13 @@ def test_a_lora_run_samples_every_step_from_the_adapter_as_last_updated(tmp_path
     with students[-1].disable_adapter():
         base = logits(students[-1])
     assert (logits(students[-1]) - base).abs().max() > 1e-3, "the adapter moved, so a stale sampler would differ"
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # peft's, of the tiny model's tied head
+def test_an_adapter_on_the_lm_head_is_refused_where_the_config_could_not_be_checked_before_loading():
+    """The log-probs read the head's weight directly (egrsd.linear_*): an adapter there would never train."""
+    pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    cfg = Config(model="tiny", lora_r=4, lora_target_modules="q_proj,lm_head")
+    with pytest.raises(SystemExit, match=r"^--lora-target-modules: expected no LM head"):
+        lora.attach(build_tiny_model(build_tiny_tokenizer()), cfg)
+    assert lora.attach(build_tiny_model(build_tiny_tokenizer()), Config(model="tiny", lora_r=4, lora_target_modules="q_proj"))

@@ -452,7 +452,8 @@ def bench_lookahead(batch: int = 32, length: int = 1024, window: int = 3) -> dic
 
 
 def bench_step(device: str, s: dict, profile: str = "") -> dict:
-    """Two steps of train_min.py at its defaults (on CUDA: batch 32, up to 1,024 new tokens); the second is
+    """Two steps of train_min.py at its defaults (on CUDA: batch 32, up to 1,024 new tokens) but a constant
+    learning-rate schedule (the same timings; a third, profiled step may then extend the run); the second is
     reported: each phase's seconds, completion tokens per second and share of the step, peak memory,
     whether activations were recomputed (--gradient-checkpointing auto). Then the same two steps with
     gradient checkpointing on, side by side (`checkpointing_on`). With `profile`, a third step of the
@@ -462,8 +463,8 @@ def bench_step(device: str, s: dict, profile: str = "") -> dict:
     def two_steps(extra: list, profile: str = "") -> dict:
         with tempfile.TemporaryDirectory() as run_dir:
             flags = ["--model", s["step_model"], "--device", device, "--eval-size", "0", "--save-every", "0",
-                     "--batch-size", str(s["step_batch"]), "--output-dir", run_dir, *s["step_flags"], *extra,
-                     "--lr-schedule", "constant"]  # (the profiled third step extends the run: a decaying schedule refuses)
+                     "--lr-schedule", "constant",  # (the profiled third step extends the run: a decaying schedule refuses)
+                     "--batch-size", str(s["step_batch"]), "--output-dir", run_dir, *s["step_flags"], *extra]
             train_min.main(flags + ["--steps", "2"])
             rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
             if profile:
@@ -473,7 +474,7 @@ def bench_step(device: str, s: dict, profile: str = "") -> dict:
     last = two_steps([], profile)
     tokens = last["length_mean"] * s["step_batch"]
     keys = ("generate_s", "score_s", "update_s", "step_s", "length_mean", "length_max", "peak_gpu_mem_gb", "gradient_checkpointing")
-    out = {"model": s["step_model"], "batch": s["step_batch"], "flags": s["step_flags"] or "defaults", **{k: last[k] for k in keys},
+    out = {"model": s["step_model"], "batch": s["step_batch"], "flags": s["step_flags"] + ["--lr-schedule", "constant"], **{k: last[k] for k in keys},
            "completion_tokens": tokens, **{f"{phase}_tokens_per_s": tokens / last[f"{phase}_s"] for phase in ("generate", "score", "update")},
            "score_plus_update_share": (last["score_s"] + last["update_s"]) / last["step_s"]}
     out |= flop_floor(s["step_model"], tokens, last["score_s"] + last["update_s"], device, last["gradient_checkpointing"])

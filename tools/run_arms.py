@@ -103,7 +103,10 @@ def wait(processes: dict[str, subprocess.Popen], deadline: float, grace: float, 
             process.wait(timeout=max(deadline - time.monotonic(), 0))
     running = {name: process for name, process in processes.items() if process.poll() is None}
     if running:
-        before_signals()
+        try:
+            before_signals()
+        except Exception as error:  # noqa: BLE001 (the arms must be stopped whatever the packing did)
+            print(f"[run_arms] packing before the signals failed: {type(error).__name__}: {error}", flush=True)
         signal_all(running, signal.SIGTERM)
         end = time.monotonic() + grace
         for process in running.values():

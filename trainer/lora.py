@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import warnings
 
 import torch
@@ -24,10 +25,15 @@ def attach(base, cfg, checkpoint: str | None = None):
     with warnings.catch_warnings():  # peft asks transformers 5.2x for a renamed attribute: its warning, not ours
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         if checkpoint:
-            return peft.PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
-        config = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=cfg.lora_target_modules.split(","), task_type="CAUSAL_LM")
-        return peft.get_peft_model(base, config)
+            student = peft.PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
+        else:
+            config = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                     target_modules=cfg.lora_target_modules.split(","), task_type="CAUSAL_LM")
+            student = peft.get_peft_model(base, config)
+    if hasattr(student.get_output_embeddings(), "base_layer"):  # (where config.check_lora_targets could not look)
+        sys.exit("--lora-target-modules: expected no LM head (the log-probs read its weight directly, so an adapter "
+                 "there would never train)")
+    return student
 
 
 def adapter_parameters(base, cfg) -> int:
