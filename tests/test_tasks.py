@@ -39,6 +39,10 @@ GRADED = [
     # currency, in and around the box
     ("12", r"The total is \boxed{\$12}.", True), ("12", r"\boxed{\$12.00}", True), ("12", r"\boxed{\text{\$}12}", True),
     ("1250.5", r"\boxed{\$1,250.50}", True), ("12", r"\boxed{12 \text{ dollars}}", True), ("12", r"\boxed{\$13}", False),
+    ("22", r"\boxed{€22}", True), ("22", r"\boxed{\text{€}22}", True), ("22.5", r"\boxed{€22.50}", True),  # 13% of the
+    ("1250", r"\boxed{£1,250}", True), ("22.5", r"\boxed{\pounds22.50}", True), ("12", r"\boxed{€13}", False),  # problems
+    # an empty box after the answer (the instruction repeated) hides nothing; an empty box alone is no answer
+    ("42", r"\boxed{42}. So the final answer is \boxed{}.", True), ("7", r"\boxed{ }", False),
     # units, degrees, percent
     ("18", r"\boxed{18 apples}", True), ("18", r"\boxed{18\text{ apples}}", True), ("7", r"\boxed{7 \mathrm{cm}}", True),
     ("-3", r"\boxed{-3^\circ}", True), ("25", r"\boxed{25^{\circ}\text{C}}", True), ("25", r"\boxed{25°}", True),

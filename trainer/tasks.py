@@ -136,14 +136,20 @@ def batch_problems(problems: list, step: int, batch_size: int, seed: int) -> lis
 # ---------------------------------------------------------------- verifier
 
 def _last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` whose braces balance, e.g. `\\frac{1}{2}`; None if none."""
+    """Content of the last `\\boxed{...}` whose braces balance and that holds something, e.g. `\\frac{1}{2}`
+    (an empty `\\boxed{}` after the answer, the instruction repeated, does not hide it); "" where every box is
+    empty; None if there is none."""
+    found = None
     for start in reversed([m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]):
         depth = 1
         for i in range(start, len(text)):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             if depth == 0:
-                return text[start:i].strip()
-    return None
+                found = text[start:i].strip()
+                break
+        if found:
+            return found
+    return found
 
 
 def answer_part(text: str) -> str:
@@ -168,10 +174,12 @@ def extract_answer(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-# What models write around a number in a box, and what a careful grader ignores: LaTeX spacing, dollar
-# signs, degrees, percent, \text{} / \mathrm{} wrappers and a trailing unit word ("18 apples").
+# What models write around a number in a box, and what a careful grader ignores: LaTeX spacing, currency
+# signs (the built-in problems price in $, € and £), degrees, percent, \text{} / \mathrm{} wrappers and a
+# trailing unit word ("18 apples").
 _SPACING = re.compile(r"\\[,;:! ]|\\quad|\\qquad|~|\\left|\\right|[\u2009\u202f\u00a0]")
-_DECORATION = re.compile(r"\\\$|\$|\\%|%|\^\s*\{?\\circ\}?|\\circ|°|\\degree|\{,\}")
+_DECORATION = re.compile(r"\\\$|\$|€|£|¥|₹|\\(?:texteuro|euro|pounds|textsterling|yen)(?![A-Za-z])\s*(?:\{\})?|\\%|%"
+                         r"|\^\s*\{?\\circ\}?|\\circ|°|\\degree|\{,\}")
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRACTION = re.compile(r"\\[dt]?frac\s*(\{[^{}]*\}|\d)\s*(\{[^{}]*\}|\d)")
 _UNIT = re.compile(r"(?<=\d)\s*(?:[A-Za-z]+\.?\s*)+$")  # "12 dollars", "7 cm", "3 p.m."
