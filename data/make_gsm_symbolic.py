@@ -8,7 +8,8 @@ The problems come from reasoning-gym's `gsm_symbolic` (Apache-2.0, https://githu
 and writing a worked solution. Whole templates are held out: the evaluation file uses only templates that no
 training problem uses, so held-out accuracy measures more than memorised templates. Rows are
 {"problem", "solution", "answer", "template"}: `solution` is the template's worked `answer_cot` (the
-teacher's privileged context), `answer` its numeric answer (an integer, or a decimal for a few templates). Deterministic for a given reasoning-gym version.
+teacher's privileged context), `answer` its numeric answer (an integer, or a decimal for a few templates).
+Deterministic for a given reasoning-gym version.
 """
 
 import json
