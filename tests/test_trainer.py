@@ -6,6 +6,7 @@ steps, bad flags, bf16 master weights, held-out data files, the token view and t
 import functools
 import importlib.util
 import json
+import os
 import math
 import re
 import signal
@@ -907,6 +908,32 @@ def test_runs_pool_into_one_setting_however_their_evaluation_cap_is_written():
     runs = [views.Run(name, settings, [], []) for name, settings in [("old", older), ("new", base | {"eval_samples": 0}),
                                                                        ("k4", base | {"eval_samples": 4})]]
     assert [[r.name for r in group] for group in views.group_runs(runs)] == [["old", "new"], ["k4"]]
+
+
+def test_a_run_from_before_many_flags_pools_with_a_new_seed_of_its_setting():
+    """docs/real_runs/egrsd predates 20 flags (each taken as it ran); a new seed of its setting differs in flags that
+    are no setting (recomputation, the card's index, the sampling settings of an evaluation that samples nothing)."""
+    old = json.loads((ROOT / "docs/real_runs/egrsd/config.json").read_text())
+    new = vars(config.Config(**{k: v for k, v in old.items() if k in vars(config.Config())} | dict(
+        lr_schedule="constant", score_temperature=1.0, eval_samples=0, seed=1, gradient_checkpointing="auto", eval_temperature=0.7)))
+    new["device"] = old["device"] + ":1" if old["device"] == "cuda" else old["device"]
+    runs = [views.Run("egrsd-s0", old, [], []), views.Run("egrsd-s1", new, [], [])]
+    assert len(views.group_runs(runs)) == 1 and views.label(runs) == "egrsd"
+
+
+def test_settings_are_named_by_their_folders_and_never_share_a_name(tmp_path):
+    """A seed suffix is stripped only after a separator (grpo-gs2 is no seed 2 of grpo-g); two settings of one
+    name take their parent folder's; one run named by two paths is one run."""
+    assert [views.label([views.Run(n, {}, [], [])]) for n in ("grpo-gs2", "bs32", "egrsd-s0", "egrsd_seed3")] == [
+        "grpo-gs2", "bs32", "egrsd", "egrsd"]
+    ids, templates = [f"p{i}" for i in range(4)], [0, 0, 1, 1]
+    for parent, gamma in (("a", 0.3), ("b", 1.0)):
+        write_run(tmp_path / parent / "egrsd", "egrsd", 0, [0] * 4, [1, 0, 1, 0], ids, templates)
+        saved = json.loads((tmp_path / parent / "egrsd" / "config.json").read_text())
+        (tmp_path / parent / "egrsd" / "config.json").write_text(json.dumps(saved | {"gamma": gamma}))
+    relative = os.path.relpath(tmp_path / "a" / "egrsd")  # (from the working directory)
+    groups, _ = views.evaluated_settings([str(tmp_path / "a" / "egrsd"), str(tmp_path / "b" / "egrsd"), relative])
+    assert [(views.label(g), len(g)) for g in groups] == [("a/egrsd", 1), ("b/egrsd", 1)]
 
 
 def test_the_real_runs_compare_table_is_the_readmes():

@@ -235,9 +235,15 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
     return Config(**{**saved, **given})
 
 
-# A run saved before these flags existed resumes with the behaviour it had.
+# A run saved before these flags existed resumes with the behaviour it had (where that is not today's default).
 BEFORE_THESE_FLAGS = {"lr_schedule": "constant", "score_temperature": 1.0, "gate_group": 0, "lora_r": 0,
                       "group_size": 1, "eval_samples": 0, "eval_max_new_tokens": 0, "eval_greedy": True}
+
+
+def with_every_flag(settings: dict) -> dict:
+    """A run's saved settings (config.json, or an evaluation row's record) with each flag the run predates:
+    its BEFORE_THESE_FLAGS value, else today's default (what the run did before the flag existed)."""
+    return {**{f.name: f.default for f in fields(Config)}, **BEFORE_THESE_FLAGS, **settings}
 # Flags a resumed run cannot change: the weights it continues from, what its steps mean (the method and its
 # constants, the reward, the sampling, the data and its order), the compute dtype (`--dtype`, or `auto` on
 # another `--device`, checked apart), and, under a decaying schedule, the length of the schedule it is part
@@ -293,7 +299,7 @@ def check_config(cfg: Config) -> None:
         ("eval_samples", cfg.eval_samples > 0 or cfg.eval_greedy, "≥ 1 under --no-eval-greedy (avg@K is then the only evaluation)"),
         ("eval_top_p", 0 < cfg.eval_top_p <= 1, "in (0, 1]"), ("eval_top_k", cfg.eval_top_k >= 0, "≥ 0"),
         ("time_budget", cfg.time_budget >= 0, "≥ 0 seconds (0: no limit)"),
-        ("initial_eval", not cfg.initial_eval or cfg.resume or os.path.isfile(os.path.join(cfg.initial_eval, "config.json")),
+        ("initial_eval", not cfg.initial_eval or past_step_0(cfg) or os.path.isfile(os.path.join(cfg.initial_eval, "config.json")),
          "a run directory holding config.json"),
         ("lr_schedule", cfg.lr_schedule in SCHEDULES, ", ".join(SCHEDULES)), ("warmup_steps", cfg.warmup_steps >= 0, "≥ 0"),
         ("score_temperature", cfg.score_temperature >= 0, "≥ 0 (0: the rollout --temperature)"),
@@ -349,7 +355,7 @@ def check_config(cfg: Config) -> None:
             run_io.check_model(checkpoint, manifest, bool(cfg.lora_r), model_shape(cfg.model))
     if cfg.lora_r:
         check_lora_targets(cfg)
-    if cfg.initial_eval and not cfg.resume:  # (a resumed run is past its step-0 evaluation)
+    if cfg.initial_eval and not past_step_0(cfg):
         check_initial_eval(cfg)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"CUDA is not available on this machine. For a CPU smoke run:\n    {SMOKE}")
@@ -386,6 +392,12 @@ def check_lora_targets(cfg: Config) -> None:
                  f"got {', '.join(missing)}")
 
 
+def past_step_0(cfg: Config) -> bool:
+    """Whether the run is past its step-0 evaluation: resumed from a checkpoint beyond step 0 (a step-0 checkpoint
+    is what an evaluation that ran out of memory leaves: that resume still evaluates, or reuses one)."""
+    return bool(cfg.resume) and run_io.checkpoint_step(run_io.find_checkpoint(cfg.resume)) > 0
+
+
 def check_initial_eval(cfg: Config) -> None:
     """--initial-eval: the other run evaluated the same model on the same problems in the same way, and
     wrote its step-0 evaluation."""
@@ -395,9 +407,10 @@ def check_initial_eval(cfg: Config) -> None:
     # what that evaluation was made with, as its row records it (a resumed run rewrites config.json with the
     # flags of its last call, --eval-batch-size say); config.json for a row from before that record
     recorded = row.get("evaluated_with") or read_config(os.path.join(cfg.initial_eval, "config.json"))
-    other, ours = run_io.evaluation_settings({**BEFORE_THESE_FLAGS, **recorded}), run_io.evaluation_settings(vars(cfg))
+    other, ours = run_io.evaluation_settings(with_every_flag(recorded)), run_io.evaluation_settings(vars(cfg))
     for name in run_io.EVAL_SETTINGS:
-        if other[name] != ours[name]:
+        unused = name in run_io.SAMPLED_EVAL_SETTINGS and not other["eval_samples"] and not ours["eval_samples"]
+        if other[name] != ours[name] and not unused:
             sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with {as_typed(name, other[name])}, this run "
                      f"with {as_typed(name, ours[name])}; its step-0 evaluation is not this run's")
 

@@ -479,6 +479,9 @@ EVAL_SETTINGS = ("model", "dtype", "device", "data", "eval_data", "eval_size", "
                  "verifier")
 
 
+SAMPLED_EVAL_SETTINGS = ("eval_temperature", "eval_top_p", "eval_top_k", "eval_seed")  # unused at --eval-samples 0
+
+
 def evaluation_settings(settings: dict) -> dict:
     """The EVAL_SETTINGS of a run's settings (`vars(cfg)` or its config.json), the cap as it evaluates
     (`with_eval_cap`): what each evaluation row records as `evaluated_with`."""

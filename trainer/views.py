@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import egrsd
 from trainer import run_io, stats
-from trainer.config import BEFORE_THESE_FLAGS
+from trainer.config import with_every_flag
 from trainer.tasks import load_problems
 
 
@@ -138,7 +138,8 @@ def read_rows(run_dir: str) -> list[dict]:
 # Flags that change neither what is trained nor how it is evaluated: runs that differ only in these (and
 # in --seed) are seeds of one setting.
 NOT_A_SETTING = {"seed", "output_dir", "resume", "initial_eval", "time_budget", "save_model", "save_every",
-                 "eval_every", "dump_tokens", "micro_batch_size", "eval_batch_size", "chunk_size", "rollout"}
+                 "eval_every", "dump_tokens", "micro_batch_size", "eval_batch_size", "chunk_size", "rollout",
+                 "gradient_checkpointing", "max_bad_steps"}
 
 
 @dataclass
@@ -147,6 +148,8 @@ class Run:
     config: dict
     train: list[dict]
     evals: list[dict]
+    folder: str = ""  # the folder that holds the run's folder (to tell apart settings of one name)
+    label: str = ""  # its setting's name in the tables, where `label` would give two settings one name
 
 
 def load_run(run_dir: str) -> Run:
@@ -157,8 +160,8 @@ def load_run(run_dir: str) -> Run:
     for row in evals:
         if "eval_ids" not in row and "eval_correct" in row:
             row |= problem_labels(config, len(row["eval_correct"]))
-    return Run(os.path.basename(os.path.normpath(run_dir)), config,
-               [r for r in rows if r.get("kind") == "train"], evals)
+    return Run(os.path.basename(os.path.normpath(run_dir)), config, [r for r in rows if r.get("kind") == "train"], evals,
+               os.path.basename(os.path.dirname(os.path.normpath(run_dir))))
 
 
 def problem_labels(config: dict, n: int) -> dict:
@@ -175,11 +178,15 @@ def problem_labels(config: dict, n: int) -> dict:
 
 def group_runs(runs: list[Run]) -> list[list[Run]]:
     """Runs of one setting, in the order given: the same config but for NOT_A_SETTING, a flag that a run predates
-    taken as it ran (BEFORE_THESE_FLAGS), and the same evaluation cap however given (without a config.json, a
-    run is a setting of its own)."""
+    taken as it ran (`config.with_every_flag`), the same evaluation cap however given, the device's type alone
+    (cuda:0 and cuda:1 alike) and no sampling settings of an evaluation that sampled nothing (without a
+    config.json, a run is a setting of its own)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        setting = run_io.with_eval_cap({k: v for k, v in {**BEFORE_THESE_FLAGS, **run.config}.items() if k not in NOT_A_SETTING})
+        setting = run_io.with_eval_cap({k: v for k, v in with_every_flag(run.config).items() if k not in NOT_A_SETTING})
+        setting["device"] = str(setting["device"]).split(":")[0]
+        if not setting["eval_samples"]:
+            setting = {k: v for k, v in setting.items() if k not in run_io.SAMPLED_EVAL_SETTINGS}
         key = json.dumps(setting, sort_keys=True) if run.config else run.name
         groups.setdefault(key, []).append(run)
     return list(groups.values())
@@ -188,9 +195,16 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
 def evaluated_settings(run_dirs: list[str]) -> tuple[list[list[Run]], list[str]]:
     """(the runs grouped by setting, each with an evaluation before and after training; the names of the
     runs without one yet). A folder named twice counts once."""
-    runs = [load_run(d) for d in dict.fromkeys(os.path.normpath(d) for d in run_dirs)]
-    groups = [[r for r in g if len(r.evals) > 1] for g in group_runs(runs)]
-    return [g for g in groups if g], [r.name for r in runs if len(r.evals) < 2]
+    runs = [load_run(d) for d in dict.fromkeys(os.path.realpath(d) for d in run_dirs)]
+    groups = [g for g in ([r for r in g if len(r.evals) > 1] for g in group_runs(runs)) if g]
+    for rename in (lambda g: f"{g[0].folder}/{label(g)}", lambda g: f"{label(g)} [{groups.index(g) + 1}]"):
+        names = [label(g) for g in groups]
+        for group, name in zip(groups, names):
+            if names.count(name) > 1:  # two settings, one name (a/egrsd and b/egrsd, or seeds split by a flag)
+                new = rename(group)
+                for run in group:
+                    run.label = new
+    return groups, [r.name for r in runs if len(r.evals) < 2]
 
 
 def _evaluated(runs: list[Run], which: int, key: str) -> list[dict]:
@@ -300,7 +314,10 @@ def mean(xs: list) -> float:
 
 
 def label(group: list[Run]) -> str:
-    names = [re.sub(r"[-_]?s(?:eed)?\d+$", "", r.name) for r in group]
+    """A setting's name: its runs' folder name without the seed suffix (-s0, _seed3), where they share it."""
+    if group[0].label:
+        return group[0].label
+    names = [re.sub(r"(?:[-_]s|[-_]?seed)\d+$", "", r.name) for r in group]
     return names[0] if len(group) == 1 or len(set(names)) == 1 else group[0].name
 
 
