@@ -24,9 +24,9 @@ chunked full-vocabulary kernels and the input checks: machinery a reader of the 
 Conventions: per-token tensors are (B, T), `mask` is a (B, T) bool tensor (True on completion tokens
 that count, EOS included), per-sequence tensors are (B,). Tensors and the mask come first. The functions of
 docs/METHOD.md §3's contract then take the method's settings in its order, positional or keyword
-(`entropy_gate(H, mask, 0.3, 3)` is γ = 0.3, W = 3); the others (`normalised_entropy`, `token_regimes`,
-`group_advantages`) take theirs after `window` by keyword only, and extras (`group`, `chunk_size`) are
-keyword-only everywhere. Arithmetic is in float32 or wider whatever the input dtype. Every
+(`entropy_gate(H, mask, 0.3, 3)` is γ = 0.3, W = 3); `normalised_entropy` and `token_regimes` take theirs
+after `window` by keyword only, and extras (`group`, `chunk_size`, `group_advantages`' `eps`) are keyword-only
+everywhere. Arithmetic is in float32 or wider whatever the input dtype. Every
 per-token output is exactly 0 where `mask` is False, and every weight or advantage is detached. Each
 public call checks its input, then computes (a function that uses another equation calls that equation's
 function, which checks its own input again); bad input raises ValueError naming the argument. This file

@@ -43,6 +43,7 @@ GRADED = [
     ("1250", r"\boxed{£1,250}", True), ("22.5", r"\boxed{\pounds22.50}", True), ("12", r"\boxed{€13}", False),  # problems
     # an empty box after the answer (the instruction repeated) hides nothing; an empty box alone is no answer
     ("42", r"\boxed{42}. So the final answer is \boxed{}.", True), ("7", r"\boxed{ }", False),
+    ("42", r"\boxed{42} \boxed{\,}", True), ("42", r"\boxed{42} \boxed{\text{}}", True),
     # units, degrees, percent
     ("18", r"\boxed{18 apples}", True), ("18", r"\boxed{18\text{ apples}}", True), ("7", r"\boxed{7 \mathrm{cm}}", True),
     ("-3", r"\boxed{-3^\circ}", True), ("25", r"\boxed{25^{\circ}\text{C}}", True), ("25", r"\boxed{25°}", True),

@@ -934,6 +934,12 @@ def test_settings_are_named_by_their_folders_and_never_share_a_name(tmp_path):
     relative = os.path.relpath(tmp_path / "a" / "egrsd")  # (from the working directory)
     groups, _ = views.evaluated_settings([str(tmp_path / "a" / "egrsd"), str(tmp_path / "b" / "egrsd"), relative])
     assert [(views.label(g), len(g)) for g in groups] == [("a/egrsd", 1), ("b/egrsd", 1)]
+    for seed, gamma in ((0, 0.3), (1, 1.0), (2, 1.0)):  # seeds in one folder, split by a setting: named by it
+        write_run(tmp_path / "c" / f"egrsd-s{seed}", "egrsd", seed, [0] * 4, [1, 0, 1, 0], ids, templates)
+        saved = json.loads((tmp_path / "c" / f"egrsd-s{seed}" / "config.json").read_text())
+        (tmp_path / "c" / f"egrsd-s{seed}" / "config.json").write_text(json.dumps(saved | {"gamma": gamma}))
+    groups, _ = views.evaluated_settings([str(tmp_path / "c" / f"egrsd-s{seed}") for seed in range(3)])
+    assert [(views.label(g), len(g)) for g in groups] == [("egrsd gamma=0.3", 1), ("egrsd gamma=1.0", 2)]
 
 
 def test_the_real_runs_compare_table_is_the_readmes():
@@ -1086,6 +1092,16 @@ def test_a_step_0_evaluation_is_judged_by_the_settings_its_row_records_not_by_a_
     row["evaluated_with"].pop("eval_greedy")  # a record from before that flag: greedy, as evaluations then were
     (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     config.check_initial_eval(config.Config(initial_eval=str(tmp_path), max_new_tokens=12, eval_batch_size=64))
+    # the card's index is no setting, nor the sampling settings of an evaluation that samples nothing
+    row["evaluated_with"] |= {"device": "cuda:0", "eval_samples": 0, "eval_temperature": 0.7}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    config.check_initial_eval(config.Config(initial_eval=str(tmp_path), max_new_tokens=12, eval_batch_size=64,
+                                            device="cuda:1", eval_samples=0))
+    row["evaluated_with"]["eval_samples"] = 2  # where it sampled, they count
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(SystemExit, match="--eval-temperature 0.7, this run with --eval-temperature 1.0"):
+        config.check_initial_eval(config.Config(initial_eval=str(tmp_path), max_new_tokens=12, eval_batch_size=64,
+                                                device="cuda:1", eval_samples=2))
 
 
 def test_a_step_0_evaluation_is_reused_however_its_cap_was_written(tmp_path):

@@ -105,7 +105,7 @@ def wait(processes: dict[str, subprocess.Popen], deadline: float, grace: float, 
     if running:
         try:
             before_signals()
-        except Exception as error:  # noqa: BLE001 (the arms must be stopped whatever the packing did)
+        except (Exception, SystemExit) as error:  # noqa: BLE001 (the arms must be stopped whatever the packing did)
             print(f"[run_arms] packing before the signals failed: {type(error).__name__}: {error}", flush=True)
         signal_all(running, signal.SIGTERM)
         end = time.monotonic() + grace

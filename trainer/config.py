@@ -408,6 +408,7 @@ def check_initial_eval(cfg: Config) -> None:
     # flags of its last call, --eval-batch-size say); config.json for a row from before that record
     recorded = row.get("evaluated_with") or read_config(os.path.join(cfg.initial_eval, "config.json"))
     other, ours = run_io.evaluation_settings(with_every_flag(recorded)), run_io.evaluation_settings(vars(cfg))
+    other["device"], ours["device"] = (str(s["device"]).split(":")[0] for s in (other, ours))  # cuda:1 evaluates as cuda:0
     for name in run_io.EVAL_SETTINGS:
         unused = name in run_io.SAMPLED_EVAL_SETTINGS and not other["eval_samples"] and not ours["eval_samples"]
         if other[name] != ours[name] and not unused:

@@ -147,9 +147,9 @@ def _last_boxed(text: str) -> str | None:
             if depth == 0:
                 found = text[start:i].strip()
                 break
-        if found:
+        if found and normalise_answer(found):  # (`\\boxed{\\,}` and `\\boxed{\\text{}}` hold nothing either)
             return found
-    return found
+    return "" if found is not None else None
 
 
 def answer_part(text: str) -> str:

@@ -183,13 +183,18 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
     config.json, a run is a setting of its own)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        setting = run_io.with_eval_cap({k: v for k, v in with_every_flag(run.config).items() if k not in NOT_A_SETTING})
-        setting["device"] = str(setting["device"]).split(":")[0]
-        if not setting["eval_samples"]:
-            setting = {k: v for k, v in setting.items() if k not in run_io.SAMPLED_EVAL_SETTINGS}
-        key = json.dumps(setting, sort_keys=True) if run.config else run.name
+        key = json.dumps(setting_of(run), sort_keys=True) if run.config else run.name
         groups.setdefault(key, []).append(run)
     return list(groups.values())
+
+
+def setting_of(run: Run) -> dict:
+    """What makes a run's setting (`group_runs`): its config as it ran, without what is no setting."""
+    setting = run_io.with_eval_cap({k: v for k, v in with_every_flag(run.config).items() if k not in NOT_A_SETTING})
+    setting["device"] = str(setting["device"]).split(":")[0]
+    if not setting["eval_samples"]:
+        setting = {k: v for k, v in setting.items() if k not in run_io.SAMPLED_EVAL_SETTINGS}
+    return setting
 
 
 def evaluated_settings(run_dirs: list[str]) -> tuple[list[list[Run]], list[str]]:
@@ -197,14 +202,27 @@ def evaluated_settings(run_dirs: list[str]) -> tuple[list[list[Run]], list[str]]
     runs without one yet). A folder named twice counts once."""
     runs = [load_run(d) for d in dict.fromkeys(os.path.realpath(d) for d in run_dirs)]
     groups = [g for g in ([r for r in g if len(r.evals) > 1] for g in group_runs(runs)) if g]
-    for rename in (lambda g: f"{g[0].folder}/{label(g)}", lambda g: f"{label(g)} [{groups.index(g) + 1}]"):
-        names = [label(g) for g in groups]
-        for group, name in zip(groups, names):
-            if names.count(name) > 1:  # two settings, one name (a/egrsd and b/egrsd, or seeds split by a flag)
-                new = rename(group)
-                for run in group:
-                    run.label = new
+    names = [label(g) for g in groups]
+    for name in {n for n in names if names.count(n) > 1}:  # two settings, one name: tell them apart
+        clash = [g for g, n in zip(groups, names) if n == name]
+        for group, new in zip(clash, distinct_labels(name, clash)):
+            for run in group:
+                run.label = new
     return groups, [r.name for r in runs if len(r.evals) < 2]
+
+
+def distinct_labels(name: str, clash: list[list[Run]]) -> list[str]:
+    """Names for settings that `label` names alike: by their parent folders where those differ (a/egrsd and
+    b/egrsd), else by the settings in which they differ (egrsd gamma=0.3 and egrsd gamma=1.0), else by a run's
+    folder name."""
+    parents = [g[0].folder for g in clash]
+    if len(set(parents)) == len(clash):
+        return [f"{parent}/{name}" for parent in parents]
+    settings = [setting_of(g[0]) for g in clash]
+    keys = [k for k in sorted(settings[0]) if len({json.dumps(s.get(k)) for s in settings}) > 1][:2]
+    if all(g[0].config for g in clash) and keys:
+        return [name + " " + " ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
+    return [g[0].name for g in clash]
 
 
 def _evaluated(runs: list[Run], which: int, key: str) -> list[dict]:
