@@ -265,7 +265,8 @@ def compared(a_runs: list[Run], b_runs: list[Run], key: str, a_at: int = -1, b_a
     """`key` of a_runs at evaluation `a_at` minus that of b_runs at `b_at`: paired by problem (seeds averaged
     per problem), clustered by template, and, where a side has two or more seeds, widened by the spread
     between seeds (`stats.with_seed_spread`, which gives a side of one seed the other's spread; one setting
-    against its own start: the spread of each seed's change). None where a side never recorded `key` (avg@K without --eval-samples)."""
+    against its own start: the spread of each seed's change). None where a side never recorded `key` (avg@K
+    without --eval-samples)."""
     a, b = per_problem(a_runs, a_at, key), per_problem(b_runs, b_at, key)
     if not a or not b:
         return None
