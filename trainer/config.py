@@ -154,7 +154,7 @@ class Config:
     final evaluation would not fit (checkpoint writes not counted: use it with --no-save-model); a resumed
     run counts it again from its restart (for a GPU lent for a fixed time)"""
     save_model: bool = True
-    """write checkpoints and final/; --no-save-model keeps only metrics.jsonl, config.json and the log (a run
+    """write checkpoints and final/; --no-save-model keeps only metrics.jsonl and config.json (a run
     that cannot resume: for measurement runs whose multi-GB models would not be kept anyway)"""
     save_every: int = 25
     """checkpoint every N steps (and on Ctrl-C and at the end); 0: only then"""
