@@ -600,14 +600,21 @@ def test_compare_and_a_data_file_stop_with_file_and_line_alone(tmp_path, monkeyp
 @pytest.mark.parametrize("flags, message", [
     (["--device", "meta"], "--device: expected cpu, cuda or cuda:N, got 'meta'"),
     (["--model", "/no/such/model"], "--model: expected a Hugging Face model name .*, got '/no/such/model'"),
+    (["--model", "WEIGHTS_ONLY"], r"--model: expected .* a folder holding config.json and a tokenizer \(tokenizer.json, .*"),
     *[(["--lora-r", "4", "--lora-target-modules", f"q_proj,{name}"], r"--lora-target-modules: expected names of the model's "
        rf"linear layers below its LM head \(down_proj, .*\), got {name}") for name in ("foo_proj", "lm_head")],
 ])
 def test_a_device_model_or_lora_target_that_cannot_be_is_refused_before_any_model_loads(flags, message, tmp_path, monkeypatch):
+    if "WEIGHTS_ONLY" in flags:  # a model folder without tokenizer files (their empty tokenizer encodes nothing)
+        transformers.AutoConfig.for_model("qwen2").save_pretrained(tmp_path / "weights")
+        flags = [str(tmp_path / "weights") if f == "WEIGHTS_ONLY" else f for f in flags]
     no_model(monkeypatch)
     with pytest.raises(SystemExit, match=f"^{message}$"):
         train_min.main(ONE_STEP + flags + ["--output-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists(), "nothing written: the corrected command runs into the same folder"
+    if (tmp_path / "weights").exists():  # and where the load comes anyway (a hub repository without them, say)
+        with pytest.raises(SystemExit, match=r"^--model: .*weights: its tokenizer encodes text to nothing"):
+            offline_models.load_tokenizer(str(tmp_path / "weights"))
 
 
 def test_a_non_finite_teacher_stops_with_the_message_alone_and_applies_nothing(tmp_path, monkeypatch):

@@ -268,8 +268,9 @@ def check_config(cfg: Config) -> None:
     rules = [
         ("method", cfg.method in METHODS, f"one of {', '.join(METHODS)}"),
         ("device", re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, "cpu, cuda or cuda:N"),
-        ("model", not looks_like_a_folder(cfg.model) or os.path.isfile(os.path.join(cfg.model, "config.json")),
-         "a Hugging Face model name (org/name), tiny, or a folder holding config.json"),
+        ("model", not looks_like_a_folder(cfg.model) or holds_a_model(cfg.model),
+         "a Hugging Face model name (org/name), tiny, or a folder holding config.json and a tokenizer (tokenizer.json, "
+         "tokenizer.model, or vocab.json and merges.txt)"),
         ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
         ("rollout", cfg.rollout in ROLLOUTS, ", ".join(ROLLOUTS)),
         ("rollout", cfg.rollout != "graph" or cfg.device.startswith("cuda"), "graph only with a CUDA --device"),
@@ -371,6 +372,13 @@ def looks_like_a_folder(model: str) -> bool:
     if is_built_in(model):
         return False
     return os.path.isabs(model) or model.startswith(".") or model.count("/") > 1 or os.path.exists(model)
+
+
+def holds_a_model(folder: str) -> bool:
+    """Whether a --model folder holds a model's config and a tokenizer (without its files, transformers builds
+    an empty tokenizer that encodes every text to nothing, and the run would fail only once the model loaded)."""
+    has = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
+    return has("config.json") and (has("tokenizer.json") or has("tokenizer.model") or (has("vocab.json") and has("merges.txt")))
 
 
 def check_lora_targets(cfg: Config) -> None:

@@ -150,6 +150,8 @@ def load_tokenizer(name: str):
     if is_built_in(name):
         return build_tiny_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(name)
+    if not tokenizer("0 a", add_special_tokens=False)["input_ids"]:  # a folder or repository without tokenizer files
+        raise SystemExit(f"--model: {name}: its tokenizer encodes text to nothing (are its tokenizer files missing?)")
     if tokenizer.pad_token is None:
         # Fallback: pad with EOS. Padding is masked by the attention mask, so only the mask tells them apart.
         warnings.warn(f"{name}: tokenizer has no pad token; using its EOS {tokenizer.eos_token!r} as pad")
