@@ -415,13 +415,11 @@ def check_initial_eval(cfg: Config) -> None:
     # what that evaluation was made with, as its row records it (a resumed run rewrites config.json with the
     # flags of its last call, --eval-batch-size say); config.json for a row from before that record
     recorded = row.get("evaluated_with") or read_config(os.path.join(cfg.initial_eval, "config.json"))
-    other, ours = run_io.evaluation_settings(with_every_flag(recorded)), run_io.evaluation_settings(vars(cfg))
-    other["device"], ours["device"] = (str(s["device"]).split(":")[0] for s in (other, ours))  # cuda:1 evaluates as cuda:0
-    for name in run_io.EVAL_SETTINGS:
-        unused = name in run_io.SAMPLED_EVAL_SETTINGS and not other["eval_samples"] and not ours["eval_samples"]
-        if other[name] != ours[name] and not unused:
-            sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with {as_typed(name, other[name])}, this run "
-                     f"with {as_typed(name, ours[name])}; its step-0 evaluation is not this run's")
+    other, ours = (run_io.as_compared(run_io.evaluation_settings(s)) for s in (with_every_flag(recorded), vars(cfg)))
+    for name in run_io.EVAL_SETTINGS:  # (eval_samples comes before the settings it makes unused)
+        if other.get(name) != ours.get(name):
+            sys.exit(f"--initial-eval: {cfg.initial_eval} evaluated with {as_typed(name, other.get(name))}, this run "
+                     f"with {as_typed(name, ours.get(name))}; its step-0 evaluation is not this run's")
 
 
 def as_typed(name: str, value) -> str:

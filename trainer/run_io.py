@@ -482,6 +482,13 @@ EVAL_SETTINGS = ("model", "dtype", "device", "data", "eval_data", "eval_size", "
 SAMPLED_EVAL_SETTINGS = ("eval_temperature", "eval_top_p", "eval_top_k", "eval_seed")  # unused at --eval-samples 0
 
 
+def as_compared(settings: dict) -> dict:
+    """A run's settings as two runs are compared (--compare's settings, --initial-eval's evaluations): the
+    device's type alone (cuda:1 computes as cuda:0), and no SAMPLED_EVAL_SETTINGS where nothing was sampled."""
+    compared = {**settings, "device": str(settings["device"]).split(":")[0]}
+    return compared if compared["eval_samples"] else {k: v for k, v in compared.items() if k not in SAMPLED_EVAL_SETTINGS}
+
+
 def evaluation_settings(settings: dict) -> dict:
     """The EVAL_SETTINGS of a run's settings (`vars(cfg)` or its config.json), the cap as it evaluates
     (`with_eval_cap`): what each evaluation row records as `evaluated_with`."""

@@ -190,11 +190,7 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
 
 def setting_of(run: Run) -> dict:
     """What makes a run's setting (`group_runs`): its config as it ran, without what is no setting."""
-    setting = run_io.with_eval_cap({k: v for k, v in with_every_flag(run.config).items() if k not in NOT_A_SETTING})
-    setting["device"] = str(setting["device"]).split(":")[0]
-    if not setting["eval_samples"]:
-        setting = {k: v for k, v in setting.items() if k not in run_io.SAMPLED_EVAL_SETTINGS}
-    return setting
+    return run_io.as_compared(run_io.with_eval_cap({k: v for k, v in with_every_flag(run.config).items() if k not in NOT_A_SETTING}))
 
 
 def evaluated_settings(run_dirs: list[str]) -> tuple[list[list[Run]], list[str]]:
