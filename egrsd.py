@@ -653,6 +653,11 @@ def _chunks(rows: torch.Tensor, chunk_size: int):
     return (rows[start : start + chunk_size] for start in range(0, rows.numel(), chunk_size))
 
 
+def _row_chunks(x: torch.Tensor, chunk_size: int):
+    """The indices of every row of x (..., V), `chunk_size` at a time."""
+    return _chunks(torch.arange(_row_count(x), device=x.device), chunk_size)
+
+
 def _save_autocast(ctx, x) -> None:
     """Remember the autocast state of the forward: the backward recomputes each chunk of logits, and
     must round it exactly as the forward did (bf16 logits under autocast), or the softmax it rebuilds
@@ -677,10 +682,10 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, tokens, chunk_size, name):
-        dtype, rows = _float_dtype(x.dtype), torch.arange(_row_count(x), device=x.device)
+        dtype = _float_dtype(x.dtype)
         lse = torch.empty(_row_count(x), dtype=dtype, device=x.device)
         picked = torch.empty_like(lse)
-        for idx in _chunks(rows, chunk_size):
+        for idx in _row_chunks(x, chunk_size):
             z = _chunk_logits(x, weight, idx, dtype)
             lse[idx] = torch.logsumexp(z, dim=-1)
             picked[idx] = z.gather(-1, tokens[idx, None]).squeeze(-1)
@@ -694,7 +699,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, tokens, lse = ctx.saved_tensors
         grad_x, grad_w = _grad_buffers(ctx, x, weight, lse.dtype)
-        for idx in _chunks(torch.arange(_row_count(x), device=x.device), ctx.chunk_size):
+        for idx in _row_chunks(x, ctx.chunk_size):
             g = grad_out[idx, None].to(lse.dtype)
             with _autocast_as_forward(ctx):
                 z = _chunk_logits(x, weight, idx, lse.dtype)
@@ -745,7 +750,7 @@ class _MeanKL(torch.autograd.Function):
 def _entropy(x: torch.Tensor, weight: torch.Tensor | None, chunk_size: int, name: str) -> torch.Tensor:
     dtype = _float_dtype(x.dtype)
     out = torch.empty(_row_count(x), dtype=dtype, device=x.device)
-    for idx in _chunks(torch.arange(_row_count(x), device=x.device), chunk_size):
+    for idx in _row_chunks(x, chunk_size):
         z = _chunk_logits(x, weight, idx, dtype)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         _check_lse(name, lse)
@@ -763,7 +768,7 @@ def _logprobs_and_entropy(x, weight, tokens, chunk_size: int, name: str) -> tupl
     dtype = _float_dtype(x.dtype)
     logp = torch.empty(_row_count(x), dtype=dtype, device=x.device)
     entropy = torch.empty_like(logp)
-    for idx in _chunks(torch.arange(_row_count(x), device=x.device), chunk_size):
+    for idx in _row_chunks(x, chunk_size):
         z = _chunk_logits(x, weight, idx, dtype)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         _check_lse(name, lse)
@@ -898,7 +903,7 @@ def _token_ids(tokens, vocab: int, shape: torch.Size) -> torch.Tensor:
 
 def _no_nan(name: str, x: torch.Tensor, chunk_size: int) -> None:
     """NaN anywhere in x (..., V), also in rows that are not read, checked `chunk_size` rows at a time."""
-    for idx in _chunks(torch.arange(_row_count(x), device=x.device), chunk_size):
+    for idx in _row_chunks(x, chunk_size):
         if bool(torch.isnan(x[_at(x, idx)]).any()):
             _fail(name, "no NaN", "NaN in it")
 
