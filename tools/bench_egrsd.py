@@ -460,10 +460,11 @@ def bench_step(device: str, s: dict, profile: str = "") -> dict:
     default run runs under torch.profiler and its busiest operators go to that text file."""
     import train_min
 
+    constant = ["--lr-schedule", "constant"]  # (the profiled third step extends the run: a decaying schedule refuses)
+
     def two_steps(extra: list, profile: str = "") -> dict:
         with tempfile.TemporaryDirectory() as run_dir:
-            flags = ["--model", s["step_model"], "--device", device, "--eval-size", "0", "--save-every", "0",
-                     "--lr-schedule", "constant",  # (the profiled third step extends the run: a decaying schedule refuses)
+            flags = ["--model", s["step_model"], "--device", device, "--eval-size", "0", "--save-every", "0", *constant,
                      "--batch-size", str(s["step_batch"]), "--output-dir", run_dir, *s["step_flags"], *extra]
             train_min.main(flags + ["--steps", "2"])
             rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -474,7 +475,7 @@ def bench_step(device: str, s: dict, profile: str = "") -> dict:
     last = two_steps([], profile)
     tokens = last["length_mean"] * s["step_batch"]
     keys = ("generate_s", "score_s", "update_s", "step_s", "length_mean", "length_max", "peak_gpu_mem_gb", "gradient_checkpointing")
-    out = {"model": s["step_model"], "batch": s["step_batch"], "flags": s["step_flags"] + ["--lr-schedule", "constant"], **{k: last[k] for k in keys},
+    out = {"model": s["step_model"], "batch": s["step_batch"], "flags": constant + s["step_flags"], **{k: last[k] for k in keys},
            "completion_tokens": tokens, **{f"{phase}_tokens_per_s": tokens / last[f"{phase}_s"] for phase in ("generate", "score", "update")},
            "score_plus_update_share": (last["score_s"] + last["update_s"]) / last["step_s"]}
     out |= flop_floor(s["step_model"], tokens, last["score_s"] + last["update_s"], device, last["gradient_checkpointing"])

@@ -151,8 +151,9 @@ def interval(mean: float, se: float, df: float, level: float = 0.95) -> tuple[fl
 
 def detectable(se: float, df: float, level: float = 0.95, power: float = 0.8) -> float:
     """The smallest true difference found (two-sided, at `level`; for one of m comparisons under Holm's
-    adjustment, 1 − 0.05 / m: its first step) with probability `power`: the usual (t_{1−α/2} + t_{power})·se. With the standard error itself estimated, its power is about `power` from
-    about 8 degrees of freedom on, and less below (at 80%: about 78% on 3, 77% on 2, 73% on 1)."""
+    adjustment, 1 − 0.05 / m: its first step) with probability `power`: the usual (t_{1−α/2} + t_{power})·se.
+    With the standard error itself estimated, its power is about `power` from about 8 degrees of freedom on,
+    and less below (at 80%: about 78% on 3, 77% on 2, 73% on 1)."""
     return (t_quantile(0.5 + level / 2, df) + t_quantile(power, df)) * se
 
 
