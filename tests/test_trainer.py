@@ -926,19 +926,18 @@ def test_settings_are_named_by_their_folders_and_never_share_a_name(tmp_path):
     name take their parent folder's; one run named by two paths is one run."""
     assert [views.label([views.Run(n, {}, [], [])]) for n in ("grpo-gs2", "bs32", "egrsd-s0", "egrsd_seed3")] == [
         "grpo-gs2", "bs32", "egrsd", "egrsd"]
-    ids, templates = [f"p{i}" for i in range(4)], [0, 0, 1, 1]
-    for parent, gamma in (("a", 0.3), ("b", 1.0)):
-        write_run(tmp_path / parent / "egrsd", "egrsd", 0, [0] * 4, [1, 0, 1, 0], ids, templates)
-        saved = json.loads((tmp_path / parent / "egrsd" / "config.json").read_text())
-        (tmp_path / parent / "egrsd" / "config.json").write_text(json.dumps(saved | {"gamma": gamma}))
+    def egrsd_run(run_dir, seed, gamma):
+        write_run(run_dir, "egrsd", seed, [0] * 4, [1, 0, 1, 0], [f"p{i}" for i in range(4)], [0, 0, 1, 1])
+        (run_dir / "config.json").write_text(json.dumps(json.loads((run_dir / "config.json").read_text()) | {"gamma": gamma}))
+        return str(run_dir)
+
+    runs = [egrsd_run(tmp_path / parent / "egrsd", 0, gamma) for parent, gamma in (("a", 0.3), ("b", 1.0))]
     relative = os.path.relpath(tmp_path / "a" / "egrsd")  # (from the working directory)
-    groups, _ = views.evaluated_settings([str(tmp_path / "a" / "egrsd"), str(tmp_path / "b" / "egrsd"), relative])
+    groups, _ = views.evaluated_settings(runs + [relative])
     assert [(views.label(g), len(g)) for g in groups] == [("a/egrsd", 1), ("b/egrsd", 1)]
-    for seed, gamma in ((0, 0.3), (1, 1.0), (2, 1.0)):  # seeds in one folder, split by a setting: named by it
-        write_run(tmp_path / "c" / f"egrsd-s{seed}", "egrsd", seed, [0] * 4, [1, 0, 1, 0], ids, templates)
-        saved = json.loads((tmp_path / "c" / f"egrsd-s{seed}" / "config.json").read_text())
-        (tmp_path / "c" / f"egrsd-s{seed}" / "config.json").write_text(json.dumps(saved | {"gamma": gamma}))
-    groups, _ = views.evaluated_settings([str(tmp_path / "c" / f"egrsd-s{seed}") for seed in range(3)])
+    # seeds in one folder, split by a setting: named by it
+    runs = [egrsd_run(tmp_path / "c" / f"egrsd-s{seed}", seed, gamma) for seed, gamma in ((0, 0.3), (1, 1.0), (2, 1.0))]
+    groups, _ = views.evaluated_settings(runs)
     assert [(views.label(g), len(g)) for g in groups] == [("egrsd gamma=0.3", 1), ("egrsd gamma=1.0", 2)]
 
 
