@@ -169,7 +169,7 @@ def test_a_failed_metrics_row_stops_with_the_reason_and_the_resumed_run_parses_e
         train_min.main(FLAGS + ["--output-dir", str(tmp_path)])
     message = str(stop.value.code)
     assert message.startswith(f"could not write the metrics row of step 3 to {tmp_path}/metrics.jsonl: {reason}")
-    assert f"(step 2)" in message and f"--resume {tmp_path}" in message
+    assert "(step 2)" in message and f"--resume {tmp_path}" in message
     monkeypatch.undo()
     assert not (tmp_path / "metrics.jsonl").read_bytes().endswith(b"\n"), "the torn line is there"
     capsys.readouterr()

@@ -3,7 +3,6 @@ one step-0 evaluation shared by every arm, a time budget that leaves room for th
 G rollouts per problem with GRPO's group advantage, and the one-call runner of several arms."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import torch
 import egrsd
 import train_min
 from trainer import run_io
-from test_trainer import ROOT, TINY, read_metrics, without_timings
+from test_trainer import TINY, read_metrics, without_timings
 
 
 def evaluations(run_dir) -> list[dict]:
@@ -132,19 +131,20 @@ def test_group_size_samples_each_problem_g_times_with_the_group_advantage(tmp_pa
         train_min.main(TINY + ["--group-size", "3", "--output-dir", str(tmp_path / "bad")])
 
 
-def test_the_runner_starts_arms_side_by_side_and_packs_their_files(tmp_path):
+def test_the_runner_starts_arms_side_by_side_and_packs_their_files(tmp_path, monkeypatch, capfd):
     out = tmp_path / "out"
     out.mkdir()
     (tmp_path / "runs" / "initial").mkdir(parents=True)  # an initial evaluation cut off before it evaluated
     (tmp_path / "runs" / "initial" / "metrics.jsonl").write_text("")
     (tmp_path / "runs" / "grpo").mkdir()  # an arm of an earlier call (a folder holds one run: removed first)
     (tmp_path / "runs" / "grpo" / "config.json").write_text("{}")
-    env = {**os.environ, "OUT": str(out)}
-    command = [sys.executable, str(ROOT / "tools/run_arms.py"), "--out", str(tmp_path / "runs"), "--budget", "120",
-               "--common", " ".join(TINY + ["--steps", "1", "--max-new-tokens", "6"]),
-               "--arm", "grpo=--method grpo", "--arm", "egrsd=--method egrsd --gamma 0.3"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    from tools import run_arms
+
+    monkeypatch.setenv("OUT", str(out))  # where the GPU tool's files come back from: the default of --pack
+    status = run_arms.main(["--out", str(tmp_path / "runs"), "--budget", "120",
+                            "--common", " ".join(TINY + ["--steps", "1", "--max-new-tokens", "6"]),
+                            "--arm", "grpo=--method grpo", "--arm", "egrsd=--method egrsd --gamma 0.3"])
+    assert status == 0, capfd.readouterr()
     with tarfile.open(out / "runs.tar.gz") as archive:
         names = set(archive.getnames())
     assert {"runs/grpo/metrics.jsonl", "runs/egrsd/config.json", "runs/grpo/log.txt", "runs/commands.sh"} <= names

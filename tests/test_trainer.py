@@ -10,8 +10,6 @@ import os
 import math
 import re
 import signal
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 from statistics import fmean
@@ -368,21 +366,16 @@ def test_a_constant_schedule_can_be_extended_on_resume_and_a_decaying_one_cannot
         train_min.main(["--resume", str(tmp_path / "linear"), "--model", "random-0.5b"])
 
 
-def test_ctrl_c_checkpoints_after_the_current_step_and_the_run_resumes(tmp_path):
-    command = [sys.executable, "train_min.py", *TINY, "--steps", "50", "--eval-size", "0", "--save-every", "0",
-               "--lr-schedule", "constant", "--output-dir", str(tmp_path)]  # constant: the resume may then stop early
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               cwd=ROOT)
-    for line in process.stdout:
-        if line.startswith("step 1/"):
-            process.send_signal(signal.SIGINT)
-            break
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == 0, output
-    assert "checkpoint saved at step" in output
+def test_ctrl_c_checkpoints_after_the_current_step_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    flags = [*TINY, "--steps", "50", "--eval-size", "0", "--save-every", "0", "--lr-schedule", "constant",
+             "--output-dir", str(tmp_path)]  # constant: the resume may then stop early
+    with monkeypatch.context() as patch:
+        stop_after_step(1, patch)  # a real SIGINT to this process, during step 1
+        train_min.main(flags)  # returns: no KeyboardInterrupt
+    assert "checkpoint saved at step 1" in capsys.readouterr().out
     state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
     written = [r["step"] for r in read_metrics(tmp_path)]
-    assert written == list(range(1, state["step"] + 1)), "every finished step is logged and checkpointed"
+    assert written == list(range(1, state["step"] + 1)) == [1], "every finished step is logged and checkpointed"
     train_min.main(["--resume", str(tmp_path), "--steps", str(state["step"] + 1)])
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, state["step"] + 2))
 
@@ -874,8 +867,9 @@ def test_rows_without_problem_ids_are_matched_to_their_held_out_file_in_order():
 
 def test_the_curves_of_runs_are_drawn_from_their_metrics_alone(tmp_path):
     pytest.importorskip("matplotlib", reason="the optional extra matplotlib is not installed")
-    subprocess.run([sys.executable, str(ROOT / "tools/plot_runs.py"), str(tmp_path / "curves.png"),
-                    str(ROOT / "docs/real_runs/egrsd"), str(ROOT / "docs/real_runs/grpo")], check=True)
+    from tools import plot_runs
+
+    plot_runs.main([str(tmp_path / "curves.png"), str(ROOT / "docs/real_runs/egrsd"), str(ROOT / "docs/real_runs/grpo")])
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -891,8 +885,9 @@ def test_the_tradeoff_figure_pools_seeds_into_one_point_per_setting(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows[0] = {k: v for k, v in rows[0].items() if not k.startswith("eval_sampled_")} | {"eval_samples": 0}
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    subprocess.run([sys.executable, str(ROOT / "tools/plot_runs.py"), "--tradeoff", str(tmp_path / "figure1.png"), *dirs, dirs[0]],
-                   check=True)
+    from tools import plot_runs
+
+    plot_runs.main(["--tradeoff", str(tmp_path / "figure1.png"), *dirs, dirs[0]])
     assert (tmp_path / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(views.group_runs([views.load_run(d) for d in dirs])) == 2, "two settings of two seeds each"
 
@@ -1069,12 +1064,13 @@ def test_without_greedy_an_evaluation_is_avg_at_k_alone_and_the_step_line_compar
     assert table[5] == "(no greedy evaluation: --no-eval-greedy)" and table[7].startswith("sampled: avg@K"), table
     assert table[-1].split(maxsplit=1)[1].startswith("avg@K "), "nor a greedy difference"
     if importlib.util.find_spec("matplotlib"):
-        subprocess.run([sys.executable, str(ROOT / "tools/plot_runs.py"), str(tmp_path / "curves.png"),
-                        str(tmp_path / "both"), str(tmp_path / "sampled")], check=True)
+        from tools import plot_runs
+
+        plot_runs.main([str(tmp_path / "curves.png"), str(tmp_path / "both"), str(tmp_path / "sampled")])
     for run, flag in (("sampled", "--eval-greedy"), ("both", "--no-eval-greedy")):  # its evaluations compare
         with pytest.raises(SystemExit, match=f"^{flag}: a resumed run keeps --(no-)?eval-greedy"):
             train_min.main(["--resume", str(tmp_path / run), flag])
-    with pytest.raises(SystemExit, match=f"evaluated with --no-eval-greedy, this run with --eval-greedy;"):
+    with pytest.raises(SystemExit, match="evaluated with --no-eval-greedy, this run with --eval-greedy;"):
         train_min.main(flags + ["--initial-eval", str(tmp_path / "sampled"), "--output-dir", str(tmp_path / "reuse")])
 
 

@@ -20,7 +20,7 @@ import train_min  # noqa: E402
 from integrations import trl_egrsd  # noqa: E402
 from trainer.offline_models import build_tiny_model  # noqa: E402
 from trainer.tasks import student_messages, teacher_messages  # noqa: E402
-from trl_run import fixed_rollouts, problems, tiny_trainer, tokenizer  # noqa: E402
+from trl_run import fixed_rollouts, problems, recorded_run, tiny_trainer, tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -87,17 +87,14 @@ def test_the_running_advantage_is_saved_with_trls_checkpoints_and_restored(tmp_p
     assert resumed.running_advantage.state_dict() == straight.running_advantage.state_dict()
 
 
-def run(out: Path, processes: int):
-    command = [sys.executable, str(ROOT / "tests" / "trl_run.py"), str(out)]
-    if processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *command[1:]]
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    """One process here, two started by torchrun."""
+    one = recorded_run(str(tmp_path / "one"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "trl_run.py"),
+               str(tmp_path / "two")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(processes)]
-
-
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
-    (one,), two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    two = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in range(2)]
     for step in range(2):
         expected = [a[m] for a, m in zip(one["advantages"][step], one["masks"][step])]
         got = [a[m] for rank in two for a, m in zip(rank["advantages"][step], rank["masks"][step])]
@@ -262,16 +259,15 @@ def readme_command(**changes) -> list[str]:
     return [word for key, values in flags.items() if values is not None for word in (key, *values)]
 
 
-def test_the_readmes_command_trains_with_the_papers_lora_and_saves_the_adapter(tmp_path, model_dir):
+def test_the_readmes_command_trains_with_the_papers_lora_and_saves_the_adapter(tmp_path, model_dir, capfd):
+    """The script's main() on the README's flags (in this process: a second one would import it all again)."""
     pytest.importorskip("peft", reason="the optional extra peft is not installed")
     flags = readme_command(model_name_or_path=model_dir, output_dir=tmp_path / "run", use_vllm=None, vllm_mode=None,
                            use_cpu=True, report_to="none", max_steps=1, max_completion_length=8)
-    done = subprocess.run([sys.executable, "integrations/trl_egrsd.py", *flags], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trl_egrsd.main(flags)
     adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (64, 128, 0.0), "the paper's LoRA"
-    assert "egrsd/token_advantage_mean" in done.stdout + done.stderr, "the first step was logged"
+    assert "egrsd/token_advantage_mean" in "".join(capfd.readouterr()), "the first step was logged"
 
 
 def test_an_environment_mask_is_refused_and_an_evaluation_batch_larger_than_a_generation_batch_evaluates(tmp_path, monkeypatch):

@@ -40,7 +40,9 @@ def fixed_rollouts(prompts, trainer):
 class Recording(EGRSDTrainer):
     """Keeps each step's token advantages and masks, and the losses, of this process."""
 
-    record = {"advantages": [], "masks": [], "losses": []}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.record = {"advantages": [], "masks": [], "losses": []}
 
     def token_advantages(self, advantages, teacher_logp, student_logp, teacher_entropy, mask, settings=None):
         token_adv = super().token_advantages(advantages, teacher_logp, student_logp, teacher_entropy, mask, settings)
@@ -68,15 +70,20 @@ def tiny_trainer(out, cls=EGRSDTrainer, dtype=torch.float32, peft_config=None, *
 problems = built_in_problems(8, 0)[0]
 INDEX = {student_messages(p)[-1]["content"]: i for i, p in enumerate(problems)}
 
+def recorded_run(out: str, processes: int = 1, method: str = "cl-egrsd", steps: int = 2) -> dict:
+    """Trains as one of `processes` processes; writes OUT/rank{r}.pt (rank 0 also saves the model) and returns it."""
+    trainer = tiny_trainer(out, Recording, per_device_train_batch_size=GLOBAL_BATCH // processes, max_steps=steps,
+                           method=method, logging_steps=1, advantage_warmup=1)  # step 2 uses the running statistics
+    trainer.train()
+    torch.save(trainer.record, os.path.join(out, f"rank{trainer.accelerator.process_index}.pt"))
+    trainer.save_model(os.path.join(out, "final"))
+    return trainer.record
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--method", default="cl-egrsd")
     parser.add_argument("--steps", type=int, default=2)
     cli = parser.parse_args()
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    trainer = tiny_trainer(cli.out, Recording, per_device_train_batch_size=GLOBAL_BATCH // processes, max_steps=cli.steps,
-                           method=cli.method, logging_steps=1, advantage_warmup=1)  # step 2 uses the running statistics
-    trainer.train()
-    torch.save(trainer.record, os.path.join(cli.out, f"rank{trainer.accelerator.process_index}.pt"))
-    trainer.save_model(os.path.join(cli.out, "final"))
+    recorded_run(cli.out, int(os.environ.get("WORLD_SIZE", "1")), cli.method, cli.steps)

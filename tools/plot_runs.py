@@ -83,11 +83,14 @@ def tradeoff(path: str, run_dirs: list[str]) -> None:
     figure.savefig(path)
 
 
-if __name__ == "__main__":
-    arguments = sys.argv[1:]
+def main(arguments: list[str]) -> None:
     draw = plot
     if arguments[:1] == ["--tradeoff"]:
         draw, arguments = tradeoff, arguments[1:]
     if len(arguments) < 2:
         sys.exit("usage: python tools/plot_runs.py [--tradeoff] OUT.png RUN_DIR [RUN_DIR ...]")
     draw(arguments[0], arguments[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
