@@ -42,6 +42,20 @@ def same_parameters(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
+def test_the_tiny_tokenizer_trained_once_a_process_encodes_as_one_trained_afresh_and_each_copy_is_its_own():
+    from trainer.offline_models import train_tiny_bpe
+
+    fresh, built = train_tiny_bpe(), build_tiny_tokenizer()
+    texts = [p.question + " " + p.solution for p in built_in_problems(20, 0)[0]] + ["<|im_start|>user\nÉté 3½?<|im_end|>"]
+    assert fresh.get_vocab() == built.get_vocab() and len(built) == 512
+    for text in texts:
+        ids = fresh.encode(text).ids
+        assert built.encode(text, add_special_tokens=False) == ids
+        assert built.decode(ids, skip_special_tokens=False) == fresh.decode(ids, skip_special_tokens=False) == text
+    built.add_tokens(["<think>"])  # a caller changes its copy
+    assert len(build_tiny_tokenizer()) == 512, "the next copy is untouched"
+
+
 def test_a_checkpoints_own_sampling_defaults_do_not_leak_into_rollouts(tmp_path):
     """Rollouts must come from the policy whose log-probs are trained: no repetition penalty or other
     sampling default saved with the model may apply."""
