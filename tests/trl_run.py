@@ -70,6 +70,7 @@ def tiny_trainer(out, cls=EGRSDTrainer, dtype=torch.float32, peft_config=None, *
 problems = built_in_problems(8, 0)[0]
 INDEX = {student_messages(p)[-1]["content"]: i for i, p in enumerate(problems)}
 
+
 def recorded_run(out: str, processes: int = 1, method: str = "cl-egrsd", steps: int = 2) -> dict:
     """Trains as one of `processes` processes; writes OUT/rank{r}.pt (rank 0 also saves the model) and returns it."""
     trainer = tiny_trainer(out, Recording, per_device_train_batch_size=GLOBAL_BATCH // processes, max_steps=steps,

@@ -1,6 +1,6 @@
 """Models and tokenizers built in code, so tests and speed checks never touch the Hugging Face hub.
 
-- `build_tiny_tokenizer()`: a byte-level BPE (512 tokens) trained in code on generated problems, with
+- `build_tiny_tokenizer()`: a byte-level BPE (512 tokens) trained in code on generated problems (once a process), with
   Qwen2.5's special tokens (`<|endoftext|>` pad, `<|im_end|>` end of turn) and a ChatML chat template.
 - `build_tiny_model(tokenizer)`: a random 2-layer Qwen2 that generates fast on CPU.
 - `build_random_model(name, tokenizer, dtype)`: Qwen2.5-0.5B's (`random-0.5b`) or Qwen3-4B's
