@@ -19,6 +19,28 @@ def test_t_quantiles_are_the_printed_tables(df, q975, q80):
     assert stats.t_quantile(0.025, df) == pytest.approx(-q975, abs=1e-4)
 
 
+# scipy 1.17.1's stats.t.cdf (scipy is no dependency: computed once and written here); near 0 at large df, where the
+# continued fraction of I_x converges slowly unless it switches to 1 − I_{1−x}(b, a), and in the tails down to 1e-6
+@pytest.mark.parametrize("x, df, expected", [(0.05, 100, 0.5198889391290129), (-0.05, 200, 0.48008614343663325),
+                                             (0.5, 3, 0.6742760175759245), (-2.5, 10, 0.01572342211830441),
+                                             (-4.911206936813671, 182.8224, 9.999999999999961e-07),
+                                             (-12.7062, 1, 0.0250000092803552), (1.3, 1.5, 0.8209853043992096),
+                                             (-6.0, 2.5, 0.0076408649427614495)])
+def test_t_cdf_is_scipys_to_1e_9_near_0_and_in_the_tails(x, df, expected):
+    assert stats.t_cdf(x, df) == pytest.approx(expected, rel=1e-9)
+    assert 1 - stats.t_cdf(-x, df) == pytest.approx(expected, rel=1e-9)
+
+
+# scipy 1.17.1's stats.t.ppf, as above: the bisection stops at 1e-12, far inside 1e-9
+@pytest.mark.parametrize("p, df, expected", [(1e-6, 1, -318309.8861827435), (1e-6, 200, -4.897302102826782),
+                                             (0.025, 1.5, -6.016663104427933), (0.2, 3, -0.9784723123633038),
+                                             (0.45, 30, -0.12672961313207354), (0.975, 200, 1.9718962236339088),
+                                             (1 - 1e-6, 4, 41.5778541501515), (0.8, 7.3, 0.8936713571802273)])
+def test_t_quantile_is_scipys_to_1e_9_down_to_tails_of_1e_6(p, df, expected):
+    assert stats.t_quantile(p, df) == pytest.approx(expected, rel=1e-9)
+    assert stats.t_quantile(1 - p, df) == pytest.approx(-expected, rel=1e-9)
+
+
 def naive_cr2(values, clusters):
     """CR2 by its definition, V = (X'X)⁻¹ Σ_g X_g' A_g e_g e_g' A_g X_g (X'X)⁻¹, A_g = (I − H_gg)^(−1/2), for
     the intercept-only regression X = 1; and Bell and McCaffrey's degrees of freedom by theirs: V = y' Ω y
@@ -206,6 +228,15 @@ def test_the_slope_is_the_least_squares_one_for_a_run_and_the_mean_across_seeds(
     else:
         slopes = [slope for slope, _ in fits]
         assert (b, se, df) == pytest.approx((np.mean(slopes), np.std(slopes, ddof=1) / math.sqrt(runs), runs - 1), rel=1e-7, abs=1e-9)
+
+
+def test_a_slope_needs_a_run_of_three_points_or_two_runs_and_a_run_at_one_x_is_left_out():
+    with pytest.raises(ValueError, match="points"):
+        stats.slope([(0, 0.1, "a"), (1, 0.3, "a")])  # two points: nothing left to estimate its error from
+    with pytest.raises(ValueError, match="points"):
+        stats.slope([(2, 0.1, "a"), (2, 0.3, "a"), (2, 0.2, "a")])  # one x: no slope
+    # two runs of two points: slopes 0.2 and 0.1, their mean and its error across the runs; run c has one x
+    assert stats.slope([(0, 0.1, "a"), (1, 0.3, "a"), (0, 0.2, "b"), (1, 0.3, "b"), (5, 9.0, "c")]) == pytest.approx((0.15, 0.05, 1))
 
 
 def test_the_slope_of_seeds_whose_slopes_differ_covers_the_settings_mean_slope():

@@ -724,6 +724,31 @@ def test_holm_adjusts_several_p_values_and_the_verdict_follows_it():
     assert "(no detectable difference;" in views.describe(results[2], p=1.0)
 
 
+def test_the_detectable_difference_of_one_of_several_comparisons_is_that_of_holms_first_step():
+    """(t_{1 − 0.05/6} + t_{0.8}) · se on 10 degrees of freedom, from scipy 1.17.1's t.ppf: (2.8701 + 0.8791) · 4 =
+    15.0 points; alone, at 0.05: (2.2281 + 0.8791) · 4 = 12.4."""
+    result = stats.Clustered(0.1, 0.04, df=10, clusters=11, n=40)
+    assert "detectable ±15.0 at 0.05/3, p 0.093 Holm)" in views.describe(result, p=0.093, comparisons=3)
+    assert views.describe(result).endswith("detectable ±12.4)")
+
+
+def test_a_comparison_without_a_p_value_counts_neither_in_holms_adjustment_nor_in_the_detectable_level(tmp_path):
+    """cl-egrsd ends as grpo does on every problem (no spread between templates: no p), so egrsd's greedy
+    difference is the one comparison of its measure: its p as is, its detectable difference at 0.05."""
+    ids, templates = [f"p{i}" for i in range(8)], [i // 2 for i in range(8)]
+    ends = {"grpo": [0, 0, 1, 0, 0, 0, 0, 1], "egrsd": [1, 1, 1, 0, 1, 1, 1, 1], "cl-egrsd": [0, 0, 1, 0, 0, 0, 0, 1]}
+    for method, end in ends.items():
+        write_run(tmp_path / method, method, 0, [0] * 8, end, ids, templates)
+    out = views.compare_table([str(tmp_path / method) for method in ends]).splitlines()
+    result = stats.clustered_mean([ends["egrsd"][i] - ends["grpo"][i] for i in range(8)], templates)
+    minus = out[next(i for i, l in enumerate(out) if l.startswith("Minus grpo")):]
+    line = next(l for l in minus if l.startswith("  egrsd ")).split("; avg@K")[0]
+    assert line.endswith(f"G = 4, n = 8, detectable ±{100 * stats.detectable(result.se, result.df):.1f}, "
+                         f"p {views.p_value(result):.3f} Holm)"), line
+    line = next(l for l in minus if l.startswith("  cl-egrsd "))
+    assert "greedy +0.0 points (no interval: no spread between templates; G = 4, n = 8)" in line, line
+
+
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=8))
 def test_holm_is_the_running_maximum_of_its_step_down_bonferroni_factors_capped_at_1(p):
     m = len(p)
@@ -1001,6 +1026,7 @@ def test_scores_are_those_of_the_models_in_eval_mode_whatever_mode_the_update_le
 
 
 # ---- proposed by mutation testing -------------------------------------------------------------------------
+
 
 def test_final_keeps_the_checkpoints_own_generation_config_with_the_eos_ids_rollouts_end_on(tmp_path):
     """The checkpoint lists only <pad> as EOS: final/'s config must list the tokenizer's EOS too, first."""
