@@ -473,9 +473,11 @@ def linear_opsd_loss(
     _hidden_and_weight("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
     if student_hidden.dim() != 2:
         _fail("student_hidden", "shape (N, D)", f"shape {tuple(student_hidden.shape)}")
-    if teacher_hidden.shape != student_hidden.shape or teacher_weight.shape != student_weight.shape:
-        _fail("teacher_hidden", f"shapes {tuple(student_hidden.shape)} and weight {tuple(student_weight.shape)} like the student's",
-              f"{tuple(teacher_hidden.shape)} and {tuple(teacher_weight.shape)}")
+    if teacher_hidden.shape != student_hidden.shape:
+        _fail("teacher_hidden", f"shape {tuple(student_hidden.shape)}, the student's", f"{tuple(teacher_hidden.shape)}")
+    if teacher_weight.shape != student_weight.shape:
+        _fail("teacher_weight", f"shape {tuple(student_weight.shape)}, the student's (one vocabulary)",
+              f"{tuple(teacher_weight.shape)}")
     rows = torch.arange(student_hidden.shape[0], device=student_hidden.device)
     return _MeanKL.apply(student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
                          rows, _chunk_size(chunk_size))

@@ -342,13 +342,15 @@ def test_weighting_matches_naive_reference(function, dtype, data):
     assert_close(out, call(WEIGHTING[function], batch.arguments, **settings), torch.promote_types(dtype, torch.float32))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @given(data=st.data())
 def test_policy_loss_matches_naive_reference(dtype, data):
+    """bfloat16 inputs too: the loss is summed in float32 (the reference reads the same rounded inputs in float64)."""
     batch = data.draw(batches(dtype))
     advantages = call(naive_token_advantages, batch.arguments).to(dtype)
     loss = egrsd.policy_loss(batch.student_logp, advantages, batch.mask)
-    assert_close(loss, naive_policy_loss(batch.student_logp, advantages, batch.mask), dtype)
+    assert loss.dtype in WIDE_FLOATS
+    assert_close(loss, naive_policy_loss(batch.student_logp, advantages, batch.mask), torch.promote_types(dtype, torch.float32))
 
 
 @st.composite
@@ -434,6 +436,13 @@ def test_chunking_changes_nothing(function, batch):
     assert_close(call(function, batch.arguments, chunk_size=1), call(function, batch.arguments), torch.float32)
 
 
+def test_one_row_of_logits_is_scored_as_a_batch_of_one():
+    """logits (V,) is (..., V) with no leading dims: a scalar, the one row of the (1, V) batch."""
+    logits, token = torch.randn(1, 7, generator=torch.Generator().manual_seed(0)), torch.tensor([3])
+    assert torch.equal(egrsd.token_logprobs(logits[0], token[0]), egrsd.token_logprobs(logits, token)[0])
+    assert torch.equal(egrsd.token_entropy(logits[0]), egrsd.token_entropy(logits)[0])
+
+
 class LargestNewStorage(TorchDispatchMode):
     """The largest storage that any op makes inside the block (views of the given tensors do not count)."""
 
@@ -479,6 +488,12 @@ def test_gate_lies_between_floor_or_one_minus_gamma_and_one(batch, settings):
     omega = call(egrsd.entropy_gate, batch.arguments, **settings)[batch.mask]
     lowest = max(settings["floor"], 1 - settings["gamma"])
     assert (omega >= lowest - ROUNDING).all() and (omega <= 1).all()
+
+
+def test_gate_is_clipped_at_one_also_below_zero_entropy():
+    """Eq. 6 clips at 1 whatever Ĥ is: an entropy below 0 (refused nowhere: only NaN and ±inf are) gives ω = 1."""
+    omega = egrsd.entropy_gate(torch.tensor([[-1.0, 0.5]]), torch.ones(1, 2, dtype=torch.bool))
+    assert omega[0, 0] == 1 and omega[0, 1] < 1
 
 
 @given(batches(), gate_settings())
@@ -656,6 +671,16 @@ def test_smaller_groups_never_gate_less(batch, settings, data):
     assert (grouped <= whole + ROUNDING).all()
 
 
+@pytest.mark.parametrize("B, T", [(2, 0), (0, 3)])
+def test_an_empty_batch_gives_empty_weights_and_a_zero_loss(B, T):
+    """No completion positions (T = 0) or no rollouts (B = 0): every per-token output is (B, T), the loss 0."""
+    entropy, mask = torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
+    for group in (None, 2):
+        advantages = egrsd.token_advantages(torch.zeros(B), entropy, entropy, entropy, mask, window=2, group=group)
+        assert advantages.shape == (B, T) and egrsd.token_regimes(entropy, mask, 2, group=group).shape == (B, T)
+    assert egrsd.policy_loss(entropy, entropy, mask).item() == 0.0
+
+
 @given(batches())
 def test_policy_loss_gradient_is_minus_masked_advantage_over_count(batch):
     assume(batch.mask.any())  # the empty mask has its own test
@@ -725,6 +750,13 @@ def test_running_advantage_where_earlier_rewards_are_all_equal_is_reward_minus_t
     running = egrsd.RunningAdvantage(warmup_steps=1)
     running(as_float64([1.25, 1.25]))  # the warm-up call; r̄ = 1.25, σ_r = 0
     assert torch.equal(running(as_float64([0.0, 1.25, 1.5])), as_float64([-1.25, 0.0, 0.25]))
+
+
+def test_running_advantage_without_warm_up_normalises_from_its_second_call():
+    """warmup_steps = 0 is allowed: the second call is (r − r̄) / σ_r over the first call's rewards."""
+    running = egrsd.RunningAdvantage(warmup_steps=0)
+    running(as_float64([0.0, 1.0]))  # r̄ = 0.5, σ_r = 0.5
+    assert torch.equal(running(as_float64([1.0, 0.0, 0.5])), as_float64([1.0, -1.0, 0.0]))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -865,6 +897,8 @@ BAD_INPUTS = [
     case("group_advantages", "rewards", first_entry(math.nan), "NaN"),
     *[case("group_advantages", "eps", eps) for eps in [0.0, -1.0]],
     *[case("length_shaped_reward", "lengths", first_entry(length), length) for length in [-1, 33]],
+    case("length_shaped_reward", "lengths", lambda x: first_entry(math.nan)(x.double()), "NaN"),
+    case("length_shaped_reward", "correct", torch.Tensor.long, "int verdicts"),
 ]
 
 
@@ -873,6 +907,17 @@ def test_bad_input_raises_value_error_naming_the_argument(function, argument, ba
     value = bad(valid_arguments()[argument]) if callable(bad) else bad
     with pytest.raises(ValueError, match=rf"\b{argument}\b"):
         run(function, **{argument: value})
+
+
+@pytest.mark.parametrize("argument, bad", [("warmup_steps", -1), ("warmup_steps", 1.5), ("warmup_baseline", math.nan)])
+def test_running_advantage_rejects_bad_settings_naming_them(argument, bad):
+    with pytest.raises(ValueError, match=rf"\b{argument}\b"):
+        egrsd.RunningAdvantage(**{argument: bad})
+
+
+def test_running_advantage_refuses_a_state_that_is_not_its_own():
+    with pytest.raises(ValueError, match=r"^state\b"):
+        egrsd.RunningAdvantage().load_state_dict({"steps": 3})
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1024,6 +1069,7 @@ def test_opsd_loss_is_zero_with_zero_gradient_on_empty_mask():
     ("linear_token_logprobs_and_entropy", lambda h, w, t: (h, w, t[:-1]), "tokens"),
     ("linear_token_logprobs_and_entropy", lambda h, w, t: (h, w.T, t), "hidden"),
     ("linear_opsd_loss", lambda h, w, t: (h, w, h[:-1], w), "teacher_hidden"),
+    ("linear_opsd_loss", lambda h, w, t: (h, w, h, w[:-1]), "teacher_weight"),  # two vocabulary sizes
     ("linear_opsd_loss", lambda h, w, t: (h[None], w, h[None], w), "student_hidden"),
 ])
 def test_linear_functions_reject_bad_input_naming_the_argument(function, arguments, argument):
@@ -1113,7 +1159,7 @@ def test_gate_settings_compute_what_the_functions_compute(batch, settings, thres
 
 
 SETTING_CASES = [(name, bad) for name, values in {
-    "gamma": [-0.1, math.inf, "0.3"], "eps": [0.0, 1.0, -0.1, 1.5], "floor": [-0.1, 1.5, math.nan],
+    "gamma": [-0.1, math.inf, "0.3", True], "eps": [0.0, 1.0, -0.1, 1.5], "floor": [-0.1, 1.5, math.nan, True],
     "min_denominator": [0.0, -1.0], "window": [-1, 1.5, True], "denominator": ["max", None],
     "group": [0, -1, 1.5, True]}.items() for bad in values]
 
@@ -1175,3 +1221,7 @@ def test_gate_settings_from_flags_reads_each_flag_and_gate_group_zero_as_the_who
     assert all(allowed for _, allowed, _ in egrsd.GateSettings.flag_rules(SimpleNamespace(**flags)))
     assert [name for name, allowed, _ in egrsd.GateSettings.flag_rules(SimpleNamespace(**flags | {"gate_group": -1}))
             if not allowed] == ["gate_group"]
+    for name, bad in SETTING_CASES:  # every flag is checked: each bad value is refused under its own name alone
+        if name != "group":
+            assert [flag for flag, allowed, _ in egrsd.GateSettings.flag_rules(SimpleNamespace(**flags | {name: bad}))
+                    if not allowed] == [name]
