@@ -61,6 +61,15 @@ def test_candidates_keep_the_tokens_tied_with_the_kth_in_bf16():
     assert_close(candidate_probs(logits, 1.0, 2, 1.0), hf_warped_probs(logits.float(), 1.0, 2, 1.0), torch.float32)
 
 
+def test_a_candidate_goes_where_those_above_it_hold_exactly_top_p_as_in_hf():
+    """Four equal logits at top_p 0.5: the first two hold exactly 0.5 (float sums of quarters are exact), so
+    the other two go, as HF drops a token whose ascending cumulative probability is ≤ 1 − top_p."""
+    logits = torch.zeros(1, 4)
+    ours = candidate_probs(logits, 1.0, 0, 0.5)
+    assert sorted(ours[0].tolist()) == [0.0, 0.0, 0.5, 0.5]
+    assert_close(ours.sort(dim=-1).values, hf_warped_probs(logits, 1.0, 0, 0.5).sort(dim=-1).values, torch.float32)
+
+
 def test_sample_draws_each_candidate_at_its_probability():
     probs = torch.tensor([[0.5, 0.25, 0.15, 0.1, 0.0]]).expand(200_000, 5)
     ids = torch.tensor([[7, 3, 9, 1, 4]]).expand(200_000, 5)

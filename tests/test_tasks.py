@@ -16,6 +16,7 @@ from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, lo
     ("\\boxed{\\frac{1}{2}}", "0.5", True),  # nested braces
     ("\\boxed{1,000}", "1000", True), ("\\boxed{$18.00}", "18", True),
     ("she has 5 apples, then 7\n#### 12", "12", True),  # GSM8K's marker before the last number
+    ("#### 5\nno, recount: 5 + 7\n#### 12", "12", True),  # the number after the LAST marker
     ("3 + 4 = 7", "7", True), ("3 + 4 = 7", "8", False),  # else the last number
     ("\\boxed{-3}", "-3", True), ("\\boxed{-3}", "3", False),
     ("no number at all", "7", False), ("\\boxed{seven}", "7", False),
@@ -57,10 +58,14 @@ GRADED = [
     ("0.5", r"\boxed{\frac{1}{0}}", False),
     # nested braces and wrappers, "x = 5", a final period
     ("5", r"\boxed{{5}}", True), ("5", r"\boxed{{{5}}}", True), ("42", r"\boxed{\textbf{42}}", True),
+    ("5", r"\boxed{x = 2 + 3 = 5}", True),  # the value after the last "="
     ("5", r"\boxed{x = 5}", True), ("42", r"\boxed{42.}", True), ("7", r"\boxed {7}", True), ("7", r"\fbox{7}", True),
     # thousands separators against lists
     ("1000", r"\boxed{1,000}", True), ("1234567", r"\boxed{1,234,567}", True), ("12", r"\boxed{1, 2}", False),
     ("12", r"\boxed{1,2}", False), ("12", r"\boxed{1 2}", False), ("1000", r"\boxed{1,0000}", False),
+    ("10002", r"\boxed{1,000, 2}", False),  # a list of which one is written with a thousands separator
+    # a near miss is wrong; words between numbers are no unit (2 h 30 min is not 230)
+    ("1000", r"\boxed{1001}", False), ("230", r"\boxed{2 \text{ hours } 30 \text{ minutes}}", False),
     # symbolic references (MATH-500 style): the built-in verifier refuses to load them, math-verify grades them
     (r"2\sqrt{2}", r"\boxed{2\sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{2 \sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{\sqrt{8}}", True),
     (r"2\sqrt{2}", r"\boxed{\sqrt{6}}", False), (r"\frac{\pi}{2}", r"\boxed{\pi/2}", True), (r"x^2+1", r"\boxed{1 + x^2}", True),

@@ -1156,3 +1156,73 @@ def test_a_step_0_evaluation_is_reused_however_its_cap_was_written(tmp_path):
             config.check_initial_eval(config.Config(initial_eval=initial, eval_samples=0 if initial == old else 4, **ours))
         with pytest.raises(SystemExit, match="--eval-max-new-tokens 12, this run with --eval-max-new-tokens 16"):
             config.check_initial_eval(config.Config(initial_eval=initial, eval_samples=0, max_new_tokens=12, eval_max_new_tokens=16))
+
+
+def test_a_row_whose_eos_is_in_the_last_column_is_finished():
+    """generate trims a batch to its longest row: a row that ends there has its EOS in the last column, and
+    is finished (rewarded), not truncated."""
+    eos, pad = 7, 0
+    completion = torch.tensor([[3, 4, 5, eos], [3, eos, pad, pad], [3, 3, 3, 3]])
+    mask, finished = train_min.completion_mask(completion, [eos])
+    assert mask.tolist() == [[True] * 4, [True, True, False, False], [True] * 4]
+    assert finished.tolist() == [True, True, False]
+
+
+def test_a_truncated_rollout_is_not_correct_whatever_its_answer():
+    tokenizer = build_tiny_tokenizer()
+    ids = tokenizer("The answer is \\boxed{7}.", return_tensors="pt", add_special_tokens=False)["input_ids"].expand(2, -1)
+    mask = torch.ones(ids.shape, dtype=torch.bool)
+    correct = train_min.verify(tokenizer, ids, mask, torch.tensor([True, False]), [Problem("q", "s", "7")] * 2, train_min.Config())
+    assert correct.tolist() == [True, False]
+
+
+def test_the_teacher_prompt_holds_the_reference_solution_and_the_student_prompt_the_question_alone():
+    tokenizer = build_tiny_tokenizer()
+    problems = built_in_problems(2, 0)[0]
+    batch = train_min.rollouts(build_tiny_model(tokenizer), tokenizer, problems, train_min.Config(device="cpu", max_new_tokens=1))
+    for b, p in enumerate(problems):
+        texts = {}
+        for who, ids, attention, messages in (("student", batch.student_ids, batch.student_mask, student_messages),
+                                              ("teacher", batch.teacher_ids, batch.teacher_mask, teacher_messages)):
+            texts[who] = tokenizer.decode(ids[b][attention[b].bool()])
+            assert texts[who] == tokenizer.apply_chat_template(messages(p), tokenize=False, add_generation_prompt=True)
+        assert p.solution in texts["teacher"] and p.solution not in texts["student"]
+
+
+def test_the_score_temperature_follows_the_rollout_temperature_unless_set():
+    assert train_min.score_temperature(train_min.Config(temperature=1.7)) == 1.7
+    assert train_min.score_temperature(train_min.Config(temperature=1.7, score_temperature=0.9)) == 0.9
+
+
+def test_the_update_steps_once_along_the_gradient_clipped_to_grad_clip_and_leaves_no_gradient_behind():
+    """SGD at lr 1: the weights move by the gradient scaled to norm --grad-clip (the norm returned is the one
+    before clipping), and no gradient is left to add to the next step's."""
+    tokenizer = build_tiny_tokenizer()
+    student, teacher = build_tiny_model(tokenizer, seed=1).double(), build_tiny_model(tokenizer, seed=2).double()
+    cfg = train_min.Config(model="tiny", device="cpu", dtype="float32", method="grpo", max_new_tokens=6, micro_batch_size=2,
+                           grad_clip=1e-3)
+    torch.manual_seed(0)
+    batch = train_min.rollouts(student, tokenizer, built_in_problems(3, 1)[0], cfg)
+    advantages = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
+    before = [p.detach().clone() for p in student.parameters()]
+    _, grad_norm, _ = train_min.update(student, teacher, torch.optim.SGD(student.parameters(), lr=1.0), batch,
+                                       train_min.score(None, teacher, batch, cfg), advantages, cfg)
+    step = float(torch.cat([(p.detach() - b).flatten() for p, b in zip(student.parameters(), before)]).norm())
+    assert grad_norm > 10 * cfg.grad_clip, "the clip binds"
+    assert step == pytest.approx(cfg.grad_clip, rel=1e-5)
+    assert all(p.grad is None for p in student.parameters())
+
+
+def test_each_rollouts_reward_is_shaped_by_its_own_length_up_to_its_eos(tmp_path, monkeypatch):
+    """r = 1 + β (1 − |y_i| / L_max) with |y_i| the row's own length, not the width of the padded batch."""
+    lengths = torch.tensor([8, 3, 6, 1])
+
+    def ending_at(model, tokenizer, prompt_ids, prompt_mask, cfg, **kw):  # every row finished at its length
+        return torch.randint(10, 100, (len(prompt_ids), 8)), torch.arange(8) < lengths[:, None], torch.ones(4, dtype=torch.bool)
+
+    monkeypatch.setattr(train_min, "generate", ending_at)
+    monkeypatch.setattr(train_min, "verify", lambda *args: torch.ones(4, dtype=torch.bool))
+    train_min.main(TINY + ["--steps", "1", "--eval-size", "0", "--no-save-model", "--output-dir", str(tmp_path)])
+    row = read_metrics(tmp_path)[0]
+    assert row["length_mean"] == 4.5 and row["accuracy"] == 1.0
+    assert row["reward"] == pytest.approx(fmean(1 + 0.5 * (1 - n / 8) for n in lengths.tolist()))
