@@ -48,28 +48,53 @@ def run_then_resume(run_dir) -> None:
     train_min.main(["--resume", str(run_dir)])
 
 
-@pytest.mark.parametrize("stage", ["model", "state", "renamed"])
-def test_a_kill_at_each_stage_of_a_checkpoint_write_loses_nothing(stage, straight, tmp_path):
-    """SIGKILL while the second checkpoint is written (after its model, after its state file, between the
-    two renames): the first checkpoint stays usable, and the resumed run ends exactly as the uninterrupted one."""
+KILL_STAGES = ("model", "state", "renamed")
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """One run SIGKILLed at each stage of the write of its second checkpoint: after its model, after its state
+    file, between the two renames. One process imports train_min, then forks a child per stage (before any
+    tensor work, so the child starts as a fresh process would; the import took seconds a process):
+    {stage: (run folder, the signal that ended its child)}."""
+    out = tmp_path_factory.mktemp("killed")
     driver = textwrap.dedent(f"""
-        import os, signal, sys
+        import os, signal, sys, traceback
         sys.path.insert(0, {str(ROOT)!r})
         import train_min
         from trainer import run_io
-        seen = []
-        def kill_at(stage):
-            seen.append(stage)
-            if seen.count({stage!r}) == 2:  # the checkpoint of step 2
-                os.kill(os.getpid(), signal.SIGKILL)
-        run_io.on_stage = kill_at
-        train_min.main({FLAGS + ["--output-dir", str(tmp_path)]!r})
+        for stage in {KILL_STAGES!r}:
+            child = os.fork()
+            if child == 0:
+                seen = []
+                def kill_at(at):
+                    seen.append(at)
+                    if seen.count(stage) == 2:  # the checkpoint of step 2
+                        os.kill(os.getpid(), signal.SIGKILL)
+                run_io.on_stage = kill_at
+                try:
+                    train_min.main({FLAGS!r} + ["--output-dir", {str(out)!r} + "/" + stage])
+                except BaseException:
+                    traceback.print_exc()
+                sys.stdout.flush()
+                os._exit(1)  # not killed: never back into the loop
+            status = os.waitpid(child, 0)[1]
+            print("ended", stage, os.WTERMSIG(status) if os.WIFSIGNALED(status) else -1, flush=True)
     """)
-    killed = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
-    assert run_io.checkpoint_step(run_io.find_checkpoint(str(tmp_path))) == 1
-    run_then_resume(tmp_path)
-    assert rows_of(tmp_path) == straight
+    done = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, capture_output=True, text=True)
+    ended = dict(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("ended "))
+    return {stage: (out / stage, int(ended.get(stage, 0)), done.stdout[-2000:] + done.stderr[-2000:]) for stage in KILL_STAGES}
+
+
+@pytest.mark.parametrize("stage", KILL_STAGES)
+def test_a_kill_at_each_stage_of_a_checkpoint_write_loses_nothing(stage, killed, straight):
+    """SIGKILL while the second checkpoint is written (after its model, after its state file, between the
+    two renames): the first checkpoint stays usable, and the resumed run ends exactly as the uninterrupted one."""
+    run_dir, ended_by, output = killed[stage]
+    assert ended_by == signal.SIGKILL, output
+    assert run_io.checkpoint_step(run_io.find_checkpoint(str(run_dir))) == 1
+    run_then_resume(run_dir)
+    assert rows_of(run_dir) == straight
 
 
 class Killed(BaseException):
