@@ -215,19 +215,23 @@ def _balanced(s: str) -> bool:
 
 def _to_number(text: str) -> float | None:
     """The value of an answer string after `normalise_answer`: a decimal (`1,000` and `1 000` are
-    thousands, `1, 2` is a list and no number), `a/b`, `\\frac{a}{b}`, `-\\frac{a}{b}`; None otherwise."""
-    s = normalise_answer(text)
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "").replace(" ", "")
-    fraction = re.fullmatch(r"([-+]?)\s*\\frac\{(.+)\}\{(.+)\}|([-+]?[\d.]+)\s*/\s*([-+]?[\d.]+)", s)
+    thousands, also in a fraction; `1, 2` is a list and no number), `a/b`, `\\frac{a}{b}`, `-\\frac{a}{b}`; None
+    otherwise."""
+    s = _without_thousands(normalise_answer(text))
+    fraction = re.fullmatch(r"([-+]?)\s*\\frac\{(.+)\}\{(.+)\}|([-+]?[\d.,]+)\s*/\s*([-+]?[\d.,]+)", s)
     if fraction:
         sign, *parts = fraction.groups()
         parts = [p for p in parts if p is not None]
-        values = [_decimal(p) for p in parts]
+        values = [_decimal(_without_thousands(p.strip())) for p in parts]  # \frac{1,000}{2}, 1,000/2
         if None in values or values[1] == 0:
             return None
         return (-1 if sign == "-" else 1) * values[0] / values[1]
     return _decimal(s)
+
+
+def _without_thousands(s: str) -> str:
+    """`1,000` and `1 000` as `1000` where the separators group the whole string in threes; else `s` as is."""
+    return s.replace(",", "").replace(" ", "") if _THOUSANDS.fullmatch(s) else s
 
 
 def _decimal(s: str) -> float | None:
