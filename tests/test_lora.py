@@ -139,3 +139,48 @@ def test_an_adapter_on_the_lm_head_is_refused_where_the_config_could_not_be_chec
     with pytest.raises(SystemExit, match=r"^--lora-target-modules: expected no LM head"):
         lora.attach(build_tiny_model(build_tiny_tokenizer()), cfg)
     assert lora.attach(build_tiny_model(build_tiny_tokenizer()), Config(model="tiny", lora_r=4, lora_target_modules="q_proj"))
+
+
+def test_attach_makes_the_configured_adapter_scaled_alpha_over_r_and_the_defaults_are_the_papers():
+    """peft's adapter as configured (the sampler copies peft's own scaling, so a wrong α would pass every test
+    that compares the sampler with the student); the defaults: α 128, dropout 0 on all seven projections."""
+    defaults = Config()
+    assert (defaults.lora_alpha, defaults.lora_dropout) == (128.0, 0.0)
+    assert defaults.lora_target_modules.split(",") == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = lora.attach(build_tiny_model(build_tiny_tokenizer()), Config(lora_r=4, lora_alpha=10, lora_dropout=0.25))
+    config = model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 10, 0.25)
+    layers = lora.adapted_layers(model.get_base_model())
+    assert len(layers) == 2 * 7 and all(layer.scaling["default"] == 10 / 4 for _, layer in layers)
+
+
+def test_adapter_parameters_counts_the_adapter_alone_r_times_in_plus_out_per_adapted_layer():
+    tokenizer = build_tiny_tokenizer()
+    cfg = Config(lora_r=4, lora_target_modules="q_proj,down_proj")
+    linear = {name: m for name, m in build_tiny_model(tokenizer).named_modules() if name.endswith(("q_proj", "down_proj"))}
+    assert lora.adapter_parameters(build_tiny_model(tokenizer), cfg) == sum(4 * (m.in_features + m.out_features) for m in linear.values())
+
+
+@torch.no_grad()
+def test_inside_adapter_off_the_student_is_the_base_model_and_the_teacher_scores_with_it():
+    """The teacher is the base model alone: the same logits, and train_min.score's teacher log-probs, as the
+    model before the adapter was attached."""
+    import train_min
+
+    trained, plain = student(torch.float64), build_tiny_model(build_tiny_tokenizer(), dtype=torch.float64)
+    assert not torch.allclose(logits(trained), logits(plain)), "the adapter moves the logits (else this proves nothing)"
+    with lora.adapter_off(trained):
+        torch.testing.assert_close(logits(trained), logits(plain), rtol=0, atol=0)
+    ones = torch.ones_like(IDS)
+    batch = train_min.Rollouts(IDS, ones, IDS, ones, IDS[:, :3], torch.ones(2, 3, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
+    cfg = Config(model="tiny", device="cpu", micro_batch_size=2)
+    got, expected = (train_min.score(None, m, batch, cfg).teacher_logp for m in (trained, plain))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # peft's, of the tiny model's tied embedding
+def test_a_sampler_refuses_a_student_whose_adapter_it_could_not_apply():
+    """An adapter on the embedding is trained but not a LowRankLinear: a sampler would silently drop it."""
+    model = lora.attach(build_tiny_model(build_tiny_tokenizer()), Config(lora_r=4, lora_target_modules="q_proj,embed_tokens"))
+    with pytest.raises(ValueError, match="expected LoRA on linear layers only"):
+        lora.sampler(model)

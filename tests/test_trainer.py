@@ -975,6 +975,57 @@ def test_settings_are_named_by_their_folders_and_never_share_a_name(tmp_path):
     assert [(views.label(g), len(g)) for g in groups] == [("egrsd gamma=0.3", 1), ("egrsd gamma=1.0", 2)]
 
 
+def test_runs_that_differ_in_any_real_setting_are_apart_and_in_no_setting_flag_pool():
+    """Every flag splits the runs (--lr, --lora-r, ...) but those that change neither training nor evaluation:
+    the seed, where and when a run writes, and recomputation and batch sizes that compute the same."""
+    same = {"seed", "output_dir", "resume", "initial_eval", "time_budget", "save_model", "save_every", "eval_every",
+            "dump_tokens", "micro_batch_size", "eval_batch_size", "chunk_size", "rollout", "gradient_checkpointing",
+            "max_bad_steps"}
+
+    def changed(value):
+        return not value if isinstance(value, bool) else value + 1 if isinstance(value, int) else \
+            value * 2 + 1 if isinstance(value, float) else value + "x"
+
+    base = vars(train_min.Config())
+    for f in fields(train_min.Config):
+        runs = [views.Run("a-s0", dict(base), [], []), views.Run("a-s1", base | {f.name: changed(base[f.name])}, [], [])]
+        assert len(views.group_runs(runs)) == (1 if f.name in same else 2), f.name
+
+
+def test_runs_without_a_config_are_each_a_setting_of_their_own_and_a_step_run_again_keeps_its_last_row(tmp_path):
+    assert [[r.name for r in g] for g in views.group_runs([views.Run(n, {}, [], []) for n in ("a-s0", "a-s1")])] == [["a-s0"], ["a-s1"]]
+    real = run_io.read_rows(str(ROOT / "docs/real_runs/grpo/metrics.jsonl"))
+    train, evaluation = next(r for r in real if r["kind"] == "train"), next(r for r in real if r["kind"] == "eval")
+    rows = [train | {"reward": 0.1}, evaluation, train | {"reward": 0.9}]  # a step taken again after a resume
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["reward"] for r in views.read_rows(str(tmp_path)) if r["kind"] == "train"] == [0.9]
+
+
+def test_a_run_with_only_its_step_0_evaluation_is_listed_apart_not_pooled_with_its_settings_finished_seed(tmp_path):
+    import shutil
+
+    for seed in ("grpo-s0", "grpo-s1"):
+        shutil.copytree(ROOT / "docs/real_runs/grpo", tmp_path / seed)
+    path = tmp_path / "grpo-s1" / "metrics.jsonl"
+    start = next(line for line in path.read_text().splitlines() if json.loads(line)["kind"] == "eval")
+    path.write_text(start + "\n")  # a seed stopped before its first evaluation after training
+    groups, missing = views.evaluated_settings([str(tmp_path / "grpo-s0"), str(tmp_path / "grpo-s1")])
+    assert [[r.name for r in g] for g in groups] == [["grpo-s0"]] and missing == ["grpo-s1"]
+
+
+def test_a_settings_name_strips_every_seed_suffix_only_where_its_runs_share_the_rest():
+    assert [views.label([views.Run(n, {}, [], [])]) for n in ("egrsd_s1", "egrsd-seed2")] == ["egrsd"] * 2
+    assert views.label([views.Run(n, {}, [], []) for n in ("egrsd-s0", "mine-s1")]) == "egrsd-s0", "names differ: the first whole"
+
+
+def test_the_step_line_of_an_evaluation_that_was_greedy_and_sampled_gives_the_greedy_length():
+    row = {"eval_accuracy": 0.5, "eval_length": 100.0, "eval_acc_per_1k_tokens": 5.0, "eval_samples": 4,
+           "eval_sampled_accuracy": 0.25, "eval_sampled_length": 300.0, "eval_sampled_acc_per_1k_tokens": 0.833}
+    assert views.evaluation_line(row) == "accuracy 0.500, avg@4 0.250, length 100, acc/(len/1000) 5.000"
+    sampled = {k: v for k, v in row.items() if not k.startswith("eval_acc") and k != "eval_length"}
+    assert views.evaluation_line(sampled) == "avg@4 0.250, length 300, acc/(len/1000) 0.833"
+
+
 def test_the_real_runs_compare_table_is_the_readmes():
     """docs/real_runs holds the GPU runs of the README; --compare reads them, no model needed."""
     table = views.compare_table([str(ROOT / "docs/real_runs/egrsd"), str(ROOT / "docs/real_runs/grpo")])

@@ -98,3 +98,33 @@ def test_the_lora_share_scales_the_adapter_and_counts_a_step_of_a_as_one_of_b():
         layers[0].lora_A["default"].weight.fill_(6.0)
     total = sum(layer.base_layer.weight.numel() for layer in layers)
     assert updates.sampler_share_changed(model, before, lora=True) == layers[0].base_layer.weight.numel() / total
+
+
+def test_the_lora_share_rounds_the_exact_merged_weight_once():
+    """s·B·A = 2⁻⁸ + 2⁻¹⁷ on weights 1: the exact merged weight is past half a bfloat16 spacing (2⁻⁸) and rounds
+    to 1 + 2⁻⁷, a change; s·B·A first rounded to bfloat16 (2⁻⁸) would make a tie that rounds back to 1."""
+    peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    base = build_tiny_model(build_tiny_tokenizer(), dtype=torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    with torch.no_grad():
+        for layer in layers:
+            layer.base_layer.weight.fill_(1.0)
+            layer.lora_A["default"].weight.fill_(1.0)
+            layer.lora_B["default"].weight.zero_()
+    before = updates.snapshot(model)
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B["default"].weight.fill_(2**-10 + 2**-19)  # s·(B·A) = 2·2·B
+    merged = (1.0 + 2.0 * 2 * (2**-10 + 2**-19))  # exact in float64
+    assert torch.tensor(merged, dtype=torch.bfloat16).item() == 1 + 2**-7
+    assert updates.sampler_share_changed(model, before, lora=True) == 1.0
+
+
+def test_a_lora_run_reports_the_share_of_its_merged_weights(tmp_path):
+    """With LoRA the share is measured on the student (its adapted layers), not on the sampler, which holds none."""
+    pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    train_min.main(TINY + ["--dtype", "bfloat16", "--steps", "1", "--eval-size", "0", "--lr", "1e-2", "--lora-r", "4",
+                           "--lr-schedule", "constant", "--no-save-model", "--output-dir", str(tmp_path)])
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 < row["sampler_changed"] <= 1 and 0 < row["update_rel"]
