@@ -344,6 +344,7 @@ def flip_a_byte(path):
 
 @pytest.mark.parametrize("path, change, message", [
     ("checkpoint/trainer_state.pt", flip_a_byte, "trainer_state.pt does not match its SHA-256 in .*manifest.json"),
+    ("checkpoint/trainer_state.pt", os.remove, "trainer_state.pt is missing \\(listed in .*manifest.json\\): the checkpoint is incomplete"),
     ("checkpoint/model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000]),
      "model.safetensors has 1000 bytes, expected [0-9]+ .*truncated"),
     ("checkpoint/manifest.json", edit_json(kind="lora"), "holds a lora checkpoint; this run trains full"),
@@ -352,6 +353,7 @@ def flip_a_byte(path):
     ("config.json", lambda p: p.write_text("{not json"), "config.json: expected the JSON object of a run's settings"),
     ("config.json", edit_json(bogus=1), "config.json: unknown key 'bogus'"),
     ("config.json", edit_json(batch_size="4"), "config.json: key 'batch_size': expected a int, got '4'"),
+    ("config.json", edit_json(batch_size=True), "config.json: key 'batch_size': expected a int, got True"),
     ("config.json", edit_json(method="grpo"), "--method: a resumed run keeps 'egrsd'"),
     ("checkpoint/step.json", lambda p: p.write_text("garbage"), 'step.json: expected {"step": N}'),
     ("checkpoint/step.json", lambda p: p.write_text('{"step": "1"}'), "step.json: key 'step': expected an integer ≥ 0, got '1'"),
@@ -734,3 +736,89 @@ def test_a_resumed_run_may_name_its_evaluation_cap_but_not_change_it(one_step, t
         train_min.main(["--resume", str(run_dir), "--steps", "2", "--eval-max-new-tokens", "8"])
     with pytest.raises(SystemExit, match="^--eval-max-new-tokens: a resumed run keeps evaluating up to 8 new tokens"):
         train_min.main(["--resume", str(run_dir), "--steps", "2", "--eval-max-new-tokens", "4"])
+
+
+def test_a_run_folder_is_locked_against_any_second_holder_and_a_run_without_checkpoint_is_kept(tmp_path):
+    """owning(): the exclusive lock refuses a second holder, resuming or not, until the first leaves the block;
+    a new run refuses a folder that holds only another run's settings and rows (--no-save-model)."""
+    with run_io.owning(str(tmp_path), resume=False):
+        for resume in (False, True):
+            with pytest.raises(SystemExit, match="is in use by another running process"):
+                with run_io.owning(str(tmp_path), resume=resume):
+                    pass
+    with run_io.owning(str(tmp_path), resume=True):  # released on leaving
+        pass
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=r"holds another run \(config.json, metrics.jsonl\); it has no checkpoint to resume"):
+        with run_io.owning(str(tmp_path), resume=False):
+            pass
+
+
+def test_a_metrics_row_is_fsynced_and_follows_a_torn_line_on_a_line_of_its_own(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(run_io.os, "fsync", lambda fd: synced.append(fd))
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"kind": "train", "step": 1}\n{"kind": "train", "st')
+    with run_io.open_metrics(str(tmp_path)) as metrics:
+        run_io.append_row(metrics, {"kind": "train", "step": 2})
+        assert synced == [metrics.fileno()], "the row is made durable"
+    assert [r["step"] for r in run_io.read_rows(str(tmp_path / "metrics.jsonl"), quiet=True)] == [1, 2]
+
+
+def test_the_free_space_check_stops_below_the_need_and_passes_at_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_io, "free_bytes", lambda path: 10_000)
+    run_io.check_output_dir(str(tmp_path), 10_000, "what it writes")
+    run_io.check_output_dir(str(tmp_path), None, "")
+    with pytest.raises(SystemExit, match=r"has 0.00 GiB free; this run needs about 0.00 GiB \(what it writes\)"):
+        run_io.check_output_dir(str(tmp_path), 10_001, "what it writes")
+
+
+def test_the_free_space_need_counts_final_in_the_compute_dtype():
+    params = sum(p.numel() for p in offline_models.meta_model(offline_models.model_config("tiny")).parameters())
+    full, _ = config.run_bytes(config.Config(model="tiny", device="cpu", dtype="float32"))
+    half, _ = config.run_bytes(config.Config(model="tiny", device="cpu", dtype="bfloat16"))
+    assert full == 2 * 12 * params + 4 * params and full - half == 2 * params
+
+
+def test_a_failed_final_write_keeps_the_previous_final(tmp_path):
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model.safetensors").write_text("the previous final model")
+
+    def full_disk(folder):
+        os.makedirs(folder)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(SystemExit, match="^could not write the final model to .*final: no space left on the device"):
+        run_io.save_final(str(tmp_path), full_disk)
+    assert (tmp_path / "final" / "model.safetensors").read_text() == "the previous final model"
+    assert not (tmp_path / "final.tmp").exists()
+
+
+def test_a_resumed_run_keeps_what_its_steps_mean_and_may_change_the_optimizer_flags(one_step, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_step, run_dir)
+    no_model(monkeypatch)
+    for flag, value, kept in (("--seed", "1", "0"), ("--batch-size", "8", "4"), ("--temperature", "0.7", "1.1"),
+                              ("--method", "grpo", "'egrsd'"), ("--max-new-tokens", "6", "8")):
+        with pytest.raises(SystemExit, match=f"^{flag}: a resumed run keeps {kept}, as it continues from it"):
+            train_min.main(["--resume", str(run_dir), "--steps", "2", flag, value])
+    with pytest.raises(pytest.fail.Exception, match="a model was loaded"):  # every check passed
+        train_min.main(["--resume", str(run_dir), "--steps", "2", "--lr", "2e-6", "--weight-decay", "0.01",
+                        "--grad-clip", "1.0", "--advantage-warmup", "2"])
+
+
+def test_an_evaluation_is_owed_where_one_is_due_and_metrics_has_none_and_the_budget_keeps_the_last_ones_seconds(tmp_path):
+    row = {"kind": "eval", "method": "egrsd", "eval_accuracy": 0.5, "eval_length": 8.0, "eval_acc_per_1k_tokens": 5.0}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row | {"step": step, "eval_s": seconds}) + "\n"
+                                                    for step, seconds in ((0, 1.0), (2, 3.0))))
+    cfg = config.Config(output_dir=str(tmp_path), steps=6, eval_every=2)
+    assert [run_io.evaluations_so_far(cfg, step) for step in (0, 1, 2, 4, 6)] == [
+        (False, 3.0), (False, 3.0), (False, 3.0), (True, 3.0), (True, 3.0)]
+
+
+def test_every_integer_flag_may_be_its_upper_bound_and_not_one_more(tmp_path):
+    cfg = dict(model="tiny", device="cpu", output_dir=str(tmp_path), save_model=False)
+    config.check_config(config.Config(**cfg, seed=2**32 - 1, eval_seed=2**32 - 1, chunk_size=2**20, steps=2**31 - 1))
+    for name, value in (("seed", 2**32), ("chunk_size", 2**20 + 1), ("steps", 2**31)):
+        with pytest.raises(SystemExit, match=f"^--{name.replace('_', '-')}: expected ≤ {value - 1}, got {value}$"):
+            config.check_config(config.Config(**cfg, **{name: value}))

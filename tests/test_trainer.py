@@ -433,7 +433,7 @@ def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, lora, tmp_pat
     ("--eval-data", "/no/such/file.jsonl"), ("--verifier", "exact"),
     ("--lr-schedule", "step"), ("--warmup-steps", "-1"), ("--gate-group", "-1"), ("--score-temperature", "-1"),
     ("--lora-r", "-1"), ("--lora-alpha", "0"), ("--lora-dropout", "1"), ("--lora-target-modules", "q_proj,"),
-    ("--train-size", "2001"), ("--eval-max-new-tokens", "-1"),
+    ("--train-size", "2001"), ("--eval-max-new-tokens", "-1"), ("--max-bad-steps", "0"), ("--eval-top-p", "0"),
 ])
 def test_a_bad_flag_stops_before_any_model_loads_naming_the_flag(flag, value, monkeypatch, tmp_path):
     monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
@@ -1277,3 +1277,35 @@ def test_each_rollouts_reward_is_shaped_by_its_own_length_up_to_its_eos(tmp_path
     row = read_metrics(tmp_path)[0]
     assert row["length_mean"] == 4.5 and row["accuracy"] == 1.0
     assert row["reward"] == pytest.approx(fmean(1 + 0.5 * (1 - n / 8) for n in lengths.tolist()))
+
+
+def test_stop_on_signal_asks_at_the_first_signal_aborts_at_the_second_and_puts_back_each_previous_handler():
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    ours = {signal.SIGINT: lambda *a: None, signal.SIGTERM: lambda *a: None}  # two different handlers
+    try:
+        for sig, handler in ours.items():
+            signal.signal(sig, handler)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or SIGTERM from a scheduler
+            with run_io.StopOnSignal() as stop:
+                signal.raise_signal(sig)
+                assert stop.requested, sig
+                with pytest.raises(KeyboardInterrupt):
+                    signal.raise_signal(sig)
+            assert {s: signal.getsignal(s) for s in ours} == ours, "each signal's own handler is back"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("model", "random-0.5b"), ("dtype", "bfloat16"), ("device", "cpu"), ("data", "train.jsonl"), ("eval_data", "held_out.jsonl"),
+    ("eval_size", 100), ("eval_max_new_tokens", 16), ("eval_batch_size", 8), ("eval_greedy", False), ("eval_samples", 2),
+    ("eval_temperature", 0.7), ("eval_top_p", 0.9), ("eval_top_k", 5), ("eval_seed", 1), ("rollout", "eager"),
+    ("verifier", "math-verify")])
+def test_a_step_0_evaluation_is_reused_only_where_every_evaluation_setting_is_the_same(setting, value, tmp_path):
+    ours = vars(config.Config(max_new_tokens=12))
+    row = {"kind": "eval", "step": 0, "method": "grpo", "eval_accuracy": 0.0, "eval_length": 8.0, "eval_acc_per_1k_tokens": 0.0,
+           "evaluated_with": run_io.evaluation_settings(ours | {setting: value})}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(SystemExit, match=f"^--initial-eval: .* evaluated with --(no-)?{setting.replace('_', '-')}"):
+        config.check_initial_eval(config.Config(**ours | {"initial_eval": str(tmp_path)}))
