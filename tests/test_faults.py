@@ -56,7 +56,7 @@ def killed(tmp_path_factory):
     """One run SIGKILLed at each stage of the write of its second checkpoint: after its model, after its state
     file, between the two renames. One process imports train_min, then forks a child per stage (before any
     tensor work, so the child starts as a fresh process would; the import took seconds a process):
-    {stage: (run folder, the signal that ended its child)}."""
+    {stage: (run folder, the signal that ended its child, the end of the driver's output)}."""
     out = tmp_path_factory.mktemp("killed")
     driver = textwrap.dedent(f"""
         import os, signal, sys, traceback

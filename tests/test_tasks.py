@@ -65,7 +65,8 @@ GRADED = [
     ("12", r"\boxed{1,2}", False), ("12", r"\boxed{1 2}", False), ("1000", r"\boxed{1,0000}", False),
     ("10002", r"\boxed{1,000, 2}", False),  # a list of which one is written with a thousands separator
     ("500", r"\boxed{\frac{1,000}{2}}", True), ("500", r"\boxed{1,000/2}", True), ("0.0005", r"\boxed{1/2,000}", True),
-    ("500", r"\boxed{1,00/2}", False),  # thousands inside a fraction, grouped in threes only
+    ("500", r"\boxed{1\,000/2}", True), ("500", r"\boxed{\frac{1 000}{2}}", True), ("500", r"\boxed{1 000 / 2}", True),
+    ("500", r"\boxed{1,00/2}", False), ("500", r"\boxed{1 00/2}", False),  # thousands in a fraction: in threes only
     # a near miss is wrong; words between numbers are no unit (2 h 30 min is not 230)
     ("1000", r"\boxed{1001}", False), ("230", r"\boxed{2 \text{ hours } 30 \text{ minutes}}", False),
     # symbolic references (MATH-500 style): the built-in verifier refuses to load them, math-verify grades them

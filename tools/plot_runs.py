@@ -54,6 +54,7 @@ def plot(path: str, run_dirs: list[str]) -> None:
     axes[0].legend(fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
+    plt.close(figure)
 
 
 def tradeoff(path: str, run_dirs: list[str]) -> None:
@@ -81,6 +82,7 @@ def tradeoff(path: str, run_dirs: list[str]) -> None:
     ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
+    plt.close(figure)
 
 
 def main(arguments: list[str]) -> None:

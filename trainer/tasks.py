@@ -218,7 +218,7 @@ def _to_number(text: str) -> float | None:
     thousands, also in a fraction; `1, 2` is a list and no number), `a/b`, `\\frac{a}{b}`, `-\\frac{a}{b}`; None
     otherwise."""
     s = _without_thousands(normalise_answer(text))
-    fraction = re.fullmatch(r"([-+]?)\s*\\frac\{(.+)\}\{(.+)\}|([-+]?[\d.,]+)\s*/\s*([-+]?[\d.,]+)", s)
+    fraction = re.fullmatch(r"([-+]?)\s*\\frac\{(.+)\}\{(.+)\}|([-+]?[\d.,]+(?: \d{3})*)\s*/\s*([-+]?[\d.,]+(?: \d{3})*)", s)
     if fraction:
         sign, *parts = fraction.groups()
         parts = [p for p in parts if p is not None]
