@@ -81,9 +81,9 @@ def test_a_float32_weight_between_bf16_numbers_counts_only_when_the_samplers_rou
     assert updates.sampler_share_changed(sampler, before, lora=False) == 0.5
 
 
-def test_the_lora_share_scales_the_adapter_and_counts_a_step_of_a_as_one_of_b():
-    """Weights 1 (bfloat16 spacing 2⁻⁷: a change under 2⁻⁸ rounds away), r = 2, s = α/r = 2, B = 2⁻¹²: A from
-    1 to 6 in the first layer moves s·B·A from 2⁻¹⁰ to 6·2⁻¹⁰, past 2⁻⁸ (unscaled, 3·2⁻¹¹, it would not)."""
+def adapted_ones(b: float):
+    """A bfloat16 tiny model with LoRA r = 2, α = 4 (s = 2) on q_proj: base weights and A all 1, B all `b`;
+    the model and its adapted layers."""
     peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
     base = build_tiny_model(build_tiny_tokenizer(), dtype=torch.bfloat16)
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
@@ -92,7 +92,14 @@ def test_the_lora_share_scales_the_adapter_and_counts_a_step_of_a_as_one_of_b():
         for layer in layers:
             layer.base_layer.weight.fill_(1.0)
             layer.lora_A["default"].weight.fill_(1.0)
-            layer.lora_B["default"].weight.fill_(2**-12)
+            layer.lora_B["default"].weight.fill_(b)
+    return model, layers
+
+
+def test_the_lora_share_scales_the_adapter_and_counts_a_step_of_a_as_one_of_b():
+    """Weights 1 (bfloat16 spacing 2⁻⁷: a change under 2⁻⁸ rounds away), r = 2, s = α/r = 2, B = 2⁻¹²: A from
+    1 to 6 in the first layer moves s·B·A from 2⁻¹⁰ to 6·2⁻¹⁰, past 2⁻⁸ (unscaled, 3·2⁻¹¹, it would not)."""
+    model, layers = adapted_ones(b=2**-12)
     before = updates.snapshot(model)
     with torch.no_grad():
         layers[0].lora_A["default"].weight.fill_(6.0)
@@ -103,15 +110,7 @@ def test_the_lora_share_scales_the_adapter_and_counts_a_step_of_a_as_one_of_b():
 def test_the_lora_share_rounds_the_exact_merged_weight_once():
     """s·B·A = 2⁻⁸ + 2⁻¹⁷ on weights 1: the exact merged weight is past half a bfloat16 spacing (2⁻⁸) and rounds
     to 1 + 2⁻⁷, a change; s·B·A first rounded to bfloat16 (2⁻⁸) would make a tie that rounds back to 1."""
-    peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
-    base = build_tiny_model(build_tiny_tokenizer(), dtype=torch.bfloat16)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
-    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
-    with torch.no_grad():
-        for layer in layers:
-            layer.base_layer.weight.fill_(1.0)
-            layer.lora_A["default"].weight.fill_(1.0)
-            layer.lora_B["default"].weight.zero_()
+    model, layers = adapted_ones(b=0.0)
     before = updates.snapshot(model)
     with torch.no_grad():
         for layer in layers:
