@@ -111,12 +111,16 @@ REPLACED = {
     "use_adaptive_entropy": (False, "EGRSD's loss has no entropy bonus"),
     "off_policy_mask_threshold": (None, "EGRSD trains on-policy (num_iterations 1)"),
     "disable_dropout": (True, "w compares two log-prob passes over the same tokens, which dropout makes random"),
+    "mask_truncated_completions": (False, "a truncated rollout earns r = 0 and is trained with its advantage, which "
+                                          "is what pushes lengths down; masking it out of the loss is DAPO's rule"),
 }
 
 
 @dataclass
 class EGRSDConfig(GRPOConfig):
-    """GRPOConfig and the method's settings, with the names and meaning of train_min.py's flags (trainer/config.py)."""
+    """GRPOConfig and the method's settings, with the names and meaning of train_min.py's flags (trainer/config.py).
+    The sampling settings, the completion cap (also the reward's L_max) and the grad-norm clip default to the
+    paper's values, as train_min.py's do, not to GRPOConfig's (temperature 1, no top-p or top-k, 512, 1.0)."""
 
     method: str = field(default="egrsd", metadata={"help": "egrsd, cl-egrsd or rlsd (EGRSD with γ = 0)"})
     gamma: float = field(default=0.3, metadata={"help": "γ, strength of the entropy gate"})
@@ -133,6 +137,12 @@ class EGRSDConfig(GRPOConfig):
     score_temperature: float = field(default=0.0, metadata={"help": "0: the sampling temperature (the only one here)"})
     num_generations: int | None = field(default=2, metadata={"help": "rollouts per prompt (GRPO requires ≥ 2)"})
     beta: float = field(default=0.0, metadata={"help": "no KL term: the teacher is the anchor"})
+    temperature: float = field(default=1.1, metadata={"help": "rollout sampling temperature (the paper's 1.1)"})
+    top_p: float = field(default=0.95, metadata={"help": "rollout top-p (the paper's 0.95)"})
+    top_k: int = field(default=20, metadata={"help": "rollout top-k (the paper's 20); 0: none"})
+    max_completion_length: int | None = field(default=1024, metadata={
+        "help": "most new tokens of a rollout (the paper's 1,024), and L_max of the length-shaped reward"})
+    max_grad_norm: float = field(default=0.1, metadata={"help": "grad-norm clip (the paper's 0.1)"})
     disable_dropout: bool = field(default=True, metadata={"help": "must stay True: w needs deterministic log-probs"})
 
     def __post_init__(self):
@@ -290,9 +300,13 @@ class EGRSDTrainer(GRPOTrainer):
             settings = dataclasses.replace(settings, gamma=0.0)
         if settings.group is None:
             source = teacher_entropy if a.denominator == "raw" else egrsd.lookahead_min(teacher_entropy, mask, self.window)
-            local_max = source.masked_fill(~mask, 0.0).amax() if mask.numel() else source.new_zeros(())
-            settings = dataclasses.replace(settings, min_denominator=max(a.min_denominator, gather(local_max[None]).max().item()))
+            settings = dataclasses.replace(settings, min_denominator=self._global_max(source, mask))
         return settings
+
+    def _global_max(self, source, mask) -> float:
+        """The largest value of `source` on the mask over every process, floored at `min_denominator`."""
+        local_max = source.masked_fill(~mask, 0.0).amax() if mask.numel() else source.new_zeros(())
+        return max(self.args.min_denominator, gather(local_max[None]).max().item())
 
     @property
     def window(self) -> int:
@@ -309,7 +323,10 @@ class EGRSDTrainer(GRPOTrainer):
         teacher entropy, regime shares), Â's mean, min and max; in the completions table, A_i as the
         advantage and each completion's mean Â and gate. GRPO's group diagnostics are dropped: there is no
         group baseline here."""
-        gate, regimes = settings.gate(teacher_entropy, mask, window=self.window), settings.regimes(teacher_entropy, mask)
+        regime_settings = settings  # the regimes normalise by the largest raw entropy (Eq. 5), as train_min.py's do
+        if settings.group is None and settings.denominator == "filtered":  # the gate's is the largest filtered one
+            regime_settings = dataclasses.replace(settings, min_denominator=self._global_max(teacher_entropy, mask))
+        gate, regimes = settings.gate(teacher_entropy, mask, window=self.window), regime_settings.regimes(teacher_entropy, mask)
         sums = [gate[mask].sum(), magnitude[mask].sum(), teacher_entropy[mask].sum(), token_adv[mask].sum(),
                 *((regimes == c).sum() for c in range(1, 5)), mask.sum()]
         totals = gather(torch.stack([s.float() for s in sums])[None]).sum(dim=0).tolist()

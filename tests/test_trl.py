@@ -75,6 +75,25 @@ def test_token_advantages_and_loss_in_trl_are_the_trainers(method, tmp_path):
     assert logged["entropy"] == pytest.approx([entropy], rel=1e-5), "TRL's entropy of the policy, as GRPO logs it"
 
 
+def test_the_logged_regimes_normalise_by_the_global_batchs_largest_raw_entropy(tmp_path, monkeypatch):
+    """With the "filtered" normaliser the gate divides by the largest lookahead entropy of the global batch, but
+    the regimes (as train_min.py logs them) by the largest raw one: a second process, simulated by a gather
+    that adds a copy of every value doubled, makes that 8 here, where this process alone would say 4."""
+    trainer = tiny_trainer(tmp_path, method="cl-egrsd", window=3, denominator="filtered")
+    monkeypatch.setattr(trl_egrsd, "gather", lambda t: torch.cat([t, 2 * t]))
+    entropy = torch.tensor([[4.0, 0.5, 0.5, 0.5], [2.5, 0.4, 0.4, 0.4]])
+    mask = torch.ones_like(entropy, dtype=torch.bool)
+    settings = trainer.gate_settings(entropy, mask)
+    assert settings.min_denominator == 1.0  # 2 × the largest lookahead minimum (0.5)
+    ones = torch.ones(2)
+    trainer._log_signals("train", ones, ones, entropy, torch.ones_like(entropy), entropy, mask, settings)
+    regimes = egrsd.token_regimes(entropy, mask, 3, min_denominator=8.0)
+    logged = trainer._metrics["train"]
+    assert [logged[f"egrsd/share_{name}"][-1] for name in egrsd.REGIMES] == [
+        (regimes == code).float().mean().item() for code in range(1, 5)]
+    assert logged["egrsd/share_pivot"][-1] == 1 / 8, "2.5 / 8 is mid; over this process's 4 it would be a pivot"
+
+
 def test_the_running_advantage_is_saved_with_trls_checkpoints_and_restored(tmp_path):
     straight = tiny_trainer(tmp_path / "straight", max_steps=3)
     straight.train()
@@ -140,8 +159,12 @@ def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_pa
     ours = {f.name: f.default for f in fields(trl_egrsd.EGRSDConfig)}
     theirs = {f.name: f.default for f in fields(train_min.Config)}
     assert {name: ours.get(name) for name in shared} == {name: theirs[name] for name in shared}
+    paper = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_completion_length": "max_new_tokens",
+             "max_grad_norm": "grad_clip", "weight_decay": "weight_decay"}  # TRL's name: train_min's
+    assert {name: ours[name] for name in paper} == {name: theirs[flag] for name, flag in paper.items()}
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     for name, value in [("loss_type", "grpo"), ("scale_rewards", "batch"), ("top_entropy_quantile", 0.2),
+                        ("mask_truncated_completions", True),
                         ("disable_dropout", False), ("eps", 1.5), ("window", -1), ("denominator", "max"), ("gate_group", -1),
                         ("beta_length", float("inf")), ("advantage_warmup", 1.5)]:
         with pytest.raises(ValueError, match=f"^{name}: expected"):

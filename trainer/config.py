@@ -80,7 +80,7 @@ class Config:
     warmup_steps: int = 0
     """steps of linear learning-rate warm-up from 0 (the HF Trainer's default: none)"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """AdamW weight decay (the paper gives none; 0 is the HF Trainer's default, where torch's AdamW has 0.01)"""
     grad_clip: float = 0.1
     """gradient-norm clip (the paper: 0.1)"""
     gamma: float = 0.3
