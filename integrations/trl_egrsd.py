@@ -22,7 +22,8 @@ What this subclass changes, and nothing else:
    length-shaped r (`egrsd.length_shaped_reward`: reward functions return 1 for a correct completion, a
    truncated one earns 0) and the advantage the running one (`egrsd.RunningAdvantage`, fed the gathered
    rewards of every process, so that its state is the same on each and does not depend on how many
-   processes share the batch). The frozen teacher scores each completion with the privileged prompt of the
+   processes share the batch). One generation batch is one step of the running advantage and one batch for
+   the entropy normaliser (one optimizer step by default). The frozen teacher scores each completion with the privileged prompt of the
    dataset column `teacher_prompt_column`; the policy's log-probs are TRL's own where it has computed them
    (for vLLM's importance sampling), else one pass of the policy that sampled; and Â = `egrsd.token_advantages`
    replaces GRPO's advantages. The entropy normaliser (Eq. 5) is the maximum over the global batch
