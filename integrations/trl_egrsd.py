@@ -23,10 +23,10 @@ What this subclass changes, and nothing else:
    truncated one earns 0) and the advantage the running one (`egrsd.RunningAdvantage`, fed the gathered
    rewards of every process, so that its state is the same on each and does not depend on how many
    processes share the batch). One generation batch is one step of the running advantage and one batch for
-   the entropy normaliser (one optimizer step by default). The frozen teacher scores each completion with the privileged prompt of the
-   dataset column `teacher_prompt_column`; the policy's log-probs are TRL's own where it has computed them
-   (for vLLM's importance sampling), else one pass of the policy that sampled; and Â = `egrsd.token_advantages`
-   replaces GRPO's advantages. The entropy normaliser (Eq. 5) is the maximum over the global batch
+   the entropy normaliser (one optimizer step by default). The frozen teacher scores each completion with
+   the privileged prompt of the dataset column `teacher_prompt_column`; the policy's log-probs are TRL's own
+   where it has computed them (for vLLM's importance sampling), else one pass of the policy that sampled;
+   and Â = `egrsd.token_advantages` replaces GRPO's advantages. The entropy normaliser (Eq. 5) is the maximum over the global batch
    (gathered from every process), unless `gate_group` asks for groups of rows. The logs show what is
    trained: the completions table's advantage is A_i (with each completion's mean Â and gate), and GRPO's
    group diagnostics (`reward_std`, `frac_reward_zero_std`) are dropped.
