@@ -396,6 +396,93 @@ def test_the_decode_step_has_no_host_sync(family):
         assert (decoder.slot == ids.shape[1] + 3).all() and (decoder.out[:, 4:] == tokenizer.pad_token_id).all()
 
 
+@pytest.mark.parametrize("decode", [decoding.generate, decoding.hf_generate], ids=["static", "hf"])
+def test_rollouts_run_in_eval_mode_and_leave_the_model_in_its_own_mode(decode):
+    """With attention dropout, a forward in training mode would make greedy rollouts random; a model that
+    was training (the student of full fine-tuning) trains again after its rollouts, one in eval mode stays so."""
+    tokenizer = build_tiny_tokenizer()
+    model = family_model("qwen2", attention_dropout=0.9)
+    ids, mask = left_padded_prompts(tokenizer)
+    expected = decode(model, ids, mask, 6, -1, tokenizer.pad_token_id, greedy=True)
+    modes = []
+    hook = model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    try:
+        got = decode(model.train(), ids, mask, 6, -1, tokenizer.pad_token_id, greedy=True)
+        assert model.training, "a training model trains again"
+        decode(model.eval(), ids, mask, 2, -1, tokenizer.pad_token_id, greedy=True)
+        assert not model.training, "an evaluated model stays in eval mode"
+    finally:
+        hook.remove()
+    assert torch.equal(got, expected) and modes and not any(modes), modes
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_decode_steps_of_an_sdpa_model_use_decode_sdpa_and_then_give_its_implementation_back(attention):
+    """The prefill runs the model's own attention, each later step decode_sdpa (sdpa models) or eager as it is."""
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer, attention)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(module.config._attn_implementation))
+    try:
+        decoding.generate(model, *left_padded_prompts(tokenizer), 4, -1, tokenizer.pad_token_id, greedy=True)
+    finally:
+        hook.remove()
+    step = decoding.DECODE_ATTENTION if attention == "sdpa" else "eager"
+    assert seen == [attention] + [step] * 3 and model.config._attn_implementation == attention
+
+
+def test_a_peft_wrapped_model_decodes_with_the_static_decoder():
+    """A PEFT wrapper's forward takes **kwargs: its base model's forward says what it accepts."""
+    pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    from trainer import lora
+
+    tokenizer = build_tiny_tokenizer()
+    model = lora.attach(build_tiny_model(tokenizer), train_min.Config(lora_r=4)).eval()
+    ids, mask = left_padded_prompts(tokenizer)
+    assert decoding.unsupported(model, ids.shape[1] + 5) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback notice
+        ours = decoding.generate(model, ids, mask, 5, -1, tokenizer.pad_token_id, greedy=True)
+    assert torch.equal(ours, decoding.hf_generate(model, ids, mask, 5, -1, tokenizer.pad_token_id, greedy=True))
+
+
+def test_each_token_is_fed_at_hfs_position_with_an_additive_mask_in_the_models_dtype():
+    """Left padding: position 0 is a row's first real token, as in HF generate (RoPE's relative positions
+    hide a constant shift per row, a rope type that reads absolute positions would not). Eager attention adds
+    the mask to its scores: a bf16 model gets a bf16 mask, so that its scores stay bf16 as in HF."""
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer, "eager").to(torch.bfloat16)
+    ids, mask = left_padded_prompts(tokenizer, rows=3)
+    fed = {decoding.generate: [], decoding.hf_generate: []}
+    for decode, seen in fed.items():
+        hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+            (kwargs["position_ids"].clone(), kwargs["attention_mask"].dtype)), with_kwargs=True)
+        try:
+            decode(model, ids, mask, 4, -1, tokenizer.pad_token_id, greedy=True)
+        finally:
+            hook.remove()
+    ours, hf = fed.values()
+    assert len(ours) == len(hf) == 4 and all(torch.equal(a, b) for (a, _), (b, _) in zip(ours, hf))
+    assert all(dtype == torch.bfloat16 for _, dtype in ours)
+
+
+def test_hf_generate_with_a_static_cache_pads_the_prompts_on_the_left_to_a_multiple_of_64():
+    """The baseline's static cache is compiled per shape on CUDA: its prompts are left-padded to 64 tokens
+    here, ids and mask alike, and it returns the tokens of the static decoder."""
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer)
+    ids, mask = left_padded_prompts(tokenizer)
+    expected = decoding.generate(model, ids, mask, 5, -1, tokenizer.pad_token_id, greedy=True)
+    widths = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        ours = decoding.hf_generate(model, ids, mask, 5, -1, tokenizer.pad_token_id, greedy=True, static=True)
+    finally:
+        hook.remove()
+    assert torch.equal(ours, expected) and widths[0] == 64, widths
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_rollouts_equal_eager_rollouts_on_cuda(monkeypatch):
     monkeypatch.setattr(decoding, "no_graphs", type(decoding.no_graphs)())

@@ -534,6 +534,28 @@ def test_out_of_memory_in_the_optimizer_step_is_raised_not_retried(tmp_path, mon
         train_min.main(ONE_STEP + ["--gradient-checkpointing", "auto", "--output-dir", str(tmp_path)])
 
 
+def test_checkpointing_if_needed_takes_again_only_out_of_memory_and_leaves_no_hook_behind(monkeypatch):
+    """Another error is raised as it is (no checkpointing switched on, no second update), and each call
+    removes the step hook it put on the optimizer, also when it raises: a run makes one call per step."""
+    from trainer import modeling
+
+    switched = []
+    monkeypatch.setattr(modeling, "enable_activation_checkpointing", switched.append)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("a bug, not memory")
+
+    with pytest.raises(RuntimeError, match="a bug, not memory"):
+        modeling.checkpointing_if_needed(broken, model, optimizer, may_switch=True)
+    assert calls == [1] and switched == [] and not optimizer._optimizer_step_pre_hooks
+    assert modeling.checkpointing_if_needed(lambda: 7, model, optimizer, may_switch=True) == (7, False)
+    assert not optimizer._optimizer_step_pre_hooks
+
+
 def test_a_huge_learning_rate_never_saves_non_finite_weights_and_an_infinite_one_is_refused(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         no_model(m)

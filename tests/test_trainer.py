@@ -1041,9 +1041,10 @@ def test_copy_weights_copies_every_parameter_into_the_targets_dtype():
     with torch.no_grad():
         for p in source.parameters():
             p.add_(torch.rand_like(p))  # the norms too, at 1 in both models as built
+    before = {name: p.clone() for name, p in source.named_parameters()}
     train_min.copy_weights(source, target)
-    expected = {name: p.to(torch.bfloat16) for name, p in source.named_parameters()}
-    assert all(torch.equal(p, expected[name]) for name, p in target.named_parameters())
+    assert all(torch.equal(p, before[name].to(torch.bfloat16)) for name, p in target.named_parameters())
+    assert all(torch.equal(p, before[name]) for name, p in source.named_parameters()), "the source is left as it was"
 
 
 def test_only_skipped_steps_in_a_row_stop_the_run_and_checkpoints_come_every_save_every_steps(tmp_path, monkeypatch):
