@@ -40,9 +40,10 @@ One rollout per prompt, as in the paper, cannot be had: GRPOConfig requires `num
 group baseline. With `num_generations=2` (the default here) the two rollouts of a prompt are simply two
 samples: the running advantage replaces the group baseline, which is never used. GRPO settings that this
 loss or advantage replaces (`loss_type` other than dapo, `scale_rewards`, entropy masks and bonuses, …) are
-refused rather than ignored, and so is dropout (LoRA's or the model's): w compares two log-prob passes. So are
-generation batches trained over several optimizer steps (off-policy) and tools or environments (tokens the
-policy did not sample, which TRL masks out of its loss and this one would train).
+refused rather than ignored, and so is LoRA dropout, while the model's own dropout is switched off (its
+attention dropout too): w compares two log-prob passes. So are generation batches trained over several
+optimizer steps (off-policy) and tools or environments (tokens the policy did not sample, which TRL masks out
+of its loss and this one would train).
 
 The teacher is the initial weights, frozen: with PEFT the base model with the adapter switched off (no
 second copy); otherwise a copy loaded and prepared as TRL loads its reference model (the same
@@ -173,6 +174,18 @@ def check_no_lora_dropout(peft_config, model) -> None:
                              f"two passes over the same tokens differ), got {config.lora_dropout}")
 
 
+def disable_attention_dropout(model: torch.nn.Module) -> None:
+    """Attention dropout that is a probability, not a module (Qwen2, Qwen3, Llama, Mistral: `attention_dropout`
+    in the config and on each attention layer, applied in training mode), set to 0: TRL's
+    `disable_dropout_in_model` only reaches torch.nn.Dropout modules, and w needs deterministic log-probs."""
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+        config = getattr(module, "config", None)
+        if isinstance(getattr(config, "attention_dropout", None), float):
+            config.attention_dropout = 0.0
+
+
 class EGRSDTrainer(GRPOTrainer):
     """GRPOTrainer whose token advantages are EGRSD's Â = A · w · ω (module docstring)."""
 
@@ -200,6 +213,7 @@ class EGRSDTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.running_advantage = egrsd.RunningAdvantage(warmup_steps=self.args.advantage_warmup)
         policy = self.accelerator.unwrap_model(self.model)
+        disable_attention_dropout(policy)
         self.teacher = None if is_peft_model(policy) else self._frozen_copy(given.get("quantization_config"))
 
     def _frozen_copy(self, quantization_config):
@@ -220,8 +234,9 @@ class EGRSDTrainer(GRPOTrainer):
             teacher = create_model_from_path(name, **kwargs)
         else:  # a model built in code: copy it, before any step
             teacher = copy.deepcopy(policy)
-        teacher.requires_grad_(False)
+        teacher.requires_grad_(False).eval()  # never trained: a copy of the policy would keep its training mode
         disable_dropout_in_model(teacher)
+        disable_attention_dropout(teacher)
         add_fused_lm_head(teacher, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
                           outputs=("log_probs", "entropy"))  # (a bf16 head in float32 gives the policy's cast head's values)
         if self.is_deepspeed_enabled:

@@ -54,7 +54,8 @@ def test_token_advantages_and_loss_in_trl_are_the_trainers(method, tmp_path):
     scores = train_min.score(model, trainer.teacher, batch, cfg)
     correct = train_min.verify(tokenizer, completion, mask, finished, [problems[i // 2] for i in range(4)], cfg)
     advantages = egrsd.RunningAdvantage()(egrsd.length_shaped_reward(correct, mask.sum(1), 32))
-    expected = train_min.weight_tokens(advantages, scores, mask, cfg).advantage
+    weights = train_min.weight_tokens(advantages, scores, mask, cfg)
+    expected = weights.advantage
     torch.testing.assert_close(output["advantages"].double(), expected.double(), rtol=1e-5, atol=1e-6)
     # the logs show what was trained: A_i in the completions table, Â summarised, no GRPO group diagnostics
     logged = trainer._metrics["train"]
@@ -65,6 +66,15 @@ def test_token_advantages_and_loss_in_trl_are_the_trainers(method, tmp_path):
     assert logged["egrsd/token_advantage_min"] == pytest.approx([expected[mask].min().item()], rel=1e-5, abs=1e-6)
     assert logged["egrsd/token_advantage_max"] == pytest.approx([expected[mask].max().item()], rel=1e-5, abs=1e-6)
     assert "reward_std" not in logged and "frac_reward_zero_std" not in logged
+    # and the signals train_min.py logs: ω's mean and min, w's mean (with A's sign), the regimes' shares
+    assert logged["egrsd/gate_mean"] == pytest.approx([weights.gate[mask].mean().item()], rel=1e-5)
+    assert logged["egrsd/gate_min"] == pytest.approx([weights.gate[mask].min().item()], rel=1e-5)
+    assert logged["egrsd/magnitude_mean"] == pytest.approx([weights.magnitude[mask].mean().item()], rel=1e-5)
+    regimes = train_min.step_gates(scores.teacher_entropy, mask, cfg).regimes[mask]
+    shares = [(regimes == code).float().mean().item() for code in range(1, 5)]
+    assert [logged[f"egrsd/share_{name}"][0] for name in egrsd.REGIMES] == pytest.approx(shares)
+    gate_per_row = ((weights.gate * mask).sum(1) / mask.sum(1)).tolist()
+    assert list(trainer._logs["extra"]["gate_mean"]) == pytest.approx(gate_per_row, rel=1e-5)
     model.train()
     hidden = train_min.completion_hidden(model, output["prompt_ids"], output["prompt_mask"], completion, mask) / 1.1
     logp = train_min.to_grid(mask, egrsd.linear_token_logprobs(hidden, train_min.lm_head(model), completion[mask]))
@@ -155,18 +165,23 @@ def test_with_lora_the_teacher_is_the_base_model_with_the_adapter_off(tmp_path):
 
 def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_path):
     from dataclasses import fields
-    shared = ("eps", "floor", "gamma", "window", "min_denominator", "denominator", "gate_group", "score_temperature")
+    shared = ("eps", "floor", "gamma", "window", "min_denominator", "denominator", "gate_group", "score_temperature",
+              "beta_length", "advantage_warmup")
     ours = {f.name: f.default for f in fields(trl_egrsd.EGRSDConfig)}
     theirs = {f.name: f.default for f in fields(train_min.Config)}
     assert {name: ours.get(name) for name in shared} == {name: theirs[name] for name in shared}
     paper = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_completion_length": "max_new_tokens",
              "max_grad_norm": "grad_clip", "weight_decay": "weight_decay"}  # TRL's name: train_min's
     assert {name: ours[name] for name in paper} == {name: theirs[flag] for name, flag in paper.items()}
+    assert ours["num_generations"] == 2, "the fewest rollouts per prompt GRPO allows (the paper samples one)"
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     for name, value in [("loss_type", "grpo"), ("scale_rewards", "batch"), ("top_entropy_quantile", 0.2),
                         ("mask_truncated_completions", True),
                         ("disable_dropout", False), ("eps", 1.5), ("window", -1), ("denominator", "max"), ("gate_group", -1),
-                        ("beta_length", float("inf")), ("advantage_warmup", 1.5)]:
+                        ("beta_length", float("inf")), ("advantage_warmup", 1.5), ("advantage_warmup", -1),
+                        ("multi_objective_aggregation", "normalize_then_sum"), ("importance_sampling_level", "sequence"),
+                        ("entropy_coef", 0.01), ("use_adaptive_entropy", True), ("off_policy_mask_threshold", 0.5),
+                        ("beta", 0.04), ("num_iterations", 2), ("score_temperature", 0.7), ("method", "grpo")]:
         with pytest.raises(ValueError, match=f"^{name}: expected"):
             trl_egrsd.EGRSDConfig(**base, **{name: value})
     with pytest.raises(ValueError, match=r"^steps_per_generation: expected a divisor of gradient_accumulation_steps \(1\)"):
@@ -174,9 +189,14 @@ def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_pa
     trl_egrsd.EGRSDConfig(**base, gradient_accumulation_steps=4, steps_per_generation=2)
     with pytest.raises(ValueError, match="^tools: expected None"):  # tool tokens: not sampled, not masked out here
         trl_egrsd.EGRSDTrainer(model="unused", reward_funcs=trl_egrsd.correctness_reward, tools=[len])
+    with pytest.raises(ValueError, match="^environment_factory: expected None"):
+        trl_egrsd.EGRSDTrainer(model="unused", reward_funcs=trl_egrsd.correctness_reward, environment_factory=object)
     peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
     with pytest.raises(ValueError, match="lora_dropout: expected 0 .*deterministic log-probs"):
         tiny_trainer(tmp_path, peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.05))
+    adapted = peft.get_peft_model(build_tiny_model(tokenizer), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.05))
+    with pytest.raises(ValueError, match="lora_dropout: expected 0"):  # a PEFT model's own adapter, no peft_config
+        trl_egrsd.check_no_lora_dropout(None, adapted)
     for version in ("1.15.2", "1.17.0"):
         with pytest.raises(ImportError, match=r"trl>=1\.16,<1\.17 .* got " + version):
             trl_egrsd.check_trl_version(version)
@@ -221,15 +241,18 @@ def test_the_command_lines_model_and_dataset_flags_reach_the_policy_and_the_teac
     loads = []
     load = trl_egrsd.create_model_from_path
     monkeypatch.setattr(trl_egrsd, "create_model_from_path", lambda name, **kwargs: loads.append(kwargs) or load(name, **kwargs))
-    trainer = trl_egrsd.build_trainer(*trl_egrsd.parse([
+    data, args, model_args = trl_egrsd.parse([
         "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "run"), "--use_cpu", "--report_to", "none",
         "--dtype", "bfloat16", "--attn_implementation", "eager", "--model_revision", "main", "--max_completion_length", "8",
         "--dataset_name", str(dataset), "--problem_column", "q", "--solution_column", "s", "--answer_column", "a",
-        "--eval_strategy", "steps", "--eval_steps", "1", "--per_device_train_batch_size", "2"]))
+        "--eval_strategy", "steps", "--eval_steps", "1", "--per_device_train_batch_size", "2"])
+    args.model_init_kwargs = {"use_safetensors": True}  # given in the config: kept beside the model flags
+    trainer = trl_egrsd.build_trainer(data, args, model_args)
     for model in (trainer.model, trainer.teacher):
         assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
     loaded_with = dict(revision="main", dtype="bfloat16", attn_implementation="eager")
     assert loaded_with.items() <= trainer.args.model_init_kwargs.items() and loaded_with.items() <= loads[0].items()
+    assert loads[0]["use_safetensors"] is True
     trainer.save_model(str(tmp_path / "final"))
     from safetensors import safe_open
     with safe_open(str(tmp_path / "final" / "model.safetensors"), "pt") as saved:
@@ -248,6 +271,18 @@ def test_the_command_lines_model_and_dataset_flags_reach_the_policy_and_the_teac
         trainer._frozen_copy(BitsAndBytesConfig(load_in_4bit=True))
     assert loads[-1]["device_map"] is None and loads[-1]["quantization_config"].load_in_4bit
     assert loads[-1]["dtype"] == "bfloat16" and loads[-1]["revision"] == "main"
+    monkeypatch.setattr(trainer.args, "distributed_state", SimpleNamespace(distributed_type="MULTI_GPU"))  # DDP, too
+    with pytest.raises(ZeroDivisionError):
+        trainer._frozen_copy(None)
+    assert loads[-1]["device_map"] is None
+    with pytest.raises(ValueError, match="^--model_name_or_path: expected a hub name"):
+        trl_egrsd.build_trainer(trl_egrsd.DataArguments(), trainer.args, trl_egrsd.EGRSDModelConfig())
+    data = trl_egrsd.DataArguments(dataset_name=str(dataset), problem_column="q", solution_column="s", answer_column="a",
+                                   dataset_test_split="validation")
+    with pytest.raises(ValueError, match=r"^--dataset_test_split: expected a split of .*\['train', 'test'\], got 'validation'"):
+        trl_egrsd.load_datasets(data, evaluate=True)
+    with pytest.raises(ValueError, match="^--data: expected either --dataset_name or --data"):
+        trl_egrsd.load_datasets(trl_egrsd.DataArguments(dataset_name=str(dataset), data="problems.jsonl"), evaluate=False)
     data = trl_egrsd.DataArguments(dataset_name=str(dataset), problem_column="question")
     with pytest.raises(ValueError, match=r"--problem_column: expected a column of .*\['q', 's', 'a'\], got 'question'"):
         trl_egrsd.load_datasets(data, evaluate=False)
@@ -321,3 +356,122 @@ def test_a_teacher_loaded_from_the_policys_path_scores_as_the_policy_with_its_he
     policy, teacher = (trainer._get_per_token_logps_and_entropies(model, ids, torch.ones_like(ids), 6, batch_size=2)[0]
                        for model in (trainer.model, trainer.teacher))
     assert trainer.teacher.dtype == torch.bfloat16 and torch.equal(policy, teacher)
+
+
+def test_the_reward_is_length_shaped_with_beta_length_a_truncated_completion_earns_0_and_evaluation_keeps_the_state(tmp_path):
+    """With β_L = 0 a right, finished completion earns exactly 1 (A = r − 0.5 in the warmup); without its EOS it
+    earns 0 (truncated) however right; an evaluation batch leaves the running advantage as it was."""
+    trainer = tiny_trainer(tmp_path, method="egrsd", beta_length=0.0, advantage_warmup=3)
+    assert trainer.running_advantage.warmup_steps == 3
+    rows = [row for row in trainer.train_dataset.select(range(2)) for _ in range(2)]  # problem 0 right, 1 wrong
+    trainer.model.train()
+    trainer._generate_and_score_completions(rows)
+    assert list(trainer._logs["advantages"])[-4:] == [0.5, 0.5, -0.5, -0.5]
+    state = trainer.running_advantage.state_dict()
+    trainer.model.eval()
+    trainer._generate_and_score_completions(rows)
+    assert trainer.running_advantage.state_dict() == state, "evaluation does not update the running statistics"
+    trainer.model.train()
+    trainer.rollout_func = lambda prompts, t: (lambda r: {**r, "completion_ids": [c[:-1] for c in r["completion_ids"]]})(
+        fixed_rollouts(prompts, t))  # the same completions, cut before their EOS
+    trainer._generate_and_score_completions(rows)
+    assert list(trainer._logs["advantages"])[-4:] == [-0.5] * 4
+
+
+def test_without_lora_the_teacher_scores_with_its_frozen_copy_not_the_policy(tmp_path):
+    """The policy moves (as after a step); the teacher's log-probs and entropies do not."""
+    trainer = tiny_trainer(tmp_path)
+    prompts = [trainer.train_dataset[i]["teacher_prompt"] for i in range(2)]
+    completion = torch.randint(3, len(tokenizer), (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    before = trainer.teacher_scores(prompts, completion, mask)
+    with torch.no_grad():
+        for parameter in trainer.model.parameters():
+            parameter.mul_(1.5)
+    after = trainer.teacher_scores(prompts, completion, mask)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_the_teacher_reads_its_prompt_from_teacher_prompt_column(tmp_path):
+    trainer = tiny_trainer(tmp_path, teacher_prompt_column="privileged")
+    rows = [{**row, "privileged": row["teacher_prompt"], "teacher_prompt": row["prompt"]}  # a decoy in the default column
+            for row in trainer.train_dataset.select(range(2)) for _ in range(2)]
+    seen, scores = [], trainer.teacher_scores
+    trainer.teacher_scores = lambda prompts, completion, mask: seen.extend(prompts) or scores(prompts, completion, mask)
+    trainer.model.train()
+    trainer._generate_and_score_completions(rows)
+    assert seen == [row["privileged"] for row in rows] and seen[0] != rows[0]["prompt"]
+
+
+def test_the_gates_normaliser_is_the_masked_batch_maximum_of_its_denominator_floored_at_min_denominator(tmp_path):
+    trainer = tiny_trainer(tmp_path, method="cl-egrsd", window=2)
+    entropy = torch.tensor([[1.5, 3.0, 2.0, 9.0], [2.5, 0.5, 2.5, 2.5]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])  # 9.0 is padding
+    assert trainer.gate_settings(entropy, mask).min_denominator == 3.0  # raw (Eq. 8)
+    trainer.args.denominator = "filtered"
+    filtered = egrsd.lookahead_min(entropy, mask, 2)[mask].max().item()
+    assert filtered < 3.0 and trainer.gate_settings(entropy, mask).min_denominator == pytest.approx(filtered)
+    trainer.args.min_denominator = 5.0  # a floor above the batch's maximum
+    assert trainer.gate_settings(entropy, mask).min_denominator == 5.0
+
+
+def test_with_steps_per_generation_the_generation_batchs_tokens_normalise_each_optimizer_step(tmp_path):
+    """Gradient accumulation 2 over one generation batch of steps_per_generation 2: the batch's loss, taken in one
+    call, is its token mean (TRL's "dapo": the generation batch's tokens, per accumulation window)."""
+    trainer = tiny_trainer(tmp_path, gradient_accumulation_steps=2, steps_per_generation=2)
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    batch = {"prompt_ids": torch.randint(3, len(tokenizer), (2, 3), generator=generator), "prompt_mask": torch.ones(2, 3, dtype=torch.long),
+             "completion_ids": torch.randint(3, len(tokenizer), (2, 4), generator=generator), "completion_mask": mask,
+             "advantages": torch.randn(2, 4, generator=generator), "num_items_in_batch": mask.sum()}
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    logp = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.cat([batch["prompt_mask"], mask], dim=1), 4)[0]
+    loss = trainer._compute_loss(trainer.model, batch)
+    torch.testing.assert_close(loss, egrsd.policy_loss(logp, batch["advantages"], mask.bool()))
+
+
+def test_a_policy_passed_as_a_loaded_model_gets_a_teacher_loaded_in_its_dtype_and_attention_frozen(tmp_path, model_dir):
+    """No model_init_kwargs: the teacher, loaded from the policy's path, takes the policy's dtype and attention."""
+    from transformers import AutoModelForCausalLM
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="eager")
+    args = trl_egrsd.EGRSDConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2)
+    trainer = trl_egrsd.EGRSDTrainer(model=policy, reward_funcs=trl_egrsd.correctness_reward, args=args,
+                                     train_dataset=trl_egrsd.dataset_from_problems(problems), processing_class=tokenizer)
+    assert trainer.teacher is not policy and trainer.teacher.dtype == torch.bfloat16
+    assert trainer.teacher.config._attn_implementation == "eager"
+    assert not any(p.requires_grad for p in trainer.teacher.parameters()), "the teacher is frozen"
+
+
+def test_main_resumes_from_the_checkpoint_flag_then_saves_and_ends(tmp_path, monkeypatch):
+    calls = []
+    trainer = SimpleNamespace(train=lambda **kw: calls.append(("train", kw)), save_model=lambda d: calls.append(("save", d)),
+                              end=lambda: calls.append(("end",)))
+    monkeypatch.setattr(trl_egrsd, "build_trainer", lambda data, args, model_args: trainer)
+    trl_egrsd.main(["--model_name_or_path", "unused", "--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none",
+                    "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")])
+    assert calls == [("train", {"resume_from_checkpoint": str(tmp_path / "checkpoint-2")}), ("save", str(tmp_path)), ("end",)]
+
+
+def test_attention_dropout_of_the_config_is_off_for_the_policy_and_the_teacher(tmp_path, monkeypatch):
+    """Qwen2's attention dropout is a probability applied in training mode, not a torch.nn.Dropout that TRL's
+    disable_dropout reaches: two scoring passes of the policy, and of the teacher, must still agree."""
+    import trl_run
+
+    def with_attention_dropout(tokenizer, dtype=torch.float32):
+        model = build_tiny_model(tokenizer, dtype=dtype)
+        model.config.attention_dropout = 0.5
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.5
+        return model
+
+    monkeypatch.setattr(trl_run, "build_tiny_model", with_attention_dropout)
+    trainer = tiny_trainer(tmp_path)
+    trainer.model.train()
+    ids = torch.randint(3, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"prompt_ids": ids[:, :6], "prompt_mask": torch.ones(2, 6, dtype=torch.long), "completion_ids": ids[:, 6:],
+             "completion_mask": torch.ones(2, 6, dtype=torch.long)}
+    assert torch.equal(trainer.policy_logps(batch), trainer.policy_logps(batch))
+    prompts, mask = [trainer.train_dataset[i]["teacher_prompt"] for i in range(2)], torch.ones(2, 6, dtype=torch.bool)
+    assert torch.equal(trainer.teacher_scores(prompts, ids[:, 6:], mask)[0], trainer.teacher_scores(prompts, ids[:, 6:], mask)[0])
