@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -212,3 +213,131 @@ def test_out_of_time_keeps_room_for_a_step_and_a_quarter_more_than_the_last_eval
     assert run_io.out_of_time(100.0, now, 10.0, 80.0)  # 110 s: stop now
     assert run_io.out_of_time(100.0, now - 95.0, 10.0, 0.0)  # 95 s gone: not even a step fits
     assert not run_io.out_of_time(0.0, now - 1e6, 10.0, 80.0)  # 0: no budget
+
+
+class FakeArm:
+    """An arm's process (subprocess.Popen) that ran at once: it writes an evaluation row, the model folders and
+    lock a run without --no-save-model leaves, and exits with `status` (2: it failed, after writing a traceback)."""
+    started = []
+
+    def __init__(self, cmd, cwd, stdout, stderr):
+        run_dir = cmd[cmd.index("--output-dir") + 1]
+        self.cmd, self.pid, self.status = cmd, 4000 + len(FakeArm.started), 2 if "--fail" in cmd else 0
+        FakeArm.started.append(self)
+        if self.status:
+            stdout.write("Traceback: the arm broke\n")
+            return
+        row = {"kind": "eval", "step": 0, "method": "grpo", "eval_accuracy": 0.5, "eval_length": 100.0,
+               "eval_acc_per_1k_tokens": 5.0}
+        (Path(run_dir) / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+        for folder in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "final", "final.tmp"):
+            (Path(run_dir) / folder).mkdir()
+            (Path(run_dir) / folder / "model.safetensors").write_text("weights")
+        (Path(run_dir) / run_io.LOCK_FILE).write_text("")
+
+    def wait(self, timeout=None):
+        return self.status
+
+    poll = wait
+
+
+def fake_arms(monkeypatch, initial_run=lambda cmd, cwd: pytest.fail("the initial evaluation was run again")):
+    """run_arms with FakeArm for its processes; returns the module and the (deadline - now, grace) of its wait."""
+    from tools import run_arms
+
+    FakeArm.started, waits, wait = [], [], run_arms.wait
+    monkeypatch.setattr(run_arms, "subprocess", SimpleNamespace(Popen=FakeArm, run=initial_run, STDOUT=subprocess.STDOUT,
+                                                                TimeoutExpired=subprocess.TimeoutExpired))
+    monkeypatch.setattr(run_arms, "wait", lambda processes, deadline, grace, before: waits.append(
+        (deadline - time.monotonic(), grace)) or wait(processes, deadline, grace, before))
+    return run_arms, waits
+
+
+def initial_evaluation(run_dir, eval_s: float) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 0, "method": "grpo", "eval_accuracy": 0.5,
+                                                       "eval_length": 100.0, "eval_acc_per_1k_tokens": 5.0, "eval_s": eval_s}) + "\n")
+
+
+def test_the_runner_gives_each_arm_the_budget_less_start_up_and_shared_evaluations_and_packs_no_model(tmp_path, monkeypatch,
+                                                                                                      capsys):
+    """3 arms, a reused step-0 evaluation of 40 s: each gets 600 - (3 - 1.25) · 40 - 15 = 515 s, the signals come
+    at budget + grace; the archive holds metrics, logs and commands (of both calls, appended), no model, no lock,
+    not itself; one arm failed: exit 1, the end of its log shown."""
+    initial_evaluation(tmp_path / "runs" / "initial", eval_s=40.0)
+    run_arms, waits = fake_arms(monkeypatch)
+    flags = ["--out", str(tmp_path / "runs") + "/", "--budget", "600", "--grace", "30", "--pack", str(tmp_path / "runs" / "pack"),
+             "--common", "--steps 3", "--arm", "a=--data '/data/my file.jsonl'", "--arm", "b=--seed 1", "--arm", "c=--fail"]
+    for call in range(2):  # the second call finds the first's arm folders and removes them
+        assert run_arms.main(flags) == 1
+        assert [a.cmd[a.cmd.index("--time-budget") + 1] for a in FakeArm.started[-3:]] == ["515"] * 3
+        assert 629 < waits[-1][0] <= 630 and waits[-1][1] == 30
+    assert "/data/my file.jsonl" in FakeArm.started[0].cmd and "c: exit 2\nTraceback: the arm broke" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "commands.sh").read_text().count("tools/run_arms.py") == 2, "appended, not overwritten"
+    with tarfile.open(tmp_path / "runs" / "pack" / "runs.tar.gz") as archive:
+        names = set(archive.getnames())
+    assert names == {"runs/commands.sh", "runs/initial/metrics.jsonl", "runs/a/metrics.jsonl", "runs/a/log.txt",
+                     "runs/b/metrics.jsonl", "runs/b/log.txt", "runs/c/log.txt"}
+    assert "b" in (tmp_path / "runs" / "pack" / "compare.txt").read_text()
+
+
+@pytest.mark.parametrize("budget, initial_status", [(600, 3), (10, 0)])
+def test_the_runner_exits_1_and_starts_no_arm_when_the_initial_evaluation_fails_or_no_time_is_left(
+        budget, initial_status, tmp_path, monkeypatch, capsys):
+    """10 s of budget: less than an arm's 15 s start-up, nothing left for the arms."""
+    run_arms, _ = fake_arms(monkeypatch, initial_run=lambda cmd, cwd: SimpleNamespace(returncode=initial_status))
+    assert run_arms.main(["--out", str(tmp_path / "runs"), "--budget", str(budget), "--pack", str(tmp_path / "pack"),
+                          "--arm", "a="]) == 1
+    assert not FakeArm.started and (tmp_path / "pack" / "runs.tar.gz").exists()
+    assert ("initial evaluation failed (exit 3)" if initial_status else "no time left for the arms") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--arm", "a=", "--arm", "a=--seed 1"], "--arm: expected NAME=FLAGS with a new name"),
+    (["--arm", "initial=--seed 1"], "--arm: expected NAME=FLAGS with a new name"),  # the step-0 evaluation's folder
+    (["--arm", "a b="], "--arm: expected NAME=FLAGS with a new name"), ([], "--arm: expected at least one arm"),
+    (["--arm", "a=", "--budget", "0"], "--budget: expected > 0 seconds, got 0.0"),
+])
+def test_the_runner_refuses_a_repeated_or_reserved_arm_name_and_an_empty_budget(flags, message, tmp_path, monkeypatch,
+                                                                                 capsys):
+    run_arms, _ = fake_arms(monkeypatch, initial_run=lambda cmd, cwd: pytest.fail("started"))
+    with pytest.raises(SystemExit):
+        run_arms.main(["--out", str(tmp_path), "--budget", "60", "--pack", str(tmp_path / "pack"), *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_overrunning_arms_get_sigterm_all_at_once_and_sigkill_exactly_one_grace_later():
+    """On a fake clock: an arm that ended in time gets no signal; the other two, which ignore SIGTERM, get
+    SIGTERM at the deadline, both before any SIGKILL, and SIGKILL at deadline + grace (not later: the grace is
+    shared, not one per arm)."""
+    from tools import run_arms
+
+    clock, signals = SimpleNamespace(now=0.0), []
+
+    class Stubborn:
+        def __init__(self, name, ends):
+            self.name, self.ends, self.pid, self.status = name, ends, 1, None
+
+        def wait(self, timeout=None):
+            if self.status is None and clock.now + timeout < self.ends:
+                clock.now += timeout
+                raise subprocess.TimeoutExpired("arm", timeout)
+            clock.now = max(clock.now, min(self.ends, clock.now + (timeout or 0)))
+            self.status = self.status if self.status is not None else 0
+            return self.status
+
+        def poll(self):
+            return self.status
+
+        def send_signal(self, sig):
+            signals.append((self.name, sig, clock.now))
+            if sig == signal.SIGKILL:
+                self.status = -signal.SIGKILL
+
+    processes = {"done": Stubborn("done", 5.0), "x": Stubborn("x", 1e9), "y": Stubborn("y", 1e9)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_arms, "time", SimpleNamespace(monotonic=lambda: clock.now))
+        statuses = run_arms.wait(processes, 100.0, 30.0, lambda: None)
+    assert statuses == {"done": 0, "x": -signal.SIGKILL, "y": -signal.SIGKILL}
+    assert signals == [("x", signal.SIGTERM, 100.0), ("y", signal.SIGTERM, 100.0),
+                       ("x", signal.SIGKILL, 130.0), ("y", signal.SIGKILL, 130.0)]

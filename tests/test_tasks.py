@@ -2,12 +2,21 @@
 of both formats, the built-in problems and their held-out templates, and clear errors for bad files.
 """
 
+import importlib.util
 import json
+import random
 import re
+import sys
+import types
+from pathlib import Path
 
 import pytest
+import torch
 
-from trainer.tasks import built_in_problems, is_correct, is_correct_symbolic, load_problems
+from trainer.tasks import (INSTRUCTION, Problem, batch_problems, built_in_problems, epoch_order, is_correct, is_correct_symbolic,
+                           load_problems, student_messages, teacher_messages)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("completion, answer, correct", [
@@ -73,6 +82,7 @@ GRADED = [
     (r"2\sqrt{2}", r"\boxed{2\sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{2 \sqrt{2}}", True), (r"2\sqrt{2}", r"\boxed{\sqrt{8}}", True),
     (r"2\sqrt{2}", r"\boxed{\sqrt{6}}", False), (r"\frac{\pi}{2}", r"\boxed{\pi/2}", True), (r"x^2+1", r"\boxed{1 + x^2}", True),
     (r"\{1,2\}", r"\boxed{\{2, 1\}}", True), (r"(1, 2)", r"\boxed{(2, 1)}", False),
+    (r"2\sqrt{2}", r"\boxed{\sqrt{8}.}", True),  # math-verify reads the normalised answer (no final period)
 ]
 NUMERIC = [row for row in GRADED if DECIMAL_ANSWER.fullmatch(row[0])]
 
@@ -91,10 +101,14 @@ def test_the_math_verify_verifier_grades_numbers_and_symbols_as_a_careful_grader
 def test_data_files_of_both_formats_load_into_problems(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"question": "How many?", "answer": "4 * 3 = <<4*3=12>>12\n#### 1,200"}) + "\n\n"
-                    + json.dumps({"problem": "p", "solution": "s", "answer": " 7 "}) + "\n")
-    gsm8k, own = load_problems(path)
+                    + json.dumps({"problem": "p", "solution": "s", "answer": " 7 "}) + "\n"
+                    + json.dumps({"question": "q", "answer": "#### 5\nno, recount\n#### 12"}) + "\n"  # the LAST marker
+                    + json.dumps({"problem": "p0", "solution": "s", "answer": "0", "template": "t"}) + "\n")  # 0 is a number
+    gsm8k, own, recounted, zero = load_problems(path)
     assert (gsm8k.question, gsm8k.solution, gsm8k.answer) == ("How many?", "4 * 3 = 12", "1200")
-    assert (own.question, own.solution, own.answer) == ("p", "s", "7")
+    assert (own.question, own.solution, own.answer, own.template) == ("p", "s", "7", None)
+    assert (recounted.solution, recounted.answer) == ("#### 5\nno, recount", "12")
+    assert (zero.answer, zero.template) == ("0", "t")
 
 
 def test_built_in_problems_hold_out_whole_templates_and_are_solved_by_their_own_solutions():
@@ -112,10 +126,117 @@ def test_built_in_problems_hold_out_whole_templates_and_are_solved_by_their_own_
     ("", "no problems"), ('{"question": "q"\n', ":1: "), ('[1, 2]\n', ":1: "),
     ('{"problem": "p", "solution": "s"}\n', "answer"), ('{"question": "q", "answer": "no marker"}\n', "####"),
     ('{"problem": "p", "solution": "s", "answer": "7"}\n{"problem": "p", "solution": "s", "answer": "seven"}\n', ":2: "),
+    ('{"problem": "p", "answer": "7"}\n', ":1: missing field 'solution' (expected a string)"),
+    ('{"problem": "p", "solution": ["s"], "answer": "7"}\n', ":1: field 'solution' must be a string, got list"),
+    ('"problem"\n', ":1: expected a JSON object per line, got str"),  # a string holds "problem" too
+    ('{"problem": "p", "solution": "s", "answer": "7", "template": true}\n', ":1: field 'template' must be a string or an "
+     "integer, got bool"),
+    (b'{"problem": "p", "solution": "s", "answer": "7"}\n{"problem": "\xff"}\n', ":2: invalid JSON ("),  # bad UTF-8
 ])
 def test_a_bad_data_file_names_the_file_line_and_field(content, message, tmp_path):
     path = tmp_path / "data.jsonl"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError) as error:
         load_problems(path)
     assert str(error.value).startswith(str(path)) and message in str(error.value)
+
+
+def test_each_epoch_takes_every_problem_once_in_a_seeded_order_of_its_own_found_from_the_step_alone():
+    """Five batches of 4 from 10 problems: two epochs, the third batch wrapping across their end. A resumed run
+    finds its batch from (step, seed) alone: the same in a fresh process (the cache cleared), and drawn without
+    touching the global RNG (which sampling uses)."""
+    problems = [f"p{i}" for i in range(10)]
+    rng = torch.get_rng_state()
+    batches = [batch_problems(problems, step, 4, seed=3) for step in range(5)]
+    assert torch.equal(torch.get_rng_state(), rng), "the global RNG is left as it was"
+    assert [len(b) for b in batches] == [4] * 5
+    first, second = sum(batches, [])[:10], sum(batches, [])[10:]
+    assert sorted(first) == sorted(second) == sorted(problems), "each epoch takes every problem once"
+    assert first != second and first != problems, "each epoch in an order of its own"
+    assert first == [problems[i] for i in epoch_order(10, 3, 0)] and second == [problems[i] for i in epoch_order(10, 3, 1)]
+    epoch_order.cache_clear()
+    assert [batch_problems(problems, step, 4, seed=3) for step in (4, 2)] == [batches[4], batches[2]]
+    assert [batch_problems(problems, step, 4, seed=4) for step in range(5)] != batches, "another seed, another order"
+
+
+def test_the_student_sees_the_question_and_the_instruction_and_the_teacher_also_the_reference_solution():
+    problem = Problem("How many apples?", "3 + 4 = 7 apples.\n#### 7", "7")
+    assert student_messages(problem) == [{"role": "user", "content": "How many apples?\n" + INSTRUCTION}]
+    (teacher,) = teacher_messages(problem)
+    assert teacher["role"] == "user" and teacher["content"].startswith("How many apples?\n")
+    assert "reference solution:\n3 + 4 = 7 apples.\n#### 7\n" in teacher["content"]
+    assert teacher["content"].endswith("in your own words.\n" + INSTRUCTION), "the student's instruction ends it"
+
+
+def test_a_problems_id_is_its_questions_alone_and_stays_what_recorded_runs_hold():
+    """Runs pair evaluations by these ids, also with rows written by earlier versions: the id may not change."""
+    assert Problem("How many apples?", "s", "7").id == Problem("How many apples?", "t", "8", 3).id == "4acf9e5a1662"
+    assert built_in_problems(0, 1)[1][0].id == "3cb789fe3f88"
+
+
+# ---------------------------------------------------------------- data/make_gsm_symbolic.py, the generator of the
+# built-in files (it needs reasoning-gym, which the tests do not install: it runs on a stand-in)
+
+TEMPLATES = sorted({json.loads(line)["template"] for name in ("train", "eval")
+                    for line in open(ROOT / f"data/gsm_symbolic_{name}.jsonl")})
+
+
+def load_generator():
+    spec = importlib.util.spec_from_file_location("make_gsm_symbolic", ROOT / "data/make_gsm_symbolic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def generator(monkeypatch, tmp_path):
+    """data/make_gsm_symbolic.py importing a stand-in for reasoning-gym 0.1.25 (tasks_ok: the 85 templates of
+    the shipped files, a sorted list as reasoning-gym's is; each dataset draws templates 0-99, with repeated
+    questions), writing into tmp_path, 40 training and 12 held-out problems."""
+    class Dataset:
+        def __init__(self, size, seed):
+            rng = random.Random(seed)
+            self.task_indices = [rng.randrange(100) for _ in range(size)]
+            self.questions = [f"template {t}: question {rng.randrange(3)}" for t in self.task_indices]
+
+        def __getitem__(self, index):
+            return {"question": self.questions[index], "answer": str(index),
+                    "metadata": {"answer_cot": f"worked #### {index}"}}
+
+    gym = types.ModuleType("reasoning_gym")
+    gym.create_dataset = lambda name, size, seed: Dataset(size, seed) if name == "gsm_symbolic" else pytest.fail(name)
+    leaf = types.ModuleType("reasoning_gym.arithmetic.gsm_symbolic.gsm_symbolic")
+    leaf.tasks_ok = list(TEMPLATES)
+    for name, module in (("reasoning_gym", gym), ("reasoning_gym.arithmetic", types.ModuleType("a")),
+                         ("reasoning_gym.arithmetic.gsm_symbolic", types.ModuleType("b")), (leaf.__name__, leaf)):
+        monkeypatch.setitem(sys.modules, name, module)
+    module = load_generator()
+    module.SHIPPED_SIZES = (module.TRAIN_SIZE, module.EVAL_SIZE)  # the sizes of the files in data/
+    for name, value in (("HERE", str(tmp_path)), ("TRAIN_SIZE", 40), ("EVAL_SIZE", 12), ("version", lambda _: "0.1.25")):
+        monkeypatch.setattr(module, name, value)
+    return module
+
+
+def test_the_generator_holds_out_whole_templates_and_writes_distinct_questions_with_their_template(generator, tmp_path):
+    generator.main()
+    train, held_out = (load_problems(tmp_path / f"gsm_symbolic_{name}.jsonl") for name in ("train", "eval"))
+    assert (len(train), len(held_out)) == (40, 12)
+    drawn = set(random.Random(generator.SEED).sample(TEMPLATES, generator.HELD_OUT_TEMPLATES))
+    assert {p.template for p in held_out} <= drawn and not {p.template for p in train} & drawn
+    for problems in (train, held_out):
+        assert len({p.question for p in problems}) == len(problems), "no question twice"
+        assert all(p.question.startswith(f"template {p.template}:") for p in problems), "each row names its own template"
+    generator.version = lambda _: "0.1.26"
+    with pytest.raises(SystemExit, match="^reasoning-gym 0.1.25 expected .* got 0.1.26$"):
+        generator.main()
+
+
+def test_the_shipped_files_are_the_generators_sizes_and_held_out_templates(generator):
+    """What the generator's constants say of the files it wrote: their sizes, the held-out templates it draws
+    (with its seed, of the 85 templates) and distinct questions in each."""
+    train, held_out = built_in_problems(10**6, 10**6)
+    assert (len(train), len(held_out)) == generator.SHIPPED_SIZES
+    drawn = set(random.Random(generator.SEED).sample(TEMPLATES, generator.HELD_OUT_TEMPLATES))
+    assert {p.template for p in held_out} == drawn and {p.template for p in train} == set(TEMPLATES) - drawn
+    assert len({p.question for p in train}) == len(train) and len({p.question for p in held_out}) == len(held_out)
+

@@ -500,6 +500,21 @@ def test_eval_data_is_a_held_out_file_and_data_is_then_all_training(tmp_path, ca
     assert (train, held_out) == built_in_problems(5, 3)
 
 
+def test_the_held_out_split_of_data_is_a_fifth_at_most_one_problem_at_least_and_leaves_training_problems(tmp_path):
+    """Also: --eval-data is read with the run's verifier, as --data is (symbolic answers under math-verify)."""
+    rows = lambda n: "".join(json.dumps({"problem": f"p{i}", "solution": "s", "answer": "1"}) + "\n" for i in range(n))  # noqa: E731
+    for n, eval_size, held_out in ((20, 10, 4), (4, 2, 1), (20, 0, 0)):
+        (tmp_path / "data.jsonl").write_text(rows(n))
+        train, evaluated = load_data(train_min.Config(data=str(tmp_path / "data.jsonl"), eval_size=eval_size))
+        assert ([p.question for p in evaluated], len(train)) == ([f"p{i}" for i in range(held_out)], n - held_out)
+    (tmp_path / "data.jsonl").write_text(rows(1))
+    with pytest.raises(SystemExit, match=f"^--data: {tmp_path}/data.jsonl leaves no training problem after the held-out split"):
+        load_data(train_min.Config(data=str(tmp_path / "data.jsonl"), eval_size=2))
+    (tmp_path / "math.jsonl").write_text(json.dumps({"problem": "q", "solution": "s", "answer": "2\\sqrt{2}"}) + "\n")
+    cfg = train_min.Config(data=str(tmp_path / "data.jsonl"), eval_data=str(tmp_path / "math.jsonl"), verifier="math-verify")
+    assert [p.answer for p in load_data(cfg)[1]] == ["2\\sqrt{2}"]
+
+
 def test_every_rollout_engine_samples_a_valid_batch_and_greedy_engines_agree():
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer)
@@ -912,6 +927,16 @@ def test_the_curves_of_runs_are_drawn_from_their_metrics_alone(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_curves_moving_average_takes_up_to_the_last_width_values_and_the_plot_needs_a_run(tmp_path):
+    pytest.importorskip("matplotlib", reason="the optional extra matplotlib is not installed")
+    from tools import plot_runs
+
+    assert plot_runs.moving_average([1, 2, 3, 4, 5, 6], width=3) == [1, 1.5, 2, 3, 4, 5]
+    for arguments in ([str(tmp_path / "curves.png")], ["--tradeoff", str(tmp_path / "figure1.png")]):
+        with pytest.raises(SystemExit, match="^usage: python tools/plot_runs.py"):
+            plot_runs.main(arguments)
+
+
 def test_the_tradeoff_figure_pools_seeds_into_one_point_per_setting(tmp_path):
     pytest.importorskip("matplotlib", reason="the optional extra matplotlib is not installed")
     ids, templates = [f"p{i}" for i in range(6)], [i // 2 for i in range(6)]
@@ -929,6 +954,37 @@ def test_the_tradeoff_figure_pools_seeds_into_one_point_per_setting(tmp_path):
     plot_runs.main(["--tradeoff", str(tmp_path / "figure1.png"), *dirs, dirs[0]])
     assert (tmp_path / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(views.group_runs([views.load_run(d) for d in dirs])) == 2, "two settings of two seeds each"
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_the_tradeoff_figure_puts_each_settings_mean_end_accuracy_against_the_length_of_the_same_completions(
+        sampled, tmp_path, monkeypatch):
+    """avg@K against the sampled length where every run's last evaluation sampled, else greedy against the greedy
+    length (write_run: greedy length 410, sampled 420 + 30 · accuracy at the end; 400 and 410 at step 0)."""
+    pytest.importorskip("matplotlib", reason="the optional extra matplotlib is not installed")
+    from tools import plot_runs
+
+    ids, templates, dirs = [f"p{i}" for i in range(4)], [0, 0, 1, 1], []
+    for method, seed, end in (("grpo", 0, [1, 0, 0, 0]), ("grpo", 1, [1, 1, 0, 0]), ("egrsd", 0, [1, 1, 1, 1])):
+        write_run(tmp_path / f"{method}-s{seed}", method, seed, [0] * 4, end, ids, templates)
+        dirs.append(str(tmp_path / f"{method}-s{seed}"))
+    if not sampled:  # one run did not sample at the end: greedy for every point
+        path = tmp_path / "egrsd-s0" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows[-1] = {k: v for k, v in rows[-1].items() if not k.startswith("eval_sampled_")} | {"eval_samples": 0}
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    axes, subplots = [], plot_runs.plt.subplots
+    monkeypatch.setattr(plot_runs.plt, "subplots", lambda *a, **k: (lambda made: axes.append(made[1]) or made)(subplots(*a, **k)))
+    plot_runs.main(["--tradeoff", str(tmp_path / "figure1.png"), *dirs])
+    (ax,) = axes
+    points = sorted(tuple(c.lines[0].get_xydata()[0]) for c in ax.containers)
+    start = ax.lines[0].get_xydata()[0].tolist()
+    if sampled:
+        assert points == [(431.25, 0.375), (450.0, 1.0)] and start == [410.0, 0.0]
+        assert ax.get_xlabel() == "sampled mean response length (tokens)" and ax.get_ylabel() == "avg@4 held-out accuracy"
+    else:
+        assert points == [(410.0, 0.375), (410.0, 1.0)] and start == [400.0, 0.0]
+        assert ax.get_xlabel() == "greedy mean response length (tokens)" and ax.get_ylabel() == "greedy held-out accuracy"
 
 
 def test_runs_pool_into_one_setting_however_their_evaluation_cap_is_written():
