@@ -58,6 +58,8 @@ GRADED = [
     ("18", r"\boxed{18 apples}", True), ("18", r"\boxed{18\text{ apples}}", True), ("7", r"\boxed{7 \mathrm{cm}}", True),
     ("-3", r"\boxed{-3^\circ}", True), ("25", r"\boxed{25^{\circ}\text{C}}", True), ("25", r"\boxed{25°}", True),
     ("10", r"\boxed{10\%}", True), ("10", r"\boxed{10 \%}", True), ("10", r"\boxed{11\%}", False),
+    ("18", r"\boxed{18cm}", True), ("5", r"\boxed{5 m}", True), ("0.5", r"\boxed{\frac{1}{2} \text{ cup}}", True),
+    ("25", r"\boxed{25^{\circ}\text{F}}", True),
     # minus signs and spacing
     ("-3", "\\boxed{\u22123}", True), ("-3", "\\boxed{\u2212 3}", True), ("3", "\\boxed{\u22123}", False),
     ("1234", r"\boxed{1\,234}", True), ("12000", "\\boxed{12\u202f000}", True), ("1234", r"\boxed{1{,}234}", True),
@@ -83,6 +85,9 @@ GRADED = [
     (r"2\sqrt{2}", r"\boxed{\sqrt{6}}", False), (r"\frac{\pi}{2}", r"\boxed{\pi/2}", True), (r"x^2+1", r"\boxed{1 + x^2}", True),
     (r"\{1,2\}", r"\boxed{\{2, 1\}}", True), (r"(1, 2)", r"\boxed{(2, 1)}", False),
     (r"2\sqrt{2}", r"\boxed{\sqrt{8}.}", True),  # math-verify reads the normalised answer (no final period)
+    # a letter after a number is a variable there, not a unit: x^2+2 is not x^2+2x, nor is 3 the answer 3x
+    (r"x^2+2x", r"\boxed{x^2+2}", False), (r"x^2+2x", r"\boxed{x^2 + 2x}", True), (r"3x", r"\boxed{3}", False),
+    (r"3x", r"\boxed{3x}", True),
 ]
 NUMERIC = [row for row in GRADED if DECIMAL_ANSWER.fullmatch(row[0])]
 
@@ -126,6 +131,7 @@ def test_built_in_problems_hold_out_whole_templates_and_are_solved_by_their_own_
     ("", "no problems"), ('{"question": "q"\n', ":1: "), ('[1, 2]\n', ":1: "),
     ('{"problem": "p", "solution": "s"}\n', "answer"), ('{"question": "q", "answer": "no marker"}\n', "####"),
     ('{"problem": "p", "solution": "s", "answer": "7"}\n{"problem": "p", "solution": "s", "answer": "seven"}\n', ":2: "),
+    ('{"problem": "p", "solution": "s", "answer": "2x"}\n', ":1: field 'answer': final answer must be a number, got '2x'"),
     ('{"problem": "p", "answer": "7"}\n', ":1: missing field 'solution' (expected a string)"),
     ('{"problem": "p", "solution": ["s"], "answer": "7"}\n', ":1: field 'solution' must be a string, got list"),
     ('"problem"\n', ":1: expected a JSON object per line, got str"),  # a string holds "problem" too

@@ -179,10 +179,12 @@ def extract_answer(text: str) -> str | None:
 # trailing unit word ("18 apples").
 _SPACING = re.compile(r"\\[,;:! ]|\\quad|\\qquad|~|\\left|\\right|[\u2009\u202f\u00a0]")
 _DECORATION = re.compile(r"\\\$|\$|€|£|¥|₹|\\(?:texteuro|euro|pounds|textsterling|yen)(?![A-Za-z])\s*(?:\{\})?|\\%|%"
-                         r"|\^\s*\{?\\circ\}?|\\circ|°|\\degree|\{,\}")
+                         r"|(?:\^\s*\{?\\circ\}?|\\circ|°|\\degree)(?:\s*[CF](?![A-Za-z]))?|\{,\}")
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRACTION = re.compile(r"\\[dt]?frac\s*(\{[^{}]*\}|\d)\s*(\{[^{}]*\}|\d)")
-_UNIT = re.compile(r"(?<=\d)\s*(?:[A-Za-z]+\.?\s*)+$")  # "12 dollars", "7 cm", "3 p.m."
+# a unit: words after a number (or a fraction's brace), after a space or of two letters or more ("12 dollars",
+# "7cm", "3 p.m."); one letter right after a digit is a variable ("2x"), and only a unit after a number goes
+_UNIT = re.compile(r"(?<=[\d}])(?:\s+|(?=[A-Za-z]{2}))(?:[A-Za-z]+\.?\s*)+$")
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:([, ])\d{3})(?:\1\d{3})*(?:\.\d+)?")
 DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2012": "-", "\ufe63": "-", "\uff0d": "-"})
 
@@ -190,7 +192,7 @@ DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2012": "-", "\ufe63": "
 def normalise_answer(text: str) -> str:
     """`text` with what does not change its value removed: `\\$12.00` → `12.00`, `-3^\\circ` → `-3`,
     `\\text{12 dollars}` → `12`, `10\\%` → `10`, `{{5}}` → `5`, `\\dfrac12` → `\\frac{1}{2}`,
-    `x = 5` → `5`, a Unicode minus → `-`."""
+    `x = 5` → `5`, a Unicode minus → `-`; `x^2+2x` and `2x` stay as they are."""
     s = text.translate(DASHES)
     s = _SPACING.sub(" ", s)
     for _ in range(3):  # wrappers inside wrappers
@@ -200,7 +202,10 @@ def normalise_answer(text: str) -> str:
     s = s.rsplit("=", 1)[-1].strip()  # "x = 5"
     while s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
         s = s[1:-1].strip()
-    s = _UNIT.sub("", s).strip().rstrip(".").strip()
+    unit = _UNIT.search(s)
+    if unit and _value(s[:unit.start()].strip()) is not None:  # "18 apples", "\frac{1}{2} cup"; not "x^2+2x"
+        s = s[:unit.start()]
+    s = s.strip().rstrip(".").strip()
     return re.sub(r"^([-+])\s+", r"\1", " ".join(s.split()))  # "- 3" → "-3"
 
 
@@ -217,7 +222,12 @@ def _to_number(text: str) -> float | None:
     """The value of an answer string after `normalise_answer`: a decimal (`1,000` and `1 000` are
     thousands, also in a fraction; `1, 2` is a list and no number), `a/b`, `\\frac{a}{b}`, `-\\frac{a}{b}`; None
     otherwise."""
-    s = _without_thousands(normalise_answer(text))
+    return _value(normalise_answer(text))
+
+
+def _value(s: str) -> float | None:
+    """The value of a normalised answer string (`_to_number`), None where it is no number."""
+    s = _without_thousands(s)
     fraction = re.fullmatch(r"([-+]?)\s*\\frac\{(.+)\}\{(.+)\}|([-+]?[\d.,]+(?: \d{3})*)\s*/\s*([-+]?[\d.,]+(?: \d{3})*)", s)
     if fraction:
         sign, *parts = fraction.groups()
