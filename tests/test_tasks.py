@@ -59,7 +59,9 @@ GRADED = [
     ("-3", r"\boxed{-3^\circ}", True), ("25", r"\boxed{25^{\circ}\text{C}}", True), ("25", r"\boxed{25°}", True),
     ("10", r"\boxed{10\%}", True), ("10", r"\boxed{10 \%}", True), ("10", r"\boxed{11\%}", False),
     ("18", r"\boxed{18cm}", True), ("5", r"\boxed{5 m}", True), ("0.5", r"\boxed{\frac{1}{2} \text{ cup}}", True),
-    ("25", r"\boxed{25^{\circ}\text{F}}", True),
+    ("25", r"\boxed{25^{\circ}\text{F}}", True), ("5", r"\boxed{5\text{m}}", True), ("500", r"\boxed{500\mbox{g}}", True),
+    ("-3", r"\boxed{- 3 \text{ m}}", True), ("-5", r"\boxed{- \$5 \text{ each}}", True), ("10", r"\boxed{10 \text{ km/h}}", True),
+    ("0.75", r"\boxed{\frac{3}{4} x}", False),  # a variable after a fraction, not a unit
     # minus signs and spacing
     ("-3", "\\boxed{\u22123}", True), ("-3", "\\boxed{\u2212 3}", True), ("3", "\\boxed{\u22123}", False),
     ("1234", r"\boxed{1\,234}", True), ("12000", "\\boxed{12\u202f000}", True), ("1234", r"\boxed{1{,}234}", True),
@@ -87,7 +89,7 @@ GRADED = [
     (r"2\sqrt{2}", r"\boxed{\sqrt{8}.}", True),  # math-verify reads the normalised answer (no final period)
     # a letter after a number is a variable there, not a unit: x^2+2 is not x^2+2x, nor is 3 the answer 3x
     (r"x^2+2x", r"\boxed{x^2+2}", False), (r"x^2+2x", r"\boxed{x^2 + 2x}", True), (r"3x", r"\boxed{3}", False),
-    (r"3x", r"\boxed{3x}", True),
+    (r"3x", r"\boxed{3x}", True), (r"3x", r"\boxed{3 x}", True), (r"\frac{3}{4}x", r"\boxed{\frac{3}{4}\,x}", True),
 ]
 NUMERIC = [row for row in GRADED if DECIMAL_ANSWER.fullmatch(row[0])]
 

@@ -182,19 +182,24 @@ _DECORATION = re.compile(r"\\\$|\$|€|£|¥|₹|\\(?:texteuro|euro|pounds|texts
                          r"|(?:\^\s*\{?\\circ\}?|\\circ|°|\\degree)(?:\s*[CF](?![A-Za-z]))?|\{,\}")
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRACTION = re.compile(r"\\[dt]?frac\s*(\{[^{}]*\}|\d)\s*(\{[^{}]*\}|\d)")
-# a unit: words after a number (or a fraction's brace), after a space or of two letters or more ("12 dollars",
-# "7cm", "3 p.m."); one letter right after a digit is a variable ("2x"), and only a unit after a number goes
-_UNIT = re.compile(r"(?<=[\d}])(?:\s+|(?=[A-Za-z]{2}))(?:[A-Za-z]+\.?\s*)+$")
+# a unit: words after a number, after a space or of two letters or more ("12 dollars", "7cm", "3 p.m.", "10 km/h"),
+# or of two letters or more after a fraction ("\frac{1}{2} cup"); one letter right after a digit or a fraction is a
+# variable ("2x", "\frac{3}{4} x"). Each word whole (no backtracking into its letters).
+_UNIT = re.compile(r"(?:(?<=\d)(?:\s+|(?=[A-Za-z]{2}))|(?<=\})\s*(?=[A-Za-z]{2}))"
+                   r"(?:[A-Za-z]+(?![A-Za-z])(?:/[A-Za-z]+(?![A-Za-z]))?\.?\s*)+$")
+_TEXT_UNIT = re.compile(r"(?<=\d)\s*\\(?:text|mbox)\s*\{\s*([A-Za-z]+\.?)\s*\}")  # 5\text{m}: a unit word, spaced
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:([, ])\d{3})(?:\1\d{3})*(?:\.\d+)?")
 DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2012": "-", "\ufe63": "-", "\uff0d": "-"})
 
 
-def normalise_answer(text: str) -> str:
+def normalise_answer(text: str, units: bool = True) -> str:
     """`text` with what does not change its value removed: `\\$12.00` → `12.00`, `-3^\\circ` → `-3`,
     `\\text{12 dollars}` → `12`, `10\\%` → `10`, `{{5}}` → `5`, `\\dfrac12` → `\\frac{1}{2}`,
-    `x = 5` → `5`, a Unicode minus → `-`; `x^2+2x` and `2x` stay as they are."""
+    `x = 5` → `5`, a Unicode minus → `-`; `x^2+2x` and `2x` stay as they are. A unit goes only after a
+    number, and only with `units` (a symbolic answer is compared without removing any)."""
     s = text.translate(DASHES)
     s = _SPACING.sub(" ", s)
+    s = _TEXT_UNIT.sub(r" \1", s)
     for _ in range(3):  # wrappers inside wrappers
         s = _WRAPPER.sub(r"\1", s)
     s = _DECORATION.sub("", s)
@@ -202,11 +207,11 @@ def normalise_answer(text: str) -> str:
     s = s.rsplit("=", 1)[-1].strip()  # "x = 5"
     while s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
         s = s[1:-1].strip()
-    unit = _UNIT.search(s)
+    s = re.sub(r"^([-+])\s+", r"\1", " ".join(s.split()))  # "- 3" → "-3"
+    unit = _UNIT.search(s) if units else None
     if unit and _value(s[:unit.start()].strip()) is not None:  # "18 apples", "\frac{1}{2} cup"; not "x^2+2x"
         s = s[:unit.start()]
-    s = s.strip().rstrip(".").strip()
-    return re.sub(r"^([-+])\s+", r"\1", " ".join(s.split()))  # "- 3" → "-3"
+    return s.strip().rstrip(".").strip()
 
 
 def _balanced(s: str) -> bool:
@@ -258,7 +263,8 @@ def is_correct(completion: str, answer: str) -> bool:
     x, y = _to_number(predicted), _to_number(answer)
     if y is not None:  # a numeric reference: the same number (a list such as "1, 2" is none)
         return x is not None and math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
-    return normalise_answer(predicted).replace(" ", "") == normalise_answer(answer).replace(" ", "")  # LaTeX ignores spaces
+    return (normalise_answer(predicted, units=False).replace(" ", "")  # LaTeX ignores spaces
+            == normalise_answer(answer, units=False).replace(" ", ""))
 
 
 def is_correct_symbolic(completion: str, answer: str) -> bool:
@@ -272,7 +278,7 @@ def is_correct_symbolic(completion: str, answer: str) -> bool:
     predicted = extract_answer(completion)
     if predicted is None:
         return False
-    gold, guess = parse(f"${answer}$"), parse(f"${normalise_answer(predicted)}$")
+    gold, guess = parse(f"${answer}$"), parse(f"${normalise_answer(predicted, units=False)}$")
     return bool(gold and guess and verify(gold, guess))
 
 
