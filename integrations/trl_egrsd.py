@@ -26,10 +26,10 @@ What this subclass changes, and nothing else:
    the entropy normaliser (one optimizer step by default). The frozen teacher scores each completion with
    the privileged prompt of the dataset column `teacher_prompt_column`; the policy's log-probs are TRL's own
    where it has computed them (for vLLM's importance sampling), else one pass of the policy that sampled;
-   and Â = `egrsd.token_advantages` replaces GRPO's advantages. The entropy normaliser (Eq. 5) is the maximum over the global batch
-   (gathered from every process), unless `gate_group` asks for groups of rows. The logs show what is
-   trained: the completions table's advantage is A_i (with each completion's mean Â and gate), and GRPO's
-   group diagnostics (`reward_std`, `frac_reward_zero_std`) are dropped.
+   and Â = `egrsd.token_advantages` replaces GRPO's advantages. The entropy normaliser (Eq. 5) is the
+   maximum over the global batch (gathered from every process), unless `gate_group` asks for groups of rows.
+   The logs show what is trained: the completions table's advantage is A_i (with each completion's mean Â
+   and gate), and GRPO's group diagnostics (`reward_std`, `frac_reward_zero_std`) are dropped.
 3. `_compute_loss` is `egrsd.policy_loss`, scaled to TRL's "dapo" normalisation; with vLLM, Â is multiplied
    by TRL's importance-sampling ratio (sampler against trainer), as GRPO's per-token loss is. It logs TRL's
    `entropy` (the policy's).
@@ -41,7 +41,7 @@ group baseline. With `num_generations=2` (the default here) the two rollouts of 
 samples: the running advantage replaces the group baseline, which is never used. GRPO settings that this
 loss or advantage replaces (`loss_type` other than dapo, `scale_rewards`, entropy masks and bonuses, …) are
 refused rather than ignored, and so is LoRA dropout, while the model's own dropout is switched off (its
-attention dropout too): w compares two log-prob passes. So are generation batches trained over several
+attention dropout too): w compares two log-prob passes. Also refused: generation batches trained over several
 optimizer steps (off-policy) and tools or environments (tokens the policy did not sample, which TRL masks out
 of its loss and this one would train).
 
@@ -177,7 +177,8 @@ def check_no_lora_dropout(peft_config, model) -> None:
 def disable_attention_dropout(model: torch.nn.Module) -> None:
     """Attention dropout that is a probability, not a module (Qwen2, Qwen3, Llama, Mistral: `attention_dropout`
     in the config and on each attention layer, applied in training mode), set to 0: TRL's
-    `disable_dropout_in_model` only reaches torch.nn.Dropout modules, and w needs deterministic log-probs."""
+    `disable_dropout_in_model` only reaches torch.nn.Dropout modules, and w needs deterministic log-probs. The
+    config says 0 too, so the saved model's config.json does."""
     for module in model.modules():
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0

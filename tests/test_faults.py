@@ -551,7 +551,7 @@ def test_checkpointing_if_needed_takes_again_only_out_of_memory_and_leaves_no_ho
 
     with pytest.raises(RuntimeError, match="a bug, not memory"):
         modeling.checkpointing_if_needed(broken, model, optimizer, may_switch=True)
-    assert calls == [1] and switched == [] and not optimizer._optimizer_step_pre_hooks
+    assert calls == [1] and switched == [] and not optimizer._optimizer_step_pre_hooks  # (torch's private registry)
     assert modeling.checkpointing_if_needed(lambda: 7, model, optimizer, may_switch=True) == (7, False)
     assert not optimizer._optimizer_step_pre_hooks
 

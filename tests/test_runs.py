@@ -242,14 +242,17 @@ class FakeArm:
 
 
 def fake_arms(monkeypatch, initial_run=lambda cmd, cwd: pytest.fail("the initial evaluation was run again")):
-    """run_arms with FakeArm for its processes; returns the module and the (deadline - now, grace) of its wait."""
+    """run_arms with FakeArm for its processes and a clock that stands still (budgets exact however busy the
+    machine); returns the module and the (deadline - now, grace) of its wait."""
     from tools import run_arms
 
-    FakeArm.started, waits, wait = [], [], run_arms.wait
+    monkeypatch.setattr(FakeArm, "started", [])
+    waits, wait, now = [], run_arms.wait, 1000.0
+    monkeypatch.setattr(run_arms, "time", SimpleNamespace(monotonic=lambda: now, strftime=time.strftime))
     monkeypatch.setattr(run_arms, "subprocess", SimpleNamespace(Popen=FakeArm, run=initial_run, STDOUT=subprocess.STDOUT,
                                                                 TimeoutExpired=subprocess.TimeoutExpired))
     monkeypatch.setattr(run_arms, "wait", lambda processes, deadline, grace, before: waits.append(
-        (deadline - time.monotonic(), grace)) or wait(processes, deadline, grace, before))
+        (deadline - now, grace)) or wait(processes, deadline, grace, before))
     return run_arms, waits
 
 
@@ -271,7 +274,7 @@ def test_the_runner_gives_each_arm_the_budget_less_start_up_and_shared_evaluatio
     for call in range(2):  # the second call finds the first's arm folders and removes them
         assert run_arms.main(flags) == 1
         assert [a.cmd[a.cmd.index("--time-budget") + 1] for a in FakeArm.started[-3:]] == ["515"] * 3
-        assert 629 < waits[-1][0] <= 630 and waits[-1][1] == 30
+        assert waits[-1] == (630.0, 30.0)
     assert "/data/my file.jsonl" in FakeArm.started[0].cmd and "c: exit 2\nTraceback: the arm broke" in capsys.readouterr().out
     assert (tmp_path / "runs" / "commands.sh").read_text().count("tools/run_arms.py") == 2, "appended, not overwritten"
     with tarfile.open(tmp_path / "runs" / "pack" / "runs.tar.gz") as archive:

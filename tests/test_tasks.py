@@ -186,7 +186,7 @@ def test_a_problems_id_is_its_questions_alone_and_stays_what_recorded_runs_hold(
 # built-in files (it needs reasoning-gym, which the tests do not install: it runs on a stand-in)
 
 TEMPLATES = sorted({json.loads(line)["template"] for name in ("train", "eval")
-                    for line in open(ROOT / f"data/gsm_symbolic_{name}.jsonl")})
+                    for line in (ROOT / f"data/gsm_symbolic_{name}.jsonl").read_text().splitlines()})
 
 
 def load_generator():

@@ -89,12 +89,12 @@ def test_the_logged_regimes_normalise_by_the_global_batchs_largest_raw_entropy(t
     """With the "filtered" normaliser the gate divides by the largest lookahead entropy of the global batch, but
     the regimes (as train_min.py logs them) by the largest raw one: a second process, simulated by a gather
     that adds a copy of every value doubled, makes that 8 here, where this process alone would say 4."""
-    trainer = tiny_trainer(tmp_path, method="cl-egrsd", window=3, denominator="filtered")
+    trainer = tiny_trainer(tmp_path, method="cl-egrsd", window=3, denominator="filtered", min_denominator=0.1)
     monkeypatch.setattr(trl_egrsd, "gather", lambda t: torch.cat([t, 2 * t]))
     entropy = torch.tensor([[4.0, 0.5, 0.5, 0.5], [2.5, 0.4, 0.4, 0.4]])
     mask = torch.ones_like(entropy, dtype=torch.bool)
     settings = trainer.gate_settings(entropy, mask)
-    assert settings.min_denominator == 1.0  # 2 × the largest lookahead minimum (0.5)
+    assert settings.min_denominator == 1.0  # the gate's: 2 × the largest lookahead minimum (0.5), above the floor 0.1
     ones = torch.ones(2)
     trainer._log_signals("train", ones, ones, entropy, torch.ones_like(entropy), entropy, mask, settings)
     regimes = egrsd.token_regimes(entropy, mask, 3, min_denominator=8.0)
@@ -379,8 +379,10 @@ def test_the_reward_is_length_shaped_with_beta_length_a_truncated_completion_ear
 
 
 def test_without_lora_the_teacher_scores_with_its_frozen_copy_not_the_policy(tmp_path):
-    """The policy moves (as after a step); the teacher's log-probs and entropies do not."""
+    """The policy moves (as after a step); the teacher's log-probs and entropies do not. The teacher, a copy of a
+    model built in code (in training mode), is in eval mode."""
     trainer = tiny_trainer(tmp_path)
+    assert not trainer.teacher.training
     prompts = [trainer.train_dataset[i]["teacher_prompt"] for i in range(2)]
     completion = torch.randint(3, len(tokenizer), (2, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 6, dtype=torch.bool)
@@ -415,24 +417,28 @@ def test_the_gates_normaliser_is_the_masked_batch_maximum_of_its_denominator_flo
     assert trainer.gate_settings(entropy, mask).min_denominator == 5.0
 
 
-def test_with_steps_per_generation_the_generation_batchs_tokens_normalise_each_optimizer_step(tmp_path):
-    """Gradient accumulation 2 over one generation batch of steps_per_generation 2: the batch's loss, taken in one
-    call, is its token mean (TRL's "dapo": the generation batch's tokens, per accumulation window)."""
-    trainer = tiny_trainer(tmp_path, gradient_accumulation_steps=2, steps_per_generation=2)
+@pytest.mark.parametrize("accumulation, per_generation", [(2, 2), (4, 2), (2, 1)])
+def test_with_steps_per_generation_each_optimizer_step_is_the_mean_of_its_generation_batches_token_means(
+        accumulation, per_generation, tmp_path):
+    """An optimizer step of `accumulation` micro-batches spans accumulation / per_generation generation batches:
+    TRL's "dapo" divides each by its own tokens and the step averages them, so a generation batch whose loss is
+    taken in one call gives its token mean times per_generation / accumulation."""
+    trainer = tiny_trainer(tmp_path, gradient_accumulation_steps=accumulation, steps_per_generation=per_generation)
     generator = torch.Generator().manual_seed(0)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     batch = {"prompt_ids": torch.randint(3, len(tokenizer), (2, 3), generator=generator), "prompt_mask": torch.ones(2, 3, dtype=torch.long),
              "completion_ids": torch.randint(3, len(tokenizer), (2, 4), generator=generator), "completion_mask": mask,
              "advantages": torch.randn(2, 4, generator=generator), "num_items_in_batch": mask.sum()}
     trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 2
+    trainer.current_gradient_accumulation_steps = accumulation
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     logp = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.cat([batch["prompt_mask"], mask], dim=1), 4)[0]
     loss = trainer._compute_loss(trainer.model, batch)
-    torch.testing.assert_close(loss, egrsd.policy_loss(logp, batch["advantages"], mask.bool()))
+    token_mean = egrsd.policy_loss(logp, batch["advantages"], mask.bool())
+    torch.testing.assert_close(loss, token_mean * per_generation / accumulation)
 
 
-def test_a_policy_passed_as_a_loaded_model_gets_a_teacher_loaded_in_its_dtype_and_attention_frozen(tmp_path, model_dir):
+def test_a_policy_passed_as_a_loaded_model_gets_a_frozen_teacher_loaded_in_its_dtype_and_attention(tmp_path, model_dir):
     """No model_init_kwargs: the teacher, loaded from the policy's path, takes the policy's dtype and attention."""
     from transformers import AutoModelForCausalLM
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="eager")
@@ -454,20 +460,22 @@ def test_main_resumes_from_the_checkpoint_flag_then_saves_and_ends(tmp_path, mon
     assert calls == [("train", {"resume_from_checkpoint": str(tmp_path / "checkpoint-2")}), ("save", str(tmp_path)), ("end",)]
 
 
-def test_attention_dropout_of_the_config_is_off_for_the_policy_and_the_teacher(tmp_path, monkeypatch):
+def test_attention_dropout_of_the_config_is_off_for_the_policy_and_the_teacher(tmp_path):
     """Qwen2's attention dropout is a probability applied in training mode, not a torch.nn.Dropout that TRL's
-    disable_dropout reaches: two scoring passes of the policy, and of the teacher, must still agree."""
-    import trl_run
-
-    def with_attention_dropout(tokenizer, dtype=torch.float32):
-        model = build_tiny_model(tokenizer, dtype=dtype)
-        model.config.attention_dropout = 0.5
-        for layer in model.model.layers:
-            layer.self_attn.attention_dropout = 0.5
-        return model
-
-    monkeypatch.setattr(trl_run, "build_tiny_model", with_attention_dropout)
-    trainer = tiny_trainer(tmp_path)
+    disable_dropout reaches. A checkpoint saved with 0.5: the policy and the teacher, each loaded from it, score
+    deterministically (the policy in training mode, the teacher in eval mode), with 0 in their config too."""
+    model = build_tiny_model(tokenizer)
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    args = trl_egrsd.EGRSDConfig(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], per_device_train_batch_size=2)
+    trainer = trl_egrsd.EGRSDTrainer(model=str(tmp_path / "model"), reward_funcs=trl_egrsd.correctness_reward, args=args,
+                                     train_dataset=trl_egrsd.dataset_from_problems(problems), processing_class=tokenizer)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    for loaded in (policy, trainer.teacher):
+        rates = [m.attention_dropout for m in loaded.modules() if hasattr(m, "attention_dropout")]
+        assert rates and set(rates) == {0.0} and loaded.config.attention_dropout == 0.0
+    assert not trainer.teacher.training
     trainer.model.train()
     ids = torch.randint(3, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
     batch = {"prompt_ids": ids[:, :6], "prompt_mask": torch.ones(2, 6, dtype=torch.long), "completion_ids": ids[:, 6:],
