@@ -91,6 +91,137 @@ def test_the_clean_generation_config_keeps_every_eos_id_of_the_checkpoint(tmp_pa
     assert loaded.generation_config.temperature in (None, 1.0), "no sampling default of the checkpoint"
 
 
+def test_the_tiny_tokenizer_has_qwens_special_tokens_and_chatml_template_and_decodes_spaces_as_written():
+    tokenizer = build_tiny_tokenizer()
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    assert "<|im_start|>" in tokenizer.all_special_tokens
+    assert len({tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_start|>")}) == 3
+    user = [{"role": "user", "content": "hi"}]
+    assert tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    own = [{"role": "system", "content": "Be brief."}] + user
+    assert tokenizer.apply_chat_template(own, tokenize=False) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    text = "Hi , there . It 's 3 !"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text, "no clean-up of spaces"
+
+
+def test_the_tiny_model_has_qwen2s_special_ids_tied_grouped_attention_and_is_the_same_for_a_seed_and_dtype():
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    model = build_tiny_model(tokenizer, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state), "the global RNG is untouched"
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.pad_token_id}
+    for holder in (model.config, model.generation_config):
+        assert {k: getattr(holder, k) for k in ids} == ids
+    assert model.config.tie_word_embeddings and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 2)
+    assert same_parameters(model, build_tiny_model(tokenizer, seed=3))
+    assert not same_parameters(model, build_tiny_model(tokenizer, seed=4))
+    assert next(build_tiny_model(tokenizer, dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
+
+
+def test_the_random_shapes_are_the_papers_models_and_build_in_the_dtype_and_on_the_device_asked():
+    """Parameter counts of Qwen2.5-0.5B (494M), Qwen3-4B (4.02B) and Qwen3-8B (8.19B), on the meta device."""
+    from trainer import offline_models as om
+
+    tokenizer = build_tiny_tokenizer()
+    count = lambda config: sum(p.numel() for p in om.meta_model(config).parameters())  # noqa: E731
+    assert count(om.model_config("random-0.5b")) == 494_032_768
+    assert om.model_config("random-0.5b").num_key_value_heads == 2
+    assert count(om.model_config("random-qwen3-4b")) == 4_022_468_096
+    assert count(om.qwen3_config("8b", tokenizer)) == 8_190_735_360
+    assert om.is_built_in("random-qwen3-4b") and om.is_built_in("tiny") and not om.is_built_in("Qwen/Qwen2.5-0.5B")
+    model = om.build_random_model("random-0.5b", tokenizer, torch.bfloat16, device="meta")
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_a_random_shape_is_built_on_the_device_it_is_loaded_to(monkeypatch):
+    """Not built on the CPU and then copied: Qwen3-4B would first take its whole size in host memory."""
+    from trainer import offline_models as om
+
+    built = []
+    real = om.build_random_model
+    monkeypatch.setattr(om, "build_random_model", lambda *args: built.append(args) or real(*args))
+    model, tokenizer = om.load_model_and_tokenizer("random-0.5b", "meta", torch.bfloat16)
+    assert built[0][2:] == (torch.bfloat16, "meta")
+    assert next(model.parameters()).device.type == "meta"
+    assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == ([tokenizer.eos_token_id],
+                                                                                          tokenizer.pad_token_id)
+
+
+def test_eos_list_takes_no_one_or_several_eos_ids():
+    model = build_tiny_model(build_tiny_tokenizer())
+    for eos, expected in ((None, []), (7, [7]), ([7, 3], [7, 3])):
+        model.generation_config.eos_token_id = eos
+        assert train_min.eos_list(model) == expected
+
+
+def test_a_folder_loads_in_the_dtype_asked_and_a_tokenizer_without_pad_or_template_gets_eos_and_chatml(tmp_path):
+    from trainer import offline_models as om
+
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer).save_pretrained(tmp_path)
+    tokenizer.pad_token, tokenizer.chat_template = None, None
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning) as caught:
+        model, loaded = om.load_model_and_tokenizer(str(tmp_path), "cpu", torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
+    assert loaded.chat_template == om.CHATML_TEMPLATE
+    assert sum("no pad token" in str(w.message) or "no chat template" in str(w.message) for w in caught) == 2
+
+
+def test_activation_checkpointing_is_switched_on_without_reentrant_checkpoints():
+    from trainer.offline_models import enable_activation_checkpointing
+
+    model = build_tiny_model(build_tiny_tokenizer())
+    enable_activation_checkpointing(model)
+    assert model.is_gradient_checkpointing
+    assert model.model.layers[0]._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+
+
+def test_the_tiny_corpus_is_distinct_problems_the_same_for_a_seed_whose_solutions_end_on_their_answer():
+    from trainer.offline_models import make_arithmetic_problems
+
+    problems = make_arithmetic_problems(2000, seed=1)  # (drawn with repeats: 5 questions among the first 2,000 draws)
+    assert len({p.question for p in problems}) == 2000
+    assert problems == make_arithmetic_problems(2000, seed=1) and problems[:20] != make_arithmetic_problems(20, seed=2)
+    assert all(p.solution.endswith(f"The answer is {p.answer}.") for p in problems)
+
+
+def test_make_token_view_trains_on_left_padded_chats_without_padding_in_the_loss_then_dumps_one_cl_egrsd_step(tmp_path,
+                                                                                                              monkeypatch):
+    """tools/make_token_view.py with one training step instead of 600 and the CL-EGRSD run it starts recorded."""
+    import builtins
+    import runpy
+
+    from trainer import offline_models
+
+    batches, runs, real = [], [], offline_models.build_tiny_model
+
+    def recorded(tokenizer, seed=0):
+        model = real(tokenizer, seed=seed)
+        model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(kwargs), with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(offline_models, "build_tiny_model", recorded)
+    monkeypatch.setattr(train_min, "main", runs.append)
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(ROOT / "tools" / "make_token_view.py"), init_globals={"range": lambda n: builtins.range(1)})
+    (batch,) = batches
+    ends = batch["input_ids"][:, -1]
+    assert (ends == build_tiny_tokenizer().eos_token_id).all(), "left padded: every row ends on its <|im_end|>"
+    assert torch.equal(batch["labels"] == -100, batch["attention_mask"] == 0) and (batch["labels"] == -100).any()
+    (argv,) = runs
+    flags = dict(zip(argv[::2], argv[1::2]))
+    assert (flags["--method"], flags["--steps"], flags["--dump-tokens"], flags["--model"]) == ("cl-egrsd", "1", "1", "runs/token_view_model")
+    rows = [json.loads(line) for line in (tmp_path / flags["--data"]).read_text().splitlines()]
+    first = offline_models.make_arithmetic_problems(11, seed=0)[10]  # the documented view's data: 2,000 after the first 10
+    assert len(rows) == 2000 and rows[0] == {"problem": first.question, "solution": first.solution, "answer": first.answer}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_runs_two_steps_end_to_end(method, tmp_path):
     student, teacher = train_min.main(TINY + ["--method", method, "--steps", "2", "--output-dir", str(tmp_path)])
