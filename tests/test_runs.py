@@ -215,6 +215,10 @@ def test_out_of_time_keeps_room_for_a_step_and_a_quarter_more_than_the_last_eval
     assert not run_io.out_of_time(0.0, now - 1e6, 10.0, 80.0)  # 0: no budget
 
 
+STEP_0 = {"kind": "eval", "step": 0, "method": "grpo", "eval_accuracy": 0.5, "eval_length": 100.0,
+          "eval_acc_per_1k_tokens": 5.0}  # an evaluation row, as a run writes it
+
+
 class FakeArm:
     """An arm's process (subprocess.Popen) that ran at once: it writes an evaluation row, the model folders and
     lock a run without --no-save-model leaves, and exits with `status` (2: it failed, after writing a traceback)."""
@@ -227,9 +231,7 @@ class FakeArm:
         if self.status:
             stdout.write("Traceback: the arm broke\n")
             return
-        row = {"kind": "eval", "step": 0, "method": "grpo", "eval_accuracy": 0.5, "eval_length": 100.0,
-               "eval_acc_per_1k_tokens": 5.0}
-        (Path(run_dir) / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+        (Path(run_dir) / "metrics.jsonl").write_text(json.dumps(STEP_0) + "\n")
         for folder in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "final", "final.tmp"):
             (Path(run_dir) / folder).mkdir()
             (Path(run_dir) / folder / "model.safetensors").write_text("weights")
@@ -258,8 +260,7 @@ def fake_arms(monkeypatch, initial_run=lambda cmd, cwd: pytest.fail("the initial
 
 def initial_evaluation(run_dir, eval_s: float) -> None:
     run_dir.mkdir(parents=True)
-    (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 0, "method": "grpo", "eval_accuracy": 0.5,
-                                                       "eval_length": 100.0, "eval_acc_per_1k_tokens": 5.0, "eval_s": eval_s}) + "\n")
+    (run_dir / "metrics.jsonl").write_text(json.dumps(STEP_0 | {"eval_s": eval_s}) + "\n")
 
 
 def test_the_runner_gives_each_arm_the_budget_less_start_up_and_shared_evaluations_and_packs_no_model(tmp_path, monkeypatch,

@@ -196,6 +196,11 @@ def load_generator():
     return module
 
 
+def held_out_templates(generator) -> set:
+    """The templates the generator holds out: HELD_OUT_TEMPLATES of the 85, drawn with its seed."""
+    return set(random.Random(generator.SEED).sample(TEMPLATES, generator.HELD_OUT_TEMPLATES))
+
+
 @pytest.fixture
 def generator(monkeypatch, tmp_path):
     """data/make_gsm_symbolic.py importing a stand-in for reasoning-gym 0.1.25 (tasks_ok: the 85 templates of
@@ -229,7 +234,7 @@ def test_the_generator_holds_out_whole_templates_and_writes_distinct_questions_w
     generator.main()
     train, held_out = (load_problems(tmp_path / f"gsm_symbolic_{name}.jsonl") for name in ("train", "eval"))
     assert (len(train), len(held_out)) == (40, 12)
-    drawn = set(random.Random(generator.SEED).sample(TEMPLATES, generator.HELD_OUT_TEMPLATES))
+    drawn = held_out_templates(generator)
     assert {p.template for p in held_out} <= drawn and not {p.template for p in train} & drawn
     for problems in (train, held_out):
         assert len({p.question for p in problems}) == len(problems), "no question twice"
@@ -244,7 +249,7 @@ def test_the_shipped_files_are_the_generators_sizes_and_held_out_templates(gener
     (with its seed, of the 85 templates) and distinct questions in each."""
     train, held_out = built_in_problems(10**6, 10**6)
     assert (len(train), len(held_out)) == generator.SHIPPED_SIZES
-    drawn = set(random.Random(generator.SEED).sample(TEMPLATES, generator.HELD_OUT_TEMPLATES))
+    drawn = held_out_templates(generator)
     assert {p.template for p in held_out} == drawn and {p.template for p in train} == set(TEMPLATES) - drawn
     assert len({p.question for p in train}) == len(train) and len({p.question for p in held_out}) == len(held_out)
 
