@@ -62,6 +62,10 @@ GRADED = [
     ("25", r"\boxed{25^{\circ}\text{F}}", True), ("5", r"\boxed{5\text{m}}", True), ("500", r"\boxed{500\mbox{g}}", True),
     ("-3", r"\boxed{- 3 \text{ m}}", True), ("-5", r"\boxed{- \$5 \text{ each}}", True), ("10", r"\boxed{10 \text{ km/h}}", True),
     ("0.75", r"\boxed{\frac{3}{4} x}", False),  # a variable after a fraction, not a unit
+    ("15", r"\boxed{15 \text{ m}^2}", True), ("15", r"\boxed{15\,\text{cm}^{2}}", True), ("15", r"\boxed{15 \mathrm{m^3}}", True),
+    ("15", r"\boxed{15 ft²}", True), ("12", r"\boxed{12 \text{ go-karts}}", True), ("8", r"\boxed{8 \text{ children's books}}", True),
+    ("15", r"\boxed{\$15/\text{hour}}", True), ("15", r"\boxed{15/day}", True), ("10", r"\boxed{10 \mathrm{~km} / \mathrm{h}}", True),
+    ("15", r"\boxed{15/x}", False),  # a rate's unit is a word, not a variable
     # minus signs and spacing
     ("-3", "\\boxed{\u22123}", True), ("-3", "\\boxed{\u2212 3}", True), ("3", "\\boxed{\u22123}", False),
     ("1234", r"\boxed{1\,234}", True), ("12000", "\\boxed{12\u202f000}", True), ("1234", r"\boxed{1{,}234}", True),
@@ -69,10 +73,15 @@ GRADED = [
     ("0.5", r"\boxed{\frac12}", True), ("0.5", r"\boxed{\dfrac12}", True), ("0.75", r"\boxed{\tfrac{3}{4}}", True),
     ("-0.75", r"\boxed{-\frac{3}{4}}", True), ("0.75", r"\boxed{-\frac{3}{4}}", False), ("0.75", r"\boxed{3/4}", True),
     ("0.5", r"\boxed{\frac{1}{0}}", False),
+    # mixed numbers, the fraction proper (`1 000/2` above is a thousand halves)
+    ("2.5", r"\boxed{2\frac{1}{2}}", True), ("2.75", r"\boxed{2 \dfrac{3}{4} \text{ cups}}", True), ("-2.5", r"\boxed{-2\frac12}", True),
+    ("1.5", r"\boxed{1 1/2}", True), ("1", r"\boxed{2\frac{1}{2}}", False),  # not 2 times a half
     # nested braces and wrappers, "x = 5", a final period
     ("5", r"\boxed{{5}}", True), ("5", r"\boxed{{{5}}}", True), ("42", r"\boxed{\textbf{42}}", True),
     ("5", r"\boxed{x = 2 + 3 = 5}", True),  # the value after the last "="
     ("5", r"\boxed{x = 5}", True), ("42", r"\boxed{42.}", True), ("7", r"\boxed {7}", True), ("7", r"\fbox{7}", True),
+    ("15", r"\boxed{\text{Answer: } 15}", True), ("15", r"\boxed{\text{Total: }\$15}", True),  # a label
+    ("15", r"\boxed{\approx 15}", True), ("15", r"\boxed{x \approx 15}", True),  # the value after the last "\approx"
     # thousands separators against lists
     ("1000", r"\boxed{1,000}", True), ("1234567", r"\boxed{1,234,567}", True), ("12", r"\boxed{1, 2}", False),
     ("12", r"\boxed{1,2}", False), ("12", r"\boxed{1 2}", False), ("1000", r"\boxed{1,0000}", False),

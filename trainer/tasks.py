@@ -183,10 +183,13 @@ _DECORATION = re.compile(r"\\\$|\$|€|£|¥|₹|\\(?:texteuro|euro|pounds|texts
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRACTION = re.compile(r"\\[dt]?frac\s*(\{[^{}]*\}|\d)\s*(\{[^{}]*\}|\d)")
 # a unit: words after a number, after a space or of two letters or more ("12 dollars", "7cm", "3 p.m.", "10 km/h"),
-# or of two letters or more after a fraction ("\frac{1}{2} cup"); one letter right after a digit or a fraction is a
-# variable ("2x", "\frac{3}{4} x"). Each word whole (no backtracking into its letters).
-_UNIT = re.compile(r"(?:(?<=\d)(?:\s+|(?=[A-Za-z]{2}))|(?<=\})\s*(?=[A-Za-z]{2}))"
-                   r"(?:[A-Za-z]+(?![A-Za-z])(?:/[A-Za-z]+(?![A-Za-z]))?\.?\s*)+$")
+# or of two letters or more after a fraction ("\frac{1}{2} cup") or a slash ("\$15/hour"); one letter right after a
+# digit or a fraction is a variable ("2x", "\frac{3}{4} x"). A word may hold a hyphen or an apostrophe ("go-karts",
+# "children's") and carry a square or a cube ("m^2", "cm^{3}", "ft²"). Each word whole (no backtracking into its letters).
+_UNIT_WORD = r"[A-Za-z]+(?:['’-][A-Za-z]+)*(?![A-Za-z])(?:\^\{?[23]\}?|[²³])?"
+_UNIT = re.compile(r"(?:(?<=\d)(?<!\^\d)(?:\s+|(?=[A-Za-z]{2}))|(?<=\})(?<!\^\{\d\})\s*(?=[A-Za-z]{2})"
+                   r"|(?<=[\d}])(?<!\^\d)(?<!\^\{\d\})\s*/\s*(?=[A-Za-z]{2}))"  # (not after a square: "m^2 m^2 …" in linear time)
+                   r"(?:%s(?:\s*/\s*%s)?\.?\s*)+$" % (_UNIT_WORD, _UNIT_WORD))
 _TEXT_UNIT = re.compile(r"(?<=\d)\s*\\(?:text|mbox)\s*\{\s*([A-Za-z]+\.?)\s*\}")  # 5\text{m}: a unit word, spaced
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:([, ])\d{3})(?:\1\d{3})*(?:\.\d+)?")
 DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2012": "-", "\ufe63": "-", "\uff0d": "-"})
@@ -204,7 +207,8 @@ def normalise_answer(text: str, units: bool = True) -> str:
         s = _WRAPPER.sub(r"\1", s)
     s = _DECORATION.sub("", s)
     s = _FRACTION.sub(lambda m: "\\frac{%s}{%s}" % tuple(g.strip("{}").strip() for g in m.groups()), s)
-    s = s.rsplit("=", 1)[-1].strip()  # "x = 5"
+    s = re.split(r"=|\\approx|≈", s)[-1].strip()  # "x = 5", "\approx 5"
+    s = re.sub(r"^[A-Za-z][A-Za-z ]*:\s*", "", s)  # a label: "Answer: 5", "\text{Total: } 5"
     while s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
         s = s[1:-1].strip()
     s = re.sub(r"^([-+])\s+", r"\1", " ".join(s.split()))  # "- 3" → "-3"
@@ -241,6 +245,12 @@ def _value(s: str) -> float | None:
         if None in values or values[1] == 0:
             return None
         return (-1 if sign == "-" else 1) * values[0] / values[1]
+    mixed = re.fullmatch(r"([-+]?)(\d+)(?:\s*\\frac\{(\d+)\}\{(\d+)\}|\s+(\d+)\s*/\s*(\d+))", s)  # 2\frac{1}{2}, 2 1/2
+    if mixed:  # a mixed number, its fraction proper (`1 000/2` is a thousand halves, read above)
+        sign, whole, *parts = mixed.groups()
+        numerator, denominator = (int(p) for p in parts if p is not None)
+        if 0 < numerator < denominator:
+            return (-1 if sign == "-" else 1) * (int(whole) + numerator / denominator)
     return _decimal(s)
 
 
