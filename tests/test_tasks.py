@@ -78,6 +78,9 @@ GRADED = [
     ("1.5", r"\boxed{1 1/2}", True), ("1", r"\boxed{2\frac{1}{2}}", False),  # not 2 times a half
     # nested braces and wrappers, "x = 5", a final period
     ("5", r"\boxed{{5}}", True), ("5", r"\boxed{{{5}}}", True), ("42", r"\boxed{\textbf{42}}", True),
+    ("15", r"\boxed{(15)}", True), ("1.5", r"\boxed{\left(\frac{3}{2}\right)}", True), ("12", r"\boxed{(1, 2)}", False),
+    ("15", r"\boxed{\displaystyle 15}", True), ("15", r"\boxed{\bf 15}", True), ("15", r"\boxed{\boldsymbol{15}}", True),
+    ("15", r"\boxed{15 \textit{apples}}", True),
     ("5", r"\boxed{x = 2 + 3 = 5}", True),  # the value after the last "="
     ("5", r"\boxed{x = 5}", True), ("42", r"\boxed{42.}", True), ("7", r"\boxed {7}", True), ("7", r"\fbox{7}", True),
     ("15", r"\boxed{\text{Answer: } 15}", True), ("15", r"\boxed{\text{Total: }\$15}", True),  # a label

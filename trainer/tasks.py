@@ -177,10 +177,10 @@ def extract_answer(text: str) -> str | None:
 # What models write around a number in a box, and what a careful grader ignores: LaTeX spacing, currency
 # signs (the built-in problems price in $, € and £), degrees, percent, \text{} / \mathrm{} wrappers and a
 # trailing unit word ("18 apples").
-_SPACING = re.compile(r"\\[,;:! ]|\\quad|\\qquad|~|\\left|\\right|[\u2009\u202f\u00a0]")
+_SPACING = re.compile(r"\\[,;:! ]|\\quad|\\qquad|~|\\left|\\right|\\(?:displaystyle|textstyle|bf|it)(?![A-Za-z])|[\u2009\u202f\u00a0]")
 _DECORATION = re.compile(r"\\\$|\$|€|£|¥|₹|\\(?:texteuro|euro|pounds|textsterling|yen)(?![A-Za-z])\s*(?:\{\})?|\\%|%"
                          r"|(?:\^\s*\{?\\circ\}?|\\circ|°|\\degree)(?:\s*[CF](?![A-Za-z]))?|\{,\}")
-_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mathsf|boldsymbol|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRACTION = re.compile(r"\\[dt]?frac\s*(\{[^{}]*\}|\d)\s*(\{[^{}]*\}|\d)")
 # a unit: words after a number, after a space or of two letters or more ("12 dollars", "7cm", "3 p.m.", "10 km/h"),
 # or of two letters or more after a fraction ("\frac{1}{2} cup") or a slash ("\$15/hour"); one letter right after a
@@ -236,6 +236,8 @@ def _to_number(text: str) -> float | None:
 
 def _value(s: str) -> float | None:
     """The value of a normalised answer string (`_to_number`), None where it is no number."""
+    if re.fullmatch(r"\((.*)\)", s) and _value(s[1:-1].strip()) is not None:  # "(15)"; "(1, 2)" stays a pair
+        return _value(s[1:-1].strip())
     s = _without_thousands(s)
     fraction = re.fullmatch(r"([-+]?)\s*\\frac\{(.+)\}\{(.+)\}|([-+]?[\d.,]+(?: \d{3})*)\s*/\s*([-+]?[\d.,]+(?: \d{3})*)", s)
     if fraction:
