@@ -43,7 +43,8 @@ import egrsd
 from trainer import decoding, lora, run_io, updates, views
 from trainer.modeling import (checkpointing_if_needed, copy_weights, in_batch_order, lm_head, micro_batches, rows_to_grid,
                               to_grid, trainable, without_shared_padding)
-from trainer.config import Config, check_config, checked_data, compare_dirs, compute_dtype, learning_rate_factor, parse_args
+from trainer.config import (Config, check_config, checked_data, compare_dirs, compute_dtype, learning_rate_factor, parse_args,
+                            score_temperature)
 from trainer.offline_models import enable_activation_checkpointing, eos_list, load_model_and_tokenizer
 from trainer.tasks import batch_problems, is_correct, is_correct_symbolic, student_messages, teacher_messages
 
@@ -121,10 +122,14 @@ def completion_mask(completion, eos_ids: list[int]) -> tuple[torch.Tensor, torch
     return (is_eos.cumsum(dim=1) - is_eos.long()) == 0, is_eos.any(dim=1)
 
 
-def verify(tokenizer, completion, mask, finished, problems, cfg: Config) -> torch.Tensor:
-    """correct (B,) bool: finished (EOS before the cap) and the answer matches the reference."""
+def completion_texts(tokenizer, completion, mask) -> list[str]:
+    """Each completion as text, up to and including its first EOS, without special tokens."""
+    return [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion, mask)]
+
+
+def verify(texts: list[str], finished, problems, cfg: Config) -> torch.Tensor:
+    """correct (B,) bool: finished (EOS before the cap) and the answer in the text matches the reference."""
     judge = is_correct if cfg.verifier == "builtin" else is_correct_symbolic
-    texts = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion, mask)]
     return torch.tensor([f and judge(t, p.answer) for t, f, p in zip(texts, finished.tolist(), problems)])
 
 
@@ -263,15 +268,16 @@ def evaluate(model, tokenizer, problems: list, cfg: Config) -> dict:
 
 
 def solve(model, tokenizer, problems: list, cfg: Config, prefix: str, per: int = 1, **how) -> dict:
-    """Complete and verify each problem: accuracy, mean length, Acc/(length/1000) and the truncated share,
-    and per problem (averaged over its `per` consecutive copies) the correct share and mean length."""
-    correct, lengths, finished, cap = [], [], [], run_io.eval_cap(vars(cfg))  # the evaluation's cap
+    """Complete and verify each problem: accuracy, mean length, Acc/(length/1000), the truncated share; per problem
+    (averaged over its `per` consecutive copies) the correct share and mean length; each completion (eval/step_N.jsonl)."""
+    correct, lengths, finished, texts, cap = [], [], [], [], run_io.eval_cap(vars(cfg))  # the evaluation's cap
     starts = range(0, len(problems), cfg.eval_batch_size)
     for start in run_io.progress(starts, f"evaluation ({prefix.strip('_')}), batches", len(starts)):
         batch = problems[start : start + cfg.eval_batch_size]
         ids, attention = encode_prompts(tokenizer, [student_messages(p) for p in batch], cfg.device)
         completion, mask, ended = generate(model, tokenizer, ids, attention, cfg, max_new_tokens=cap, progress="", **how)
-        correct += verify(tokenizer, completion, mask, ended, batch, cfg).int().tolist()
+        texts += completion_texts(tokenizer, completion, mask)
+        correct += verify(texts[start:], ended, batch, cfg).int().tolist()  # (this batch's texts)
         lengths += mask.sum(dim=1).tolist()
         finished += ended.tolist()
     n = max(len(correct), 1)
@@ -283,7 +289,8 @@ def solve(model, tokenizer, problems: list, cfg: Config, prefix: str, per: int =
     return {f"{prefix}accuracy": accuracy, f"{prefix}length": length,
             f"{prefix}acc_per_1k_tokens": accuracy / (length / 1000) if length else 0.0,
             f"{prefix}truncated": 1 - sum(finished) / n,
-            f"{prefix}correct": per_problem(correct), f"{prefix}lengths": per_problem(lengths)}
+            f"{prefix}correct": per_problem(correct), f"{prefix}lengths": per_problem(lengths),
+            f"{prefix}completions": [dict(text=t, correct=c, length=k, ended=e) for t, c, k, e in zip(texts, correct, lengths, finished)]}
 
 
 def autocast(cfg: Config):
@@ -291,10 +298,6 @@ def autocast(cfg: Config):
     lr ~1e-6 away; so does the bf16 sampler, which `updates.sampler_share_changed` measures)."""
     device_type = torch.device(cfg.device).type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=compute_dtype(cfg) == torch.bfloat16)
-
-
-def score_temperature(cfg: Config) -> float:
-    return cfg.score_temperature or cfg.temperature
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,7 +387,7 @@ def train(cfg: Config):
             problems = [p for p in problems for _ in range(cfg.group_size)]  # G rollouts of a problem, side by side
             batch = rollouts(run.sampler, tokenizer, problems, cfg)
             lengths = batch.mask.sum(dim=1)
-            correct = verify(tokenizer, batch.completion, batch.mask, batch.finished, problems, cfg)
+            correct = verify(completion_texts(tokenizer, batch.completion, batch.mask), batch.finished, problems, cfg)
             t1 = time.perf_counter()
 
             # 2. ALGO LOGIC: reward (length-shaped, 0 unless correct and finished), advantage (running, or
@@ -426,11 +429,7 @@ def train(cfg: Config):
                    "update_s": t3 - t2, "step_s": t3 - t0,
                    "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
             run_io.append_row(run.metrics, row)
-            print(f"step {done}/{cfg.steps} | reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | "
-                  f"len {row['length_mean']:.0f} | loss {loss:.4f} | gnorm {grad_norm:.3f} | "
-                  f"Δθ/θ {reach['update_rel']:.1e} | sampler Δ {100 * reach['sampler_changed']:.1f}% | "
-                  f"{row['rollout_tokens_per_s']:.0f} tok/s | gen {t1 - t0:.1f}s score {t2 - t1:.1f}s "
-                  f"update {t3 - t2:.1f}s{' | SKIPPED (non-finite or blown up)' if skipped else ''}", flush=True)
+            print(views.step_line(row, cfg.steps), flush=True)
             if cfg.dump_tokens and done % cfg.dump_tokens == 0:
                 page = os.path.join(cfg.output_dir, "tokens", f"step_{done}.html")
                 with run_io.writing("the token view", page, cfg.output_dir):
@@ -464,6 +463,7 @@ def evaluate_and_log(run: Run, step: int) -> float:
     with run_io.evaluating(cfg, step, len(run.eval_problems), save=lambda: save_checkpoint(run, step)):  # out of memory
         result = run_io.initial_eval_row(cfg.initial_eval) if reused else evaluate(run.sampler, run.tokenizer, run.eval_problems, cfg)
     row = result | {"kind": "eval", "step": step, "method": cfg.method, "reused_from": cfg.initial_eval if reused else None}
+    run_io.write_completions(cfg.output_dir, step, run.eval_problems, row)  # the texts, out of the row: eval/step_N.jsonl
     run_io.append_row(run.metrics, row)
     print(f"eval step {step}{' (reused)' if reused else ''}: {views.evaluation_line(row)}", flush=True)
     return row.get("eval_s", 0.0)

@@ -71,11 +71,15 @@ import textwrap
 from dataclasses import dataclass, field
 
 import torch
-import trl
-from accelerate.utils import gather, is_peft_model
 from packaging.version import Version
 
 TRL_RANGE = ("1.16", "1.17")  # requirements-extras.txt: trl>=1.16,<1.17
+try:
+    import trl
+    from accelerate.utils import gather, is_peft_model  # (accelerate comes with trl)
+except ModuleNotFoundError as missing:
+    raise ImportError(f"integrations/trl_egrsd.py needs trl, an optional extra ({missing}): pip install -r "
+                      f"requirements-extras.txt, or pip install 'trl>={TRL_RANGE[0]},<{TRL_RANGE[1]}'") from missing
 
 
 def check_trl_version(version: str) -> None:

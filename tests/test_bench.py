@@ -199,3 +199,13 @@ def test_every_part_lands_in_the_json_and_a_failing_part_is_recorded_while_the_n
     assert results["lookahead"]["speedup"] == 2.0 and results["padding_error"] == "SystemExit: cannot load my-model"
     assert {"device", "torch", "transformers"} <= set(results)
     assert "lookahead_min [1, 2] W=3" in capsys.readouterr().out
+
+
+def test_the_report_gives_the_flop_floor_where_the_peak_is_known_and_says_so_where_not():
+    step = {"model": "tiny", "batch": 8, "completion_tokens": 512.0, "peak_gpu_mem_gb": 0.0, "step_s": 4.0,
+            "score_plus_update_share": 0.5, "gradient_checkpointing": False,
+            **{f"{phase}_{key}": 1.0 for phase in ("generate", "score", "update") for key in ("s", "tokens_per_s")}}
+    run = {"device": "cpu", "torch": torch.__version__}
+    assert "no FLOP floor (the device's bf16 peak is not known)" in bench_egrsd.report(run | {"step": step})
+    known = bench_egrsd.report(run | {"step": step | {"score_update_floor_s": 0.25, "score_update_over_floor": 8.0}})
+    assert "8.0× its FLOP floor of 0.25 s" in known and "nan" not in known

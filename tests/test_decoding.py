@@ -257,7 +257,7 @@ def test_a_row_ending_on_the_second_eos_id_is_finished_masked_up_to_it_and_rewar
     completion, mask, finished = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)
     assert finished[0] and mask[0].tolist() == [True] * (end + 1) + [False] * (completion.shape[1] - end - 1)
     monkeypatch.setattr(train_min, "is_correct", lambda text, answer: True)  # every finished row is right
-    correct = train_min.verify(tokenizer, completion, mask, finished, built_in_problems(5, 0)[0], cfg)
+    correct = train_min.verify(train_min.completion_texts(tokenizer, completion, mask), finished, built_in_problems(5, 0)[0], cfg)
     rewards = egrsd.length_shaped_reward(correct, mask.sum(dim=1), cfg.max_new_tokens)
     assert correct[0] and rewards[0] == 1 + 0.5 * (1 - (end + 1) / 20)
 

@@ -205,6 +205,33 @@ def test_a_failed_metrics_row_stops_with_the_reason_and_the_resumed_run_parses_e
     assert sum(not line.endswith("}") for line in lines) == 1, "only the torn line does not parse"
 
 
+def test_a_failed_write_of_an_evaluations_completions_leaves_no_part_of_it_and_the_run_resumes_exactly(straight, tmp_path,
+                                                                                                       monkeypatch):
+    """The disk fills while eval/step_2.jsonl is written (rows already in its temporary file): the run stops with
+    what, where and why, leaves neither that file nor its temporary one nor the evaluation's metrics row, and the
+    resumed run evaluates step 2 again and ends exactly as the uninterrupted one, every evaluation's file whole."""
+    extract, seen = run_io.extract_answer, []
+
+    def full_at_step_2_row_3(text):
+        seen.append(text)
+        if len(seen) == 4 * 5 + 2 * 5 + 1:  # step 0 whole (4 problems, greedy and 4 sampled each), step 2's third row
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return extract(text)
+
+    monkeypatch.setattr(run_io, "extract_answer", full_at_step_2_row_3)
+    with pytest.raises(SystemExit) as stop:
+        train_min.main(FLAGS + ["--output-dir", str(tmp_path)])
+    assert str(stop.value.code).startswith(f"could not write the completions of the evaluation of step 2 to {tmp_path}/eval/"
+                                           "step_2.jsonl: no space left on the device")
+    assert os.listdir(tmp_path / "eval") == ["step_0.jsonl"]
+    assert [r["step"] for r in views.read_rows(str(tmp_path)) if r["kind"] == "eval"] == [0]
+    monkeypatch.undo()
+    run_then_resume(tmp_path)
+    assert rows_of(tmp_path) == straight
+    assert sorted(os.listdir(tmp_path / "eval")) == ["step_0.jsonl", "step_2.jsonl", "step_3.jsonl"]
+    assert all(len((tmp_path / "eval" / name).read_text().splitlines()) == 4 for name in os.listdir(tmp_path / "eval"))
+
+
 def test_a_failed_final_save_and_token_view_name_what_and_why(tmp_path, monkeypatch):
     save = transformers.PreTrainedModel.save_pretrained
 

@@ -1,9 +1,12 @@
 """The repository stands alone, and the spec travels with the file people copy."""
 import ast
+import importlib
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,3 +46,12 @@ def test_ci_runs_exactly_the_install_and_test_commands_of_the_readme():
     ci = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()
           if line.strip() and not line.startswith(("#", "set ", "cd "))]
     assert ci == commands
+
+
+@pytest.mark.parametrize("module, extra, error", [("integrations.trl_egrsd", "trl", ImportError),
+                                                  ("tools.plot_runs", "matplotlib", SystemExit)])
+def test_a_tool_whose_optional_extra_is_missing_says_which_and_how_to_install_it(module, extra, error, monkeypatch):
+    monkeypatch.setitem(sys.modules, extra, None)  # (None: "import extra" raises ModuleNotFoundError)
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(error, match=f"{extra}, an optional extra.*pip install -r requirements-extras.txt"):
+        importlib.import_module(module)

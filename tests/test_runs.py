@@ -17,7 +17,7 @@ import torch
 
 import egrsd
 import train_min
-from trainer import run_io
+from trainer import config, run_io
 from test_trainer import TINY, read_metrics, without_timings
 
 
@@ -112,7 +112,7 @@ def test_group_size_samples_each_problem_g_times_with_the_group_advantage(tmp_pa
     seen = []
     group_advantages = egrsd.group_advantages
 
-    def spy_verify(tokenizer, completion, mask, finished, problems, cfg):
+    def spy_verify(texts, finished, problems, cfg):
         seen.append([p.id for p in problems])
         return torch.arange(len(problems)) % 3 == 0  # some groups mixed, some not
 
@@ -178,8 +178,6 @@ def test_arms_that_overrun_get_sigterm_together_then_sigkill_after_the_grace(tmp
 
 
 def test_long_work_reports_progress_in_a_log_file(capsys):
-    from trainer import run_io
-
     assert list(run_io.progress(range(3), "evaluation (greedy), batches", 3, every=0)) == [0, 1, 2]
     assert capsys.readouterr().err.splitlines()[-1].startswith("evaluation (greedy), batches: 3/3 (")
 
@@ -258,24 +256,29 @@ def fake_arms(monkeypatch, initial_run=lambda cmd, cwd: pytest.fail("the initial
     return run_arms, waits
 
 
-def initial_evaluation(run_dir, eval_s: float) -> None:
+def initial_evaluation(run_dir, eval_s: float, flags: list[str]) -> None:
+    """A step-0 evaluation made with `flags`, as the runner's initial run writes it."""
     run_dir.mkdir(parents=True)
-    (run_dir / "metrics.jsonl").write_text(json.dumps(STEP_0 | {"eval_s": eval_s}) + "\n")
+    made_with = run_io.evaluation_settings(vars(config.parse_args(flags)))
+    (run_dir / "metrics.jsonl").write_text(json.dumps(STEP_0 | {"eval_s": eval_s, "evaluated_with": made_with}) + "\n")
 
 
 def test_the_runner_gives_each_arm_the_budget_less_start_up_and_shared_evaluations_and_packs_no_model(tmp_path, monkeypatch,
                                                                                                       capsys):
     """3 arms, a reused step-0 evaluation of 40 s: each gets 600 - (3 - 1.25) · 40 - 15 = 515 s, the signals come
     at budget + grace; the archive holds metrics, logs and commands (of both calls, appended), no model, no lock,
-    not itself; one arm failed: exit 1, the end of its log shown."""
-    initial_evaluation(tmp_path / "runs" / "initial", eval_s=40.0)
+    not itself, nor the first call's arms, which the second call set aside; one arm failed: exit 1, the end of
+    its log shown."""
+    initial_evaluation(tmp_path / "runs" / "initial", eval_s=40.0, flags=["--steps", "3"])
     run_arms, waits = fake_arms(monkeypatch)
     flags = ["--out", str(tmp_path / "runs") + "/", "--budget", "600", "--grace", "30", "--pack", str(tmp_path / "runs" / "pack"),
              "--common", "--steps 3", "--arm", "a=--data '/data/my file.jsonl'", "--arm", "b=--seed 1", "--arm", "c=--fail"]
-    for call in range(2):  # the second call finds the first's arm folders and removes them
+    for call in range(2):  # the second call finds the first's arm folders and sets them aside
         assert run_arms.main(flags) == 1
         assert [a.cmd[a.cmd.index("--time-budget") + 1] for a in FakeArm.started[-3:]] == ["515"] * 3
         assert waits[-1] == (630.0, 30.0)
+    aside = sorted(p.name.split(".earlier-")[0] for p in (tmp_path / "runs").glob("*.earlier-*"))
+    assert aside == ["a", "b"], "runs with metrics are kept (c failed before it wrote any, and is removed)"
     assert "/data/my file.jsonl" in FakeArm.started[0].cmd and "c: exit 2\nTraceback: the arm broke" in capsys.readouterr().out
     assert (tmp_path / "runs" / "commands.sh").read_text().count("tools/run_arms.py") == 2, "appended, not overwritten"
     with tarfile.open(tmp_path / "runs" / "pack" / "runs.tar.gz") as archive:
@@ -283,6 +286,19 @@ def test_the_runner_gives_each_arm_the_budget_less_start_up_and_shared_evaluatio
     assert names == {"runs/commands.sh", "runs/initial/metrics.jsonl", "runs/a/metrics.jsonl", "runs/a/log.txt",
                      "runs/b/metrics.jsonl", "runs/b/log.txt", "runs/c/log.txt"}
     assert "b" in (tmp_path / "runs" / "pack" / "compare.txt").read_text()
+
+
+def test_the_runner_makes_again_a_step_0_evaluation_made_with_other_settings_and_keeps_the_old_one(tmp_path, monkeypatch,
+                                                                                                   capsys):
+    """A step-0 evaluation left by an earlier call with --eval-samples 2, where this call's flags say 0: reusing it
+    would make every arm refuse it; it is set aside and made again."""
+    initial_evaluation(tmp_path / "runs" / "initial", eval_s=40.0, flags=["--eval-samples", "2"])
+    made = []
+    run_arms, _ = fake_arms(monkeypatch, initial_run=lambda cmd, cwd: made.append(cmd) or SimpleNamespace(returncode=3))
+    assert run_arms.main(["--out", str(tmp_path / "runs"), "--budget", "600", "--pack", str(tmp_path / "pack"),
+                          "--common", "--eval-samples 0", "--arm", "a="]) == 1
+    assert len(made) == 1 and "with --eval-samples 2, this run with --eval-samples 0" in capsys.readouterr().out
+    assert [p.name.split(".earlier-")[0] for p in (tmp_path / "runs").glob("*.earlier-*")] == ["initial"]
 
 
 @pytest.mark.parametrize("budget, initial_status", [(600, 3), (10, 0)])

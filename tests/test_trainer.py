@@ -24,7 +24,8 @@ import train_min
 from trainer import config, decoding, run_io, stats, views
 from trainer.config import METHODS
 from trainer.offline_models import build_tiny_model, build_tiny_tokenizer
-from trainer.tasks import Problem, built_in_problems, load_data, load_problems, student_messages, teacher_messages
+from trainer.tasks import (Problem, built_in_problems, extract_answer, load_data, load_problems, student_messages,
+                           teacher_messages)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,6 +221,10 @@ def test_make_token_view_trains_on_left_padded_chats_without_padding_in_the_loss
     rows = [json.loads(line) for line in (tmp_path / flags["--data"]).read_text().splitlines()]
     first = offline_models.make_arithmetic_problems(11, seed=0)[10]  # the documented view's data: 2,000 after the first 10
     assert len(rows) == 2000 and rows[0] == {"problem": first.question, "solution": first.solution, "answer": first.answer}
+    (tmp_path / "runs" / "token_view").mkdir()  # a view made before: refused before any training, not after it
+    with pytest.raises(SystemExit, match=r"remove it \(rm -rf runs/token_view\) to make it again"):
+        runpy.run_path(str(ROOT / "tools" / "make_token_view.py"), init_globals={"range": lambda n: builtins.range(1)})
+    assert len(batches) == 1 and len(runs) == 1
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -1050,22 +1055,26 @@ def test_rows_without_problem_ids_are_matched_to_their_held_out_file_in_order():
     assert run.evals[0]["eval_templates"] == [p.template for p in problems]
 
 
-def test_the_curves_of_runs_are_drawn_from_their_metrics_alone(tmp_path):
+def test_the_curves_of_runs_are_drawn_from_their_metrics_alone(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib", reason="the optional extra matplotlib is not installed")
     from tools import plot_runs
 
+    figures, close = [], plot_runs.plt.close
+    monkeypatch.setattr(plot_runs.plt, "close", lambda figure: figures.append(figure) or close(figure))
     plot_runs.main([str(tmp_path / "curves.png"), str(ROOT / "docs/real_runs/egrsd"), str(ROOT / "docs/real_runs/grpo")])
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [ax.get_title() for ax in figures[0].axes] == ["rollout reward", "rollout length (tokens)", "held-out greedy accuracy"]
 
 
-def test_the_curves_moving_average_takes_up_to_the_last_width_values_and_the_plot_needs_a_run(tmp_path):
+def test_the_curves_moving_average_takes_up_to_the_last_width_values_and_the_plot_needs_a_run(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the optional extra matplotlib is not installed")
     from tools import plot_runs
 
     assert plot_runs.moving_average([1, 2, 3, 4, 5, 6], width=3) == [1, 1.5, 2, 3, 4, 5]
     for arguments in ([str(tmp_path / "curves.png")], ["--tradeoff", str(tmp_path / "figure1.png")]):
-        with pytest.raises(SystemExit, match="^usage: python tools/plot_runs.py"):
+        with pytest.raises(SystemExit) as stop:
             plot_runs.main(arguments)
+        assert stop.value.code == 2 and "error: the following arguments are required: RUN_DIR" in capsys.readouterr().err
 
 
 def test_the_tradeoff_figure_pools_seeds_into_one_point_per_setting(tmp_path):
@@ -1353,6 +1362,37 @@ def test_without_greedy_an_evaluation_is_avg_at_k_alone_and_the_step_line_compar
         train_min.main(flags + ["--initial-eval", str(tmp_path / "sampled"), "--output-dir", str(tmp_path / "reuse")])
 
 
+def test_each_evaluation_writes_what_the_model_wrote_with_the_verdicts_and_lengths_that_the_metrics_hold(tmp_path, monkeypatch):
+    """eval/step_N.jsonl: a row per held-out problem (its id, template and reference answer), its greedy completion
+    and its K sampled ones, each with its text, the answer read from it, its verdict, length and end. The metrics'
+    per-problem verdicts and lengths are these (the sampled ones averaged). A run that reuses another's step-0
+    evaluation writes none for step 0."""
+    monkeypatch.setattr(train_min, "is_correct", lambda text, answer: len(text) % 2 == 0)  # both verdicts occur,
+    monkeypatch.setattr(train_min, "eos_list", lambda model: list(range(0, 512, 4)))  # and rows that end before the cap
+    flags = TINY + ["--steps", "1", "--eval-samples", "2"]
+    train_min.main(flags + ["--output-dir", str(tmp_path / "run")])
+    held_out = built_in_problems(16, 4)[1]
+    evals = {r["step"]: r for r in read_metrics(tmp_path / "run") if r["kind"] == "eval"}
+    assert sorted(os.listdir(tmp_path / "run" / "eval")) == ["step_0.jsonl", "step_1.jsonl"]
+    verdicts = []
+    for step, row in evals.items():
+        written = [json.loads(line) for line in open(tmp_path / "run" / "eval" / f"step_{step}.jsonl")]
+        assert [(w["id"], w["template"], w["reference"]) for w in written] == [(p.id, p.template, p.answer) for p in held_out]
+        assert [w["id"] for w in written] == row["eval_ids"] and "eval_completions" not in row
+        for w in written:
+            for c in [w["greedy"], *w["sampled"]]:
+                assert c["correct"] == int(c["ended"] and len(c["text"]) % 2 == 0) and c["answer"] == extract_answer(c["text"])
+                verdicts.append(c["correct"])
+        assert [w["greedy"]["correct"] for w in written] == row["eval_correct"]
+        assert [w["greedy"]["length"] for w in written] == row["eval_lengths"]
+        assert all(len(w["sampled"]) == 2 for w in written)
+        assert [fmean(c["correct"] for c in w["sampled"]) for w in written] == row["eval_sampled_correct"]
+        assert [fmean(c["length"] for c in w["sampled"]) for w in written] == row["eval_sampled_lengths"]
+    assert 0 < sum(verdicts) < len(verdicts), "both verdicts, so that a mismatch could show"
+    train_min.main(flags + ["--initial-eval", str(tmp_path / "run"), "--output-dir", str(tmp_path / "reuse")])
+    assert os.listdir(tmp_path / "reuse" / "eval") == ["step_1.jsonl"]
+
+
 def test_a_step_0_evaluation_is_judged_by_the_settings_its_row_records_not_by_a_rewritten_config(tmp_path):
     """A resumed run rewrites config.json with the flags of its last call (--eval-batch-size 8, say), while its
     step-0 evaluation was made with those of the first (64): --initial-eval goes by what the row records."""
@@ -1411,7 +1451,8 @@ def test_a_truncated_rollout_is_not_correct_whatever_its_answer():
     tokenizer = build_tiny_tokenizer()
     ids = tokenizer("The answer is \\boxed{7}.", return_tensors="pt", add_special_tokens=False)["input_ids"].expand(2, -1)
     mask = torch.ones(ids.shape, dtype=torch.bool)
-    correct = train_min.verify(tokenizer, ids, mask, torch.tensor([True, False]), [Problem("q", "s", "7")] * 2, train_min.Config())
+    texts = train_min.completion_texts(tokenizer, ids, mask)
+    correct = train_min.verify(texts, torch.tensor([True, False]), [Problem("q", "s", "7")] * 2, train_min.Config())
     assert correct.tolist() == [True, False]
 
 

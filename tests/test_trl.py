@@ -52,7 +52,7 @@ def test_token_advantages_and_loss_in_trl_are_the_trainers(method, tmp_path):
     batch = train_min.Rollouts(output["prompt_ids"], output["prompt_mask"], teacher_ids, teacher_mask, completion, mask, finished)
     model = trainer.accelerator.unwrap_model(trainer.model)
     scores = train_min.score(model, trainer.teacher, batch, cfg)
-    correct = train_min.verify(tokenizer, completion, mask, finished, [problems[i // 2] for i in range(4)], cfg)
+    correct = train_min.verify(train_min.completion_texts(tokenizer, completion, mask), finished, [problems[i // 2] for i in range(4)], cfg)
     advantages = egrsd.RunningAdvantage()(egrsd.length_shaped_reward(correct, mask.sum(1), 32))
     weights = train_min.weight_tokens(advantages, scores, mask, cfg)
     expected = weights.advantage

@@ -609,9 +609,11 @@ def report(r: dict) -> str:
         for phase in ("generate", "score", "update"):
             lines.append(f"   {phase:<9} {st[f'{phase}_s']:7.2f} s {100 * st[f'{phase}_s'] / st['step_s']:4.0f}%  "
                          f"{st[f'{phase}_tokens_per_s']:9.0f} tokens/s")
+        floor = st.get("score_update_floor_s", math.nan)
+        floor = (f"{st['score_update_over_floor']:.1f}× its FLOP floor of {floor:.2f} s" if math.isfinite(floor)
+                 else "no FLOP floor (the device's bf16 peak is not known)")
         lines.append(f"   step      {st['step_s']:7.2f} s; score + update = {100 * st['score_plus_update_share']:.0f}%, "
-                     f"{st.get('score_update_over_floor', math.nan):.1f}× its FLOP floor of {st.get('score_update_floor_s', math.nan):.2f} s; "
-                     f"gradient checkpointing {'on' if st.get('gradient_checkpointing') else 'off'} (auto)")
+                     f"{floor}; gradient checkpointing {'on' if st.get('gradient_checkpointing') else 'off'} (auto)")
         if "checkpointing_on_error" in st:
             lines.append(f"   with gradient checkpointing on: {st['checkpointing_on_error'][:100]}")
         if "checkpointing_on" in st:

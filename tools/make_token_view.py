@@ -3,7 +3,10 @@ the tiny tokenizer's generated arithmetic problems with plain next-token trainin
 step on them that writes the token view.
 
     python tools/make_token_view.py            # then open runs/token_view/tokens/step_1.html
+
+It takes no flags, and writes runs/token_view_data.jsonl, runs/token_view_model/ and runs/token_view/.
 """
+import argparse
 import json
 import os
 import sys
@@ -15,6 +18,10 @@ import train_min  # noqa: E402
 from trainer.offline_models import build_tiny_model, build_tiny_tokenizer, make_arithmetic_problems  # noqa: E402
 from trainer.tasks import student_messages  # noqa: E402
 
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(
+    sys.argv[1:] if __name__ == "__main__" else [])  # (--help)
+if os.path.exists("runs/token_view"):  # before the minutes of training, not after
+    sys.exit("runs/token_view holds a token view made before: remove it (rm -rf runs/token_view) to make it again")
 tokenizer, problems = build_tiny_tokenizer(), make_arithmetic_problems(2010, seed=0)[10:]
 os.makedirs("runs", exist_ok=True)
 with open("runs/token_view_data.jsonl", "w") as f:

@@ -14,12 +14,16 @@ greedy) against the mean length of the same completions at the end of training, 
 on both axes), and the untrained model's point.
 """
 
+import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import matplotlib  # noqa: E402
+try:
+    import matplotlib
+except ModuleNotFoundError:  # (an optional extra)
+    sys.exit("tools/plot_runs.py draws with matplotlib, an optional extra: pip install -r requirements-extras.txt")
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,7 +37,7 @@ def moving_average(values: list, width: int = 5) -> list:
 
 
 def plot(path: str, run_dirs: list[str]) -> None:
-    figure, axes = plt.subplots(1, 3, figsize=(11, 3.0), dpi=110)
+    figure, axes, drawn = *plt.subplots(1, 3, figsize=(11, 3.0), dpi=110), set()
     for run_dir, colour in zip(run_dirs, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         rows = read_rows(run_dir)
         train = [r for r in rows if r.get("kind") == "train"]
@@ -45,9 +49,12 @@ def plot(path: str, run_dirs: list[str]) -> None:
             ax.plot(steps, values, color=colour, alpha=0.3, linewidth=0.8)
             ax.plot(steps, moving_average(values), color=colour, linewidth=2, label=label)
         key = "eval_accuracy" if all("eval_accuracy" in r for r in evals) else "eval_sampled_accuracy"  # --no-eval-greedy
+        drawn.add(key)
         axes[2].plot([r["step"] for r in evals], [r.get(key) for r in evals], "o-" if key == "eval_accuracy" else "s--",
                      color=colour, label=label)
-    for ax, title in zip(axes, ("rollout reward", "rollout length (tokens)", "held-out accuracy (greedy ○, avg@K □)")):
+    accuracy = {frozenset({"eval_accuracy"}): "held-out greedy accuracy", frozenset({"eval_sampled_accuracy"}): "held-out "
+                "avg@K accuracy"}.get(frozenset(drawn), "held-out accuracy (greedy ○, avg@K □)")
+    for ax, title in zip(axes, ("rollout reward", "rollout length (tokens)", accuracy)):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -86,12 +93,13 @@ def tradeoff(path: str, run_dirs: list[str]) -> None:
 
 
 def main(arguments: list[str]) -> None:
-    draw = plot
-    if arguments[:1] == ["--tradeoff"]:
-        draw, arguments = tradeoff, arguments[1:]
-    if len(arguments) < 2:
-        sys.exit("usage: python tools/plot_runs.py [--tradeoff] OUT.png RUN_DIR [RUN_DIR ...]")
-    draw(arguments[0], arguments[1:])
+    parser = argparse.ArgumentParser(prog="python tools/plot_runs.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tradeoff", action="store_true", help="the accuracy-length figure instead of the curves")
+    parser.add_argument("out", metavar="OUT.png", help="the picture to write")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train_min.py --output-dir)")
+    args = parser.parse_args(arguments)
+    (tradeoff if args.tradeoff else plot)(args.out, args.runs)
 
 
 if __name__ == "__main__":

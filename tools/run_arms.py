@@ -8,13 +8,15 @@ RUNS below is the --out folder; PACK is --pack (default: the GPU tool's $OUT, wh
 1. Appends every arm's whole command line to RUNS/commands.sh (the common flags, then the arm's: later
    flags win).
 2. Evaluates the untrained model once (`--steps 0`, into RUNS/initial or --initial, unless that folder holds
-   its evaluation already): the step-0 evaluation is the same for every arm, and each arm reuses it
-   (`--initial-eval`, which checks that it is), so the card does it once, not once per arm.
+   its evaluation already, made with the evaluation settings of --common): the step-0 evaluation is the same
+   for every arm, and each arm reuses it (`--initial-eval`, which checks that it is), so the card does it
+   once, not once per arm. One made with other settings is set aside (below) and made again.
 3. Starts the arms as separate processes (one log each, RUNS/NAME/log.txt), each with `--time-budget` set
    to what is left of --budget, less their start-up and the time their final evaluations lose to each
    other on one card, and `--no-save-model` (only metrics, config and log are kept), so that each stops
-   training in time for its final evaluation. An arm folder left by an earlier call is removed first (a run
-   folder holds one run). If arms are still running --grace seconds after the budget, what they wrote so far
+   training in time for its final evaluation. An arm folder left by an earlier call is set aside first (a run
+   folder holds one run): renamed NAME.earlier-TIME where it holds metrics (nothing is lost, nothing of it is
+   packed), removed where it holds none. If arms are still running --grace seconds after the budget, what they wrote so far
    is packed (step 4), then they all get SIGTERM (each stops after its step or evaluation), and those still
    running --grace seconds later SIGKILL: by PID, never by name. The worst case ends budget + 2 × grace
    seconds after the start.
@@ -43,7 +45,10 @@ START_UP = 15  # seconds an arm spends importing before its --time-budget clock 
 sys.path.insert(0, ROOT)
 
 from trainer import run_io  # noqa: E402
+from trainer.config import check_initial_eval, parse_args  # noqa: E402
 from trainer.views import compare_table  # noqa: E402
+
+EARLIER = ".earlier-"  # an earlier call's run folder, set aside
 
 
 def command(flags: list[str], out: str, name: str) -> list[str]:
@@ -61,10 +66,13 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
     with open(os.path.join(out, "commands.sh"), "a") as f:  # appended: several calls may share OUT
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: tools/run_arms.py, each arm also given --time-budget\n")
         f.writelines(shlex.join(c) + "\n" for c in [initial, *arm_commands.values()])
-    row = run_io.initial_eval_row(initial_dir)  # made by an earlier call: the same for every arm
-    reuse = row is not None
+    row = run_io.initial_eval_row(initial_dir)  # made by an earlier call: the same for every arm, if made so
+    other = row is not None and not_the_same(initial_dir, common)
+    if other:
+        print(f"[run_arms] {initial_dir} is not this evaluation ({other}): made again", flush=True)
+    reuse = row is not None and not other
     if not reuse:
-        shutil.rmtree(initial_dir, ignore_errors=True)  # an earlier attempt cut off before its evaluation
+        set_aside(initial_dir)  # (or an earlier attempt cut off before its evaluation)
     print(f"[run_arms] initial evaluation: {'reused from ' + initial_dir if reuse else shlex.join(initial)}", flush=True)
     status = 0 if reuse else subprocess.run(initial, cwd=ROOT).returncode
     if status:
@@ -80,7 +88,7 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
         return finish(out, pack, arms, 1)
     processes = {}
     for name, cmd in arm_commands.items():
-        shutil.rmtree(os.path.join(out, name), ignore_errors=True)  # an earlier call's run: a folder holds one
+        set_aside(os.path.join(out, name))  # an earlier call's run: a folder holds one
         os.makedirs(os.path.join(out, name))
         with open(os.path.join(out, name, "log.txt"), "w") as log:
             processes[name] = subprocess.Popen(cmd + ["--time-budget", f"{left:.0f}"], cwd=ROOT, stdout=log,
@@ -93,6 +101,30 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
             with open(os.path.join(out, name, "log.txt"), errors="replace") as log:
                 print("".join(log.readlines()[-15:]), end="", flush=True)
     return finish(out, pack, arms, int(any(statuses.values())))
+
+
+def not_the_same(initial_dir: str, common: list[str]) -> str | None:
+    """Why the step-0 evaluation in `initial_dir` is not the one that the flags `common` would make (train_min's
+    own --initial-eval check), or None where it is."""
+    try:
+        check_initial_eval(parse_args(common + ["--initial-eval", initial_dir]))
+    except SystemExit as refused:
+        return str(refused.code)
+    return None
+
+
+def set_aside(folder: str) -> None:
+    """An earlier call's run folder: renamed FOLDER.earlier-TIME where it holds metrics, removed where it holds none."""
+    if not os.path.isfile(os.path.join(folder, "metrics.jsonl")) or not os.path.getsize(os.path.join(folder, "metrics.jsonl")):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    aside = base = f"{os.path.normpath(folder)}{EARLIER}{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(2, 100):
+        if not os.path.exists(aside):
+            break
+        aside = f"{base}-{n}"
+    os.rename(folder, aside)
+    print(f"[run_arms] {folder} holds an earlier call's run: moved to {aside}", flush=True)
 
 
 def wait(processes: dict[str, subprocess.Popen], deadline: float, grace: float, before_signals) -> dict[str, int]:
@@ -129,7 +161,7 @@ def finish(out: str, pack: str, arms: dict, status: int) -> int:
     with tarfile.open(os.path.join(pack, "runs.tar.gz"), "w:gz") as archive:
         for folder, dirs, files in os.walk(out):
             dirs[:] = [d for d in dirs if d not in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "final", "final.tmp")
-                       and os.path.abspath(os.path.join(folder, d)) != os.path.abspath(pack)]
+                       and EARLIER not in d and os.path.abspath(os.path.join(folder, d)) != os.path.abspath(pack)]
             for file in (f for f in files if f != run_io.LOCK_FILE):  # (the run folder's lock: nothing to read)
                 path = os.path.join(folder, file)
                 archive.add(path, arcname=os.path.join(os.path.basename(os.path.normpath(out)), os.path.relpath(path, out)))

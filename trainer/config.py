@@ -508,6 +508,11 @@ def learning_rate_factor(cfg: Config):
     return factor
 
 
+def score_temperature(cfg) -> float:
+    """The temperature of the teacher's and the student's token scores: --score-temperature, else the rollouts'."""
+    return cfg.score_temperature or cfg.temperature
+
+
 def compute_dtype(cfg) -> torch.dtype:
     """bfloat16 on CUDA and float32 on CPU for --dtype auto (`cfg`: a Config, or a run's saved settings)."""
     dtype, device = (cfg["dtype"], cfg["device"]) if isinstance(cfg, dict) else (cfg.dtype, cfg.device)

@@ -24,6 +24,7 @@ import time
 import torch
 
 from trainer import lora
+from trainer.tasks import extract_answer
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
@@ -353,6 +354,37 @@ def append_row(metrics_file, row: dict) -> None:
         metrics_file.write((json.dumps(row) + "\n").encode())
         metrics_file.flush()
         os.fsync(metrics_file.fileno())
+
+
+def write_completions(run_dir: str, step: int, problems: list, row: dict) -> str | None:
+    """eval/step_<step>.jsonl: what the model wrote at the evaluation of `step`, one row per held-out problem:
+    its id, template and reference answer, then "greedy" (one completion) and "sampled" (its K), each
+    completion's text, the answer the verifier read from it, its verdict, its length in tokens and whether it
+    ended (an EOS before the cap). The metrics keep the verdicts and lengths; this keeps the texts, to read and
+    to grade again (by hand, or by a verifier of another version). Takes the completions out of the evaluation
+    `row` (`solve`'s "eval_completions", "eval_sampled_completions"); none there (a reused step-0 row), no
+    file. Whole or not at all: written beside, then renamed into place. Returns the path, or None."""
+    kinds = {"eval": ("greedy", 1), "eval_sampled": ("sampled", row.get("eval_samples") or 1)}
+    completions = {kind: row.pop(f"{kind}_completions") for kind in kinds if f"{kind}_completions" in row}
+    if not completions:
+        return None
+    path = os.path.join(run_dir, "eval", f"step_{step}.jsonl")
+    try:
+        with writing(f"the completions of the evaluation of step {step}", path, run_dir):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                for i, problem in enumerate(problems):
+                    row = {"id": problem.id, "template": problem.template, "reference": problem.answer}
+                    for kind, written in completions.items():
+                        name, k = kinds[kind]
+                        mine = [c | {"answer": extract_answer(c["text"])} for c in written[i * k : (i + 1) * k]]
+                        row[name] = mine[0] if name == "greedy" else mine
+                    f.write(json.dumps(row) + "\n")
+            os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):  # a failed write leaves nothing half-written
+            os.remove(path + ".tmp")
+    return path
 
 
 def save_final(run_dir: str, write, generation_config=None) -> None:

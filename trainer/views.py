@@ -111,6 +111,15 @@ def dump_tokens(path: str, step: int, tokenizer, batch, scores, weights, rewards
         f.write(token_html(step, shown))
 
 
+def step_line(row: dict, steps: int) -> str:
+    """A training row in a line: what the rollouts earned, the loss, whether the update reached the sampler, speed."""
+    return (f"step {row['step']}/{steps} | reward {row['reward']:.3f} | acc {row['accuracy']:.2f} | "
+            f"len {row['length_mean']:.0f} | loss {row['loss']:.4f} | gnorm {row['grad_norm']:.3f} | "
+            f"Δθ/θ {row['update_rel']:.1e} | sampler Δ {100 * row['sampler_changed']:.1f}% | "
+            f"{row['rollout_tokens_per_s']:.0f} tok/s | gen {row['generate_s']:.1f}s score {row['score_s']:.1f}s "
+            f"update {row['update_s']:.1f}s{' | SKIPPED (non-finite or blown up)' if row['skipped'] else ''}")
+
+
 def evaluation_line(row: dict) -> str:
     """An evaluation row in a line: greedy accuracy, avg@K, and the length and Acc/(length/1000) of the
     greedy completions (of the sampled ones under --no-eval-greedy)."""
@@ -126,7 +135,7 @@ def read_rows(run_dir: str) -> list[dict]:
     (run again after a resume) keeps its last row."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise SystemExit(f"--compare: expected a run directory holding metrics.jsonl, got {run_dir!r}")
+        raise SystemExit(f"expected a run directory holding metrics.jsonl, got {run_dir!r}")
     rows = {(row.get("kind"), row["step"]): row for row in run_io.read_rows(path)}
     return sorted(rows.values(), key=lambda r: (r["step"], r.get("kind") != "eval"))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real weights (1 of 2): find a setting in which train_min.py learns. One call of a lent GPU:
 #
-#   bash docs/real_runs/setting1.sh MODEL_DIR [SEED]        # writes $OUT/runs.tar.gz and $OUT/compare.txt
+#   OUT=DIR bash docs/real_runs/setting1.sh MODEL_DIR [SEED]        # writes DIR/runs.tar.gz and DIR/compare.txt
 #
 # MODEL_DIR: a Hugging Face folder of Qwen2.5-0.5B-architecture weights (we use Qwen2.5-Coder-0.5B-Instruct).
 # Three arms of GRPO side by side (tools/run_arms.py), from the same weights, data, seed and evaluation, and
@@ -22,8 +22,11 @@
 # positive with an interval that excludes 0 (python train_min.py --compare on the unpacked runs).
 # --gradient-checkpointing on, not auto: the runs share one card, so one run's update could take the memory
 # that another's rollouts need, and auto recovers only an update that runs out.
+# The runs go to RUNS/setting1-sSEED (RUNS: default /tmp/runs); tools/run_arms.py sets aside what an earlier
+# call left there (renamed *.earlier-TIME), and makes the shared step-0 evaluation again if it was made otherwise.
 set -euo pipefail
 model=$1 seed=${2:-0}
+: "${OUT:?setting1.sh: set OUT=DIR, the folder that receives runs.tar.gz and compare.txt (the GPU tool sets it)}"
 cd "$(dirname "$0")/../.."
 sha256sum data/gsm_symbolic_train.jsonl data/gsm_symbolic_eval.jsonl
 git rev-parse HEAD 2>/dev/null || true
@@ -38,7 +41,7 @@ common="--model $(printf %q "$model") --data data/gsm_symbolic_train.jsonl --eva
   --rollout auto --chunk-size 1024 --gradient-checkpointing on --max-bad-steps 3 --regime-low 0.2 --regime-high 0.5
   --dump-tokens 0 ${FLAGS:-}"
 lora="--lora-r 64 --lora-alpha 128 --lora-dropout 0 --lora-target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-python tools/run_arms.py --out "/tmp/runs/setting1-s$seed" --budget "${BUDGET:-450}" --grace 10 --common "$common" \
+python tools/run_arms.py --out "${RUNS:-/tmp/runs}/setting1-s$seed" --budget "${BUDGET:-450}" --grace 10 --common "$common" \
   --arm lora="$lora --lr 5e-5 --group-size 1" \
   --arm full="--lora-r 0 --lr 1e-5 --group-size 1" \
   --arm lora-g8="$lora --lr 5e-5 --group-size 8"
