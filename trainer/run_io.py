@@ -374,12 +374,12 @@ def write_completions(run_dir: str, step: int, problems: list, row: dict) -> str
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + ".tmp", "w") as f:
                 for i, problem in enumerate(problems):
-                    row = {"id": problem.id, "template": problem.template, "reference": problem.answer}
+                    line = {"id": problem.id, "template": problem.template, "reference": problem.answer}
                     for kind, written in completions.items():
                         name, k = kinds[kind]
                         mine = [c | {"answer": extract_answer(c["text"])} for c in written[i * k : (i + 1) * k]]
-                        row[name] = mine[0] if name == "greedy" else mine
-                    f.write(json.dumps(row) + "\n")
+                        line[name] = mine[0] if name == "greedy" else mine
+                    f.write(json.dumps(line) + "\n")
             os.replace(path + ".tmp", path)
     finally:
         if os.path.exists(path + ".tmp"):  # a failed write leaves nothing half-written
