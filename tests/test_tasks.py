@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ("\\boxed{1,000}", "1000", True), ("\\boxed{$18.00}", "18", True),
     ("she has 5 apples, then 7\n#### 12", "12", True),  # GSM8K's marker before the last number
     ("#### 5\nno, recount: 5 + 7\n#### 12", "12", True),  # the number after the LAST marker
+    ("so she is 5 short\n#### \u22125", "-5", True), ("so she is 5 short\n#### \u22125", "5", False),  # a Unicode minus
     ("3 + 4 = 7", "7", True), ("3 + 4 = 7", "8", False),  # else the last number
     ("\\boxed{-3}", "-3", True), ("\\boxed{-3}", "3", False),
     ("no number at all", "7", False), ("\\boxed{seven}", "7", False),

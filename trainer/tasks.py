@@ -167,7 +167,7 @@ def extract_answer(text: str) -> str | None:
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed
-    after_hashes = NUMBER.search(text.rsplit("#### ", 1)[1]) if "#### " in text else None
+    after_hashes = NUMBER.search(text.rsplit("#### ", 1)[1].translate(DASHES)) if "#### " in text else None  # "#### −5"
     if after_hashes:
         return after_hashes.group()
     numbers = NUMBER.findall(text)
