@@ -393,6 +393,18 @@ def test_resume_checks_the_checkpoint_and_run_files_before_any_model_loads(path,
         train_min.main(["--resume", str(run_dir), "--steps", "2"])
 
 
+def test_a_saved_float_setting_may_be_written_as_an_integer_and_an_integer_one_not_as_a_float_or_boolean(tmp_path):
+    """config.json edited by hand: `"grad_clip": 1` is the float 1.0, as the --grad-clip 1 of a command line; `"steps":
+    3.0` and `"steps": true` are refused naming the key; a run saved when gradient checkpointing was a boolean keeps it."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"grad_clip": 1, "steps": 3, "gradient_checkpointing": False}))
+    assert config.read_config(str(path)) == {"grad_clip": 1, "steps": 3, "gradient_checkpointing": "off"}
+    for bad in (3.0, True):
+        path.write_text(json.dumps({"steps": bad}))
+        with pytest.raises(SystemExit, match=f"^{re.escape(str(path))}: key 'steps': expected a int, got {bad!r}$"):
+            config.read_config(str(path))
+
+
 def test_a_malformed_metrics_row_stops_a_resume_before_the_checkpoint_is_hashed(one_step, tmp_path, monkeypatch):
     """Hashing a multi-GB checkpoint takes a while: the quick check of metrics.jsonl comes first."""
     run_dir = broken_copy(one_step, tmp_path, "metrics.jsonl", lambda p: p.write_text(p.read_text() + "hello\n"))
@@ -434,6 +446,8 @@ def test_resume_keeps_the_compute_dtype_and_a_split_of_data_before_any_model_loa
     no_model(monkeypatch)
     with pytest.raises(SystemExit, match="^--eval-data: a resumed run keeps .* its training problems are what --data left"):
         train_min.main(["--resume", str(tmp_path / "run2"), "--steps", "2", "--eval-data", ""])
+    with pytest.raises(pytest.fail.Exception, match="a model was loaded"):  # held out from their own file: --eval-size may change
+        train_min.main(["--resume", str(tmp_path / "run2"), "--steps", "2", "--eval-size", "2"])
 
 
 def test_a_checkpoint_saved_before_manifests_resumes_after_a_notice(one_step, tmp_path, capsys):
@@ -854,6 +868,20 @@ def test_a_resumed_run_keeps_what_its_steps_mean_and_may_change_the_optimizer_fl
     with pytest.raises(pytest.fail.Exception, match="a model was loaded"):  # every check passed
         train_min.main(["--resume", str(run_dir), "--steps", "2", "--lr", "2e-6", "--weight-decay", "0.01",
                         "--grad-clip", "1.0", "--advantage-warmup", "2"])
+    with pytest.raises(pytest.fail.Exception, match="a model was loaded"):  # its own folder however spelled; as many steps
+        train_min.main(["--resume", str(run_dir), "--output-dir", str(run_dir) + "/", "--steps", "1"])  # as it has done
+
+
+def test_the_flags_a_resumed_run_keeps_are_those_docs_trainer_names():
+    """docs/TRAINER.md names the settings that stay fixed on resume (what its steps mean; under a decaying schedule
+    also the schedule's length): the code's lists are exactly the named ones, so that a flag dropped from one (or
+    added to it) shows here (test_a_resumed_run_keeps_what_its_steps_mean checks that the lists are enforced)."""
+    text = " ".join((ROOT / "docs/TRAINER.md").read_text().split())
+    kept = text.split("stay fixed on resume", 1)[1].split(". The compute dtype", 1)[0]
+    always, decaying = kept.split("and under a decaying schedule")
+    flags = lambda part: {f.removeprefix("--").replace("-", "_") for f in re.findall(r"`(--[a-z-]+)`", part)}  # noqa: E731
+    assert set(config.FIXED_ON_RESUME) == flags(always)
+    assert set(config.FIXED_UNDER_DECAY) == flags(decaying.split("; under a constant schedule")[0])
 
 
 def test_an_evaluation_is_owed_where_one_is_due_and_metrics_has_none_and_the_budget_keeps_the_last_ones_seconds(tmp_path):
@@ -871,3 +899,36 @@ def test_every_integer_flag_may_be_its_upper_bound_and_not_one_more(tmp_path):
     for name, value in (("seed", 2**32), ("chunk_size", 2**20 + 1), ("steps", 2**31)):
         with pytest.raises(SystemExit, match=f"^--{name.replace('_', '-')}: expected ≤ {value - 1}, got {value}$"):
             config.check_config(config.Config(**cfg, **{name: value}))
+
+
+@pytest.mark.parametrize("settings, flag, refused", [
+    (dict(top_p=1.0), "top_p", False), (dict(top_p=1.01), "top_p", True),
+    (dict(eval_top_p=1.0), "eval_top_p", False), (dict(eval_top_p=1.01), "eval_top_p", True),
+    (dict(steps=0), "steps", False), (dict(steps=-1), "steps", True),
+    (dict(temperature=0.0), "temperature", True), (dict(eval_temperature=0.0), "eval_temperature", True),
+    (dict(temperature=math.inf), "temperature", True),
+    (dict(regime_low=0.0, regime_high=0.01), "regime_low", False), (dict(regime_low=-0.1), "regime_low", True),
+    (dict(regime_low=0.3, regime_high=0.3), "regime_high", True),
+    (dict(group_size=0), "group_size", True), (dict(batch_size=6, group_size=4), "batch_size", True),
+    (dict(batch_size=8, group_size=4), "batch_size", False),
+    (dict(micro_batch_size=0), "micro_batch_size", True), (dict(eval_batch_size=0), "eval_batch_size", True),
+    (dict(chunk_size=0), "chunk_size", True), (dict(top_k=0), "top_k", False), (dict(top_k=-1), "top_k", True),
+    (dict(lr=0.0), "lr", True), (dict(beta_length=0.0), "beta_length", False), (dict(beta_length=-0.1), "beta_length", True),
+    (dict(eval_every=0, save_every=0), "eval_every", False), (dict(save_every=-1), "save_every", True),
+    (dict(eval_seed=-1), "eval_seed", True), (dict(advantage_warmup=-1), "advantage_warmup", True),
+    (dict(device="cpux"), "device", True), (dict(device="cuda:1x"), "device", True),
+    (dict(device="cuda:1", rollout="graph"), "rollout", False),
+    (dict(lora_target_modules="q_proj,,v_proj"), "lora_target_modules", True),
+])
+def test_each_flag_is_refused_just_outside_its_range_and_accepted_at_its_edge_naming_the_flag(settings, flag, refused, tmp_path):
+    """check_config's table at its edges: top-p 1 and top-k 0 (off) are allowed, a temperature of 0 is not, --regime-high
+    must exceed --regime-low, and so on. A refusal names the flag; an accepted value may stop later for another
+    reason (here: no CUDA), never naming it."""
+    cfg = dict(model="tiny", device="cpu", output_dir=str(tmp_path), save_model=False) | settings
+    try:
+        config.check_config(config.Config(**cfg))
+        stop = ""
+    except SystemExit as error:
+        stop = str(error.code)
+    name = "--" + flag.replace("_", "-")
+    assert stop.startswith(name + ": expected") == refused, stop

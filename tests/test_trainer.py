@@ -512,6 +512,8 @@ def test_a_constant_schedule_can_be_extended_on_resume_and_a_decaying_one_cannot
     train_min.main(flags + ["--lr-schedule", "linear", "--output-dir", str(tmp_path / "linear")])
     with pytest.raises(SystemExit, match="--steps: a resumed run keeps 1, as its decaying learning-rate schedule"):
         train_min.main(["--resume", str(tmp_path / "linear"), "--steps", "2"])
+    with pytest.raises(SystemExit, match="--lr-schedule: a resumed run keeps 'linear', as its decaying"):  # the saved
+        train_min.main(["--resume", str(tmp_path / "linear"), "--lr-schedule", "constant"])  # one decides
     with pytest.raises(SystemExit, match="--model: a resumed run keeps 'tiny'"):
         train_min.main(["--resume", str(tmp_path / "linear"), "--model", "random-0.5b"])
 
@@ -586,6 +588,21 @@ def test_help_lists_every_flag_with_its_meaning(capsys):
     for field in fields(config.Config):
         assert "--" + field.name.replace("_", "-") in text, field.name
     assert "math-verify" in text and "%" in text and "--compare RUN_DIR" in text
+
+
+def test_the_defaults_are_the_papers_settings_as_docs_method_states_them():
+    """docs/METHOD.md, "The paper's settings": 32 prompts × 1 rollout, 100 steps, rollouts at temperature 1.1, top-p
+    0.95, top-k 20, up to 1,024 tokens, grad-norm clip 0.1, γ 0.3, W 3 (4B), ε 0.2, floor 0.1, β_L 0.5 and A = r − 0.5
+    for 10 steps (§1); evaluation avg@4 at temperature 1.0 and top-p 0.95, no top-k. (The learning rate is not the
+    paper's: its 5e-6 is for LoRA; its LoRA's r, α and dropout: test_lora.)"""
+    paper = dict(steps=100, batch_size=32, group_size=1, temperature=1.1, top_p=0.95, top_k=20, max_new_tokens=1024,
+                 grad_clip=0.1, gamma=0.3, window=3, eps=0.2, floor=0.1, beta_length=0.5, advantage_warmup=10,
+                 eval_samples=4, eval_temperature=1.0, eval_top_p=0.95, eval_top_k=0, method="egrsd", lora_alpha=128.0)
+    defaults = vars(config.Config())
+    assert {name: defaults[name] for name in paper} == paper
+    text = " ".join((ROOT / "docs/METHOD.md").read_text().split())
+    assert ("32 prompts per step with 1 rollout each, 100 steps, rollouts at temperature 1.1, top-p 0.95, top-k 20, at "
+            "most 1,024 completion tokens; γ = 0.3; CL-EGRSD with W = 3 (4B)") in text, "the paper's settings as stated"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
@@ -776,6 +793,73 @@ def test_token_view_is_self_contained_and_its_tokens_decode_to_the_completion(lo
         ids, texts = zip(*spans)
         assert "".join(texts) == tokenizer.decode(list(ids))
     assert "Ĥ_CL=" in page and "ω=" in page
+
+
+def test_the_metrics_of_a_step_take_every_mean_and_share_over_the_valid_tokens_and_the_gate_as_applied():
+    """Two rollouts of 3 and 2 valid tokens (5 in all) padded to 4 columns, whose padding holds 0 as the library
+    leaves it: the means, the gate's minimum and the regimes' shares are over the 5, the per-regime gate is the
+    applied one (EGRSD's plain gate here, not the lookahead), restored_* is lookahead − plain, and a regime
+    without tokens has no mean (None, not NaN: metrics.jsonl is JSON)."""
+    from types import SimpleNamespace
+
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    plain = torch.tensor([[1.0, 0.8, 0.5, 0.0], [0.9, 0.7, 0.0, 0.0]])
+    lookahead = torch.tensor([[1.0, 0.95, 0.5, 0.0], [0.9, 0.7, 0.0, 0.0]])
+    gates = egrsd.Gates(plain=plain, lookahead=lookahead, normalised=torch.tensor([[0.1, 0.1, 0.9, 0], [0.1, 0.3, 0, 0]]),
+                        regimes=torch.tensor([[1, 3, 4, 0], [1, 2, 0, 0]]))  # lock, pivot, fork; lock, mid
+    scores = SimpleNamespace(teacher_entropy=torch.tensor([[0.1, 2.0, 3.0, 0.0], [0.2, 1.0, 0.0, 0.0]]))
+    weights = SimpleNamespace(gate=plain, magnitude=torch.tensor([[1.0, 1.2, 0.9, 0.0], [1.1, 0.8, 0.0, 0.0]]))
+    assert views.regime_stats(scores, weights, mask, gates) == pytest.approx({
+        "gate_mean": 0.78, "gate_min": 0.5, "magnitude_mean": 1.0, "teacher_entropy_mean": 1.26,
+        "share_lock": 0.4, "gate_lock": 0.95, "restored_lock": 0.0, "share_mid": 0.2, "gate_mid": 0.7, "restored_mid": 0.0,
+        "share_pivot": 0.2, "gate_pivot": 0.8, "restored_pivot": 0.15, "share_fork": 0.2, "gate_fork": 0.5, "restored_fork": 0.0})
+    locks = egrsd.Gates(plain=plain, lookahead=plain, normalised=gates.normalised, regimes=mask.long())  # every token a lock
+    only_locks = views.regime_stats(scores, weights, mask, locks)
+    assert only_locks["share_lock"] == 1.0 and only_locks["share_fork"] == 0.0
+    assert only_locks["gate_fork"] is None and only_locks["restored_fork"] is None
+    nothing = views.regime_stats(scores, weights, torch.zeros_like(mask), egrsd.Gates(plain, lookahead, gates.normalised,
+                                                                                     torch.zeros_like(gates.regimes)))
+    assert nothing["gate_mean"] is None and nothing["gate_min"] is None and nothing["share_lock"] == 0.0
+
+
+def test_a_tokens_colour_is_its_advantages_sign_and_its_darkness_its_factor_w_times_omega_on_the_pages_range():
+    """Factors w·ω of 0.5, 0.7 and 0.9 on the page: palest (92% lightness), halfway (67%) and darkest (42%); the
+    token of the largest w alone (1.4 · 0.5) is not the darkest. Blue for Â > 0, red for Â < 0, grey for Â = 0;
+    the title and every token's text escaped, and the hover text each token's own signals."""
+    rollouts = [{"title": "rollout <0> & co", "ids": [5, 6], "tokens": ["a", "<b>&"], "entropy": [0.5, 1.5],
+                 "entropy_cl": [0.25, 0.75], "gate": [1.0, 0.5], "magnitude": [0.5, 1.4], "advantage": [0.2, 0.28],
+                 "regime": ["lock", "fork"]},
+                {"title": "rollout 1", "ids": [7, 8], "tokens": ["c", "d"], "entropy": [0.0, 0.1], "entropy_cl": [0.0, 0.05],
+                 "gate": [0.9, 1.0], "magnitude": [1.0, 0.5], "advantage": [0.0, -0.1], "regime": ["lock", "lock"]}]
+    page = views.token_html(4, rollouts)
+    spans = re.findall(r"<span class='t' data-id='(\d+)' style='background:([^']*)' title='([^']*)'>([^<]*)</span>", page)
+    assert [(int(i), colour, text) for i, colour, _, text in spans] == [
+        (5, "hsl(215, 80%, 92%)", "a"), (6, "hsl(215, 80%, 67%)", "&lt;b&gt;&amp;"),
+        (7, "hsl(0, 0%, 42%)", "c"), (8, "hsl(0, 80%, 92%)", "d")]
+    assert spans[1][2] == "H=1.500 nats, Ĥ_CL=0.750, ω=0.500, w=1.400, Â=+0.2800, fork"
+    assert "<h3>rollout &lt;0&gt; &amp; co</h3>" in page and "(palest 0.500, darkest 0.900 on this page)" in page
+
+
+def test_the_token_view_of_a_step_shows_each_rollouts_valid_tokens_with_its_regime_and_lookahead_entropy(tmp_path):
+    """A batch of two (fewer than the four shown at most): each rollout's tokens up to its mask, no padding; Ĥ_CL
+    from the gates' normalised lookahead entropy, not H; each token's regime by its code (1 lock … 4 fork)."""
+    from types import SimpleNamespace
+
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    gates = egrsd.Gates(plain=mask.float(), lookahead=mask.float(), normalised=torch.tensor([[0.1, 0.2, 0.3], [0.4, 0, 0]]),
+                        regimes=torch.tensor([[1, 3, 4], [2, 0, 0]]))
+    scores = SimpleNamespace(teacher_entropy=torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]))
+    weights = SimpleNamespace(gate=mask.float(), magnitude=mask.float(), advantage=torch.tensor([[0.5, 0.5, 0.5], [-0.5, 0, 0]]))
+    batch = SimpleNamespace(mask=mask, completion=torch.tensor([[40, 41, 42], [43, 44, 44]]))
+    page_path = tmp_path / "tokens" / "step_2.html"
+    views.dump_tokens(str(page_path), 2, tiny_tokenizer(), batch, scores, weights, [1.25, 0.0], [True, False], gates)
+    page = page_path.read_text()
+    assert [[i for i, _ in spans] for spans in span_texts(page)] == [[40, 41, 42], [43]]
+    titles = re.findall(r"title='([^']*)'", page)
+    assert [t.split(", ")[:2] + t.split(", ")[-1:] for t in titles] == [
+        ["H=1.000 nats", "Ĥ_CL=0.100", "lock"], ["H=2.000 nats", "Ĥ_CL=0.200", "pivot"], ["H=3.000 nats", "Ĥ_CL=0.300", "fork"],
+        ["H=4.000 nats", "Ĥ_CL=0.400", "mid"]]
+    assert "<h3>rollout 0: reward 1.250, correct, 3 tokens</h3>" in page and "<h3>rollout 1: reward 0.000, wrong, 1 tokens</h3>" in page
 
 
 @settings(max_examples=300, deadline=None)
@@ -1032,11 +1116,46 @@ def test_compare_shows_what_the_gate_did_over_every_step_of_every_seed(tmp_path)
     assert row == ["egrsd", "0.970", "0.200", "1.000", "0.300", "80.0", "15.5", "4.5", "0.0"], row
 
 
+def test_a_settings_row_gives_the_end_measures_the_steps_time_past_the_first_and_the_peak_of_every_step_and_seed(tmp_path):
+    """Two seeds: Δlen is the end length over the start one (410 / 400: +2.5%), acc/(len/1k) and the truncated share
+    are the end evaluation's; s/step leaves out each run's first step (warm-up: 9 s) and averages the others (2, 3,
+    3, 4 s); peak GiB is the largest of every step of every seed (seed 1's 7.0)."""
+    ids, templates = [f"p{i}" for i in range(4)], [0, 0, 1, 1]
+    timings = {0: ([9.0, 2.0, 3.0], [4.0, 6.0, 5.0]), 1: ([9.0, 3.0, 4.0], [7.0, 3.0, 2.0])}
+    dirs = []
+    for seed, (seconds, peaks) in timings.items():
+        run_dir = tmp_path / f"egrsd-s{seed}"
+        write_run(run_dir, "egrsd", seed, [0, 1, 0, 1], [1, 1, 0, 1], ids, templates)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows[0] |= {"eval_truncated": 0.5}
+        rows[-1] |= {"eval_truncated": 0.25, "eval_acc_per_1k_tokens": 2.0}
+        for row, s, peak in zip(rows[1:-1], seconds, peaks):
+            row |= {"step_s": s, "peak_gpu_mem_gb": peak}
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(str(run_dir))
+    row = views.compare_table(dirs).splitlines()[2].split()
+    assert row[-7:] == ["400", "410", "+2.5%", "2.000", "0.250", "3.00", "7.0"], row
+
+
+def test_the_gate_table_leaves_out_a_skipped_steps_nan_and_a_step_without_valid_tokens():
+    """A skipped step's NaN and a step of no valid tokens (its means None, its shares 0) in one run: the means and
+    the minimum are over the steps that have them, the shares over every step that has one."""
+    good = {"gate_mean": 0.8, "gate_min": 0.4, "magnitude_mean": 1.0, "teacher_entropy_mean": 0.5,
+            "share_lock": 0.5, "share_mid": 0.5, "share_pivot": 0.0, "share_fork": 0.0}
+    skipped = {k: math.nan for k in good}
+    empty = {k: None if not k.startswith("share_") else 0.0 for k in good}
+    run = views.Run("egrsd-s0", {}, [good | {"gate_mean": 0.9, "gate_min": 0.6}, skipped, empty, good], [])
+    row = views.gate_table([[run]]).splitlines()[1].split()
+    assert row == ["egrsd", "0.850", "0.400", "1.000", "0.500", "33.3", "33.3", "0.0", "0.0"], row
+
+
 def test_compare_stands_anywhere_refuses_an_empty_list_or_other_flags_and_names_runs_without_evaluations(tmp_path, capsys):
     with pytest.raises(SystemExit, match="one or more run directories"):
         train_min.main(["--compare"])
     with pytest.raises(SystemExit, match="--compare: expected run directories only, got --steps"):
         train_min.main(["--compare", str(tmp_path), "--steps", "3"])
+    with pytest.raises(SystemExit, match="expected a run directory holding metrics.jsonl, got '.*nowhere'$"):
+        train_min.main(["--compare", str(tmp_path / "nowhere")])
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     train_min.main([str(tmp_path / "empty"), "--compare"])
@@ -1053,6 +1172,18 @@ def test_rows_without_problem_ids_are_matched_to_their_held_out_file_in_order():
     problems = load_problems(ROOT / "data/gsm_symbolic_eval.jsonl")[:128]
     assert run.evals[0]["eval_ids"] == [p.id for p in problems]
     assert run.evals[0]["eval_templates"] == [p.template for p in problems]
+
+
+def test_a_run_whose_evaluations_recorded_neither_problem_ids_nor_per_problem_results_still_reads(tmp_path):
+    """The oldest rows hold the summary numbers alone: no ids to match, nothing to pair, but its columns show."""
+    write_run(tmp_path / "old", "grpo", 0, [0, 1], [1, 1], ["p0", "p1"], [0, 1])
+    rows = [json.loads(line) for line in (tmp_path / "old" / "metrics.jsonl").read_text().splitlines()]
+    rows = [{k: v for k, v in r.items() if k not in ("eval_ids", "eval_templates") and not k.endswith(("_correct", "_lengths"))}
+            for r in rows]
+    (tmp_path / "old" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = views.load_run(str(tmp_path / "old"))
+    assert [e["eval_accuracy"] for e in run.evals] == [0.5, 1.0] and all("eval_ids" not in e for e in run.evals)
+    assert views.compare_table([str(tmp_path / "old")]).splitlines()[2].split()[4:6] == ["0.500", "1.000"]
 
 
 def test_the_curves_of_runs_are_drawn_from_their_metrics_alone(tmp_path, monkeypatch):
@@ -1305,6 +1436,17 @@ def test_a_length_change_reads_n_a_where_a_seed_recorded_the_start_but_not_the_e
     assert views.evaluation_columns(runs, "eval_sampled_").split() == ["0.500", "n/a", "100", "n/a", "n/a", "n/a", "n/a"]
 
 
+def test_a_sampled_table_is_shown_where_only_the_start_sampled_with_n_a_at_the_end(tmp_path):
+    """avg@K at step 0 alone (resumed with --eval-samples 0): the sampled table shows its start, the end n/a."""
+    write_run(tmp_path / "grpo", "grpo", 0, [0, 1, 0, 1], [1, 1, 0, 1], [f"p{i}" for i in range(4)], [0, 0, 1, 1])
+    rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    rows[-1] = {k: v for k, v in rows[-1].items() if not k.startswith("eval_sampled_")} | {"eval_samples": 0}
+    (tmp_path / "grpo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = views.compare_table([str(tmp_path / "grpo")]).splitlines()
+    sampled = out.index(next(l for l in out if l.startswith("sampled: avg@K")))
+    assert out[sampled + 1].split()[:5] == ["grpo", "0", "0.500", "n/a", "425"], out[sampled + 1]
+
+
 def test_compare_lists_every_measure_and_a_sampled_table_where_some_evaluation_did_not_sample(tmp_path):
     ids, templates = [f"p{i}" for i in range(8)], [i // 2 for i in range(8)]
     ends = {"grpo": [0, 1, 0, 0, 1, 0, 0, 1], "egrsd": [1, 1, 0, 1, 1, 0, 1, 1], "opsd": [1, 0, 0, 1, 1, 0, 1, 0]}
@@ -1494,17 +1636,18 @@ def test_the_update_steps_once_along_the_gradient_clipped_to_grad_clip_and_leave
 
 
 def test_each_rollouts_reward_is_shaped_by_its_own_length_up_to_its_eos(tmp_path, monkeypatch):
-    """r = 1 + β (1 − |y_i| / L_max) with |y_i| the row's own length, not the width of the padded batch."""
+    """r = 1 + β (1 − |y_i| / L_max) with |y_i| the row's own length, not the width of the padded batch; the row's
+    longest rollout and truncated share (the first row reaches the cap without an EOS)."""
     lengths = torch.tensor([8, 3, 6, 1])
 
-    def ending_at(model, tokenizer, prompt_ids, prompt_mask, cfg, **kw):  # every row finished at its length
-        return torch.randint(10, 100, (len(prompt_ids), 8)), torch.arange(8) < lengths[:, None], torch.ones(4, dtype=torch.bool)
+    def ending_at(model, tokenizer, prompt_ids, prompt_mask, cfg, **kw):  # every other row finished at its length
+        return torch.randint(10, 100, (len(prompt_ids), 8)), torch.arange(8) < lengths[:, None], lengths < 8
 
     monkeypatch.setattr(train_min, "generate", ending_at)
     monkeypatch.setattr(train_min, "verify", lambda *args: torch.ones(4, dtype=torch.bool))
     train_min.main(TINY + ["--steps", "1", "--eval-size", "0", "--no-save-model", "--output-dir", str(tmp_path)])
     row = read_metrics(tmp_path)[0]
-    assert row["length_mean"] == 4.5 and row["accuracy"] == 1.0
+    assert row["length_mean"] == 4.5 and row["length_max"] == 8 and row["truncated"] == 0.25 and row["accuracy"] == 1.0
     assert row["reward"] == pytest.approx(fmean(1 + 0.5 * (1 - n / 8) for n in lengths.tolist()))
 
 
