@@ -67,6 +67,8 @@ GRADED = [
     ("15", r"\boxed{15 ft²}", True), ("12", r"\boxed{12 \text{ go-karts}}", True), ("8", r"\boxed{8 \text{ children's books}}", True),
     ("15", r"\boxed{\$15/\text{hour}}", True), ("15", r"\boxed{15/day}", True), ("10", r"\boxed{10 \mathrm{~km} / \mathrm{h}}", True),
     ("15", r"\boxed{15/x}", False),  # a rate's unit is a word, not a variable
+    ("12", r"\boxed{12 \text{ T-shirts}}", True), ("2", r"\boxed{2\,x^2}", False), ("2", r"\boxed{2 x-y}", False),  # no units
+    ("12", r"\boxed{12/pi}", False), ("60", r"\boxed{60/\text{speed}}", False),  # a rate's unit is a unit, not any word
     # minus signs and spacing
     ("-3", "\\boxed{\u22123}", True), ("-3", "\\boxed{\u2212 3}", True), ("3", "\\boxed{\u22123}", False),
     ("1234", r"\boxed{1\,234}", True), ("12000", "\\boxed{12\u202f000}", True), ("1234", r"\boxed{1{,}234}", True),
@@ -80,12 +82,16 @@ GRADED = [
     # nested braces and wrappers, "x = 5", a final period
     ("5", r"\boxed{{5}}", True), ("5", r"\boxed{{{5}}}", True), ("42", r"\boxed{\textbf{42}}", True),
     ("15", r"\boxed{(15)}", True), ("1.5", r"\boxed{\left(\frac{3}{2}\right)}", True), ("12", r"\boxed{(1, 2)}", False),
+    ("1234", r"\boxed{(1,234)}", False),  # a pair in parentheses, not thousands
+    ("5", "\\boxed{" + "(" * 2000 + "5" + ")" * 2000 + "}", False),  # up to three pairs (one per pair: a recursion error)
     ("15", r"\boxed{\displaystyle 15}", True), ("15", r"\boxed{\bf 15}", True), ("15", r"\boxed{\boldsymbol{15}}", True),
     ("15", r"\boxed{15 \textit{apples}}", True),
     ("5", r"\boxed{x = 2 + 3 = 5}", True),  # the value after the last "="
     ("5", r"\boxed{x = 5}", True), ("42", r"\boxed{42.}", True), ("7", r"\boxed {7}", True), ("7", r"\fbox{7}", True),
     ("15", r"\boxed{\text{Answer: } 15}", True), ("15", r"\boxed{\text{Total: }\$15}", True),  # a label
-    ("15", r"\boxed{\approx 15}", True), ("15", r"\boxed{x \approx 15}", True),  # the value after the last "\approx"
+    ("7", r"\boxed{\text{The final answer is: } 7}", True), ("5", r"\boxed{\text{Not possible: } 5}", False),  # not any words
+    ("15", r"\boxed{\approx 15}", True), ("15", r"\boxed{x \approx 15}", True),  # the value after the last "\approx",
+    ("5", r"\boxed{4.6 \approx 5}", False),  # unless a number comes before it: 5 is then 4.6 rounded
     # thousands separators against lists
     ("1000", r"\boxed{1,000}", True), ("1234567", r"\boxed{1,234,567}", True), ("12", r"\boxed{1, 2}", False),
     ("12", r"\boxed{1,2}", False), ("12", r"\boxed{1 2}", False), ("1000", r"\boxed{1,0000}", False),
@@ -147,6 +153,7 @@ def test_built_in_problems_hold_out_whole_templates_and_are_solved_by_their_own_
     ('{"problem": "p", "solution": "s"}\n', "answer"), ('{"question": "q", "answer": "no marker"}\n', "####"),
     ('{"problem": "p", "solution": "s", "answer": "7"}\n{"problem": "p", "solution": "s", "answer": "seven"}\n', ":2: "),
     ('{"problem": "p", "solution": "s", "answer": "2x"}\n', ":1: field 'answer': final answer must be a number, got '2x'"),
+    ('{"problem": "p", "solution": "s", "answer": "(1,234)"}\n', ":1: field 'answer': final answer must be a number"),
     ('{"problem": "p", "answer": "7"}\n', ":1: missing field 'solution' (expected a string)"),
     ('{"problem": "p", "solution": ["s"], "answer": "7"}\n', ":1: field 'solution' must be a string, got list"),
     ('"problem"\n', ":1: expected a JSON object per line, got str"),  # a string holds "problem" too

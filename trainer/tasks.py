@@ -183,13 +183,20 @@ _DECORATION = re.compile(r"\\\$|\$|€|£|¥|₹|\\(?:texteuro|euro|pounds|texts
 _WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mathsf|boldsymbol|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRACTION = re.compile(r"\\[dt]?frac\s*(\{[^{}]*\}|\d)\s*(\{[^{}]*\}|\d)")
 # a unit: words after a number, after a space or of two letters or more ("12 dollars", "7cm", "3 p.m.", "10 km/h"),
-# or of two letters or more after a fraction ("\frac{1}{2} cup") or a slash ("\$15/hour"); one letter right after a
-# digit or a fraction is a variable ("2x", "\frac{3}{4} x"). A word may hold a hyphen or an apostrophe ("go-karts",
-# "children's") and carry a square or a cube ("m^2", "cm^{3}", "ft²"). Each word whole (no backtracking into its letters).
-_UNIT_WORD = r"[A-Za-z]+(?:['’-][A-Za-z]+)*(?![A-Za-z])(?:\^\{?[23]\}?|[²³])?"
+# or of two letters or more after a fraction ("\frac{1}{2} cup"), or a rate's unit after a slash ("\$15/hour", from a
+# list: "12/pi" and "60/speed" are no rates); one letter right after a digit or a fraction is a variable ("2x",
+# "\frac{3}{4} x"). A word may hold a hyphen before three letters or more ("go-karts", "T-shirts"; not "x-y"), end
+# in "'s" ("children's"), and carry a square or a cube if it is m or of two letters or more ("m^2", "cm^{3}", "ft²";
+# not "x^2"). Each word whole (no backtracking into its letters).
+_UNIT_WORD = (r"(?:(?:[A-Za-z]{2,}|m)(?![A-Za-z])(?:\^\{?[23]\}?|[²³])"  # squared or cubed
+              r"|[A-Za-z]+(?:-[A-Za-z]{3,})*(?:['’]s)?(?![A-Za-z]))")
+_RATE = (r"(?:hour|hr|h|day|week|wk|month|year|yr|minute|min|second|sec|night|person|people|student|child|children|kid|"
+         r"guest|adult|item|piece|unit|box|pack|bag|dozen|ticket|page|game|class|lesson|session|visit|meal|cup|kg|g|lb|"
+         r"pound|ounce|oz|mile|km|m|ft|foot|feet|gallon|liter|litre|acre|sq)s?(?![A-Za-z])")
 _UNIT = re.compile(r"(?:(?<=\d)(?<!\^\d)(?:\s+|(?=[A-Za-z]{2}))|(?<=\})(?<!\^\{\d\})\s*(?=[A-Za-z]{2})"
-                   r"|(?<=[\d}])(?<!\^\d)(?<!\^\{\d\})\s*/\s*(?=[A-Za-z]{2}))"  # (not after a square: "m^2 m^2 …" in linear time)
-                   r"(?:%s(?:\s*/\s*%s)?\.?\s*)+$" % (_UNIT_WORD, _UNIT_WORD))
+                   r"|(?<=[\d}])(?<!\^\d)(?<!\^\{\d\})\s*/\s*(?=%s))"  # (not after a square: "m^2 m^2 …" in linear time)
+                   r"(?:%s(?:\s*/\s*%s)?\.?\s*)+$" % (_RATE, _UNIT_WORD, _UNIT_WORD))
+_LABEL = re.compile(r"^(?:(?:the\s+)?(?:final\s+)?(?:answer|total|result|solution)(?:\s+is)?)\s*:\s*", re.IGNORECASE)
 _TEXT_UNIT = re.compile(r"(?<=\d)\s*\\(?:text|mbox)\s*\{\s*([A-Za-z]+\.?)\s*\}")  # 5\text{m}: a unit word, spaced
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:([, ])\d{3})(?:\1\d{3})*(?:\.\d+)?")
 DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2012": "-", "\ufe63": "-", "\uff0d": "-"})
@@ -207,8 +214,11 @@ def normalise_answer(text: str, units: bool = True) -> str:
         s = _WRAPPER.sub(r"\1", s)
     s = _DECORATION.sub("", s)
     s = _FRACTION.sub(lambda m: "\\frac{%s}{%s}" % tuple(g.strip("{}").strip() for g in m.groups()), s)
-    s = re.split(r"=|\\approx|≈", s)[-1].strip()  # "x = 5", "\approx 5"
-    s = re.sub(r"^[A-Za-z][A-Za-z ]*:\s*", "", s)  # a label: "Answer: 5", "\text{Total: } 5"
+    s = s.rsplit("=", 1)[-1].strip()  # "x = 5"
+    parts = re.split(r"\\approx|≈", s)  # "x \approx 5", "\approx 5"; not "4.6 \approx 5", a rounded value
+    if len(parts) > 1 and all(_value(p.strip()) is None for p in parts[:-1]):
+        s = parts[-1].strip()
+    s = _LABEL.sub("", s)  # a label: "Answer: 5", "\text{Total: } 5"
     while s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
         s = s[1:-1].strip()
     s = re.sub(r"^([-+])\s+", r"\1", " ".join(s.split()))  # "- 3" → "-3"
@@ -218,10 +228,10 @@ def normalise_answer(text: str, units: bool = True) -> str:
     return s.strip().rstrip(".").strip()
 
 
-def _balanced(s: str) -> bool:
+def _balanced(s: str, pair: str = "{}") -> bool:
     depth = 0
     for c in s:
-        depth += {"{": 1, "}": -1}.get(c, 0)
+        depth += {pair[0]: 1, pair[1]: -1}.get(c, 0)
         if depth < 0:
             return False
     return depth == 0
@@ -236,8 +246,15 @@ def _to_number(text: str) -> float | None:
 
 def _value(s: str) -> float | None:
     """The value of a normalised answer string (`_to_number`), None where it is no number."""
-    if re.fullmatch(r"\((.*)\)", s) and _value(s[1:-1].strip()) is not None:  # "(15)"; "(1, 2)" stays a pair
-        return _value(s[1:-1].strip())
+    inner = s
+    for _ in range(3):  # "(15)", "((15))": up to three pairs (each check reads the whole string)
+        if inner.startswith("(") and inner.endswith(")") and _balanced(inner[1:-1], "()"):
+            inner = inner[1:-1].strip()
+    return None if inner != s and "," in inner else _number(inner)  # "(1, 2)" and "(1,234)" are pairs, no number
+
+
+def _number(s: str) -> float | None:
+    """`_value` of a string without parentheses around it."""
     s = _without_thousands(s)
     fraction = re.fullmatch(r"([-+]?)\s*\\frac\{(.+)\}\{(.+)\}|([-+]?[\d.,]+(?: \d{3})*)\s*/\s*([-+]?[\d.,]+(?: \d{3})*)", s)
     if fraction:
