@@ -290,14 +290,22 @@ def test_the_runner_gives_each_arm_the_budget_less_start_up_and_shared_evaluatio
 
 def test_the_runner_makes_again_a_step_0_evaluation_made_with_other_settings_and_keeps_the_old_one(tmp_path, monkeypatch,
                                                                                                    capsys):
-    """A step-0 evaluation left by an earlier call with --eval-samples 2, where this call's flags say 0: reusing it
-    would make every arm refuse it; it is set aside and made again."""
-    initial_evaluation(tmp_path / "runs" / "initial", eval_s=40.0, flags=["--eval-samples", "2"])
+    """A step-0 evaluation of 200 s left by an earlier call with --eval-samples 2, where this call's flags say 0:
+    reusing it would make every arm refuse it; it is set aside and made again (40 s), and the arms' budgets come
+    from the new one: 600 - (3 - 1.25) · 40 - 15 = 515 s each (235 s from the old one)."""
+    initial_evaluation(tmp_path / "runs" / "initial", eval_s=200.0, flags=["--eval-samples", "2"])
     made = []
-    run_arms, _ = fake_arms(monkeypatch, initial_run=lambda cmd, cwd: made.append(cmd) or SimpleNamespace(returncode=3))
-    assert run_arms.main(["--out", str(tmp_path / "runs"), "--budget", "600", "--pack", str(tmp_path / "pack"),
-                          "--common", "--eval-samples 0", "--arm", "a="]) == 1
+
+    def make_it_again(cmd, cwd):
+        made.append(cmd)
+        initial_evaluation(tmp_path / "runs" / "initial", eval_s=40.0, flags=["--eval-samples", "0"])
+        return SimpleNamespace(returncode=0)
+
+    run_arms, _ = fake_arms(monkeypatch, initial_run=make_it_again)
+    run_arms.main(["--out", str(tmp_path / "runs"), "--budget", "600", "--pack", str(tmp_path / "pack"),
+                   "--common", "--eval-samples 0", "--arm", "a=", "--arm", "b=", "--arm", "c="])
     assert len(made) == 1 and "with --eval-samples 2, this run with --eval-samples 0" in capsys.readouterr().out
+    assert [a.cmd[a.cmd.index("--time-budget") + 1] for a in FakeArm.started] == ["515"] * 3
     assert [p.name.split(".earlier-")[0] for p in (tmp_path / "runs").glob("*.earlier-*")] == ["initial"]
 
 

@@ -49,7 +49,7 @@ def plot(path: str, run_dirs: list[str]) -> None:
             ax.plot(steps, values, color=colour, alpha=0.3, linewidth=0.8)
             ax.plot(steps, moving_average(values), color=colour, linewidth=2, label=label)
         key = "eval_accuracy" if all("eval_accuracy" in r for r in evals) else "eval_sampled_accuracy"  # --no-eval-greedy
-        drawn.add(key)
+        drawn |= {key} if evals else set()
         axes[2].plot([r["step"] for r in evals], [r.get(key) for r in evals], "o-" if key == "eval_accuracy" else "s--",
                      color=colour, label=label)
     accuracy = {frozenset({"eval_accuracy"}): "held-out greedy accuracy", frozenset({"eval_sampled_accuracy"}): "held-out "

@@ -81,7 +81,7 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
     left = budget - (time.monotonic() - started)
     # Each arm keeps room for EVALUATION_ROOM evaluations of its own; side by side, the arms' final evaluations
     # share the card and take about one evaluation per arm: the rest comes off their budgets.
-    row = row or run_io.initial_eval_row(initial_dir) or {}
+    row = (row if reuse else None) or run_io.initial_eval_row(initial_dir) or {}  # (the one made now, if made now)
     left -= max(len(arms) - run_io.EVALUATION_ROOM, 0) * row.get("eval_s", 0.0) + START_UP
     if left <= 0:
         print(f"[run_arms] no time left for the arms ({left:.0f} s): raise --budget", flush=True)
@@ -105,9 +105,13 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
 
 def not_the_same(initial_dir: str, common: list[str]) -> str | None:
     """Why the step-0 evaluation in `initial_dir` is not the one that the flags `common` would make (train_min's
-    own --initial-eval check), or None where it is."""
+    own --initial-eval check), or None where it is or where the flags do not parse (the runs will say why)."""
     try:
-        check_initial_eval(parse_args(common + ["--initial-eval", initial_dir]))
+        cfg = parse_args(common + ["--initial-eval", initial_dir])
+    except SystemExit:
+        return None
+    try:
+        check_initial_eval(cfg)
     except SystemExit as refused:
         return str(refused.code)
     return None
@@ -162,7 +166,7 @@ def finish(out: str, pack: str, arms: dict, status: int) -> int:
         for folder, dirs, files in os.walk(out):
             dirs[:] = [d for d in dirs if d not in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "final", "final.tmp")
                        and EARLIER not in d and os.path.abspath(os.path.join(folder, d)) != os.path.abspath(pack)]
-            for file in (f for f in files if f != run_io.LOCK_FILE):  # (the run folder's lock: nothing to read)
+            for file in (f for f in files if f != run_io.LOCK_FILE and not f.endswith(".tmp")):  # (a lock; a write cut off)
                 path = os.path.join(folder, file)
                 archive.add(path, arcname=os.path.join(os.path.basename(os.path.normpath(out)), os.path.relpath(path, out)))
     evaluated = [os.path.join(out, n) for n in arms if os.path.isfile(os.path.join(out, n, "metrics.jsonl"))]
