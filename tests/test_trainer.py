@@ -39,6 +39,15 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
 
 
+def write_metrics(run_dir, rows: list[dict]) -> None:
+    (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def unsampled(row: dict) -> dict:
+    """An evaluation row as a run with --eval-samples 0 writes it: no avg@K."""
+    return {k: v for k, v in row.items() if not k.startswith("eval_sampled_")} | {"eval_samples": 0}
+
+
 def same_parameters(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
@@ -897,7 +906,7 @@ def write_run(run_dir, method, seed, start, end, ids, templates, order=None, ste
               "magnitude_mean": 1.0, "teacher_entropy_mean": 0.3, "share_lock": 0.8, "share_mid": 0.15 + 0.01 * seed,
               "share_pivot": 0.05 - 0.01 * seed, "share_fork": 0.0} for k in range(1, steps + 1)]
     rows.append(evaluation(10, end, order))
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_metrics(run_dir, rows)
 
 
 def test_compare_pools_seeds_and_pairs_by_problem_with_template_clustered_intervals(tmp_path, capsys, monkeypatch):
@@ -1126,12 +1135,12 @@ def test_a_settings_row_gives_the_end_measures_the_steps_time_past_the_first_and
     for seed, (seconds, peaks) in timings.items():
         run_dir = tmp_path / f"egrsd-s{seed}"
         write_run(run_dir, "egrsd", seed, [0, 1, 0, 1], [1, 1, 0, 1], ids, templates)
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(run_dir)
         rows[0] |= {"eval_truncated": 0.5}
         rows[-1] |= {"eval_truncated": 0.25, "eval_acc_per_1k_tokens": 2.0}
         for row, s, peak in zip(rows[1:-1], seconds, peaks):
             row |= {"step_s": s, "peak_gpu_mem_gb": peak}
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_metrics(run_dir, rows)
         dirs.append(str(run_dir))
     row = views.compare_table(dirs).splitlines()[2].split()
     assert row[-7:] == ["400", "410", "+2.5%", "2.000", "0.250", "3.00", "7.0"], row
@@ -1177,10 +1186,10 @@ def test_rows_without_problem_ids_are_matched_to_their_held_out_file_in_order():
 def test_a_run_whose_evaluations_recorded_neither_problem_ids_nor_per_problem_results_still_reads(tmp_path):
     """The oldest rows hold the summary numbers alone: no ids to match, nothing to pair, but its columns show."""
     write_run(tmp_path / "old", "grpo", 0, [0, 1], [1, 1], ["p0", "p1"], [0, 1])
-    rows = [json.loads(line) for line in (tmp_path / "old" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "old")
     rows = [{k: v for k, v in r.items() if k not in ("eval_ids", "eval_templates") and not k.endswith(("_correct", "_lengths"))}
             for r in rows]
-    (tmp_path / "old" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_metrics(tmp_path / "old", rows)
     run = views.load_run(str(tmp_path / "old"))
     assert [e["eval_accuracy"] for e in run.evals] == [0.5, 1.0] and all("eval_ids" not in e for e in run.evals)
     assert views.compare_table([str(tmp_path / "old")]).splitlines()[2].split()[4:6] == ["0.500", "1.000"]
@@ -1216,10 +1225,9 @@ def test_the_tradeoff_figure_pools_seeds_into_one_point_per_setting(tmp_path):
         for seed in range(2):
             write_run(tmp_path / f"{method}-s{seed}", method, seed, [0] * 6, [seed, 1, 0, 0, 1, 0], ids, templates)
             dirs.append(str(tmp_path / f"{method}-s{seed}"))
-    path = Path(dirs[0]) / "metrics.jsonl"  # the first run sampled no avg@K at step 0: the untrained point is another's
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    rows[0] = {k: v for k, v in rows[0].items() if not k.startswith("eval_sampled_")} | {"eval_samples": 0}
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = read_metrics(dirs[0])  # the first run sampled no avg@K at step 0: the untrained point is another's
+    rows[0] = unsampled(rows[0])
+    write_metrics(dirs[0], rows)
     from tools import plot_runs
 
     plot_runs.main(["--tradeoff", str(tmp_path / "figure1.png"), *dirs, dirs[0]])
@@ -1240,10 +1248,9 @@ def test_the_tradeoff_figure_puts_each_settings_mean_end_accuracy_against_the_le
         write_run(tmp_path / f"{method}-s{seed}", method, seed, [0] * 4, end, ids, templates)
         dirs.append(str(tmp_path / f"{method}-s{seed}"))
     if not sampled:  # one run did not sample at the end: greedy for every point
-        path = tmp_path / "egrsd-s0" / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        rows[-1] = {k: v for k, v in rows[-1].items() if not k.startswith("eval_sampled_")} | {"eval_samples": 0}
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = read_metrics(tmp_path / "egrsd-s0")
+        rows[-1] = unsampled(rows[-1])
+        write_metrics(tmp_path / "egrsd-s0", rows)
     axes, subplots = [], plot_runs.plt.subplots
     monkeypatch.setattr(plot_runs.plt, "subplots", lambda *a, **k: (lambda made: axes.append(made[1]) or made)(subplots(*a, **k)))
     plot_runs.main(["--tradeoff", str(tmp_path / "figure1.png"), *dirs])
@@ -1324,7 +1331,7 @@ def test_runs_without_a_config_are_each_a_setting_of_their_own_and_a_step_run_ag
     real = run_io.read_rows(str(ROOT / "docs/real_runs/grpo/metrics.jsonl"))
     train, evaluation = next(r for r in real if r["kind"] == "train"), next(r for r in real if r["kind"] == "eval")
     rows = [train | {"reward": 0.1}, evaluation, train | {"reward": 0.9}]  # a step taken again after a resume
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_metrics(tmp_path, rows)
     assert [r["reward"] for r in views.read_rows(str(tmp_path)) if r["kind"] == "train"] == [0.9]
 
 
@@ -1439,9 +1446,9 @@ def test_a_length_change_reads_n_a_where_a_seed_recorded_the_start_but_not_the_e
 def test_a_sampled_table_is_shown_where_only_the_start_sampled_with_n_a_at_the_end(tmp_path):
     """avg@K at step 0 alone (resumed with --eval-samples 0): the sampled table shows its start, the end n/a."""
     write_run(tmp_path / "grpo", "grpo", 0, [0, 1, 0, 1], [1, 1, 0, 1], [f"p{i}" for i in range(4)], [0, 0, 1, 1])
-    rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    rows[-1] = {k: v for k, v in rows[-1].items() if not k.startswith("eval_sampled_")} | {"eval_samples": 0}
-    (tmp_path / "grpo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = read_metrics(tmp_path / "grpo")
+    rows[-1] = unsampled(rows[-1])
+    write_metrics(tmp_path / "grpo", rows)
     out = views.compare_table([str(tmp_path / "grpo")]).splitlines()
     sampled = out.index(next(l for l in out if l.startswith("sampled: avg@K")))
     assert out[sampled + 1].split()[:5] == ["grpo", "0", "0.500", "n/a", "425"], out[sampled + 1]
@@ -1456,13 +1463,12 @@ def test_compare_lists_every_measure_and_a_sampled_table_where_some_evaluation_d
             write_run(tmp_path / f"{method}-s{seed}", method, seed, [0] * 8, end, ids, templates)
             dirs.append(tmp_path / f"{method}-s{seed}")
     for run_dir in dirs[2:4]:  # egrsd: greedy only at step 0 (resumed with --eval-samples 4)
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        rows[0] = {k: v for k, v in rows[0].items() if not k.startswith("eval_sampled_")} | {"eval_samples": 0}
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = read_metrics(run_dir)
+        rows[0] = unsampled(rows[0])
+        write_metrics(run_dir, rows)
     for run_dir in dirs[4:]:  # opsd: a run from before the per-problem greedy correctness was recorded
-        rows = [{k: v for k, v in json.loads(line).items() if k != "eval_correct"}
-                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = [{k: v for k, v in r.items() if k != "eval_correct"} for r in read_metrics(run_dir)]
+        write_metrics(run_dir, rows)
     out = views.compare_table([str(d) for d in dirs]).splitlines()
     sampled = out.index(next(l for l in out if l.startswith("sampled: avg@K")))
     assert out[sampled + 2].split()[:3] == ["egrsd", "4", "n/a"], "K of the last evaluation; no avg@K at the start"
