@@ -72,6 +72,7 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
         print(f"[run_arms] {initial_dir} is not this evaluation ({other}): made again", flush=True)
     reuse = row is not None and not other
     if not reuse:
+        row = None  # the evaluation made below is the one that counts
         set_aside(initial_dir)  # (or an earlier attempt cut off before its evaluation)
     print(f"[run_arms] initial evaluation: {'reused from ' + initial_dir if reuse else shlex.join(initial)}", flush=True)
     status = 0 if reuse else subprocess.run(initial, cwd=ROOT).returncode
@@ -81,7 +82,7 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
     left = budget - (time.monotonic() - started)
     # Each arm keeps room for EVALUATION_ROOM evaluations of its own; side by side, the arms' final evaluations
     # share the card and take about one evaluation per arm: the rest comes off their budgets.
-    row = (row if reuse else None) or run_io.initial_eval_row(initial_dir) or {}  # (the one made now, if made now)
+    row = row or run_io.initial_eval_row(initial_dir) or {}
     left -= max(len(arms) - run_io.EVALUATION_ROOM, 0) * row.get("eval_s", 0.0) + START_UP
     if left <= 0:
         print(f"[run_arms] no time left for the arms ({left:.0f} s): raise --budget", flush=True)
@@ -119,13 +120,14 @@ def not_the_same(initial_dir: str, common: list[str]) -> str | None:
 
 def set_aside(folder: str) -> None:
     """An earlier call's run folder: renamed FOLDER.earlier-TIME where it holds metrics, removed where it holds none."""
-    if not os.path.isfile(os.path.join(folder, "metrics.jsonl")) or not os.path.getsize(os.path.join(folder, "metrics.jsonl")):
+    metrics = os.path.join(folder, "metrics.jsonl")
+    if not os.path.isfile(metrics) or not os.path.getsize(metrics):
         shutil.rmtree(folder, ignore_errors=True)
         return
     aside = base = f"{os.path.normpath(folder)}{EARLIER}{time.strftime('%Y%m%d-%H%M%S')}"
-    for n in range(2, 100):
-        if not os.path.exists(aside):
-            break
+    n = 1
+    while os.path.exists(aside):  # (two set aside within a second)
+        n += 1
         aside = f"{base}-{n}"
     os.rename(folder, aside)
     print(f"[run_arms] {folder} holds an earlier call's run: moved to {aside}", flush=True)
