@@ -84,7 +84,14 @@ GRADED = [
     ("15", r"\boxed{(15)}", True), ("1.5", r"\boxed{\left(\frac{3}{2}\right)}", True), ("12", r"\boxed{(1, 2)}", False),
     ("1234", r"\boxed{(1,234)}", False),  # a pair in parentheses, not thousands
     ("15", r"\boxed{\displaystyle 15}", True), ("15", r"\boxed{\bf 15}", True), ("15", r"\boxed{\boldsymbol{15}}", True),
-    ("15", r"\boxed{15 \textit{apples}}", True),
+    ("15", r"\boxed{15 \textit{apples}}", True), ("15", r"\boxed{\underline{15}}", True), ("15", r"\boxed{\textcolor{red}{15}}", True),
+    ("15", r"\boxed{{\color{blue} 15}}", True),
+    # a unit in parentheses (words only: "15 (3)" and "15(x)" are products)
+    ("15", r"\boxed{15 \text{ (apples)}}", True), ("15", r"\boxed{15 (US dollars).}", True), ("0.5", r"\boxed{\frac{1}{2} (cup)}", True),
+    ("15", r"\boxed{15 (3)}", False), ("15", r"\boxed{15(x)}", False),
+    # scientific notation
+    ("1500", r"\boxed{1.5 \times 10^{3}}", True), ("1500", r"\boxed{1.5 \times 10^3}", True), ("1500", r"\boxed{1.5e3}", True),
+    ("0.0015", r"\boxed{1.5\cdot 10^{-3}}", True), ("150", r"\boxed{1.5 \times 10^{3}}", False),
     ("5", r"\boxed{x = 2 + 3 = 5}", True),  # the value after the last "="
     ("5", r"\boxed{x = 5}", True), ("42", r"\boxed{42.}", True), ("7", r"\boxed {7}", True), ("7", r"\fbox{7}", True),
     ("15", r"\boxed{\text{Answer: } 15}", True), ("15", r"\boxed{\text{Total: }\$15}", True),  # a label

@@ -180,7 +180,9 @@ def extract_answer(text: str) -> str | None:
 _SPACING = re.compile(r"\\[,;:! ]|\\quad|\\qquad|~|\\left|\\right|\\(?:displaystyle|textstyle|bf|it)(?![A-Za-z])|[\u2009\u202f\u00a0]")
 _DECORATION = re.compile(r"\\\$|\$|€|£|¥|₹|\\(?:texteuro|euro|pounds|textsterling|yen)(?![A-Za-z])\s*(?:\{\})?|\\%|%"
                          r"|(?:\^\s*\{?\\circ\}?|\\circ|°|\\degree)(?:\s*[CF](?![A-Za-z]))?|\{,\}")
-_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mathsf|boldsymbol|mbox|operatorname)\s*\{([^{}]*)\}")
+_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|textup|textnormal|emph|underline|mathrm|mathbf|mathit|mathsf|"
+                      r"boldsymbol|mbox|operatorname)\s*\{([^{}]*)\}")
+_COLOUR = re.compile(r"\\(?:textcolor|color)\s*\{[^{}]*\}")  # \textcolor{red}{15}, {\color{red} 15}: the colour goes
 _FRACTION = re.compile(r"\\[dt]?frac\s*(\{[^{}]*\}|\d)\s*(\{[^{}]*\}|\d)")
 # a unit: words after a number, after a space or of two letters or more ("12 dollars", "7cm", "3 p.m.", "10 km/h"),
 # or of two letters or more after a fraction ("\frac{1}{2} cup"), or a rate's unit after a slash ("\$15/hour", from a
@@ -196,6 +198,9 @@ _RATE = (r"(?:hour|hr|h|day|week|wk|month|year|yr|minute|min|second|sec|night|pe
 _UNIT = re.compile(r"(?:(?<=\d)(?<!\^\d)(?:\s+|(?=[A-Za-z]{2}))|(?<=\})(?<!\^\{\d\})\s*(?=[A-Za-z]{2})"
                    r"|(?<=[\d}])(?<!\^\d)(?<!\^\{\d\})\s*/\s*(?=%s))"  # (not after a square: "m^2 m^2 …" in linear time)
                    r"(?:%s(?:\s*/\s*%s)?\.?\s*)+$" % (_RATE, _UNIT_WORD, _UNIT_WORD))
+_PAREN_UNIT = re.compile(r"(?<=[\d}])\s+\((?:\s*%s\.?)+\s*\)\s*\.?$" % _UNIT_WORD)  # "15 (apples)", "15 \text{ (US dollars)}"
+_SCIENTIFIC = re.compile(r"([-+]?\d+(?:\.\d+)?)\s*(?:(?:\\times|\\cdot|×|·)\s*10\s*\^\s*(?:\{\s*([-+]?\d{1,3})\s*\}|(\d))"
+                         r"|[eE]([-+]?\d{1,3}))")  # 1.5 \times 10^{3}, 1.5e3 (an exponent unbraced is one digit, as in LaTeX)
 _LABEL = re.compile(r"^(?:(?:the\s+)?(?:final\s+)?(?:answer|total|result|solution)(?:\s+is)?)\s*:\s*", re.IGNORECASE)
 _TEXT_UNIT = re.compile(r"(?<=\d)\s*\\(?:text|mbox)\s*\{\s*([A-Za-z]+\.?)\s*\}")  # 5\text{m}: a unit word, spaced
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:([, ])\d{3})(?:\1\d{3})*(?:\.\d+)?")
@@ -210,6 +215,7 @@ def normalise_answer(text: str, units: bool = True) -> str:
     s = text.translate(DASHES)
     s = _SPACING.sub(" ", s)
     s = _TEXT_UNIT.sub(r" \1", s)
+    s = _COLOUR.sub("", s)
     for _ in range(3):  # wrappers inside wrappers
         s = _WRAPPER.sub(r"\1", s)
     s = _DECORATION.sub("", s)
@@ -222,6 +228,9 @@ def normalise_answer(text: str, units: bool = True) -> str:
     while s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
         s = s[1:-1].strip()
     s = re.sub(r"^([-+])\s+", r"\1", " ".join(s.split()))  # "- 3" → "-3"
+    paren = _PAREN_UNIT.search(s) if units else None
+    if paren and _value(s[:paren.start()].strip()) is not None:  # "15 (apples)"
+        s = s[:paren.start()].rstrip()
     unit = _UNIT.search(s) if units else None
     if unit and _value(s[:unit.start()].strip()) is not None:  # "18 apples", "\frac{1}{2} cup"; not "x^2+2x"
         s = s[:unit.start()]
@@ -270,6 +279,10 @@ def _number(s: str) -> float | None:
         numerator, denominator = (int(p) for p in parts if p is not None)
         if 0 < numerator < denominator:
             return (-1 if sign == "-" else 1) * (int(whole) + numerator / denominator)
+    scientific = _SCIENTIFIC.fullmatch(s)
+    if scientific:
+        mantissa, *exponent = scientific.groups()
+        return float(f"{mantissa}e{next(e for e in exponent if e is not None)}")
     return _decimal(s)
 
 
