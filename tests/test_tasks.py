@@ -161,6 +161,13 @@ def test_a_deep_nest_of_parentheses_is_read_as_no_number_without_recursion():
         assert not is_correct("\\boxed{" + "(" * 2000 + inside + ")" * 2000 + "}", "5")
 
 
+def test_scientific_notation_reads_an_unbraced_exponent_as_one_digit_as_latex_does():
+    """LaTeX typesets `10^12` as 10¹2, so it is not read as 10¹² (the built-in verifier only)."""
+    assert is_correct(r"\boxed{2 \times 10^{12}}", "2000000000000")
+    assert not is_correct(r"\boxed{2 \times 10^12}", "2000000000000")
+    assert is_correct(r"\boxed{2 \times 10^1}", "20") and is_correct(r"\boxed{2E+3}", "2000")
+
+
 @pytest.mark.parametrize("content, message", [
     ("", "no problems"), ('{"question": "q"\n', ":1: "), ('[1, 2]\n', ":1: "),
     ('{"problem": "p", "solution": "s"}\n', "answer"), ('{"question": "q", "answer": "no marker"}\n', "####"),
