@@ -265,7 +265,8 @@ def initial_evaluation(run_dir, eval_s: float, flags: list[str]) -> None:
 
 def test_the_runner_gives_each_arm_the_budget_less_start_up_and_shared_evaluations_and_packs_no_model(tmp_path, monkeypatch,
                                                                                                       capsys):
-    """3 arms, a reused step-0 evaluation of 40 s: each gets 600 - (3 - 1.25) · 40 - 15 = 515 s, the signals come
+    """3 arms, a reused step-0 evaluation of 40 s: each gets 600 - (3 - 1) · 1.25 · 40 - 15 = 485 s (and keeps
+    1.25 · 40 s of it for its own final evaluation: the three share the card then), the signals come
     at budget + grace; the archive holds metrics, logs and commands (of both calls, appended), no model, no lock,
     not itself, nor the first call's arms, which the second call set aside; one arm failed: exit 1, the end of
     its log shown."""
@@ -275,7 +276,7 @@ def test_the_runner_gives_each_arm_the_budget_less_start_up_and_shared_evaluatio
              "--common", "--steps 3", "--arm", "a=--data '/data/my file.jsonl'", "--arm", "b=--seed 1", "--arm", "c=--fail"]
     for call in range(2):  # the second call finds the first's arm folders and sets them aside
         assert run_arms.main(flags) == 1
-        assert [a.cmd[a.cmd.index("--time-budget") + 1] for a in FakeArm.started[-3:]] == ["515"] * 3
+        assert [a.cmd[a.cmd.index("--time-budget") + 1] for a in FakeArm.started[-3:]] == ["485"] * 3
         assert waits[-1] == (630.0, 30.0)
     aside = sorted(p.name.split(".earlier-")[0] for p in (tmp_path / "runs").glob("*.earlier-*"))
     assert aside == ["a", "b"], "runs with metrics are kept (c failed before it wrote any, and is removed)"
@@ -292,7 +293,7 @@ def test_the_runner_makes_again_a_step_0_evaluation_made_with_other_settings_and
                                                                                                    capsys):
     """A step-0 evaluation of 200 s left by an earlier call with --eval-samples 2, where this call's flags say 0:
     reusing it would make every arm refuse it; it is set aside and made again (40 s), and the arms' budgets come
-    from the new one: 600 - (3 - 1.25) · 40 - 15 = 515 s each (235 s from the old one)."""
+    from the new one: 600 - (3 - 1) · 1.25 · 40 - 15 = 485 s each (85 s from the old one)."""
     initial_evaluation(tmp_path / "runs" / "initial", eval_s=200.0, flags=["--eval-samples", "2"])
     made = []
 
@@ -305,7 +306,7 @@ def test_the_runner_makes_again_a_step_0_evaluation_made_with_other_settings_and
     run_arms.main(["--out", str(tmp_path / "runs"), "--budget", "600", "--pack", str(tmp_path / "pack"),
                    "--common", "--eval-samples 0", "--arm", "a=", "--arm", "b=", "--arm", "c="])
     assert len(made) == 1 and "with --eval-samples 2, this run with --eval-samples 0" in capsys.readouterr().out
-    assert [a.cmd[a.cmd.index("--time-budget") + 1] for a in FakeArm.started] == ["515"] * 3
+    assert [a.cmd[a.cmd.index("--time-budget") + 1] for a in FakeArm.started] == ["485"] * 3
     assert [p.name.split(".earlier-")[0] for p in (tmp_path / "runs").glob("*.earlier-*")] == ["initial"]
 
 

@@ -80,10 +80,11 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
         print(f"[run_arms] the initial evaluation failed (exit {status})", flush=True)
         return finish(out, pack, arms, 1)
     left = budget - (time.monotonic() - started)
-    # Each arm keeps room for EVALUATION_ROOM evaluations of its own; side by side, the arms' final evaluations
-    # share the card and take about one evaluation per arm: the rest comes off their budgets.
+    # Each arm keeps room for EVALUATION_ROOM evaluations of its own (a trained model may answer at more length);
+    # side by side, the arms' final evaluations share the card and take about that for every arm: the other
+    # arms' part comes off each budget.
     row = row or run_io.initial_eval_row(initial_dir) or {}
-    left -= max(len(arms) - run_io.EVALUATION_ROOM, 0) * row.get("eval_s", 0.0) + START_UP
+    left -= (len(arms) - 1) * run_io.EVALUATION_ROOM * row.get("eval_s", 0.0) + START_UP
     if left <= 0:
         print(f"[run_arms] no time left for the arms ({left:.0f} s): raise --budget", flush=True)
         return finish(out, pack, arms, 1)
