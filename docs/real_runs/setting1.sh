@@ -14,7 +14,7 @@
 #             (4 problems × 8 rollouts = 32), as TRL's GRPO runs by default.
 # A constant learning rate, so that a run stopped by the time budget saw the schedule it was meant to see.
 # Every flag is written out (later flags win); BUDGET (seconds, default 450: a call of 570 s also unpacks the
-# weights, and run_arms may add two 10 s graces), STEPS (40) and EVAL_SAMPLES (0:
+# weights, and run_arms may add two 20 s graces), STEPS (40) and EVAL_SAMPLES (0:
 # greedy only, which fits three arms in one call) come from the environment, and FLAGS is added to the common
 # flags (the CPU dry run: OUT=/tmp/out FLAGS="--device cpu --batch-size 8 --max-new-tokens 16 --eval-size 8" STEPS=2
 # bash docs/real_runs/setting1.sh tiny). A run *learns* when its held-out
@@ -41,7 +41,7 @@ common="--model $(printf %q "$model") --data data/gsm_symbolic_train.jsonl --eva
   --rollout auto --chunk-size 1024 --gradient-checkpointing on --max-bad-steps 3 --regime-low 0.2 --regime-high 0.5
   --dump-tokens 0 ${FLAGS:-}"
 lora="--lora-r 64 --lora-alpha 128 --lora-dropout 0 --lora-target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-python tools/run_arms.py --out "${RUNS:-/tmp/runs}/setting1-s$seed" --budget "${BUDGET:-450}" --grace 10 --common "$common" \
+python tools/run_arms.py --out "${RUNS:-/tmp/runs}/setting1-s$seed" --budget "${BUDGET:-450}" --grace 20 --common "$common" \
   --arm lora="$lora --lr 5e-5 --group-size 1" \
   --arm full="--lora-r 0 --lr 1e-5 --group-size 1" \
   --arm lora-g8="$lora --lr 5e-5 --group-size 8"
