@@ -1396,6 +1396,18 @@ def test_only_skipped_steps_in_a_row_stop_the_run_and_checkpoints_come_every_sav
     assert saved == [2, 3]
 
 
+def test_skipped_steps_count_again_from_0_on_resume(tmp_path, monkeypatch):
+    """--max-bad-steps 2; every step non-finite. A run of one step (1 skipped) resumed for three stops at step 3,
+    not 2: a resumption (usually at a lower --lr) gets its own tries."""
+    hidden = train_min.completion_hidden
+    monkeypatch.setattr(train_min, "completion_hidden", lambda model, *args: hidden(model, *args) * (math.nan if model.training else 1.0))
+    flags = TINY + ["--max-bad-steps", "2", "--eval-size", "0", "--lr-schedule", "constant", "--output-dir", str(tmp_path)]
+    train_min.main(flags + ["--steps", "1"])
+    with pytest.raises(SystemExit, match="^stopped: 2 skipped steps in a row"):
+        train_min.main(["--resume", str(tmp_path), "--steps", "4"])
+    assert [(r["step"], r["skipped"]) for r in read_metrics(tmp_path)] == [(1, True), (2, True), (3, True)]
+
+
 def test_scores_are_those_of_the_models_in_eval_mode_whatever_mode_the_update_left_them_in():
     """A model with dropout (the tiny one has none: here 0.5 on its attention) scores deterministically."""
     tokenizer = build_tiny_tokenizer()
