@@ -1,6 +1,7 @@
 """The repository stands alone, and the spec travels with the file people copy."""
 import ast
 import importlib
+import re
 import shutil
 import subprocess
 import sys
@@ -55,3 +56,17 @@ def test_a_tool_whose_optional_extra_is_missing_says_which_and_how_to_install_it
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(error, match=f"{extra}, an optional extra.*pip install -r requirements-extras.txt"):
         importlib.import_module(module)
+
+
+def test_methods_table_of_functions_names_every_public_name_of_egrsd_in_the_files_order():
+    """docs/METHOD.md says "The functions, in the file's order": a reader walks the file with it."""
+    import egrsd
+
+    text = (ROOT / "docs/METHOD.md").read_text().split("The functions, in the file's order:", 1)[1].split("\n\n|", 1)[1]
+    rows = [line for line in ("|" + text).splitlines() if line.startswith("| `")]
+    names = [n for row in rows for n in re.findall(r"`([A-Za-z_]+)[(`]", row.split(" | ")[0]) if hasattr(egrsd, n)]
+    line = {node.name if hasattr(node, "name") else node.targets[0].id: node.lineno
+            for node in ast.parse((ROOT / "egrsd.py").read_text()).body if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign))}
+    assert sorted(names) == sorted(egrsd.__all__)
+    assert names == sorted(names, key=line.__getitem__)
+
