@@ -62,11 +62,10 @@ def test_methods_table_of_functions_names_every_public_name_of_egrsd_in_the_file
     """docs/METHOD.md says "The functions, in the file's order": a reader walks the file with it."""
     import egrsd
 
-    text = (ROOT / "docs/METHOD.md").read_text().split("The functions, in the file's order:", 1)[1].split("\n\n|", 1)[1]
-    rows = [line for line in ("|" + text).splitlines() if line.startswith("| `")]
+    table = (ROOT / "docs/METHOD.md").read_text().split("The functions, in the file's order:", 1)[1].split("\n\n")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
     names = [n for row in rows for n in re.findall(r"`([A-Za-z_]+)[(`]", row.split(" | ")[0]) if hasattr(egrsd, n)]
     line = {node.name if hasattr(node, "name") else node.targets[0].id: node.lineno
             for node in ast.parse((ROOT / "egrsd.py").read_text()).body if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign))}
     assert sorted(names) == sorted(egrsd.__all__)
     assert names == sorted(names, key=line.__getitem__)
-
