@@ -88,7 +88,8 @@ GRADED = [
     ("15", r"\boxed{{\color{blue} 15}}", True),
     # a unit in parentheses (words only: "15 (3)" and "15(x)" are products)
     ("15", r"\boxed{15 \text{ (apples)}}", True), ("15", r"\boxed{15 (US dollars).}", True), ("0.5", r"\boxed{\frac{1}{2} (cup)}", True),
-    ("15", r"\boxed{15 (3)}", False), ("15", r"\boxed{15(x)}", False),
+    ("15", r"\boxed{15 (3)}", False), ("15", r"\boxed{15(x)}", False), ("15", r"\boxed{15 (x)}", False),  # (x: one letter)
+    ("0.75", r"\boxed{\frac{3}{4} (x)}", False),
     # scientific notation
     ("1500", r"\boxed{1.5 \times 10^{3}}", True), ("1500", r"\boxed{1.5 \times 10^3}", True), ("1500", r"\boxed{1.5e3}", True),
     ("0.0015", r"\boxed{1.5\cdot 10^{-3}}", True), ("150", r"\boxed{1.5 \times 10^{3}}", False),
@@ -154,11 +155,24 @@ def test_built_in_problems_hold_out_whole_templates_and_are_solved_by_their_own_
     assert built_in_problems(3, 2) == (train[:3], held_out[:2])
 
 
-def test_a_deep_nest_of_parentheses_is_read_as_no_number_without_recursion():
+def test_a_deep_nest_of_parentheses_or_braces_is_read_as_no_number_without_recursion():
     """Up to three pairs are taken off; a rule that took one per pair, recursively, raised RecursionError here (and
-    with two calls per pair, took 2^n calls for n pairs). The built-in verifier only: math-verify times out on it."""
+    with two calls per pair, took 2^n calls for n pairs); one that took every pair of braces read the whole string
+    once per pair (n² time: a nest of 100k characters took minutes). The built-in verifier only: math-verify times
+    out on it."""
     for inside in ("5", "x"):
         assert not is_correct("\\boxed{" + "(" * 2000 + inside + ")" * 2000 + "}", "5")
+    assert not is_correct("\\boxed{" + "{\\color{red}" * 2000 + "5" + "}" * 2000 + "}", "5")
+    assert is_correct(r"\boxed{{ {\color{red}{5}} }}", "5"), "three pairs are read"
+
+
+def test_zero_is_read_only_from_a_zero():
+    """No tolerance around 0 (it has no relative one): 1e-10 is a wrong answer, and 5e-999, which a float rounds to
+    0, is read as no number (the built-in verifier only: math-verify rounds to 6 digits)."""
+    for zero in ("0", "0.0", "-0", r"0 \times 10^{3}", r"\frac{0}{5}"):
+        assert is_correct(f"\\boxed{{{zero}}}", "0"), zero
+    for small in ("1e-10", r"1 \times 10^{-12}", "5e-999", "0.0000000001"):
+        assert not is_correct(f"\\boxed{{{small}}}", "0"), small
 
 
 def test_scientific_notation_reads_an_unbraced_exponent_as_one_digit_as_latex_does():

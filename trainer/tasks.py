@@ -198,7 +198,7 @@ _RATE = (r"(?:hour|hr|h|day|week|wk|month|year|yr|minute|min|second|sec|night|pe
 _UNIT = re.compile(r"(?:(?<=\d)(?<!\^\d)(?:\s+|(?=[A-Za-z]{2}))|(?<=\})(?<!\^\{\d\})\s*(?=[A-Za-z]{2})"
                    r"|(?<=[\d}])(?<!\^\d)(?<!\^\{\d\})\s*/\s*(?=%s))"  # (not after a square: "m^2 m^2 …" in linear time)
                    r"(?:%s(?:\s*/\s*%s)?\.?\s*)+$" % (_RATE, _UNIT_WORD, _UNIT_WORD))
-_PAREN_UNIT = re.compile(r"(?<=[\d}])\s+\((?:\s*%s\.?)+\s*\)\s*\.?$" % _UNIT_WORD)  # "15 (apples)", "15 \text{ (US dollars)}"
+_PAREN_UNIT = re.compile(r"(?<=[\d}])\s+\((?=\s*[A-Za-z]{2})(?:\s*%s\.?)+\s*\)\s*\.?$" % _UNIT_WORD)  # "15 (apples)"; not "15 (x)"
 _SCIENTIFIC = re.compile(r"([-+]?\d+(?:\.\d+)?)\s*(?:(?:\\times|\\cdot|×|·)\s*10\s*\^\s*(?:\{\s*([-+]?\d{1,3})\s*\}|(\d))"
                          r"|[eE]([-+]?\d{1,3}))")  # 1.5 \times 10^{3}, 1.5e3 (an exponent unbraced is one digit, as in LaTeX)
 _LABEL = re.compile(r"^(?:(?:the\s+)?(?:final\s+)?(?:answer|total|result|solution)(?:\s+is)?)\s*:\s*", re.IGNORECASE)
@@ -225,8 +225,9 @@ def normalise_answer(text: str, units: bool = True) -> str:
     if len(parts) > 1 and all(_value(p.strip()) is None for p in parts[:-1]):
         s = parts[-1].strip()
     s = _LABEL.sub("", s)  # a label: "Answer: 5", "\text{Total: } 5"
-    while s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
-        s = s[1:-1].strip()
+    for _ in range(3):  # "{{5}}": up to three pairs (each check reads the whole string)
+        if s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
+            s = s[1:-1].strip()
     s = re.sub(r"^([-+])\s+", r"\1", " ".join(s.split()))  # "- 3" → "-3"
     paren = _PAREN_UNIT.search(s) if units else None
     if paren and _value(s[:paren.start()].strip()) is not None:  # "15 (apples)"
@@ -282,7 +283,8 @@ def _number(s: str) -> float | None:
     scientific = _SCIENTIFIC.fullmatch(s)
     if scientific:
         mantissa, *exponent = scientific.groups()
-        return float(f"{mantissa}e{next(e for e in exponent if e is not None)}")
+        value = float(f"{mantissa}e{next(e for e in exponent if e is not None)}")
+        return value if math.isfinite(value) and (value == 0) == (float(mantissa) == 0) else None  # no 0 from 5e-999
     return _decimal(s)
 
 
@@ -304,7 +306,7 @@ def is_correct(completion: str, answer: str) -> bool:
         return False
     x, y = _to_number(predicted), _to_number(answer)
     if y is not None:  # a numeric reference: the same number (a list such as "1, 2" is none)
-        return x is not None and math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+        return x is not None and math.isclose(x, y, rel_tol=1e-9)  # (0 only as 0: 1e-10 is no 0)
     return (normalise_answer(predicted, units=False).replace(" ", "")  # LaTeX ignores spaces
             == normalise_answer(answer, units=False).replace(" ", ""))
 
