@@ -175,6 +175,11 @@ def test_zero_is_read_only_from_a_zero():
         assert not is_correct(f"\\boxed{{{small}}}", "0"), small
 
 
+def test_trainer_md_gives_the_size_of_this_table():
+    text = " ".join((ROOT / "docs/TRAINER.md").read_text().split())
+    assert f"a table of {len(GRADED)} real-looking answers ({len(NUMERIC)} with numeric references)" in text
+
+
 def test_scientific_notation_reads_an_unbraced_exponent_as_one_digit_as_latex_does():
     """LaTeX typesets `10^12` as 10¹2, so it is not read as 10¹² (the built-in verifier only)."""
     assert is_correct(r"\boxed{2 \times 10^{12}}", "2000000000000")
