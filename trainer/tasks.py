@@ -225,9 +225,7 @@ def normalise_answer(text: str, units: bool = True) -> str:
     if len(parts) > 1 and all(_value(p.strip()) is None for p in parts[:-1]):
         s = parts[-1].strip()
     s = _LABEL.sub("", s)  # a label: "Answer: 5", "\text{Total: } 5"
-    for _ in range(3):  # "{{5}}": up to three pairs (each check reads the whole string)
-        if s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
-            s = s[1:-1].strip()
+    s = _unwrapped(s, "{}")  # "{{5}}"
     s = re.sub(r"^([-+])\s+", r"\1", " ".join(s.split()))  # "- 3" → "-3"
     paren = _PAREN_UNIT.search(s) if units else None
     if paren and _value(s[:paren.start()].strip()) is not None:  # "15 (apples)"
@@ -238,7 +236,16 @@ def normalise_answer(text: str, units: bool = True) -> str:
     return s.strip().rstrip(".").strip()
 
 
-def _balanced(s: str, pair: str = "{}") -> bool:
+def _unwrapped(s: str, pair: str) -> str:
+    """`s` without up to three pairs of `pair` around the whole of it ("{{5}}", "((15))"): each check reads the
+    whole string, so more pairs would cost n² time on a degenerate nest."""
+    for _ in range(3):
+        if s.startswith(pair[0]) and s.endswith(pair[1]) and _balanced(s[1:-1], pair):
+            s = s[1:-1].strip()
+    return s
+
+
+def _balanced(s: str, pair: str) -> bool:
     depth = 0
     for c in s:
         depth += {pair[0]: 1, pair[1]: -1}.get(c, 0)
@@ -256,10 +263,7 @@ def _to_number(text: str) -> float | None:
 
 def _value(s: str) -> float | None:
     """The value of a normalised answer string (`_to_number`), None where it is no number."""
-    inner = s
-    for _ in range(3):  # "(15)", "((15))": up to three pairs (each check reads the whole string)
-        if inner.startswith("(") and inner.endswith(")") and _balanced(inner[1:-1], "()"):
-            inner = inner[1:-1].strip()
+    inner = _unwrapped(s, "()")  # "(15)", "((15))"
     return None if inner != s and "," in inner else _number(inner)  # "(1, 2)" and "(1,234)" are pairs, no number
 
 
