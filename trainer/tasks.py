@@ -227,12 +227,10 @@ def normalise_answer(text: str, units: bool = True) -> str:
     s = _LABEL.sub("", s)  # a label: "Answer: 5", "\text{Total: } 5"
     s = _unwrapped(s, "{}")  # "{{5}}"
     s = re.sub(r"^([-+])\s+", r"\1", " ".join(s.split()))  # "- 3" → "-3"
-    paren = _PAREN_UNIT.search(s) if units else None
-    if paren and _value(s[:paren.start()].strip()) is not None:  # "15 (apples)"
-        s = s[:paren.start()].rstrip()
-    unit = _UNIT.search(s) if units else None
-    if unit and _value(s[:unit.start()].strip()) is not None:  # "18 apples", "\frac{1}{2} cup"; not "x^2+2x"
-        s = s[:unit.start()]
+    for unit in (_PAREN_UNIT, _UNIT) if units else ():  # "15 (apples)", then "18 apples", "\frac{1}{2} cup"
+        found = unit.search(s)
+        if found and _value(s[:found.start()].strip()) is not None:  # only after a number: not "x^2+2x"
+            s = s[:found.start()].rstrip()
     return s.strip().rstrip(".").strip()
 
 
