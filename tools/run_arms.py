@@ -180,6 +180,19 @@ def finish(out: str, pack: str, arms: dict, status: int) -> int:
     return status
 
 
+def parse_arms(parser: argparse.ArgumentParser, specs: list[str], reserved: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """--arm NAME=FLAGS, repeated: {name: its flags}; a name is new, of letters, digits, - and _, and not `reserved`."""
+    arms = {}
+    for spec in specs:
+        name, _, flags = spec.partition("=")
+        if not name or not name.replace("-", "").replace("_", "").isalnum() or name in arms or name in reserved:
+            parser.error(f"--arm: expected NAME=FLAGS with a new name of letters, digits, - and _, got {spec!r}")
+        arms[name] = shlex.split(flags)
+    if not arms:
+        parser.error("--arm: expected at least one arm")
+    return arms
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder of the runs (OUT/initial, OUT/NAME for each arm)")
@@ -191,14 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--initial", default="", help="folder of the step-0 evaluation, reused if it is there already "
                                                        "(several calls with the same evaluation); default OUT/initial")
     args = parser.parse_args(argv)
-    arms = {}
-    for spec in args.arm:
-        name, _, flags = spec.partition("=")
-        if not name or not name.replace("-", "").replace("_", "").isalnum() or name in arms or name == "initial":
-            parser.error(f"--arm: expected NAME=FLAGS with a new name of letters, digits, - and _, got {spec!r}")
-        arms[name] = shlex.split(flags)
-    if not arms:
-        parser.error("--arm: expected at least one arm")
+    arms = parse_arms(parser, args.arm, reserved=("initial",))
     if not args.pack:
         parser.error("--pack: expected a folder (or $OUT set)")
     if args.budget <= 0:

@@ -1,0 +1,68 @@
+"""tools/policy_shift.py: it takes train_min.py's first step, reads the token order it scores in, and its
+measures of the step equal their naive float64 forms."""
+
+import math
+
+import pytest
+import torch
+
+import train_min
+from test_trainer import TINY, read_metrics
+from tools import policy_shift
+from trainer.modeling import micro_batches
+
+FLAGS = [*TINY, "--dtype", "bfloat16", "--lr-schedule", "constant", "--warmup-steps", "0", "--lr", "1e-4", "--seed", "3"]
+STEP_KEYS = ("loss", "grad_norm", "update_rel", "sampler_changed")
+
+
+@pytest.mark.parametrize("arm", [[], ["--lora-r", "4", "--lr", "1e-3"]], ids=["full", "lora"])
+def test_an_arm_takes_train_mins_first_step_and_its_float32_student_goes_uphill(arm, tmp_path, capsys):
+    train_min.main([*FLAGS, *arm, "--steps", "1", "--eval-size", "0", "--no-save-model", "--output-dir", str(tmp_path / "run")])
+    step = read_metrics(tmp_path / "run")[-1]
+    row = policy_shift.main(["--common", " ".join(FLAGS), "--arm", "a=" + " ".join(arm), "--json", str(tmp_path / "shift.json")])["a"]
+    assert {k: row[k] for k in STEP_KEYS} == pytest.approx({k: step[k] for k in STEP_KEYS}, rel=1e-6)
+    assert step["accuracy"] == 0 and row["correct"] == 0  # every rollout wrong: every Â < 0, none > 0
+    assert ("student" in row) == (not arm)  # full fine-tuning in bf16: the float32 student is another model than the sampler
+    for model in [m for m in ("sampler", "student") if m in row]:
+        shift = row[model]
+        assert shift["kl"] > 0 and shift["dlogp_neg"] < 0 and math.isnan(shift["dlogp_pos"]), (model, shift)
+    if "student" in row:  # a small step in float32 follows the gradient to first order (bf16 rounding need not)
+        assert row["student"]["gain"] > 0
+    assert "sampler" in capsys.readouterr().out and (tmp_path / "shift.json").is_file()
+
+
+def test_the_hidden_states_read_line_up_with_the_tokens_as_train_min_scores_them(tmp_path):
+    cfg = policy_shift.config([*TINY, "--score-temperature", "1", "--micro-batch-size", "3"], str(tmp_path / "run"))  # float32
+    problems, batch, _ = policy_shift.sample(cfg, group_size=1)
+    run = train_min.setup(cfg)
+    with run.metrics:
+        micro = micro_batches(batch.mask, cfg.micro_batch_size)
+        hidden, head = policy_shift.read(run.sampler, batch, micro)
+        tokens = torch.cat([batch.completion[mb][batch.mask[mb]] for mb in micro])
+        mine = torch.log_softmax(hidden.double() @ head.double().T, dim=-1).gather(1, tokens[:, None])[:, 0]
+        scored = train_min.score(run.sampler, run.teacher, batch, cfg).student_logp  # (B, T), rows in batch order
+        theirs = torch.cat([scored[mb][batch.mask[mb]] for mb in micro]).double()
+    assert len(micro) > 1 and mine.shape == theirs.shape
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)  # the same tokens (a token misread is off by whole nats)
+
+
+def test_the_shift_of_a_step_equals_its_naive_float64_form():
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 7, 5, 11
+    h0, h1 = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    w0, w1 = torch.randn(v, d, generator=g, dtype=torch.float64), torch.randn(v, d, generator=g, dtype=torch.float64)
+    tokens, advantage = torch.randint(v, (n,), generator=g), torch.tensor([1.0, -2.0, 0.0, 0.5, -0.5, 3.0, -1.0], dtype=torch.float64)
+    got = policy_shift.shift((h0, w0), (h1, w1), tokens, advantage, chunk_size=3)
+    p0, p1 = torch.log_softmax(h0 @ w0.T, dim=-1), torch.log_softmax(h1 @ w1.T, dim=-1)
+    change = [float(p1[i, t] - p0[i, t]) for i, t in enumerate(tokens.tolist())]
+    expected = {"kl": sum(float((p0[i].exp() * (p0[i] - p1[i])).sum()) for i in range(n)) / n,
+                "abs_dlogp": sum(abs(c) for c in change) / n,
+                "dlogp_pos": sum(c for c, a in zip(change, advantage.tolist()) if a > 0) / 3,  # 1, 0.5, 3
+                "dlogp_neg": sum(c for c, a in zip(change, advantage.tolist()) if a < 0) / 3,  # -2, -0.5, -1
+                "gain": sum(c * a for c, a in zip(change, advantage.tolist())) / n}
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_a_group_size_that_does_not_divide_the_first_arms_batch_is_refused(capsys):
+    with pytest.raises(SystemExit, match="--group-size: the largest of the arms, 3, must divide the first arm's --batch-size 4"):
+        policy_shift.main(["--common", " ".join(FLAGS), "--arm", "a=", "--arm", "b=--group-size 3 --batch-size 6"])
