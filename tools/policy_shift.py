@@ -14,7 +14,8 @@ is read on the batch's tokens before and after it (at temperature 1): the bf16 c
 bf16, the base with the adapter unmerged with LoRA; and the float32 student too where it is another model,
 to show what the rounding to the sampler's dtype kept of the step. Per arm and model:
 
-    KL        mean over the tokens of KL(p_before ‖ p_after) over the whole vocabulary, in nats
+    KL        mean over the tokens of KL(p_before ‖ p_after) over the whole vocabulary, in nats (computed in
+              float32: below about 1e-6 it is rounding, and may come out just below 0)
     |Δlog p|  mean absolute change of the sampled tokens' log-probabilities
     Â>0, Â<0  their mean change where the token's advantage Â (Eq. 7) is positive, negative: a step that
               follows the rewards raises the first and lowers the second
@@ -80,7 +81,7 @@ def read(model, batch, micro: list) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
     hidden = [train_min.completion_hidden(model, batch.student_ids[mb], batch.student_mask[mb], batch.completion[mb],
                                           batch.mask[mb]) for mb in micro]
-    return torch.cat(hidden).float(), lm_head(model).detach().float().clone()
+    return torch.cat(hidden).float(), lm_head(model).detach().to(torch.float32, copy=True)
 
 
 @torch.no_grad()
@@ -115,7 +116,8 @@ def probe(cfg, problems: list, batch) -> dict:
         loss, grad_norm, weights = train_min.update(run.student, run.teacher, run.optimizer, batch, scores,
                                                     advantages.to(cfg.device), cfg, gates)
         (lora.refresh if cfg.lora_r else copy_weights)(run.student, run.sampler)
-        row = {"correct": int(correct.sum()), "lr": lr, "loss": loss, "grad_norm": grad_norm, "update_rel": updates.relative_update(run.student, snapshot),
+        row = {"correct": int(correct.sum()), "lr": lr, "loss": loss, "grad_norm": grad_norm,
+               "update_rel": updates.relative_update(run.student, snapshot),
                "sampler_changed": updates.sampler_share_changed(run.student if cfg.lora_r else run.sampler, snapshot,
                                                                 lora=bool(cfg.lora_r))}
         tokens = torch.cat([batch.completion[mb][batch.mask[mb]] for mb in micro])

@@ -17,7 +17,10 @@
 # weights, and run_arms may add two 20 s graces), STEPS (40) and EVAL_SAMPLES (0:
 # greedy only, which fits three arms in one call) come from the environment, and FLAGS is added to the common
 # flags (the CPU dry run: OUT=/tmp/out FLAGS="--device cpu --batch-size 8 --max-new-tokens 16 --eval-size 8" STEPS=2
-# bash docs/real_runs/setting1.sh tiny). A run *learns* when its held-out
+# bash docs/real_runs/setting1.sh tiny). SHIFT=1 trains nothing: tools/policy_shift.py measures how far each arm's
+# first step moves the sampler, beside the old runs' rate (full 1e-6) and the paper's LoRA rate (5e-6), into
+# OUT/policy_shift.json (the README's table: SHIFT=1 FLAGS="--device cpu --dtype bfloat16 --gradient-checkpointing
+# off", about 25 minutes on 2 CPU cores). A run *learns* when its held-out
 # accuracy rises from step 0 with a template-clustered interval that excludes 0 and its reward slope is
 # positive with an interval that excludes 0 (python train_min.py --compare on the unpacked runs).
 # --gradient-checkpointing on, not auto: the runs share one card, so one run's update could take the memory
@@ -41,7 +44,12 @@ common="--model $(printf %q "$model") --data data/gsm_symbolic_train.jsonl --eva
   --rollout auto --chunk-size 1024 --gradient-checkpointing on --max-bad-steps 3 --regime-low 0.2 --regime-high 0.5
   --dump-tokens 0 ${FLAGS:-}"
 lora="--lora-r 64 --lora-alpha 128 --lora-dropout 0 --lora-target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-python tools/run_arms.py --out "${RUNS:-/tmp/runs}/setting1-s$seed" --budget "${BUDGET:-450}" --grace 20 --common "$common" \
-  --arm lora="$lora --lr 5e-5 --group-size 1" \
-  --arm full="--lora-r 0 --lr 1e-5 --group-size 1" \
-  --arm lora-g8="$lora --lr 5e-5 --group-size 8"
+arms=(--arm lora="$lora --lr 5e-5 --group-size 1"
+      --arm full="--lora-r 0 --lr 1e-5 --group-size 1"
+      --arm lora-g8="$lora --lr 5e-5 --group-size 8")
+if [ -n "${SHIFT:-}" ]; then  # no training: how far each arm's first step moves the sampler (tools/policy_shift.py)
+  python tools/policy_shift.py --json "$OUT/policy_shift.json" --common "$common" \
+    --arm full-1e-6="--lora-r 0 --lr 1e-6 --group-size 1" --arm lora-5e-6="$lora --lr 5e-6 --group-size 1" "${arms[@]}"
+  exit
+fi
+python tools/run_arms.py --out "${RUNS:-/tmp/runs}/setting1-s$seed" --budget "${BUDGET:-450}" --grace 20 --common "$common" "${arms[@]}"
