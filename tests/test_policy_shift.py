@@ -2,10 +2,12 @@
 measures of the step equal their naive float64 forms."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
 
+import egrsd
 import train_min
 from test_trainer import TINY, read_metrics
 from tools import policy_shift
@@ -26,18 +28,36 @@ def test_an_arm_takes_train_mins_first_step_and_its_float32_student_goes_uphill(
     for model in [m for m in ("sampler", "student") if m in row]:
         shift = row[model]
         assert shift["kl"] > 0 and shift["dlogp_neg"] < 0 and math.isnan(shift["dlogp_pos"]), (model, shift)
-    if "student" in row:  # a small step in float32 follows the gradient to first order (bf16 rounding need not)
-        assert row["student"]["gain"] > 0
     assert "sampler" in capsys.readouterr().out and (tmp_path / "shift.json").is_file()
 
 
-def test_the_hidden_states_read_line_up_with_the_tokens_as_train_min_scores_them(tmp_path):
-    cfg = policy_shift.config([*TINY, "--score-temperature", "1", "--micro-batch-size", "3"], str(tmp_path / "run"))  # float32
+def test_each_token_is_measured_with_its_own_rows_advantage_and_the_float32_student_goes_uphill(monkeypatch):
+    flags = [*FLAGS, "--method", "grpo", "--seed", "0", "--batch-size", "8", "--max-new-tokens", "32", "--micro-batch-size", "3"]
+    monkeypatch.setattr(train_min, "verify", lambda texts, *_: torch.arange(len(texts)) % 2 == 0)  # every other one right
+    seen, sample, shift = {}, policy_shift.sample, policy_shift.shift
+    monkeypatch.setattr(policy_shift, "sample", lambda *a: seen.setdefault("sampled", sample(*a)))
+    monkeypatch.setattr(policy_shift, "shift", lambda *a: seen.setdefault("measured", a) and shift(*a))
+    row = policy_shift.main(["--common", " ".join(flags), "--arm", "a="])["a"]
+    _, batch, _ = seen["sampled"]
+    lengths = batch.mask.sum(dim=1)
+    assert lengths.tolist() != sorted(lengths.tolist(), reverse=True)  # the micro-batches take the rows in another order
+    # GRPO's first step: A = r − 0.5 (the running advantage's warm-up baseline), r the length-shaped reward
+    advantage = egrsd.length_shaped_reward(torch.arange(8) % 2 == 0, lengths, 32, beta=0.5) - 0.5
+    expected = Counter((t, round(float(a), 6)) for row_tokens, m, a in zip(batch.completion, batch.mask, advantage)
+                       for t in row_tokens[m].tolist())
+    _, _, tokens, measured_advantage, _ = seen["measured"]
+    assert Counter(zip(tokens.tolist(), (round(a, 6) for a in measured_advantage.tolist()))) == expected
+    assert len(set(expected.values())) > 1 and row["correct"] == 4
+    assert row["student"]["gain"] > 0  # a small float32 step goes up the objective, to first order
+
+
+def test_the_hidden_states_read_line_up_with_the_tokens_and_temperature_as_train_min_scores_them(tmp_path):
+    cfg = policy_shift.config([*TINY, "--score-temperature", "0.7", "--micro-batch-size", "3"], str(tmp_path / "run"))  # float32
     problems, batch, _ = policy_shift.sample(cfg, group_size=1)
     run = train_min.setup(cfg)
     with run.metrics:
         micro = micro_batches(batch.mask, cfg.micro_batch_size)
-        hidden, head = policy_shift.read(run.sampler, batch, micro)
+        hidden, head = policy_shift.read(run.sampler, batch, micro, temperature=0.7)
         tokens = torch.cat([batch.completion[mb][batch.mask[mb]] for mb in micro])
         mine = torch.log_softmax(hidden.double() @ head.double().T, dim=-1).gather(1, tokens[:, None])[:, 0]
         scored = train_min.score(run.sampler, run.teacher, batch, cfg).student_logp  # (B, T), rows in batch order
@@ -63,6 +83,10 @@ def test_the_shift_of_a_step_equals_its_naive_float64_form():
     assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
-def test_a_group_size_that_does_not_divide_the_first_arms_batch_is_refused(capsys):
-    with pytest.raises(SystemExit, match="--group-size: the largest of the arms, 3, must divide the first arm's --batch-size 4"):
-        policy_shift.main(["--common", " ".join(FLAGS), "--arm", "a=", "--arm", "b=--group-size 3 --batch-size 6"])
+@pytest.mark.parametrize("arms, message", [
+    (["a=", "b=--group-size 3 --batch-size 6"], "--group-size: the largest of the arms, 3, must divide the first arm's --batch-size 4"),
+    (["a=--group-size 4", "b=--group-size 3 --batch-size 6"], "--arm b: its --group-size 3 must divide the largest of the arms, 4")])
+def test_a_group_size_that_would_not_hold_whole_groups_of_one_problem_is_refused(arms, message, capsys):
+    with pytest.raises(SystemExit):
+        policy_shift.main(["--common", " ".join(FLAGS), *(f"--arm={a}" for a in arms)])
+    assert message in capsys.readouterr().err

@@ -10,23 +10,27 @@ B / G problems and G rollouts of each, G the largest --group-size of the arms (a
 learns from the same rollouts, a batch whose problems repeat). The arms differ in how they learn (method,
 learning rate, LoRA, group size), not in what they learn from. Each arm, from the initial weights, then
 takes train_min.py's first step on that batch (scoring, weights, one AdamW step), and the model that samples
-is read on the batch's tokens before and after it (at temperature 1): the bf16 copy of full fine-tuning in
-bf16, the base with the adapter unmerged with LoRA; and the float32 student too where it is another model,
-to show what the rounding to the sampler's dtype kept of the step. Per arm and model:
+is read on the batch's tokens before and after it, at the temperature the update scores with (--score-temperature,
+else the rollouts' --temperature; without top-k or top-p): the bf16 copy of full fine-tuning in bf16, the base
+with the adapter unmerged with LoRA; and the float32 student too where it is another model, to show what the
+rounding to the sampler's dtype kept of the step. Per arm and model:
 
     KL        mean over the tokens of KL(p_before ‖ p_after) over the whole vocabulary, in nats (computed in
               float32: below about 1e-6 it is rounding, and may come out just below 0)
     |Δlog p|  mean absolute change of the sampled tokens' log-probabilities
     Â>0, Â<0  their mean change where the token's advantage Â (Eq. 7) is positive, negative: a step that
-              follows the rewards raises the first and lowers the second
-    gain      the token mean of Â · Δlog p, the first-order change of the objective (> 0: uphill)
+              follows the rewards raises the first and lowers the second (with one rollout a problem, Â>0 may
+              rest on the tokens of a few right rollouts; "-" where there are none)
+    gain      the token mean of Â · Δlog p, to first order the rise of the objective (> 0: uphill)
 
 beside the step's learning rate, loss, grad norm, update_rel (‖Δθ‖/‖θ‖) and sampler_changed (the share
-of the sampler's weights that changed), as train_min.py logs them. A learning rate whose step moves the
-sampler by a KL far below that of a setting known to learn will not learn in a short run; one whose Â>0
-change is not positive goes where the rounding or the noise takes it. Adam's first step moves every
-weight by about the learning rate, so this is the largest step of a run at a constant rate. Nothing is
-kept: each arm's run folder is a temporary one.
+of the sampler's weights that changed) and whether it was skipped (not finite, or blown up and undone), as
+train_min.py logs them. A learning rate whose step moves the sampler by a KL far below that of a setting
+known to learn will not learn in a short run; one whose Â>0 change is not positive goes where the rounding or
+the noise takes it. Adam's first step moves every weight of the float32 master by about the learning rate;
+a bf16 sampler may still change more in a later step, as changes add up past its spacing. So this says how
+fast each arm starts to move, not where a run ends. Only --json FILE is kept: each arm's run folder is a
+temporary one.
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ import torch  # noqa: E402
 import egrsd  # noqa: E402
 import train_min  # noqa: E402
 from tools.run_arms import parse_arms  # noqa: E402
-from trainer import lora, updates  # noqa: E402
-from trainer.config import check_config, parse_args  # noqa: E402
+from trainer import lora, run_io, updates  # noqa: E402
+from trainer.config import check_config, parse_args, score_temperature  # noqa: E402
 from trainer.modeling import copy_weights, lm_head, micro_batches  # noqa: E402
 from trainer.tasks import batch_problems  # noqa: E402
 
@@ -64,8 +68,6 @@ def config(flags: list[str], output_dir: str):
 
 def sample(cfg, group_size: int):
     """(problems, rollouts, seconds): the untrained model's batch of train_min.py's first step, G rollouts a problem."""
-    if cfg.batch_size % group_size:
-        sys.exit(f"--group-size: the largest of the arms, {group_size}, must divide the first arm's --batch-size {cfg.batch_size}")
     run = train_min.setup(cfg)  # (seeds every generator as a run does)
     with run.metrics:
         problems = [p for p in batch_problems(run.train_problems, 0, cfg.batch_size // group_size, cfg.seed)
@@ -76,12 +78,13 @@ def sample(cfg, group_size: int):
 
 
 @torch.no_grad()
-def read(model, batch, micro: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden states (N, D) at the completion tokens, micro-batch by micro-batch; the LM head (V, D)), float32 copies."""
+def read(model, batch, micro: list, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states (N, D) at the completion tokens, micro-batch by micro-batch, divided by `temperature` (which
+    divides the logits); the LM head (V, D)), float32 copies."""
     model.eval()
     hidden = [train_min.completion_hidden(model, batch.student_ids[mb], batch.student_mask[mb], batch.completion[mb],
                                           batch.mask[mb]) for mb in micro]
-    return torch.cat(hidden).float(), lm_head(model).detach().to(torch.float32, copy=True)
+    return torch.cat(hidden).float() / temperature, lm_head(model).detach().to(torch.float32, copy=True)
 
 
 @torch.no_grad()
@@ -111,26 +114,28 @@ def probe(cfg, problems: list, batch) -> dict:
         gates = train_min.step_gates(scores.teacher_entropy, batch.mask, cfg)
         models = {"sampler": run.sampler} | ({"student": run.student} if run.student is not run.sampler and not cfg.lora_r else {})
         micro = micro_batches(batch.mask, cfg.micro_batch_size)
-        before = {name: read(model, batch, micro) for name, model in models.items()}
+        temperature = score_temperature(cfg)
+        before = {name: read(model, batch, micro, temperature) for name, model in models.items()}
         snapshot, lr = updates.snapshot(run.student), run.optimizer.param_groups[0]["lr"]
         loss, grad_norm, weights = train_min.update(run.student, run.teacher, run.optimizer, batch, scores,
                                                     advantages.to(cfg.device), cfg, gates)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm)) or run_io.undo_if_blown_up(run.student, snapshot)
         (lora.refresh if cfg.lora_r else copy_weights)(run.student, run.sampler)
-        row = {"correct": int(correct.sum()), "lr": lr, "loss": loss, "grad_norm": grad_norm,
+        row = {"correct": int(correct.sum()), "lr": lr, "loss": loss, "grad_norm": grad_norm, "skipped": skipped,
                "update_rel": updates.relative_update(run.student, snapshot),
                "sampler_changed": updates.sampler_share_changed(run.student if cfg.lora_r else run.sampler, snapshot,
                                                                 lora=bool(cfg.lora_r))}
         tokens = torch.cat([batch.completion[mb][batch.mask[mb]] for mb in micro])
         advantage = torch.cat([weights.advantage[mb][batch.mask[mb]] for mb in micro]).float()
         for name, model in models.items():
-            row[name] = shift(before[name], read(model, batch, micro), tokens, advantage, cfg.chunk_size)
+            row[name] = shift(before[name], read(model, batch, micro, temperature), tokens, advantage, cfg.chunk_size)
         return row
 
 
 def table(summary: dict, arms: dict) -> str:
     lines = [f"one batch: {summary['problems']} problem(s) x {summary['group_size']} rollout(s), {summary['tokens']} tokens, "
              f"{summary['correct']} of {summary['rollouts']} correct, {summary['finished']} finished (sampled in "
-             f"{summary['sample_s']:.0f} s); at temperature 1:",
+             f"{summary['sample_s']:.0f} s); read at temperature {summary['temperature']:g}:",
              f"{'arm':<16} {'model':<8} {'lr':>8} {'loss':>8} {'grad':>7} {'Δθ/θ':>8} {'changed':>8} {'KL':>9} {'|Δlog p|':>9} "
              f"{'Â>0':>9} {'Â<0':>9} {'gain':>9}"]
     for name, row in arms.items():
@@ -152,14 +157,22 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     arms = parse_arms(parser, args.arm)
     common = shlex.split(args.common)
+    if args.json:  # (written at the end: its folder is made now)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         configs = {name: config(common + flags, os.path.join(scratch, name)) for name, flags in arms.items()}
         first, group_size = next(iter(configs.values())), max(c.group_size for c in configs.values())
+        if first.batch_size % group_size:
+            parser.error(f"--group-size: the largest of the arms, {group_size}, must divide the first arm's --batch-size "
+                         f"{first.batch_size}")
+        for name, cfg in configs.items():  # each problem is sampled G times: a group must not span two problems
+            if group_size % cfg.group_size:
+                parser.error(f"--arm {name}: its --group-size {cfg.group_size} must divide the largest of the arms, {group_size}")
         problems, batch, seconds = sample(dataclasses.replace(first, output_dir=os.path.join(scratch, "sample")), group_size)
         results = {name: probe(cfg, problems, batch) for name, cfg in configs.items()}
     summary = {"problems": len(problems) // group_size, "group_size": group_size, "rollouts": len(problems),
                "correct": next(iter(results.values()))["correct"], "tokens": int(batch.mask.sum()),
-               "finished": int(batch.finished.sum()), "sample_s": seconds}
+               "finished": int(batch.finished.sum()), "sample_s": seconds, "temperature": score_temperature(first)}
     print(table(summary, results))
     if args.json:
         with open(args.json, "w") as f:
