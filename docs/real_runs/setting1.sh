@@ -20,7 +20,7 @@
 # bash docs/real_runs/setting1.sh tiny). SHIFT=1 trains nothing: tools/policy_shift.py measures how far each arm's
 # first step moves the sampler, beside the old runs' rate (full 1e-6) and the paper's LoRA rate (5e-6), into
 # OUT/policy_shift.json (the README's table: SHIFT=1 FLAGS="--device cpu --dtype bfloat16 --gradient-checkpointing
-# off", about 25 minutes on 2 CPU cores). A run *learns* when its held-out
+# off", 23 minutes on 2 CPU cores). A run *learns* when its held-out
 # accuracy rises from step 0 with a template-clustered interval that excludes 0 and its reward slope is
 # positive with an interval that excludes 0 (python train_min.py --compare on the unpacked runs).
 # --gradient-checkpointing on, not auto: the runs share one card, so one run's update could take the memory
