@@ -34,7 +34,14 @@ def test_an_arm_takes_train_mins_first_step_and_its_float32_student_goes_uphill(
 def test_each_token_is_measured_with_its_own_rows_advantage_and_the_float32_student_goes_uphill(monkeypatch):
     flags = [*FLAGS, "--method", "grpo", "--seed", "0", "--batch-size", "8", "--max-new-tokens", "32", "--micro-batch-size", "3"]
     monkeypatch.setattr(train_min, "verify", lambda texts, *_: torch.arange(len(texts)) % 2 == 0)  # every other one right
-    seen, sample, shift = {}, policy_shift.sample, policy_shift.shift
+    seen, sample, shift, rollouts = {}, policy_shift.sample, policy_shift.shift, train_min.rollouts
+
+    def rollouts_of_rising_lengths(*args):  # (the tiny model's EOS comes by chance: lengths 11, 14, ..., 32 instead)
+        batch = rollouts(*args)
+        batch.mask &= torch.arange(batch.mask.shape[1]) < torch.arange(11, 33, 3)[:, None]
+        return batch
+
+    monkeypatch.setattr(train_min, "rollouts", rollouts_of_rising_lengths)
     monkeypatch.setattr(policy_shift, "sample", lambda *a: seen.setdefault("sampled", sample(*a)))
     monkeypatch.setattr(policy_shift, "shift", lambda *a: seen.setdefault("measured", a) and shift(*a))
     row = policy_shift.main(["--common", " ".join(flags), "--arm", "a="])["a"]
