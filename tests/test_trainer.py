@@ -1347,6 +1347,24 @@ def test_a_run_with_only_its_step_0_evaluation_is_listed_apart_not_pooled_with_i
     assert [[r.name for r in g] for g in groups] == [["grpo-s0"]] and missing == ["grpo-s1"]
 
 
+def test_two_folders_of_one_setting_and_seed_are_refused_not_pooled_as_two_seeds(tmp_path, capsys):
+    """A run copied, or one an earlier call left (.NAME.earlier-TIME), is not a second seed: pooled, it made a
+    zero-width interval across "2 seeds". Two seeds of the setting still pool; a folder named twice counts once."""
+    import shutil
+
+    for name in ("egrsd-s0", ".egrsd-s0.earlier-20261202-113000", "egrsd-s1"):
+        shutil.copytree(ROOT / "docs/real_runs/egrsd", tmp_path / name)
+    config_path = tmp_path / "egrsd-s1" / "config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"seed": 1}))
+    twice = [str(tmp_path / "egrsd-s0"), str(tmp_path / ".egrsd-s0.earlier-20261202-113000")]
+    with pytest.raises(SystemExit, match=re.escape(f"--compare: {twice[0]} and {twice[1]} are runs of one setting with "
+                                                   "the same --seed 0: a seed counts once")):
+        train_min.main(["--compare", str(ROOT / "docs/real_runs/grpo"), *twice])
+    pooled = [str(tmp_path / "egrsd-s0"), str(tmp_path / "egrsd-s1"), str(tmp_path / "egrsd-s0")]
+    groups, _ = views.evaluated_settings(pooled)
+    assert [[r.name for r in g] for g in groups] == [["egrsd-s0", "egrsd-s1"]]
+
+
 def test_a_settings_name_strips_every_seed_suffix_only_where_its_runs_share_the_rest():
     assert [views.label([views.Run(n, {}, [], [])]) for n in ("egrsd_s1", "egrsd-seed2")] == ["egrsd"] * 2
     assert views.label([views.Run(n, {}, [], []) for n in ("egrsd-s0", "mine-s1")]) == "egrsd-s0", "names differ: the first whole"

@@ -15,11 +15,11 @@ RUNS below is the --out folder; PACK is --pack (default: the GPU tool's $OUT, wh
    to what is left of --budget, less their start-up and the time their final evaluations lose to each
    other on one card, and `--no-save-model` (only metrics, config and log are kept), so that each stops
    training in time for its final evaluation. An arm folder left by an earlier call is set aside first (a run
-   folder holds one run): renamed NAME.earlier-TIME where it holds metrics (nothing is lost, nothing of it is
-   packed), removed where it holds none. If arms are still running --grace seconds after the budget, what they wrote so far
-   is packed (step 4), then they all get SIGTERM (each stops after its step or evaluation), and those still
-   running --grace seconds later SIGKILL: by PID, never by name. The worst case ends budget + 2 × grace
-   seconds after the start.
+   folder holds one run): renamed .NAME.earlier-TIME where it holds metrics (nothing is lost, nothing of it is
+   packed; hidden, so that RUNS/*-s* names this call's runs alone), removed where it holds none. If arms are
+   still running --grace seconds after the budget, what they wrote so far is packed (step 4), then they all
+   get SIGTERM (each stops after its step or evaluation), and those still running --grace seconds later
+   SIGKILL: by PID, never by name. The worst case ends budget + 2 × grace seconds after the start.
 4. Packs RUNS's metrics, configs and logs (no models) into PACK/runs.tar.gz, and writes the `--compare`
    table of the arms to PACK/compare.txt and to the log: 2 files, within the GPU tool's 8.
 
@@ -120,12 +120,14 @@ def not_the_same(initial_dir: str, common: list[str]) -> str | None:
 
 
 def set_aside(folder: str) -> None:
-    """An earlier call's run folder: renamed FOLDER.earlier-TIME where it holds metrics, removed where it holds none."""
+    """An earlier call's run folder: renamed .NAME.earlier-TIME beside it where it holds metrics (hidden, so that a
+    shell pattern such as RUNS/*-s* names this call's runs alone), removed where it holds none."""
     metrics = os.path.join(folder, "metrics.jsonl")
     if not os.path.isfile(metrics) or not os.path.getsize(metrics):
         shutil.rmtree(folder, ignore_errors=True)
         return
-    aside = base = f"{os.path.normpath(folder)}{EARLIER}{time.strftime('%Y%m%d-%H%M%S')}"
+    parent, name = os.path.split(os.path.normpath(folder))
+    aside = base = os.path.join(parent, f".{name}{EARLIER}{time.strftime('%Y%m%d-%H%M%S')}")  # hidden: `RUNS/*-s*` skips it
     n = 1
     while os.path.exists(aside):  # (two set aside within a second)
         n += 1

@@ -159,6 +159,7 @@ class Run:
     evals: list[dict]
     folder: str = ""  # the folder that holds the run's folder (to tell apart settings of one name)
     label: str = ""  # its setting's name in the tables, where `label` would give two settings one name
+    path: str = ""  # the run's folder
 
 
 def load_run(run_dir: str) -> Run:
@@ -170,7 +171,7 @@ def load_run(run_dir: str) -> Run:
         if "eval_ids" not in row and "eval_correct" in row:
             row |= problem_labels(config, len(row["eval_correct"]))
     return Run(os.path.basename(os.path.normpath(run_dir)), config, [r for r in rows if r.get("kind") == "train"], evals,
-               os.path.basename(os.path.dirname(os.path.normpath(run_dir))))
+               os.path.basename(os.path.dirname(os.path.normpath(run_dir))), path=run_dir)
 
 
 def problem_labels(config: dict, n: int) -> dict:
@@ -204,9 +205,17 @@ def setting_of(run: Run) -> dict:
 
 def evaluated_settings(run_dirs: list[str]) -> tuple[list[list[Run]], list[str]]:
     """(the runs grouped by setting, each with an evaluation before and after training; the names of the
-    runs without one yet). A folder named twice counts once."""
+    runs without one yet). A folder named twice counts once; two folders of one setting and seed are refused
+    (pooled, they would count that seed twice and narrow the interval across seeds)."""
     runs = [load_run(d) for d in dict.fromkeys(os.path.realpath(d) for d in run_dirs)]
     groups = [g for g in ([r for r in g if len(r.evals) > 1] for g in group_runs(runs)) if g]
+    for group in groups:
+        first = {}
+        for run in group:
+            if (other := first.setdefault(seed := run.config.get("seed"), run)) is not run:
+                raise SystemExit(f"--compare: {other.path} and {run.path} are runs of one setting with the same --seed "
+                                 f"{seed}: a seed counts once, so name one of them (tools/run_arms.py sets the run folder "
+                                 "of an earlier call aside as .NAME.earlier-TIME)")
     names = [label(g) for g in groups]
     for name in {n for n in names if names.count(n) > 1}:  # two settings, one name: tell them apart
         clash = [g for g, n in zip(groups, names) if n == name]

@@ -26,7 +26,7 @@
 # --gradient-checkpointing on, not auto: the runs share one card, so one run's update could take the memory
 # that another's rollouts need, and auto recovers only an update that runs out.
 # The runs go to RUNS/setting1-sSEED (RUNS: default /tmp/runs); tools/run_arms.py sets aside what an earlier
-# call left there (renamed *.earlier-TIME), and makes the shared step-0 evaluation again if it was made otherwise.
+# call left there (renamed .NAME.earlier-TIME), and makes the shared step-0 evaluation again if it was made otherwise.
 set -euo pipefail
 model=$1 seed=${2:-0}
 : "${OUT:?setting1.sh: set OUT=DIR, the folder that receives runs.tar.gz and compare.txt (the GPU tool sets it)}"
