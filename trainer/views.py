@@ -450,7 +450,9 @@ def compare_table(run_dirs: list[str]) -> str:
         try:
             b, se, df = stats.slope(points)
             low, high = stats.interval(b, se, df)
-            parts.append(f"reward slope {100 * b:+.3f} [{100 * low:+.3f}, {100 * high:+.3f}]")
+            spread = "between the seeds' slopes" if len(group) > 1 else "around the fit"
+            parts.append(f"reward slope {100 * b:+.3f} " + (f"[{100 * low:+.3f}, {100 * high:+.3f}]" if se > 0 else
+                                                            f"(no interval: no spread {spread})"))
         except ValueError:
             parts.append("reward slope n/a (too few steps)")
         lines.append(f"  {label(group):<14} " + "; ".join(parts))
