@@ -801,6 +801,26 @@ def test_a_resumed_run_may_name_its_evaluation_cap_but_not_change_it(one_step, t
         train_min.main(["--resume", str(run_dir), "--steps", "2", "--eval-max-new-tokens", "4"])
 
 
+def test_a_resumed_run_samples_its_evaluations_as_before_but_may_take_another_k(one_step, tmp_path, monkeypatch):
+    """Its step-0 evaluation sampled avg@2 at temperature 1.0, top-p 0.95, no top-k: another K, or no sampling,
+    resumes; another temperature, top-p or top-k, once it sampled, would compare two measures as one."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_step, run_dir)
+    sampled = {"eval_samples": 2, "eval_temperature": 1.0, "eval_top_p": 0.95, "eval_top_k": 0}
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "eval", "step": 0, "method": "egrsd", "eval_sampled_accuracy": 0.0, "eval_sampled_length": 8.0,
+                            "eval_sampled_acc_per_1k_tokens": 0.0, "eval_samples": 2, "evaluated_with": sampled}) + "\n")
+    no_model(monkeypatch)
+    for fine in (["--eval-samples", "3"], ["--eval-samples", "0", "--eval-temperature", "0.5"]):
+        with pytest.raises(pytest.fail.Exception, match="a model was loaded"):
+            train_min.main(["--resume", str(run_dir), "--steps", "2", "--eval-top-p", "0.95", "--eval-top-k", "0", *fine])
+    for flag, value in (("--eval-temperature", "0.5"), ("--eval-top-p", "0.9"), ("--eval-top-k", "20")):
+        with pytest.raises(SystemExit, match=re.escape("--eval-temperature, --eval-top-p, --eval-top-k: a resumed run samples "
+                                                       "its evaluations as its earlier ones did (1.0, 0.95, 0; got ")):
+            train_min.main(["--resume", str(run_dir), "--steps", "2", "--eval-samples", "2", "--eval-top-p", "0.95",
+                            "--eval-top-k", "0", flag, value])
+
+
 def test_a_run_folder_is_locked_against_any_second_holder_and_a_run_without_checkpoint_is_kept(tmp_path):
     """owning(): the exclusive lock refuses a second holder, resuming or not, until the first leaves the block;
     a new run refuses a folder that holds only another run's settings and rows (--no-save-model)."""

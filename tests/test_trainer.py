@@ -1063,6 +1063,19 @@ def test_a_seeds_change_from_its_start_is_taken_only_from_seeds_that_recorded_bo
         f"{fmean(start):.3f}", f"{end:.3f}", f"[{low:.3f},", f"{high:.3f}]", "100", "101"]
 
 
+def test_seeds_that_agree_get_no_interval_and_seeds_without_a_common_problem_say_so():
+    """Two seeds of one end accuracy: no zero-width interval across them. Seeds evaluated on disjoint held-out
+    sets: the comparison says why it is missing, not "not recorded"."""
+    same = in_memory("a", *[[held_out_row(range(4), [0] * 4), held_out_row(range(4), end)] for end in ([1, 0, 0, 0], [0, 0, 1, 0])])
+    for run in same:
+        run.evals = [{"eval_accuracy": 0.0, "eval_length": 10.0} | run.evals[0],
+                     {"eval_accuracy": 0.25, "eval_length": 12.0, "eval_acc_per_1k_tokens": 1.0, "eval_truncated": 0.0} | run.evals[1]]
+    assert views.evaluation_columns(same, "eval_").split()[:3] == ["0.000", "0.250", "(no"]
+    apart = in_memory("b", [held_out_row(range(4), [1, 0, 1, 0])], [held_out_row(range(4, 8), [0, 1, 0, 1] * 2)])
+    assert views.compared(apart, same, "eval_correct") == "a setting's seeds share no held-out problem"
+    assert views.compared(apart, same, "eval_sampled_correct") is None, "not recorded"
+
+
 def test_compare_with_one_seed_a_side_one_template_or_no_measure_says_so_instead_of_failing():
     one = in_memory("one", [held_out_row(range(6), [1, 0, 1, 1, 0, 0])])
     other = in_memory("other", [held_out_row(range(6), [0, 1, 1, 0, 1, 0])])
@@ -1263,6 +1276,12 @@ def test_the_tradeoff_figure_puts_each_settings_mean_end_accuracy_against_the_le
     else:
         assert points == [(410.0, 0.375), (410.0, 1.0)] and start == [400.0, 0.0]
         assert ax.get_xlabel() == "greedy mean response length (tokens)" and ax.get_ylabel() == "greedy held-out accuracy"
+    if sampled:  # a setting sampled at another K: the axis names every K
+        rows = read_metrics(tmp_path / "egrsd-s0")
+        rows[-1] = rows[-1] | {"eval_samples": 2}
+        write_metrics(tmp_path / "egrsd-s0", rows)
+        plot_runs.main(["--tradeoff", str(tmp_path / "figure1.png"), *dirs])
+        assert axes[-1].get_ylabel() == "avg@K (K = 2, 4) held-out accuracy"
 
 
 def test_runs_pool_into_one_setting_however_their_evaluation_cap_is_written():
@@ -1307,6 +1326,43 @@ def test_settings_are_named_by_their_folders_and_never_share_a_name(tmp_path):
     runs = [egrsd_run(tmp_path / "c" / f"egrsd-s{seed}", seed, gamma) for seed, gamma in ((0, 0.3), (1, 1.0), (2, 1.0))]
     groups, _ = views.evaluated_settings(runs)
     assert [(views.label(g), len(g)) for g in groups] == [("egrsd gamma=0.3", 1), ("egrsd gamma=1.0", 2)]
+
+
+def test_runs_without_a_config_in_two_folders_and_three_settings_of_one_name_are_told_apart(tmp_path):
+    """Runs without config.json are each a setting of their own, also under one name (a/egrsd, b/egrsd); three
+    settings whose first two differing flags name two alike are named by as many flags as it takes."""
+    import shutil
+
+    for parent in ("a", "b"):
+        shutil.copytree(ROOT / "docs/real_runs/egrsd", tmp_path / parent / "egrsd")
+        (tmp_path / parent / "egrsd" / "config.json").unlink()
+    groups, _ = views.evaluated_settings([str(tmp_path / p / "egrsd") for p in ("a", "b")])
+    assert [(views.label(g), len(g)) for g in groups] == [("a/egrsd", 1), ("b/egrsd", 1)]
+    dirs = []
+    for seed, changes in enumerate(({"advantage_warmup": 10, "beta_length": 0.5, "gamma": 0.3},
+                                    {"advantage_warmup": 10, "beta_length": 0.5, "gamma": 1.0},
+                                    {"advantage_warmup": 5, "beta_length": 0.2, "gamma": 0.3})):
+        run_dir = tmp_path / "c" / f"egrsd-s{seed}"
+        shutil.copytree(ROOT / "docs/real_runs/egrsd", run_dir)
+        (run_dir / "config.json").write_text(json.dumps(json.loads((run_dir / "config.json").read_text()) | changes))
+        dirs.append(str(run_dir))
+    groups, _ = views.evaluated_settings(dirs)
+    assert [views.label(g) for g in groups] == [
+        "egrsd advantage_warmup=10 beta_length=0.5 gamma=0.3", "egrsd advantage_warmup=10 beta_length=0.5 gamma=1.0",
+        "egrsd advantage_warmup=5 beta_length=0.2 gamma=0.3"]
+
+
+def test_a_run_from_before_problem_ids_on_the_built_in_or_its_own_held_out_problems_is_labelled_from_that_file(tmp_path):
+    """Its held-out problems were the first of --eval-data, else of --data (split off it), else of the built-in
+    file: their ids and templates, so that it clusters by template and pairs with new runs."""
+    built_in = built_in_problems(0, 3)[1]
+    assert views.problem_labels({"eval_data": "", "data": ""}, 3) == {
+        "eval_ids": [p.id for p in built_in], "eval_templates": [p.template for p in built_in]}
+    own = tmp_path / "mine.jsonl"
+    own.write_text("".join(json.dumps({"problem": f"q{i}", "solution": "s", "answer": str(i), "template": i % 2}) + "\n"
+                           for i in range(5)))
+    assert views.problem_labels({"eval_data": "", "data": str(own)}, 2)["eval_templates"] == [0, 1]
+    assert views.problem_labels({"eval_data": str(own), "data": ""}, 6) == {"eval_ids": list(range(6)), "eval_templates": [None] * 6}
 
 
 def test_runs_that_differ_in_any_real_setting_are_apart_and_in_no_setting_flag_pool():

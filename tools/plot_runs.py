@@ -83,7 +83,11 @@ def tradeoff(path: str, run_dirs: list[str]) -> None:
         ax.errorbar(x, y, xerr=error[0], yerr=error[1], fmt="o", color=colour, capsize=3,
                     label=f"{label(group)} ({len(group)} seed{'s' if len(group) > 1 else ''})")
     ax.set_xlabel(("sampled" if sampled else "greedy") + " mean response length (tokens)")
-    ax.set_ylabel(("avg@%d" % groups[0][0].evals[-1]["eval_samples"] if sampled else "greedy") + " held-out accuracy")
+    measure = "greedy"
+    if sampled:  # (settings may sample another K: avg@K estimates one accuracy whatever K)
+        ks = sorted({r.evals[-1]["eval_samples"] for g in groups for r in g})
+        measure = f"avg@{ks[0]}" if len(ks) == 1 else f"avg@K (K = {', '.join(map(str, ks))})"
+    ax.set_ylabel(f"{measure} held-out accuracy")
     ax.set_title("accuracy against length at the end (95% across seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -324,7 +324,7 @@ def check_config(cfg: Config) -> None:
         if cfg.steps < done:
             sys.exit(f"--steps: expected ≥ {done}, the step of the checkpoint in {cfg.resume!r}, got {cfg.steps}")
         if os.path.isfile(metrics := os.path.join(cfg.resume, "metrics.jsonl")):
-            run_io.read_rows(metrics, quiet=True)  # a malformed row stops now, not once the model has loaded
+            check_evaluation_sampling(cfg, run_io.read_rows(metrics, quiet=True))  # (a malformed row stops now too)
         manifest = run_io.verify_checkpoint(checkpoint)
         # The checkpoint's own record of the settings, where it has one: an edited config.json cannot change them.
         saved = manifest["settings"] if manifest else {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.resume, "config.json"))}
@@ -404,6 +404,21 @@ def past_step_0(cfg: Config) -> bool:
     """Whether the run is past its step-0 evaluation: resumed from a checkpoint beyond step 0 (a step-0 checkpoint
     is what an evaluation that ran out of memory leaves: that resume still evaluates, or reuses one)."""
     return bool(cfg.resume) and run_io.checkpoint_step(run_io.find_checkpoint(cfg.resume)) > 0
+
+
+def check_evaluation_sampling(cfg: Config, rows: list[dict]) -> None:
+    """A resumed run samples its held-out evaluations as its earlier ones did (temperature, top-p, top-k: the
+    evaluated_with of its metrics rows), so that they compare with each other. --eval-samples may change: avg@K
+    estimates one accuracy whatever K."""
+    names = ("eval_temperature", "eval_top_p", "eval_top_k")
+    now = tuple(getattr(cfg, name) for name in names)
+    earlier = {tuple(w.get(name) for name in names) for r in rows
+               if r.get("kind") == "eval" and (w := r.get("evaluated_with") or {}).get("eval_samples")}
+    if cfg.eval_samples and earlier - {now}:
+        before = sorted(earlier - {now}, key=str)[0]
+        sys.exit(f"--eval-temperature, --eval-top-p, --eval-top-k: a resumed run samples its evaluations as its earlier "
+                 f"ones did ({', '.join(map(str, before))}; got {', '.join(map(str, now))}), so that they compare with "
+                 "each other; start a new run to change them")
 
 
 def check_initial_eval(cfg: Config) -> None:

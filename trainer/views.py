@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import egrsd
 from trainer import run_io, stats
 from trainer.config import with_every_flag
-from trainer.tasks import load_problems
+from trainer.tasks import BUILT_IN, load_problems
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
@@ -176,8 +176,10 @@ def load_run(run_dir: str) -> Run:
 
 def problem_labels(config: dict, n: int) -> dict:
     """The ids and templates of a run's held-out problems, for rows written before evaluations recorded
-    them: the first n problems of its --eval-data file (or, failing that, positions and no templates)."""
-    path = config.get("eval_data", "")
+    them: the first n problems of the file it held out (--eval-data; else the first of --data, which the
+    held-out problems were split off; else the built-in held-out file), or, failing that, positions and no
+    templates."""
+    path = config.get("eval_data") or config.get("data") or BUILT_IN["eval"]
     for candidate in (path, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)):
         if path and os.path.isfile(candidate):
             problems = load_problems(candidate, numeric=False)[:n]
@@ -193,7 +195,7 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
     config.json, a run is a setting of its own)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        key = json.dumps(setting_of(run), sort_keys=True) if run.config else run.name
+        key = json.dumps(setting_of(run), sort_keys=True) if run.config else run.path or run.name
         groups.setdefault(key, []).append(run)
     return list(groups.values())
 
@@ -227,15 +229,18 @@ def evaluated_settings(run_dirs: list[str]) -> tuple[list[list[Run]], list[str]]
 
 def distinct_labels(name: str, clash: list[list[Run]]) -> list[str]:
     """Names for settings that `label` names alike: by their parent folders where those differ (a/egrsd and
-    b/egrsd), else by the settings in which they differ (egrsd gamma=0.3 and egrsd gamma=1.0), else by a run's
-    folder name."""
+    b/egrsd), else by the settings in which they differ (egrsd gamma=0.3 and egrsd gamma=1.0: two of them, or
+    as many as it takes), else by a run's folder name."""
     parents = [g[0].folder for g in clash]
     if len(set(parents)) == len(clash):
         return [f"{parent}/{name}" for parent in parents]
-    settings = [setting_of(g[0]) for g in clash]
-    keys = [k for k in sorted(settings[0]) if len({json.dumps(s.get(k)) for s in settings}) > 1][:2]
-    if all(g[0].config for g in clash) and keys:
-        return [name + " " + " ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
+    if all(g[0].config for g in clash):
+        settings = [setting_of(g[0]) for g in clash]
+        keys = [k for k in sorted(set().union(*settings)) if len({json.dumps(s.get(k)) for s in settings}) > 1]
+        for n in range(2, len(keys) + 2):  # two of the keys they differ in, or as many as it takes to tell them apart
+            names = [name + " " + " ".join(f"{k}={s.get(k)}" for k in keys[:n]) for s in settings]
+            if len(set(names)) == len(names):
+                return names
     return [g[0].name for g in clash]
 
 
@@ -281,9 +286,11 @@ def compared(a_runs: list[Run], b_runs: list[Run], key: str, a_at: int = -1, b_a
     between seeds (`stats.with_seed_spread`, which gives a side of one seed the other's spread; one setting
     against its own start: the spread of each seed's change). None where a side never recorded `key` (avg@K
     without --eval-samples)."""
+    if not (_evaluated(a_runs, a_at, key) and _evaluated(b_runs, b_at, key)):
+        return None
     a, b = per_problem(a_runs, a_at, key), per_problem(b_runs, b_at, key)
     if not a or not b:
-        return None
+        return "a setting's seeds share no held-out problem"
     result = paired(a, b)
     if isinstance(result, str):
         return result
@@ -392,7 +399,7 @@ def evaluation_columns(group: list[Run], prefix: str) -> str:
     end = None
     if None not in accuracies:
         end, low, high = stats.seed_interval(accuracies)
-        end = f"{end:.3f}" + (f" [{low:.3f}, {high:.3f}]" if len(group) > 1 else "")
+        end = f"{end:.3f}" + ("" if len(group) == 1 else f" [{low:.3f}, {high:.3f}]" if high > low else " (no spread)")
     length0, length1 = pooled(0, "length"), pooled(-1, "length")
     change = f"{(length1 / length0 - 1) * 100:+.1f}%" if length0 and length1 is not None else None
     return (f"{cell(pooled(0, 'accuracy'), 9, '.3f')} {cell(end, 21, '')} {cell(length0, 9, '.0f')} {cell(length1, 7, '.0f')} "
