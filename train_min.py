@@ -296,8 +296,7 @@ def solve(model, tokenizer, problems: list, cfg: Config, prefix: str, per: int =
 def autocast(cfg: Config):
     """The student's update: bf16 compute with float32 master weights (bf16 weights would round updates of
     lr ~1e-6 away; so does the bf16 sampler, which `updates.sampler_share_changed` measures)."""
-    device_type = torch.device(cfg.device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=compute_dtype(cfg) == torch.bfloat16)
+    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=compute_dtype(cfg) == torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -374,10 +373,16 @@ def train(cfg: Config):
     """The whole run; returns the (student, teacher) models at the end."""
     run = setup(cfg)
     student, tokenizer, bad_steps = run.student, run.tokenizer, 0
-    owed, eval_seconds = run_io.evaluations_so_far(cfg, run.start_step)  # step 0's, or one a kill cut off
-    eval_seconds = (evaluate_and_log(run, run.start_step) if owed else eval_seconds) if run.eval_problems else 0.0
     with contextlib.closing(run.metrics), run_io.StopOnSignal() as stop:
+        owed, eval_seconds = run_io.evaluations_so_far(cfg, run.start_step)  # step 0's, or one a kill cut off
+        eval_seconds = (evaluate_and_log(run, run.start_step) if owed else eval_seconds) if run.eval_problems else 0.0
+        saved, out_of_time = bool(cfg.resume), run_io.out_of_time(cfg.time_budget, run.started, 0.0, eval_seconds)
         for step in range(run.start_step, cfg.steps):
+            if stop.requested or out_of_time:  # Ctrl-C, or no room left for a step and the final evaluation
+                if not saved:  # (they came during an evaluation, which changes neither weights nor random state)
+                    save_checkpoint(run, step)
+                print(run_io.stopped(cfg.output_dir, step, cfg.save_model))
+                return student, run.teacher
             t0 = time.perf_counter()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
@@ -435,7 +440,7 @@ def train(cfg: Config):
                 with run_io.writing("the token view", page, cfg.output_dir):
                     views.dump_tokens(page, done, tokenizer, batch, scores, weights, rewards.tolist(), correct.tolist(), gates)
 
-            # 5. Stop, checkpoint, evaluate: checkpoint first (a kill during the evaluation loses no step).
+            # 5. Checkpoint, then evaluate (a kill during the evaluation loses no step); a stop comes before the next step.
             if bad_steps >= cfg.max_bad_steps:
                 save_checkpoint(run, done)
                 sys.exit(f"stopped: {bad_steps} skipped steps in a row, non-finite or blown up (loss {loss}, grad norm "
@@ -446,11 +451,6 @@ def train(cfg: Config):
             if run.eval_problems and (run_io.evaluation_due(cfg, done) or out_of_time):
                 eval_seconds = evaluate_and_log(run, done)  # it took time: is there still room for a step and the last one?
                 out_of_time = out_of_time or done < cfg.steps and run_io.out_of_time(cfg.time_budget, run.started, t3 - t0, eval_seconds)
-            if (stop.requested or out_of_time) and done < cfg.steps:
-                if not saved:  # Ctrl-C, or the budget, came during the evaluation (it changes neither weights nor random state)
-                    save_checkpoint(run, done)
-                print(run_io.stopped(cfg.output_dir, done, cfg.save_model))
-                return student, run.teacher
     save_final(run)
     return student, run.teacher
 

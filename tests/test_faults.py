@@ -123,23 +123,26 @@ def test_a_kill_during_an_evaluation_is_made_good_on_resume(step, straight, tmp_
     assert rows_of(tmp_path) == straight
 
 
-def test_ctrl_c_during_an_evaluation_between_checkpoints_checkpoints_that_step(straight, tmp_path, monkeypatch, capsys):
-    """Ctrl-C during the evaluation of step 2 (due by --eval-every) where no checkpoint is due (--save-every 0):
-    the run finishes the evaluation, then checkpoints step 2 (before, it printed that it had and saved none)
-    and the resumed run ends exactly as the uninterrupted one."""
-    evaluate, calls = train_min.evaluate, []
+@pytest.mark.parametrize("step", [0, 2])
+def test_ctrl_c_during_an_evaluation_between_checkpoints_checkpoints_that_step(step, straight, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the evaluation of step 2 (due by --eval-every) where no checkpoint is due (--save-every 0),
+    or during that of step 0, before any step: the run finishes the evaluation, then checkpoints that step (before,
+    at step 2 it printed that it had and saved none; at step 0 it died with a traceback and left a folder that
+    could neither resume nor start again) and the resumed run ends exactly as the uninterrupted one."""
+    evaluate, steps = train_min.evaluate, []
 
-    def interrupted_at_step_2(*args):
-        calls.append(1)
-        if len(calls) == 2:  # the evaluations of steps 0, 2 and 3
+    def interrupted(*args):
+        steps.append([0, 2, 3][len(steps)])  # the steps this run evaluates
+        if steps[-1] == step:
             signal.raise_signal(signal.SIGINT)
         return evaluate(*args)
 
-    monkeypatch.setattr(train_min, "evaluate", interrupted_at_step_2)
+    monkeypatch.setattr(train_min, "evaluate", interrupted)
     train_min.main(FLAGS + ["--save-every", "0", "--output-dir", str(tmp_path)])
     monkeypatch.undo()
-    assert "checkpoint saved at step 2; continue with" in capsys.readouterr().out
-    assert run_io.checkpoint_step(run_io.find_checkpoint(str(tmp_path))) == 2
+    assert f"checkpoint saved at step {step}; continue with" in capsys.readouterr().out
+    assert run_io.checkpoint_step(run_io.find_checkpoint(str(tmp_path))) == step
+    assert [r["step"] for r in views.read_rows(str(tmp_path))][-1] == step, "no step after the Ctrl-C"
     run_then_resume(tmp_path)
     assert rows_of(tmp_path) == straight
 
@@ -425,7 +428,7 @@ def test_a_resumed_run_keeps_room_for_the_evaluation_it_made_before(tmp_path, mo
     assert last["step"] == 2 and last["eval_s"] > 0 and seen[0] == last["eval_s"]
     before = len(seen)
     train_min.main(["--resume", str(tmp_path), "--steps", "6", "--eval-size", "0"])  # no evaluation to come
-    assert seen[before:] == [0.0]
+    assert seen[before:] == [0.0, 0.0], "before its first step and after step 5, each with no evaluation to keep room for"
 
 
 def test_resume_keeps_the_compute_dtype_and_a_split_of_data_before_any_model_loads(one_step, tmp_path, monkeypatch):

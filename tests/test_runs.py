@@ -73,12 +73,13 @@ def test_a_run_reuses_the_step_0_evaluation_of_another_only_when_it_would_be_the
     assert [r["step"] for r in read_metrics(tmp_path / "reused") if r["kind"] == "train"] == [1, 2]
 
 
-def test_the_time_budget_stops_training_in_time_for_the_final_evaluation(tmp_path, capsys):
+def test_a_time_budget_that_the_step_0_evaluation_used_up_trains_no_step(tmp_path, capsys):
+    """No room left for a step and the final evaluation before the first step: the run stops there, its step-0
+    evaluation its last (before, it took a step and evaluated it past the budget)."""
     train_min.main(TINY + ["--steps", "50", "--time-budget", "1e-3", "--no-save-model", "--output-dir", str(tmp_path)])
-    rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows if r["kind"] == "train"] == [1]
-    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 1], "evaluated where it stopped"
-    assert "time budget" in capsys.readouterr().out
+    assert [(r["kind"], r["step"]) for r in read_metrics(tmp_path)] == [("eval", 0)]
+    out = capsys.readouterr().out
+    assert "time budget" in out and "stopped at step 0 (--no-save-model: no checkpoint to resume from)" in out
     assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "final").exists(), "--no-save-model"
 
 
