@@ -242,7 +242,7 @@ class FakeArm:
     poll = wait
 
 
-def fake_arms(monkeypatch, initial_run=lambda cmd, cwd: pytest.fail("the initial evaluation was run again")):
+def fake_arms(monkeypatch, initial_run=lambda cmd, cwd, timeout: pytest.fail("the initial evaluation was run again")):
     """run_arms with FakeArm for its processes and a clock that stands still (budgets exact however busy the
     machine); returns the module and the (deadline - now, grace) of its wait."""
     from tools import run_arms
@@ -298,7 +298,7 @@ def test_the_runner_makes_again_a_step_0_evaluation_made_with_other_settings_and
     initial_evaluation(tmp_path / "runs" / "initial", eval_s=200.0, flags=["--eval-samples", "2"])
     made = []
 
-    def make_it_again(cmd, cwd):
+    def make_it_again(cmd, cwd, timeout):
         made.append(cmd)
         initial_evaluation(tmp_path / "runs" / "initial", eval_s=40.0, flags=["--eval-samples", "0"])
         return SimpleNamespace(returncode=0)
@@ -311,15 +311,45 @@ def test_the_runner_makes_again_a_step_0_evaluation_made_with_other_settings_and
     assert [p.name.split(".earlier-")[0] for p in (tmp_path / "runs").iterdir() if ".earlier-" in p.name] == [".initial"]
 
 
-@pytest.mark.parametrize("budget, initial_status", [(600, 3), (10, 0)])
+@pytest.mark.parametrize("budget, initial_status", [(600, 3), (600, "overran"), (10, 0), (15.5, 0)])
 def test_the_runner_exits_1_and_starts_no_arm_when_the_initial_evaluation_fails_or_no_time_is_left(
         budget, initial_status, tmp_path, monkeypatch, capsys):
-    """10 s of budget: less than an arm's 15 s start-up, nothing left for the arms."""
-    run_arms, _ = fake_arms(monkeypatch, initial_run=lambda cmd, cwd: SimpleNamespace(returncode=initial_status))
+    """On a clock that stands still: the initial evaluation may take the whole budget and is killed past it;
+    10 s of budget is less than an arm's 15 s start-up, and 15.5 s leaves half a second, which an arm's
+    --time-budget (whole seconds; 0 is none) cannot hold (before, it started with no limit). A call that starts no
+    arm packs none of an earlier call's runs as its own."""
+    (tmp_path / "runs" / "a").mkdir(parents=True)  # an earlier call's run of this arm, finished
+    (tmp_path / "runs" / "a" / "metrics.jsonl").write_text(json.dumps(STEP_0) + "\n")
+    given = []
+
+    def initial_run(cmd, cwd, timeout):
+        given.append(timeout)
+        if initial_status == "overran":
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        return SimpleNamespace(returncode=initial_status)
+
+    run_arms, _ = fake_arms(monkeypatch, initial_run=initial_run)
     assert run_arms.main(["--out", str(tmp_path / "runs"), "--budget", str(budget), "--pack", str(tmp_path / "pack"),
                           "--arm", "a="]) == 1
-    assert not FakeArm.started and (tmp_path / "pack" / "runs.tar.gz").exists()
-    assert ("initial evaluation failed (exit 3)" if initial_status else "no time left for the arms") in capsys.readouterr().out
+    assert given == [budget] and not FakeArm.started
+    with tarfile.open(tmp_path / "pack" / "runs.tar.gz") as archive:
+        assert not any(name.startswith("runs/a/") for name in archive.getnames()), "the earlier run, set aside"
+    assert (tmp_path / "pack" / "compare.txt").read_text() == "(no arm wrote metrics)\n"
+    out = capsys.readouterr().out
+    assert {3: "initial evaluation failed (exit 3)", "overran": "initial evaluation failed (exit killed: it overran --budget)",
+            0: "no time left for the arms"}[initial_status] in out
+
+
+def test_the_runner_takes_relative_folders_from_where_it_is_called(tmp_path, monkeypatch):
+    """The arms run in the repository's root: a relative --out given elsewhere once split each run in two."""
+    initial_evaluation(tmp_path / "rel" / "initial", eval_s=1.0, flags=[])
+    run_arms, _ = fake_arms(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    run_arms.main(["--out", "rel", "--budget", "600", "--pack", "pack", "--arm", "a="])
+    (arm,) = FakeArm.started
+    assert arm.cmd[arm.cmd.index("--output-dir") + 1] == str(tmp_path / "rel" / "a")
+    assert arm.cmd[arm.cmd.index("--initial-eval") + 1] == str(tmp_path / "rel" / "initial")
+    assert (tmp_path / "pack" / "runs.tar.gz").exists() and (tmp_path / "rel" / "commands.sh").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -330,7 +360,7 @@ def test_the_runner_exits_1_and_starts_no_arm_when_the_initial_evaluation_fails_
 ])
 def test_the_runner_refuses_a_repeated_or_reserved_arm_name_and_an_empty_budget(flags, message, tmp_path, monkeypatch,
                                                                                  capsys):
-    run_arms, _ = fake_arms(monkeypatch, initial_run=lambda cmd, cwd: pytest.fail("started"))
+    run_arms, _ = fake_arms(monkeypatch, initial_run=lambda cmd, cwd, timeout: pytest.fail("started"))
     with pytest.raises(SystemExit):
         run_arms.main(["--out", str(tmp_path), "--budget", "60", "--pack", str(tmp_path / "pack"), *flags])
     assert message in capsys.readouterr().err

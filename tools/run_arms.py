@@ -6,23 +6,25 @@
 
 RUNS below is the --out folder; PACK is --pack (default: the GPU tool's $OUT, whose files come back).
 1. Appends every arm's whole command line to RUNS/commands.sh (the common flags, then the arm's: later
-   flags win).
+   flags win), and sets aside an arm folder left by an earlier call (a run folder holds one run): renamed
+   .NAME.earlier-TIME where it holds metrics (nothing is lost, nothing of it is packed; hidden, so that
+   RUNS/*-s* names this call's runs alone), removed where it holds none.
 2. Evaluates the untrained model once (`--steps 0`, into RUNS/initial or --initial, unless that folder holds
    its evaluation already, made with the evaluation settings of --common): the step-0 evaluation is the same
    for every arm, and each arm reuses it (`--initial-eval`, which checks that it is), so the card does it
-   once, not once per arm. One made with other settings is set aside (below) and made again.
+   once, not once per arm. One made with other settings is set aside (as above) and made again; one that
+   overruns --budget is killed, and no arm starts.
 3. Starts the arms as separate processes (one log each, RUNS/NAME/log.txt), each with `--time-budget` set
    to what is left of --budget, less their start-up and the time their final evaluations lose to each
-   other on one card, and `--no-save-model` (only metrics, config and log are kept), so that each stops
-   training in time for its final evaluation. An arm folder left by an earlier call is set aside first (a run
-   folder holds one run): renamed .NAME.earlier-TIME where it holds metrics (nothing is lost, nothing of it is
-   packed; hidden, so that RUNS/*-s* names this call's runs alone), removed where it holds none. If arms are
+   other on one card (no arm starts where that is under a second), and `--no-save-model` (only metrics,
+   config and log are kept), so that each stops training in time for its final evaluation. If arms are
    still running --grace seconds after the budget, what they wrote so far is packed (step 4), then they all
    get SIGTERM (each stops after its step or evaluation), and those still running --grace seconds later
    SIGKILL: by PID, never by name. The worst case ends budget + 2 × grace seconds after the start.
 4. Packs RUNS's metrics, configs and logs (no models) into PACK/runs.tar.gz, and writes the `--compare`
    table of the arms to PACK/compare.txt and to the log: 2 files, within the GPU tool's 8.
 
+Relative folders are taken from where it is called (the arms run in the repository's root).
 Prints each arm's exit status (and the end of its log where it failed); exits 1 if an arm failed (the archive
 is written all the same).
 """
@@ -66,6 +68,8 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
     with open(os.path.join(out, "commands.sh"), "a") as f:  # appended: several calls may share OUT
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: tools/run_arms.py, each arm also given --time-budget\n")
         f.writelines(shlex.join(c) + "\n" for c in [initial, *arm_commands.values()])
+    for name in arms:  # an earlier call's runs, first: a folder holds one run, and what is packed is this call's
+        set_aside(os.path.join(out, name))
     row = run_io.initial_eval_row(initial_dir)  # made by an earlier call: the same for every arm, if made so
     other = row is not None and not_the_same(initial_dir, common)
     if other:
@@ -75,7 +79,10 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
         row = None  # the evaluation made below is the one that counts
         set_aside(initial_dir)  # (or an earlier attempt cut off before its evaluation)
     print(f"[run_arms] initial evaluation: {'reused from ' + initial_dir if reuse else shlex.join(initial)}", flush=True)
-    status = 0 if reuse else subprocess.run(initial, cwd=ROOT).returncode
+    try:  # within the budget, like everything else
+        status = 0 if reuse else subprocess.run(initial, cwd=ROOT, timeout=budget - (time.monotonic() - started)).returncode
+    except subprocess.TimeoutExpired:
+        status = "killed: it overran --budget"
     if status:
         print(f"[run_arms] the initial evaluation failed (exit {status})", flush=True)
         return finish(out, pack, arms, 1)
@@ -85,12 +92,11 @@ def run_arms(out: str, budget: float, grace: float, common: list[str], arms: dic
     # arms' part comes off each budget.
     row = row or run_io.initial_eval_row(initial_dir) or {}
     left -= (len(arms) - 1) * run_io.EVALUATION_ROOM * row.get("eval_s", 0.0) + START_UP
-    if left <= 0:
-        print(f"[run_arms] no time left for the arms ({left:.0f} s): raise --budget", flush=True)
+    if left < 1:  # (an arm's --time-budget is whole seconds, and 0 would be none)
+        print(f"[run_arms] no time left for the arms ({left:.1f} s): raise --budget", flush=True)
         return finish(out, pack, arms, 1)
     processes = {}
     for name, cmd in arm_commands.items():
-        set_aside(os.path.join(out, name))  # an earlier call's run: a folder holds one
         os.makedirs(os.path.join(out, name))
         with open(os.path.join(out, name, "log.txt"), "w") as log:
             processes[name] = subprocess.Popen(cmd + ["--time-budget", f"{left:.0f}"], cwd=ROOT, stdout=log,
@@ -211,7 +217,8 @@ def main(argv=None) -> int:
         parser.error("--pack: expected a folder (or $OUT set)")
     if args.budget <= 0:
         parser.error(f"--budget: expected > 0 seconds, got {args.budget}")
-    return run_arms(args.out, args.budget, args.grace, shlex.split(args.common), arms, args.pack, args.initial)
+    absolute = [os.path.abspath(path) if path else "" for path in (args.out, args.pack, args.initial)]  # (arms run in ROOT)
+    return run_arms(absolute[0], args.budget, args.grace, shlex.split(args.common), arms, absolute[1], absolute[2])
 
 
 if __name__ == "__main__":
