@@ -410,7 +410,7 @@ def check_evaluation_sampling(cfg: Config, rows: list[dict]) -> None:
     """A resumed run samples its held-out evaluations as its earlier ones did (temperature, top-p, top-k: the
     evaluated_with of its metrics rows), so that they compare with each other. --eval-samples may change: avg@K
     estimates one accuracy whatever K."""
-    names = ("eval_temperature", "eval_top_p", "eval_top_k")
+    names = tuple(name for name in run_io.SAMPLED_EVAL_SETTINGS if name != "eval_seed")  # (another seed: other draws, one measure)
     now = tuple(getattr(cfg, name) for name in names)
     earlier = {tuple(w.get(name) for name in names) for r in rows
                if r.get("kind") == "eval" and (w := r.get("evaluated_with") or {}).get("eval_samples")}
