@@ -217,8 +217,8 @@ def main(argv=None) -> int:
         parser.error("--pack: expected a folder (or $OUT set)")
     if args.budget <= 0:
         parser.error(f"--budget: expected > 0 seconds, got {args.budget}")
-    absolute = [os.path.abspath(path) if path else "" for path in (args.out, args.pack, args.initial)]  # (arms run in ROOT)
-    return run_arms(absolute[0], args.budget, args.grace, shlex.split(args.common), arms, absolute[1], absolute[2])
+    out, pack, initial = (os.path.abspath(path) if path else "" for path in (args.out, args.pack, args.initial))  # (arms run in ROOT)
+    return run_arms(out, args.budget, args.grace, shlex.split(args.common), arms, pack, initial)
 
 
 if __name__ == "__main__":
