@@ -112,7 +112,7 @@ def generate(model, tokenizer, prompt_ids, prompt_mask, cfg: Config, greedy: boo
         completion = decoding.hf_generate(*args, **sampling, static=cfg.rollout == "hf-static")
     else:  # decoding.py; auto: CUDA graphs on CUDA unless a capture fails there
         completion = decoding.generate(*args, **sampling, graph={"auto": None, "graph": True, "eager": False}[cfg.rollout],
-                                       progress=progress)
+                                       progress=progress, compile_step=cfg.compile_decode)
     return (completion, *completion_mask(completion, eos_ids))
 
 

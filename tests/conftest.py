@@ -1,9 +1,12 @@
 """Shared by the trainer's tests: the repository root on sys.path (train_min, trainer/, egrsd and the
-spec's helpers import from there), and the project's fixed hypothesis profile (derandomized, no example
-database: a run is reproducible and CI never flakes), as in test_egrsd.py, which must stand alone."""
+spec's helpers import from there), the project's fixed hypothesis profile (derandomized, no example
+database: a run is reproducible and CI never flakes), as in test_egrsd.py, which must stand alone, and
+the fixture of the compiled decode step's tests."""
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,3 +30,22 @@ def pytest_configure(config):
 settings.register_profile("egrsd", derandomize=True, database=None, deadline=None, max_examples=50,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("egrsd")
+
+
+@pytest.fixture
+def compiled_by_dynamo_alone(monkeypatch):
+    """decoding.py's compile_step (train_min.py --compile-decode) with dynamo's trace and no code generation
+    (inductor's C++ build would take ~30 s here; the CUDA tests use inductor), from an empty cache of compiled
+    steps. Yields the list of graphs compiled (one per compilation); dynamo's caches are emptied after the test."""
+    from trainer import decoding
+
+    compiled = []
+
+    def backend(graph_module, example_inputs):
+        compiled.append(graph_module)
+        return graph_module.forward
+
+    monkeypatch.setattr(decoding, "COMPILE_BACKEND", backend)
+    monkeypatch.setattr(decoding, "_compiled", {})
+    yield compiled
+    torch._dynamo.reset()

@@ -396,6 +396,46 @@ def test_the_decode_step_has_no_host_sync(family):
         assert (decoder.slot == ids.shape[1] + 3).all() and (decoder.out[:, 4:] == tokenizer.pad_token_id).all()
 
 
+def test_a_compiled_decode_step_gives_the_uncompiled_tokens_and_compiles_once(compiled_by_dynamo_alone):
+    """The same greedy tokens and, from the same seed, the same samples (the compilation's warm-up step puts
+    the generator back); another batch size, prompt length, completion length and model of the same class
+    reuse the one compilation (dynamic shapes from the start)."""
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer)
+    ids, mask = left_padded_prompts(tokenizer)
+    for greedy in (True, False):
+        runs = []
+        for compile_step in (False, True):
+            torch.manual_seed(0)
+            runs.append(decoding.generate(model, ids, mask, 12, 40, tokenizer.pad_token_id, greedy=greedy,
+                                          temperature=1.5, top_k=20, top_p=0.9, compile_step=compile_step))
+        assert torch.equal(*runs), greedy
+    other = sharp_tiny_model(tokenizer)
+    with torch.no_grad():
+        other.model.norm.weight.mul_(-1.0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for model_, rows, cut, new in ((model, 3, 2, 20), (other, 4, 0, 9)):
+            decode = lambda c: decoding.generate(model_, ids[:rows, cut:], mask[:rows, cut:], new, 40,  # noqa: E731
+                                                 tokenizer.pad_token_id, greedy=True, compile_step=c)
+            assert torch.equal(decode(False), decode(True))
+    assert len(compiled_by_dynamo_alone) == 1, "one compilation for every shape and both models"
+
+
+def test_a_compile_step_that_fails_to_compile_says_so(monkeypatch):
+    def broken(graph_module, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(decoding, "COMPILE_BACKEND", broken)
+    monkeypatch.setattr(decoding, "_compiled", {})
+    tokenizer = build_tiny_tokenizer()
+    ids, mask = left_padded_prompts(tokenizer)
+    try:
+        with pytest.raises(RuntimeError, match="(?s)compile_step: torch.compile of the decode step failed.*no C\\+\\+ compiler"):
+            decoding.generate(build_tiny_model(tokenizer), ids, mask, 4, 40, tokenizer.pad_token_id, greedy=True, compile_step=True)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("decode", [decoding.generate, decoding.hf_generate], ids=["static", "hf"])
 def test_rollouts_run_in_eval_mode_and_leave_the_model_in_its_own_mode(decode):
     """With attention dropout, a forward in training mode would make greedy rollouts random; a model that
@@ -538,6 +578,33 @@ def test_llama_mistral_and_lora_sampler_decode_steps_are_captured_as_graphs_on_c
     ids, mask = (t.cuda() for t in left_padded_prompts(tokenizer))
     run = lambda graph: decoding.generate(model, ids, mask, 20, -1, tokenizer.pad_token_id, greedy=True, graph=graph)  # noqa: E731
     assert torch.equal(run(False), run(True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["qwen2", "lora sampler"])
+def test_an_inductor_compiled_step_inside_the_graph_gives_the_graphs_tokens_on_cuda(family, monkeypatch):
+    """compile_step as train_min.py --compile-decode runs it: inductor's kernels captured in the CUDA graph;
+    float32, so that the fused kernels round as the eager ones do to well within the sharpened logits' gaps."""
+    monkeypatch.setattr(decoding, "no_graphs", type(decoding.no_graphs)())
+    monkeypatch.setattr(decoding, "_compiled", {})
+    tokenizer = build_tiny_tokenizer()
+    model = sharp_tiny_model(tokenizer).cuda()
+    if family == "lora sampler":
+        pytest.importorskip("peft", reason="the optional extra peft is not installed")
+        from trainer import lora
+
+        adapted = lora.attach(model, train_min.Config(lora_r=4))
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.3)
+        model = lora.sampler(adapted)
+    ids, mask = (t.cuda() for t in left_padded_prompts(tokenizer))
+    run = lambda c: decoding.generate(model, ids, mask, 20, -1, tokenizer.pad_token_id, greedy=True, graph=True, compile_step=c)  # noqa: E731
+    try:
+        assert torch.equal(run(False), run(True))
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("change, message", [

@@ -581,6 +581,7 @@ def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, lora, tmp_pat
     ("--lr-schedule", "step"), ("--warmup-steps", "-1"), ("--gate-group", "-1"), ("--score-temperature", "-1"),
     ("--lora-r", "-1"), ("--lora-alpha", "0"), ("--lora-dropout", "1"), ("--lora-target-modules", "q_proj,"),
     ("--train-size", "2001"), ("--eval-max-new-tokens", "-1"), ("--max-bad-steps", "0"), ("--eval-top-p", "0"),
+    ("--compile-decode", "--rollout=hf-dynamic"),  # (a flag without a value, then the engine it does not apply to)
 ])
 def test_a_bad_flag_stops_before_any_model_loads_naming_the_flag(flag, value, monkeypatch, tmp_path):
     monkeypatch.setattr(train_min, "load_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
@@ -677,18 +678,20 @@ def test_the_held_out_split_of_data_is_a_fifth_at_most_one_problem_at_least_and_
     assert [p.answer for p in load_data(cfg)[1]] == ["2\\sqrt{2}"]
 
 
-def test_every_rollout_engine_samples_a_valid_batch_and_greedy_engines_agree():
+def test_every_rollout_engine_samples_a_valid_batch_and_greedy_engines_agree(compiled_by_dynamo_alone):
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer)
     ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in built_in_problems(3, 1)[0]], "cpu")
     greedy = {}
-    for engine in ("auto", "eager", "hf-static", "hf-dynamic"):
-        cfg = train_min.Config(max_new_tokens=12, rollout=engine)
+    for engine in ("auto", "eager", "compiled", "hf-static", "hf-dynamic"):
+        cfg = (train_min.Config(max_new_tokens=12, rollout="eager", compile_decode=True) if engine == "compiled"
+               else train_min.Config(max_new_tokens=12, rollout=engine))
         torch.manual_seed(0)
         completion, mask, finished = train_min.generate(model, tokenizer, ids, attention, cfg)
         assert completion.shape[0] == 3 and completion.shape[1] <= 12 and (completion < len(tokenizer)).all()
         greedy[engine] = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)[0]
     assert all(torch.equal(greedy["eager"], g) for g in greedy.values())
+    assert len(compiled_by_dynamo_alone) == 1, "--compile-decode compiled the decode step"
 
 
 def test_bf16_runs_keep_float32_master_weights_and_a_synced_bf16_sampler(tmp_path):

@@ -161,6 +161,10 @@ class Config:
     rollout: str = "auto"
     """auto (decoding.py: a CUDA graph per decode step on CUDA; if capture fails, a warning and no graphs),
     graph, eager (decoding.py without graphs), hf-static or hf-dynamic (HF generate with that cache)"""
+    compile_decode: bool = False
+    """compile the decode step's forward with torch.compile (fused norms, rotary and activations: fewer kernels a
+    token, inside the CUDA graph on CUDA); the first rollout pays the compilation (tens of seconds). Greedy tokens
+    are the same in float32, and may break near ties otherwise in bf16. decoding.py rollouts only"""
     chunk_size: int = 1024
     """rows of logits alive at once when scoring (memory O(chunk × vocab))"""
     gradient_checkpointing: str = "auto"
@@ -274,6 +278,8 @@ def check_config(cfg: Config) -> None:
         ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
         ("rollout", cfg.rollout in ROLLOUTS, ", ".join(ROLLOUTS)),
         ("rollout", cfg.rollout != "graph" or cfg.device.startswith("cuda"), "graph only with a CUDA --device"),
+        ("compile_decode", not cfg.compile_decode or cfg.rollout in ("auto", "graph", "eager"),
+         "--rollout auto, graph or eager (decoding.py; HF generate compiles its own static cache)"),
         ("gradient_checkpointing", cfg.gradient_checkpointing in CHECKPOINTING, ", ".join(CHECKPOINTING)),
         ("verifier", cfg.verifier in ("builtin", "math-verify"), "builtin or math-verify"),
         ("verifier", cfg.verifier != "math-verify" or importlib.util.find_spec("math_verify") is not None,

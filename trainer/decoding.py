@@ -15,7 +15,9 @@ HF `generate` because of:
 - sampling by the exponential race (argmax of p / E, E ~ Exp(1)), which needs no host sync;
 - the stop test (every row has produced EOS) reads the GPU only every `check_every` steps;
 - grouped-query attention of the one new token without copying the cache once per query-head group;
-- on CUDA one graph per decode step: the ~400 kernel launches of a 24-layer step become one replay.
+- on CUDA one graph per decode step: the ~400 kernel launches of a 24-layer step become one replay;
+- optionally (`compile_step=True`) the decode step's model forward compiled by torch.compile, which fuses
+  the norms, rotary embeddings, activations and residual adds into fewer kernels (inside the graph on CUDA).
 The model is driven through its own forward (a static cache of full-attention layers, explicit positions,
 a ready-made 4D attention mask: boolean for sdpa, additive for eager, and `logits_to_keep` for the logits
 of the last position only). Importing this module registers one attention function with HF (`decode_sdpa`);
@@ -44,6 +46,7 @@ from transformers import AttentionInterface
 from trainer import run_io
 
 TIE_MARGIN = 32  # extra candidates taken so that logits tied with the k-th one are kept, as HF keeps them
+COMPILE_BACKEND = "inductor"  # of compile_step (the CPU tests use "eager", dynamo's trace alone: inductor's C++ build takes ~30 s)
 no_graphs: weakref.WeakSet = weakref.WeakSet()  # models whose capture failed: graph=None stops trying them
 
 
@@ -191,10 +194,11 @@ def unsupported(model, length: int) -> str | None:
 class _Decoder:
     """All the state of one generate call in fixed tensors, so that `step` can be captured as a CUDA graph."""
 
-    def __init__(self, model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, pick):
+    def __init__(self, model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, pick, compile_step=False):
         from transformers.cache_utils import Cache, StaticLayer
 
         self.model, self.pick, self.pad_id = model, pick, pad_id
+        self.decode_forward = compiled_step_forward() if compile_step else _Decoder.step_forward
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=prompt_ids.device)
         batch, self.prompt_len = prompt_ids.shape
         self.length = self.prompt_len + max_new_tokens
@@ -224,6 +228,10 @@ class _Decoder:
 
     def is_eos(self, tokens):
         return (tokens[..., None] == self.eos_ids).any(-1)
+
+    def step_forward(self, mask) -> torch.Tensor:
+        """The decode step's forward: `tokens` at `positions`, the logits (B, V) of the next token."""
+        return self._forward(self.tokens, mask, self.positions)
 
     def _mask(self, visible):
         if not self.additive:
@@ -264,7 +272,7 @@ class _Decoder:
         self.visible.index_fill_(1, self.slot, True)
         mask = self._mask(self.visible)[:, None, None, :]  # (B, 1, 1, length)
         with _attention(self.model.config, self.decode_attention):
-            picked = self.pick(self._forward(self.tokens, mask, self.positions))
+            picked = self.pick(self.decode_forward(self, mask))
         picked = torch.where(self.finished, self.pad_id, picked)
         self.out.index_copy_(1, self.slot - self.prompt_len + 1, picked[:, None])
         self.finished |= self.is_eos(picked)
@@ -295,10 +303,22 @@ class _Decoder:
         return graph
 
 
+_compiled: dict = {}  # backend → the compiled step forward: one per process, so that its compilations are kept
+
+
+def compiled_step_forward():
+    """`_Decoder.step_forward` compiled (COMPILE_BACKEND, one graph, dynamic shapes from the start): one
+    compilation serves every batch size, prompt length and model of one class (each new class compiles again)."""
+    if COMPILE_BACKEND not in _compiled:
+        _compiled[COMPILE_BACKEND] = torch.compile(_Decoder.step_forward, backend=COMPILE_BACKEND, fullgraph=True, dynamic=True)
+    return _compiled[COMPILE_BACKEND]
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
              eos_id: int | list[int], pad_id: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, graph: bool | None = None, check_every: int = 32, progress: str = "") -> torch.Tensor:
+             top_p: float = 1.0, graph: bool | None = None, check_every: int = 32, progress: str = "",
+             compile_step: bool = False) -> torch.Tensor:
     """Complete left-padded prompts (B, P): returns the completions (B, T), T ≤ max_new_tokens, with `pad_id`
     after each row's EOS and T the longest row (up to its EOS), as HF `generate` returns after the prompt.
 
@@ -310,8 +330,13 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     `torch.manual_seed` makes it reproducible.
     check_every: steps between two reads of "has every row finished?" (each read waits for the GPU).
     progress: a description to show the decode steps' progress under (`run_io.progress`); "" shows none.
+    compile_step: compile the decode step's model forward with torch.compile (`compiled_step_forward`), then
+    capture that in the graph as before. The first call of a process pays the compilation (tens of seconds);
+    a compilation that fails raises, naming compile_step. Greedy tokens are the uncompiled step's in float32;
+    in bf16 a fused kernel keeps float32 where the eager ops round each result to bf16, so near ties may break
+    otherwise (bench_egrsd.py counts the equal rows).
     A model that `unsupported` rejects is decoded by `hf_generate` instead (one warning per model), where
-    `graph` and `check_every` do not apply.
+    `graph`, `check_every` and `compile_step` do not apply.
     """
     if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids, prompt_mask: expected two (B, P) tensors, got {tuple(prompt_ids.shape)} "
@@ -340,10 +365,20 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     use_graph = graph if graph is not None else prompt_ids.is_cuda and model not in no_graphs
 
     decoder = _Decoder(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id,
-                       pick=lambda logits: next_tokens(logits, greedy, temperature, top_k, top_p))
+                       pick=lambda logits: next_tokens(logits, greedy, temperature, top_k, top_p), compile_step=compile_step)
     # graphs use the default generator of the current device: make the prompts' device the current one
     on_device = torch.cuda.device(prompt_ids.device) if prompt_ids.is_cuda else contextlib.nullcontext()
     with on_device, _evaluating(model):
+        if compile_step and max_new_tokens > 1:  # compile (or find compiled) here, outside any graph capture, with
+            try:  # the generator's state put back after it: the sampled tokens are then the uncompiled step's
+                with torch.random.fork_rng(devices=[prompt_ids.device] if prompt_ids.is_cuda else []):
+                    decoder.prefill(prompt_ids, prompt_mask)
+                    decoder.step()
+            except torch.OutOfMemoryError:  # the card's state, not the compiler's
+                raise
+            except Exception as error:  # (dynamo's and inductor's errors: a missing C++ compiler or Triton, say)
+                raise RuntimeError(f"compile_step: torch.compile of the decode step failed; decode without it "
+                                   f"({type(error).__name__}: {error})") from error
         decoder.prefill(prompt_ids, prompt_mask)
         replay = decoder.step
         if use_graph and max_new_tokens > 1:
