@@ -94,16 +94,21 @@ def test_qwen05b_has_the_layers_asked_and_is_the_same_in_every_process(tiny_qwen
     assert len(first.config.layer_types) == 1
 
 
-def test_rollout_rates_are_new_tokens_per_second_against_hf_and_greedy_engines_agree(monkeypatch):
-    seconds = iter([0.5, 1.0, 2.0, 1.0, 1.0])  # the best times of eager, hf-dynamic, hf-static, then LoRA's two
+def test_rollout_rates_are_new_tokens_per_second_against_hf_and_greedy_engines_agree(monkeypatch, compiled_by_dynamo_alone):
+    seconds = iter([0.5, 0.25, 1.0, 2.0, 1.0, 1.0])  # the best times of eager, eager-compiled, hf-dynamic, hf-static, LoRA's two
     monkeypatch.setattr(bench_egrsd, "best_of", lambda repeats, run, device: (next(seconds), run()))
-    s = dict(rollout_layers=0, new_tokens=3, batches=(2,), repeats=1, prompt=4, lora_rank=2)
+    s = dict(rollout_layers=0, new_tokens=3, batches=(2,), repeats=1, prompt=4, lora_rank=2, project_engine="eager",
+             engines=("eager", "eager-compiled", "hf-dynamic", "hf-static"))
     out = bench_egrsd.bench_rollouts("cpu", s)
     assert out["project_engine"] == "eager" and not any(k.endswith("_error") for k in out), out
-    rates = [out[f"{e}_batch2_tokens_per_s"] for e in ("eager", "hf-dynamic", "hf-static", "lora_peft", "lora_sampler")]
-    assert rates == [12.0, 6.0, 3.0, 6.0, 6.0], "2 rows of 3 new tokens a (best) call"
+    rates = [out[f"{e}_batch2_tokens_per_s"] for e in ("eager", "eager-compiled", "hf-dynamic", "hf-static", "lora_peft", "lora_sampler")]
+    assert rates == [12.0, 24.0, 6.0, 3.0, 6.0, 6.0], "2 rows of 3 new tokens a (best) call"
+    assert out["eager_batch2_ms_per_token"] == pytest.approx(500 / 3), "the best call's time over its 3 decode steps"
     assert (out["speedup_batch2"], out["speedup_batch2_vs_static"]) == (2.0, 4.0), "eager's rate over HF's"
-    assert out["greedy_rows_equal_to_eager"] == {"eager": 1.0, "hf-dynamic": 1.0, "hf-static": 1.0}
+    assert out["compiled_speedup_batch2"] == 2.0, "eager-compiled's rate over eager's"
+    assert out["greedy_rows_equal_to_eager"] == {"eager": 1.0, "eager-compiled": 1.0, "hf-dynamic": 1.0, "hf-static": 1.0}
+    assert len(compiled_by_dynamo_alone) == 1, "the -compiled engine compiled its decode step (once)"
+    assert "compiled / not: 2.00×" in bench_egrsd.report({"device": "cpu", "torch": torch.__version__, "rollouts": out})
 
 
 def _fake_runs(monkeypatch, rows_of):

@@ -10,9 +10,11 @@
    memory, time, largest differences of log-probs and gradients. Teacher entropy likewise.
 2. Rollouts: each engine of `train_min.generate`: HF `generate` with a dynamic cache (the baseline) and
    a static cache (compiled on CUDA), trainer/decoding.py eager and, on CUDA, with one CUDA graph per
-   decode step (the trainer's default there): new tokens per second at batch 32 and 128, best of 5 (CPU)
-   or 3 (CUDA) after a warm-up, and whether each engine's greedy tokens equal decoding.py's. Then the
-   same model with a LoRA adapter, through peft's forward and through train_min's sampler (`lora.sampler`).
+   decode step (the trainer's default there) and with that step's forward compiled inside the graph
+   (`--compile-decode`): new tokens per second at batch 32 and 128, best of 5 (CPU) or 3 (CUDA) after a
+   warm-up, milliseconds a decode step (the whole call over its new tokens), and whether each engine's
+   greedy tokens equal decoding.py's. Then the same model with a LoRA adapter, through peft's forward and
+   through train_min's sampler (`lora.sampler`).
 3. `lookahead_min`: a Python loop vs the vectorised version.
 4. Two training steps of train_min.py at its defaults (CUDA) or small sizes (CPU); the second, split into
    generate / score / update with tokens per second and share of the step; `--profile FILE` adds a third
@@ -54,7 +56,8 @@ import egrsd  # noqa: E402
 def sizes(device: str) -> dict:
     if device == "cuda":  # the issue's sizes: Qwen2.5-0.5B, 16 × 1024 tokens scored, 64 + 256 tokens rolled out
         return dict(layers=24, score_batch=16, score_length=1024, chunk_size=1024, rollout_layers=24, prompt=64,
-                    new_tokens=256, batches=(32, 128), repeats=3, lora_rank=64, step_model="random-0.5b", step_batch=32, step_flags=[],
+                    new_tokens=256, batches=(32, 128), repeats=3, lora_rank=64, project_engine="graph",
+                    engines=("eager", "graph", "graph-compiled", "hf-dynamic", "hf-static"), step_model="random-0.5b", step_batch=32, step_flags=[],
                     padding=dict(model="random-0.5b", batch=32, micro=8, cap=512, dtype="bfloat16", repeats=3),  # the real runs' step
                     finetune=[("qwen2.5-0.5b full", "random-0.5b", []), ("qwen2.5-0.5b lora", "random-0.5b", LORA),
                               ("qwen3-4b lora", "random-qwen3-4b", LORA)])  # the paper's batch and length
@@ -63,7 +66,8 @@ def sizes(device: str) -> dict:
     # and a 2-layer model of that width and vocabulary for full fine-tuning against LoRA
     small = ["--batch-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "32", "--dtype", "float32"]
     return dict(layers=2, score_batch=4, score_length=256, chunk_size=256, rollout_layers=0, prompt=64,
-                new_tokens=64, batches=(32, 128), repeats=5, lora_rank=8, step_model="tiny", step_batch=8, step_flags=["--max-new-tokens", "64"],
+                new_tokens=64, batches=(32, 128), repeats=5, lora_rank=8, project_engine="eager",
+                engines=("eager", "hf-dynamic", "hf-static"), step_model="tiny", step_batch=8, step_flags=["--max-new-tokens", "64"],
                 padding=dict(model="2-layer", batch=8, micro=2, cap=128, dtype="float32", repeats=2),
                 finetune=[("2-layer full", "2-layer", small), ("2-layer lora", "2-layer", small + LORA)])
 
@@ -214,11 +218,13 @@ def bench_scoring(device: str, s: dict) -> dict:
 
 
 def bench_rollouts(device: str, s: dict, save=lambda partial: None) -> dict:
-    """New tokens per second of each rollout engine of train_min.py on the same prompts, sampling settings
-    and model: decoding.py without / with CUDA graphs, HF generate with a dynamic / static cache (compiled
-    on CUDA). Best of `repeats` after a warm-up, which pays for HF's compilation (its time is kept as
-    `warmup_s`); decoding.py captures its graph in every call, as in training, so each timed graph run
-    includes its capture. `save` gets the results so far after each engine (a run cut short keeps them)."""
+    """New tokens per second of each rollout engine of train_min.py (`s["engines"]`) on the same prompts,
+    sampling settings and model: decoding.py without / with CUDA graphs (ENGINE-compiled: with
+    --compile-decode), HF generate with a dynamic / static cache (compiled on CUDA). Best of `repeats` after a
+    warm-up, which pays for the compilations (its time is kept as `warmup_s`); decoding.py captures its graph in
+    every call, as in training, so each timed graph run includes its capture. `ms_per_token`: the best call's
+    time over its new tokens (one decode step of the whole batch, the prefill and capture included). `save`
+    gets the results so far after each engine (a run cut short keeps them)."""
     import train_min
     from trainer.offline_models import build_tiny_model, build_tiny_tokenizer
     from transformers import GenerationConfig
@@ -230,9 +236,9 @@ def bench_rollouts(device: str, s: dict, save=lambda partial: None) -> dict:
         model = build_tiny_model(tokenizer).eval()
     # an EOS id the random model can never sample: every row decodes the full length with every engine
     model.generation_config = GenerationConfig(eos_token_id=[10**9], pad_token_id=tokenizer.pad_token_id)
-    ours = "graph" if device == "cuda" else "eager"
-    engines = ("eager", "graph", "hf-dynamic", "hf-static") if device == "cuda" else ("eager", "hf-dynamic", "hf-static")
-    configs = {e: train_min.Config(device=device, max_new_tokens=s["new_tokens"], rollout=e) for e in engines}
+    ours, engines = s["project_engine"], s["engines"]
+    configs = {e: train_min.Config(device=device, max_new_tokens=s["new_tokens"], rollout=e.removesuffix("-compiled"),
+                                   compile_decode=e.endswith("-compiled")) for e in engines}
     out = {"engines": list(engines), "project_engine": ours, "repeats": s["repeats"]}
     for batch in s["batches"]:
         prompts = torch.randint(3, len(tokenizer), (batch, s["prompt"]), generator=torch.Generator().manual_seed(batch)).to(device)
@@ -249,6 +255,7 @@ def bench_rollouts(device: str, s: dict, save=lambda partial: None) -> dict:
                 seconds, completion = best_of(s["repeats"], lambda: run(engine), device)
                 assert completion.shape[1] == s["new_tokens"], f"{engine} stopped after {completion.shape[1]} of {s['new_tokens']} tokens"
                 out[f"{engine}_batch{batch}_tokens_per_s"] = batch * s["new_tokens"] / seconds
+                out[f"{engine}_batch{batch}_ms_per_token"] = 1000 * seconds / s["new_tokens"]
                 if batch == s["batches"][0]:  # the greedy tokens of each engine, row by row, against decoding.py eager
                     greedy[engine] = run(engine, greedy=True)
                     out["greedy_rows_equal_to_eager"] = {e: (g == greedy["eager"]).all(-1).float().mean().item() for e, g in greedy.items()}
@@ -259,6 +266,9 @@ def bench_rollouts(device: str, s: dict, save=lambda partial: None) -> dict:
             if f"{baseline}_batch{batch}_tokens_per_s" in out and f"{ours}_batch{batch}_tokens_per_s" in out:
                 out[f"speedup_batch{batch}" + ("" if baseline == "hf-dynamic" else "_vs_static")] = (
                     out[f"{ours}_batch{batch}_tokens_per_s"] / out[f"{baseline}_batch{batch}_tokens_per_s"])
+        if f"{ours}-compiled_batch{batch}_tokens_per_s" in out and f"{ours}_batch{batch}_tokens_per_s" in out:
+            out[f"compiled_speedup_batch{batch}"] = (out[f"{ours}-compiled_batch{batch}_tokens_per_s"]
+                                                     / out[f"{ours}_batch{batch}_tokens_per_s"])
         save(out)
     out |= lora_rollouts(model, tokenizer, s, configs[ours], ours)
     save(out)
@@ -583,14 +593,16 @@ def report(r: dict) -> str:
                   f"   max |Δ| entropy {sc['max_err_entropy']:.2e}"]
     if "rollouts" in r:
         ro = r["rollouts"]
-        lines.append("\n2. rollouts, new tokens/s   " + "".join(f"{e:>12}" for e in ro["engines"])
+        lines.append("\n2. rollouts, new tokens/s   " + "".join(f"{e:>15}" for e in ro["engines"])
                      + f"   {ro['project_engine']} / hf-dynamic, / hf-static")
         for batch in sorted({int(m.group(1)) for k in ro if (m := re.search(r"_batch(\d+)_", k))}):
-            rate = lambda e: ro.get(f"{e}_batch{batch}_tokens_per_s", math.nan)  # noqa: E731 (nan: not measured)
-            lines.append(f"   batch {batch:>4}              " + "".join(f"{rate(e):12.0f}" for e in ro["engines"])
+            rate = lambda e, key="tokens_per_s": ro.get(f"{e}_batch{batch}_{key}", math.nan)  # noqa: E731 (nan: not measured)
+            lines.append(f"   batch {batch:>4}              " + "".join(f"{rate(e):15.0f}" for e in ro["engines"])
                          + f"   {ro.get(f'speedup_batch{batch}', math.nan):.2f}×, {ro.get(f'speedup_batch{batch}_vs_static', math.nan):.2f}×")
+            lines.append("     ms a decode step      " + "".join(f"{rate(e, 'ms_per_token'):15.2f}" for e in ro["engines"])
+                         + (f"   compiled / not: {ro[f'compiled_speedup_batch{batch}']:.2f}×" if f"compiled_speedup_batch{batch}" in ro else ""))
         same = ro.get("greedy_rows_equal_to_eager", {})
-        lines.append("   greedy rows equal to eager " + "".join(f"{same.get(e, math.nan):12.2f}" for e in ro["engines"]))
+        lines.append("   greedy rows equal to eager " + "".join(f"{same.get(e, math.nan):15.2f}" for e in ro["engines"]))
         if "lora_batch" in ro:
             batch = ro["lora_batch"]
             plain = ro.get(f"{ro['project_engine']}_batch{batch}_tokens_per_s", math.nan)
