@@ -264,7 +264,7 @@ def held_out_templates(generator) -> set:
 def generator(monkeypatch, tmp_path):
     """data/make_gsm_symbolic.py importing a stand-in for reasoning-gym 0.1.25 (tasks_ok: the 85 templates of
     the shipped files, a sorted list as reasoning-gym's is; each dataset draws templates 0-99, with repeated
-    questions), writing into tmp_path, 40 training and 12 held-out problems."""
+    questions, and every fifth solution states 1 + 1 = 3), writing into tmp_path, 40 training and 12 held-out problems."""
     class Dataset:
         def __init__(self, size, seed):
             rng = random.Random(seed)
@@ -273,7 +273,7 @@ def generator(monkeypatch, tmp_path):
 
         def __getitem__(self, index):
             return {"question": self.questions[index], "answer": str(index),
-                    "metadata": {"answer_cot": f"worked #### {index}"}}
+                    "metadata": {"answer_cot": ("so 1 + 1 = 3 and " if index % 5 == 0 else "") + f"worked #### {index}"}}
 
     gym = types.ModuleType("reasoning_gym")
     gym.create_dataset = lambda name, size, seed: Dataset(size, seed) if name == "gsm_symbolic" else pytest.fail(name)
@@ -298,9 +298,23 @@ def test_the_generator_holds_out_whole_templates_and_writes_distinct_questions_w
     for problems in (train, held_out):
         assert len({p.question for p in problems}) == len(problems), "no question twice"
         assert all(p.question.startswith(f"template {p.template}:") for p in problems), "each row names its own template"
+        assert not any("1 + 1 = 3" in p.solution for p in problems), "a solution with an inexact step is skipped"
     generator.version = lambda _: "0.1.26"
     with pytest.raises(SystemExit, match="^reasoning-gym 0.1.25 expected .* got 0.1.26$"):
         generator.main()
+
+
+def test_every_built_in_worked_solution_states_only_exact_arithmetic():
+    """reasoning-gym's generators truncate with int(): for some numbers a solution states "$137.20 - $39.20 = $97"
+    (98) or 41.6 students as 41, and its reference answer follows it (57 such training problems were shipped
+    once). The data script skips them; the steps of a longer expression are not judged."""
+    inexact_steps = load_generator().inexact_steps
+    assert inexact_steps("He has $137.20 - $39.20 = $97 left.\n#### 97") == ["$137.20 - $39.20 = $97"]
+    assert inexact_steps("561.0 / 1.1 = 509 bags; 0.52 * 80 = 41 students; 11 x 0.5 = 5 tubes") == [
+        "561.0 / 1.1 = 509", "0.52 * 80 = 41", "11 x 0.5 = 5"]
+    assert inexact_steps("5 + 3 * 2 = 11, then 137.20 - 39.20 = 98 and 0.52 * 80 = 41.6; 7 / 0 = 0") == []
+    train, held_out = built_in_problems(2000, 400)
+    assert [p.question[:60] for p in train + held_out if inexact_steps(p.solution)] == []
 
 
 def test_the_shipped_files_are_the_generators_sizes_and_held_out_templates(generator):
