@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from trainer.tasks import (INSTRUCTION, Problem, batch_problems, built_in_problems, epoch_order, is_correct, is_correct_symbolic,
-                           load_problems, student_messages, teacher_messages)
+                           load_data, load_problems, student_messages, teacher_messages)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,6 +157,15 @@ def test_data_files_of_both_formats_load_into_problems(tmp_path):
     assert (own.question, own.solution, own.answer, own.template) == ("p", "s", "7", None)
     assert (recounted.solution, recounted.answer) == ("#### 5\nno, recount", "12")
     assert (zero.answer, zero.template) == ("0", "t")
+
+
+def test_a_repeated_question_is_kept_once_with_a_warning_so_that_no_split_holds_it_out_and_trains_on_it(tmp_path):
+    rows = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(10)] + [{"question": "What is 0 + 1?", "answer": "#### 1"}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match=re.escape(f"{path}: 1 repeated question kept once, where each came first (line 11 repeats line 1)")):
+        train, held_out = load_data(types.SimpleNamespace(data=str(path), eval_data="", eval_size=2, train_size=100, verifier="builtin"))
+    assert len(train) + len(held_out) == 10 and not {p.id for p in train} & {p.id for p in held_out}
 
 
 def test_built_in_problems_hold_out_whole_templates_and_are_solved_by_their_own_solutions():

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +80,10 @@ def _parse_row(row, where: str, numeric: bool) -> Problem:
 
 def load_problems(path, numeric: bool = True) -> list[Problem]:
     """Every problem of a JSONL file; blank lines are skipped, anything malformed raises ValueError.
-    numeric: every final answer must be a number (the built-in verifier compares numbers)."""
-    problems, lineno = [], 0
+    numeric: every final answer must be a number (the built-in verifier compares numbers).
+    A question that comes again is kept once, where it came first, with a warning: a problem is known by its
+    question (`Problem.id`), and a repeat could otherwise be held out and trained on at once."""
+    problems, lineno, first_line, repeats = [], 0, {}, []
     with open(path, "rb") as f:  # bytes: json.loads decodes each line, so bad UTF-8 gets a line number
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -90,9 +93,17 @@ def load_problems(path, numeric: bool = True) -> list[Problem]:
                 row = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{where}invalid JSON ({e})") from None
-            problems.append(_parse_row(row, where, numeric))
+            problem = _parse_row(row, where, numeric)
+            if problem.question in first_line:
+                repeats.append(f"line {lineno} repeats line {first_line[problem.question]}")
+                continue
+            first_line[problem.question] = lineno
+            problems.append(problem)
     if not problems:
         raise ValueError(f"{path}:{lineno}: no problems in file (expected one JSON object per line)")
+    if repeats:
+        warnings.warn(f"{path}: {len(repeats)} repeated question{'s' * (len(repeats) > 1)} kept once, where each came first "
+                      f"({', '.join(repeats[:3])}{', ...' if len(repeats) > 3 else ''})")
     return problems
 
 
