@@ -1188,7 +1188,7 @@ def test_compare_stands_anywhere_refuses_an_empty_list_or_other_flags_and_names_
     train_min.main([f"--compare={tmp_path / 'empty'}"])
     assert "empty            (no evaluation after training yet)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="^--compare: write it out"):  # an abbreviation trains nothing either
-        train_min.main(["--comp", str(tmp_path / "empty")])
+        train_min.main(["--compa", str(tmp_path / "empty")])
 
 
 def test_rows_without_problem_ids_are_matched_to_their_held_out_file_in_order():

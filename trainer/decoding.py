@@ -370,15 +370,16 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     on_device = torch.cuda.device(prompt_ids.device) if prompt_ids.is_cuda else contextlib.nullcontext()
     with on_device, _evaluating(model):
         if compile_step and max_new_tokens > 1:  # compile (or find compiled) here, outside any graph capture, with
-            try:  # the generator's state put back after it: the sampled tokens are then the uncompiled step's
-                with torch.random.fork_rng(devices=[prompt_ids.device] if prompt_ids.is_cuda else []):
-                    decoder.prefill(prompt_ids, prompt_mask)
+            # the generator's state put back after it: the sampled tokens are then the uncompiled step's
+            with torch.random.fork_rng(devices=[prompt_ids.device] if prompt_ids.is_cuda else []):
+                decoder.prefill(prompt_ids, prompt_mask)
+                try:
                     decoder.step()
-            except torch.OutOfMemoryError:  # the card's state, not the compiler's
-                raise
-            except Exception as error:  # (dynamo's and inductor's errors: a missing C++ compiler or Triton, say)
-                raise RuntimeError(f"compile_step: torch.compile of the decode step failed; decode without it "
-                                   f"({type(error).__name__}: {error})") from error
+                except torch.OutOfMemoryError:  # the card's state, not the compiler's
+                    raise
+                except Exception as error:  # (dynamo's and inductor's errors: a missing C++ compiler or Triton, say)
+                    raise RuntimeError(f"compile_step: torch.compile of the decode step failed; decode without it "
+                                       f"({type(error).__name__}: {error})") from error
         decoder.prefill(prompt_ids, prompt_mask)
         replay = decoder.step
         if use_graph and max_new_tokens > 1:
