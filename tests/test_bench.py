@@ -214,3 +214,67 @@ def test_the_report_gives_the_flop_floor_where_the_peak_is_known_and_says_so_whe
     assert "no FLOP floor (the device's bf16 peak is not known)" in bench_egrsd.report(run | {"step": step})
     known = bench_egrsd.report(run | {"step": step | {"score_update_floor_s": 0.25, "score_update_over_floor": 8.0}})
     assert "8.0× its FLOP floor of 0.25 s" in known and "nan" not in known
+
+
+LOOKAHEAD = {"loop_s": 1.0, "vectorised_s": 0.5, "speedup": 2.0, "max_err": 0.0, "shape": [1, 2], "window": 3}
+
+
+def test_a_json_file_in_a_folder_not_made_yet_gets_its_folder_and_every_part(tmp_path, monkeypatch):
+    path = tmp_path / "new" / "deeper" / "bench.json"
+    monkeypatch.setattr(bench_egrsd, "bench_lookahead", lambda: LOOKAHEAD)
+    monkeypatch.setattr(sys, "argv", ["bench_egrsd.py", "--only", "lookahead", "--json", str(path)])
+    bench_egrsd.main()
+    assert json.loads(path.read_text())["lookahead"] == LOOKAHEAD
+
+
+@pytest.mark.parametrize("flag, part", [("--json", "lookahead"), ("--profile", "step")])
+def test_a_json_or_profile_file_that_cannot_be_written_is_refused_before_any_part_runs(flag, part, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("")
+    ran = []
+    monkeypatch.setattr(bench_egrsd, f"bench_{part}", lambda *args: ran.append(part))
+    monkeypatch.setattr(sys, "argv", ["bench_egrsd.py", "--only", part, flag, str(tmp_path / "a-file" / "out")])
+    with pytest.raises(SystemExit):
+        bench_egrsd.main()
+    assert f"{flag}: expected a file in a folder that exists or can be made" in capsys.readouterr().err
+    assert ran == [], "refused before the part ran, not after"
+
+
+def test_a_json_write_that_fails_during_the_run_loses_no_number(tmp_path, monkeypatch, capsys):
+    path, replace = tmp_path / "b.json", os.replace
+
+    def full_disk_once_the_file_exists(source, target):  # the first write succeeds, every later one fails
+        if os.path.exists(target):
+            raise OSError(28, "No space left on device")
+        replace(source, target)
+    monkeypatch.setattr(bench_egrsd.os, "replace", full_disk_once_the_file_exists)
+    monkeypatch.setattr(bench_egrsd, "bench_lookahead", lambda: LOOKAHEAD)
+    monkeypatch.setattr(bench_egrsd, "bench_padding", lambda device, s: 1 / 0)
+    monkeypatch.setattr(sys, "argv", ["bench_egrsd.py", "--only", "lookahead,padding", "--json", str(path)])
+    with pytest.raises(SystemExit, match=r"failed: padding \(ZeroDivisionError.*\n--json: .* could not be written"):
+        bench_egrsd.main()
+    monkeypatch.undo()
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("\n{") : out.index("\n}") + 2])
+    assert printed["lookahead"] == LOOKAHEAD and printed["padding_error"].startswith("ZeroDivisionError"), "the JSON went to stdout"
+
+
+def test_a_profile_that_fails_keeps_the_steps_numbers(monkeypatch, tmp_path):
+    _fake_runs(monkeypatch, lambda argv: [dict(generate_s=2.0, score_s=1.0, update_s=1.0, step_s=4.0, length_mean=10.0, length_max=12,
+                                               peak_gpu_mem_gb=0.0, gradient_checkpointing=False)] * 2)
+
+    def unwritable(flags, run_dir, device, path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(bench_egrsd, "_profile_one_more_step", unwritable)
+    out = bench_egrsd.bench_step("cpu", bench_egrsd.sizes("cpu"), profile=str(tmp_path / "profile.txt"))
+    assert out["step_s"] == 4.0 and out["checkpointing_on"]["step_s"] == 4.0, "the step and the run with checkpointing on"
+    assert out["profile_error"].startswith("PermissionError")
+
+
+def test_device_cuda_without_cuda_is_refused_naming_the_flag(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ran = []
+    monkeypatch.setattr(bench_egrsd, "bench_lookahead", lambda: ran.append(1))
+    monkeypatch.setattr(sys, "argv", ["bench_egrsd.py", "--device", "cuda", "--only", "lookahead"])
+    with pytest.raises(SystemExit):
+        bench_egrsd.main()
+    assert "--device cuda: expected a CUDA device" in capsys.readouterr().err and ran == []

@@ -479,9 +479,13 @@ def bench_step(device: str, s: dict, profile: str = "") -> dict:
             train_min.main(flags + ["--steps", "2"])
             rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
             if profile:
-                _profile_one_more_step(flags, run_dir, device, profile)
+                try:  # (a profile that fails, or cannot be written, leaves the two steps' numbers)
+                    _profile_one_more_step(flags, run_dir, device, profile)
+                except Exception as error:  # noqa: BLE001
+                    profile_error.append(f"{type(error).__name__}: {error}"[:2000])
         return rows[-1]  # the second step: compilation and warm-up are behind it
 
+    profile_error = []
     last = two_steps([], profile)
     tokens = last["length_mean"] * s["step_batch"]
     keys = ("generate_s", "score_s", "update_s", "step_s", "length_mean", "length_max", "peak_gpu_mem_gb", "gradient_checkpointing")
@@ -489,6 +493,8 @@ def bench_step(device: str, s: dict, profile: str = "") -> dict:
            "completion_tokens": tokens, **{f"{phase}_tokens_per_s": tokens / last[f"{phase}_s"] for phase in ("generate", "score", "update")},
            "score_plus_update_share": (last["score_s"] + last["update_s"]) / last["step_s"]}
     out |= flop_floor(s["step_model"], tokens, last["score_s"] + last["update_s"], device, last["gradient_checkpointing"])
+    if profile_error:
+        out["profile_error"] = profile_error[0]
     try:  # (out of memory, say: the default step's numbers are kept)
         on = two_steps(["--gradient-checkpointing", "on"])
         out["checkpointing_on"] = {k: on[k] for k in ("score_s", "update_s", "step_s", "length_mean", "peak_gpu_mem_gb")}
@@ -533,22 +539,28 @@ def _profile_one_more_step(flags: list, run_dir: str, device: str, path: str) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to measure (default: cpu)")
-    parser.add_argument("--json", default="", help="also write the results to this JSON file (after each part)")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file (at the start, then after each part; "
+                        "its folder is made at the start)")
     parser.add_argument("--only", default="scoring,lookahead,step,rollouts,finetune,padding", help="comma-separated parts to run, in this order")
-    parser.add_argument("--profile", default="", help="also profile a third training step; write its operator table here")
+    parser.add_argument("--profile", default="", help="also profile a third training step (with --only step); write its "
+                        "operator table here (its folder is made at the start)")
     parser.add_argument("--padding-model", default="", help="part 6 on this model (a folder or hub name) instead of random weights")
     args = parser.parse_args()
     s, parts = sizes(args.device), args.only.split(",")
     s["padding"]["model"] = args.padding_model or s["padding"]["model"]
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
-    results = {"device": machine, "torch": torch.__version__, "transformers": transformers.__version__}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: expected a CUDA device, but this torch ({torch.__version__}) sees none")
 
-    def save(part: str, value: dict) -> None:  # after every part (and engine), so that a run cut short keeps them
+    unwritten = []  # a write of --json that failed after the start (a full disk, say): the numbers go to stdout at the end
+
+    def save(part: str, value) -> None:  # after every part (and engine), so that a run cut short keeps them
         results[part] = value
         if args.json:
-            with open(args.json + ".tmp", "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(args.json + ".tmp", args.json)
+            try:
+                write_json(args.json, results)
+            except OSError as error:
+                print(f"--json: could not write {args.json} ({error}); the numbers are printed at the end", file=sys.stderr)
+                unwritten.append(error)
 
     runners = {"scoring": lambda: bench_scoring(args.device, s),
                "rollouts": lambda: bench_rollouts(args.device, s, lambda partial: save("rollouts", partial)),
@@ -557,19 +569,51 @@ def main() -> None:
                "padding": lambda: bench_padding(args.device, s)}
     if unknown := [p for p in parts if p not in runners]:
         parser.error(f"--only: expected parts among {', '.join(runners)}, got {', '.join(unknown)}")
+    if args.profile and "step" not in parts:
+        parser.error(f"--profile: expected --only to include step (it profiles a third training step), got --only {args.only}")
+    for flag, path in (("--json", args.json), ("--profile", args.profile)):  # before any part runs, not after one has
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as error:
+                parser.error(f"{flag}: expected a file in a folder that exists or can be made, got {path!r} ({error})")
+            if os.path.isdir(path) or not os.access(path if os.path.exists(path) else folder, os.W_OK):
+                parser.error(f"{flag}: expected a file that can be written, got {path!r}")
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
+    results = {"device": machine, "torch": torch.__version__, "transformers": transformers.__version__}
+    if args.json:  # now: a file that cannot be written stops the bench before any part runs
+        try:
+            write_json(args.json, results)
+        except OSError as error:
+            parser.error(f"--json: expected a file that can be written, got {args.json!r} ({error})")
     failed = []
     for number, part in enumerate(parts, start=1):
         print(f"[{number}/{len(parts)} {part} ...]", flush=True)  # the parts take minutes: say which one runs
         start = time.perf_counter()
+        key = part
         try:
-            save(part, runners[part]())
+            value = runners[part]()
         except (Exception, SystemExit) as error:  # noqa: BLE001 (the other parts still run; the error is kept)
-            save(f"{part}_error", f"{type(error).__name__}: {error}"[:2000])
+            key, value = f"{part}_error", f"{type(error).__name__}: {error}"[:2000]
             failed.append(part)
+        save(key, value)  # (outside the try: a write that fails is reported by save, not taken for the part's error)
         print(f"[{part}: {time.perf_counter() - start:.0f} s]", flush=True)
+    problems = ["failed: " + ", ".join(f"{part} ({results[part + '_error']})" for part in failed)] if failed else []
+    if unwritten:  # (nothing measured is lost: the JSON that could not be written goes to stdout)
+        print(json.dumps(results, indent=1))
     print(report({k: v for k, v in results.items() if k not in failed}))
-    if failed:
-        sys.exit("failed: " + ", ".join(f"{part} ({results[part + '_error']})" for part in failed))
+    if unwritten:
+        problems.append(f"--json: {args.json} could not be written ({unwritten[-1]}); its numbers are printed above")
+    if problems:
+        sys.exit("\n".join(problems))
+
+
+def write_json(path: str, results: dict) -> None:
+    """results as JSON, replacing `path` at once (a run cut short leaves the last whole file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _cpu_name() -> str:
@@ -626,6 +670,8 @@ def report(r: dict) -> str:
                  else "no FLOP floor (the device's bf16 peak is not known)")
         lines.append(f"   step      {st['step_s']:7.2f} s; score + update = {100 * st['score_plus_update_share']:.0f}%, "
                      f"{floor}; gradient checkpointing {'on' if st.get('gradient_checkpointing') else 'off'} (auto)")
+        if "profile_error" in st:
+            lines.append(f"   profiled third step: {st['profile_error'][:100]}")
         if "checkpointing_on_error" in st:
             lines.append(f"   with gradient checkpointing on: {st['checkpointing_on_error'][:100]}")
         if "checkpointing_on" in st:
