@@ -212,6 +212,8 @@ def test_the_report_gives_the_flop_floor_where_the_peak_is_known_and_says_so_whe
             **{f"{phase}_{key}": 1.0 for phase in ("generate", "score", "update") for key in ("s", "tokens_per_s")}}
     run = {"device": "cpu", "torch": torch.__version__}
     assert "no FLOP floor (the device's bf16 peak is not known)" in bench_egrsd.report(run | {"step": step})
+    read_back = {"score_update_floor_s": None, "score_update_over_floor": None}  # a CPU run's JSON: null, not NaN
+    assert "no FLOP floor (the device's bf16 peak is not known)" in bench_egrsd.report(run | {"step": step | read_back})
     known = bench_egrsd.report(run | {"step": step | {"score_update_floor_s": 0.25, "score_update_over_floor": 8.0}})
     assert "8.0× its FLOP floor of 0.25 s" in known and "nan" not in known
 
@@ -278,3 +280,19 @@ def test_device_cuda_without_cuda_is_refused_naming_the_flag(monkeypatch, capsys
     with pytest.raises(SystemExit):
         bench_egrsd.main()
     assert "--device cuda: expected a CUDA device" in capsys.readouterr().err and ran == []
+
+
+def strict_json(text: str):
+    """json.loads as RFC 8259 (and JavaScript, Go, serde_json) read it: NaN and Infinity are no JSON."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_what_was_not_measured_or_is_not_known_is_written_as_null_not_nan(tmp_path, monkeypatch):
+    path = tmp_path / "bench.json"
+    monkeypatch.setattr(bench_egrsd, "bench_lookahead", lambda: LOOKAHEAD | {"speedup": math.nan, "shape": [1, math.inf]})
+    monkeypatch.setattr(sys, "argv", ["bench_egrsd.py", "--only", "lookahead", "--json", str(path)])
+    bench_egrsd.main()
+    lookahead = strict_json(path.read_text())["lookahead"]
+    assert lookahead["speedup"] is None and lookahead["shape"] == [1, None] and lookahead["loop_s"] == 1.0

@@ -1,6 +1,7 @@
 """tools/policy_shift.py: it takes train_min.py's first step, reads the token order it scores in, and its
 measures of the step equal their naive float64 forms."""
 
+import json
 import math
 from collections import Counter
 
@@ -28,7 +29,9 @@ def test_an_arm_takes_train_mins_first_step_and_what_it_moved_is_measured(arm, t
     for model in [m for m in ("sampler", "student") if m in row]:
         shift = row[model]
         assert shift["kl"] > 0 and shift["dlogp_neg"] < 0 and math.isnan(shift["dlogp_pos"]), (model, shift)
-    assert "sampler" in capsys.readouterr().out and (tmp_path / "shift.json").is_file()
+    assert "sampler" in capsys.readouterr().out
+    written = json.loads((tmp_path / "shift.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert written["arms"]["a"]["sampler"]["dlogp_pos"] is None, "no token with Â > 0: null, not NaN"
 
 
 def test_each_token_is_measured_with_its_own_rows_advantage_and_the_float32_student_goes_uphill(monkeypatch):

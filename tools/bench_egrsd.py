@@ -2,7 +2,7 @@
 
     python tools/bench_egrsd.py                      # CPU, small sizes (2 to 6 minutes on 2 cores, quiet to busy)
     python tools/bench_egrsd.py --device cuda        # one GPU, Qwen2.5-0.5B architecture, random weights
-    python tools/bench_egrsd.py --json bench.json    # also write every number as JSON
+    python tools/bench_egrsd.py --json bench.json    # also write every number as JSON (null: not measured or not known)
     python tools/bench_egrsd.py --only rollouts      # some parts only (scoring, lookahead, step, rollouts, ...)
 
 1. Student scoring step (forward, log-probs of the sampled tokens, backward): plain (full logits, float32
@@ -511,7 +511,7 @@ def flop_floor(model: str, completion_tokens: float, seconds: float, device: str
     """The least time score + update could take at the card's bf16 peak: 2 FLOPs a parameter a token for
     each forward pass over the completion tokens, four passes (the teacher's forward, the update's forward,
     its backward counted as two), five where gradient checkpointing recomputed the forward; prompts not
-    counted, so this floor is a little low. NaN where the card's peak is not known (and on CPU)."""
+    counted, so this floor is a little low. NaN where the card's peak is not known (and on CPU; null in the JSON)."""
     from trainer.offline_models import meta_model, model_config
 
     params = sum(p.numel() for p in meta_model(model_config(model)).parameters())
@@ -601,7 +601,7 @@ def main() -> None:
         print(f"[{part}: {time.perf_counter() - start:.0f} s]", flush=True)
     problems = ["failed: " + ", ".join(f"{part} ({results[part + '_error']})" for part in failed)] if failed else []
     if unwritten:  # (nothing measured is lost: the JSON that could not be written goes to stdout)
-        print(json.dumps(results, indent=1))
+        print(json.dumps(finite_or_null(results), indent=1, allow_nan=False))
     print(report({k: v for k, v in results.items() if k not in failed}))
     if unwritten:
         problems.append(f"--json: {args.json} could not be written ({unwritten[-1]}); its numbers are printed above")
@@ -609,10 +609,22 @@ def main() -> None:
         sys.exit("\n".join(problems))
 
 
+def finite_or_null(value):
+    """value with every float that is not finite (NaN: not measured or not known) as None: JSON has no NaN, and
+    strict parsers (JavaScript, Go, serde_json) refuse the NaN that json.dump writes by default."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def write_json(path: str, results: dict) -> None:
-    """results as JSON, replacing `path` at once (a run cut short leaves the last whole file)."""
+    """results as standard JSON (null for NaN), replacing `path` at once (a run cut short leaves the last whole file)."""
     with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(finite_or_null(results), f, indent=1, allow_nan=False)
     os.replace(path + ".tmp", path)
 
 
@@ -665,8 +677,8 @@ def report(r: dict) -> str:
         for phase in ("generate", "score", "update"):
             lines.append(f"   {phase:<9} {st[f'{phase}_s']:7.2f} s {100 * st[f'{phase}_s'] / st['step_s']:4.0f}%  "
                          f"{st[f'{phase}_tokens_per_s']:9.0f} tokens/s")
-        floor = st.get("score_update_floor_s", math.nan)
-        floor = (f"{st['score_update_over_floor']:.1f}× its FLOP floor of {floor:.2f} s" if math.isfinite(floor)
+        floor = st.get("score_update_floor_s")  # (NaN, or null read back from a JSON file: the peak is not known)
+        floor = (f"{st['score_update_over_floor']:.1f}× its FLOP floor of {floor:.2f} s" if floor is not None and math.isfinite(floor)
                  else "no FLOP floor (the device's bf16 peak is not known)")
         lines.append(f"   step      {st['step_s']:7.2f} s; score + update = {100 * st['score_plus_update_share']:.0f}%, "
                      f"{floor}; gradient checkpointing {'on' if st.get('gradient_checkpointing') else 'off'} (auto)")

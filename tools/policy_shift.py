@@ -52,6 +52,7 @@ import torch  # noqa: E402
 
 import egrsd  # noqa: E402
 import train_min  # noqa: E402
+from tools.bench_egrsd import finite_or_null  # noqa: E402
 from tools.run_arms import parse_arms  # noqa: E402
 from trainer import lora, run_io, updates  # noqa: E402
 from trainer.config import check_config, parse_args, score_temperature  # noqa: E402
@@ -176,7 +177,8 @@ def main(argv=None) -> dict:
     print(table(summary, results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"batch": summary, "arms": results, "common": common, "flags": arms}, f, indent=1)
+            json.dump(finite_or_null({"batch": summary, "arms": results, "common": common, "flags": arms}), f, indent=1,
+                      allow_nan=False)  # (null where a mean has no token: JSON has no NaN)
     return results
 
 
