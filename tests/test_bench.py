@@ -154,6 +154,14 @@ def test_the_flop_floor_counts_four_passes_or_five_with_recomputation_at_the_car
     assert math.isnan(bench_egrsd.flop_floor("tiny", 100, 3.0, "cpu", False)["score_update_floor_s"])
 
 
+@pytest.mark.parametrize("card, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", math.nan)])
+def test_the_flop_floor_takes_the_peak_of_the_cards_whole_name_not_of_a_part_of_it(card, peak, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: card)
+    out = bench_egrsd.flop_floor("tiny", 100, 3.0, "cuda", False)
+    assert out["score_update_flops"] / out["score_update_floor_s"] == pytest.approx(peak, nan_ok=True)
+
+
 def test_the_step_part_reports_the_second_step_per_completion_token_and_a_run_with_checkpointing_on(monkeypatch):
     def rows(argv):
         on = "--gradient-checkpointing" in argv

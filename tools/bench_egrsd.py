@@ -503,8 +503,13 @@ def bench_step(device: str, s: dict, profile: str = "") -> dict:
     return out
 
 
-# Dense bf16 tensor-core peak of a card (its data sheet, without sparsity), for the FLOP floor.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+# Dense bf16 tensor-core peak of a card (its data sheet, without sparsity), for the FLOP floor, by the card's
+# whole name as torch.cuda.get_device_name gives it: variants of one chip differ (the H100 PCIe and NVL and the
+# H200 NVL run at lower clocks than the SXM cards), so a name not listed exactly has no known peak.
+PEAK_BF16_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+                   "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
+                   "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+                   "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA L40S": 362e12}
 
 
 def flop_floor(model: str, completion_tokens: float, seconds: float, device: str, recomputed: bool) -> dict:
@@ -516,7 +521,7 @@ def flop_floor(model: str, completion_tokens: float, seconds: float, device: str
 
     params = sum(p.numel() for p in meta_model(model_config(model)).parameters())
     name = torch.cuda.get_device_name() if device == "cuda" else ""
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), math.nan)
+    peak = PEAK_BF16_FLOPS.get(" ".join(name.split()), math.nan)  # the whole name (spaces as one), not a part of it
     flops = 2 * params * completion_tokens * (5 if recomputed else 4)
     floor = flops / peak
     return {"score_update_flops": flops, "score_update_floor_s": floor,
