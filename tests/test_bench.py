@@ -42,6 +42,13 @@ def test_measured_times_the_block_and_counts_memory_above_what_was_held_before_i
     assert result["peak_gib"] < (bench_egrsd.peak_rss_bytes() - 50 * 2**20) / 2**30, "not the process's whole peak"
 
 
+def test_measured_counts_the_blocks_own_peak_not_one_the_process_reached_before_it():
+    torch.ones(2**28, dtype=torch.uint8)  # 256 MiB touched and given back: the process's high-water mark above it now
+    with bench_egrsd.measured("cpu") as result:
+        torch.ones(2**25, dtype=torch.uint8)  # the block's own peak: 32 MiB
+    assert 24 / 1024 < result["peak_gib"] < 128 / 1024
+
+
 def test_best_of_keeps_the_shortest_of_repeats_calls_and_the_last_result():
     calls = []
     seconds, last = bench_egrsd.best_of(3, lambda: calls.append(time.sleep(0.03 if not calls else 0)) or len(calls), "cpu")
@@ -128,6 +135,15 @@ def test_finetune_reports_the_second_steps_time_and_the_memory_the_run_added(mon
     out = bench_egrsd.finetune_step("tiny", "cpu", "tiny", ["--lora-r", "8"])
     assert (out["step_s"], out["length_mean"], out["flags"]) == (2.0, 3, ["--lora-r", "8"])
     assert out["peak_gib"] < (bench_egrsd.peak_rss_bytes() - 50 * 2**20) / 2**30, "not the memory held before"
+
+
+def test_finetune_counts_the_runs_own_peak_not_one_the_process_reached_before_it(monkeypatch):
+    def run(argv):
+        torch.ones(2**25, dtype=torch.uint8)  # the run's own peak: 32 MiB
+        return [{"step_s": 2.0, "length_mean": 3}] * 2
+    _fake_runs(monkeypatch, run)
+    torch.ones(2**28, dtype=torch.uint8)  # 256 MiB touched and given back before the part
+    assert 24 / 1024 < bench_egrsd.finetune_step("tiny", "cpu", "tiny", [])["peak_gib"] < 128 / 1024
 
 
 def test_the_memory_estimate_counts_20_bytes_a_parameter_full_and_18_an_adapter_parameter_with_lora(monkeypatch):

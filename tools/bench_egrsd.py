@@ -104,6 +104,13 @@ def peak_rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
+def reset_peak_rss() -> None:
+    """Lower this process's high-water mark (VmHWM) to what it holds now (Linux: 5 to /proc/self/clear_refs), so
+    that peak_rss_bytes is then the peak reached from here on, not an earlier one (building the model, say)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def best_of(repeats: int, run, device: str):
     """(the shortest time of `repeats` calls of run(), what the last call returned)."""
     best = math.inf
@@ -118,11 +125,14 @@ def best_of(repeats: int, run, device: str):
 
 @contextlib.contextmanager
 def measured(device: str):
-    """Time and peak memory of the block, above what was held when it began: {"seconds", "peak_gib"}."""
+    """Time and peak memory of the block, above what was held when it began: {"seconds", "peak_gib"}. The peak
+    is the block's own: the high-water mark is reset when it begins."""
     sync(device)
-    before = torch.cuda.memory_allocated() if device == "cuda" else rss_bytes()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
+    before = torch.cuda.memory_allocated() if device == "cuda" else rss_bytes()
     result, start = {}, time.perf_counter()
     yield result
     sync(device)
@@ -315,9 +325,11 @@ def lora_rollouts(model, tokenizer, s: dict, cfg, engine: str) -> dict:
 
 def finetune_step(label: str, device: str, model: str, flags: list) -> dict:
     """Two steps of train_min.py; the second one's time, and the peak memory of the whole run (GPU: the
-    step's; CPU: the process's resident memory above what it held before)."""
+    step's; CPU: the process's resident memory above what it held before, its high-water mark reset then)."""
     import train_min
 
+    if device != "cuda":
+        reset_peak_rss()
     before = rss_bytes()
     with tempfile.TemporaryDirectory() as run_dir:
         if model == "2-layer":
