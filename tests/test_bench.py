@@ -74,6 +74,26 @@ def test_scoring_results_are_labelled_by_variant_and_errors_compare_plain_with_c
     assert out["tokens"] == 32
 
 
+def test_on_cuda_each_scoring_variant_is_warmed_up_then_timed_best_of_three_in_alternating_order(monkeypatch):
+    calls = []
+
+    def fake(variant, device, *args):  # the process's first call pays its one-time costs (5 s), the next ones do not
+        calls.append(variant)
+        seconds = 5.0 if len(calls) == 1 else {"plain": 1.0, "chunked": 2.0}[variant] + len(calls) / 100
+        return {"seconds": seconds, "peak_gib": len(calls), "logp": torch.zeros(2), "grad_hidden": torch.zeros(2),
+                "grad_weight": torch.zeros(2), "entropy": torch.zeros(2)}
+
+    monkeypatch.setattr(bench_egrsd, "scoring_step", fake)
+    monkeypatch.setattr(bench_egrsd, "entropy_pass", fake)
+    s = bench_egrsd.sizes("cuda") | dict(layers=1, score_batch=2, score_length=8, chunk_size=4)
+    out = bench_egrsd.bench_scoring("cuda", s)
+    order = ["plain", "chunked", "plain", "chunked", "chunked", "plain", "plain", "chunked"]  # warm-ups, then ABBA
+    assert calls == order + order
+    assert out["plain_step"] == {"seconds": 1.03, "peak_gib": 7, "seconds_each": [1.03, 1.06, 1.07], "warmup_s": 5.0}
+    assert out["chunked_step"] == {"seconds": 2.04, "peak_gib": 8, "seconds_each": [2.04, 2.05, 2.08], "warmup_s": 2.02}
+    assert out["plain_entropy"]["seconds"] == 1.11 and out["chunked_entropy"]["seconds"] == 2.12
+
+
 @pytest.fixture
 def tiny_qwen05b(monkeypatch):
     """bench_egrsd.qwen05b at the tiny model's size, seeded as the real one is."""

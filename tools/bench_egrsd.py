@@ -7,7 +7,8 @@
 
 1. Student scoring step (forward, log-probs of the sampled tokens, backward): plain (full logits, float32
    log-softmax) vs the project's (`egrsd.linear_token_logprobs` from hidden states in chunks): peak
-   memory, time, largest differences of log-probs and gradients. Teacher entropy likewise.
+   memory, time, largest differences of log-probs and gradients. Teacher entropy likewise. CPU: one run of
+   each, each in a process of its own; CUDA: one untimed call of each, then best of 3, alternating which goes first.
 2. Rollouts: each engine of `train_min.generate`: HF `generate` with a dynamic cache (the baseline) and
    a static cache (compiled on CUDA), trainer/decoding.py eager and, on CUDA, with one CUDA graph per
    decode step (the trainer's default there) and with that step's forward compiled inside the graph
@@ -55,7 +56,7 @@ import egrsd  # noqa: E402
 
 def sizes(device: str) -> dict:
     if device == "cuda":  # the issue's sizes: Qwen2.5-0.5B, 16 × 1024 tokens scored, 64 + 256 tokens rolled out
-        return dict(layers=24, score_batch=16, score_length=1024, chunk_size=1024, rollout_layers=24, prompt=64,
+        return dict(layers=24, score_batch=16, score_length=1024, chunk_size=1024, score_repeats=3, rollout_layers=24, prompt=64,
                     new_tokens=256, batches=(32, 128), repeats=3, lora_rank=64, project_engine="graph",
                     engines=("eager", "graph", "graph-compiled", "hf-dynamic", "hf-static"), step_model="random-0.5b", step_batch=32, step_flags=[],
                     padding=dict(model="random-0.5b", batch=32, micro=8, cap=512, dtype="bfloat16", repeats=3),  # the real runs' step
@@ -65,7 +66,7 @@ def sizes(device: str) -> dict:
     # model for rollouts and the training step
     # and a 2-layer model of that width and vocabulary for full fine-tuning against LoRA
     small = ["--batch-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "32", "--dtype", "float32"]
-    return dict(layers=2, score_batch=4, score_length=256, chunk_size=256, rollout_layers=0, prompt=64,
+    return dict(layers=2, score_batch=4, score_length=256, chunk_size=256, score_repeats=1, rollout_layers=0, prompt=64,
                 new_tokens=64, batches=(32, 128), repeats=5, lora_rank=8, project_engine="eager",
                 engines=("eager", "hf-dynamic", "hf-static"), step_model="tiny", step_batch=8, step_flags=["--max-new-tokens", "64"],
                 padding=dict(model="2-layer", batch=8, micro=2, cap=128, dtype="float32", repeats=2),
@@ -206,19 +207,40 @@ def _reraised(function, *args):
         raise RuntimeError(f"{type(error).__name__}: {error}") from None
 
 
+def side_by_side(function, args: tuple, device: str, repeats: int, variants=("plain", "chunked")) -> dict:
+    """{variant: function(variant, device, *args)}, each variant in the same state as the other. CPU: one run each,
+    each in a process of its own (its peak resident memory is its own). CUDA: all in this process, so each variant
+    first gets one untimed call (the first call in a process pays once for all: the cuBLAS handles and workspace,
+    the kernels loaded on first use, the allocator's growth; its time is kept as `warmup_s`), then `repeats` timed
+    calls each, alternating which goes first (ABBA...): the shortest time, the largest peak, every time
+    (`seconds_each`), and the last call's outputs."""
+    if device != "cuda":
+        return {v: isolated(function, v, device, *args) for v in variants}
+    warmup = {v: isolated(function, v, device, *args)["seconds"] for v in variants}
+    out = {}
+    for repeat in range(repeats):
+        for v in variants if repeat % 2 == 0 else variants[::-1]:
+            result, seen = isolated(function, v, device, *args), out.get(v, {"seconds_each": [], "peak_gib": -math.inf})
+            out[v] = result | {"seconds_each": seen["seconds_each"] + [result["seconds"]], "warmup_s": warmup[v],
+                               "peak_gib": max(seen["peak_gib"], result["peak_gib"])}
+            out[v]["seconds"] = min(out[v]["seconds_each"])
+    return out
+
+
 def bench_scoring(device: str, s: dict) -> dict:
-    args = (device, s["layers"], s["score_batch"], s["score_length"], s["chunk_size"])
-    plain, ours = isolated(scoring_step, "plain", *args), isolated(scoring_step, "chunked", *args)
-    plain_h, ours_h = isolated(entropy_pass, "plain", *args), isolated(entropy_pass, "chunked", *args)
+    """Part 1: each variant's time and peak memory (`side_by_side`: on CUDA warmed up, best of `score_repeats`)."""
+    args = (s["layers"], s["score_batch"], s["score_length"], s["chunk_size"])
+    step = side_by_side(scoring_step, args, device, s.get("score_repeats", 1))
+    entropy = side_by_side(entropy_pass, args, device, s.get("score_repeats", 1))
+    (plain, ours), (plain_h, ours_h) = (step["plain"], step["chunked"]), (entropy["plain"], entropy["chunked"])
     err = lambda key, a, b: (a[key] - b[key]).abs().max().item()  # noqa: E731
+    timing = lambda r: {k: r[k] for k in ("seconds", "peak_gib", "seconds_each", "warmup_s") if k in r}  # noqa: E731
     return {
         "tokens": s["score_batch"] * s["score_length"], "layers": s["layers"],
-        "plain_step": {"seconds": plain["seconds"], "peak_gib": plain["peak_gib"]},
-        "chunked_step": {"seconds": ours["seconds"], "peak_gib": ours["peak_gib"]},
+        "plain_step": timing(plain), "chunked_step": timing(ours),
         "max_err_logp": err("logp", plain, ours), "max_err_grad_hidden": err("grad_hidden", plain, ours),
         "max_err_grad_weight": err("grad_weight", plain, ours),
-        "plain_entropy": {"seconds": plain_h["seconds"], "peak_gib": plain_h["peak_gib"]},
-        "chunked_entropy": {"seconds": ours_h["seconds"], "peak_gib": ours_h["peak_gib"]},
+        "plain_entropy": timing(plain_h), "chunked_entropy": timing(ours_h),
         "max_err_entropy": err("entropy", plain_h, ours_h),
     }
 
