@@ -104,3 +104,16 @@ def test_a_group_size_that_would_not_hold_whole_groups_of_one_problem_is_refused
     with pytest.raises(SystemExit):
         policy_shift.main(["--common", " ".join(FLAGS), *(f"--arm={a}" for a in arms)])
     assert message in capsys.readouterr().err
+
+
+def test_each_arm_is_read_at_the_temperature_its_update_scores_with_and_says_which(monkeypatch, tmp_path):
+    cfgs = {arm: policy_shift.config([*TINY, "--score-temperature", t], str(tmp_path / arm)) for arm, t in (("a", "1"), ("b", "0.5"))}
+    problems, batch, _ = policy_shift.sample(cfgs["a"], group_size=1)
+    read, temperatures = policy_shift.read, []
+    monkeypatch.setattr(policy_shift, "read", lambda *args: temperatures.append(args[-1]) or read(*args))
+    rows = {arm: policy_shift.probe(cfg, problems, batch) for arm, cfg in cfgs.items()}
+    assert temperatures == [1.0, 1.0, 0.5, 0.5], "before and after the step (float32: the sampler is the student)"
+    assert [rows[arm]["temperature"] for arm in "ab"] == [1.0, 0.5]
+    summary = dict(problems=4, group_size=1, rollouts=4, correct=0, tokens=9, finished=0, sample_s=1.0, rollout_temperature=1.0)
+    lines = policy_shift.table(summary, rows).splitlines()
+    assert lines[1].split()[2] == "T" and [line.split()[2] for line in lines[2:]] == ["1", "0.5"], lines

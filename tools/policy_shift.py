@@ -13,7 +13,8 @@ takes train_min.py's first step on that batch (scoring, weights, one AdamW step)
 is read on the batch's tokens before and after it, at the temperature the update scores with (--score-temperature,
 else the rollouts' --temperature; without top-k or top-p): the bf16 copy of full fine-tuning in bf16, the base
 with the adapter unmerged with LoRA; and the float32 student too where it is another model, to show what the
-rounding to the sampler's dtype kept of the step. Per arm and model:
+rounding to the sampler's dtype kept of the step. Each arm is read at its own such temperature (its row's
+`temperature`, the table's T column). Per arm and model:
 
     KL        mean over the tokens of KL(p_before ‖ p_after) over the whole vocabulary, in nats (computed in
               float32: below about 1e-6 it is rounding, and may come out just below 0)
@@ -122,7 +123,7 @@ def probe(cfg, problems: list, batch) -> dict:
                                                     advantages.to(cfg.device), cfg, gates)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm)) or run_io.undo_if_blown_up(run.student, snapshot)
         (lora.refresh if cfg.lora_r else copy_weights)(run.student, run.sampler)
-        row = {"correct": int(correct.sum()), "lr": lr, "loss": loss, "grad_norm": grad_norm, "skipped": skipped,
+        row = {"temperature": temperature, "correct": int(correct.sum()), "lr": lr, "loss": loss, "grad_norm": grad_norm, "skipped": skipped,
                "update_rel": updates.relative_update(run.student, snapshot),
                "sampler_changed": updates.sampler_share_changed(run.student if cfg.lora_r else run.sampler, snapshot,
                                                                 lora=bool(cfg.lora_r))}
@@ -136,15 +137,16 @@ def probe(cfg, problems: list, batch) -> dict:
 def table(summary: dict, arms: dict) -> str:
     lines = [f"one batch: {summary['problems']} problem(s) x {summary['group_size']} rollout(s), {summary['tokens']} tokens, "
              f"{summary['correct']} of {summary['rollouts']} correct, {summary['finished']} finished (sampled in "
-             f"{summary['sample_s']:.0f} s); read at temperature {summary['temperature']:g}:",
-             f"{'arm':<16} {'model':<8} {'lr':>8} {'loss':>8} {'grad':>7} {'Δθ/θ':>8} {'changed':>8} {'KL':>9} {'|Δlog p|':>9} "
+             f"{summary['sample_s']:.0f} s) at temperature {summary['rollout_temperature']:g}; each arm read at the "
+             f"temperature its update scores with (T):",
+             f"{'arm':<16} {'model':<8} {'T':>5} {'lr':>8} {'loss':>8} {'grad':>7} {'Δθ/θ':>8} {'changed':>8} {'KL':>9} {'|Δlog p|':>9} "
              f"{'Â>0':>9} {'Â<0':>9} {'gain':>9}"]
     for name, row in arms.items():
         for model in ("sampler", "student"):
             if model in row:
                 m = row[model]
                 signed = [f"{m[k]:>+9.2e}" if math.isfinite(m[k]) else f"{'-':>9}" for k in ("dlogp_pos", "dlogp_neg", "gain")]
-                lines.append(f"{name:<16} {model:<8} {row['lr']:>8.1e} {row['loss']:>8.4f} {row['grad_norm']:>7.3f} "
+                lines.append(f"{name:<16} {model:<8} {row['temperature']:>5g} {row['lr']:>8.1e} {row['loss']:>8.4f} {row['grad_norm']:>7.3f} "
                              f"{row['update_rel']:>8.1e} {row['sampler_changed']:>7.1%} {m['kl']:>9.2e} {m['abs_dlogp']:>9.2e} "
                              + " ".join(signed))
     return "\n".join(lines)
@@ -173,7 +175,7 @@ def main(argv=None) -> dict:
         results = {name: probe(cfg, problems, batch) for name, cfg in configs.items()}
     summary = {"problems": len(problems) // group_size, "group_size": group_size, "rollouts": len(problems),
                "correct": next(iter(results.values()))["correct"], "tokens": int(batch.mask.sum()),
-               "finished": int(batch.finished.sum()), "sample_s": seconds, "temperature": score_temperature(first)}
+               "finished": int(batch.finished.sum()), "sample_s": seconds, "rollout_temperature": first.temperature}
     print(table(summary, results))
     if args.json:
         with open(args.json, "w") as f:
