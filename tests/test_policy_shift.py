@@ -106,6 +106,18 @@ def test_a_group_size_that_would_not_hold_whole_groups_of_one_problem_is_refused
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--common", '--model tiny "', "--arm", "a="], "--common: expected train_min.py flags as a shell would split them"),
+    (["--common", "--model tiny", "--arm", 'a=--lr "1e-5'], "--arm a: expected train_min.py flags as a shell would split them"),
+    (["--common", "--model tiny --device cpu", "--arm", "a=", "--arm", "b=--lr -1"], "--arm b (with --common): --lr: expected > 0"),
+    (["--common", "--model tiny --device cpu", "--arm", "a=--lr x"], "--arm a (with --common): argument --lr: invalid float value")])
+def test_a_bad_flag_is_refused_naming_the_arm_or_common_it_came_in(args, message, capsys):
+    with pytest.raises(SystemExit):
+        policy_shift.main(args)
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
 def test_each_arm_is_read_at_the_temperature_its_update_scores_with_and_says_which(monkeypatch, tmp_path):
     cfgs = {arm: policy_shift.config([*TINY, "--score-temperature", t], str(tmp_path / arm)) for arm, t in (("a", "1"), ("b", "0.5"))}
     problems, batch, _ = policy_shift.sample(cfgs["a"], group_size=1)

@@ -37,7 +37,9 @@ temporary one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -62,8 +64,18 @@ from trainer.tasks import batch_problems  # noqa: E402
 
 
 def config(flags: list[str], output_dir: str):
-    """An arm's train_min.py settings: one step, no evaluation, no model saved."""
-    cfg = parse_args(flags + ["--steps", "1", "--eval-size", "0", "--no-save-model", "--output-dir", output_dir])
+    """An arm's train_min.py settings: one step, no evaluation, no model saved. A flag train_min.py's parser
+    refuses stops with SystemExit and its message (not printed: the caller names the arm)."""
+    argv = flags + ["--steps", "1", "--eval-size", "0", "--no-save-model", "--output-dir", output_dir]
+    refused = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(refused):
+            cfg = parse_args(argv)
+    except SystemExit as error:
+        if error.code == 0:  # (--help: printed, as asked)
+            raise
+        message = (refused.getvalue().strip().splitlines() or [str(error.code)])[-1]
+        raise SystemExit(message.partition("error: ")[2] or message) from None  # (argparse's "PROG: error: ..." less PROG)
     check_config(cfg)
     return cfg
 
@@ -158,12 +170,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--arm", action="append", default=[], metavar="NAME=FLAGS", help="an arm: its name and its own flags")
     parser.add_argument("--json", default="", help="also write the numbers to this file")
     args = parser.parse_args(argv)
+    try:
+        common = shlex.split(args.common)
+    except ValueError as error:
+        parser.error(f"--common: expected train_min.py flags as a shell would split them, got {args.common!r} ({error})")
+    for spec in args.arm:  # (parse_arms splits them too, but its error would name no arm)
+        name, _, flags = spec.partition("=")
+        try:
+            shlex.split(flags)
+        except ValueError as error:
+            parser.error(f"--arm {name}: expected train_min.py flags as a shell would split them, got {flags!r} ({error})")
     arms = parse_arms(parser, args.arm)
-    common = shlex.split(args.common)
     if args.json:  # (written at the end: its folder is made now)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
-        configs = {name: config(common + flags, os.path.join(scratch, name)) for name, flags in arms.items()}
+        configs = {}
+        for name, flags in arms.items():
+            try:
+                configs[name] = config(common + flags, os.path.join(scratch, name))
+            except SystemExit as error:  # a bad flag: which arm's settings it was found in
+                if error.code in (0, None):  # (--help)
+                    raise
+                parser.error(f"--arm {name} (with --common): {error}")
         first, group_size = next(iter(configs.values())), max(c.group_size for c in configs.values())
         if first.batch_size % group_size:
             parser.error(f"--group-size: the largest of the arms, {group_size}, must divide the first arm's --batch-size "
