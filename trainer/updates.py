@@ -4,9 +4,10 @@
   Adam moves each weight by about the learning rate a step, so this is roughly lr / typical |θ|.
 - `sampler_share_changed`: the share of the sampling model's weights, in the dtype it samples with, that
   the step changed. Full fine-tuning keeps float32 master weights and samples from a bfloat16 copy on a
-  GPU: a bfloat16 weight w only moves once the float32 one has moved by half its spacing (2⁻⁹·|w|, 6.1e-5
-  at |w| = 2⁻⁶ = 0.016), so at lr 1e-6 most updates never reach the rollouts. In float32 the sampler is the
-  student itself and the share is simply the share of weights that moved. With LoRA the sampler applies
+  GPU: a bfloat16 weight w only moves once the float32 one has moved by half its spacing (2^(e−8) where
+  2^e ≤ |w| < 2^(e+1): between 2⁻⁹·|w| and 2⁻⁸·|w|; 6.1e-5 from |w| = 2⁻⁶ = 0.016 up to 2⁻⁵), so at lr 1e-6
+  most updates never reach the rollouts. In float32 the sampler is the student itself and the share is
+  simply the share of weights that moved. With LoRA the sampler applies
   the adapter unmerged (trainer/lora.py); the share is then that of the merged weights W + s·B·A in the
   base's dtype (the adapted linear layers only): what a merged bfloat16 sampler would see. Pass the
   student (the peft model) as `sampler` then.
