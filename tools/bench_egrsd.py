@@ -30,7 +30,8 @@
    8 rows of lengths scaled to a 128-token cap, micro-batches of 2; `--padding-model` for other weights).
 
 Peak memory is torch.cuda.max_memory_allocated on CUDA; on CPU each variant runs in its own process
-and reports its peak resident memory above what it held before the variant started.
+and reports its peak resident memory above what it held when the measured block began (the process's
+high-water mark reset then, so that an earlier peak, building the model say, does not count).
 """
 
 from __future__ import annotations
@@ -678,7 +679,9 @@ def report(r: dict) -> str:
     lines = [f"device: {r['device']}, torch {r['torch']}, transformers {r.get('transformers', '?')}"]
     if "scoring" in r:
         sc = r["scoring"]
-        lines += [f"\n1. student scoring step, {sc['tokens']} tokens ({sc['layers']} layers)    peak GiB    seconds",
+        timed = (f"best of {len(sc['plain_step']['seconds_each'])} after a warm-up" if "seconds_each" in sc["plain_step"]
+                 else "one run each")
+        lines += [f"\n1. student scoring step, {sc['tokens']} tokens ({sc['layers']} layers)    peak GiB    seconds ({timed})",
                   f"   plain (full float32 logits)          {sc['plain_step']['peak_gib']:9.2f}  {sc['plain_step']['seconds']:9.2f}",
                   f"   chunked (linear_token_logprobs)      {sc['chunked_step']['peak_gib']:9.2f}  {sc['chunked_step']['seconds']:9.2f}",
                   f"   memory ratio {sc['chunked_step']['peak_gib'] / max(sc['plain_step']['peak_gib'], 1e-9):.3f}; max |Δ| log-prob "
