@@ -148,8 +148,8 @@ def probe(cfg, problems: list, batch) -> dict:
 
 def table(summary: dict, arms: dict) -> str:
     lines = [f"one batch: {summary['problems']} problem(s) x {summary['group_size']} rollout(s), {summary['tokens']} tokens, "
-             f"{summary['correct']} of {summary['rollouts']} correct, {summary['finished']} finished (sampled in "
-             f"{summary['sample_s']:.0f} s) at temperature {summary['rollout_temperature']:g}; each arm read at the "
+             f"{summary['correct']} of {summary['rollouts']} correct, {summary['finished']} finished (sampled at temperature "
+             f"{summary['rollout_temperature']:g} in {summary['sample_s']:.0f} s); each arm read at the "
              f"temperature its update scores with (T):",
              f"{'arm':<16} {'model':<8} {'T':>5} {'lr':>8} {'loss':>8} {'grad':>7} {'Δθ/θ':>8} {'changed':>8} {'KL':>9} {'|Δlog p|':>9} "
              f"{'Â>0':>9} {'Â<0':>9} {'gain':>9}"]
