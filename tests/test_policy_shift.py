@@ -110,8 +110,9 @@ def test_a_group_size_that_would_not_hold_whole_groups_of_one_problem_is_refused
     (["--common", '--model tiny "', "--arm", "a="], "--common: expected train_min.py flags as a shell would split them"),
     (["--common", "--model tiny", "--arm", 'a=--lr "1e-5'], "--arm a: expected train_min.py flags as a shell would split them"),
     (["--common", "--model tiny --device cpu", "--arm", "a=", "--arm", "b=--lr -1"], "--arm b (with --common): --lr: expected > 0"),
-    (["--common", "--model tiny --device cpu", "--arm", "a=--lr x"], "--arm a (with --common): argument --lr: invalid float value")])
-def test_a_bad_flag_is_refused_naming_the_arm_or_common_it_came_in(args, message, capsys):
+    (["--common", "--model tiny --device cpu", "--arm", "a=--lr x"], "--arm a (with --common): argument --lr: invalid float value"),
+    (["--common", "--model tiny", "--arm", "a=", "--json", "/dev/null/shift.json"], "--json: expected a file in a folder that exists")])
+def test_a_bad_flag_is_refused_naming_the_arm_or_common_or_json_it_came_in(args, message, capsys):
     with pytest.raises(SystemExit):
         policy_shift.main(args)
     err = capsys.readouterr().err

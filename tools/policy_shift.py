@@ -135,7 +135,8 @@ def probe(cfg, problems: list, batch) -> dict:
                                                     advantages.to(cfg.device), cfg, gates)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm)) or run_io.undo_if_blown_up(run.student, snapshot)
         (lora.refresh if cfg.lora_r else copy_weights)(run.student, run.sampler)
-        row = {"temperature": temperature, "correct": int(correct.sum()), "lr": lr, "loss": loss, "grad_norm": grad_norm, "skipped": skipped,
+        row = {"temperature": temperature, "correct": int(correct.sum()), "lr": lr, "loss": loss, "grad_norm": grad_norm,
+               "skipped": skipped,
                "update_rel": updates.relative_update(run.student, snapshot),
                "sampler_changed": updates.sampler_share_changed(run.student if cfg.lora_r else run.sampler, snapshot,
                                                                 lora=bool(cfg.lora_r))}
@@ -181,8 +182,14 @@ def main(argv=None) -> dict:
         except ValueError as error:
             parser.error(f"--arm {name}: expected train_min.py flags as a shell would split them, got {flags!r} ({error})")
     arms = parse_arms(parser, args.arm)
-    if args.json:  # (written at the end: its folder is made now)
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    if args.json:  # (written at the end: its folder is made now, and a file that cannot be written refused now)
+        folder = os.path.dirname(os.path.abspath(args.json))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            parser.error(f"--json: expected a file in a folder that exists or can be made, got {args.json!r} ({error})")
+        if os.path.isdir(args.json) or not os.access(args.json if os.path.exists(args.json) else folder, os.W_OK):
+            parser.error(f"--json: expected a file that can be written, got {args.json!r}")
     with tempfile.TemporaryDirectory() as scratch:
         configs = {}
         for name, flags in arms.items():
