@@ -598,7 +598,7 @@ def main() -> None:
         if args.json:
             try:
                 write_json(args.json, results)
-            except OSError as error:
+            except (OSError, TypeError, ValueError) as error:  # (a full disk, say, or a value JSON cannot hold)
                 print(f"--json: could not write {args.json} ({error}); the numbers are printed at the end", file=sys.stderr)
                 unwritten.append(error)
 
@@ -641,7 +641,7 @@ def main() -> None:
         print(f"[{part}: {time.perf_counter() - start:.0f} s]", flush=True)
     problems = ["failed: " + ", ".join(f"{part} ({results[part + '_error']})" for part in failed)] if failed else []
     if unwritten:  # (nothing measured is lost: the JSON that could not be written goes to stdout)
-        print(json.dumps(finite_or_null(results), indent=1, allow_nan=False))
+        print(json.dumps(finite_or_null(results), indent=1, allow_nan=False, default=repr))
     print(report({k: v for k, v in results.items() if k not in failed}))
     if unwritten:
         problems.append(f"--json: {args.json} could not be written ({unwritten[-1]}); its numbers are printed above")
