@@ -71,7 +71,7 @@ import textwrap
 from dataclasses import dataclass, field
 
 import torch
-from packaging.version import Version
+from packaging.specifiers import SpecifierSet
 
 TRL_RANGE = ("1.16", "1.17")  # requirements-extras.txt: trl>=1.16,<1.17
 try:
@@ -83,9 +83,13 @@ except ModuleNotFoundError as missing:
 
 
 def check_trl_version(version: str) -> None:
-    """Stop unless TRL is 1.16.x: the private methods overridden here are those of 1.16."""
+    """Stop unless TRL is 1.16.x: the private methods overridden here are those of 1.16. The range is read as pip
+    reads requirements-extras.txt's `trl>=1.16,<1.17` (PEP 440): 1.16.0 and later 1.16 releases, their post
+    releases and 1.16.1+ dev builds pass; 1.17's pre-releases (1.17.0.dev0, which TRL's main branch carries after
+    a 1.16 release, and 1.17.0rc1) are refused like 1.17.0, and 1.16.0's own (1.16.0rc1) like 1.15. (Comparing
+    Version objects would let 1.17's pre-releases in: they sort below 1.17.)"""
     low, high = TRL_RANGE
-    if not Version(low) <= Version(version) < Version(high):
+    if not SpecifierSet(f">={low},<{high}").contains(version, prereleases=True):
         raise ImportError(f"trl: expected trl>={low},<{high} (integrations/trl_egrsd.py overrides private methods of "
                           f"GRPOTrainer as they are in {low}), got {version}; pip install 'trl>={low},<{high}'")
 

@@ -4,6 +4,7 @@ processes (torchrun, gloo, on CPU: accelerate 1.15's `launch --cpu` starts a sin
 vLLM importance sampling, honours TRL's model and dataset flags, refuses what it would ignore, and runs the
 README's command."""
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -197,10 +198,11 @@ def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_pa
     adapted = peft.get_peft_model(build_tiny_model(tokenizer), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.05))
     with pytest.raises(ValueError, match="lora_dropout: expected 0"):  # a PEFT model's own adapter, no peft_config
         trl_egrsd.check_no_lora_dropout(None, adapted)
-    for version in ("1.15.2", "1.17.0"):
-        with pytest.raises(ImportError, match=r"trl>=1\.16,<1\.17 .* got " + version):
+    for version in ("1.15.2", "1.16.0rc1", "1.17.0.dev0", "1.17.0rc1", "1.17.0"):  # 1.17's pre-releases: TRL's main
+        with pytest.raises(ImportError, match=r"trl>=1\.16,<1\.17 .* got " + re.escape(version)):
             trl_egrsd.check_trl_version(version)
-    trl_egrsd.check_trl_version("1.16.3")
+    for version in ("1.16.0", "1.16.1", "1.16.1.post1", "1.16.3"):
+        trl_egrsd.check_trl_version(version)
 
 
 def test_with_vllm_trls_policy_logps_are_reused_and_its_importance_sampling_weights_the_loss(tmp_path, monkeypatch):
