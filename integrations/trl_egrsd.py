@@ -150,25 +150,42 @@ class EGRSDConfig(GRPOConfig):
     temperature: float = field(default=1.1, metadata={"help": "rollout sampling temperature (the paper's 1.1)"})
     top_p: float = field(default=0.95, metadata={"help": "rollout top-p (the paper's 0.95)"})
     top_k: int = field(default=20, metadata={"help": "rollout top-k (the paper's 20); 0: none"})
-    max_completion_length: int | None = field(default=1024, metadata={
+    max_completion_length: int = field(default=1024, metadata={
         "help": "most new tokens of a rollout (the paper's 1,024), and L_max of the length-shaped reward"})
     max_grad_norm: float = field(default=0.1, metadata={"help": "grad-norm clip (the paper's 0.1)"})
     disable_dropout: bool = field(default=True, metadata={"help": "must stay True: w needs deterministic log-probs"})
 
     def __post_init__(self):
-        super().__post_init__()
+        derived_steps = self.steps_per_generation is None and self.generation_batch_size is not None
+        super().__post_init__()  # (which derives steps_per_generation from generation_batch_size when only it is given)
+        accumulation = self.gradient_accumulation_steps
+        on_policy = ("each generation batch trained within one optimizer step (on-policy: EGRSD's loss has no ratio to "
+                     "an older policy)")
+        on_policy_ok = accumulation % self.steps_per_generation == 0
+        if derived_steps:  # the rule names the argument that was given
+            rollouts = self.per_device_train_batch_size * self.world_size
+            generation = ("generation_batch_size", on_policy_ok, f"per_device_train_batch_size × processes ({rollouts}) "
+                          f"times a divisor of gradient_accumulation_steps ({accumulation}): {on_policy}",
+                          f"{self.generation_batch_size} (steps_per_generation {self.steps_per_generation})")
+        else:
+            generation = ("steps_per_generation", on_policy_ok,
+                          f"a divisor of gradient_accumulation_steps ({accumulation}): {on_policy}")
         rules = [("method", self.method in ("egrsd", "cl-egrsd", "rlsd"), "egrsd, cl-egrsd or rlsd"),
                  *egrsd.GateSettings.flag_rules(self), ("beta_length", 0 <= self.beta_length < float("inf"), "finite, ≥ 0"),
-                 ("advantage_warmup", isinstance(self.advantage_warmup, int) and self.advantage_warmup >= 0, "an int ≥ 0"),
-                 ("steps_per_generation", self.gradient_accumulation_steps % self.steps_per_generation == 0,
-                  f"a divisor of gradient_accumulation_steps ({self.gradient_accumulation_steps}): each generation batch "
-                  "trained within one optimizer step (on-policy: EGRSD's loss has no ratio to an older policy)"),
+                 ("advantage_warmup", is_int(self.advantage_warmup) and self.advantage_warmup >= 0, "an int ≥ 0"),
+                 ("max_completion_length", is_int(self.max_completion_length) and self.max_completion_length > 0,
+                  "a positive int (the rollouts' cap, and L_max of the length-shaped reward)"), generation,
                  ("score_temperature", self.score_temperature in (0, self.temperature), f"0 or temperature ({self.temperature})"),
                  ("beta", self.beta == 0, "0 (EGRSD has no KL term)"), ("num_iterations", self.num_iterations == 1, "1 (on-policy)")]
         rules += [(name, getattr(self, name) == default, f"{default!r} ({why})") for name, (default, why) in REPLACED.items()]
-        for name, ok, allowed in rules:
+        for name, ok, allowed, *got in rules:
             if not ok:
-                raise ValueError(f"{name}: expected {allowed}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name}: expected {allowed}, got {got[0] if got else repr(getattr(self, name))}")
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (True is an int in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_no_lora_dropout(peft_config, model) -> None:

@@ -180,6 +180,7 @@ def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_pa
                         ("mask_truncated_completions", True),
                         ("disable_dropout", False), ("eps", 1.5), ("window", -1), ("denominator", "max"), ("gate_group", -1),
                         ("beta_length", float("inf")), ("advantage_warmup", 1.5), ("advantage_warmup", -1),
+                        ("advantage_warmup", True), ("max_completion_length", None), ("max_completion_length", 0),
                         ("multi_objective_aggregation", "normalize_then_sum"), ("importance_sampling_level", "sequence"),
                         ("entropy_coef", 0.01), ("use_adaptive_entropy", True), ("off_policy_mask_threshold", 0.5),
                         ("beta", 0.04), ("num_iterations", 2), ("score_temperature", 0.7), ("method", "grpo")]:
@@ -188,6 +189,10 @@ def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_pa
     with pytest.raises(ValueError, match=r"^steps_per_generation: expected a divisor of gradient_accumulation_steps \(1\)"):
         trl_egrsd.EGRSDConfig(**base, steps_per_generation=4)  # one generation, 4 optimizer steps: off-policy
     trl_egrsd.EGRSDConfig(**base, gradient_accumulation_steps=4, steps_per_generation=2)
+    with pytest.raises(ValueError, match=r"^generation_batch_size: expected per_device_train_batch_size × processes \(4\) "
+                                         r"times a divisor of gradient_accumulation_steps \(1\).* got 16 \(steps_per_generation 4\)$"):
+        trl_egrsd.EGRSDConfig(**base, per_device_train_batch_size=4, generation_batch_size=16)  # the argument given is named
+    trl_egrsd.EGRSDConfig(**base, per_device_train_batch_size=4, gradient_accumulation_steps=2, generation_batch_size=8)
     with pytest.raises(ValueError, match="^tools: expected None"):  # tool tokens: not sampled, not masked out here
         trl_egrsd.EGRSDTrainer(model="unused", reward_funcs=trl_egrsd.correctness_reward, tools=[len])
     with pytest.raises(ValueError, match="^environment_factory: expected None"):
