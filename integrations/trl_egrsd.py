@@ -43,7 +43,9 @@ loss or advantage replaces (`loss_type` other than dapo, `scale_rewards`, entrop
 refused rather than ignored, and so is LoRA dropout, while the model's own dropout is switched off (its
 attention dropout too): w compares two log-prob passes. Also refused: generation batches trained over several
 optimizer steps (off-policy) and tools or environments (tokens the policy did not sample, which TRL masks out
-of its loss and this one would train).
+of its loss and this one would train). `args` must be an EGRSDConfig (a GRPOConfig lacks the method's settings;
+None: EGRSDConfig's defaults), and each dataset given needs the column `teacher_prompt_column`: both are checked
+before any weights load, not after the first rollouts.
 
 The teacher is the initial weights, frozen: with PEFT the base model with the adapter switched off (no
 second copy); otherwise a copy loaded and prepared as TRL loads its reference model (the same
@@ -199,6 +201,20 @@ def check_no_lora_dropout(peft_config, model) -> None:
                              f"two passes over the same tokens differ), got {config.lora_dropout}")
 
 
+def check_teacher_column(column: str, train_dataset, eval_dataset) -> None:
+    """Stop unless each dataset (a dict of them for evaluation) has the teacher's prompt column, which is read
+    only after the first rollouts and rewards. A streamed dataset whose columns are not known yet is not checked."""
+    datasets = [("train_dataset", train_dataset)]
+    if isinstance(eval_dataset, dict):  # (DatasetDict is one)
+        datasets += [(f"eval_dataset[{key!r}]", dataset) for key, dataset in eval_dataset.items()]
+    else:
+        datasets.append(("eval_dataset", eval_dataset))
+    for name, dataset in datasets:
+        columns = getattr(dataset, "column_names", None)
+        if isinstance(columns, list) and column not in columns:
+            raise ValueError(f"teacher_prompt_column: expected a column of {name}, one of {columns}, got {column!r}")
+
+
 def disable_attention_dropout(model: torch.nn.Module) -> None:
     """Attention dropout that is a probability, not a module (Qwen2, Qwen3, Llama, Mistral: `attention_dropout`
     in the config and on each attention layer, applied in training mode), set to 0: TRL's
@@ -230,13 +246,24 @@ class EGRSDTrainer(GRPOTrainer):
     }
 
     def __init__(self, *args, **kwargs):
+        """GRPOTrainer's arguments; `args` an EGRSDConfig (None: its defaults, in `<model name>-EGRSD`, as GRPOTrainer
+        names its own). What cannot work is refused here, before any weights load."""
         given = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
-        check_no_lora_dropout(given.get("peft_config"), given["model"])  # before any weights load
+        del given["self"]
+        check_no_lora_dropout(given.get("peft_config"), given["model"])
         for name in ("tools", "environment_factory"):  # their tokens are not sampled by the policy: TRL masks them
             if given.get(name):
                 raise ValueError(f"{name}: expected None (EGRSD's weights and loss do not mask tool or environment "
                                  f"tokens out), got {given[name]!r}")
-        super().__init__(*args, **kwargs)
+        if given.get("args") is None:
+            model = given["model"]
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            given["args"] = EGRSDConfig(f"{name.split('/')[-1]}-EGRSD")
+        if not isinstance(given["args"], EGRSDConfig):  # a GRPOConfig lacks the method's settings
+            raise ValueError(f"args: expected an EGRSDConfig (GRPOConfig with the method's settings), got "
+                             f"{type(given['args']).__name__}")
+        check_teacher_column(given["args"].teacher_prompt_column, given.get("train_dataset"), given.get("eval_dataset"))
+        super().__init__(**given)
         self.running_advantage = egrsd.RunningAdvantage(warmup_steps=self.args.advantage_warmup)
         policy = self.accelerator.unwrap_model(self.model)
         disable_attention_dropout(policy)

@@ -164,7 +164,7 @@ def test_with_lora_the_teacher_is_the_base_model_with_the_adapter_off(tmp_path):
     assert not torch.allclose(policy, expected.student_logp, atol=1e-3), "the adapter is on for the policy"
 
 
-def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_path):
+def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_path, monkeypatch):
     from dataclasses import fields
     shared = ("eps", "floor", "gamma", "window", "min_denominator", "denominator", "gate_group", "score_temperature",
               "beta_length", "advantage_warmup")
@@ -175,6 +175,7 @@ def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_pa
              "max_grad_norm": "grad_clip", "weight_decay": "weight_decay"}  # TRL's name: train_min's
     assert {name: ours[name] for name in paper} == {name: theirs[flag] for name, flag in paper.items()}
     assert ours["num_generations"] == 2, "the fewest rollouts per prompt GRPO allows (the paper samples one)"
+    from trl import GRPOConfig
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     for name, value in [("loss_type", "grpo"), ("scale_rewards", "batch"), ("top_entropy_quantile", 0.2),
                         ("mask_truncated_completions", True),
@@ -193,6 +194,17 @@ def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_pa
                                          r"times a divisor of gradient_accumulation_steps \(1\).* got 16 \(steps_per_generation 4\)$"):
         trl_egrsd.EGRSDConfig(**base, per_device_train_batch_size=4, generation_batch_size=16)  # the argument given is named
     trl_egrsd.EGRSDConfig(**base, per_device_train_batch_size=4, gradient_accumulation_steps=2, generation_batch_size=8)
+    # the trainer's arguments, refused before any weights load (the model "unused" would not load)
+    with pytest.raises(ValueError, match="^args: expected an EGRSDConfig .*got GRPOConfig$"):  # a GRPO script's config
+        trl_egrsd.EGRSDTrainer(model="unused", reward_funcs=trl_egrsd.correctness_reward, args=GRPOConfig(**base))
+    paired = trl_egrsd.dataset_from_problems(problems[:2])
+    unpaired = paired.remove_columns("teacher_prompt")
+    for datasets, where in [(dict(train_dataset=unpaired), "train_dataset"),
+                            (dict(train_dataset=paired, eval_dataset={"held_out": unpaired}), r"eval_dataset\['held_out'\]")]:
+        with pytest.raises(ValueError, match=rf"^teacher_prompt_column: expected a column of {where}, one of "
+                                             r"\['prompt', 'answer'\], got 'teacher_prompt'$"):
+            trl_egrsd.EGRSDTrainer(model="unused", reward_funcs=trl_egrsd.correctness_reward,
+                                   args=trl_egrsd.EGRSDConfig(**base), **datasets)
     with pytest.raises(ValueError, match="^tools: expected None"):  # tool tokens: not sampled, not masked out here
         trl_egrsd.EGRSDTrainer(model="unused", reward_funcs=trl_egrsd.correctness_reward, tools=[len])
     with pytest.raises(ValueError, match="^environment_factory: expected None"):
@@ -203,6 +215,14 @@ def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_pa
     adapted = peft.get_peft_model(build_tiny_model(tokenizer), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.05))
     with pytest.raises(ValueError, match="lora_dropout: expected 0"):  # a PEFT model's own adapter, no peft_config
         trl_egrsd.check_no_lora_dropout(None, adapted)
+    # no args: EGRSDConfig's defaults (bf16, which this CPU is made to report), named after the model as GRPO's are
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda *a, **k: True)
+    model = build_tiny_model(tokenizer)
+    model.config._name_or_path = "tiny"
+    trainer = trl_egrsd.EGRSDTrainer(model=model, reward_funcs=trl_egrsd.correctness_reward, train_dataset=paired,
+                                     processing_class=tokenizer)
+    assert type(trainer.args) is trl_egrsd.EGRSDConfig and trainer.args.output_dir == "tiny-EGRSD"
     for version in ("1.15.2", "1.16.0rc1", "1.17.0.dev0", "1.17.0rc1", "1.17.0"):  # 1.17's pre-releases: TRL's main
         with pytest.raises(ImportError, match=r"trl>=1\.16,<1\.17 .* got " + re.escape(version)):
             trl_egrsd.check_trl_version(version)
@@ -402,9 +422,11 @@ def test_without_lora_the_teacher_scores_with_its_frozen_copy_not_the_policy(tmp
 
 
 def test_the_teacher_reads_its_prompt_from_teacher_prompt_column(tmp_path):
-    trainer = tiny_trainer(tmp_path, teacher_prompt_column="privileged")
-    rows = [{**row, "privileged": row["teacher_prompt"], "teacher_prompt": row["prompt"]}  # a decoy in the default column
-            for row in trainer.train_dataset.select(range(2)) for _ in range(2)]
+    from datasets import Dataset
+    data = Dataset.from_list([{**row, "privileged": row["teacher_prompt"], "teacher_prompt": row["prompt"]}  # a decoy in
+                              for row in trl_egrsd.dataset_from_problems(problems)])                 # the default column
+    trainer = tiny_trainer(tmp_path, teacher_prompt_column="privileged", train_dataset=data)
+    rows = [row for row in trainer.train_dataset.select(range(2)) for _ in range(2)]
     seen, scores = [], trainer.teacher_scores
     trainer.teacher_scores = lambda prompts, completion, mask: seen.extend(prompts) or scores(prompts, completion, mask)
     trainer.model.train()

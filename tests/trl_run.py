@@ -56,15 +56,17 @@ class Recording(EGRSDTrainer):
         return loss
 
 
-def tiny_trainer(out, cls=EGRSDTrainer, dtype=torch.float32, peft_config=None, **settings) -> EGRSDTrainer:
-    """A trainer of these runs on the tiny model with the fixed rollouts; `settings` override the config."""
+def tiny_trainer(out, cls=EGRSDTrainer, dtype=torch.float32, peft_config=None, model=None, train_dataset=None,
+                 **settings) -> EGRSDTrainer:
+    """A trainer of these runs on the tiny model (or `model`) and the problems (or `train_dataset`) with the fixed
+    rollouts; `settings` override the config."""
     args = EGRSDConfig(**{**dict(output_dir=str(out), per_device_train_batch_size=GLOBAL_BATCH, num_generations=2,
                                  max_completion_length=32, max_steps=2, learning_rate=1e-3, use_cpu=True, bf16=False,
                                  report_to=[], save_strategy="no", temperature=1.1, seed=0, shuffle_dataset=False,
                                  method="cl-egrsd"), **settings})
-    return cls(model=build_tiny_model(tokenizer, dtype=dtype), reward_funcs=correctness_reward, args=args,
-               train_dataset=dataset_from_problems(problems), processing_class=tokenizer, rollout_func=fixed_rollouts,
-               peft_config=peft_config)
+    return cls(model=build_tiny_model(tokenizer, dtype=dtype) if model is None else model, reward_funcs=correctness_reward,
+               args=args, train_dataset=dataset_from_problems(problems) if train_dataset is None else train_dataset,
+               processing_class=tokenizer, rollout_func=fixed_rollouts, peft_config=peft_config)
 
 
 problems = built_in_problems(8, 0)[0]
