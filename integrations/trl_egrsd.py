@@ -48,8 +48,11 @@ None: EGRSDConfig's defaults), and each dataset given needs the column `teacher_
 before any weights load, not after the first rollouts.
 
 The teacher is the initial weights, frozen: with PEFT the base model with the adapter switched off (no
-second copy); otherwise a copy loaded and prepared as TRL loads its reference model (the same
-`model_init_kwargs`, quantization and device placement). Log-probabilities and entropies come from TRL's
+second copy); otherwise, for `model` given as a name or path, a copy loaded from it and prepared as TRL loads its
+reference model (the same `model_init_kwargs`, quantization and device placement), and for a model object a copy
+of that object before any step, not a reload of its config's path: its weights need not be any files' (a merged
+adapter, edited weights). A model object that DeepSpeed ZeRO-3 has already partitioned cannot be copied: refused,
+with what to do. Log-probabilities and entropies come from TRL's
 fused, chunked LM head (never a tokens × vocabulary tensor, and run inside the wrapped model, so that
 DeepSpeed ZeRO-3 and FSDP work), at the sampling temperature: the same log-softmax and entropy as
 `egrsd.linear_token_logprobs` / `linear_token_entropy` (tested equal), and the same `score_temperature` as
@@ -215,6 +218,16 @@ def check_teacher_column(column: str, train_dataset, eval_dataset) -> None:
             raise ValueError(f"teacher_prompt_column: expected a column of {name}, one of {columns}, got {column!r}")
 
 
+def check_copyable(model) -> None:
+    """Stop on a model object whose weights DeepSpeed ZeRO-3 has already partitioned (loaded under its `zero.Init`):
+    the teacher of a model object is a copy of its weights, which cannot be taken from partitions."""
+    if not isinstance(model, str) and not is_peft_model(model) and any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError(f"model: expected a name or path, or a model object loaded whole (the frozen teacher is a copy "
+                         f"of a model object's initial weights, and these cannot be copied from ZeRO-3's partitions), got "
+                         f"a {type(model).__name__} partitioned by DeepSpeed ZeRO-3: save it with save_pretrained and "
+                         f"pass the folder")
+
+
 def disable_attention_dropout(model: torch.nn.Module) -> None:
     """Attention dropout that is a probability, not a module (Qwen2, Qwen3, Llama, Mistral: `attention_dropout`
     in the config and on each attention layer, applied in training mode), set to 0: TRL's
@@ -263,29 +276,31 @@ class EGRSDTrainer(GRPOTrainer):
             raise ValueError(f"args: expected an EGRSDConfig (GRPOConfig with the method's settings), got "
                              f"{type(given['args']).__name__}")
         check_teacher_column(given["args"].teacher_prompt_column, given.get("train_dataset"), given.get("eval_dataset"))
+        check_copyable(given["model"])
         super().__init__(**given)
         self.running_advantage = egrsd.RunningAdvantage(warmup_steps=self.args.advantage_warmup)
         policy = self.accelerator.unwrap_model(self.model)
         disable_attention_dropout(policy)
-        self.teacher = None if is_peft_model(policy) else self._frozen_copy(given.get("quantization_config"))
+        self.teacher = None if is_peft_model(policy) else self._frozen_copy(given["model"], given.get("quantization_config"))
 
-    def _frozen_copy(self, quantization_config):
-        """The initial weights, frozen, loaded and prepared as TRL loads its reference model: the policy's
-        `model_init_kwargs` and quantization, and device_map None under DDP and DeepSpeed (their engines place
-        the weights; transformers refuses ZeRO-3 with a device map)."""
+    def _frozen_copy(self, model, quantization_config):
+        """The initial weights, frozen. `model` a name or path: loaded from it and prepared as TRL loads its
+        reference model (the policy's `model_init_kwargs` and quantization, and device_map None under DDP and
+        DeepSpeed: their engines place the weights; transformers refuses ZeRO-3 with a device map). `model` an
+        object: a copy of the policy before any step, which is what the policy starts from (its weights may be no
+        files': edited, merged or loaded from another state dict); not reloaded from its config's path."""
         policy = self.accelerator.unwrap_model(self.model)
-        name = get_config_model_id(policy.config)
-        if name and (os.path.isdir(name) or "/" in name):  # loadable: load it as TRL loads its reference model
+        if isinstance(model, str):
             kwargs = dict(self.args.model_init_kwargs or {})
             if quantization_config is not None:
                 kwargs["quantization_config"] = quantization_config
             if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
                 kwargs["device_map"] = None
             kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
-            kwargs.setdefault("dtype", policy.dtype)  # a policy passed as a model: the teacher is loaded like it
+            kwargs.setdefault("dtype", policy.dtype)
             kwargs.setdefault("attn_implementation", policy.config._attn_implementation)
-            teacher = create_model_from_path(name, **kwargs)
-        else:  # a model built in code: copy it, before any step
+            teacher = create_model_from_path(model, **kwargs)
+        else:
             teacher = copy.deepcopy(policy)
         teacher.requires_grad_(False).eval()  # never trained: a copy of the policy would keep its training mode
         disable_dropout_in_model(teacher)

@@ -295,12 +295,12 @@ def test_the_command_lines_model_and_dataset_flags_reach_the_policy_and_the_teac
     monkeypatch.setattr(trainer.args, "distributed_state", SimpleNamespace(distributed_type="DEEPSPEED"))
     monkeypatch.setattr(trl_egrsd, "create_model_from_path", lambda name, **kwargs: loads.append(kwargs) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        trainer._frozen_copy(BitsAndBytesConfig(load_in_4bit=True))
+        trainer._frozen_copy(str(model_dir), BitsAndBytesConfig(load_in_4bit=True))
     assert loads[-1]["device_map"] is None and loads[-1]["quantization_config"].load_in_4bit
     assert loads[-1]["dtype"] == "bfloat16" and loads[-1]["revision"] == "main"
     monkeypatch.setattr(trainer.args, "distributed_state", SimpleNamespace(distributed_type="MULTI_GPU"))  # DDP, too
     with pytest.raises(ZeroDivisionError):
-        trainer._frozen_copy(None)
+        trainer._frozen_copy(str(model_dir), None)
     assert loads[-1]["device_map"] is None
     with pytest.raises(ValueError, match="^--model_name_or_path: expected a hub name"):
         trl_egrsd.build_trainer(trl_egrsd.DataArguments(), trainer.args, trl_egrsd.EGRSDModelConfig())
@@ -467,16 +467,31 @@ def test_with_steps_per_generation_each_optimizer_step_is_the_mean_of_its_genera
     torch.testing.assert_close(loss, token_mean * per_generation / accumulation)
 
 
-def test_a_policy_passed_as_a_loaded_model_gets_a_frozen_teacher_loaded_in_its_dtype_and_attention(tmp_path, model_dir):
-    """No model_init_kwargs: the teacher, loaded from the policy's path, takes the policy's dtype and attention."""
+def test_a_policy_passed_as_a_loaded_model_gets_a_frozen_copy_of_its_own_weights_in_its_dtype_and_attention(tmp_path, model_dir):
+    """A model loaded from a folder, then changed in memory (as a merged adapter or another state dict changes it):
+    the teacher is a copy of the weights the policy starts from, not the folder's, in the policy's dtype and
+    attention. A model object already partitioned by DeepSpeed ZeRO-3 cannot be copied: refused, before training."""
     from transformers import AutoModelForCausalLM
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="eager")
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)).to(parameter.dtype))
     args = trl_egrsd.EGRSDConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2)
     trainer = trl_egrsd.EGRSDTrainer(model=policy, reward_funcs=trl_egrsd.correctness_reward, args=args,
                                      train_dataset=trl_egrsd.dataset_from_problems(problems), processing_class=tokenizer)
     assert trainer.teacher is not policy and trainer.teacher.dtype == torch.bfloat16
     assert trainer.teacher.config._attn_implementation == "eager"
     assert not any(p.requires_grad for p in trainer.teacher.parameters()), "the teacher is frozen"
+    ids = torch.randint(3, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    scores = [trainer._get_per_token_logps_and_entropies(model, ids, torch.ones_like(ids), 6, batch_size=2)[0]
+              for model in (trainer.model, trainer.teacher)]
+    torch.testing.assert_close(scores[1], scores[0], rtol=0, atol=0)  # the folder's weights differ by about 0.7
+    partitioned = build_tiny_model(tokenizer)
+    next(partitioned.parameters()).ds_id = 0  # as DeepSpeed's zero.Init marks a partitioned parameter
+    with pytest.raises(ValueError, match="^model: expected a name or path, or a model object loaded whole .*got a "
+                                         "Qwen2ForCausalLM partitioned by DeepSpeed ZeRO-3"):
+        trl_egrsd.EGRSDTrainer(model=partitioned, reward_funcs=trl_egrsd.correctness_reward, args=args,
+                               train_dataset=trl_egrsd.dataset_from_problems(problems), processing_class=tokenizer)
 
 
 def test_main_resumes_from_the_checkpoint_flag_then_saves_and_ends(tmp_path, monkeypatch):
