@@ -47,16 +47,27 @@ of its loss and this one would train). `args` must be an EGRSDConfig (a GRPOConf
 None: EGRSDConfig's defaults), and each dataset given needs the column `teacher_prompt_column`: both are checked
 before any weights load, not after the first rollouts.
 
-The teacher is the initial weights, frozen: with PEFT the base model with the adapter switched off (no
-second copy); otherwise, for `model` given as a name or path, a copy loaded from it and prepared as TRL loads its
-reference model (the same `model_init_kwargs`, quantization and device placement), and for a model object a copy
-of that object before any step, not a reload of its config's path: its weights need not be any files' (a merged
-adapter, edited weights). A model object that DeepSpeed ZeRO-3 has already partitioned cannot be copied: refused,
-with what to do. Log-probabilities and entropies come from TRL's
-fused, chunked LM head (never a tokens × vocabulary tensor, and run inside the wrapped model, so that
-DeepSpeed ZeRO-3 and FSDP work), at the sampling temperature: the same log-softmax and entropy as
-`egrsd.linear_token_logprobs` / `linear_token_entropy` (tested equal), and the same `score_temperature` as
-train_min.py (0: follow `temperature`; TRL scores at `temperature` only).
+The teacher is the initial weights, frozen: the weights the policy starts from, never a model it was not (a
+copy where needed rather than a refusal: continuing a trained adapter or an edited model is common, and an
+adapter's copy costs little).
+- PEFT, with the adapter created by the trainer from `peft_config` with LoRA's default initialisation (B = 0:
+  it adds nothing until trained): the base model with the adapter switched off (no second copy).
+- PEFT otherwise (a PEFT model passed in, whose adapter may already be trained, as an SFT LoRA being continued;
+  another initialisation, random or PiSSA; another PEFT method), where switching the adapter off would give a
+  model the policy never was: the policy with a frozen copy of its starting adapter, the adapter "teacher", in
+  place of the one it trains. That is TRL's own way for its reference model ("ref"); it costs one adapter, not a
+  model, and is saved in checkpoints beside the trained adapter (a `teacher/` folder).
+- No PEFT, `model` a name or path: loaded from it and prepared as TRL loads its reference model (the same
+  `model_init_kwargs`, quantization and device placement).
+- No PEFT, `model` an object: a copy of that object before any step, not a reload of its config's path, whose
+  files need not hold its weights (a merged adapter, edited weights).
+A model object whose copied weights DeepSpeed ZeRO-3 has already partitioned cannot be copied: refused, with what
+to do.
+
+Log-probabilities and entropies come from TRL's fused, chunked LM head (never a tokens × vocabulary tensor, and
+run inside the wrapped model, so that DeepSpeed ZeRO-3 and FSDP work), at the sampling temperature: the same
+log-softmax and entropy as `egrsd.linear_token_logprobs` / `linear_token_entropy` (tested equal), and the same
+`score_temperature` as train_min.py (0: follow `temperature`; TRL scores at `temperature` only).
 
 The command line (`main`) is TRL's GRPO script with EGRSD's settings: the same model flags (dtype, attention,
 revision, quantization, LoRA) and dataset flags (`--dataset_name`, with the columns that make a problem), or
@@ -111,6 +122,7 @@ if not __package__:  # run as a script (accelerate launch integrations/trl_egrsd
 import egrsd  # noqa: E402
 
 STATE_FILE = "egrsd_state.json"
+TEACHER_ADAPTER = "teacher"  # the frozen copy of a PEFT policy's starting adapter, where switching it off is not that
 
 
 # GRPO settings that EGRSD's advantage or loss replaces or needs as they are: another value is refused, with why.
@@ -218,14 +230,26 @@ def check_teacher_column(column: str, train_dataset, eval_dataset) -> None:
             raise ValueError(f"teacher_prompt_column: expected a column of {name}, one of {columns}, got {column!r}")
 
 
+def starts_as_base_model(peft_config) -> bool:
+    """Whether the adapter of `peft_config`, created by the trainer, adds nothing before it is trained, so that the
+    policy with its adapter off is the initial policy: LoRA's default initialisation (B = 0). Not so for a PEFT
+    model passed in (no peft_config: its adapter may be trained), other initialisations (random, PiSSA, OLoRA,
+    LoftQ: the last three also rewrite the base weights) or other PEFT methods."""
+    return peft_config is not None and getattr(peft_config, "init_lora_weights", None) is True
+
+
 def check_copyable(model) -> None:
-    """Stop on a model object whose weights DeepSpeed ZeRO-3 has already partitioned (loaded under its `zero.Init`):
-    the teacher of a model object is a copy of its weights, which cannot be taken from partitions."""
-    if not isinstance(model, str) and not is_peft_model(model) and any(hasattr(p, "ds_id") for p in model.parameters()):
-        raise ValueError(f"model: expected a name or path, or a model object loaded whole (the frozen teacher is a copy "
-                         f"of a model object's initial weights, and these cannot be copied from ZeRO-3's partitions), got "
-                         f"a {type(model).__name__} partitioned by DeepSpeed ZeRO-3: save it with save_pretrained and "
-                         f"pass the folder")
+    """Stop on a model object whose weights the teacher copies (a PEFT model's: its adapter's) that DeepSpeed ZeRO-3
+    has already partitioned (loaded under its `zero.Init`): a copy cannot be taken from partitions."""
+    if isinstance(model, str):
+        return
+    peft = is_peft_model(model)
+    copied = [p for name, p in model.named_parameters() if not peft or f".{model.active_adapter}." in name]
+    if any(hasattr(p, "ds_id") for p in copied):
+        raise ValueError(f"model: expected a name or path, or a model object loaded whole (the frozen teacher copies a "
+                         f"model object's initial weights, a PEFT model's adapter, and cannot copy ZeRO-3's partitions), "
+                         f"got a {type(model).__name__} partitioned by DeepSpeed ZeRO-3: pass its name or saved folder, "
+                         f"or load it whole")
 
 
 def disable_attention_dropout(model: torch.nn.Module) -> None:
@@ -281,7 +305,11 @@ class EGRSDTrainer(GRPOTrainer):
         self.running_advantage = egrsd.RunningAdvantage(warmup_steps=self.args.advantage_warmup)
         policy = self.accelerator.unwrap_model(self.model)
         disable_attention_dropout(policy)
-        self.teacher = None if is_peft_model(policy) else self._frozen_copy(given["model"], given.get("quantization_config"))
+        self.teacher, self.teacher_adapter = None, None  # a PEFT policy is its own teacher, with `teacher_adapter`
+        if not is_peft_model(policy):
+            self.teacher = self._frozen_copy(given["model"], given.get("quantization_config"))
+        elif not starts_as_base_model(given.get("peft_config")):
+            self.teacher_adapter = self._frozen_adapter(policy)
 
     def _frozen_copy(self, model, quantization_config):
         """The initial weights, frozen. `model` a name or path: loaded from it and prepared as TRL loads its
@@ -312,6 +340,28 @@ class EGRSDTrainer(GRPOTrainer):
         if self.is_fsdp_enabled:
             return prepare_fsdp(teacher, self.accelerator)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def _frozen_adapter(self, policy) -> str:
+        """A frozen copy of the PEFT policy's adapter as it is before any step, added beside it as TEACHER_ADAPTER
+        (as TRL's GRPO keeps a "ref" copy of a pretrained adapter for its reference model): the teacher is the
+        policy with the copy in place of the adapter it trains. Its name."""
+        trained = policy.active_adapter
+        if not isinstance(trained, str) or TEACHER_ADAPTER in policy.peft_config:
+            raise ValueError(f"model: expected a PEFT model with one active adapter, none named {TEACHER_ADAPTER!r} "
+                             f"(the teacher's copy of it), got adapters {list(policy.peft_config)}, active {trained!r}")
+        config = copy.copy(policy.peft_config[trained])
+        if hasattr(config, "init_lora_weights"):  # the weights are copied below; an initialisation that rewrites the
+            config.init_lora_weights = True  # base weights (PiSSA, OLoRA, LoftQ) must not run a second time
+        trainable = {name: parameter.requires_grad for name, parameter in policy.named_parameters()}
+        policy.add_adapter(TEACHER_ADAPTER, config)
+        for name, parameter in policy.named_parameters():
+            if name in trainable:
+                parameter.requires_grad_(trainable[name])
+            else:
+                source = policy.get_parameter(name.replace(f".{TEACHER_ADAPTER}.", f".{trained}."))
+                parameter.data = source.data.detach().clone()  # (its dtype and device too)
+                parameter.requires_grad_(False)
+        return TEACHER_ADAPTER
 
     # ------------------------------------------------------------------------------------------------
     # Rewards, advantages and the per-token weights
@@ -357,9 +407,11 @@ class EGRSDTrainer(GRPOTrainer):
                for p in teacher_prompts]
         prompt_ids = pad(ids, padding_value=self.processing_class.pad_token_id, padding_side="left").to(completion.device)
         prompt_mask = pad([torch.ones_like(i) for i in ids], padding_value=0, padding_side="left").to(completion.device)
-        model = self.model if self.teacher is None else self.teacher
-        adapter_off = use_adapter(self.accelerator.unwrap_model(model), None) if self.teacher is None else contextlib.nullcontext()
-        with adapter_off:
+        if self.teacher is not None:
+            model, weights = self.teacher, contextlib.nullcontext()
+        else:  # a PEFT policy with the teacher's copy of its adapter, or (None) with its adapters off
+            model, weights = self.model, use_adapter(self.accelerator.unwrap_model(self.model), self.teacher_adapter)
+        with weights:
             logp, entropy, _ = self._get_per_token_logps_and_entropies(
                 model, torch.cat([prompt_ids, completion], dim=1), torch.cat([prompt_mask, mask.long()], dim=1),
                 completion.size(1), batch_size=self.args.per_device_train_batch_size, compute_entropy=True)

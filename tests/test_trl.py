@@ -144,7 +144,7 @@ def test_with_lora_the_teacher_is_the_base_model_with_the_adapter_off(tmp_path):
     peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
     trainer = tiny_trainer(tmp_path, max_steps=1, learning_rate=1e-1, method="egrsd",
                            peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert trainer.teacher is None, "no second copy of the weights"
+    assert trainer.teacher is None and trainer.teacher_adapter is None, "no second copy of the weights or the adapter"
     trainer.train()  # the adapter moves (a large learning rate), the teacher must not
     rows = [row for row in trainer.train_dataset.select(range(2)) for _ in range(2)]
     completion = fixed_rollouts([row["prompt"] for row in rows], trainer)["completion_ids"]
@@ -162,6 +162,37 @@ def test_with_lora_the_teacher_is_the_base_model_with_the_adapter_off(tmp_path):
     policy = trainer.policy_logps({"prompt_ids": teacher_ids, "prompt_mask": teacher_mask, "completion_ids": ids,
                                    "completion_mask": mask.long()})
     assert not torch.allclose(policy, expected.student_logp, atol=1e-3), "the adapter is on for the policy"
+
+
+@pytest.mark.parametrize("given", ["model", "peft_config"])
+def test_with_an_adapter_that_starts_non_zero_the_teacher_is_the_policy_with_a_frozen_copy_of_it(given, tmp_path):
+    """A PeftModel passed in with a trained adapter (an SFT LoRA continued), or a LoRA initialised non-zero (here
+    init_lora_weights=False; PiSSA and OLoRA too): with the adapter off the teacher would be a model the policy never
+    was. Before any step it scores as the policy; as the policy's adapter moves, the teacher's copy does not, and
+    only the policy's adapter trains."""
+    peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    if given == "model":
+        trainer = tiny_trainer(tmp_path, model=peft.get_peft_model(build_tiny_model(tokenizer), config))
+    else:
+        trainer = tiny_trainer(tmp_path, peft_config=config)
+    assert trainer.teacher is None and trainer.teacher_adapter == "teacher", "a copy of the adapter, not the model"
+    prompts = trainer.train_dataset["teacher_prompt"][:2]
+    completion = torch.randint(3, len(tokenizer), (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    prompt_ids, prompt_mask = train_min.encode_prompts(tokenizer, prompts, "cpu")
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion, "completion_mask": mask.long()}
+    before = trainer.teacher_scores(prompts, completion, mask)
+    torch.testing.assert_close(before[0], trainer.policy_logps(batch), rtol=0, atol=1e-6)  # adapter off: 0.2-0.5 apart
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():  # as training moves the policy's adapter
+        for name, parameter in policy.named_parameters():
+            if ".default." in name:
+                parameter.mul_(1.5)
+    torch.testing.assert_close(trainer.teacher_scores(prompts, completion, mask), before, rtol=0, atol=0)
+    assert not torch.allclose(trainer.policy_logps(batch), before[0], atol=1e-3), "the policy's adapter moved"
+    trainable = [name for name, parameter in policy.named_parameters() if parameter.requires_grad]
+    assert trainable and all(".default." in name for name in trainable), "the policy's adapter alone, after scoring"
 
 
 def test_the_settings_are_train_mins_and_what_would_be_ignored_is_refused(tmp_path, monkeypatch):
@@ -488,10 +519,14 @@ def test_a_policy_passed_as_a_loaded_model_gets_a_frozen_copy_of_its_own_weights
     torch.testing.assert_close(scores[1], scores[0], rtol=0, atol=0)  # the folder's weights differ by about 0.7
     partitioned = build_tiny_model(tokenizer)
     next(partitioned.parameters()).ds_id = 0  # as DeepSpeed's zero.Init marks a partitioned parameter
-    with pytest.raises(ValueError, match="^model: expected a name or path, or a model object loaded whole .*got a "
-                                         "Qwen2ForCausalLM partitioned by DeepSpeed ZeRO-3"):
-        trl_egrsd.EGRSDTrainer(model=partitioned, reward_funcs=trl_egrsd.correctness_reward, args=args,
-                               train_dataset=trl_egrsd.dataset_from_problems(problems), processing_class=tokenizer)
+    peft = pytest.importorskip("peft", reason="the optional extra peft is not installed")
+    adapted = peft.get_peft_model(build_tiny_model(tokenizer), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    next(p for name, p in adapted.named_parameters() if ".default." in name).ds_id = 0  # its adapter is copied
+    for model, kind in ((partitioned, "Qwen2ForCausalLM"), (adapted, "PeftModel")):
+        with pytest.raises(ValueError, match="^model: expected a name or path, or a model object loaded whole .*got a "
+                                             f"{kind} partitioned by DeepSpeed ZeRO-3"):
+            trl_egrsd.EGRSDTrainer(model=model, reward_funcs=trl_egrsd.correctness_reward, args=args,
+                                   train_dataset=trl_egrsd.dataset_from_problems(problems), processing_class=tokenizer)
 
 
 def test_main_resumes_from_the_checkpoint_flag_then_saves_and_ends(tmp_path, monkeypatch):
