@@ -122,7 +122,7 @@ if not __package__:  # run as a script (accelerate launch integrations/trl_egrsd
 import egrsd  # noqa: E402
 
 STATE_FILE = "egrsd_state.json"
-TEACHER_ADAPTER = "teacher"  # the frozen copy of a PEFT policy's starting adapter, where switching it off is not that
+TEACHER_ADAPTER = "teacher"  # a PEFT policy's frozen copy of its starting adapter (module docstring: the teacher)
 
 
 # GRPO settings that EGRSD's advantage or loss replaces or needs as they are: another value is refused, with why.
@@ -315,8 +315,8 @@ class EGRSDTrainer(GRPOTrainer):
         """The initial weights, frozen. `model` a name or path: loaded from it and prepared as TRL loads its
         reference model (the policy's `model_init_kwargs` and quantization, and device_map None under DDP and
         DeepSpeed: their engines place the weights; transformers refuses ZeRO-3 with a device map). `model` an
-        object: a copy of the policy before any step, which is what the policy starts from (its weights may be no
-        files': edited, merged or loaded from another state dict); not reloaded from its config's path."""
+        object: a copy of the policy before any step, not a reload of its config's path (its weights need not be
+        those of any files: edited, merged, or loaded from another state dict)."""
         policy = self.accelerator.unwrap_model(self.model)
         if isinstance(model, str):
             kwargs = dict(self.args.model_init_kwargs or {})
