@@ -1,8 +1,10 @@
 """integrations/trl_egrsd.py: EGRSD inside TRL's GRPOTrainer computes the trainer's token advantages and loss
 and logs them, keeps its running advantage in checkpoints, gives the same token advantages with 1 and with 2
 processes (torchrun, gloo, on CPU: accelerate 1.15's `launch --cpu` starts a single process), applies TRL's
-vLLM importance sampling, honours TRL's model and dataset flags, refuses what it would ignore, and runs the
-README's command."""
+vLLM importance sampling, honours TRL's model and dataset flags, scores with a teacher that is the policy's
+starting weights however the model is given (a name, an object changed after loading, a PEFT model whose adapter
+starts non-zero), refuses what it would ignore or cannot run before any weights load, and runs the README's
+command."""
 import json
 import re
 import shlex
