@@ -214,10 +214,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, chunk_size: in
     """log p(tokens) = log_softmax(logits)[..., tokens], in float32 (float64 for float64 input).
 
     logits (..., V), tokens (...) integer ids in [0, V). Differentiable w.r.t. `logits`. Computed in
-    chunks of `chunk_size` rows with a stable log-sum-exp; the backward recomputes each chunk, so no
-    second full (..., V) float32 tensor is ever held (a shifted slice such as logits[:, :-1] is read where
-    it lies, not copied). Entries of −inf (masked vocabulary) are allowed,
-    a whole row of them is not.
+    chunks of `chunk_size` rows, each row's largest logit subtracted first (as torch.log_softmax does: exact
+    however large the logits); the backward recomputes each chunk, so no second full (..., V) float32 tensor
+    is ever held (a shifted slice such as logits[:, :-1] is read where it lies, not copied). Entries of −inf
+    (masked vocabulary) are allowed, a whole row of them is not.
     """
     _logits("logits", logits)
     ids = _token_ids(tokens, logits.shape[-1], logits.shape[:-1])
@@ -617,8 +617,9 @@ class GateSettings:
 #
 # Each works on rows of logits given either as the logits themselves (`weight` None) or as hidden
 # states x and an LM-head weight W (logits = x @ Wᵀ, never materialised for more than one chunk).
-# Forward passes keep only a (rows,) log-sum-exp; backward passes recompute each chunk, so the extra
-# memory is O(chunk_size × V) whatever the number of rows.
+# Forward passes keep only each row's largest logit m and s = log Σ exp(z − m) (log p = (z − m) − s, exact
+# whatever the logits' size); backward passes recompute each chunk, so the extra memory is O(chunk_size × V)
+# whatever the number of rows.
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -663,7 +664,7 @@ def _row_chunks(x: torch.Tensor, chunk_size: int):
 def _save_autocast(ctx, x) -> None:
     """Remember the autocast state of the forward: the backward recomputes each chunk of logits, and
     must round it exactly as the forward did (bf16 logits under autocast), or the softmax it rebuilds
-    from the forward's log-sum-exp no longer sums to 1."""
+    from the forward's m and s no longer sums to 1."""
     ctx.device_type = x.device.type
     ctx.autocast = torch.is_autocast_enabled(ctx.device_type)
     ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type)
@@ -679,33 +680,60 @@ def _grad_buffers(ctx, x, weight, dtype):
     return grad_x, grad_w
 
 
+def _subtract_row_max_(z: torch.Tensor) -> torch.Tensor:
+    """z (chunk, V) ← z − m in place, m the (chunk,) largest logit of each row, returned. The kernels then take
+    log p = (z − m) − s with s = log Σ_v exp(z_v − m) ∈ [0, log V], as torch.log_softmax does: exact to a few
+    ulps of log p however large the logits, where z − logsumexp(z) in one subtraction errs by an ulp of |z|
+    (1e-3 nats at 1e4). A row whose max is not finite (all −inf, or ±inf/NaN in it) gets m = 0, so that m + s
+    is still its log-sum-exp, −inf, +inf or NaN, for `_check_lse`."""
+    m = z.amax(dim=-1)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    z.sub_(m[:, None])
+    return m
+
+
+def _entropy_of_chunk_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """m, s and H = −Σ p log p of each row of z (chunk, V), with z ← max(z − m, the most negative finite number)
+    in place: its −inf entries become finite, so that they add e · (z − m) = 0 · finite = 0, not 0 · (−inf) = NaN.
+    With e = exp(z − m) and S = Σ e: H = s − Σ e · (z − m) / S, two non-negative terms (no cancellation).
+    Two (chunk × V) tensors at most: z and e."""
+    m = _subtract_row_max_(z)
+    z.clamp_(min=torch.finfo(z.dtype).min)
+    e = torch.exp(z)
+    total = e.sum(-1)
+    s = total.log()
+    return m, s, s - e.mul_(z).sum(-1) / total
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """log softmax(logits)[token] per row; backward: d/dz = g · (onehot(token) − softmax(z))."""
 
     @staticmethod
     def forward(ctx, x, weight, tokens, chunk_size, name):
         dtype = _float_dtype(x.dtype)
-        lse = torch.empty(_row_count(x), dtype=dtype, device=x.device)
-        picked = torch.empty_like(lse)
+        m = torch.empty(_row_count(x), dtype=dtype, device=x.device)
+        s, picked = torch.empty_like(m), torch.empty_like(m)
         for idx in _row_chunks(x, chunk_size):
             z = _chunk_logits(x, weight, idx, dtype)
-            lse[idx] = torch.logsumexp(z, dim=-1)
+            m[idx] = _subtract_row_max_(z)  # z − m in place: one (chunk × V) tensor
             picked[idx] = z.gather(-1, tokens[idx, None]).squeeze(-1)
-        _check_lse(name, lse)
-        ctx.save_for_backward(x, weight, tokens, lse)
+            s[idx] = z.exp_().sum(-1).log_()
+        _check_lse(name, m + s)
+        ctx.save_for_backward(x, weight, tokens, m, s)
         ctx.chunk_size = chunk_size
         _save_autocast(ctx, x)
-        return picked - lse
+        return picked - s
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, tokens, lse = ctx.saved_tensors
-        grad_x, grad_w = _grad_buffers(ctx, x, weight, lse.dtype)
+        x, weight, tokens, m, s = ctx.saved_tensors
+        grad_x, grad_w = _grad_buffers(ctx, x, weight, m.dtype)
         for idx in _row_chunks(x, ctx.chunk_size):
-            g = grad_out[idx, None].to(lse.dtype)
+            g = grad_out[idx, None].to(m.dtype)
             with _autocast_as_forward(ctx):
-                z = _chunk_logits(x, weight, idx, lse.dtype)
-                dz = -g * torch.exp(z - lse[idx, None])
+                z = _chunk_logits(x, weight, idx, m.dtype)
+                # −g · softmax(z) = −g · exp(z − m) / exp(s), in place
+                dz = z.sub_(m[idx, None]).exp_().mul_(-g * torch.exp(-s[idx, None]))
                 _backprop_chunk(dz.scatter_add_(-1, tokens[idx, None], g), x, weight, idx, grad_x, grad_w)
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
@@ -717,34 +745,36 @@ class _MeanKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_s, w_s, x_t, w_t, rows, chunk_size):
         dtype = _float_dtype(x_s.dtype)
-        lse_s = torch.empty(rows.numel(), dtype=dtype, device=x_s.device)
-        lse_t, kl = torch.empty_like(lse_s), torch.empty_like(lse_s)
+        m_s = torch.empty(rows.numel(), dtype=dtype, device=x_s.device)
+        s_s, m_t, s_t, kl = (torch.empty_like(m_s) for _ in range(4))
         for start, idx in zip(range(0, rows.numel(), chunk_size), _chunks(rows, chunk_size)):
             sl = slice(start, start + idx.numel())
             z_s, z_t = _chunk_logits(x_s, w_s, idx, dtype), _chunk_logits(x_t, w_t, idx, dtype)
-            lse_s[sl], lse_t[sl] = torch.logsumexp(z_s, -1), torch.logsumexp(z_t, -1)
-            logp_t = z_t - lse_t[sl, None]
+            m_s[sl], m_t[sl] = _subtract_row_max_(z_s), _subtract_row_max_(z_t)
+            s_s[sl], s_t[sl] = torch.exp(z_s).sum(-1).log_(), torch.exp(z_t).sum(-1).log_()
+            logp_t, logp_s = z_t.sub_(s_t[sl, None]), z_s.sub_(s_s[sl, None])  # (z − m) − s, in place
             p_t = logp_t.exp()
-            # where p_T = 0 the term is 0, whatever log p_S is (avoids 0 · (−inf) = NaN)
-            kl[sl] = torch.where(p_t > 0, p_t * (logp_t - (z_s - lse_s[sl, None])), 0.0).sum(-1)
-        _check_lse("student_logits" if w_s is None else "student_hidden", lse_s)
-        _check_lse("teacher_logits" if w_t is None else "teacher_hidden", lse_t)
-        ctx.save_for_backward(x_s, w_s, x_t, w_t, rows, lse_s, lse_t)
+            # p_T · (log p_T − log p_S), in place in logp_s; 0 where p_T = 0, whatever log p_S is (not 0 · ∞ = NaN)
+            kl[sl] = logp_s.sub_(logp_t).mul_(p_t).neg_().masked_fill_(p_t == 0, 0.0).sum(-1)
+        _check_lse("student_logits" if w_s is None else "student_hidden", m_s + s_s)
+        _check_lse("teacher_logits" if w_t is None else "teacher_hidden", m_t + s_t)
+        ctx.save_for_backward(x_s, w_s, x_t, w_t, rows, m_s, s_s, m_t, s_t)
         ctx.chunk_size = chunk_size
         _save_autocast(ctx, x_s)
         return kl.sum() / max(rows.numel(), 1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_s, w_s, x_t, w_t, rows, lse_s, lse_t = ctx.saved_tensors
-        grad_x, grad_w = _grad_buffers(ctx, x_s, w_s, lse_s.dtype)
-        scale = grad_out.to(lse_s.dtype) / max(rows.numel(), 1)
+        x_s, w_s, x_t, w_t, rows, m_s, s_s, m_t, s_t = ctx.saved_tensors
+        grad_x, grad_w = _grad_buffers(ctx, x_s, w_s, m_s.dtype)
+        scale = grad_out.to(m_s.dtype) / max(rows.numel(), 1)
         for start, idx in zip(range(0, rows.numel(), ctx.chunk_size), _chunks(rows, ctx.chunk_size)):
             sl = slice(start, start + idx.numel())
             with _autocast_as_forward(ctx):
-                p_s = torch.exp(_chunk_logits(x_s, w_s, idx, lse_s.dtype) - lse_s[sl, None])
-                p_t = torch.exp(_chunk_logits(x_t, w_t, idx, lse_t.dtype) - lse_t[sl, None])
-                _backprop_chunk(scale * (p_s - p_t), x_s, w_s, idx, grad_x, grad_w)
+                # softmax(z) = exp(z − m) / exp(s), in place, for the student and the teacher
+                p_s = _chunk_logits(x_s, w_s, idx, m_s.dtype).sub_(m_s[sl, None]).exp_().mul_(torch.exp(-s_s[sl, None]))
+                p_t = _chunk_logits(x_t, w_t, idx, m_t.dtype).sub_(m_t[sl, None]).exp_().mul_(torch.exp(-s_t[sl, None]))
+                _backprop_chunk(p_s.sub_(p_t).mul_(scale), x_s, w_s, idx, grad_x, grad_w)
         return grad_x, None if grad_w is None else grad_w.to(w_s.dtype), None, None, None, None
 
 
@@ -753,14 +783,8 @@ def _entropy(x: torch.Tensor, weight: torch.Tensor | None, chunk_size: int, name
     dtype = _float_dtype(x.dtype)
     out = torch.empty(_row_count(x), dtype=dtype, device=x.device)
     for idx in _row_chunks(x, chunk_size):
-        z = _chunk_logits(x, weight, idx, dtype)
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        _check_lse(name, lse)
-        # H = −Σ p · log p, log p = z − lse, in place (two (chunk × V) tensors at most); −inf entries become
-        # the most negative finite number, so that they add p · log p = 0 · finite = 0, not 0 · (−inf) = NaN
-        z.sub_(lse).clamp_(min=torch.finfo(dtype).min)
-        p = torch.exp(z)
-        out[idx] = -(p.mul_(z)).sum(-1)
+        m, s, out[idx] = _entropy_of_chunk_(_chunk_logits(x, weight, idx, dtype))
+        _check_lse(name, m + s)
     return out
 
 
@@ -772,11 +796,9 @@ def _logprobs_and_entropy(x, weight, tokens, chunk_size: int, name: str) -> tupl
     entropy = torch.empty_like(logp)
     for idx in _row_chunks(x, chunk_size):
         z = _chunk_logits(x, weight, idx, dtype)
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        _check_lse(name, lse)
-        z.sub_(lse).clamp_(min=torch.finfo(dtype).min)  # log p, as in _entropy
-        logp[idx] = z.gather(-1, tokens[idx, None]).squeeze(-1)
-        entropy[idx] = -(torch.exp(z).mul_(z)).sum(-1)
+        m, s, entropy[idx] = _entropy_of_chunk_(z)  # z ← z − m (−inf entries clamped, as in _entropy)
+        _check_lse(name, m + s)
+        logp[idx] = z.gather(-1, tokens[idx, None]).squeeze(-1) - s
     return logp, entropy
 
 
