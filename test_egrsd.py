@@ -4,7 +4,8 @@ docs/METHOD.md. This file imports only torch, hypothesis, pytest and egrsd: copy
 Four kinds of test, in this order:
 1. reference: each function equals a float64 naive implementation written loop by loop from the paper's
    equations, on generated batches with left and right padding, holes, all-padding rows, zero and large
-   entropies, zero advantages, γ up to 2 (so the 0.1 floor binds) and windows 0..8;
+   entropies, zero advantages, γ up to 2 (so the 0.1 floor binds) and windows 0..8; the full-vocabulary
+   functions also on logits shifted per row by up to 1e4, or to float32's largest;
 2. invariants: every property of docs/METHOD.md §4, one test each, named for the sentence it states;
 3. contract (docs/METHOD.md §3): weights and advantages come back detached, and each kind of bad input
    raises a ValueError that names the argument;
@@ -474,6 +475,64 @@ def test_shifted_logits_are_read_where_they_lie_never_copied_whole(function):
     if out.requires_grad:
         grads = [torch.autograd.grad(x.sum(), student)[0] for x in (out, copied)]
         assert torch.equal(*grads)
+
+
+FLOAT32_MAX_ULP = 2.0**104  # the spacing of float32 between 2^127 and its largest value, (2^24 − 1) · 2^104
+
+
+@st.composite
+def shifted_logit_batches(draw):
+    """(shifted, reference): a LogitBatch whose every row of logits (the student's and the teacher's each
+    their own) is a reference row plus a constant, exactly in float32, and the reference rows in float64 with
+    their largest finite logit at 0 (softmax is shift-invariant, and subtracting it is exact here).
+    The constants: up to ±1e4 on rows of logits on a grid of 2^-9 (every sum exact), or, in a drawn share
+    of the rows, a row of whole multiples of 2^104 whose largest logit is float32's largest (3.4e38)."""
+    B, T, V = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(2, 30))
+    scale, banned_fraction = draw(st.sampled_from([1.0, 5.0, 20.0])), draw(st.sampled_from([0.0, 0.5]))
+    offset, huge_share = draw(st.sampled_from([30.0, 1e3, 1e4])), draw(st.sampled_from([0.0, 0.25]))
+    generator = draw(random_source())
+    tokens = torch.randint(V, (B, T), generator=generator)
+    banned = (torch.rand(B, T, V, generator=generator) < banned_fraction).scatter(-1, tokens[..., None], False)
+
+    def shifted_and_reference():
+        huge = chance(huge_share, (B, T, 1), generator)
+        unit = torch.where(huge, FLOAT32_MAX_ULP, 2.0**-9).double()
+        logits = (scale * torch.randn(B, T, V, generator=generator, dtype=torch.float64) / torch.where(huge, 1.0, unit)).round()
+        logits = logits.masked_fill(banned, -math.inf)  # whole multiples of the row's unit
+        largest = logits.amax(-1, keepdim=True)
+        shift = torch.where(huge, 2.0**24 - 1 - largest, (uniform(-offset, offset, (B, T, 1), generator) / unit).round())
+        reference, shifted = (logits - largest) * unit, (logits + shift) * unit
+        assert torch.equal(shifted.float().double(), shifted), "every shifted logit exact in float32"
+        return shifted.float(), reference
+
+    (student, student_reference), (teacher, teacher_reference) = shifted_and_reference(), shifted_and_reference()
+    mask = draw(masks(B, T))
+    if not mask.any():
+        mask[0, 0] = True
+    return LogitBatch(student, teacher, tokens, mask), LogitBatch(student_reference, teacher_reference, tokens, mask)
+
+
+@given(data=st.data())
+@settings(max_examples=30)
+def test_logits_shifted_by_a_large_constant_per_row_give_the_unshifted_results_forward_and_backward(data):
+    """Softmax is shift-invariant, so log-probs, entropies, the OPSD loss and their gradients of logits
+    shifted by up to 1e4, or up to float32's largest (3.4e38), per row equal the float64 reference of the
+    unshifted logits to float32's precision (log p = (z − max) − log Σ exp(z − max), never z − logsumexp(z),
+    which errs by an ulp of |z|: 1e-3 at 1e4, and H([3e38, 3e38]) = 0 instead of ln 2)."""
+    (batch, reference), chunking = data.draw(shifted_logit_batches()), data.draw(CHUNKINGS)
+    logits, student = batch.student_logits.clone().requires_grad_(), batch.student_logits.clone().requires_grad_()
+    logp = egrsd.token_logprobs(logits, batch.tokens, **chunking)
+    upstream = torch.linspace(-1, 1, logp.numel()).reshape(logp.shape)
+    logp.backward(upstream)
+    loss = egrsd.opsd_loss(student, batch.teacher_logits, batch.mask, **chunking)
+    loss.backward()
+    assert_close(logp, naive_token_logprobs(reference.student_logits, batch.tokens), torch.float32)
+    assert_close(logits.grad, naive_token_logprobs_gradient(reference.student_logits, batch.tokens, upstream), torch.float32)
+    assert_close(egrsd.token_entropy(batch.teacher_logits, **chunking), naive_token_entropy(reference.teacher_logits),
+                 torch.float32)
+    assert_close(loss, naive_opsd_loss(reference.student_logits, reference.teacher_logits, batch.mask), torch.float32)
+    assert_close(student.grad, naive_opsd_loss_gradient(reference.student_logits, reference.teacher_logits, batch.mask),
+                 torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1052,6 +1111,86 @@ def test_linear_gradients_under_bf16_autocast_are_as_accurate_as_the_plain_compu
     exact = gradients(hidden.double(), weight.double(), plain=True, autocast=False)
     error = {plain: ((gradients(hidden, weight, plain, True) - exact).norm() / exact.norm()).item() for plain in (True, False)}
     assert error[False] <= 2 * error[True] + 1e-3, error
+
+
+@st.composite
+def shifted_hidden_batches(draw):
+    """(hidden, weight, teacher_hidden, teacher_weight, tokens, reference student and teacher logits): hidden
+    states and LM heads whose logits are shifted per row by a constant up to ±1e4, through a last hidden
+    feature that is the constant and a last weight column of ones; every entry a multiple of 2^-4 in [−2, 2],
+    so that every float32 sum of the products (multiples of 2^-8) is exact in any order. The reference: the
+    unshifted logits in float64, with their largest at 0."""
+    N, D, V = draw(st.integers(1, 8)), draw(st.integers(1, 6)), draw(st.integers(2, 30))
+    offset, generator = draw(st.sampled_from([30.0, 1e3, 1e4])), draw(random_source())
+
+    def head(rows):
+        h, w = (torch.randint(-32, 33, shape, generator=generator).double() / 16 for shape in [(rows, D), (V, D)])
+        shift = (uniform(-offset, offset, (rows, 1), generator) * 256).round() / 256
+        reference = h @ w.T
+        hidden, weight = torch.cat([h, shift], 1), torch.cat([w, torch.ones(V, 1, dtype=torch.float64)], 1)
+        assert torch.equal((hidden @ weight.T).float().double(), reference + shift), "every shifted logit exact"
+        return hidden.float(), weight.float(), reference - reference.amax(-1, keepdim=True)
+
+    (hidden, weight, reference), (teacher_hidden, teacher_weight, teacher_reference) = head(N), head(N)
+    tokens = torch.randint(V, (N,), generator=generator)
+    return hidden, weight, teacher_hidden, teacher_weight, tokens, reference, teacher_reference
+
+
+@given(data=st.data())
+@settings(max_examples=30)
+def test_linear_functions_of_logits_shifted_by_a_large_constant_per_row_give_the_unshifted_results(data):
+    """As for the logits themselves: log p, H (alone and from the fused teacher pass), the OPSD loss and the
+    gradients through the LM head of logits shifted by up to 1e4 per row equal the float64 reference of the
+    unshifted logits to float32's precision (to the gradients' scale, as every linear_* test)."""
+    (hidden, weight, teacher_hidden, teacher_weight, tokens, reference, teacher_reference), chunking = \
+        data.draw(shifted_hidden_batches()), data.draw(CHUNKINGS)
+    upstream = torch.linspace(-1, 1, len(tokens))
+
+    def through_the_head(dz, h, w):
+        """d loss / d (hidden, weight) from d loss / d logits, in float64."""
+        return dz @ w.double(), dz.T @ h.double()
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = egrsd.linear_token_logprobs(h, w, tokens, **chunking)
+    (logp * upstream).sum().backward()
+    assert_close_to_scale(logp, naive_token_logprobs(reference, tokens), torch.float32)
+    dz = naive_token_logprobs_gradient(reference, tokens, upstream)
+    for got, want in zip([h.grad, w.grad], through_the_head(dz, hidden, weight)):
+        assert_close_to_scale(got, want, torch.float32)
+    assert_close_to_scale(egrsd.linear_token_entropy(teacher_hidden, teacher_weight, **chunking),
+                          naive_token_entropy(teacher_reference), torch.float32)
+    teacher_logp, entropy = egrsd.linear_token_logprobs_and_entropy(teacher_hidden, teacher_weight, tokens, **chunking)
+    assert_close_to_scale(teacher_logp, naive_token_logprobs(teacher_reference, tokens), torch.float32)
+    assert_close_to_scale(entropy, naive_token_entropy(teacher_reference), torch.float32)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = egrsd.linear_opsd_loss(h, w, teacher_hidden, teacher_weight, **chunking)
+    loss.backward()
+    every_row = torch.ones(len(tokens), dtype=torch.bool)
+    assert_close_to_scale(loss, naive_opsd_loss(reference, teacher_reference, every_row), torch.float32)
+    dz = naive_opsd_loss_gradient(reference, teacher_reference, every_row)
+    for got, want in zip([h.grad, w.grad], through_the_head(dz, hidden, weight)):
+        assert_close_to_scale(got, want, torch.float32)
+
+
+def test_logits_at_float32s_largest_are_scored_by_their_differences():
+    """Two logits of 3e38, as logits or as hidden state times LM head, are a fair coin: H = ln 2,
+    log p = −ln 2, d log p / dz = (1/2, −1/2), and KL to itself 0 with gradient 0."""
+    logits = torch.tensor([[3e38, 3e38]], requires_grad=True)
+    hidden, weight = torch.tensor([[3e38]], requires_grad=True), torch.tensor([[1.0], [1.0]], requires_grad=True)
+    token = torch.tensor([0])
+    assert_close(egrsd.token_entropy(logits), [math.log(2)], torch.float32)
+    assert_close(egrsd.linear_token_entropy(hidden, weight), [math.log(2)], torch.float32)
+    fused = egrsd.linear_token_logprobs_and_entropy(hidden, weight, token)
+    assert_close(torch.stack(fused), [[-math.log(2)], [math.log(2)]], torch.float32)
+    egrsd.token_logprobs(logits, token).sum().backward()
+    egrsd.linear_token_logprobs(hidden, weight, token).sum().backward()
+    assert_close(logits.grad, [[0.5, -0.5]], torch.float32)
+    assert_close(weight.grad, [[1.5e38], [-1.5e38]], torch.float32)
+    assert_close(hidden.grad, [[0.0]], torch.float32)
+    student = logits.detach()[None].clone().requires_grad_()
+    loss = egrsd.opsd_loss(student, student.detach(), torch.ones(1, 1, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(student.grad == 0)
 
 
 def test_opsd_loss_is_zero_with_zero_gradient_on_empty_mask():
