@@ -705,6 +705,31 @@ def _entropy_of_chunk_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return m, s, s - e.mul_(z).sum(-1) / total
 
 
+def _logprob_of_chunk_(z: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """m, s and log p(tokens) = (z − m)[token] − s of each row of z (chunk, V), which it overwrites: the one
+    (chunk × V) tensor."""
+    m = _subtract_row_max_(z)
+    picked = z.gather(-1, tokens[:, None]).squeeze(-1)
+    s = z.exp_().sum(-1).log_()
+    return m, s, picked - s
+
+
+def _kl_of_chunk_(z_s: torch.Tensor, z_t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """m_s, s_s, m_t, s_t and KL(p_T ‖ p_S) of each row of the student's and teacher's z (chunk, V), which it
+    overwrites with their log-probs (z − m) − s: three (chunk × V) tensors at most (z_s, z_t and p_T)."""
+    m_s, m_t = _subtract_row_max_(z_s), _subtract_row_max_(z_t)
+    s_s, s_t = torch.exp(z_s).sum(-1).log_(), torch.exp(z_t).sum(-1).log_()
+    logp_s, logp_t = z_s.sub_(s_s[:, None]), z_t.sub_(s_t[:, None])
+    p_t = logp_t.exp()
+    # p_T · (log p_T − log p_S), in place in logp_s; 0 where p_T = 0, whatever log p_S is (not 0 · ∞ = NaN)
+    return m_s, s_s, m_t, s_t, logp_s.sub_(logp_t).mul_(p_t).neg_().masked_fill_(p_t == 0, 0.0).sum(-1)
+
+
+def _softmax_(z: torch.Tensor, m: torch.Tensor, s: torch.Tensor, scale) -> torch.Tensor:
+    """scale · softmax(z) of rows z (chunk, V) whose m and s the forward saved, in z: exp(z − m) · scale / exp(s)."""
+    return z.sub_(m[:, None]).exp_().mul_(scale * torch.exp(-s[:, None]))
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """log softmax(logits)[token] per row; backward: d/dz = g · (onehot(token) − softmax(z))."""
 
@@ -712,17 +737,14 @@ class _TokenLogprobs(torch.autograd.Function):
     def forward(ctx, x, weight, tokens, chunk_size, name):
         dtype = _float_dtype(x.dtype)
         m = torch.empty(_row_count(x), dtype=dtype, device=x.device)
-        s, picked = torch.empty_like(m), torch.empty_like(m)
+        s, logp = torch.empty_like(m), torch.empty_like(m)
         for idx in _row_chunks(x, chunk_size):
-            z = _chunk_logits(x, weight, idx, dtype)
-            m[idx] = _subtract_row_max_(z)  # z − m in place: one (chunk × V) tensor
-            picked[idx] = z.gather(-1, tokens[idx, None]).squeeze(-1)
-            s[idx] = z.exp_().sum(-1).log_()
+            m[idx], s[idx], logp[idx] = _logprob_of_chunk_(_chunk_logits(x, weight, idx, dtype), tokens[idx])
         _check_lse(name, m + s)
         ctx.save_for_backward(x, weight, tokens, m, s)
         ctx.chunk_size = chunk_size
         _save_autocast(ctx, x)
-        return picked - s
+        return logp
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -730,11 +752,10 @@ class _TokenLogprobs(torch.autograd.Function):
         grad_x, grad_w = _grad_buffers(ctx, x, weight, m.dtype)
         for idx in _row_chunks(x, ctx.chunk_size):
             g = grad_out[idx, None].to(m.dtype)
-            with _autocast_as_forward(ctx):
-                z = _chunk_logits(x, weight, idx, m.dtype)
-                # −g · softmax(z) = −g · exp(z − m) / exp(s), in place
-                dz = z.sub_(m[idx, None]).exp_().mul_(-g * torch.exp(-s[idx, None]))
-                _backprop_chunk(dz.scatter_add_(-1, tokens[idx, None], g), x, weight, idx, grad_x, grad_w)
+            with _autocast_as_forward(ctx):  # g · (onehot(token) − softmax(z)), in the recomputed chunk, named by no
+                # variable: it is gone before the next chunk is made
+                _backprop_chunk(_softmax_(_chunk_logits(x, weight, idx, m.dtype), m[idx], s[idx], -g)
+                                .scatter_add_(-1, tokens[idx, None], g), x, weight, idx, grad_x, grad_w)
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
@@ -749,13 +770,8 @@ class _MeanKL(torch.autograd.Function):
         s_s, m_t, s_t, kl = (torch.empty_like(m_s) for _ in range(4))
         for start, idx in zip(range(0, rows.numel(), chunk_size), _chunks(rows, chunk_size)):
             sl = slice(start, start + idx.numel())
-            z_s, z_t = _chunk_logits(x_s, w_s, idx, dtype), _chunk_logits(x_t, w_t, idx, dtype)
-            m_s[sl], m_t[sl] = _subtract_row_max_(z_s), _subtract_row_max_(z_t)
-            s_s[sl], s_t[sl] = torch.exp(z_s).sum(-1).log_(), torch.exp(z_t).sum(-1).log_()
-            logp_t, logp_s = z_t.sub_(s_t[sl, None]), z_s.sub_(s_s[sl, None])  # (z − m) − s, in place
-            p_t = logp_t.exp()
-            # p_T · (log p_T − log p_S), in place in logp_s; 0 where p_T = 0, whatever log p_S is (not 0 · ∞ = NaN)
-            kl[sl] = logp_s.sub_(logp_t).mul_(p_t).neg_().masked_fill_(p_t == 0, 0.0).sum(-1)
+            m_s[sl], s_s[sl], m_t[sl], s_t[sl], kl[sl] = _kl_of_chunk_(_chunk_logits(x_s, w_s, idx, dtype),
+                                                                      _chunk_logits(x_t, w_t, idx, dtype))
         _check_lse("student_logits" if w_s is None else "student_hidden", m_s + s_s)
         _check_lse("teacher_logits" if w_t is None else "teacher_hidden", m_t + s_t)
         ctx.save_for_backward(x_s, w_s, x_t, w_t, rows, m_s, s_s, m_t, s_t)
@@ -770,11 +786,10 @@ class _MeanKL(torch.autograd.Function):
         scale = grad_out.to(m_s.dtype) / max(rows.numel(), 1)
         for start, idx in zip(range(0, rows.numel(), ctx.chunk_size), _chunks(rows, ctx.chunk_size)):
             sl = slice(start, start + idx.numel())
-            with _autocast_as_forward(ctx):
-                # softmax(z) = exp(z − m) / exp(s), in place, for the student and the teacher
-                p_s = _chunk_logits(x_s, w_s, idx, m_s.dtype).sub_(m_s[sl, None]).exp_().mul_(torch.exp(-s_s[sl, None]))
-                p_t = _chunk_logits(x_t, w_t, idx, m_t.dtype).sub_(m_t[sl, None]).exp_().mul_(torch.exp(-s_t[sl, None]))
-                _backprop_chunk(p_s.sub_(p_t).mul_(scale), x_s, w_s, idx, grad_x, grad_w)
+            with _autocast_as_forward(ctx):  # scale · (softmax(z_S) − p_T), in the recomputed chunks (as above)
+                _backprop_chunk(_softmax_(_chunk_logits(x_s, w_s, idx, m_s.dtype), m_s[sl], s_s[sl], scale)
+                                .sub_(_softmax_(_chunk_logits(x_t, w_t, idx, m_t.dtype), m_t[sl], s_t[sl], scale)),
+                                x_s, w_s, idx, grad_x, grad_w)
         return grad_x, None if grad_w is None else grad_w.to(w_s.dtype), None, None, None, None
 
 
