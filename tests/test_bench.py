@@ -44,9 +44,9 @@ def test_measured_times_the_block_and_counts_memory_above_what_was_held_before_i
 
 def test_measured_counts_the_blocks_own_peak_not_one_the_process_reached_before_it():
     torch.ones(2**28, dtype=torch.uint8)  # 256 MiB touched and given back: the process's high-water mark above it now
-    with bench_egrsd.measured("cpu") as result:
-        torch.ones(2**25, dtype=torch.uint8)  # the block's own peak: 32 MiB
-    assert 24 / 1024 < result["peak_gib"] < 128 / 1024
+    with bench_egrsd.measured("cpu") as result:  # the block's own peak: 64 MiB, above glibc's largest mmap threshold
+        torch.ones(2**26, dtype=torch.uint8)  # (32 MiB), so new pages (a smaller block could reuse freed heap pages)
+    assert 48 / 1024 < result["peak_gib"] < 160 / 1024
 
 
 def test_best_of_keeps_the_shortest_of_repeats_calls_and_the_last_result():
