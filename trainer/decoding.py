@@ -15,7 +15,7 @@ HF `generate` because of:
 - sampling by the exponential race (argmax of p / E, E ~ Exp(1)), which needs no host sync;
 - the stop test (every row has produced EOS) reads the GPU only every `check_every` steps;
 - grouped-query attention of the one new token without copying the cache once per query-head group;
-- on CUDA one graph per decode step: the ~400 kernel launches of a 24-layer step become one replay;
+- on CUDA one graph per decode step: the ~500 kernel launches of a 24-layer step become one replay;
 - optionally (`compile_step=True`) the decode step's model forward compiled by torch.compile, which fuses
   the norms, rotary embeddings, activations and residual adds into fewer kernels (inside the graph on CUDA).
 The model is driven through its own forward (a static cache of full-attention layers, explicit positions,
