@@ -31,8 +31,9 @@ TRAIN_SIZE, EVAL_SIZE = 2000, 400
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-NUMBER = r"[$£€]?(-?\d+(?:\.\d+)?)"
-STEP = re.compile(NUMBER + r"\s*([-+*/x×÷])\s*" + NUMBER + r"\s*=\s*" + NUMBER + r"(?![\d./%])")
+NUMBER = r"[$£€]?(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?)"  # 1,200 too
+# a whole number on each side (not the tail of 1,200 or 3.5), the result before a full stop included ("= $97.")
+STEP = re.compile(r"(?<![\d,.])" + NUMBER + r"\s*([-+*/x×÷])\s*" + NUMBER + r"\s*=\s*" + NUMBER + r"(?![\d/%,]|\.\d)")
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "x": lambda a, b: a * b,
               "×": lambda a, b: a * b, "/": lambda a, b: a / b, "÷": lambda a, b: a / b}
 
@@ -45,7 +46,7 @@ def inexact_steps(solution: str) -> list[str]:
         if re.search(r"[-+*/x×÷(\d]\s*$", solution[max(0, step.start() - 6):step.start()]):
             continue  # the end of a longer expression
         a, operation, b, c = step.groups()
-        a, b, c = Fraction(a), Fraction(b), Fraction(c)
+        a, b, c = (Fraction(number.replace(",", "")) for number in (a, b, c))
         if operation in "/÷" and b == 0:
             continue
         if abs(OPERATIONS[operation](a, b) - c) > Fraction(1, 10**6) * max(1, abs(c)):

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ("#### Step 1: count\nShe has 20.\n#### Step 2: add\nSo it held 22 spoons.", "22", True),  # markdown headings,
     ("#### Step 1: count\nShe has 20.\n#### Step 2: add\nSo it held 22 spoons.", "2", False),  # not the marker
     ("so\n#### $42", "42", True), ("so\n#### **42**", "42", True),
+    ("#### 2. Add\nShe has 20 and 2 more.\n#### 3) Total\nSo it held 22 spoons.", "22", True),  # numbered headings
     ("3 + 4 = 7", "7", True), ("3 + 4 = 7", "8", False),  # else the last number
     ("\\boxed{-3}", "-3", True), ("\\boxed{-3}", "3", False),
     ("no number at all", "7", False), ("\\boxed{seven}", "7", False),
@@ -69,6 +70,8 @@ GRADED = [
     ("3", r"\boxed{3 \text{ hundred}}", False), ("1500000", r"\boxed{1.5 million dollars}", True),
     ("2.5", r"\boxed{2 \text{ and a half hours}}", False), ("2", r"\boxed{2 \text{ and a half hours}}", False),
     ("40", r"\boxed{40 \text{ or more}}", False), ("15", r"\boxed{15 \text{ is not possible}}", False),
+    ("5", r"\boxed{5 \text{ more apples}}", True), ("20", r"\boxed{\$20 more}", True), ("3", r"\boxed{3 fewer pages}", True),
+    ("12", r"\boxed{12 \text{ quarters}}", True),  # "how many more": a unit of the difference; coins
     ("18", r"\boxed{18cm}", True), ("5", r"\boxed{5 m}", True), ("0.5", r"\boxed{\frac{1}{2} \text{ cup}}", True),
     ("25", r"\boxed{25^{\circ}\text{F}}", True), ("5", r"\boxed{5\text{m}}", True), ("500", r"\boxed{500\mbox{g}}", True),
     ("-3", r"\boxed{- 3 \text{ m}}", True), ("-5", r"\boxed{- \$5 \text{ each}}", True), ("10", r"\boxed{10 \text{ km/h}}", True),
@@ -337,6 +340,8 @@ def test_every_built_in_worked_solution_states_only_exact_arithmetic():
     assert inexact_steps("561.0 / 1.1 = 509 bags; 0.52 * 80 = 41 students; 11 x 0.5 = 5 tubes") == [
         "561.0 / 1.1 = 509", "0.52 * 80 = 41", "11 x 0.5 = 5"]
     assert inexact_steps("5 + 3 * 2 = 11, then 137.20 - 39.20 = 98 and 0.52 * 80 = 41.6; 7 / 0 = 0") == []
+    assert inexact_steps("He has $137.20 - $39.20 = $97.") == ["$137.20 - $39.20 = $97"], "a step that ends a sentence"
+    assert inexact_steps("$1,200 + 300 = 1,500 apples, and 1,200 + 300 = 1,400.") == ["1,200 + 300 = 1,400"]
     train, held_out = built_in_problems(2000, 400)
     assert [p.question[:60] for p in train + held_out if inexact_steps(p.solution)] == []
 

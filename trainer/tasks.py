@@ -171,7 +171,8 @@ def answer_part(text: str) -> str:
     return text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
 
 
-_MARKER = re.compile(r"####[ \t*$€£\\]*(%s)" % NUMBER.pattern)  # GSM8K's "#### 42" ("#### $42", "#### **42**")
+# GSM8K's "#### 42" ("#### $42", "#### **42**"); not a heading "#### 2. Add" or "#### 1) Count"
+_MARKER = re.compile(r"####[ \t*$€£\\]*(%s)(?![.):]\s*[A-Za-z])" % NUMBER.pattern)
 
 
 def extract_answer(text: str) -> str | None:
@@ -213,10 +214,10 @@ _UNIT = re.compile(r"(?:(?<=\d)(?<!\^\d)(?:\s+|(?=[A-Za-z]{2}))|(?<=\})(?<!\^\{\
                    r"|(?<=[\d}])(?<!\^\d)(?<!\^\{\d\})\s*/\s*(?=%s))"  # (not after a square: "m^2 m^2 …" in linear time)
                    r"(?:%s(?:\s*/\s*%s)?\.?\s*)+$" % (_RATE, _UNIT_WORD, _UNIT_WORD))
 # Words after a number that change its value: a scale multiplies it ("1.5 million dollars" is 1500000), the others
-# leave no number to read ("2 and a half hours", "40 or more", "15 is not possible", "3 thousands").
+# leave no number to read ("2 and a half hours", "40 or more", "15 is not possible", "3 thousands"). Not "more",
+# "fewer" or "quarters": "5 more apples" answers "how many more", and "12 quarters" counts coins.
 _SCALES = {"hundred": 100, "thousand": 10**3, "million": 10**6, "billion": 10**9}
-_NOT_UNITS = {"and", "or", "is", "are", "not", "more", "less", "fewer", "than", "half", "halves", "quarter", "quarters",
-              "third", "thirds", "hundreds", "thousands", "millions", "billions"}
+_NOT_UNITS = {"and", "or", "not", "half", "halves", "third", "thirds", "hundreds", "thousands", "millions", "billions"}
 _PAREN_UNIT = re.compile(r"(?<=[\d}])\s+\((?=\s*[A-Za-z]{2})(?:\s*%s\.?)+\s*\)\s*\.?$" % _UNIT_WORD)  # "15 (apples)"; not "15 (x)"
 _SCIENTIFIC = re.compile(r"([-+]?\d+(?:\.\d+)?)\s*(?:(?:\\times|\\cdot|×|·)\s*10\s*\^\s*(?:\{\s*([-+]?\d{1,3})\s*\}|(\d))"
                          r"|[eE]([-+]?\d{1,3}))")  # 1.5 \times 10^{3}, 1.5e3 (an exponent unbraced is one digit, as in LaTeX)
