@@ -399,7 +399,7 @@ def test_the_decode_step_has_no_host_sync(family):
 def test_a_compiled_decode_step_gives_the_uncompiled_tokens_and_compiles_once(compiled_by_dynamo_alone):
     """The same greedy tokens and, from the same seed, the same samples (the compilation's warm-up step puts
     the generator back); another batch size, prompt length, completion length and model of the same class
-    reuse the one compilation (dynamic shapes from the start)."""
+    reuse the one compilation (dynamic shapes from the start; a batch of one row would compile again)."""
     tokenizer = build_tiny_tokenizer()
     model = sharp_tiny_model(tokenizer)
     ids, mask = left_padded_prompts(tokenizer)
@@ -430,7 +430,7 @@ def test_a_compile_step_that_fails_to_compile_says_so(monkeypatch):
     tokenizer = build_tiny_tokenizer()
     ids, mask = left_padded_prompts(tokenizer)
     try:
-        with pytest.raises(RuntimeError, match="(?s)compile_step: torch.compile of the decode step failed.*no C\\+\\+ compiler"):
+        with pytest.raises(RuntimeError, match="(?s)compile_step \\(train_min.py --compile-decode\\): torch.compile of the decode step failed.*no C\\+\\+ compiler"):
             decoding.generate(build_tiny_model(tokenizer), ids, mask, 4, 40, tokenizer.pad_token_id, greedy=True, compile_step=True)
     finally:
         torch._dynamo.reset()

@@ -308,7 +308,10 @@ _compiled: dict = {}  # backend → the compiled step forward: one per process, 
 
 def compiled_step_forward():
     """`_Decoder.step_forward` compiled (COMPILE_BACKEND, one graph, dynamic shapes from the start): one
-    compilation serves every batch size, prompt length and model of one class (each new class compiles again)."""
+    compilation serves every batch size above 1 and every prompt length of one model configuration; a batch of one
+    row (dynamo specialises sizes 0 and 1), another class, layer count, dtype or attention implementation compiles
+    again. Dynamo keeps `torch._dynamo.config.recompile_limit` (8) compilations of it a process; past that the
+    step fails (FailOnRecompileLimitHit, in the compile_step error): a training run uses one or two."""
     if COMPILE_BACKEND not in _compiled:
         _compiled[COMPILE_BACKEND] = torch.compile(_Decoder.step_forward, backend=COMPILE_BACKEND, fullgraph=True, dynamic=True)
     return _compiled[COMPILE_BACKEND]
@@ -378,8 +381,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
                 except torch.OutOfMemoryError:  # the card's state, not the compiler's
                     raise
                 except Exception as error:  # (dynamo's and inductor's errors: a missing C++ compiler or Triton, say)
-                    raise RuntimeError(f"compile_step: torch.compile of the decode step failed; decode without it "
-                                       f"({type(error).__name__}: {error})") from error
+                    raise RuntimeError(f"compile_step (train_min.py --compile-decode): torch.compile of the decode step "
+                                       f"failed; decode without it ({type(error).__name__}: {error})") from error
         decoder.prefill(prompt_ids, prompt_mask)
         replay = decoder.step
         if use_graph and max_new_tokens > 1:
