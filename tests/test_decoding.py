@@ -375,7 +375,8 @@ def test_the_decode_step_has_no_host_sync(family):
     tensor) or keeps a Python counter would be captured wrongly. Dynamo with fullgraph=True fails on the
     first, and with error_on_recompile on the second (its guard on the counter fails); checked on CPU.
     Mistral with a sliding window as long as the sequence: HF's sliding cache layers count in Python. The
-    LoRA sampler: a Qwen2 whose linear layers carry the adapter (trainer/lora.py)."""
+    LoRA sampler: a Qwen2 whose linear layers carry the adapter (trainer/lora.py). The sampled step: a greedy one
+    differs only by an argmax in place of the sampling."""
     tokenizer = build_tiny_tokenizer()
     ids, mask = left_padded_prompts(tokenizer)
     if family == "lora sampler":
@@ -385,15 +386,16 @@ def test_the_decode_step_has_no_host_sync(family):
         model = lora.sampler(lora.attach(build_tiny_model(tokenizer), train_min.Config(lora_r=4))).eval()
     else:
         model = build_tiny_model(tokenizer).eval() if family == "qwen2" else family_model(family, sliding_window=ids.shape[1] + 6)
-    for greedy in (False, True):
-        decoder = decoding._Decoder(model, ids, mask, 6, eos_ids=[40], pad_id=tokenizer.pad_token_id,
-                                   pick=lambda logits: decoding.next_tokens(logits, greedy, 1.1, 20, 0.95))
+    decoder = decoding._Decoder(model, ids, mask, 6, eos_ids=[40], pad_id=tokenizer.pad_token_id,
+                               pick=lambda logits: decoding.next_tokens(logits, False, 1.1, 20, 0.95))
+    try:
         with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
             decoder.prefill(ids, mask)
             step = torch.compile(decoder.step, backend="eager", fullgraph=True)
             step(), step(), step()  # a Python value that changed between steps would force a recompile
+    finally:
         torch._dynamo.reset()
-        assert (decoder.slot == ids.shape[1] + 3).all() and (decoder.out[:, 4:] == tokenizer.pad_token_id).all()
+    assert (decoder.slot == ids.shape[1] + 3).all() and (decoder.out[:, 4:] == tokenizer.pad_token_id).all()
 
 
 def test_a_compiled_decode_step_gives_the_uncompiled_tokens_and_compiles_once(compiled_by_dynamo_alone):
