@@ -612,14 +612,7 @@ def main() -> None:
     if args.profile and "step" not in parts:
         parser.error(f"--profile: expected --only to include step (it profiles a third training step), got --only {args.only}")
     for flag, path in (("--json", args.json), ("--profile", args.profile)):  # before any part runs, not after one has
-        if path:
-            folder = os.path.dirname(os.path.abspath(path))
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError as error:
-                parser.error(f"{flag}: expected a file in a folder that exists or can be made, got {path!r} ({error})")
-            if os.path.isdir(path) or not os.access(path if os.path.exists(path) else folder, os.W_OK):
-                parser.error(f"{flag}: expected a file that can be written, got {path!r}")
+        check_output_file(parser, flag, path)
     machine = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     results = {"device": machine, "torch": torch.__version__, "transformers": transformers.__version__}
     if args.json:  # now: a file that cannot be written stops the bench before any part runs
@@ -647,6 +640,20 @@ def main() -> None:
         problems.append(f"--json: {args.json} could not be written ({unwritten[-1]}); its numbers are printed above")
     if problems:
         sys.exit("\n".join(problems))
+
+
+def check_output_file(parser, flag: str, path: str) -> None:
+    """Make the folder of `path` (a file to be written later, if given) and stop with parser.error, naming `flag`,
+    where it cannot be made or the file cannot be written: before any measurement, not after one has run."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        parser.error(f"{flag}: expected a file in a folder that exists or can be made, got {path!r} ({error})")
+    if os.path.isdir(path) or not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        parser.error(f"{flag}: expected a file that can be written, got {path!r}")
 
 
 def finite_or_null(value):

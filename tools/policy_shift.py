@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 import egrsd  # noqa: E402
 import train_min  # noqa: E402
-from tools.bench_egrsd import finite_or_null  # noqa: E402
+from tools.bench_egrsd import check_output_file, finite_or_null  # noqa: E402
 from tools.run_arms import parse_arms  # noqa: E402
 from trainer import lora, run_io, updates  # noqa: E402
 from trainer.config import check_config, parse_args, score_temperature  # noqa: E402
@@ -182,14 +182,7 @@ def main(argv=None) -> dict:
         except ValueError as error:
             parser.error(f"--arm {name}: expected train_min.py flags as a shell would split them, got {flags!r} ({error})")
     arms = parse_arms(parser, args.arm)
-    if args.json:  # (written at the end: its folder is made now, and a file that cannot be written refused now)
-        folder = os.path.dirname(os.path.abspath(args.json))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as error:
-            parser.error(f"--json: expected a file in a folder that exists or can be made, got {args.json!r} ({error})")
-        if os.path.isdir(args.json) or not os.access(args.json if os.path.exists(args.json) else folder, os.W_OK):
-            parser.error(f"--json: expected a file that can be written, got {args.json!r}")
+    check_output_file(parser, "--json", args.json)  # (written at the end: its folder is made now, a bad file refused now)
     with tempfile.TemporaryDirectory() as scratch:
         configs = {}
         for name, flags in arms.items():
