@@ -1,7 +1,7 @@
 """Shared by the trainer's tests: the repository root on sys.path (train_min, trainer/, egrsd and the
 spec's helpers import from there), the project's fixed hypothesis profile (derandomized, no example
 database: a run is reproducible and CI never flakes), as in test_egrsd.py, which must stand alone, and
-the fixture of the compiled decode step's tests."""
+the fixtures of the compiled decode step's tests."""
 import sys
 from pathlib import Path
 
@@ -49,3 +49,14 @@ def compiled_by_dynamo_alone(monkeypatch):
     monkeypatch.setattr(decoding, "_compiled", {})
     yield compiled
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def compile_step_recorded(monkeypatch):
+    """decoding.generate with the compile_step of each call recorded (the yielded list) and then decoding
+    uncompiled: whether --compile-decode reaches the decoder, without a compilation (test_decoding compiles)."""
+    from trainer import decoding
+
+    calls, generate = [], decoding.generate
+    monkeypatch.setattr(decoding, "generate", lambda *a, **k: calls.append(k["compile_step"]) or generate(*a, **k | dict(compile_step=False)))
+    return calls

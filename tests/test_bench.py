@@ -121,11 +121,7 @@ def test_qwen05b_has_the_layers_asked_and_is_the_same_in_every_process(tiny_qwen
     assert len(first.config.layer_types) == 1
 
 
-def test_rollout_rates_are_new_tokens_per_second_against_hf_and_greedy_engines_agree(monkeypatch):
-    from trainer import decoding
-
-    compiled, generate = [], decoding.generate  # (the -compiled engine's flag recorded; tests/test_decoding.py compiles)
-    monkeypatch.setattr(decoding, "generate", lambda *a, **k: compiled.append(k["compile_step"]) or generate(*a, **k | dict(compile_step=False)))
+def test_rollout_rates_are_new_tokens_per_second_against_hf_and_greedy_engines_agree(monkeypatch, compile_step_recorded):
     seconds = iter([0.5, 0.25, 1.0, 2.0, 1.0, 1.0])  # the best times of eager, eager-compiled, hf-dynamic, hf-static, LoRA's two
     monkeypatch.setattr(bench_egrsd, "best_of", lambda repeats, run, device: (next(seconds), run()))
     s = dict(rollout_layers=0, new_tokens=3, batches=(2,), repeats=1, prompt=4, lora_rank=2, project_engine="eager",
@@ -138,7 +134,7 @@ def test_rollout_rates_are_new_tokens_per_second_against_hf_and_greedy_engines_a
     assert (out["speedup_batch2"], out["speedup_batch2_vs_static"]) == (2.0, 4.0), "eager's rate over HF's"
     assert out["compiled_speedup_batch2"] == 2.0, "eager-compiled's rate over eager's"
     assert out["greedy_rows_equal_to_eager"] == {"eager": 1.0, "eager-compiled": 1.0, "hf-dynamic": 1.0, "hf-static": 1.0}
-    assert compiled[:6] == [False, False, False, True, True, True], "eager's three calls, then eager-compiled's, with --compile-decode"
+    assert compile_step_recorded[:6] == [False, False, False, True, True, True], "eager's three calls, then eager-compiled's"
     assert "compiled / not: 2.00×" in bench_egrsd.report({"device": "cpu", "torch": torch.__version__, "rollouts": out})
 
 

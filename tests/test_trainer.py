@@ -678,7 +678,7 @@ def test_the_held_out_split_of_data_is_a_fifth_at_most_one_problem_at_least_and_
     assert [p.answer for p in load_data(cfg)[1]] == ["2\\sqrt{2}"]
 
 
-def test_every_rollout_engine_samples_a_valid_batch_and_greedy_engines_agree(monkeypatch):
+def test_every_rollout_engine_samples_a_valid_batch_and_greedy_engines_agree(compile_step_recorded):
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer)
     ids, attention = train_min.encode_prompts(tokenizer, [student_messages(p) for p in built_in_problems(3, 1)[0]], "cpu")
@@ -690,11 +690,10 @@ def test_every_rollout_engine_samples_a_valid_batch_and_greedy_engines_agree(mon
         assert completion.shape[0] == 3 and completion.shape[1] <= 12 and (completion < len(tokenizer)).all()
         greedy[engine] = train_min.generate(model, tokenizer, ids, attention, cfg, greedy=True)[0]
     assert all(torch.equal(greedy["eager"], g) for g in greedy.values())
-    calls, generate = [], decoding.generate  # --compile-decode reaches the decoder (tests/test_decoding.py compiles)
-    monkeypatch.setattr(decoding, "generate", lambda *a, **k: calls.append(k["compile_step"]) or generate(*a, **k | dict(compile_step=False)))
+    compile_step_recorded.clear()  # --compile-decode reaches the decoder
     for compile_decode in (False, True):
         train_min.generate(model, tokenizer, ids, attention, train_min.Config(max_new_tokens=2, rollout="eager", compile_decode=compile_decode))
-    assert calls == [False, True]
+    assert compile_step_recorded == [False, True]
 
 
 def test_bf16_runs_keep_float32_master_weights_and_a_synced_bf16_sampler(tmp_path):
