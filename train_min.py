@@ -438,7 +438,7 @@ def train(cfg: Config):
             if cfg.dump_tokens and done % cfg.dump_tokens == 0:
                 page = os.path.join(cfg.output_dir, "tokens", f"step_{done}.html")
                 with run_io.writing("the token view", page, cfg.output_dir):
-                    views.dump_tokens(page, done, tokenizer, batch, scores, weights, rewards.tolist(), correct.tolist(), gates)
+                    views.dump_tokens(page, done, tokenizer, batch, scores, weights, rewards.tolist(), correct.tolist(), gates, skipped)
 
             # 5. Checkpoint, then evaluate (a kill during the evaluation loses no step); a stop comes before the next step.
             if bad_steps >= cfg.max_bad_steps:

@@ -556,7 +556,8 @@ def test_non_finite_steps_are_skipped_and_then_stop_the_run(where, lora, tmp_pat
         monkeypatch.setattr(train_min, "completion_hidden", nan_forward(train_min.completion_hidden))
     flags = TINY + ["--steps", "5", "--max-bad-steps", "2", "--eval-size", "0"] + (["--lora-r", "4"] if lora else [])
     with pytest.raises(SystemExit, match="skipped steps in a row, non-finite or blown up") as stop:
-        train_min.main(flags + ["--output-dir", str(tmp_path)])
+        train_min.main(flags + ["--output-dir", str(tmp_path), "--dump-tokens", "2"])
+    assert "This step was skipped" in (tmp_path / "tokens" / "step_2.html").read_text(encoding="utf-8")
     assert f"The last complete checkpoint is {tmp_path}/checkpoint (step 2)" in str(stop.value.code)
     if where == "loss" and not lora:  # --no-save-model: no checkpoint to name
         with pytest.raises(SystemExit, match="(?s)blown up.*No checkpoint was complete yet"):
@@ -852,6 +853,36 @@ def test_a_tokens_colour_is_its_advantages_sign_and_its_darkness_its_factor_w_ti
         (7, "hsl(0, 0%, 42%)", "c"), (8, "hsl(0, 80%, 92%)", "d")]
     assert spans[1][2] == "H=1.500 nats, Ĥ_CL=0.750, ω=0.500, w=1.400, Â=+0.2800, fork"
     assert "<h3>rollout &lt;0&gt; &amp; co</h3>" in page and "(palest 0.500, darkest 0.900 on this page)" in page
+
+
+def test_a_skipped_steps_page_says_so_and_a_non_finite_token_neither_sets_the_range_nor_gets_a_colour():
+    """A NaN factor among finite ones (first on the page, where min and max would take it): the range is the
+    finite factors', the NaN token has an outline, no colour (no "nan" in the CSS); a skipped step says so first."""
+    nan = math.nan
+    rollout = {"title": "r", "ids": [1, 2, 3], "tokens": ["a", "", "c"], "entropy": [1.0] * 3, "entropy_cl": [0.1] * 3,
+               "gate": [1.0] * 3, "magnitude": [nan, 0.8, 1.2], "advantage": [0.5] * 3, "regime": ["lock"] * 3}
+    page = views.token_html(1, [rollout])
+    styles = re.findall(r"<span class='t' data-id='\d+' style='([^']*)'", page)
+    assert styles == ["outline:1px dashed #000", "background:hsl(215, 80%, 92%)", "background:hsl(215, 80%, 42%)"]
+    assert "palest 0.800, darkest 1.200" in page and "nan%" not in page and "skipped" not in page
+    assert "span.t:empty{display:inline-block" in page  # the token "" keeps a box to hover
+    skipped = views.token_html(1, [rollout | {"magnitude": [nan] * 3, "advantage": [nan] * 3}], skipped=True)
+    assert "This step was skipped" in skipped and skipped.count("outline:1px dashed") == 3
+
+
+def test_the_token_view_is_written_as_utf8_whatever_the_locale_and_into_the_working_folder(tmp_path, monkeypatch):
+    """A locale whose encoding is ASCII (open() without an encoding then takes it) and a path without a folder."""
+    from types import SimpleNamespace
+
+    real_open = open
+    monkeypatch.setattr(views, "open", lambda *a, **k: real_open(*a, **{"encoding": "ascii", **k}), raising=False)
+    monkeypatch.chdir(tmp_path)
+    mask = torch.tensor([[True, True]])
+    gates = egrsd.Gates(plain=mask.float(), lookahead=mask.float(), normalised=mask.float(), regimes=mask.long())
+    weights = SimpleNamespace(gate=mask.float(), magnitude=mask.float(), advantage=mask.float())
+    views.dump_tokens("step_1.html", 1, tiny_tokenizer(), SimpleNamespace(mask=mask, completion=torch.tensor([[40, 41]])),
+                      SimpleNamespace(teacher_entropy=mask.float()), weights, [1.0], [True], gates)
+    assert "Â = A·w·ω" in (tmp_path / "step_1.html").read_text(encoding="utf-8")
 
 
 def test_the_token_view_of_a_step_shows_each_rollouts_valid_tokens_with_its_regime_and_lookahead_entropy(tmp_path):

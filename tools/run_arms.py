@@ -182,7 +182,7 @@ def finish(out: str, pack: str, arms: dict, status: int) -> int:
                 archive.add(path, arcname=os.path.join(os.path.basename(os.path.normpath(out)), os.path.relpath(path, out)))
     evaluated = [os.path.join(out, n) for n in arms if os.path.isfile(os.path.join(out, n, "metrics.jsonl"))]
     table = compare_table(evaluated) if evaluated else "(no arm wrote metrics)"
-    with open(os.path.join(pack, "compare.txt"), "w") as f:
+    with open(os.path.join(pack, "compare.txt"), "w", encoding="utf-8") as f:  # (Δ, ±: whatever the locale)
         f.write(table + "\n")
     print(table, flush=True)
     return status

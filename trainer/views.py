@@ -29,7 +29,9 @@ from trainer.tasks import BUILT_IN, load_problems
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
     """The text each token adds, decoded by prefix so that the pieces join back into the whole text. A
     character whose UTF-8 bytes span several tokens goes to the token that completes it (an unfinished one
-    decodes as U+FFFD, which the next token may still change)."""
+    decodes as U+FFFD, which the next token may still change), so a token before it adds "": the page draws
+    such a token as a small empty box that still shows its signals on hover. (A U+FFFD that no later token
+    changes, an invalid byte's or the replacement character's own token, goes to the token after it.)"""
     pieces, emitted = [], ""
     for i in range(1, len(ids) + 1):
         text = tokenizer.decode(ids[:i])
@@ -40,24 +42,34 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 
 def _colour(advantage: float, factor: float, low: float, high: float) -> str:
-    """Hue: the sign of Â (blue +, red −, grey 0); darkness: the token's factor w·ω within [low, high]."""
+    """The token's style. Hue: the sign of Â (blue +, red −, grey 0); darkness: its factor w·ω within [low,
+    high]. A non-finite Â or factor (a skipped step's) has no colour, a dashed outline."""
+    if not (math.isfinite(advantage) and math.isfinite(factor)):
+        return "outline:1px dashed #000"
     strength = (factor - low) / (high - low) if high > low else 0.5
     hue, saturation = (215, 80) if advantage > 0 else (0, 80) if advantage < 0 else (0, 0)
-    return f"hsl({hue}, {saturation}%, {92 - 50 * strength:.0f}%)"
+    return f"background:hsl({hue}, {saturation}%, {92 - 50 * strength:.0f}%)"
 
 
-def token_html(step: int, rollouts: list[dict]) -> str:
+def token_html(step: int, rollouts: list[dict], skipped: bool = False) -> str:
     """One page. Each rollout dict: "title" (str), "ids" and "tokens" (each token's id and text), and
-    per-token lists "entropy", "entropy_cl", "gate", "magnitude", "advantage", "regime" (names)."""
-    factors = [w * g for r in rollouts for w, g in zip(r["magnitude"], r["gate"])]
+    per-token lists "entropy", "entropy_cl", "gate", "magnitude", "advantage", "regime" (names). `skipped`:
+    the step was skipped (non-finite, or undone), which the page says first."""
+    factors = [w * g for r in rollouts for w, g in zip(r["magnitude"], r["gate"]) if math.isfinite(w * g)]
     low, high = min(factors, default=0.0), max(factors, default=1.0)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>EGRSD tokens, step {step}</title>",
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-             "pre{white-space:pre-wrap;font-size:14px;line-height:1.6}"
-             "span.t{border-radius:2px}h3{font-size:15px;margin-top:2em}</style></head><body>",
-             f"<h2>Step {step}: token weights Â = A·w·ω</h2><p>Blue: Â &gt; 0 (a rewarded rollout, reinforced), "
-             f"red: Â &lt; 0 (penalised), grey: A = 0. The darker the token, the larger its own factor w·ω "
-             f"(palest {low:.3f}, darkest {high:.3f} on this page). Hover a token for its signals.</p>"]
+             "pre{white-space:pre-wrap;font-size:14px;line-height:1.6}span.t{border-radius:2px}"
+             "span.t:empty{display:inline-block;min-width:.4em;height:1em;vertical-align:text-bottom}"
+             "h3{font-size:15px;margin-top:2em}</style></head><body>",
+             f"<h2>Step {step}: token weights Â = A·w·ω</h2>"]
+    if skipped:
+        parts.append("<p><b>This step was skipped: its loss, gradient or weights were not finite, and no update was "
+                     "applied.</b></p>")
+    parts.append(f"<p>Blue: Â &gt; 0 (a rewarded rollout, reinforced), red: Â &lt; 0 (penalised), grey: A = 0, "
+                 f"a dashed outline: not finite. The darker the token, the larger its own factor w·ω (palest "
+                 f"{low:.3f}, darkest {high:.3f} on this page). Hover a token for its signals; an empty box is a "
+                 f"token that adds no character of its own (part of one that a later token completes).</p>")
     for rollout in rollouts:
         parts.append(f"<h3>{html.escape(rollout['title'])}</h3><pre>")
         for i, text in enumerate(rollout["tokens"]):
@@ -65,7 +77,7 @@ def token_html(step: int, rollouts: list[dict]) -> str:
                    f"ω={rollout['gate'][i]:.3f}, w={rollout['magnitude'][i]:.3f}, Â={rollout['advantage'][i]:+.4f}, "
                    f"{rollout['regime'][i]}")
             colour = _colour(rollout["advantage"][i], rollout["magnitude"][i] * rollout["gate"][i], low, high)
-            parts.append(f"<span class='t' data-id='{rollout['ids'][i]}' style='background:{colour}' "
+            parts.append(f"<span class='t' data-id='{rollout['ids'][i]}' style='{colour}' "
                          f"title='{html.escape(tip, quote=True)}'>{html.escape(text)}</span>")
         parts.append("</pre>")
     parts.append("</body></html>")
@@ -93,9 +105,9 @@ def regime_stats(scores, weights, mask, gates: egrsd.Gates) -> dict:
 
 
 def dump_tokens(path: str, step: int, tokenizer, batch, scores, weights, rewards, correct, gates: egrsd.Gates,
-                count: int = 4) -> None:
+                skipped: bool = False, count: int = 4) -> None:
     """The token view of the first `count` rollouts of this step (train_min's Rollouts, Scores, TokenWeights,
-    and the step's egrsd.Gates)."""
+    and the step's egrsd.Gates), written as UTF-8 whatever the locale; `skipped`: the step was skipped."""
     entropy, mask = scores.teacher_entropy, batch.mask
     entropy_cl, regimes = gates.normalised, gates.regimes
     shown = []
@@ -106,9 +118,9 @@ def dump_tokens(path: str, step: int, tokenizer, batch, scores, weights, rewards
                       "entropy": entropy[b][m].tolist(), "entropy_cl": entropy_cl[b][m].tolist(),
                       **{k: getattr(weights, k)[b][m].tolist() for k in ("gate", "magnitude", "advantage")},
                       "regime": [egrsd.REGIMES[c - 1] for c in regimes[b][m].tolist()]})
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(token_html(step, shown))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(token_html(step, shown, skipped))
 
 
 def step_line(row: dict, steps: int) -> str:
