@@ -690,6 +690,24 @@ def test_compare_and_a_data_file_stop_with_file_and_line_alone(tmp_path, monkeyp
                                 "--output-dir", str(tmp_path / "run")])
 
 
+def test_a_model_name_that_cannot_be_read_stops_at_once_naming_the_flag_the_choices_and_the_reason(tmp_path, monkeypatch):
+    """A built-in name mistyped, on a machine offline (the default Qwen/... offline is the same): one line, not
+    transformers' traceback, from the first check that reads the config (each would wait for the hub again)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fails at once, without retries
+    no_model(monkeypatch)
+    reading = []
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, real=transformers.AutoConfig.from_pretrained,
+                        **k: reading.append(a) or real(*a, **k))
+    with pytest.raises(SystemExit, match=r"^--model: expected tiny, random-0.5b, random-qwen3-4b \(built in code\), a folder "
+                                         r".* got 'random-0.5B': its config could not be read \(We couldn't connect .*\)$"):
+        train_min.main(ONE_STEP + ["--model", "random-0.5B", "--output-dir", str(tmp_path / "run")])
+    assert len(reading) == 1 and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match=r"^--model: .* got 'random-0.5B': its tokenizer could not be read \(.+\)$"):
+        offline_models.load_tokenizer("random-0.5B")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--device", "meta"], "--device: expected cpu, cuda or cuda:N, got 'meta'"),
     (["--model", "/no/such/model"], "--model: expected a Hugging Face model name .*, got '/no/such/model'"),

@@ -389,13 +389,14 @@ def holds_a_model(folder: str) -> bool:
 
 def check_lora_targets(cfg: Config) -> None:
     """Every --lora-target-modules name ends the name of one of the model's linear layers (as peft matches
-    them), from its config on the meta device; skipped where the config cannot be read before loading. Not the
+    them), from its config on the meta device (a config that cannot be read stops: offline_models.model_config);
+    skipped where transformers cannot build it on the meta device (the model load will tell). Not the
     LM head: the log-probs read its weight directly (egrsd.linear_*), so an adapter there would never train."""
     from trainer import offline_models
 
     try:
         model = offline_models.meta_model(offline_models.model_config(cfg.model))
-    except Exception:  # noqa: BLE001 (an offline hub name, say: the model load will tell)
+    except Exception:  # noqa: BLE001 (a config of no causal LM, say: the model load will tell)
         return
     head = model.get_output_embeddings()
     linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and module is not head]
@@ -451,7 +452,7 @@ def as_typed(name: str, value) -> str:
 
 def model_shape(name: str) -> dict | None:
     """The shape a checkpoint of model `name` must have (run_io.SHAPE_KEYS), or None where its config
-    cannot be read before loading (an offline hub name: the model load will tell)."""
+    cannot be turned into one (the model load will tell); an unreadable config stops (offline_models.model_config)."""
     from trainer import offline_models
 
     try:
@@ -477,7 +478,8 @@ def check_lengths(cfg: Config, train_problems: list, eval_problems: list) -> Non
     """Before any model loads: every prompt plus its completion cap fits the model's positions: the student's
     (the question) and the teacher's (which holds the solution too) of a training problem with
     --max-new-tokens, the student's of a held-out one with the evaluation's cap (run_io.eval_cap); else stop
-    naming the problem's file and line. Skipped where the model's config or tokenizer cannot be read before loading."""
+    naming the problem's file and line. A config or tokenizer that cannot be read stops (offline_models); skipped
+    where they hold no length to check (no max_position_embeddings, say)."""
     from trainer import offline_models, tasks
 
     try:
@@ -485,7 +487,7 @@ def check_lengths(cfg: Config, train_problems: list, eval_problems: list) -> Non
         with warnings.catch_warnings():  # (its fallbacks' warnings: the model load gives them)
             warnings.simplefilter("ignore")
             tokenizer = offline_models.load_tokenizer(cfg.model)
-    except Exception:  # noqa: BLE001 (an offline hub name, say: the model load will tell)
+    except Exception:  # noqa: BLE001 (the model load will tell)
         return
     eval_flag = "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens"
     for who, messages, problems, flag, cap in (
@@ -548,13 +550,13 @@ def run_bytes(cfg: Config) -> tuple[int, str] | None:
     checkpoint is on the disk already), and final/. A checkpoint holds the
     float32 weights and their two AdamW moments (12 bytes a parameter), with LoRA only the adapter's;
     final/ holds the model in the compute dtype (with LoRA also the adapter). None where the model's
-    config cannot be read before loading it."""
+    model cannot be built from its config on the meta device (an unreadable config stops: offline_models.model_config)."""
     from trainer import lora, offline_models
 
     try:
         model = offline_models.meta_model(offline_models.model_config(cfg.model))
-    except Exception as error:  # noqa: BLE001 (an offline hub name, say: the model load will tell)
-        print(f"free-space check skipped: the config of {cfg.model!r} could not be read ({type(error).__name__})")
+    except Exception as error:  # noqa: BLE001 (a config of no causal LM, say: the model load will tell)
+        print(f"free-space check skipped: no model could be built from the config of {cfg.model!r} ({type(error).__name__})")
         return None
     params = sum(p.numel() for p in model.parameters())
     adapter = lora.adapter_parameters(model, cfg) if cfg.lora_r else 0

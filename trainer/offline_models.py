@@ -28,7 +28,8 @@ TINY_VOCAB_SIZE = 512
 # uses the same pipeline so that it encodes the same after save_pretrained/from_pretrained.
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
-# Qwen2.5's template without tools: a default system turn unless the chat opens with one.
+# ChatML as Qwen2 writes it, without tools: a default system turn unless the chat opens with one (Qwen2's "You are a
+# helpful assistant."; Qwen2.5's own template names Qwen in it). The fallback of a tokenizer without a template.
 CHATML_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' %}"
     "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
@@ -136,13 +137,28 @@ def eos_list(model) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
+MODEL_NAMES = (f"tiny, {', '.join(RANDOM_SHAPES)} (built in code), a folder holding config.json and a tokenizer, or a "
+               "Hugging Face model name that this machine can download or has in its cache")
+
+
+def not_loadable(name: str, what: str, error: Exception) -> SystemExit:
+    """The stop for a --model whose config or tokenizer transformers cannot read (a typo, a hub name offline):
+    one line naming the flag, the choices and transformers' reason, not its traceback."""
+    reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return SystemExit(f"--model: expected {MODEL_NAMES}, got {name!r}: its {what} could not be read ({reason})")
+
+
 def model_config(name: str):
-    """The transformers config of the model `name` names, without reading any weights."""
+    """The transformers config of the model `name` names, without reading any weights; a name whose config
+    cannot be read stops (`not_loadable`), before any model loads."""
     if name == "tiny":
         return tiny_config(build_tiny_tokenizer())
     if name in RANDOM_SHAPES:
         return RANDOM_SHAPES[name](build_tiny_tokenizer())
-    return AutoConfig.from_pretrained(name)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:  # not found, offline, gated; an unknown model type
+        raise not_loadable(name, "config", error) from None
 
 
 def meta_model(config):
@@ -161,7 +177,10 @@ def load_tokenizer(name: str):
     local folder's, with the pad and chat-template fallbacks it may need."""
     if is_built_in(name):
         return build_tiny_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise not_loadable(name, "tokenizer", error) from None
     if not tokenizer("0 a", add_special_tokens=False)["input_ids"]:  # a folder or repository without tokenizer files
         raise SystemExit(f"--model: {name}: its tokenizer encodes text to nothing (are its tokenizer files missing?)")
     if tokenizer.pad_token is None:
