@@ -477,7 +477,7 @@ def save_checkpoint(run: Run, step: int) -> None:
 
 
 def save_final(run: Run) -> None:
-    """final/: the sampler's weights in the compute dtype (LoRA: merged, and the adapter), the model's own generation config."""
+    """final/: the sampler's weights in the compute dtype (LoRA: the adapter, and the base + adapter merged and rounded), its generation config."""
     if run.cfg.save_model:
         run_io.save_final(run.cfg.output_dir, lambda path: lora.save_final(run.student, run.tokenizer, path) if run.cfg.lora_r
                           else [m.save_pretrained(path) for m in (run.sampler, run.tokenizer)], run.teacher.own_generation_config)

@@ -52,7 +52,8 @@ def adapter_off(model):
 
 
 def save_final(student, tokenizer, path: str) -> None:
-    """path/adapter/: the adapter; path/: the merged model (base + adapter, the base's dtype) and tokenizer."""
+    """path/adapter/: the adapter; path/: the merged model (base + adapter, rounded to the base's dtype: in bf16
+    adapter changes below half a weight's spacing are lost there, not in path/adapter/) and tokenizer."""
     student.save_pretrained(os.path.join(path, "adapter"))
     merged = copy.deepcopy(student).merge_and_unload()  # a copy: the returned student keeps its adapter
     merged.save_pretrained(path)
