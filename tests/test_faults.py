@@ -347,6 +347,23 @@ def one_step(tmp_path_factory):
     return run_dir
 
 
+def test_a_resume_whose_settings_write_fails_leaves_config_json_whole_for_the_command_it_prints(one_step, tmp_path, monkeypatch):
+    """The disk fills while a resume rewrites config.json (part of it written): the settings before it stay whole
+    and no temporary file is left, so the printed command continues (it was truncated in place before)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_step, run_dir)
+    before = (run_dir / "config.json").read_bytes()
+
+    def full_disk(settings, f, **kwargs):
+        f.write("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_io.json, "dump", full_disk)
+    with pytest.raises(SystemExit, match=f"^could not write the run's settings to {run_dir}/config.json: no space left"):
+        train_min.main(["--resume", str(run_dir), "--steps", "2"])
+    assert (run_dir / "config.json").read_bytes() == before and not (run_dir / "config.json.tmp").exists()
+
+
 def test_a_run_stopped_early_says_which_checkpoint_it_can_continue_from(one_step, tmp_path):
     """--time-budget or Ctrl-C: the checkpoint of this step, or under --no-save-model (which a resume may
     add) an older one, or none (before, it said "no checkpoint" beside the checkpoint of step 1)."""

@@ -145,11 +145,18 @@ def writing(what: str, path: str, run_dir: str):
 
 
 def write_config(run_dir: str, settings: dict) -> None:
-    """config.json: the run's settings, which --resume and --compare read back."""
+    """config.json: the run's settings, which --resume and --compare read back; written beside it and renamed,
+    so that a failed write (a resume's, say) leaves the settings before it whole for the command that continues."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.json")
-    with writing("the run's settings", path, run_dir), open(path, "w") as f:
-        json.dump(settings, f, indent=1)
+    with writing("the run's settings", path, run_dir):
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(settings, f, indent=1)
+            os.replace(path + ".tmp", path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + ".tmp")
 
 
 @contextlib.contextmanager
