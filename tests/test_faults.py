@@ -364,6 +364,16 @@ def test_a_resume_whose_settings_write_fails_leaves_config_json_whole_for_the_co
     assert (run_dir / "config.json").read_bytes() == before and not (run_dir / "config.json.tmp").exists()
 
 
+@pytest.mark.parametrize("inside", ["checkpoint", "final"])
+def test_a_resume_of_a_folder_inside_a_run_names_the_run_directory(inside, one_step, monkeypatch):
+    """checkpoint/ and final/ hold a config.json too (the model's), as HF tools expect a checkpoint folder: not
+    "unknown key 'architectures'", but the folder one up."""
+    monkeypatch.chdir(one_step.parent)
+    with pytest.raises(SystemExit, match=f"^--resume: expected a run directory, got 'run/{inside}/', its {inside}/ folder; "
+                                         "pass --resume run$"):
+        train_min.main(["--resume", f"run/{inside}/"])
+
+
 def test_a_run_stopped_early_says_which_checkpoint_it_can_continue_from(one_step, tmp_path):
     """--time-budget or Ctrl-C: the checkpoint of this step, or under --no-save-model (which a resume may
     add) an older one, or none (before, it said "no checkpoint" beside the checkpoint of step 1)."""

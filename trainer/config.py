@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass, fields
@@ -232,12 +233,18 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
         sys.exit("--compare: write it out (python train_min.py --compare RUN_DIR ...); it prints a table and trains nothing")
     saved = {}
     if given.get("resume"):
-        path = os.path.join(given["resume"], "config.json")
+        path, folder = os.path.join(given["resume"], "config.json"), os.path.normpath(given["resume"])
+        if os.path.basename(folder) in RUN_PARTS and os.path.isfile(os.path.join(os.path.dirname(folder), "config.json")):
+            sys.exit(f"--resume: expected a run directory, got {given['resume']!r}, its {os.path.basename(folder)}/ folder; "
+                     f"pass --resume {shlex.quote(os.path.dirname(folder) or '.')}")
         if not os.path.isfile(path):
             sys.exit(f"--resume: expected a run directory holding config.json, got {given['resume']!r}")
         saved = {**BEFORE_THESE_FLAGS, **read_config(path), "output_dir": given["resume"]}
     return Config(**{**saved, **given})
 
+
+# Folders inside a run directory, which a --resume may name by mistake (checkpoint/ and final/ hold a config.json: the model's).
+RUN_PARTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "final", "final.tmp", "eval", "tokens")
 
 # A run saved before these flags existed resumes with the behaviour it had (where that is not today's default).
 BEFORE_THESE_FLAGS = {"lr_schedule": "constant", "score_temperature": 1.0, "gate_group": 0, "lora_r": 0,
