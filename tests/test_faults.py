@@ -414,6 +414,16 @@ def flip_a_byte(path):
     ("config.json", edit_json(method="grpo"), "--method: a resumed run keeps 'egrsd'"),
     ("checkpoint/step.json", lambda p: p.write_text("garbage"), 'step.json: expected {"step": N}'),
     ("checkpoint/step.json", lambda p: p.write_text('{"step": "1"}'), "step.json: key 'step': expected an integer ≥ 0, got '1'"),
+    ("checkpoint/step.json", lambda p: p.write_text('{"step": 7}'), "manifest.json: key 'step': expected 7, the step of its "
+     "step.json, got 1: changed since it was saved"),  # (it decides --steps' bound and the evaluations owed)
+    ("checkpoint/manifest.json", edit_json(files={}), "manifest.json: key 'files': expected an object of every file's bytes "
+     "and sha256, got {}"),  # (nothing would be checked)
+    ("checkpoint/manifest.json", edit_json(settings=None), "manifest.json: key 'settings': expected an object, got None"),
+    ("checkpoint/manifest.json", edit_json(files={"model.safetensors": {"sha256": "0"}}), "manifest.json: key 'files'"),
+    ("checkpoint/step.json", os.remove, r"^--resume: no complete checkpoint in '.*run' \(a complete one holds "
+     r".*run/checkpoint/step.json, written last\)$"),
+    ("config.json", lambda p: (edit_json(save_model=False)(p), os.remove(p.parent / "checkpoint" / "step.json")),
+     r"no complete checkpoint in '.*run' \(it ran with --no-save-model, which writes none\)$"),
 ])
 def test_resume_checks_the_checkpoint_and_run_files_before_any_model_loads(path, change, message, one_step, tmp_path,
                                                                            monkeypatch):

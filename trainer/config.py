@@ -333,12 +333,12 @@ def check_config(cfg: Config) -> None:
         if os.path.abspath(cfg.output_dir) != os.path.abspath(cfg.resume):
             sys.exit(f"--output-dir: a resumed run writes to its own directory {cfg.resume!r}, got {cfg.output_dir!r}")
         checkpoint = run_io.find_checkpoint(cfg.resume)  # stops now if there is none
+        manifest = run_io.verify_checkpoint(checkpoint)  # (first: its step.json decides what follows)
         done = run_io.checkpoint_step(checkpoint)
         if cfg.steps < done:
             sys.exit(f"--steps: expected ≥ {done}, the step of the checkpoint in {cfg.resume!r}, got {cfg.steps}")
         if os.path.isfile(metrics := os.path.join(cfg.resume, "metrics.jsonl")):
             check_evaluation_sampling(cfg, run_io.read_rows(metrics, quiet=True))  # (a malformed row stops now too)
-        manifest = run_io.verify_checkpoint(checkpoint)
         # The checkpoint's own record of the settings, where it has one: an edited config.json cannot change them.
         saved = manifest["settings"] if manifest else {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.resume, "config.json"))}
         # the held-out problems split off --data (in the saved run or in this call) decide the training problems

@@ -240,7 +240,7 @@ def save_checkpoint(run_dir: str, model, tokenizer, state: dict, settings: dict)
         files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": sha256(os.path.join(tmp, name))}
                  for name in sorted(os.listdir(tmp))}
         manifest = {"kind": "lora" if lora.is_adapted(model) else "full", "shape": shape_of(model.config),
-                    "settings": settings, "files": files}
+                    "settings": settings, "step": state["step"], "files": files}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         with open(os.path.join(tmp, "step.json"), "w") as f:  # written last: the rest is complete
@@ -264,7 +264,14 @@ def complete_checkpoint(run_dir: str) -> str | None:
 def find_checkpoint(run_dir: str) -> str:
     checkpoint = complete_checkpoint(run_dir)
     if checkpoint is None:
-        sys.exit(f"--resume: no checkpoint in {run_dir!r} (expected {run_dir}/checkpoint/{STATE_FILE})")
+        try:
+            with open(os.path.join(run_dir, "config.json"), "rb") as f:
+                unsaved = json.loads(f.read()).get("save_model") is False
+        except (OSError, ValueError, AttributeError):
+            unsaved = False
+        why = ("it ran with --no-save-model, which writes none" if unsaved else
+               f"a complete one holds {run_dir}/checkpoint/step.json, written last")
+        sys.exit(f"--resume: no complete checkpoint in {run_dir!r} ({why})")
     return checkpoint
 
 
@@ -289,16 +296,26 @@ def checkpoint_step(checkpoint: str) -> int:
 
 
 def verify_checkpoint(checkpoint: str) -> dict | None:
-    """Before any model loads: every file the manifest lists has its size and SHA-256 (a truncated or
-    corrupted file is named). Returns the manifest, or None for a checkpoint saved before manifests
-    existed, which loads as before, after a notice."""
+    """Before any model loads: the manifest is whole (its step that of step.json), and every file it lists has
+    its size and SHA-256 (a truncated or corrupted file is named). Returns the manifest, or None for a
+    checkpoint saved before manifests existed, which loads as before, after a notice."""
     path = os.path.join(checkpoint, MANIFEST)
     if not os.path.isfile(path):
         print(f"notice: {checkpoint} has no {MANIFEST} (saved before checkpoints carried one): its files are not "
               "checked before loading", file=sys.stderr)
         return None
     manifest = read_json_file(path, "the manifest train_min.py writes")
-    for name, entry in manifest.get("files", {}).items():
+    entry_ok = lambda e: isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str)  # noqa: E731
+    for key, expected, ok in (("kind", "lora or full", lambda v: v in ("lora", "full")),
+                              ("shape", "an object", lambda v: isinstance(v, dict)),
+                              ("settings", "an object", lambda v: isinstance(v, dict)),
+                              ("files", "an object of every file's bytes and sha256",
+                               lambda v: isinstance(v, dict) and v and all(map(entry_ok, v.values()))),
+                              ("step", f"{checkpoint_step(checkpoint)}, the step of its step.json",  # (none: saved before)
+                               lambda v: "step" not in manifest or v == checkpoint_step(checkpoint))):
+        if not ok(manifest.get(key)):
+            sys.exit(f"--resume: {path}: key {key!r}: expected {expected}, got {manifest.get(key)!r}: changed since it was saved")
+    for name, entry in manifest["files"].items():
         file = os.path.join(checkpoint, name)
         if not os.path.isfile(file):
             sys.exit(f"--resume: {file} is missing (listed in {path}): the checkpoint is incomplete")
