@@ -164,9 +164,8 @@ def score(policy, teacher, batch: Rollouts, cfg: Config) -> Scores:
             h_t = completion_hidden(teacher, batch.teacher_ids[mb], batch.teacher_mask[mb], completion[mb], m) / temperature
         if not bool(torch.isfinite(h_t).all()):  # the frozen teacher overflowed: every step would, so stop
             fix = "--dtype float32" if compute_dtype(cfg) != torch.float32 else "--temperature and --score-temperature not near 0"
-            sys.exit(f"the frozen teacher's forward is not finite (an overflow in {compute_dtype(cfg)}?); nothing of this step was "
-                     f"applied. A resume would sample this step again, in the same dtype and temperatures: start a new run "
-                     f"with {fix}.")
+            sys.exit(f"the frozen teacher's forward is not finite (an overflow in {compute_dtype(cfg)}?); nothing of this step "
+                     f"was applied. A resume would sample it again, in the same dtype and temperatures: start a new run with {fix}.")
         logp_t, entropy_t = egrsd.linear_token_logprobs_and_entropy(h_t, lm_head(teacher), tokens, chunk_size=cfg.chunk_size)
         rows["teacher_hidden"].append(h_t)
         rows["teacher_logp"].append(logp_t)
@@ -478,7 +477,7 @@ def save_checkpoint(run: Run, step: int) -> None:
 
 
 def save_final(run: Run) -> None:
-    """final/: the sampler's weights in the compute dtype (LoRA: the adapter, and the base + adapter merged and rounded), its generation config."""
+    """final/: the sampler's weights in the compute dtype (LoRA: the adapter, and base + adapter merged), its generation config."""
     if run.cfg.save_model:
         run_io.save_final(run.cfg.output_dir, lambda path: lora.save_final(run.student, run.tokenizer, path) if run.cfg.lora_r
                           else [m.save_pretrained(path) for m in (run.sampler, run.tokenizer)], run.teacher.own_generation_config)

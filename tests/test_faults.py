@@ -347,6 +347,23 @@ def one_step(tmp_path_factory):
     return run_dir
 
 
+def test_a_taken_folder_is_refused_before_the_checks_that_would_misname_why(one_step, tmp_path, monkeypatch):
+    """A resume of a run still running (in its step-0 evaluation: no checkpoint yet) is told the folder is in use,
+    not that it has no checkpoint; a new run into another run's folder on a nearly full disk is told the folder
+    holds another run, not to free space for a run that would be refused."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    shutil.copy(one_step / "config.json", busy / "config.json")
+    no_model(monkeypatch)
+    with open(busy / run_io.LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the running process's
+        with pytest.raises(SystemExit, match=f"^--output-dir: {busy} is in use by another running process"):
+            train_min.main(["--resume", str(busy)])
+    monkeypatch.setattr(run_io, "free_bytes", lambda path: 1000)
+    with pytest.raises(SystemExit, match=f"^--output-dir: {one_step} holds another run"):
+        train_min.main(ONE_STEP + ["--output-dir", str(one_step)])
+
+
 def test_a_resume_whose_settings_write_fails_leaves_config_json_whole_for_the_command_it_prints(one_step, tmp_path, monkeypatch):
     """The disk fills while a resume rewrites config.json (part of it written): the settings before it stay whole
     and no temporary file is left, so the printed command continues (it was truncated in place before)."""
@@ -775,7 +792,7 @@ def test_a_non_finite_teacher_stops_with_the_message_alone_and_applies_nothing(t
     with pytest.raises(SystemExit) as stop:
         train_min.main(["--resume", str(tmp_path), "--steps", "2"])
     assert str(stop.value.code) == ("the frozen teacher's forward is not finite (an overflow in torch.float32?); nothing "
-                                    "of this step was applied. A resume would sample this step again, in the same dtype and "
+                                    "of this step was applied. A resume would sample it again, in the same dtype and "
                                     "temperatures: start a new run with --temperature and --score-temperature not near 0.")
     assert [r["step"] for r in rows_of(tmp_path) if r["kind"] == "train"] == [1]
 

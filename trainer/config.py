@@ -275,7 +275,9 @@ INT_MAX = {"batch_size": 2**16, "micro_batch_size": 2**16, "eval_batch_size": 2*
 
 
 def check_config(cfg: Config) -> None:
-    """Stop on an impossible flag before any model is loaded, naming the flag and what is allowed."""
+    """Stop on an impossible flag before any model is loaded, naming the flag and what is allowed; first on a
+    folder that another running process holds, or (a new run) another run's (run_io.refuse_if_taken)."""
+    run_io.refuse_if_taken(cfg.output_dir, bool(cfg.resume))
     rules = [
         ("method", cfg.method in METHODS, f"one of {', '.join(METHODS)}"),
         ("device", re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, "cpu, cuda or cuda:N"),

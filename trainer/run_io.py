@@ -165,19 +165,38 @@ def owning(run_dir: str, resume: bool):
     run_dir/.lock (the kernel drops it when the process ends, however it ends, so a crashed run leaves no
     stale lock), and a new run (no --resume) refuses a folder that already holds a run's files."""
     with open(os.path.join(run_dir, LOCK_FILE), "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            sys.exit(f"--output-dir: {run_dir} is in use by another running process; wait for it to end, or "
-                     "choose another --output-dir")
-        held = [n for n in ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "final")
-                if os.path.exists(os.path.join(run_dir, n))]
-        if held and not resume:
-            checkpoint = complete_checkpoint(run_dir)
-            how = (f"continue it with\n    {resume_command(run_dir)}\nor" if checkpoint else "it has no checkpoint to "
-                   "resume from; remove the folder to start over, or")
-            sys.exit(f"--output-dir: {run_dir} holds another run ({', '.join(held)}); {how} choose another --output-dir")
+        claim(lock, run_dir, resume)
         yield
+
+
+def claim(lock, run_dir: str, resume: bool) -> None:
+    """`owning`'s refusals: the flock on the open file `lock`, and (a new run) a folder without another run's files."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"--output-dir: {run_dir} is in use by another running process; wait for it to end, or "
+                 "choose another --output-dir")
+    held = [n for n in ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "final")
+            if os.path.exists(os.path.join(run_dir, n))]
+    if held and not resume:
+        checkpoint = complete_checkpoint(run_dir)
+        how = (f"continue it with\n    {resume_command(run_dir)}\nor" if checkpoint else "it has no checkpoint to "
+               "resume from; remove the folder to start over, or")
+        sys.exit(f"--output-dir: {run_dir} holds another run ({', '.join(held)}); {how} choose another --output-dir")
+
+
+def refuse_if_taken(run_dir: str, resume: bool) -> None:
+    """`owning`'s refusals, made first where the folder exists, before the checks of a run's flags: a resume of
+    a run still running would be told that its checkpoint is missing (or hash one its writer is replacing), a
+    new run into another run's folder that the disk is too full. The lock goes with the file; `owning` takes it
+    again for the run. (A folder it cannot write is check_output_dir's to name.)"""
+    try:
+        lock = open(os.path.join(run_dir, LOCK_FILE), "a") if os.path.isdir(run_dir) else None
+    except OSError:
+        return
+    if lock is not None:
+        with lock:
+            claim(lock, run_dir, resume)
 
 
 def check_output_dir(run_dir: str, needed: int | None, detail: str) -> None:
