@@ -364,6 +364,23 @@ def test_a_taken_folder_is_refused_before_the_checks_that_would_misname_why(one_
         train_min.main(ONE_STEP + ["--output-dir", str(one_step)])
 
 
+def test_paths_are_saved_whole_so_that_a_run_resumes_from_another_working_folder(tmp_path, monkeypatch):
+    """--data given relative: config.json holds it absolute, and a resume from elsewhere finds it, with or without
+    naming it again (as typed there); before, the saved 'd.jsonl' was missing there and the same file, named from
+    there, refused as another --data."""
+    lines = (ROOT / "data" / "gsm_symbolic_train.jsonl").read_text().splitlines(keepends=True)[:20]
+    (tmp_path / "d.jsonl").write_text("".join(lines))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    train_min.main(ONE_STEP + ["--data", "d.jsonl", "--output-dir", "run"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(tmp_path / "d.jsonl")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for again in ([], ["--data", "../d.jsonl"]):
+        cfg = config.parse_args(["--resume", "../run", "--steps", "2"] + again)
+        config.check_config(cfg)  # no stop
+        assert cfg.data == str(tmp_path / "d.jsonl")
+
+
 def test_a_resume_whose_settings_write_fails_leaves_config_json_whole_for_the_command_it_prints(one_step, tmp_path, monkeypatch):
     """The disk fills while a resume rewrites config.json (part of it written): the settings before it stay whole
     and no temporary file is left, so the printed command continues (it was truncated in place before)."""

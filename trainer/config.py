@@ -231,6 +231,9 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
     given = vars(parser.parse_args(argv))  # only the flags on the command line
     if "compare" in given:  # train_min.main answers --compare itself; an abbreviation of it gets here
         sys.exit("--compare: write it out (python train_min.py --compare RUN_DIR ...); it prints a table and trains nothing")
+    for name in PATH_FLAGS:  # kept whole: a run resumes, and compares with another, from any working folder
+        if given.get(name) and (name != "model" or looks_like_a_folder(given[name])):
+            given[name] = os.path.abspath(given[name])
     saved = {}
     if given.get("resume"):
         path, folder = os.path.join(given["resume"], "config.json"), os.path.normpath(given["resume"])
@@ -243,6 +246,8 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
     return Config(**{**saved, **given})
 
 
+# Flags that name a file or folder, saved as absolute paths (--model where it names a folder).
+PATH_FLAGS = ("data", "eval_data", "initial_eval", "model")
 # Folders inside a run directory, which a --resume may name by mistake (checkpoint/ and final/ hold a config.json: the model's).
 RUN_PARTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "final", "final.tmp", "eval", "tokens")
 
@@ -335,12 +340,13 @@ def check_config(cfg: Config) -> None:
         if os.path.abspath(cfg.output_dir) != os.path.abspath(cfg.resume):
             sys.exit(f"--output-dir: a resumed run writes to its own directory {cfg.resume!r}, got {cfg.output_dir!r}")
         checkpoint = run_io.find_checkpoint(cfg.resume)  # stops now if there is none
-        manifest = run_io.verify_checkpoint(checkpoint)  # (first: its step.json decides what follows)
+        run_io.read_manifest(checkpoint)  # (its step is step.json's, which decides what follows)
         done = run_io.checkpoint_step(checkpoint)
         if cfg.steps < done:
             sys.exit(f"--steps: expected ≥ {done}, the step of the checkpoint in {cfg.resume!r}, got {cfg.steps}")
         if os.path.isfile(metrics := os.path.join(cfg.resume, "metrics.jsonl")):
             check_evaluation_sampling(cfg, run_io.read_rows(metrics, quiet=True))  # (a malformed row stops now too)
+        manifest = run_io.verify_checkpoint(checkpoint)  # (hashing takes about a second a GB: the quick checks first)
         # The checkpoint's own record of the settings, where it has one: an edited config.json cannot change them.
         saved = manifest["settings"] if manifest else {**BEFORE_THESE_FLAGS, **read_config(os.path.join(cfg.resume, "config.json"))}
         # the held-out problems split off --data (in the saved run or in this call) decide the training problems

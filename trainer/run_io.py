@@ -314,14 +314,12 @@ def checkpoint_step(checkpoint: str) -> int:
     return step
 
 
-def verify_checkpoint(checkpoint: str) -> dict | None:
-    """Before any model loads: the manifest is whole (its step that of step.json), and every file it lists has
-    its size and SHA-256 (a truncated or corrupted file is named). Returns the manifest, or None for a
-    checkpoint saved before manifests existed, which loads as before, after a notice."""
+def read_manifest(checkpoint: str) -> dict | None:
+    """The checkpoint's manifest, checked whole (kind, shape, settings, a table of every file's size and SHA-256,
+    and its step, which step.json must repeat), without hashing anything; None for a checkpoint saved before
+    manifests existed."""
     path = os.path.join(checkpoint, MANIFEST)
     if not os.path.isfile(path):
-        print(f"notice: {checkpoint} has no {MANIFEST} (saved before checkpoints carried one): its files are not "
-              "checked before loading", file=sys.stderr)
         return None
     manifest = read_json_file(path, "the manifest train_min.py writes")
     entry_ok = lambda e: isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str)  # noqa: E731
@@ -334,6 +332,18 @@ def verify_checkpoint(checkpoint: str) -> dict | None:
                                lambda v: "step" not in manifest or v == checkpoint_step(checkpoint))):
         if not ok(manifest.get(key)):
             sys.exit(f"--resume: {path}: key {key!r}: expected {expected}, got {manifest.get(key)!r}: changed since it was saved")
+    return manifest
+
+
+def verify_checkpoint(checkpoint: str) -> dict | None:
+    """Before any model loads: the manifest is whole (`read_manifest`), and every file it lists has its size and
+    SHA-256 (a truncated or corrupted file is named). Returns the manifest, or None for a checkpoint saved
+    before manifests existed, which loads as before, after a notice."""
+    manifest, path = read_manifest(checkpoint), os.path.join(checkpoint, MANIFEST)
+    if manifest is None:
+        print(f"notice: {checkpoint} has no {MANIFEST} (saved before checkpoints carried one): its files are not "
+              "checked before loading", file=sys.stderr)
+        return None
     for name, entry in manifest["files"].items():
         file = os.path.join(checkpoint, name)
         if not os.path.isfile(file):
