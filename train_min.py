@@ -366,7 +366,7 @@ def setup(cfg: Config) -> Run:
         enable_activation_checkpointing(student)
     run_io.write_config(cfg.output_dir, asdict(cfg) | {"resume": ""})
     return Run(cfg, train_problems, eval_problems, tokenizer, teacher, student, sampler, optimizer, schedule, advantage,
-               run_io.open_metrics(cfg.output_dir), start_step, started, recompute)
+               run_io.open_metrics(cfg.output_dir, start_step if checkpoint else None), start_step, started, recompute)
 
 
 def train(cfg: Config):

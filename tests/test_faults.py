@@ -192,7 +192,7 @@ class FailingFile:
 def test_a_failed_metrics_row_stops_with_the_reason_and_the_resumed_run_parses_every_row(code, reason, straight, tmp_path,
                                                                                            monkeypatch, capsys):
     open_metrics = run_io.open_metrics
-    monkeypatch.setattr(run_io, "open_metrics", lambda run_dir: FailingFile(open_metrics(run_dir), 3, code))
+    monkeypatch.setattr(run_io, "open_metrics", lambda run_dir, *a: FailingFile(open_metrics(run_dir, *a), 3, code))
     with pytest.raises(SystemExit) as stop:
         train_min.main(FLAGS + ["--output-dir", str(tmp_path)])
     message = str(stop.value.code)

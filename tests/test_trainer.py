@@ -36,7 +36,8 @@ TIMING_KEYS = {"rollout_tokens_per_s", "generate_s", "score_s", "update_s", "ste
 
 
 def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    """Every train and eval row as written, in order (a resume's own row left out)."""
+    return [row for line in open(Path(run_dir) / "metrics.jsonl") if (row := json.loads(line))["kind"] != "resume"]
 
 
 def write_metrics(run_dir, rows: list[dict]) -> None:
@@ -539,6 +540,21 @@ def test_ctrl_c_checkpoints_after_the_current_step_and_the_run_resumes(tmp_path,
     assert written == list(range(1, state["step"] + 1)) == [1], "every finished step is logged and checkpointed"
     train_min.main(["--resume", str(tmp_path), "--steps", str(state["step"] + 1)])
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, state["step"] + 2))
+    raw = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["kind"], r["step"]) for r in raw] == [("train", 1), ("resume", 1), ("train", 2)], "where the run went on"
+
+
+def test_rows_of_steps_past_a_resumes_checkpoint_written_before_it_are_of_a_trajectory_the_run_dropped(tmp_path):
+    """Killed after the rows of step 3, resumed from the checkpoint of step 2 with --steps 2 (a constant schedule)
+    or with evaluations at other steps: the run's rows are those it kept (the last of each step), not step 3's."""
+    train = lambda step, reward: {"kind": "train", "step": step, "reward": reward}  # noqa: E731
+    evaluation = lambda step, accuracy: {"kind": "eval", "step": step, "method": "egrsd", "eval_accuracy": accuracy,  # noqa: E731
+                                         "eval_length": 10.0, "eval_acc_per_1k_tokens": accuracy * 100}
+    write_metrics(tmp_path, [evaluation(0, 0.1), train(1, 0.5), train(2, 0.6), evaluation(2, 0.2), train(3, 0.7),
+                             evaluation(3, 0.9), {"kind": "resume", "step": 2}, evaluation(2, 0.3),
+                             {"kind": "resume", "step": 2}])
+    assert [(r["kind"], r["step"], r.get("reward", r.get("eval_accuracy"))) for r in views.read_rows(str(tmp_path))] == [
+        ("eval", 0, 0.1), ("train", 1, 0.5), ("eval", 2, 0.3), ("train", 2, 0.6)]
 
 
 def nan_forward(completion_hidden):

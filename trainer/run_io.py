@@ -387,9 +387,11 @@ def load_state(checkpoint: str) -> dict:
 # Metric rows
 
 
-def open_metrics(run_dir: str):
+def open_metrics(run_dir: str, resumed_at: int | None = None):
     """metrics.jsonl for appending. A last line torn by a crash (no final newline) is left as it is, and
-    the next row starts on a line of its own, so that every row appended parses."""
+    the next row starts on a line of its own, so that every row appended parses. `resumed_at`: the step of
+    the checkpoint a resumed run continues from, recorded in a row {"kind": "resume", "step": N}: the rows
+    before it of later steps are of a trajectory the run threw away, which readers drop (views.read_rows)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     with writing("the metrics", path, run_dir):
         metrics = open(path, "a+b")
@@ -397,6 +399,9 @@ def open_metrics(run_dir: str):
             metrics.seek(-1, os.SEEK_END)
             if metrics.read(1) != b"\n":
                 metrics.write(b"\n")
+    if resumed_at is not None:
+        with writing(f"the metrics row of the resume at step {resumed_at}", path, run_dir):
+            append_row(metrics, {"kind": "resume", "step": resumed_at})
     return metrics
 
 
@@ -478,7 +483,7 @@ def undo_if_blown_up(model, before: dict) -> bool:
 NUMBER = (int, float)
 # An evaluation row holds the greedy measures (eval_accuracy ...), the sampled ones (eval_sampled_accuracy ...)
 # or both (--eval-greedy, --eval-samples).
-ROW_KEYS = {"eval": {"method": str}, "train": {}}
+ROW_KEYS = {"eval": {"method": str}, "train": {}, "resume": {}}
 OPTIONAL_KEYS = {"reward": NUMBER, "step_s": NUMBER, "peak_gpu_mem_gb": NUMBER, "eval_samples": int,
                  "eval_accuracy": NUMBER, "eval_length": NUMBER, "eval_acc_per_1k_tokens": NUMBER,
                  "eval_sampled_accuracy": NUMBER, "eval_truncated": NUMBER, "eval_correct": list,
@@ -490,7 +495,7 @@ OPTIONAL_KEYS = {"reward": NUMBER, "step_s": NUMBER, "peak_gpu_mem_gb": NUMBER, 
 def row_problem(row) -> str | None:
     """What makes a parsed line no metrics row of train_min.py, or None."""
     if not isinstance(row, dict) or row.get("kind") not in ROW_KEYS or type(row.get("step")) is not int:
-        return 'expected a JSON object with "kind" train or eval and an integer "step"'
+        return 'expected a JSON object with "kind" train, eval or resume and an integer "step"'
     for key, kind in ROW_KEYS[row["kind"]].items() | {k: v for k, v in OPTIONAL_KEYS.items() if k in row}.items():
         if key not in row or not isinstance(row[key], kind) or isinstance(row[key], bool):
             return f"key {key!r}: expected {' or '.join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))}, got {row.get(key)!r}"

@@ -143,12 +143,19 @@ def evaluation_line(row: dict) -> str:
 
 
 def read_rows(run_dir: str) -> list[dict]:
-    """The rows of a run's metrics.jsonl (torn lines skipped, run_io.read_rows); a step that appears twice
-    (run again after a resume) keeps its last row."""
+    """The train and eval rows of a run's metrics.jsonl (torn lines skipped, run_io.read_rows) that its final
+    trajectory kept: a step that appears twice (run again after a resume) keeps its last row, and a resume from
+    the checkpoint of step N drops the rows before it of steps past N (a run that was resumed with fewer steps,
+    or evaluated at other steps, did not keep them)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise SystemExit(f"expected a run directory holding metrics.jsonl, got {run_dir!r}")
-    rows = {(row.get("kind"), row["step"]): row for row in run_io.read_rows(path)}
+    rows = {}
+    for row in run_io.read_rows(path):
+        if row["kind"] == "resume":
+            rows = {key: kept for key, kept in rows.items() if kept["step"] <= row["step"]}
+        else:
+            rows[(row["kind"], row["step"])] = row
     return sorted(rows.values(), key=lambda r: (r["step"], r.get("kind") != "eval"))
 
 
