@@ -781,6 +781,7 @@ def test_a_model_name_that_cannot_be_read_stops_at_once_naming_the_flag_the_choi
 
 @pytest.mark.parametrize("flags, message", [
     (["--device", "meta"], "--device: expected cpu, cuda or cuda:N, got 'meta'"),
+    (["--resume", ""], "--resume: expected a run directory, got ''"),
     (["--model", "/no/such/model"], "--model: expected a Hugging Face model name .*, got '/no/such/model'"),
     (["--model", "WEIGHTS_ONLY"], r"--model: expected .* a folder holding config.json and a tokenizer \(tokenizer.json, .*"),
     *[(["--lora-r", "4", "--lora-target-modules", f"q_proj,{name}"], r"--lora-target-modules: expected names of the model's "

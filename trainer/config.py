@@ -235,6 +235,8 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
         if given.get(name) and (name != "model" or looks_like_a_folder(given[name])):
             given[name] = os.path.abspath(given[name])
     saved = {}
+    if given.get("resume") == "":  # (an unset shell variable: not a new run into the default folder)
+        sys.exit("--resume: expected a run directory, got ''")
     if given.get("resume"):
         path, folder = os.path.join(given["resume"], "config.json"), os.path.normpath(given["resume"])
         if os.path.basename(folder) in RUN_PARTS and os.path.isfile(os.path.join(os.path.dirname(folder), "config.json")):
