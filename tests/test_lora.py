@@ -36,6 +36,29 @@ def logits(model):
     return model(input_ids=IDS).logits
 
 
+@torch.no_grad()
+def test_each_sampler_layer_is_the_naive_merge_in_float64():
+    """Layer by layer (the whole model's logits pass through Qwen2's RMSNorm, which computes in float32 even in a
+    float64 model): W x + b + (α/r)·B·A x, biases (q, k, v) random too, every adapted layer."""
+    trained = student(torch.float64)
+    for name, p in trained.named_parameters():
+        if name.endswith("bias"):
+            p.copy_(torch.randn_like(p))
+    fast, layers = lora.sampler(trained), dict(lora.adapted_layers(trained.get_base_model()))
+    x = torch.randn(3, 5, next(iter(layers.values())).in_features, dtype=torch.float64)
+    checked = 0
+    for name, module in fast.named_modules():
+        if isinstance(module, lora.LowRankLinear):
+            peft_layer = layers[name]
+            w, b = peft_layer.base_layer.weight, peft_layer.base_layer.bias
+            a, bb = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
+            xs = x[..., : w.shape[1]] if w.shape[1] <= x.shape[-1] else torch.randn(3, 5, w.shape[1], dtype=torch.float64)
+            naive = xs @ (w + peft_layer.scaling["default"] * bb @ a).T + (0 if b is None else b)
+            torch.testing.assert_close(module(xs), naive, rtol=1e-12, atol=1e-12)
+            checked += 1
+    assert checked == len(layers) == 2 * 7
+
+
 def test_the_sampler_is_the_students_forward_in_float64_and_follows_it_after_refresh():
     trained = student(torch.float64)
     fast = lora.sampler(trained)
