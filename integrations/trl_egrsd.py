@@ -94,8 +94,11 @@ try:
     import trl
     from accelerate.utils import gather, is_peft_model  # (accelerate comes with trl)
 except ModuleNotFoundError as missing:
-    raise ImportError(f"integrations/trl_egrsd.py needs trl, an optional extra ({missing}): pip install -r "
-                      f"requirements-extras.txt, or pip install 'trl>={TRL_RANGE[0]},<{TRL_RANGE[1]}'") from missing
+    needs = (f"integrations/trl_egrsd.py needs trl, an optional extra ({missing}): pip install -r "
+             f"requirements-extras.txt, or pip install 'trl>={TRL_RANGE[0]},<{TRL_RANGE[1]}'")
+    if __name__ == "__main__":
+        sys.exit(needs)  # run as a script: the reason alone, as train_min.py's flags that need an extra say it
+    raise ImportError(needs) from missing
 
 
 def check_trl_version(version: str) -> None:

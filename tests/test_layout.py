@@ -2,6 +2,7 @@
 import ast
 import importlib
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,13 @@ def test_a_tool_whose_optional_extra_is_missing_says_which_and_how_to_install_it
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(error, match=f"{extra}, an optional extra.*pip install -r requirements-extras.txt"):
         importlib.import_module(module)
+
+
+def test_the_trl_script_without_trl_stops_with_the_reason_alone(monkeypatch):
+    """Run as a script, one line (as every other missing extra gives), not an ImportError's traceback."""
+    monkeypatch.setitem(sys.modules, "trl", None)
+    with pytest.raises(SystemExit, match=r"^integrations/trl_egrsd.py needs trl, an optional extra .*pip install -r"):
+        runpy.run_path(str(ROOT / "integrations" / "trl_egrsd.py"), run_name="__main__")
 
 
 def test_methods_table_of_functions_names_every_public_name_of_egrsd_in_the_files_order():

@@ -1,6 +1,6 @@
 """integrations/trl_egrsd.py: EGRSD inside TRL's GRPOTrainer computes the trainer's token advantages and loss
 and logs them, keeps its running advantage in checkpoints, gives the same token advantages with 1 and with 2
-processes (torchrun, gloo, on CPU: accelerate 1.15's `launch --cpu` starts a single process), applies TRL's
+processes (torchrun, gloo, on CPU: accelerate 1.15's and 1.16's `launch --cpu` start a single process), applies TRL's
 vLLM importance sampling, honours TRL's model and dataset flags, scores with a teacher that is the policy's
 starting weights however the model is given (a name, an object changed after loading, a PEFT model whose adapter
 starts non-zero), refuses what it would ignore or cannot run before any weights load, and runs the README's
@@ -354,12 +354,12 @@ def test_the_command_lines_model_and_dataset_flags_reach_the_policy_and_the_teac
     assert held_out is None and train["answer"] == ["2"] and "1 + 1 = 2" in train["teacher_prompt"][0][0]["content"]
 
 
-def readme_command(**changes) -> list[str]:
-    """The README's TRL command (section "Scaling out with TRL"), its flags after the script; `changes` set
-    flags (True: a flag without a value) or drop them (None)."""
+def readme_command(start: str = "accelerate launch", **changes) -> list[str]:
+    """The README's TRL command (section "Scaling out with TRL") whose first line starts with `start`, its flags after
+    the script; `changes` set flags (True: a flag without a value) or drop them (None)."""
     text = README.read_text()
     lines = iter(text[text.index("## Scaling out with TRL"):].splitlines())
-    line = next(line for line in lines if line.strip().startswith("accelerate launch"))
+    line = next(line for line in lines if line.strip().startswith(start))
     command = [line]
     while command[-1].rstrip().endswith("\\"):
         command.append(next(lines))
@@ -378,10 +378,13 @@ def readme_command(**changes) -> list[str]:
 
 
 def test_the_readmes_command_trains_with_the_papers_lora_and_saves_the_adapter(tmp_path, model_dir, capfd):
-    """The script's main() on the README's flags (in this process: a second one would import it all again)."""
+    """The script's main() on the README's flags (in this process: a second one would import it all again), as its
+    CPU form gives them (that form's model and output folders aside)."""
     pytest.importorskip("peft", reason="the optional extra peft is not installed")
-    flags = readme_command(model_name_or_path=model_dir, output_dir=tmp_path / "run", use_vllm=None, vllm_mode=None,
-                           use_cpu=True, report_to="none", max_steps=1, max_completion_length=8)
+    cpu = dict(use_vllm=None, vllm_mode=None, use_cpu=True, report_to="none", max_steps=1, max_completion_length=8)
+    assert readme_command("python integrations/trl_egrsd.py") == readme_command(
+        model_name_or_path="runs/tiny", output_dir="runs/trl-tiny", **cpu), "the README's CPU form is the one run here"
+    flags = readme_command(model_name_or_path=model_dir, output_dir=tmp_path / "run", **cpu)
     trl_egrsd.main(flags)
     adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (64, 128, 0.0), "the paper's LoRA"

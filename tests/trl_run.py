@@ -1,7 +1,7 @@
 """A short EGRSD run inside TRL on the tiny model, for tests/test_trl.py; run by one process or by several:
 
     python tests/trl_run.py OUT_DIR [--method cl-egrsd]
-    python -m accelerate.commands.launch --num_processes 2 --cpu tests/trl_run.py OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/trl_run.py OUT_DIR   # (accelerate's --cpu starts one)
 
 Completions are fixed (a rollout_func), so runs with 1 and 2 processes see the same batch of 4 rollouts per
 step (2 problems × 2, one right and one wrong) and must give the same token advantages, also at the second

@@ -1,6 +1,6 @@
-"""How docs/token_view.png was made (CPU, a few minutes): teach the tiny model the worked solutions of
-the tiny tokenizer's generated arithmetic problems with plain next-token training, then run one CL-EGRSD
-step on them that writes the token view.
+"""How docs/token_view.png was made (CPU: about 45 s on a quiet 2-core machine, minutes on a busy one): teach
+the tiny model the worked solutions of the tiny tokenizer's generated arithmetic problems with plain next-token
+training, then run one CL-EGRSD step on them that writes the token view.
 
     python tools/make_token_view.py            # then open runs/token_view/tokens/step_1.html
 
