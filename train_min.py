@@ -163,7 +163,7 @@ def score(policy, teacher, batch: Rollouts, cfg: Config) -> Scores:
         with lora.adapter_off(teacher):  # with LoRA the teacher is the student's own base model
             h_t = completion_hidden(teacher, batch.teacher_ids[mb], batch.teacher_mask[mb], completion[mb], m) / temperature
         if not bool(torch.isfinite(h_t).all()):  # the frozen teacher overflowed: every step would, so stop
-            fix = "--dtype float32" if compute_dtype(cfg) != torch.float32 else "--temperature and --score-temperature not near 0"
+            fix = "--dtype float32" if compute_dtype(cfg) != torch.float32 else "a --temperature (and any --score-temperature) not near 0"
             sys.exit(f"the frozen teacher's forward is not finite (an overflow in {compute_dtype(cfg)}?); nothing of this step "
                      f"was applied. A resume would sample it again, in the same dtype and temperatures: start a new run with {fix}.")
         logp_t, entropy_t = egrsd.linear_token_logprobs_and_entropy(h_t, lm_head(teacher), tokens, chunk_size=cfg.chunk_size)

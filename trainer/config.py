@@ -231,15 +231,13 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
     given = vars(parser.parse_args(argv))  # only the flags on the command line
     if "compare" in given:  # train_min.main answers --compare itself; an abbreviation of it gets here
         sys.exit("--compare: write it out (python train_min.py --compare RUN_DIR ...); it prints a table and trains nothing")
-    for name in PATH_FLAGS:  # kept whole: a run resumes, and compares with another, from any working folder
-        if given.get(name) and (name != "model" or looks_like_a_folder(given[name])):
-            given[name] = os.path.abspath(given[name])
     saved = {}
     if given.get("resume") == "":  # (an unset shell variable: not a new run into the default folder)
         sys.exit("--resume: expected a run directory, got ''")
     if given.get("resume"):
         path, folder = os.path.join(given["resume"], "config.json"), os.path.normpath(given["resume"])
-        if os.path.basename(folder) in RUN_PARTS and os.path.isfile(os.path.join(os.path.dirname(folder), "config.json")):
+        if (any(os.path.isfile(os.path.join(folder, f)) for f in MODEL_FILES)
+                and os.path.isfile(os.path.join(os.path.dirname(folder), "config.json"))):
             sys.exit(f"--resume: expected a run directory, got {given['resume']!r}, its {os.path.basename(folder)}/ folder; "
                      f"pass --resume {shlex.quote(os.path.dirname(folder) or '.')}")
         if not os.path.isfile(path):
@@ -248,10 +246,9 @@ def parse_args(argv=None, description: str = __doc__) -> Config:
     return Config(**{**saved, **given})
 
 
-# Flags that name a file or folder, saved as absolute paths (--model where it names a folder).
-PATH_FLAGS = ("data", "eval_data", "initial_eval", "model")
-# Folders inside a run directory, which a --resume may name by mistake (checkpoint/ and final/ hold a config.json: the model's).
-RUN_PARTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "final", "final.tmp", "eval", "tokens")
+# Files of a model folder inside a run directory (checkpoint/, final/: their config.json is the model's), which a
+# --resume may name by mistake.
+MODEL_FILES = ("step.json", "model.safetensors", "adapter_config.json")
 
 # A run saved before these flags existed resumes with the behaviour it had (where that is not today's default).
 BEFORE_THESE_FLAGS = {"lr_schedule": "constant", "score_temperature": 1.0, "gate_group": 0, "lora_r": 0,

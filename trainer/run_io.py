@@ -188,15 +188,17 @@ def claim(lock, run_dir: str, resume: bool) -> None:
 def refuse_if_taken(run_dir: str, resume: bool) -> None:
     """`owning`'s refusals, made first where the folder exists, before the checks of a run's flags: a resume of
     a run still running would be told that its checkpoint is missing (or hash one its writer is replacing), a
-    new run into another run's folder that the disk is too full. The lock goes with the file; `owning` takes it
-    again for the run. (A folder it cannot write is check_output_dir's to name.)"""
-    try:
-        lock = open(os.path.join(run_dir, LOCK_FILE), "a") if os.path.isdir(run_dir) else None
-    except OSError:
+    new run into another run's folder that the disk is too full. It writes nothing: a running run has made its
+    lock file, which is read here and let go; `owning` takes the lock for the run."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    if not os.path.isdir(run_dir):
         return
-    if lock is not None:
-        with lock:
-            claim(lock, run_dir, resume)
+    try:
+        lock = open(path) if os.path.isfile(path) else open(os.devnull)  # (no lock file: no process holds it)
+    except OSError:
+        return  # (a folder it cannot read: check_output_dir names it)
+    with lock:
+        claim(lock, run_dir, resume)
 
 
 def check_output_dir(run_dir: str, needed: int | None, detail: str) -> None:
@@ -331,7 +333,8 @@ def read_manifest(checkpoint: str) -> dict | None:
                               ("step", f"{checkpoint_step(checkpoint)}, the step of its step.json",  # (none: saved before)
                                lambda v: "step" not in manifest or v == checkpoint_step(checkpoint))):
         if not ok(manifest.get(key)):
-            sys.exit(f"--resume: {path}: key {key!r}: expected {expected}, got {manifest.get(key)!r}: changed since it was saved")
+            sys.exit(f"--resume: {path}: key {key!r}: expected {expected}, got {manifest.get(key)!r}: it or step.json was "
+                     "changed since they were saved")
     return manifest
 
 

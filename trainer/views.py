@@ -64,8 +64,8 @@ def token_html(step: int, rollouts: list[dict], skipped: bool = False) -> str:
              "h3{font-size:15px;margin-top:2em}</style></head><body>",
              f"<h2>Step {step}: token weights Â = A·w·ω</h2>"]
     if skipped:
-        parts.append("<p><b>This step was skipped: its loss, gradient or weights were not finite, and no update was "
-                     "applied.</b></p>")
+        parts.append("<p><b>This step was skipped (its loss or gradient was not finite, or its update blew up the "
+                     "weights, which were put back): no update was applied.</b></p>")
     parts.append(f"<p>Blue: Â &gt; 0 (a rewarded rollout, reinforced), red: Â &lt; 0 (penalised), grey: A = 0, "
                  f"a dashed outline: not finite. The darker the token, the larger its own factor w·ω (palest "
                  f"{low:.3f}, darkest {high:.3f} on this page). Hover a token for its signals; an empty box is a "
