@@ -491,7 +491,7 @@ def stop_after_step(step: int, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("dtype, schedule, lora", [
-    ("float32", "constant", False), ("float32", "cosine", False),  # (linear: below, in bfloat16)
+    ("float32", "constant", False),  # (cosine: with LoRA below; linear: in bfloat16)
     ("bfloat16", "linear", False),  # bfloat16: a separate sampler copy to restore
     ("float32", "cosine", True), ("bfloat16", "linear", True)])  # LoRA: the adapter and its optimizer only
 def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(dtype, schedule, lora, tmp_path, monkeypatch):
