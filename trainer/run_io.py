@@ -149,14 +149,21 @@ def write_config(run_dir: str, settings: dict) -> None:
     so that a failed write (a resume's, say) leaves the settings before it whole for the command that continues."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.json")
-    with writing("the run's settings", path, run_dir):
-        try:
-            with open(path + ".tmp", "w") as f:
-                json.dump(settings, f, indent=1)
-            os.replace(path + ".tmp", path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path + ".tmp")
+    with writing("the run's settings", path, run_dir), replacing(path) as f:
+        json.dump(settings, f, indent=1)
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """A text file for `path`, written beside it (path.tmp) and renamed into place when the block ends: whole
+    or not at all (a failed write leaves neither part of it nor the temporary file)."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            yield f
+        os.replace(path + ".tmp", path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + ".tmp")
 
 
 @contextlib.contextmanager
@@ -323,15 +330,15 @@ def read_manifest(checkpoint: str) -> dict | None:
     path = os.path.join(checkpoint, MANIFEST)
     if not os.path.isfile(path):
         return None
-    manifest = read_json_file(path, "the manifest train_min.py writes")
+    manifest, step = read_json_file(path, "the manifest train_min.py writes"), checkpoint_step(checkpoint)
     entry_ok = lambda e: isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str)  # noqa: E731
     for key, expected, ok in (("kind", "lora or full", lambda v: v in ("lora", "full")),
                               ("shape", "an object", lambda v: isinstance(v, dict)),
                               ("settings", "an object", lambda v: isinstance(v, dict)),
                               ("files", "an object of every file's bytes and sha256",
                                lambda v: isinstance(v, dict) and v and all(map(entry_ok, v.values()))),
-                              ("step", f"{checkpoint_step(checkpoint)}, the step of its step.json",  # (none: saved before)
-                               lambda v: "step" not in manifest or v == checkpoint_step(checkpoint))):
+                              ("step", f"{step}, the step of its step.json",  # (none: saved before manifests held it)
+                               lambda v: "step" not in manifest or v == step)):
         if not ok(manifest.get(key)):
             sys.exit(f"--resume: {path}: key {key!r}: expected {expected}, got {manifest.get(key)!r}: it or step.json was "
                      "changed since they were saved")
@@ -430,21 +437,16 @@ def write_completions(run_dir: str, step: int, problems: list, row: dict) -> str
     if not completions:
         return None
     path = os.path.join(run_dir, "eval", f"step_{step}.jsonl")
-    try:
-        with writing(f"the completions of the evaluation of step {step}", path, run_dir):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                for i, problem in enumerate(problems):
-                    line = {"id": problem.id, "template": problem.template, "reference": problem.answer}
-                    for kind, written in completions.items():
-                        name, k = kinds[kind]
-                        mine = [c | {"answer": extract_answer(c["text"])} for c in written[i * k : (i + 1) * k]]
-                        line[name] = mine[0] if name == "greedy" else mine
-                    f.write(json.dumps(line) + "\n")
-            os.replace(path + ".tmp", path)
-    finally:
-        if os.path.exists(path + ".tmp"):  # a failed write leaves nothing half-written
-            os.remove(path + ".tmp")
+    with writing(f"the completions of the evaluation of step {step}", path, run_dir):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with replacing(path) as f:
+            for i, problem in enumerate(problems):
+                line = {"id": problem.id, "template": problem.template, "reference": problem.answer}
+                for kind, written in completions.items():
+                    name, k = kinds[kind]
+                    mine = [c | {"answer": extract_answer(c["text"])} for c in written[i * k : (i + 1) * k]]
+                    line[name] = mine[0] if name == "greedy" else mine
+                f.write(json.dumps(line) + "\n")
     return path
 
 
